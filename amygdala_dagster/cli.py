@@ -1,0 +1,49 @@
+"""The ``amygdala`` command: a thin shell that dispatches to ``amygdala_dagster.commands``.
+
+Each sub-command lives in its own module under :mod:`amygdala_dagster.commands`
+exposing ``HELP: str``, ``configure(parser)`` and ``main(args) -> int``; modules
+are imported only when their command runs, so ``amygdala serve-graph`` never
+pays for importing torch or Dagster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMANDS: dict[str, str] = {
+    "run": "amygdala_dagster.commands.run",
+    "serve-graph": "amygdala_dagster.commands.serve_graph",
+    "inspect": "amygdala_dagster.commands.inspect",
+    "backfill-emotion": "amygdala_dagster.commands.backfill_emotion",
+    "report": "amygdala_dagster.commands.report",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="amygdala", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # Only the chosen command's module is imported; the others are listed by name.
+    chosen = next((a for a in argv if a in COMMANDS), None)
+    for name, module_path in COMMANDS.items():
+        if name == chosen:
+            module = importlib.import_module(module_path)
+            sp = sub.add_parser(name, help=module.HELP, description=module.HELP)
+            module.configure(sp)
+            sp.set_defaults(_main=module.main)
+        else:
+            sub.add_parser(name, add_help=False)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return int(args._main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

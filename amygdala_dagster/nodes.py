@@ -1,0 +1,90 @@
+"""The memory-graph node record (Contract 4) and its normalisation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MemoryNode:
+    key: str
+    node_type: str
+    content: str
+    created_at: str | None = None
+    updated_at: str | None = None
+
+
+@dataclass
+class NormalizeReport:
+    """What :func:`normalize_nodes` dropped or merged, for logs and metadata."""
+
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (where, why)
+    duplicate_keys: list[str] = field(default_factory=list)
+
+    @property
+    def n_skipped(self) -> int:
+        return len(self.skipped)
+
+
+def node_from_mapping(raw: Any) -> MemoryNode | str:
+    """A :class:`MemoryNode` from a raw mapping, or the reason it is unusable."""
+    if not isinstance(raw, Mapping):
+        return f"not an object ({type(raw).__name__})"
+    key = raw.get("key")
+    if key is None or (isinstance(key, str) and not key.strip()):
+        return "missing 'key'"
+    if "content" not in raw or raw["content"] is None:
+        return "missing 'content'"
+    if not isinstance(raw["content"], str):
+        return f"'content' is {type(raw['content']).__name__}, not a string"
+    node_type = raw.get("node_type")
+    return MemoryNode(
+        key=str(key),
+        node_type=str(node_type) if node_type else "unknown",
+        content=raw["content"],
+        created_at=None if raw.get("created_at") is None else str(raw["created_at"]),
+        updated_at=None if raw.get("updated_at") is None else str(raw["updated_at"]),
+    )
+
+
+def normalize_nodes(
+    raws: Iterable[tuple[str, Any]], source: str
+) -> tuple[list[MemoryNode], NormalizeReport]:
+    """Validate raw nodes and resolve duplicate keys.
+
+    ``raws`` yields ``(where, raw)`` pairs; ``where`` names the place a raw node
+    came from (``file.jsonl:12``, ``page 3``) so warnings can point at it.
+    Unusable nodes are skipped, counted and named in one warning; a key seen
+    twice keeps the node with the newer ``updated_at`` (the later one on a tie).
+    The result is sorted by key, so every source yields the same order.
+    """
+    report = NormalizeReport()
+    by_key: dict[str, MemoryNode] = {}
+    for where, raw in raws:
+        node = node_from_mapping(raw)
+        if isinstance(node, str):
+            key = raw.get("key") if isinstance(raw, Mapping) else None
+            report.skipped.append((where if key is None else f"{where} (key {key!r})", node))
+            continue
+        old = by_key.get(node.key)
+        if old is not None:
+            report.duplicate_keys.append(node.key)
+            if (old.updated_at or "") > (node.updated_at or ""):
+                continue
+        by_key[node.key] = node
+    if report.skipped:
+        shown = "; ".join(f"{w}: {why}" for w, why in report.skipped[:10])
+        more = f" (and {report.n_skipped - 10} more)" if report.n_skipped > 10 else ""
+        log.warning("%s: skipped %d unusable node(s): %s%s", source, report.n_skipped, shown, more)
+    if report.duplicate_keys:
+        dups = sorted(set(report.duplicate_keys))
+        log.warning(
+            "%s: %d duplicate key(s), kept the newest updated_at: %s",
+            source, len(dups), ", ".join(dups[:10]) + (" ..." if len(dups) > 10 else ""),
+        )
+    return [by_key[k] for k in sorted(by_key)], report
