@@ -22,6 +22,15 @@ COMMANDS: dict[str, str] = {
 }
 
 
+_SUMMARIES: dict[str, str] = {
+    "run": "materialise the whole asset graph (default: bundled sample graph and model)",
+    "serve-graph": "serve a JSONL memory graph over MCP (Contract 4)",
+    "inspect": "validate and describe a vectors/manifest pair",
+    "backfill-emotion": "add emotion partitions and materialise them",
+    "report": "(re)build the evaluation report from existing artefacts",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="amygdala", description=__doc__.splitlines()[0])
@@ -36,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             module.configure(sp)
             sp.set_defaults(_main=module.main)
         else:
-            sub.add_parser(name, add_help=False)
+            sub.add_parser(name, add_help=False, help=_SUMMARIES.get(name))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
