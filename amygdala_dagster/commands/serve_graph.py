@@ -1,0 +1,60 @@
+"""``amygdala serve-graph``: serve a JSONL memory-graph export over MCP (Contract 4)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import sys
+from pathlib import Path
+
+HELP = "serve a JSONL memory-graph export as an MCP server (list_nodes, graph_version)"
+
+
+def sample_graph_path() -> Path:
+    """The bundled sample graph (``amygdala_dagster/data/sample_graph.jsonl``); it may be absent."""
+    return Path(str(importlib.resources.files("amygdala_dagster") / "data" / "sample_graph.jsonl"))
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--file", metavar="GRAPH.jsonl", type=Path, default=None,
+        help="JSONL export to serve, one node per line (default: the bundled sample graph)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=7777, help="port to bind (default: %(default)s)")
+    parser.add_argument(
+        "--token-env", metavar="NAME", default=None,
+        help="require 'Authorization: Bearer <token>', the token read from this environment variable",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    from amygdala_dagster.server import JsonlGraph, serve
+
+    path: Path = args.file if args.file is not None else sample_graph_path()
+    if not path.is_file():
+        what = "--file" if args.file is not None else "the bundled sample graph"
+        print(f"amygdala serve-graph: {what} {path} does not exist", file=sys.stderr)
+        return 2
+    if not 0 <= args.port <= 65535:
+        print(f"amygdala serve-graph: --port {args.port} is not a valid port", file=sys.stderr)
+        return 2
+    try:
+        n_nodes = len(JsonlGraph(path).load().nodes)
+    except OSError as exc:
+        print(f"amygdala serve-graph: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+
+    def ready(url: str) -> None:
+        print(f"serving {n_nodes} nodes from {path} at {url}", flush=True)
+
+    try:
+        return serve(path, host=args.host, port=args.port, token_env=args.token_env, on_ready=ready)
+    except ValueError as exc:
+        print(f"amygdala serve-graph: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"amygdala serve-graph: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,216 @@
+"""An MCP server for the memory-graph protocol (Contract 4) over a JSONL export.
+
+Tools: ``list_nodes(cursor, limit)`` and ``graph_version()``, served over
+streamable HTTP at ``/mcp``, stateless with plain JSON responses. The file is
+re-read whenever its size or modification time changes, so editing the export
+changes what the server answers without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypedDict
+
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from amygdala_dagster.sources import GraphVersion, jsonl_graph_version
+
+log = logging.getLogger(__name__)
+
+NODE_FIELDS = ("key", "node_type", "content", "created_at", "updated_at")
+MAX_PAGE_SIZE = 1000
+
+
+class NodesPage(TypedDict):
+    nodes: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+class VersionInfo(TypedDict):
+    version: str
+    node_count: int
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    stamp: tuple[int, int]  # (mtime_ns, size)
+    version: GraphVersion
+    nodes: list[dict[str, Any]]
+
+
+class JsonlGraph:
+    """A JSONL export, loaded lazily and re-read when the file changes on disk."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._loaded: _Loaded | None = None
+
+    def load(self) -> _Loaded:
+        with self._lock:
+            st = self.path.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+            if self._loaded is None or self._loaded.stamp != stamp:
+                self._loaded = self._read(stamp)
+            return self._loaded
+
+    def _read(self, stamp: tuple[int, int]) -> _Loaded:
+        data = self.path.read_bytes()
+        nodes: list[dict[str, Any]] = []
+        for lineno, line in enumerate(data.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+                log.warning("%s:%d: skipped, not valid JSON (%s)", self.path, lineno, exc)
+                continue
+            if not isinstance(raw, dict):
+                log.warning("%s:%d: skipped, not a JSON object", self.path, lineno)
+                continue
+            # Only the protocol's fields; absent ones stay absent so the client's
+            # validation reports them exactly as it would for the file itself.
+            nodes.append({f: raw[f] for f in NODE_FIELDS if f in raw})
+        version = jsonl_graph_version(data)
+        log.info("loaded %d node(s) from %s (version %s)", len(nodes), self.path, version.version[:12])
+        return _Loaded(stamp=stamp, version=version, nodes=nodes)
+
+
+def _parse_cursor(cursor: str | None) -> int:
+    if cursor is None or cursor == "":
+        return 0
+    if not cursor.isdigit():
+        raise ToolError(f"invalid cursor {cursor!r}: pass back a next_cursor this server returned")
+    return int(cursor)
+
+
+def build_mcp_server(path: str | os.PathLike[str]) -> MCPServer:
+    """The :class:`MCPServer` with the two Contract-4 tools over the JSONL file at ``path``."""
+    graph = JsonlGraph(path)
+    server = MCPServer(
+        "amygdala-memory-graph",
+        instructions="Memory-graph nodes from a JSONL export (list_nodes, graph_version).",
+        log_level="WARNING",
+    )
+
+    @server.tool()
+    def list_nodes(cursor: str | None = None, limit: int = 200) -> NodesPage:
+        """One page of nodes in file order; pass ``next_cursor`` back until it is null."""
+        if limit < 1:
+            raise ToolError(f"limit must be at least 1, got {limit}")
+        limit = min(limit, MAX_PAGE_SIZE)
+        nodes = graph.load().nodes
+        start = _parse_cursor(cursor)
+        end = start + limit
+        return {"nodes": nodes[start:end], "next_cursor": str(end) if end < len(nodes) else None}
+
+    @server.tool()
+    def graph_version() -> VersionInfo:
+        """sha256 of the export's bytes and its number of non-blank lines, for change detection."""
+        v = graph.load().version
+        return {"version": v.version, "node_count": v.node_count}
+
+    return server
+
+
+class _BearerAuth:
+    """Rejects HTTP requests whose ``Authorization`` is not ``Bearer <token>`` with 401."""
+
+    def __init__(self, app: ASGIApp, token: str):
+        self.app = app
+        self._expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self._expected):
+                body = json.dumps({"error": "unauthorized", "detail": "missing or wrong bearer token"}).encode()
+                await send({
+                    "type": "http.response.start",
+                    "status": 401,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"www-authenticate", b'Bearer realm="amygdala-memory-graph"'),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                })
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(path: str | os.PathLike[str], token: str | None = None, host: str = "127.0.0.1") -> ASGIApp:
+    """The ASGI app serving the JSONL export at ``path`` on ``/mcp``.
+
+    With ``token``, every HTTP request must carry ``Authorization: Bearer <token>``.
+    ``host`` is the bind address: on a loopback address the SDK's DNS-rebinding
+    protection stays on and accepts ``127.0.0.1``/``localhost`` Host headers.
+    """
+    app: ASGIApp = build_mcp_server(path).streamable_http_app(
+        streamable_http_path="/mcp", stateless_http=True, json_response=True, host=host
+    )
+    return _BearerAuth(app, token) if token else app
+
+
+def serve(
+    path: str | os.PathLike[str],
+    host: str = "127.0.0.1",
+    port: int = 7777,
+    token_env: str | None = None,
+    *,
+    on_ready: Callable[[str], None] | None = None,
+) -> int:
+    """Serve the JSONL export at ``path`` until interrupted; returns an exit status.
+
+    ``token_env`` names an environment variable holding the bearer token that
+    clients must send; it must be set when given (``ValueError`` otherwise).
+    ``port=0`` picks a free port. ``on_ready(url)`` is called once the server
+    accepts connections. A port that cannot be bound raises ``OSError``.
+    """
+    import uvicorn
+
+    token = None
+    if token_env:
+        token = os.environ.get(token_env)
+        if not token:
+            raise ValueError(f"--token-env {token_env} given but the environment variable {token_env} is not set")
+    app = build_app(path, token=token, host=host)
+    # Bind here rather than in uvicorn, which exits the process on a bind failure.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    url_host = f"[{host}]" if ":" in host else host
+    url = f"http://{url_host}:{port}/mcp"
+
+    async def run() -> None:
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started and not task.done():
+            await asyncio.sleep(0.02)
+        if server.started and on_ready is not None:
+            on_ready(url)
+        await task
+
+    try:
+        asyncio.run(run())
+    finally:
+        sock.close()
+    return 0 if server.started else 1

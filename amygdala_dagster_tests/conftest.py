@@ -1,0 +1,109 @@
+
+
+# --- memory-graph server fixtures (sources/server helper) -------------------------------
+import json as _json
+import os as _os
+import socket as _socket
+import subprocess as _subprocess
+import sys as _sys
+import time as _time
+from dataclasses import dataclass as _dataclass, field as _field
+from pathlib import Path as _Path
+
+import pytest as _pytest
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_jsonl(path, nodes) -> _Path:
+    """Write ``nodes`` (dicts, or raw strings written as-is) one per line to ``path``."""
+    path = _Path(path)
+    path.write_text("".join((n if isinstance(n, str) else _json.dumps(n)) + "\n" for n in nodes), encoding="utf-8")
+    return path
+
+
+@_dataclass
+class GraphServer:
+    """A running ``amygdala serve-graph`` subprocess."""
+
+    url: str
+    file: _Path
+    port: int
+    log: _Path
+    process: _subprocess.Popen = _field(repr=False)
+
+    def stop(self) -> None:
+        """Stop the server (idempotent); waits for the process to exit."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except _subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+    def output(self) -> str:
+        """What the server printed so far (stdout and stderr)."""
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+
+@_pytest.fixture
+def graph_server(tmp_path_factory):
+    """Factory starting the real ``amygdala serve-graph`` on a free 127.0.0.1 port.
+
+    ``graph_server(nodes=None, *, file=None, token_env=None, token=None, startup_timeout=30.0) -> GraphServer``
+
+    - ``nodes``: a list of node dicts (or raw line strings) written as JSONL to a new file;
+    - ``file``: an existing JSONL file to serve instead (edit it to change the graph:
+      the server re-reads it when its size/mtime change); with neither, an empty graph;
+    - ``token_env`` + ``token``: the server gets ``--token-env token_env`` with that
+      variable set to ``token`` in its environment only, and requires
+      ``Authorization: Bearer <token>``.
+
+    Returns a :class:`GraphServer` with ``.url`` (``http://127.0.0.1:PORT/mcp``),
+    ``.file``, ``.port``, ``.stop()`` and ``.output()``. Waits (bounded) until the port
+    accepts connections; every server started is killed at teardown.
+    """
+    started: list[GraphServer] = []
+
+    def start(nodes=None, *, file=None, token_env=None, token=None, startup_timeout=30.0) -> GraphServer:
+        workdir = tmp_path_factory.mktemp("graph_server")
+        if file is None:
+            file = write_jsonl(workdir / "graph.jsonl", nodes or [])
+        elif nodes is not None:
+            write_jsonl(file, nodes)
+        port = free_port()
+        cmd = [_sys.executable, "-m", "amygdala_dagster.cli", "serve-graph", "--file", str(file),
+               "--host", "127.0.0.1", "--port", str(port)]
+        env = dict(_os.environ)
+        if token_env is not None:
+            cmd += ["--token-env", token_env]
+            if token is not None:
+                env[token_env] = token
+        log = workdir / "server.log"
+        with open(log, "wb") as out:
+            proc = _subprocess.Popen(cmd, stdout=out, stderr=_subprocess.STDOUT, env=env)
+        server = GraphServer(url=f"http://127.0.0.1:{port}/mcp", file=_Path(file), port=port, log=log, process=proc)
+        started.append(server)
+        deadline = _time.monotonic() + startup_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"serve-graph exited with {proc.returncode}:\n{server.output()}")
+            try:
+                with _socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                if _time.monotonic() > deadline:
+                    server.stop()
+                    raise RuntimeError(f"serve-graph did not listen within {startup_timeout}s:\n{server.output()}")
+                _time.sleep(0.05)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

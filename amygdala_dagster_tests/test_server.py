@@ -1,0 +1,191 @@
+"""``amygdala serve-graph``: the Contract-4 MCP server over a JSONL export."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from mcp import Client
+
+from amygdala_dagster.cli import main as amygdala
+from amygdala_dagster.commands.serve_graph import sample_graph_path
+from amygdala_dagster.sources import JsonlSource, McpSource
+from amygdala_dagster_tests.conftest import free_port, write_jsonl
+
+TOKEN = "srv-tok-Hk29xLq"
+
+
+def node(i: int, **over) -> dict:
+    raw = {
+        "key": f"k{i:02d}",
+        "node_type": "journal",
+        "content": f"text {i}\nwarmth:{i % 10}",
+        "created_at": "2024-01-01T00:00:00Z",
+        "updated_at": f"2024-02-{1 + i % 28:02d}T00:00:00Z",
+    }
+    raw.update(over)
+    return raw
+
+
+def wait_for_output(server, text: str, timeout: float = 15.0) -> str:
+    deadline = time.monotonic() + timeout
+    while text not in (out := server.output()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not printed; output was:\n{out}")
+        time.sleep(0.05)
+    return out
+
+
+def rpc(url: str, method: str, params: dict | None = None, *, id: int | None = 1, headers: dict | None = None):
+    message = {"jsonrpc": "2.0", "method": method, **({"params": params} if params is not None else {})}
+    if id is not None:
+        message["id"] = id
+    h = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json", **(headers or {})}
+    return httpx.post(url, json=message, headers=h, timeout=10)
+
+
+def test_prints_ready_line_and_serves_file_order(graph_server):
+    raws = [node(i) for i in (5, 1, 9, 3)]
+    server = graph_server(raws)
+    wait_for_output(server, f"serving 4 nodes from {server.file} at {server.url}")
+    init = rpc(server.url, "initialize", {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}})
+    assert init.status_code == 200 and init.headers["content-type"].startswith("application/json")
+    assert init.json()["result"]["protocolVersion"] == "2025-06-18"
+    hdr = {"mcp-protocol-version": "2025-06-18"}
+    page = rpc(server.url, "tools/call", {"name": "list_nodes", "arguments": {"limit": 3}}, id=2, headers=hdr)
+    result = page.json()["result"]
+    assert result["structuredContent"] == {"nodes": raws[:3], "next_cursor": "3"}  # file order, raw fields
+    assert json.loads(result["content"][0]["text"]) == result["structuredContent"]
+    page = rpc(server.url, "tools/call", {"name": "list_nodes", "arguments": {"cursor": "3", "limit": 3}},
+               id=3, headers=hdr)
+    assert page.json()["result"]["structuredContent"] == {"nodes": raws[3:], "next_cursor": None}
+
+
+def test_sdk_client_interoperates(graph_server):
+    """The mcp SDK's own client (initialize handshake, tools/list, tools/call) works against it."""
+    raws = [node(i) for i in range(3)]
+    server = graph_server(raws)
+
+    async def talk():
+        async with Client(server.url) as client:
+            tools = {t.name: t for t in (await client.list_tools()).tools}
+            page = await client.call_tool("list_nodes", {"cursor": None, "limit": 2})
+            version = await client.call_tool("graph_version", {})
+            bad = await client.call_tool("list_nodes", {"cursor": "not-a-cursor"})
+            zero = await client.call_tool("list_nodes", {"limit": 0})
+            return tools, page, version, bad, zero
+
+    tools, page, version, bad, zero = asyncio.run(asyncio.wait_for(talk(), 30))
+    assert set(tools) == {"list_nodes", "graph_version"}
+    assert set(tools["list_nodes"].input_schema["properties"]) == {"cursor", "limit"}
+    assert page.structured_content == {"nodes": raws[:2], "next_cursor": "2"}
+    assert version.structured_content == JsonlSource(server.file).graph_version()._asdict()
+    assert bad.is_error and "invalid cursor 'not-a-cursor'" in bad.content[0].text
+    assert zero.is_error and "limit must be at least 1" in zero.content[0].text
+
+
+def test_only_the_five_fields_and_bad_lines_skipped_with_warning(graph_server):
+    lines = [node(1, extra="dropped"), '{"key": "k02", "content": ', node(3), "[1, 2]", "", node(4)]
+    server = graph_server(lines)
+    nodes, report = McpSource(server.url).fetch_nodes()
+    assert [n.key for n in nodes] == ["k01", "k03", "k04"]
+    assert report.n_skipped == 0
+    first = rpc(server.url, "tools/call", {"name": "list_nodes", "arguments": {"limit": 1}})
+    assert first.json()["result"]["structuredContent"]["nodes"] == [node(1)]
+    out = server.output()
+    assert f"{server.file}:2: skipped, not valid JSON" in out
+    assert f"{server.file}:4: skipped, not a JSON object" in out
+    # Version: the same as the file source computes (non-blank lines, broken ones included).
+    assert McpSource(server.url).graph_version() == JsonlSource(server.file).graph_version()
+    assert McpSource(server.url).graph_version().node_count == 5
+
+
+def test_rereads_file_when_it_changes(graph_server):
+    server = graph_server([node(i) for i in range(3)])
+    src = McpSource(server.url, page_size=2)
+    v1 = src.graph_version()
+    assert [n.key for n in src.fetch_nodes()[0]] == ["k00", "k01", "k02"]
+    write_jsonl(server.file, [node(0, content="edited\nwarmth:1"), node(7)])
+    v2 = src.graph_version()
+    assert (v2.node_count, v1.node_count) == (2, 3) and v2.version != v1.version
+    nodes, _ = src.fetch_nodes()
+    assert [(n.key, n.content) for n in nodes] == [("k00", "edited\nwarmth:1"), ("k07", node(7)["content"])]
+
+
+def test_bearer_token_required_when_token_env_given(graph_server):
+    server = graph_server([node(1)], token_env="SERVE_GRAPH_TEST_TOKEN", token=TOKEN)
+    init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}
+    missing = rpc(server.url, "initialize", init)
+    assert missing.status_code == 401 and missing.headers["www-authenticate"].startswith("Bearer")
+    wrong = rpc(server.url, "initialize", init, headers={"Authorization": f"Bearer {TOKEN}x"})
+    assert wrong.status_code == 401
+    ok = rpc(server.url, "initialize", init, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert ok.status_code == 200 and "result" in ok.json()
+    assert TOKEN not in server.output()
+
+
+def test_loopback_host_checks_stay_on(graph_server):
+    server = graph_server([node(1)])
+    # Reached as localhost: allowed.
+    nodes, _ = McpSource(f"http://localhost:{server.port}").fetch_nodes()
+    assert [n.key for n in nodes] == ["k01"]
+    # A foreign Host header (DNS rebinding) is refused by the SDK's protection.
+    init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}
+    assert rpc(server.url, "initialize", init, headers={"Host": "evil.example"}).status_code == 421
+
+
+def test_missing_file_exits_2(tmp_path, capsys):
+    missing = tmp_path / "absent.jsonl"
+    assert amygdala(["serve-graph", "--file", str(missing)]) == 2
+    assert f"--file {missing} does not exist" in capsys.readouterr().err
+
+
+def test_token_env_not_set_exits_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("UNSET_GRAPH_TOKEN", raising=False)
+    path = write_jsonl(tmp_path / "g.jsonl", [node(1)])
+    code = amygdala(["serve-graph", "--file", str(path), "--port", str(free_port()), "--token-env", "UNSET_GRAPH_TOKEN"])
+    assert code == 2
+    assert "UNSET_GRAPH_TOKEN is not set" in capsys.readouterr().err
+
+
+def test_default_file_is_the_bundled_sample(tmp_path):
+    sample = sample_graph_path()
+    assert sample.parts[-3:] == ("amygdala_dagster", "data", "sample_graph.jsonl")
+    if not sample.is_file():
+        pytest.skip("the bundled sample graph is not there yet")
+    port = free_port()
+    log = tmp_path / "log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "amygdala_dagster.cli", "serve-graph", "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
+    try:
+        deadline = time.monotonic() + 30
+        while "serving " not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        assert f"from {sample} at http://127.0.0.1:{port}/mcp" in log.read_text()
+        from_mcp, _ = McpSource(f"http://127.0.0.1:{port}").fetch_nodes()
+        assert from_mcp == JsonlSource(sample).fetch_nodes()[0] and from_mcp
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_port_in_use_is_a_clear_error(tmp_path, capsys):
+    import socket
+
+    path = write_jsonl(tmp_path / "g.jsonl", [node(1)])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert amygdala(["serve-graph", "--file", str(path), "--port", str(port)]) == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
