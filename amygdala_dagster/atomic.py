@@ -46,8 +46,10 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``path`` whole.
 
     On an exception the temporary directory is removed and ``path`` is left as
-    it was. The old directory is moved aside before the rename and deleted after,
-    so at every moment ``path`` is either the old complete tree or the new one.
+    it was. The old directory is moved aside just before the rename and deleted
+    after, so ``path`` never holds a partial tree: it is the old complete tree,
+    the new one, or (for the instant between the two renames) absent, in which
+    case a crash leaves the old tree in ``.NAME.old.PID`` beside it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,14 +10,15 @@ must never end in a tag line, and parsing a body again must return it unchanged.
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import NamedTuple
 
 # A token "of the form name:value": exactly one colon, no whitespace. Whether the
 # name and value are *valid* is decided afterwards, so `:5` or `joy:high` still
 # make their line part of the tag block (and are counted as malformed).
 _TOKEN_FORM = re.compile(r"^([^\s:]*):([^\s:]*)$")
-_NAME = re.compile(r"^[^\W\d_][\w-]*$")
-_VALUE = re.compile(r"^\d+(?:\.\d+)?$")
+_NAME = re.compile(r"^[\w-]+$")
+_VALUE = re.compile(r"^[0-9]+(?:\.[0-9]+)?$")
 
 
 class ParsedContent(NamedTuple):
@@ -70,7 +71,8 @@ def parse_tags(content: str) -> ParsedContent:
         cut = i
         for name, value in pairs:
             score = parse_score(value)
-            if not _NAME.match(name) or score is None:
+            name = unicodedata.normalize("NFC", name)
+            if not (_NAME.match(name) and name[0].isalpha()) or score is None:
                 malformed += 1
                 continue
             name = name.lower()
