@@ -1,0 +1,137 @@
+"""``amygdala inspect VECTORS [--manifest M]``: what a readout pair holds, and whether it is valid."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HELP = "show the concepts, layers, norms and cosines of a readout vectors file and check its manifest"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("vectors", type=Path, metavar="VECTORS", help="vectors.safetensors")
+    parser.add_argument("--manifest", type=Path, default=None, metavar="FILE",
+                        help="manifest.json (default: manifest.json next to VECTORS)")
+    parser.add_argument("--top", type=int, default=10, metavar="N",
+                        help="with more than 8 concepts, show only the N most similar pairs per layer")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
+    v = vectors.astype(np.float64)
+    norms = np.linalg.norm(v, axis=1, keepdims=True)
+    v = v / np.where(norms == 0, 1.0, norms)
+    return v @ v.T
+
+
+def top_pairs(concepts: list[str], cos: np.ndarray, n: int) -> list[tuple[str, str, float]]:
+    iu = np.triu_indices(len(concepts), k=1)
+    vals = cos[iu]
+    order = np.argsort(-vals, kind="stable")[:n]
+    return [(concepts[iu[0][i]], concepts[iu[1][i]], float(vals[i])) for i in order]
+
+
+def inspect_pair(vectors: Path, manifest: Path | None, top: int = 10) -> dict[str, Any]:
+    """The inspection report; ``report["ok"]`` is False (with ``error``) for an invalid pair."""
+    from amygdala_dagster.manifest import (
+        ReadoutFileError,
+        default_manifest_path,
+        load_readout,
+        read_vectors_file,
+        sha256_file,
+    )
+
+    manifest_path = manifest if manifest is not None else default_manifest_path(vectors)
+    report: dict[str, Any] = {"vectors": str(vectors), "manifest": str(manifest_path), "ok": True}
+    try:
+        tensors, meta, dtype = read_vectors_file(vectors)
+    except ReadoutFileError as exc:
+        return {**report, "ok": False, "error": str(exc)}
+    report["sha256"] = sha256_file(vectors)
+    manifest_data: dict[str, Any] | None = None
+    try:
+        readout = load_readout(vectors, manifest_path)
+        manifest_data = readout.manifest
+        report["sha256_check"] = "ok"
+    except ReadoutFileError as exc:
+        report["ok"] = False
+        report["error"] = str(exc)
+        report["sha256_check"] = "mismatch" if "SHA-256" in str(exc) else "not checked"
+        try:
+            manifest_data = json.loads(manifest_path.read_text(encoding="utf-8"))
+            if not isinstance(manifest_data, dict):
+                manifest_data = None
+        except (OSError, ValueError):
+            manifest_data = None
+    if manifest_data is not None and isinstance(manifest_data.get("concepts"), list):
+        concepts = [str(c) for c in manifest_data["concepts"]]
+    else:
+        concepts = [str(c) for c in meta.get("concepts", [])]
+    report["dtype"] = dtype
+    report["concepts"] = concepts
+    if manifest_data is not None:
+        report["model"] = manifest_data.get("model")
+        report["created_at"] = manifest_data.get("created_at")
+    layers: list[dict[str, Any]] = []
+    for key in sorted(tensors, key=lambda k: (len(k), k)):
+        arr = tensors[key]
+        entry: dict[str, Any] = {"key": key, "shape": list(arr.shape)}
+        if arr.ndim == 2 and arr.shape[0] > 0:
+            norms = np.linalg.norm(arr.astype(np.float64), axis=1)
+            entry["norm_min"] = float(norms.min())
+            entry["norm_max"] = float(norms.max())
+            names = concepts if len(concepts) == arr.shape[0] else [f"#{i}" for i in range(arr.shape[0])]
+            cos = cosine_matrix(arr)
+            if arr.shape[0] <= 8:
+                entry["cosines"] = {"concepts": names, "matrix": np.round(cos, 4).tolist()}
+            else:
+                entry["top_pairs"] = [[a, b, round(c, 4)] for a, b, c in top_pairs(names, cos, top)]
+        layers.append(entry)
+    report["layers"] = layers
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"vectors:  {report['vectors']}"]
+    if "sha256" in report:
+        lines.append(f"sha256:   {report['sha256']} ({report.get('sha256_check', '?')} against {report['manifest']})")
+    if report.get("model"):
+        lines.append(f"model:    {report['model']}  created {report.get('created_at')}")
+    if "dtype" in report:
+        lines.append(f"dtype:    {report['dtype']}")
+    concepts = report.get("concepts", [])
+    lines.append(f"concepts: {len(concepts)}: {', '.join(concepts)}")
+    for entry in report.get("layers", []):
+        shape = "x".join(map(str, entry["shape"]))
+        norms = (f"  norms {entry['norm_min']:.6f}..{entry['norm_max']:.6f}" if "norm_min" in entry else "")
+        lines.append(f"{entry['key']}: [{shape}]{norms}")
+        if "cosines" in entry:
+            names = entry["cosines"]["concepts"]
+            width = max(6, *(len(n) for n in names))
+            lines.append("  " + " " * width + " " + " ".join(f"{n[:7]:>7}" for n in names))
+            for name, row in zip(names, entry["cosines"]["matrix"]):
+                lines.append(f"  {name:>{width}} " + " ".join(f"{v:7.3f}" for v in row))
+        elif "top_pairs" in entry:
+            lines.append("  most similar pairs (cosine):")
+            for a, b, c in entry["top_pairs"]:
+                lines.append(f"    {c:7.3f}  {a} ~ {b}")
+    if not report["ok"]:
+        lines.append(f"INVALID: {report['error']}")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    report = inspect_pair(args.vectors, args.manifest, args.top)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report))
+    if not report["ok"]:
+        print(f"error: {report['error']}", file=sys.stderr)
+        return 1
+    return 0

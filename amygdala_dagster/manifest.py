@@ -1,0 +1,387 @@
+"""Contract 3: ``vectors.safetensors`` + ``manifest.json`` for a vLLM ReadoutManager.
+
+``vectors.safetensors`` holds ``layer_<idx>.vectors`` of shape
+``[n_concepts, hidden_size]`` (float32 unless asked), rows in the manifest's
+``concepts`` order, each of unit L2 norm. ``manifest.json`` describes them
+(format_version 1) and carries the vectors file's SHA-256.
+
+Write order (see :func:`write_readout`): both files are fully serialised in
+memory and written to temporary files in their target directories and fsynced
+*before* anything is renamed; then the vectors file is renamed into place,
+then the manifest. Any failure before the renames leaves the old pair
+untouched. A reader that looks between the two renames sees new vectors with
+the old manifest; the SHA-256 in the manifest then does not match and
+:func:`load_readout` refuses the pair instead of serving it (retrying a moment
+later finds the new, consistent pair).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as st_save_torch
+
+FORMAT_VERSION = 1
+ACTIVATION_SITE = "residual_stream_after_layer"
+VECTORS_FORMAT = "amygdala-readout-vectors/1"
+METADATA_KEY = "amygdala_readout"
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_NORM_TOL = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 1e-2}
+
+
+class ReadoutFileError(ValueError):
+    """A vectors/manifest pair that is missing, invalid or mismatched; the message says what."""
+
+
+def layer_key(idx: int) -> str:
+    return f"layer_{int(idx)}.vectors"
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes (streamed)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _jsonable(value: Any) -> Any:
+    """Round floats and turn numpy scalars into JSON types (keys of layer dicts become strings)."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+# ----------------------------------------------------------------------------- manifest
+def build_manifest(
+    readout: Any,
+    *,
+    model: str,
+    model_revision: str | None,
+    dtype: str,
+    pooling: str,
+    layer_path: str | None,
+    fingerprint: Mapping[str, Any] | None,
+    training: Mapping[str, Any],
+    calibration: Mapping[str, Mapping[int, Mapping[str, Any]]] | None,
+    vectors_file: str,
+    vectors_sha256: str,
+    vectors_dtype: str = "float32",
+    created_at: str | None = None,
+) -> dict[str, Any]:
+    """The manifest dict (Contract 3) for a :class:`~amygdala_dagster.vectors.ReadoutVectors`.
+
+    ``dtype`` is the dtype the model ran in when activations were captured;
+    ``vectors_dtype`` the dtype of the stored vectors. ``calibration`` defaults
+    to ``readout.calibration``. Per concept the manifest lists the training
+    counts and, per layer (key = layer index as a string), the raw
+    (pre-normalisation) norm and the projection calibration.
+    """
+    calibration = readout.calibration if calibration is None else calibration
+    concepts = list(readout.concepts)
+    layers = [int(x) for x in readout.layers]
+    per_concept: dict[str, Any] = {}
+    for c in concepts:
+        norms = readout.raw_norms.get(c, [])
+        layer_entries = {}
+        for i, layer in enumerate(layers):
+            entry: dict[str, Any] = {"raw_norm": float(norms[i]) if i < len(norms) else None}
+            cal = (calibration or {}).get(c, {}).get(layer)
+            if cal is None:
+                cal = (calibration or {}).get(c, {}).get(str(layer))  # type: ignore[call-overload]
+            entry["calibration"] = dict(cal) if cal is not None else None
+            layer_entries[str(layer)] = entry
+        per_concept[c] = {"training": dict(readout.counts.get(c, {})), "layers": layer_entries}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "concepts": concepts,
+        "layers": layers,
+        "hidden_size": int(readout.hidden_size),
+        "model": model,
+        "model_revision": model_revision,
+        "dtype": dtype,
+        "pooling": pooling,
+        "activation_site": ACTIVATION_SITE,
+        "layer_path": layer_path,
+        "vectors_file": vectors_file,
+        "vectors_sha256": vectors_sha256,
+        "vectors_dtype": vectors_dtype,
+        "estimator": getattr(readout, "estimator", None),
+        "created_at": created_at or _utc_now(),
+        "fingerprint": dict(fingerprint) if fingerprint is not None else None,
+        "training": dict(training),
+        "per_concept": per_concept,
+    }
+    return _jsonable(manifest)
+
+
+def vectors_bytes(readout: Any, vectors_dtype: str = "float32") -> bytes:
+    """Serialise ``readout.vectors`` as Contract 3 safetensors bytes, validating them first."""
+    if vectors_dtype not in _TORCH_DTYPES:
+        raise ValueError(f"vectors dtype must be one of {', '.join(_TORCH_DTYPES)}, got {vectors_dtype!r}")
+    concepts = list(readout.concepts)
+    if len(set(concepts)) != len(concepts):
+        raise ReadoutFileError(f"duplicate concept names in {concepts}")
+    if not concepts:
+        raise ReadoutFileError("no concepts: refusing to write an empty readout")
+    tensors: dict[str, torch.Tensor] = {}
+    hidden = None
+    for layer in readout.layers:
+        arr = np.asarray(readout.vectors[layer], dtype=np.float32)
+        if arr.ndim != 2 or arr.shape[0] != len(concepts):
+            raise ReadoutFileError(f"layer {layer}: vectors of shape {arr.shape}, expected [{len(concepts)}, H]")
+        hidden = arr.shape[1] if hidden is None else hidden
+        if arr.shape[1] != hidden:
+            raise ReadoutFileError(f"layer {layer}: hidden size {arr.shape[1]} != {hidden}")
+        _check_rows(arr, concepts, layer, 1e-4)
+        tensors[layer_key(layer)] = torch.from_numpy(np.ascontiguousarray(arr)).to(_TORCH_DTYPES[vectors_dtype]).contiguous()
+    # One metadata entry: safetensors orders several entries differently from run to
+    # run, and the same vectors must give the same bytes (and SHA-256).
+    info = {"format": VECTORS_FORMAT, "concepts": concepts, "layers": [int(x) for x in readout.layers]}
+    metadata = {METADATA_KEY: json.dumps(info, ensure_ascii=False, sort_keys=True)}
+    return st_save_torch(tensors, metadata=metadata)
+
+
+def _check_rows(arr: np.ndarray, concepts: Sequence[str], layer: int, tol: float) -> None:
+    finite = np.isfinite(arr).all(axis=1)
+    if not finite.all():
+        bad = [concepts[i] for i in np.flatnonzero(~finite)]
+        raise ReadoutFileError(f"layer {layer}: non-finite values in the rows of {bad}")
+    norms = np.linalg.norm(arr.astype(np.float64), axis=1)
+    off = np.flatnonzero(np.abs(norms - 1.0) > tol)
+    if off.size:
+        i = int(off[0])
+        raise ReadoutFileError(
+            f"layer {layer}: row {i} ({concepts[i]!r}) has L2 norm {norms[i]:.6g}, expected unit norm"
+        )
+
+
+def _temp_write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return Path(tmp)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_readout(
+    vectors_path: str | os.PathLike[str],
+    manifest_path: str | os.PathLike[str],
+    readout: Any,
+    *,
+    vectors_dtype: str = "float32",
+    **manifest_fields: Any,
+) -> dict[str, Any]:
+    """Write the Contract 3 pair and return the manifest written.
+
+    ``manifest_fields`` are :func:`build_manifest`'s keyword arguments except
+    ``vectors_file``/``vectors_sha256``/``vectors_dtype`` (filled in here;
+    ``vectors_file`` is the vectors path relative to the manifest's directory).
+    See the module docstring for the write order and what a concurrent reader
+    can observe.
+    """
+    vectors_path = Path(vectors_path)
+    manifest_path = Path(manifest_path)
+    if vectors_path.resolve() == manifest_path.resolve():
+        raise ValueError(f"vectors and manifest would be the same file: {vectors_path}")
+    manifest_fields.setdefault("calibration", None)
+    data = vectors_bytes(readout, vectors_dtype)
+    sha = hashlib.sha256(data).hexdigest()
+    vectors_file = os.path.relpath(vectors_path.resolve(), manifest_path.resolve().parent)
+    manifest = build_manifest(
+        readout, vectors_file=vectors_file, vectors_sha256=sha, vectors_dtype=vectors_dtype, **manifest_fields
+    )
+    text = json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    tmp_vectors = _temp_write(vectors_path, data)
+    try:
+        tmp_manifest = _temp_write(manifest_path, text.encode("utf-8"))
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_vectors)
+        raise
+    try:
+        os.replace(tmp_vectors, vectors_path)
+    except BaseException:
+        for tmp in (tmp_vectors, tmp_manifest):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise
+    try:
+        os.replace(tmp_manifest, manifest_path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_manifest)
+        raise
+    _fsync_dir(vectors_path.parent)
+    if manifest_path.parent != vectors_path.parent:
+        _fsync_dir(manifest_path.parent)
+    return manifest
+
+
+# ----------------------------------------------------------------------------- reading
+@dataclass
+class Readout:
+    """A validated vectors/manifest pair."""
+
+    concepts: list[str]
+    layers: list[int]
+    vectors: dict[int, np.ndarray]  # layer -> [C, H] float32
+    manifest: dict[str, Any]
+    vectors_path: Path
+    manifest_path: Path
+    sha256: str
+    dtype: str
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.manifest["hidden_size"])
+
+    def matrix(self, layer: int) -> np.ndarray:
+        return self.vectors[int(layer)]
+
+
+def default_manifest_path(vectors_path: str | os.PathLike[str]) -> Path:
+    """``manifest.json`` next to the vectors file."""
+    return Path(vectors_path).parent / "manifest.json"
+
+
+def read_vectors_file(vectors_path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, Any], str]:
+    """All tensors (as float32 numpy), our metadata entry (``{}`` if absent) and the stored dtype name."""
+    vectors_path = Path(vectors_path)
+    if not vectors_path.is_file():
+        raise ReadoutFileError(f"{vectors_path}: no such vectors file")
+    try:
+        with safe_open(str(vectors_path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {}
+            dtypes = set()
+            for key in f.keys():
+                t = f.get_tensor(key)
+                dtypes.add(str(t.dtype).removeprefix("torch."))
+                tensors[key] = t.float().numpy()
+    except ReadoutFileError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parse failure means "not a valid file"
+        raise ReadoutFileError(f"{vectors_path}: not a readable safetensors file ({exc})") from exc
+    dtype = dtypes.pop() if len(dtypes) == 1 else ",".join(sorted(dtypes)) or "float32"
+    try:
+        info = json.loads(meta.get(METADATA_KEY, "{}"))
+    except ValueError:
+        info = {}
+    return tensors, info if isinstance(info, dict) else {}, dtype
+
+
+def load_readout(
+    vectors_path: str | os.PathLike[str],
+    manifest_path: str | os.PathLike[str] | None = None,
+) -> Readout:
+    """Load and validate a vectors/manifest pair; :class:`ReadoutFileError` says what is wrong.
+
+    ``manifest_path`` defaults to ``manifest.json`` next to the vectors file.
+    Checks: format_version, SHA-256 of the vectors file against the manifest,
+    exactly one ``layer_<idx>.vectors`` per manifest layer, shapes
+    ``[len(concepts), hidden_size]``, finite values, unit-norm rows.
+    """
+    vectors_path = Path(vectors_path)
+    manifest_path = Path(manifest_path) if manifest_path is not None else default_manifest_path(vectors_path)
+    if not manifest_path.is_file():
+        raise ReadoutFileError(f"{manifest_path}: no such manifest file")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReadoutFileError(f"{manifest_path}: not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise ReadoutFileError(f"{manifest_path}: not a JSON object")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ReadoutFileError(
+            f"{manifest_path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
+    for field_name in ("concepts", "layers", "hidden_size", "vectors_sha256"):
+        if field_name not in manifest:
+            raise ReadoutFileError(f"{manifest_path}: missing field {field_name!r}")
+    if not vectors_path.is_file():
+        raise ReadoutFileError(f"{vectors_path}: no such vectors file")
+    sha = sha256_file(vectors_path)
+    if sha != manifest["vectors_sha256"]:
+        raise ReadoutFileError(
+            f"mismatched pair: {vectors_path} has SHA-256 {sha} but {manifest_path} expects "
+            f"{manifest['vectors_sha256']} (the files come from different runs, or one is being replaced)"
+        )
+    concepts = list(manifest["concepts"])
+    layers = [int(x) for x in manifest["layers"]]
+    hidden = int(manifest["hidden_size"])
+    if len(set(concepts)) != len(concepts):
+        raise ReadoutFileError(f"{manifest_path}: duplicate concepts in {concepts}")
+    tensors, _meta, dtype = read_vectors_file(vectors_path)
+    expected = {layer_key(x) for x in layers}
+    missing = sorted(expected - set(tensors))
+    extra = sorted(set(tensors) - expected)
+    if missing or extra:
+        raise ReadoutFileError(
+            f"{vectors_path}: tensor keys do not match the manifest's layers {layers}"
+            + (f"; missing {missing}" if missing else "")
+            + (f"; unexpected {extra}" if extra else "")
+        )
+    tol = _NORM_TOL.get(dtype, 1e-2)
+    vectors: dict[int, np.ndarray] = {}
+    for layer in layers:
+        arr = tensors[layer_key(layer)]
+        if arr.shape != (len(concepts), hidden):
+            raise ReadoutFileError(
+                f"{vectors_path}: {layer_key(layer)} has shape {list(arr.shape)}, expected "
+                f"[{len(concepts)}, {hidden}] (concepts x hidden_size)"
+            )
+        try:
+            _check_rows(arr, concepts, layer, tol)
+        except ReadoutFileError as exc:
+            raise ReadoutFileError(f"{vectors_path}: {exc}") from None
+        vectors[layer] = np.ascontiguousarray(arr, dtype=np.float32)
+    return Readout(
+        concepts=concepts,
+        layers=layers,
+        vectors=vectors,
+        manifest=manifest,
+        vectors_path=vectors_path,
+        manifest_path=manifest_path,
+        sha256=sha,
+        dtype=dtype,
+    )
