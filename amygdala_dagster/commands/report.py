@@ -1,0 +1,262 @@
+"""``amygdala report``: (re)build the evaluation report from the artefacts of an output directory.
+
+Reads ``vectors.safetensors`` + ``manifest.json``, the examples (the pipeline's
+``examples/<emotion>/`` directories, or the Contract 2 directory recorded in the
+manifest as ``training.training_data_dir``), the memory snapshot when present,
+and the activation cache recorded for the readout. Activations come from the
+cache only; the model is loaded only when something is not cached yet
+(conversation snippets never seen, or a ``--sweep-layers`` pass).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+HELP = "rebuild the evaluation report (HTML + evaluation.json) from an output directory's vectors, manifest and examples"
+
+log = logging.getLogger("amygdala.report")
+
+
+class ReportInputError(ValueError):
+    """An input of the report that is missing or unusable; the message names it."""
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output-dir", type=Path, default=Path("amygdala_output"),
+                        help="directory holding vectors.safetensors and manifest.json (default: ./amygdala_output)")
+    parser.add_argument("--manifest", type=Path, default=None, help="default: OUTPUT_DIR/manifest.json")
+    parser.add_argument("--vectors", type=Path, default=None,
+                        help="default: the manifest's vectors_file, relative to the manifest")
+    parser.add_argument("--examples-dir", type=Path, default=None,
+                        help="Contract 2 examples directory (default: OUTPUT_DIR/examples/<emotion>/ or the "
+                             "manifest's training.training_data_dir)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="activation cache root (default: the one recorded for the readout, else "
+                             "$AMYGDALA_CACHE_DIR or ~/.cache/amygdala/activations)")
+    parser.add_argument("--snapshot", type=Path, default=None,
+                        help="memory snapshot Parquet for tag co-occurrence (default: OUTPUT_DIR/snapshot/memory_snapshot.parquet if present)")
+    parser.add_argument("--snippets", type=Path, default=None,
+                        help="JSONL of {id, text} conversation snippets (default: the bundled sample)")
+    parser.add_argument("--no-snippets", action="store_true", help="skip the generalisation section")
+    parser.add_argument("--report-dir", type=Path, default=None, help="where the report goes (default: OUTPUT_DIR/report)")
+    parser.add_argument("--threshold-method", choices=("max_f1", "fixed_fpr"), default="max_f1",
+                        help="decision threshold rule (default: %(default)s)")
+    parser.add_argument("--target-fpr", type=float, default=0.05, help="false-positive rate for fixed_fpr (default: %(default)s)")
+    parser.add_argument("--crosstalk-cosine", type=float, default=0.5,
+                        help="list vector pairs with cosine at least this (default: %(default)s)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for AUROC CIs, 0 = none (default: %(default)s)")
+    parser.add_argument("--confound-margin", type=float, default=0.0,
+                        help="how much a vector's AUROC must beat the trivial baselines (default: %(default)s)")
+    parser.add_argument("--estimators", default="mean_difference,lda,logistic",
+                        help="estimators to compare (default: %(default)s)")
+    parser.add_argument("--logistic-c", type=float, default=1.0, help="inverse regularisation of the logistic probe")
+    parser.add_argument("--sweep-layers", default=None, metavar="all|L1,L2,...",
+                        help="also evaluate these layers (one model pass, separate cache namespace) and recommend target layers")
+    parser.add_argument("--write-calibration", action="store_true",
+                        help="also write the calibration (with thresholds) into manifest.json (vectors unchanged)")
+    parser.add_argument("--device", default="auto", help="device if the model must be loaded (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16, help="forward batch size if the model must be loaded")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _staged_info(output_dir: Path) -> dict[str, Any]:
+    path = output_dir / "readout" / "staged_vectors.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            log.warning("%s: unreadable (%s); ignoring it", path, exc)
+    return {}
+
+
+def resolve_cache_root(args: argparse.Namespace, manifest: dict[str, Any], output_dir: Path) -> Path:
+    """``--cache-dir``, else the cache root recorded by the pipeline or the manifest, else the default."""
+    from amygdala_dagster.cache import default_cache_dir
+
+    if args.cache_dir is not None:
+        return args.cache_dir.expanduser()
+    training = manifest.get("training") or {}
+    for candidate in (training.get("cache_root"), _staged_info(output_dir).get("cache_root")):
+        if candidate:
+            return Path(candidate).expanduser()
+    return default_cache_dir()
+
+
+def load_example_sets(args: argparse.Namespace, manifest: dict[str, Any], output_dir: Path,
+                      concepts: list[str]) -> dict[str, Any]:
+    """``{concept: ExampleSet}`` for every concept of the readout, from the first source that has them."""
+    from amygdala_dagster.examples import read_examples_dir
+
+    sets: dict[str, Any] = {}
+    candidates = []
+    if args.examples_dir is not None:
+        candidates.append(args.examples_dir)
+    else:
+        recorded = (manifest.get("training") or {}).get("training_data_dir")
+        if recorded:
+            candidates.append(Path(recorded))
+    for directory in candidates:
+        if not directory.is_dir():
+            raise ReportInputError(f"examples directory {directory} does not exist")
+        _, found = read_examples_dir(directory)
+        sets.update({k: v for k, v in found.items() if k in concepts})
+    if args.examples_dir is None:
+        for concept in concepts:
+            per_emotion = output_dir / "examples" / concept
+            if concept not in sets and (per_emotion / "index.json").is_file():
+                _, found = read_examples_dir(per_emotion)
+                if concept in found:
+                    sets[concept] = found[concept]
+    missing = [c for c in concepts if c not in sets]
+    if missing:
+        raise ReportInputError(
+            f"no training examples found for concept(s) {', '.join(missing)} "
+            f"(looked in {', '.join(map(str, candidates)) or '-'} and {output_dir / 'examples'}); pass --examples-dir"
+        )
+    return sets
+
+
+class _LazyEngine:
+    """Loads the model on first use only, so a fully cached report never pays for it."""
+
+    def __init__(self, manifest: dict[str, Any], layers: list[int], args: argparse.Namespace):
+        self.manifest, self.layers, self.args = manifest, layers, args
+        self._loaded: Any = None
+
+    def loaded(self) -> Any:
+        from amygdala_dagster.models import load_model
+
+        if self._loaded is None:
+            fp = self.manifest.get("fingerprint") or {}
+            model = self.manifest.get("model") or fp.get("model")
+            if not model:
+                raise ReportInputError("the manifest records no model; cannot forward uncached texts")
+            dtype = str(self.manifest.get("dtype") or fp.get("dtype") or "auto")
+            log.info("loading %s to forward texts that are not cached", model)
+            self._loaded = load_model(model, dtype=dtype, device=self.args.device,
+                                      revision=self.manifest.get("model_revision"))
+        return self._loaded
+
+    def get(self, layers: list[int] | None = None) -> Any:
+        """An engine over ``layers`` (default: the readout's layers) with the manifest's settings."""
+        from amygdala_dagster.activations import ActivationEngine
+
+        fp = self.manifest.get("fingerprint") or {}
+        return ActivationEngine(
+            self.loaded(), layers if layers is not None else self.layers,
+            pooling=fp.get("pooling", self.manifest.get("pooling", "mean")),
+            max_tokens=int(fp.get("max_tokens", 512)), batch_size=self.args.batch_size,
+            layer_path=fp.get("layer_path"),
+        )
+
+
+def _parse_sweep(spec: str, n_layers: int) -> list[int]:
+    if spec.strip().lower() == "all":
+        return list(range(n_layers))
+    from amygdala_dagster.layers import parse_layers
+
+    return parse_layers(spec, n_layers)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def build_report(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything ``main`` does, returning ``{"html", "json", "plots", "evaluation"}``."""
+    from amygdala_dagster.atomic import atomic_write_text
+    from amygdala_dagster.cache import ActivationCache, text_sha256
+    from amygdala_dagster.evaluation import calibration_for_manifest, evaluate, read_snippets, sweep_layers, write_report
+    from amygdala_dagster.manifest import load_readout
+
+    output_dir = args.output_dir.expanduser()
+    manifest_path = args.manifest or output_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise ReportInputError(f"{manifest_path}: no manifest; run `amygdala run` (or train) first, or pass --output-dir")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    vectors_path = args.vectors or (manifest_path.parent / manifest.get("vectors_file", "vectors.safetensors"))
+    readout = load_readout(vectors_path, manifest_path)
+    fingerprint = manifest.get("fingerprint")
+    if not fingerprint:
+        raise ReportInputError(f"{manifest_path}: no 'fingerprint' recorded; cannot find the cached activations")
+    concepts = list(readout.concepts)
+    sets = load_example_sets(args, manifest, output_dir, concepts)
+
+    snapshot = None
+    snap_path = args.snapshot or output_dir / "snapshot" / "memory_snapshot.parquet"
+    if snap_path.is_file():
+        from amygdala_dagster.snapshot import read_snapshot
+
+        snapshot = read_snapshot(snap_path)
+    elif args.snapshot is not None:
+        raise ReportInputError(f"--snapshot {args.snapshot}: no such file")
+
+    snippets = None
+    if not args.no_snippets:
+        path = args.snippets or Path(__file__).resolve().parent.parent / "data" / "conversation_snippets.jsonl"
+        if not path.is_file():
+            raise ReportInputError(f"--snippets {path}: no such file")
+        snippets = read_snippets(path)
+
+    cache_root = resolve_cache_root(args, manifest, output_dir)
+    engines = _LazyEngine(manifest, [int(l) for l in readout.layers], args)
+    with ActivationCache(cache_root, fingerprint) as cache:
+        texts = [e.text for s in sets.values() for e in (*s.positives, *s.negatives)]
+        texts += [s["text"] for s in snippets or []]
+        need_model = any(text_sha256(t) not in cache for t in texts)
+        if need_model:
+            from amygdala_dagster.cache import ensure_cached, fingerprint_id
+
+            engine = engines.get()
+            if fingerprint_id(engine.fingerprint) != cache.fingerprint_id:
+                raise ReportInputError(
+                    "some texts are not in the activation cache and the model loaded now does not reproduce the "
+                    f"manifest's activation fingerprint (cache {cache.directory}); pass --cache-dir, or --no-snippets"
+                )
+            ensure_cached(engine, cache, texts, progress=True)
+        sweep = None
+        if args.sweep_layers:
+            n_layers = engines.loaded().num_layers
+            sweep_engine = engines.get(_parse_sweep(args.sweep_layers, n_layers))
+            with ActivationCache(cache_root, sweep_engine.fingerprint) as sweep_cache:
+                sweep = sweep_layers(sweep_engine, sweep_cache, sets, n_model_layers=n_layers)
+        evaluation = evaluate(
+            cache, sets, readout, snapshot=snapshot, snippets=snippets, engine=None,
+            estimators=[e.strip() for e in args.estimators.split(",") if e.strip()],
+            threshold_method=args.threshold_method, target_fpr=args.target_fpr,
+            crosstalk_cosine=args.crosstalk_cosine, bootstrap=args.bootstrap,
+            confound_margin=args.confound_margin, logistic_C=args.logistic_c, sweep=sweep,
+            meta={"vectors_sha256": readout.sha256, "manifest": str(manifest_path),
+                  "model": manifest.get("model"), "cache_dir": str(cache_root),
+                  **({"snippets_file": str(args.snippets or "bundled conversation_snippets.jsonl")} if snippets else {})},
+        )
+    html_path, json_path, plots = write_report(evaluation, args.report_dir or output_dir / "report")
+    if args.write_calibration:
+        cal = calibration_for_manifest(evaluation)
+        for concept, per_layer in cal.items():
+            for layer, entry in per_layer.items():
+                manifest["per_concept"][concept]["layers"][layer]["calibration"] = entry
+        atomic_write_text(manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    return {"html": html_path, "json": json_path, "plots": plots, "evaluation": evaluation}
+
+
+def main(args: argparse.Namespace) -> int:
+    from amygdala_dagster.evaluation import summary_markdown
+    from amygdala_dagster.manifest import ReadoutFileError
+
+    try:
+        out = build_report(args)
+    except (ReportInputError, ReadoutFileError, KeyError, ValueError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"amygdala report: {msg}", file=sys.stderr)
+        return 2
+    print(summary_markdown(out["evaluation"]), end="")
+    print(f"report: {out['html']}")
+    print(f"numbers: {out['json']}")
+    return 0

@@ -1,0 +1,54 @@
+"""Evaluation of readout vectors: held-out separation, calibration, layer sweep,
+estimator comparison, cross-talk, confounds, generalisation, and the report.
+
+Three modules, so each can be used without the weight of the others:
+- :mod:`.metrics`: pure numpy metrics on arrays of projections (AUROC, bootstrap
+  CI, Cohen's d, thresholds, calibration, calibrated scores);
+- :mod:`.core`: :func:`evaluate` and friends, reading activations from the cache;
+- :mod:`.report`: the HTML report and PNG plots (imports matplotlib, lazily).
+"""
+
+from amygdala_dagster.evaluation.core import (
+    DEFAULT_ESTIMATORS,
+    calibrate,
+    calibration_for_manifest,
+    confounds,
+    crosstalk,
+    evaluate,
+    evaluate_emotion,
+    generalisation,
+    json_clean,
+    read_snippets,
+    sweep_layers,
+)
+from amygdala_dagster.evaluation.metrics import (
+    accuracy_at,
+    auroc,
+    bootstrap_auroc_ci,
+    calibration,
+    cohens_d,
+    probability,
+    threshold_fixed_fpr,
+    threshold_max_f1,
+    z_score,
+)
+
+
+def write_report(*args, **kwargs):  # noqa: ANN002, ANN003 - thin lazy wrapper, see report.write_report
+    from amygdala_dagster.evaluation.report import write_report as _write_report
+
+    return _write_report(*args, **kwargs)
+
+
+def summary_markdown(*args, **kwargs):  # noqa: ANN002, ANN003 - see report.summary_markdown
+    from amygdala_dagster.evaluation.report import summary_markdown as _summary_markdown
+
+    return _summary_markdown(*args, **kwargs)
+
+
+__all__ = [
+    "DEFAULT_ESTIMATORS", "accuracy_at", "auroc", "bootstrap_auroc_ci", "calibrate", "calibration",
+    "calibration_for_manifest", "cohens_d", "confounds", "crosstalk", "evaluate", "evaluate_emotion",
+    "generalisation", "json_clean", "probability", "read_snippets", "summary_markdown", "sweep_layers",
+    "threshold_fixed_fpr", "threshold_max_f1", "write_report", "z_score",
+]

