@@ -1,0 +1,17 @@
+"""The software-defined assets, one module per group of the data flow."""
+
+from amygdala_dagster.pipeline.assets.activations import activation_stats
+from amygdala_dagster.pipeline.assets.emotions import emotion_catalog, tagged_examples
+from amygdala_dagster.pipeline.assets.evaluation import evaluation_report
+from amygdala_dagster.pipeline.assets.graph import memory_graph, memory_snapshot
+from amygdala_dagster.pipeline.assets.readout import readout_manifest, readout_vectors
+
+ALL_ASSETS = [
+    memory_graph, memory_snapshot, emotion_catalog, tagged_examples, activation_stats,
+    readout_vectors, readout_manifest, evaluation_report,
+]
+
+__all__ = [
+    "ALL_ASSETS", "activation_stats", "emotion_catalog", "evaluation_report", "memory_graph",
+    "memory_snapshot", "readout_manifest", "readout_vectors", "tagged_examples",
+]

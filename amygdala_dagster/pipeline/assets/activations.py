@@ -1,0 +1,127 @@
+"""The GPU step: pooled activations of every requested emotion's examples -> per-emotion statistics."""
+
+
+import json
+import time
+
+import dagster as dg
+
+from amygdala_dagster.pipeline.assets.common import (
+    EMOTION, GPU_POOL, GROUP, combined_hash, file_meta, stats_file, stats_info_file, table,
+)
+from amygdala_dagster.pipeline.assets.emotions import read_examples_from, tagged_examples
+from amygdala_dagster.pipeline.resources import ArtifactStorage, ModelResource
+
+
+@dg.asset(
+    group_name=GROUP,
+    deps=[tagged_examples],
+    partitions_def=EMOTION,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    pool=GPU_POOL,
+    code_version="1",
+    kinds={"pytorch", "safetensors"},
+    description=(
+        "Per-layer sums and counts of the pooled activations of one emotion's train examples. "
+        "All partitions of a run are computed in ONE step: the model loads once and the union of "
+        "their texts goes through the activation cache (each text forwarded at most once per model "
+        "fingerprint)."
+    ),
+)
+def activation_stats(
+    context: dg.AssetExecutionContext, model: ModelResource, storage: ArtifactStorage
+) -> dg.MaterializeResult:
+    from amygdala_dagster.atomic import atomic_write_text
+    from amygdala_dagster.cache import ActivationCache, ensure_cached
+    from amygdala_dagster.examples import examples_hash
+    from amygdala_dagster.manifest import sha256_file
+    from amygdala_dagster.train_steering_vectors import collect_texts
+    from amygdala_dagster.vectors import emotion_stats, save_stats
+
+    t0 = time.perf_counter()
+    emotions = list(context.partition_keys)
+    sets = {e: read_examples_from(storage, e)[1] for e in emotions}
+    texts, keys = collect_texts(sets)
+    context.log.info(f"{len(emotions)} emotion(s) in this step: {', '.join(emotions)}; {len(texts)} example texts")
+
+    t_load = time.perf_counter()
+    engine = model.engine()
+    load_seconds = time.perf_counter() - t_load
+    fingerprint = dict(engine.fingerprint)
+    cache_root = model.cache_root()
+    store = storage.store()
+    hashes: dict[str, str] = {}
+    rows = []
+    with ActivationCache(cache_root, fingerprint) as cache:
+        run = ensure_cached(engine, cache, texts, keys=keys, progress=True)
+        context.log.info(
+            f"activations: {run.unique_texts} unique texts, {run.forwarded} forwarded, {run.cached} from cache, "
+            f"{run.tokens} tokens ({run.tokens_per_s:.0f} tokens/s) on {run.device}"
+        )
+        for emotion in emotions:
+            stats = emotion_stats(cache, sets[emotion], "train")
+            info = {
+                "emotion": emotion,
+                "examples_sha256": examples_hash(sets[emotion]),
+                "layers": [int(x) for x in stats.layers],
+                "pos_n": int(stats.pos_n),
+                "neg_n": int(stats.neg_n),
+                "fingerprint": fingerprint,
+                "fingerprint_id": cache.fingerprint_id,
+                "cache_root": str(cache_root),
+            }
+            with store.local_for_write(stats_file(emotion)) as path:
+                save_stats(path, stats)
+                info["stats_sha256"] = sha256_file(path)
+            with store.local_for_write(stats_info_file(emotion)) as path:
+                atomic_write_text(path, json.dumps(info, indent=2, sort_keys=True) + "\n")
+            hashes[emotion] = info["stats_sha256"]
+            rows.append({"emotion": emotion, "train_positives": stats.pos_n, "train_negatives": stats.neg_n,
+                         "stats_sha256": info["stats_sha256"][:16]})
+            context.add_asset_metadata(
+                {"train_positives": stats.pos_n, "train_negatives": stats.neg_n,
+                 "stats_sha256": info["stats_sha256"], "examples_sha256": info["examples_sha256"],
+                 **file_meta(store, stats_file(emotion))},
+                partition_key=emotion,
+            )
+    version = next(iter(hashes.values())) if len(hashes) == 1 else combined_hash(hashes)
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(version),
+        metadata={
+            "texts_total": run.texts_total,
+            "unique_texts": run.unique_texts,
+            "texts_forwarded": run.forwarded,
+            "texts_cached": run.cached,
+            "tokens": run.tokens,
+            "tokens_truncated": run.truncated,
+            "tokens_per_s": run.tokens_per_s,
+            "forward_seconds": run.seconds,
+            "peak_memory_bytes": run.peak_memory_bytes if run.peak_memory_bytes is not None else -1,
+            "device": run.device,
+            "model": fingerprint.get("model"),
+            "layers": ", ".join(str(x) for x in fingerprint.get("layers", [])),
+            "model_load_seconds": round(load_seconds, 3),
+            "cache_dir": dg.MetadataValue.path(str(cache_root)),
+            "cache_fingerprint_id": cache.fingerprint_id,
+            "emotions_in_step": table(rows),
+            "seconds": round(time.perf_counter() - t0, 3),
+        },
+    )
+
+
+def read_stats_info(storage: ArtifactStorage, emotion: str) -> dict:
+    store = storage.store()
+    rel = stats_info_file(emotion)
+    if not store.exists(rel):
+        raise FileNotFoundError(
+            f"{store.uri(rel)} does not exist: materialize activation_stats for partition {emotion!r} "
+            f"(e.g. `amygdala backfill-emotion {emotion}`)"
+        )
+    return json.loads(store.read_bytes(rel))
+
+
+def read_stats(storage: ArtifactStorage, emotion: str):
+    from amygdala_dagster.vectors import load_stats
+
+    with storage.store().local_for_read(stats_file(emotion)) as path:
+        return load_stats(path)

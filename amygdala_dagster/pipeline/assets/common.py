@@ -1,0 +1,119 @@
+"""Shared pieces of the asset modules: the emotion partitions, file layout, metadata helpers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import timedelta
+from typing import Any
+
+import dagster as dg
+
+EMOTION = dg.DynamicPartitionsDefinition(name="emotion")
+GROUP = "amygdala"
+GPU_POOL = "gpu"
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
+PARTITION_TAG = "dagster/partition"
+
+# Relative paths inside ArtifactStorage.
+SNAPSHOT_FILE = "snapshot/memory_snapshot.parquet"
+CATALOG_FILE = "catalog/emotion_catalog.parquet"
+COOCCURRENCE_FILE = "catalog/cooccurrence.json"
+VECTORS_FILE = "vectors.safetensors"
+MANIFEST_FILE = "manifest.json"
+STAGED_VECTORS = "readout/staged_vectors.safetensors"
+STAGED_INFO = "readout/staged_vectors.json"
+REPORT_DIR = "report"
+
+
+def examples_dir(emotion: str) -> str:
+    """Contract 2 directory for one emotion: ``examples/<e>/index.json`` and ``examples/<e>/<e>/*.jsonl``."""
+    return f"examples/{emotion}"
+
+
+def stats_file(emotion: str) -> str:
+    return f"stats/{emotion}.safetensors"
+
+
+def stats_info_file(emotion: str) -> str:
+    return f"stats/{emotion}.json"
+
+
+def freshness_hours() -> float:
+    """``$AMYGDALA_FRESHNESS_HOURS`` (default 24): how old the readout may get before it is overdue."""
+    raw = os.environ.get("AMYGDALA_FRESHNESS_HOURS", "24")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"AMYGDALA_FRESHNESS_HOURS must be a number of hours, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"AMYGDALA_FRESHNESS_HOURS must be positive, got {raw!r}")
+    return value
+
+
+def readout_freshness() -> dg.FreshnessPolicy:
+    return dg.FreshnessPolicy.time_window(fail_window=timedelta(hours=freshness_hours()))
+
+
+def combined_hash(items: Mapping[str, str]) -> str:
+    """One hash over ``{name: hash}`` (order-independent)."""
+    h = hashlib.sha256(b"amygdala-combined-v1\n")
+    for k in sorted(items):
+        h.update(f"{k}\0{items[k]}\n".encode())
+    return h.hexdigest()
+
+
+def json_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> dg.TableMetadataValue:
+    """A TableMetadataValue from dict rows (column types inferred; None kept as null)."""
+    columns = list(columns or (rows[0].keys() if rows else []))
+    schema_cols = []
+    for c in columns:
+        sample = next((r.get(c) for r in rows if r.get(c) is not None), None)
+        kind = ("bool" if isinstance(sample, bool) else "int" if isinstance(sample, int)
+                else "float" if isinstance(sample, float) else "string")
+        schema_cols.append(dg.TableColumn(c, kind))
+    records = [dg.TableRecord({c: _cell(r.get(c)) for c in columns}) for r in rows]
+    return dg.MetadataValue.table(records, schema=dg.TableSchema(columns=schema_cols))
+
+
+def _cell(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)
+
+
+def emotion_partitions(instance: dg.DagsterInstance) -> list[str]:
+    return list(instance.get_dynamic_partitions(EMOTION.name))
+
+
+def run_partition_keys(context: Any) -> list[str]:
+    """The emotion partitions a run targets (from its partition tags); all partitions when unpartitioned."""
+    tags = context.run.tags
+    keys = emotion_partitions(context.instance)
+    if PARTITION_TAG in tags:
+        return [tags[PARTITION_TAG]]
+    if RANGE_START_TAG in tags and RANGE_END_TAG in tags:
+        start, end = tags[RANGE_START_TAG], tags[RANGE_END_TAG]
+        if start in keys and end in keys:
+            return keys[keys.index(start): keys.index(end) + 1]
+    return keys
+
+
+def file_meta(store: Any, rel: str, prefix: str = "") -> dict[str, Any]:
+    """Path and size metadata of one stored artifact."""
+    uri = store.uri(rel)
+    return {
+        f"{prefix}path": dg.MetadataValue.path(uri) if store.is_local else dg.MetadataValue.url(uri),
+        f"{prefix}size_bytes": store.size(rel),
+    }
+
+
+def sorted_unique(items: Iterable[str]) -> list[str]:
+    return sorted(set(items))

@@ -1,0 +1,168 @@
+"""Which emotions qualify (the catalog) and each emotion's training examples."""
+
+
+import json
+import time
+
+import dagster as dg
+
+from amygdala_dagster.pipeline.assets.common import (
+    CATALOG_FILE, COOCCURRENCE_FILE, EMOTION, GROUP, combined_hash, emotion_partitions, examples_dir,
+    file_meta, json_hash, table,
+)
+from amygdala_dagster.pipeline.assets.graph import memory_snapshot, read_snapshot_from
+from amygdala_dagster.pipeline.resources import ArtifactStorage, SelectionResource
+
+
+@dg.asset(
+    group_name=GROUP,
+    deps=[memory_snapshot],
+    code_version="1",
+    kinds={"polars", "parquet"},
+    description=(
+        "Per-emotion counts (tagged, eligible positives/negatives), rank, co-occurrence and which "
+        "emotions qualify. Newly qualifying emotions are registered as `emotion` partitions."
+    ),
+)
+def emotion_catalog(
+    context: dg.AssetExecutionContext, selection: SelectionResource, storage: ArtifactStorage
+) -> dg.MaterializeResult:
+    import polars as pl
+
+    from amygdala_dagster.atomic import atomic_write_text
+    from amygdala_dagster.examples import cooccurrence, qualifying_emotions
+
+    t0 = time.perf_counter()
+    snapshot = read_snapshot_from(storage)
+    catalog = selection.catalog(snapshot)
+    qualifying = qualifying_emotions(catalog)
+    names, corr = cooccurrence(snapshot, qualifying)
+    store = storage.store()
+    with store.local_for_write(CATALOG_FILE) as path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        catalog.write_parquet(path)
+    cooc = {"emotions": names, "pearson": [[round(float(x), 6) for x in row] for row in corr]}
+    with store.local_for_write(COOCCURRENCE_FILE) as path:
+        atomic_write_text(path, json.dumps(cooc, indent=1) + "\n")
+    existing = set(emotion_partitions(context.instance))
+    new = [e for e in qualifying if e not in existing]
+    if new:
+        context.instance.add_dynamic_partitions(EMOTION.name, new)
+        context.log.info(f"new emotion partitions: {', '.join(new)}")
+    rows = catalog.sort("rank").to_dicts()
+    pairs = sorted(
+        ((names[i], names[j], float(corr[i, j])) for i in range(len(names)) for j in range(i + 1, len(names))),
+        key=lambda t: -t[2],
+    )[:10]
+    context.log.info(f"catalog: {catalog.height} emotions, {len(qualifying)} qualify: {', '.join(qualifying)}")
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(json_hash({"catalog": rows, "cooccurrence": cooc})),
+        metadata={
+            "dagster/row_count": catalog.height,
+            "n_qualifying": len(qualifying),
+            "qualifying": ", ".join(qualifying),
+            "new_partitions": ", ".join(new) or "none",
+            "emotions": table(rows, ["rank", "emotion", "n_tagged", "n_positive", "n_negative", "mean_score",
+                                     "curated", "qualifies"]),
+            "top_cooccurrence": dg.MetadataValue.md(
+                "| a | b | pearson |\n|---|---|---|\n" + "".join(f"| {a} | {b} | {r:.2f} |\n" for a, b, r in pairs)
+            ),
+            "parameters": selection.params().to_dict() | {
+                "min_positives": selection.min_positives, "max_emotions": selection.max_emotions,
+                "curated": list(selection.curated),
+            },
+            "seconds": round(time.perf_counter() - t0, 3),
+            **file_meta(store, CATALOG_FILE),
+        },
+    )
+
+
+def read_catalog_from(storage: ArtifactStorage):
+    import polars as pl
+
+    store = storage.store()
+    if not store.exists(CATALOG_FILE):
+        raise FileNotFoundError(f"{store.uri(CATALOG_FILE)} does not exist: materialize emotion_catalog first")
+    with store.local_for_read(CATALOG_FILE) as path:
+        return pl.read_parquet(path)
+
+
+@dg.asset(
+    group_name=GROUP,
+    deps=[memory_snapshot, emotion_catalog],
+    partitions_def=EMOTION,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    code_version="1",
+    kinds={"json"},
+    description=(
+        "Positives, negatives and the train/holdout split of one emotion (Contract 2 directory "
+        "`examples/<emotion>/`). Data version = content hash of the examples."
+    ),
+)
+def tagged_examples(
+    context: dg.AssetExecutionContext, selection: SelectionResource, storage: ArtifactStorage
+) -> dg.MaterializeResult:
+    from amygdala_dagster.examples import examples_hash, select_examples, write_examples_dir
+    from amygdala_dagster.snapshot import snapshot_hash
+
+    t0 = time.perf_counter()
+    snapshot = read_snapshot_from(storage)
+    snap_hash = snapshot_hash(snapshot)
+    params = selection.params()
+    store = storage.store()
+    hashes: dict[str, str] = {}
+    rows = []
+    for emotion in context.partition_keys:
+        example_set = select_examples(snapshot, emotion, params)
+        rel = examples_dir(emotion)
+        with store.local_for_write(rel) as path:
+            write_examples_dir(path, [example_set], params, snap_hash)
+        digest = examples_hash(example_set)
+        hashes[emotion] = digest
+        counts = example_set.counts()
+        row = {"emotion": emotion, **counts, "examples_sha256": digest[:16],
+               "problems": "; ".join(example_set.problems()) or ""}
+        rows.append(row)
+        context.add_asset_metadata(
+            {
+                **{k: v for k, v in counts.items()},
+                "examples_sha256": digest,
+                "node_types_positive": example_set.node_type_mix("positive"),
+                "node_types_negative": example_set.node_type_mix("negative"),
+                **file_meta(store, rel),
+            },
+            partition_key=emotion,
+        )
+        context.log.info(
+            f"{emotion}: {counts['positives']} positives, {counts['negatives']} negatives "
+            f"({counts['holdout_positives']}/{counts['holdout_negatives']} held out)"
+        )
+    # One step may cover several partitions and Dagster records one data version per step:
+    # with a single partition it is that emotion's examples hash, else a hash over the step's emotions
+    # (each partition's own hash is in its metadata as examples_sha256).
+    version = next(iter(hashes.values())) if len(hashes) == 1 else combined_hash(hashes)
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(version),
+        metadata={
+            "emotions_in_step": table(rows),
+            "snapshot_sha256": snap_hash,
+            "seconds": round(time.perf_counter() - t0, 3),
+        },
+    )
+
+
+def read_examples_from(storage: ArtifactStorage, emotion: str):
+    """``(index, ExampleSet)`` of one emotion."""
+    from amygdala_dagster.examples import read_examples_dir
+
+    store = storage.store()
+    rel = examples_dir(emotion)
+    if not store.exists(f"{rel}/index.json"):
+        raise FileNotFoundError(
+            f"{store.uri(rel)} does not exist: materialize tagged_examples for partition {emotion!r} first"
+        )
+    with store.local_for_read(rel) as path:
+        index, sets = read_examples_dir(path)
+    if emotion not in sets:
+        raise ValueError(f"{store.uri(rel)}: holds no examples for {emotion!r}")
+    return index, sets[emotion]

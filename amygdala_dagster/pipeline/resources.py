@@ -1,0 +1,194 @@
+"""Dagster resources: the memory graph, the model, artifact storage and selection parameters.
+
+All four are :class:`dagster.ConfigurableResource` so they can be set from the
+launchpad, from YAML run config and from Python. Defaults come from the
+environment (``AMYGDALA_*`` variables) so ``dagster dev`` works without any
+configuration on the bundled sample graph and MiniLM.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from pydantic import Field, PrivateAttr
+
+from amygdala_dagster.pipeline.storage import Store
+
+log = logging.getLogger(__name__)
+
+# How many times this process loaded a model through ModelResource (tests read it).
+MODEL_LOADS = 0
+_LOAD_LOCK = threading.Lock()
+
+
+def sample_graph_path() -> Path:
+    """The bundled sample memory graph (``amygdala_dagster/data/sample_graph.jsonl``)."""
+    from amygdala_dagster.commands.serve_graph import sample_graph_path as _path
+
+    return _path()
+
+
+def default_output_dir() -> str:
+    """``$AMYGDALA_OUTPUT_DIR`` or ``./amygdala_output`` (under the current directory)."""
+    return os.environ.get("AMYGDALA_OUTPUT_DIR") or str(Path.cwd() / "amygdala_output")
+
+
+class MemoryGraphResource(dg.ConfigurableResource):
+    """The memory graph: an MCP server (``mcp_url``) or a JSONL export (``file``).
+
+    With neither, the bundled sample graph. The bearer token is never part of
+    the config: it is read at call time from the environment variable named by
+    ``token_env`` (Dagster's ``EnvVar`` pattern, but without the secret ever
+    entering run config or logs).
+    """
+
+    mcp_url: str | None = Field(default=None, description="MCP endpoint, e.g. http://localhost:7777")
+    file: str | None = Field(default=None, description="JSONL export (used when mcp_url is unset)")
+    token_env: str | None = Field(default="AMYGDALA_MEMORY_TOKEN", description="env var holding the bearer token")
+    list_tool: str = "list_nodes"
+    version_tool: str = "graph_version"
+    page_size: int = 200
+    retries: int = 3
+
+    def source(self) -> Any:
+        from amygdala_dagster.sources import open_source
+
+        if self.mcp_url:
+            return open_source(
+                memory_mcp_url=self.mcp_url, list_tool=self.list_tool, version_tool=self.version_tool,
+                token_env=self.token_env, page_size=self.page_size, retries=self.retries,
+            )
+        return open_source(memory_file=self.file or str(sample_graph_path()))
+
+    @property
+    def description(self) -> str:
+        return self.mcp_url or self.file or f"{sample_graph_path()} (bundled sample)"
+
+
+class SelectionResource(dg.ConfigurableResource):
+    """Example-selection parameters (Contract 2 flags) and which emotions qualify."""
+
+    min_positive_score: float = 8.0
+    max_negative_mentions: int = 0
+    min_content_chars: int = 40
+    max_examples_per_emotion: int = 500
+    holdout_fraction: float = 0.2
+    min_positives: int = Field(default=10, description="positives an emotion needs to qualify (and to pass its check)")
+    max_emotions: int = 200
+    curated: list[str] = Field(default_factory=list, description="emotions always included")
+
+    def params(self) -> Any:
+        from amygdala_dagster.examples import SelectionParams
+
+        return SelectionParams(
+            min_positive_score=float(self.min_positive_score),
+            max_negative_mentions=int(self.max_negative_mentions),
+            min_content_chars=int(self.min_content_chars),
+            max_examples_per_emotion=int(self.max_examples_per_emotion),
+            holdout_fraction=float(self.holdout_fraction),
+        )
+
+    def catalog(self, snapshot: Any) -> Any:
+        from amygdala_dagster.examples import emotion_catalog
+
+        return emotion_catalog(
+            snapshot, self.params(), min_positives=int(self.min_positives),
+            max_emotions=int(self.max_emotions), curated=list(self.curated),
+        )
+
+
+class ArtifactStorage(dg.ConfigurableResource):
+    """Base directory or fsspec URL (``s3://bucket/prefix``, ``memory://x``) for every artifact."""
+
+    base_path: str = Field(default_factory=default_output_dir)
+
+    def store(self) -> Store:
+        return Store(self.base_path)
+
+
+class ModelResource(dg.ConfigurableResource):
+    """The model whose activations are read, and how they are captured and cached.
+
+    The model is loaded lazily, at most once per process and resource instance
+    (every emotion partition of a run shares it) and released when the run's
+    execution ends.
+    """
+
+    model: str = Field(default="minilm", description="bundled short name, local checkpoint dir or hub id")
+    revision: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    layers: str | None = Field(default=None, description="comma-separated layer indices (negative = from the end); default: ~60/70/80% of depth")
+    pooling: str = "mean"
+    batch_size: int = 16
+    max_batch_tokens: int | None = None
+    max_tokens: int = 512
+    layer_path: str | None = None
+    cache_dir: str | None = Field(default=None, description="activation cache; default $AMYGDALA_CACHE_DIR or ~/.cache/amygdala/activations")
+    trust_remote_code: bool = False
+
+    _engine: Any = PrivateAttr(default=None)
+
+    def cache_root(self) -> Path:
+        from amygdala_dagster.cache import default_cache_dir
+
+        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
+
+    def engine(self) -> Any:
+        """The activation engine, loading the model on first use."""
+        global MODEL_LOADS
+        with _LOAD_LOCK:
+            if self._engine is None:
+                from amygdala_dagster.activations import ActivationEngine
+                from amygdala_dagster.layers import parse_layers
+                from amygdala_dagster.models import load_model
+
+                log.info("loading model %s (dtype %s, device %s)", self.model, self.dtype, self.device)
+                loaded = load_model(
+                    self.model, dtype=self.dtype, device=self.device, revision=self.revision,
+                    trust_remote_code=self.trust_remote_code,
+                )
+                MODEL_LOADS += 1
+                from amygdala_dagster.train_steering_vectors import default_target_layers
+
+                layers = (parse_layers(self.layers, loaded.num_layers) if self.layers
+                          else default_target_layers(loaded.num_layers))
+                extra = {"max_batch_tokens": self.max_batch_tokens} if self.max_batch_tokens else {}
+                self._engine = ActivationEngine(
+                    loaded, layers, pooling=self.pooling, max_tokens=self.max_tokens,
+                    batch_size=self.batch_size, layer_path=self.layer_path, **extra,
+                )
+            return self._engine
+
+    def release(self) -> None:
+        """Drop the model so its memory (and GPU memory) is freed."""
+        if self._engine is None:
+            return
+        self._engine = None
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover - torch is a dependency
+            pass
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        self.release()
+
+
+class EvaluationResource(dg.ConfigurableResource):
+    """How the readout is evaluated, and the thresholds of the evaluation checks."""
+
+    bootstrap: int = Field(default=200, description="bootstrap resamples for the AUROC confidence interval (0: none)")
+    min_auroc: float = Field(default=0.7, description="held-out AUROC below which an emotion is flagged (WARN)")
+    confound_margin: float = Field(default=0.0, description="how much a vector must beat the trivial baselines by")
+    crosstalk_cosine: float = 0.5
+    snippets_file: str | None = Field(default=None, description="JSONL of out-of-distribution snippets to score")

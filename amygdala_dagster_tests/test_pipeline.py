@@ -1,0 +1,156 @@
+"""The Dagster layer end to end: the whole asset graph on a small graph with the bundled MiniLM.
+
+One module-scoped run materialises everything (three emotion partitions in one
+run); later tests reuse its files, instance and activation cache.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pytest
+
+from amygdala_dagster.manifest import load_readout
+from amygdala_dagster.pipeline import resources as R
+from amygdala_dagster.pipeline.assets import ALL_ASSETS
+from amygdala_dagster.pipeline.checks import ALL_CHECKS
+from amygdala_dagster.pipeline.runner import backfill_emotions, failures, materialize_all, step_metadata
+from amygdala_dagster_tests.pipeline_graphs import small_graph, write_graph
+
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
+
+EMOTIONS = ["curiosity", "frustration", "warmth"]
+BLOCKING = {"snapshot_nonempty_unique_keys", "examples_clean_and_disjoint", "examples_min_positives",
+            "stats_finite", "vectors_finite_unit_norm", "manifest_matches_vectors"}
+
+
+def make_resources(graph: Path, out: str, cache: Path, **selection) -> dict:
+    return {
+        "memory": R.MemoryGraphResource(file=str(graph)),
+        "model": R.ModelResource(model="minilm", device="cpu", cache_dir=str(cache)),
+        "storage": R.ArtifactStorage(base_path=out),
+        "selection": R.SelectionResource(min_positives=3, **selection),
+        "evaluation": R.EvaluationResource(bootstrap=20),
+    }
+
+
+def check_results(result) -> dict[str, bool]:
+    return {
+        e.event_specific_data.check_name: e.event_specific_data.passed
+        for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"
+    }
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    # wonder:9 rides on the curiosity nodes; max_emotions=3 keeps it out of the first run.
+    graph = write_graph(tmp / "graph.jsonl", small_graph(8, wonder_on_curiosity=True))
+    res = make_resources(graph, str(tmp / "out"), tmp / "cache", max_emotions=3)
+    instance = dg.DagsterInstance.ephemeral()
+    loads0 = R.MODEL_LOADS
+    result = materialize_all(res, instance)
+    return {"tmp": tmp, "graph": graph, "res": res, "instance": instance, "result": result,
+            "loads": R.MODEL_LOADS - loads0}
+
+
+def test_whole_graph_materialises_in_one_run_with_blocking_checks_passing(full_run):
+    result, instance, out = full_run["result"], full_run["instance"], full_run["tmp"] / "out"
+    assert result.success, failures(result)
+    materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert materialized == {"memory_snapshot", "emotion_catalog", "tagged_examples", "activation_stats",
+                            "readout_vectors", "readout_manifest", "evaluation_report"}
+    assert sorted(instance.get_dynamic_partitions("emotion")) == EMOTIONS
+    # every emotion partition was materialised, in this single run
+    for key in ("tagged_examples", "activation_stats"):
+        parts = instance.get_materialized_partitions(dg.AssetKey(key))
+        assert sorted(parts) == EMOTIONS
+    checks = check_results(result)
+    assert BLOCKING <= set(checks) and all(checks[c] for c in BLOCKING), checks
+    assert {"separation_above_threshold", "better_than_baseline"} <= set(checks)
+    # the model was loaded exactly once for the three partitions, and every text was forwarded once
+    assert full_run["loads"] == 1
+    stats = step_metadata(result, "activation_stats")
+    assert stats["texts_forwarded"] == stats["unique_texts"] == 32 and stats["texts_cached"] == 0
+    assert stats["device"] == "cpu" and stats["tokens"] > 0
+    readout = load_readout(out / "vectors.safetensors", out / "manifest.json")
+    assert readout.concepts == EMOTIONS and readout.hidden_size == 384
+    assert (out / "report" / "evaluation.html").is_file() and (out / "report" / "evaluation.json").is_file()
+    # lineage: data versions are content hashes, the graph observation feeds the snapshot
+    snap = instance.get_latest_materialization_event(dg.AssetKey("memory_snapshot")).asset_materialization
+    assert snap.tags["dagster/data_version"] == snap.metadata["snapshot_sha256"].value
+    vec = instance.get_latest_materialization_event(dg.AssetKey("readout_manifest")).asset_materialization
+    assert vec.tags["dagster/data_version"] == readout.sha256
+    assert "dagster/input_data_version/memory_graph" in snap.tags
+
+
+def test_definitions_load_and_carry_policies():
+    from amygdala_dagster.pipeline.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert {"memory_graph", "memory_snapshot", "evaluation_report"} <= keys
+    for key in keys - {"memory_graph"}:
+        assert graph.get(dg.AssetKey(key)).code_version, key
+    stats = graph.get(dg.AssetKey("activation_stats"))
+    assert stats.pools == {"gpu"}
+    assert stats.backfill_policy == dg.BackfillPolicy.single_run()
+    assert stats.partitions_def == dg.DynamicPartitionsDefinition(name="emotion")
+    for key in ("readout_vectors", "readout_manifest"):
+        assert graph.get(dg.AssetKey(key)).freshness_policy is not None
+    assert defs.get_sensor_def("memory_graph_sensor")
+
+
+def test_backfill_of_new_emotion_forwards_nothing_when_texts_are_cached(full_run):
+    instance, res = full_run["instance"], full_run["res"]
+    loads0 = R.MODEL_LOADS
+    result = backfill_emotions(["wonder"], res, instance)
+    assert result.success, failures(result)
+    assert "wonder" in instance.get_dynamic_partitions("emotion")
+    stats = step_metadata(result, "activation_stats")
+    assert stats["texts_forwarded"] == 0 and stats["texts_cached"] > 0
+    assert R.MODEL_LOADS - loads0 == 1
+    out = full_run["tmp"] / "out"
+    readout = load_readout(out / "vectors.safetensors", out / "manifest.json")
+    assert readout.concepts == EMOTIONS + ["wonder"]
+    assert "wonder" in instance.get_materialized_partitions(dg.AssetKey("activation_stats"))
+
+
+def test_empty_graph_fails_the_blocking_snapshot_check_and_stops_downstream(tmp_path):
+    graph = write_graph(tmp_path / "empty.jsonl", [])
+    res = make_resources(graph, str(tmp_path / "out"), tmp_path / "cache")
+    result = dg.materialize(ALL_ASSETS + ALL_CHECKS, instance=dg.DagsterInstance.ephemeral(), resources=res,
+                            selection=["memory_snapshot", "emotion_catalog"], raise_on_error=False)
+    assert check_results(result)["snapshot_nonempty_unique_keys"] is False
+    materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert materialized == {"memory_snapshot"}  # emotion_catalog never ran
+
+
+def test_artifacts_go_to_an_fsspec_url(tmp_path):
+    import fsspec
+
+    graph = write_graph(tmp_path / "g.jsonl", small_graph(4))
+    res = make_resources(graph, "memory://amygdala-test/out", tmp_path / "cache")
+    result = dg.materialize(ALL_ASSETS + ALL_CHECKS, instance=dg.DagsterInstance.ephemeral(), resources=res,
+                            selection=["memory_snapshot", "emotion_catalog"], raise_on_error=False)
+    assert result.success, failures(result)
+    fs = fsspec.filesystem("memory")
+    assert fs.exists("/amygdala-test/out/snapshot/memory_snapshot.parquet")
+    assert fs.exists("/amygdala-test/out/catalog/emotion_catalog.parquet")
+    fs.rm("/amygdala-test", recursive=True)
+
+
+def test_freshness_window_comes_from_the_environment(monkeypatch):
+    from datetime import timedelta
+
+    from amygdala_dagster.pipeline.assets.common import readout_freshness
+
+    monkeypatch.setenv("AMYGDALA_FRESHNESS_HOURS", "6")
+    assert readout_freshness().fail_window.to_timedelta() == timedelta(hours=6)
+    monkeypatch.setenv("AMYGDALA_FRESHNESS_HOURS", "soon")
+    with pytest.raises(ValueError, match="AMYGDALA_FRESHNESS_HOURS"):
+        readout_freshness()

@@ -1,0 +1,99 @@
+"""Each asset check's rule fails on a crafted bad input (and passes on a good one)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+
+from amygdala_dagster.examples import Example, ExampleSet
+from amygdala_dagster.manifest import write_readout
+from amygdala_dagster.nodes import MemoryNode
+from amygdala_dagster.pipeline import checks as C
+from amygdala_dagster.snapshot import build_snapshot
+from amygdala_dagster.vectors import EmotionStats, readout_from_directions
+
+
+def ex(key, text="A calm paragraph about a long walk by the river.", split="train", score=9.0):
+    return Example(key, text, "journal", score, split)
+
+
+def test_snapshot_rule():
+    good = build_snapshot([MemoryNode("a", "journal", "hello there\n\nwarmth:9")])
+    assert C.snapshot_problems(good) == []
+    assert "empty" in C.snapshot_problems(good.head(0))[0]
+    dup = pl.concat([good, good])
+    assert C.snapshot_problems(dup) == ["duplicate node key 'a'"]
+
+
+def test_examples_rule_catches_tag_blocks_and_split_overlap():
+    clean = ExampleSet("joy", [ex("a"), ex("b", split="holdout")], [ex("c", score=None)])
+    assert C.examples_problems(clean) == []
+    tagged = ExampleSet("joy", [ex("a", text="A good day at the lake.\n\njoy:9 calm:3")], [ex("c", score=None)])
+    assert "tag block" in C.examples_problems(tagged)[0]
+    overlap = ExampleSet("joy", [ex("a", split="train")], [ex("a", split="holdout", score=None)])
+    problems = C.examples_problems(overlap)
+    assert any("both train and holdout" in p for p in problems)
+    assert any("both a positive and a negative" in p for p in problems)
+
+
+def test_min_positives_rule():
+    s = ExampleSet("joy", [ex("a"), ex("b")], [ex("c", score=None)])
+    assert C.min_positives_problems(s, 2) == []
+    assert "fewer than the minimum 3" in C.min_positives_problems(s, 3)[0]
+
+
+def test_stats_rule():
+    ok = EmotionStats("joy", [1, 2], np.ones((2, 4)), np.zeros((2, 4)), 3, 4)
+    assert C.stats_problems(ok) == []
+    bad = EmotionStats("joy", [1, 2], np.array([[np.nan] * 4, [1.0] * 4]), np.zeros((2, 4)), 3, 0)
+    problems = C.stats_problems(bad)
+    assert any("non-finite" in p for p in problems) and any("0 train negatives" in p for p in problems)
+
+
+def _readout(rows=2, hidden=8):
+    rng = np.random.default_rng(0)
+    dirs = {}
+    for c in ["a", "b"][:rows]:
+        u = rng.normal(size=(2, hidden))
+        u /= np.linalg.norm(u, axis=1, keepdims=True)
+        dirs[c] = (u.astype(np.float32), np.ones(2), {"train_positives": 3, "train_negatives": 3})
+    return readout_from_directions(dirs, [1, 3])
+
+
+def test_vectors_rule():
+    r = _readout()
+    assert C.vectors_problems(r.concepts, r.layers, r.vectors, 8) == []
+    scaled = {l: m * 2 for l, m in r.vectors.items()}
+    assert any("not 1" in p for p in C.vectors_problems(r.concepts, r.layers, scaled, 8))
+    nan = {l: np.full_like(m, np.nan) for l, m in r.vectors.items()}
+    assert any("non-finite" in p for p in C.vectors_problems(r.concepts, r.layers, nan, 8))
+    assert any("shape" in p for p in C.vectors_problems(["a", "b", "c"], r.layers, r.vectors, 8))
+
+
+def test_manifest_rule_on_real_files(tmp_path):
+    r = _readout()
+    v, m = tmp_path / "vectors.safetensors", tmp_path / "manifest.json"
+    write_readout(v, m, r, model="m", model_revision=None, dtype="float32", pooling="mean", layer_path=None,
+                  fingerprint=None, training={})
+    assert C.manifest_problems(v, m, ["a", "b"]) == []
+    assert any("not the trained rows" in p for p in C.manifest_problems(v, m, ["b", "a"]))
+    manifest = json.loads(m.read_text())
+    manifest["vectors_sha256"] = "0" * 64
+    m.write_text(json.dumps(manifest))
+    assert "vectors_sha256" in C.manifest_problems(v, m)[0]
+
+
+def test_evaluation_rules():
+    evaluation = {
+        "emotions": {"a": {"best_auroc": 0.95, "best_layer": 3}, "b": {"best_auroc": 0.55, "best_layer": 1},
+                     "c": {"best_auroc": None, "best_layer": None}},
+        "flags": [{"emotion": "b", "kind": "confound", "message": "b: no better than the length baseline"}],
+    }
+    problems = C.separation_problems(evaluation, 0.7)
+    assert len(problems) == 2 and problems[0].startswith("b:") and problems[1].startswith("c:")
+    assert C.baseline_problems(evaluation) == ["b: no better than the length baseline"]
+    assert C.baseline_problems({"emotions": {}, "flags": []}) == []
+    res = C._result(problems, severity=C.dg.AssetCheckSeverity.WARN)
+    assert res.passed is False and res.severity == C.dg.AssetCheckSeverity.WARN
