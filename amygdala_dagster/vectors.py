@@ -245,8 +245,18 @@ def projection_calibration(
     unit_vectors: np.ndarray,
     layers: Sequence[int] | None = None,
     split: str = "holdout",
+    *,
+    threshold_method: str = "max_f1",
+    target_fpr: float = 0.05,
 ) -> dict[int, dict[str, Any]]:
-    """Per layer: mean/std/count of ``split`` positives' and negatives' projections on ``unit_vectors``."""
+    """Per layer: the runtime calibration of ``split``'s projections on ``unit_vectors``.
+
+    ``{split, pos_mean, pos_std, n_pos, neg_mean, neg_std, n_neg, threshold,
+    threshold_method}`` as :func:`amygdala_dagster.evaluation.metrics.calibration`
+    computes it; without a threshold when a class is empty.
+    """
+    from amygdala_dagster.evaluation.metrics import calibration
+
     layers, cols = _layer_columns(cache, layers)
     unit = np.asarray(unit_vectors, dtype=np.float64)
     out: dict[int, dict[str, Any]] = {}
@@ -258,11 +268,16 @@ def projection_calibration(
             projs[name].append(np.einsum("nlh,lh->nl", chunk.astype(np.float64), unit))
     arrays = {k: (np.concatenate(v) if v else np.zeros((0, len(layers)))) for k, v in projs.items()}
     for i, layer in enumerate(layers):
-        p, n = _proj_stats(arrays["pos"][:, i]), _proj_stats(arrays["neg"][:, i])
+        pos, neg = arrays["pos"][:, i], arrays["neg"][:, i]
+        if len(pos) and len(neg):
+            out[layer] = {"split": split, **calibration(
+                pos, neg, threshold_method=threshold_method, target_fpr=target_fpr)}
+            continue
+        p, n = _proj_stats(pos), _proj_stats(neg)
         out[layer] = {
             "split": split,
-            "pos_mean": p["mean"], "pos_std": p["std"], "n_pos": int(arrays["pos"].shape[0]),
-            "neg_mean": n["mean"], "neg_std": n["std"], "n_neg": int(arrays["neg"].shape[0]),
+            "pos_mean": p["mean"], "pos_std": p["std"], "n_pos": int(len(pos)),
+            "neg_mean": n["mean"], "neg_std": n["std"], "n_neg": int(len(neg)),
         }
     return out
 
@@ -275,8 +290,8 @@ def holdout_calibration(
 ) -> dict[int, dict[str, Any]]:
     """Calibration of the projection on ``unit_vectors`` (``[L, H]``) for the manifest.
 
-    Per layer ``{split, pos_mean, pos_std, n_pos, neg_mean, neg_std, n_neg}``:
-    the projections of the *held-out* positives and negatives (pooled
+    Per layer ``{split, pos_mean, pos_std, n_pos, neg_mean, neg_std, n_neg,
+    threshold, threshold_method}`` (max-F1 threshold): the projections of the *held-out* positives and negatives (pooled
     activation dot unit vector; with mean pooling this equals the mean of the
     per-token projections a runtime computes). When the holdout split lacks
     positives or negatives the train split is used instead and ``split`` says

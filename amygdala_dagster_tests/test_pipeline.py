@@ -86,6 +86,22 @@ def test_whole_graph_materialises_in_one_run_with_blocking_checks_passing(full_r
     vec = instance.get_latest_materialization_event(dg.AssetKey("readout_manifest")).asset_materialization
     assert vec.tags["dagster/data_version"] == readout.sha256
     assert "dagster/input_data_version/memory_graph" in snap.tags
+    # the manifest carries calibration with a decision threshold for every concept and layer
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["training"]["cache_root"] == str(full_run["tmp"] / "cache")
+    for concept in EMOTIONS:
+        for layer in readout.layers:
+            cal = manifest["per_concept"][concept]["layers"][str(layer)]["calibration"]
+            assert cal["threshold_method"] == "max_f1" and np.isfinite(cal["threshold"])
+    # the bundled conversation snippets were scored (the model forwarded them in this same run)
+    evaluation = json.loads((out / "report" / "evaluation.json").read_text())
+    assert evaluation["generalisation"], "no snippet scores in the report"
+    # each emotion partition shows its own evaluation
+    for e in EMOTIONS:
+        records = instance.fetch_observations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("activation_stats"), asset_partitions=[e]), limit=5
+        ).records
+        assert any("evaluation" in r.asset_observation.metadata for r in records), e
 
 
 def test_definitions_load_and_carry_policies():

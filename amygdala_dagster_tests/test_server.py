@@ -14,7 +14,7 @@ import pytest
 from mcp import Client
 
 from amygdala_dagster.cli import main as amygdala
-from amygdala_dagster.commands.serve_graph import sample_graph_path
+from amygdala_dagster.sample_data import sample_graph_path
 from amygdala_dagster.sources import JsonlSource, McpSource
 from amygdala_dagster_tests.conftest import free_port, write_jsonl
 

@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from amygdala_dagster.sample_data import conversation_snippets_path
+
 HELP = "rebuild the evaluation report (HTML + evaluation.json) from an output directory's vectors, manifest and examples"
 
 log = logging.getLogger("amygdala.report")
@@ -199,7 +201,7 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
 
     snippets = None
     if not args.no_snippets:
-        path = args.snippets or Path(__file__).resolve().parent.parent / "data" / "conversation_snippets.jsonl"
+        path = args.snippets or conversation_snippets_path()
         if not path.is_file():
             raise ReportInputError(f"--snippets {path}: no such file")
         snippets = read_snippets(path)

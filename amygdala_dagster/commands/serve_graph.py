@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
+
+from amygdala_dagster.sample_data import sample_graph_path
 import importlib.resources
 import sys
 from pathlib import Path
 
 HELP = "serve a JSONL memory-graph export as an MCP server (list_nodes, graph_version)"
-
-
-def sample_graph_path() -> Path:
-    """The bundled sample graph (``amygdala_dagster/data/sample_graph.jsonl``); it may be absent."""
-    return Path(str(importlib.resources.files("amygdala_dagster") / "data" / "sample_graph.jsonl"))
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -3,3 +3,11 @@
 ``amygdala_dagster.pipeline.definitions`` is the code location loaded by
 ``dagster dev`` (``workspace.yaml``) and ``dagster asset materialize -m``.
 """
+
+import warnings
+
+import dagster as _dg
+
+# observable_source_asset and backfill_policy are beta in 1.13; we use them on purpose
+# (lineage from the real source, single-run backfills), so their warning is noise.
+warnings.filterwarnings("ignore", category=_dg.BetaWarning)

@@ -19,19 +19,13 @@ import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from amygdala_dagster.pipeline.storage import Store
+from amygdala_dagster.sample_data import sample_graph_path
 
 log = logging.getLogger(__name__)
 
 # How many times this process loaded a model through ModelResource (tests read it).
 MODEL_LOADS = 0
 _LOAD_LOCK = threading.Lock()
-
-
-def sample_graph_path() -> Path:
-    """The bundled sample memory graph (``amygdala_dagster/data/sample_graph.jsonl``)."""
-    from amygdala_dagster.commands.serve_graph import sample_graph_path as _path
-
-    return _path()
 
 
 def default_output_dir() -> str:
@@ -191,4 +185,14 @@ class EvaluationResource(dg.ConfigurableResource):
     min_auroc: float = Field(default=0.7, description="held-out AUROC below which an emotion is flagged (WARN)")
     confound_margin: float = Field(default=0.0, description="how much a vector must beat the trivial baselines by")
     crosstalk_cosine: float = 0.5
-    snippets_file: str | None = Field(default=None, description="JSONL of out-of-distribution snippets to score")
+    snippets_file: str | None = Field(
+        default=None,
+        description="JSONL of {id, text} out-of-distribution snippets to score (default: the bundled sample; \"none\": skip)",
+    )
+
+    def snippets_path(self) -> str | None:
+        from amygdala_dagster.sample_data import conversation_snippets_path
+
+        if self.snippets_file and self.snippets_file.lower() == "none":
+            return None
+        return self.snippets_file or str(conversation_snippets_path())

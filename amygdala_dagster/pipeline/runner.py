@@ -19,6 +19,10 @@ import dagster as dg
 
 log = logging.getLogger(__name__)
 
+# Dagster's console logger prints every engine event at DEBUG; on the command line
+# the step starts/ends and our own log lines (INFO) are the useful progress.
+CONSOLE_RUN_CONFIG: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
 
 def project_root() -> Path | None:
     """The source checkout holding ``dagster.yaml`` and ``workspace.yaml``, if the package runs from one."""
@@ -110,7 +114,7 @@ def materialize_all(resources: Mapping[str, Any], instance: dg.DagsterInstance,
     assets, checks = _all_defs()
     return dg.materialize(
         assets + checks, instance=instance, resources=dict(resources), selection=refresh_selection(partitions),
-        tags=refresh_tags(partitions), raise_on_error=raise_on_error,
+        tags=refresh_tags(partitions), raise_on_error=raise_on_error, run_config=CONSOLE_RUN_CONFIG,
     )
 
 
@@ -143,6 +147,7 @@ def backfill_emotions(names: Sequence[str], resources: Mapping[str, Any], instan
     return dg.materialize(
         assets + checks, instance=instance, resources=dict(resources), selection=selection,
         tags={**refresh_tags(span), "amygdala/backfill": ",".join(names)}, raise_on_error=raise_on_error,
+        run_config=CONSOLE_RUN_CONFIG,
     )
 
 

@@ -181,6 +181,7 @@ def readout_manifest(
         "examples_sha256": info["examples_sha256"],
         "skipped": info.get("skipped", []),
         "estimator": info["estimator"],
+        "cache_root": info["cache_root"],
     }
     store = storage.store()
     fields = dict(
