@@ -52,10 +52,10 @@ def full_run(tmp_path_factory):
     graph = write_graph(tmp / "graph.jsonl", small_graph(8, wonder_on_curiosity=True))
     res = make_resources(graph, str(tmp / "out"), tmp / "cache", max_emotions=3)
     instance = dg.DagsterInstance.ephemeral()
-    loads0 = R.MODEL_LOADS
+    loads0, releases0 = R.MODEL_LOADS, R.MODEL_RELEASES
     result = materialize_all(res, instance)
     return {"tmp": tmp, "graph": graph, "res": res, "instance": instance, "result": result,
-            "loads": R.MODEL_LOADS - loads0}
+            "loads": R.MODEL_LOADS - loads0, "releases": R.MODEL_RELEASES - releases0}
 
 
 def test_whole_graph_materialises_in_one_run_with_blocking_checks_passing(full_run):
@@ -74,9 +74,11 @@ def test_whole_graph_materialises_in_one_run_with_blocking_checks_passing(full_r
     assert {"separation_above_threshold", "better_than_baseline"} <= set(checks)
     # the model was loaded exactly once for the three partitions, and every text was forwarded once
     assert full_run["loads"] == 1
+    assert full_run["releases"] == 1  # and released when the run ended
     stats = step_metadata(result, "activation_stats")
     assert stats["texts_forwarded"] == stats["unique_texts"] == 32 and stats["texts_cached"] == 0
     assert stats["device"] == "cpu" and stats["tokens"] > 0
+    assert stats["tokens_per_s"] > 0 and stats["peak_memory_bytes"] > 0
     readout = load_readout(out / "vectors.safetensors", out / "manifest.json")
     assert readout.concepts == EMOTIONS and readout.hidden_size == 384
     assert (out / "report" / "evaluation.html").is_file() and (out / "report" / "evaluation.json").is_file()
@@ -122,7 +124,10 @@ def test_definitions_load_and_carry_policies():
 
 
 def test_backfill_of_new_emotion_forwards_nothing_when_texts_are_cached(full_run):
-    instance, res = full_run["instance"], full_run["res"]
+    instance = full_run["instance"]
+    # also: the threshold rule of the manifest is configurable (here a fixed false-positive rate)
+    res = {**full_run["res"], "evaluation": R.EvaluationResource(bootstrap=0, threshold_method="fixed_fpr",
+                                                                 target_fpr=0.1)}
     loads0 = R.MODEL_LOADS
     result = backfill_emotions(["wonder"], res, instance)
     assert result.success, failures(result)
@@ -134,6 +139,38 @@ def test_backfill_of_new_emotion_forwards_nothing_when_texts_are_cached(full_run
     readout = load_readout(out / "vectors.safetensors", out / "manifest.json")
     assert readout.concepts == EMOTIONS + ["wonder"]
     assert "wonder" in instance.get_materialized_partitions(dg.AssetKey("activation_stats"))
+    # the manifest's thresholds follow the configured rule and agree with the report's numbers
+    manifest = json.loads((out / "manifest.json").read_text())
+    evaluation = json.loads((out / "report" / "evaluation.json").read_text())
+    assert evaluation["settings"]["threshold_method"] == "fixed_fpr"
+    for concept in readout.concepts:
+        for layer in readout.layers:
+            cal = manifest["per_concept"][concept]["layers"][str(layer)]["calibration"]
+            assert cal["threshold_method"] == "fixed_fpr" and cal["target_fpr"] == 0.1
+            reported = evaluation["emotions"][concept]["layers"][str(layer)]["calibration"]
+            assert cal["threshold"] == pytest.approx(reported["threshold"]), (concept, layer)
+
+
+def test_bad_threshold_method_fails_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="threshold_method 'f1'"):
+        R.EvaluationResource(threshold_method="f1").threshold()
+
+
+def test_memory_token_stays_out_of_run_config_events_and_logs(graph_server, tmp_path, monkeypatch):
+    token = "s3cret-token-for-pipeline-test"
+    server = graph_server(small_graph(4), token_env="AMYGDALA_PIPELINE_TEST_TOKEN", token=token)
+    monkeypatch.setenv("AMYGDALA_PIPELINE_TEST_TOKEN", token)
+    res = make_resources(tmp_path / "unused.jsonl", str(tmp_path / "out"), tmp_path / "cache")
+    res["memory"] = R.MemoryGraphResource(mcp_url=server.url, token_env="AMYGDALA_PIPELINE_TEST_TOKEN", retries=0)
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize(ALL_ASSETS + ALL_CHECKS, instance=instance, resources=res,
+                            selection=["memory_snapshot"], raise_on_error=False)
+    assert result.success, failures(result)
+    assert step_metadata(result, "memory_snapshot")["dagster/row_count"] == 16
+    records = instance.get_records_for_run(result.run_id).records
+    text = "\n".join(repr(r.event_log_entry) for r in records)
+    text += repr(instance.get_run_by_id(result.run_id))
+    assert records and token not in text
 
 
 def test_empty_graph_fails_the_blocking_snapshot_check_and_stops_downstream(tmp_path):

@@ -269,4 +269,16 @@ def test_report_command_rebuilds_from_artefacts_without_the_model(tmp_path, mini
     assert cal["threshold"] == direct["emotions"]["love"]["layers"]["3"]["calibration"]["threshold"]
     assert load_readout(out / "vectors.safetensors").sha256 == sha_before  # pair still valid
 
+    # --sweep-layers all from the command line: every layer of the model evaluated, target layers recommended
+    sweep_dir = tmp_path / "sweep_report"
+    rc = cli_main(["report", "--output-dir", str(out), "--no-snippets", "--bootstrap", "0", "--estimators",
+                   "mean_difference", "--sweep-layers", "all", "--device", "cpu", "--report-dir", str(sweep_dir)])
+    assert rc == 0
+    swept = _strict_json(sweep_dir / "evaluation.json")["layer_sweep"]
+    assert swept["layers"] == list(range(minilm.num_layers)) and swept["n_model_layers"] == minilm.num_layers
+    assert swept["recommended_layers"] and set(swept["recommended_layers"]) <= set(swept["layers"])
+    assert set(swept["auroc"]) == {"love", "curiosity"}
+    assert swept["auroc"]["love"]["3"] == pytest.approx(direct["emotions"]["love"]["layers"]["3"]["auroc"], abs=1e-6)
+    assert "Layer sweep" in (sweep_dir / "evaluation.html").read_text()
+
     assert cli_main(["report", "--output-dir", str(tmp_path / "nothing-here")]) == 2

@@ -17,7 +17,11 @@ from amygdala_dagster_tests.conftest import free_port
 REPO = Path(__file__).resolve().parent.parent
 QUERY = """
 {
-  assetNodes { assetKey { path } partitionKeys }
+  assetNodes {
+    assetKey { path } partitionKeys
+    assetChecksOrError { ... on AssetChecks { checks { name blocking } } }
+    internalFreshnessPolicy { ... on TimeWindowFreshnessPolicy { failWindowSeconds } }
+  }
   repositoriesOrError { ... on RepositoryConnection { nodes { name sensors { name } } } }
 }
 """
@@ -59,6 +63,11 @@ def test_webserver_serves_assets_partitions_and_sensor(tmp_path):
                 "readout_vectors", "readout_manifest", "evaluation_report"} <= set(nodes)
         assert nodes["tagged_examples"]["partitionKeys"] == ["calm", "warmth"]
         assert nodes["activation_stats"]["partitionKeys"] == ["calm", "warmth"]
+        checks = {c["name"]: c["blocking"] for n in nodes.values() for c in n["assetChecksOrError"]["checks"]}
+        assert checks["manifest_matches_vectors"] is True and checks["separation_above_threshold"] is False
+        assert len(checks) == 8
+        for key in ("readout_vectors", "readout_manifest"):
+            assert nodes[key]["internalFreshnessPolicy"] == {"failWindowSeconds": 24 * 3600}
         sensors = [s["name"] for r in data["repositoriesOrError"]["nodes"] for s in r["sensors"]]
         assert "memory_graph_sensor" in sensors
     finally:

@@ -28,12 +28,16 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                         help="positives an emotion needs to qualify (default: 10)")
     parser.add_argument("--output-dir", default=None,
                         help="where artifacts go, a directory or fsspec URL (default: ./amygdala_output)")
+    parser.add_argument("--threshold-method", choices=("max_f1", "fixed_fpr"), default="max_f1",
+                        help="decision threshold written into manifest.json (default: %(default)s)")
+    parser.add_argument("--target-fpr", type=float, default=0.05,
+                        help="false-positive rate of the fixed_fpr threshold (default: %(default)s)")
 
 
 def build_resources(args: argparse.Namespace) -> dict[str, Any]:
     from amygdala_dagster.pipeline.definitions import default_resources
     from amygdala_dagster.pipeline.resources import (
-        ArtifactStorage, MemoryGraphResource, ModelResource, SelectionResource,
+        ArtifactStorage, EvaluationResource, MemoryGraphResource, ModelResource, SelectionResource,
     )
 
     resources = default_resources()
@@ -49,6 +53,7 @@ def build_resources(args: argparse.Namespace) -> dict[str, Any]:
     resources["storage"] = ArtifactStorage(base_path=out)
     if args.min_positives is not None:
         resources["selection"] = SelectionResource(min_positives=args.min_positives)
+    resources["evaluation"] = EvaluationResource(threshold_method=args.threshold_method, target_fpr=args.target_fpr)
     return resources
 
 

@@ -70,9 +70,13 @@ def plot_auroc_by_layer(evaluation: Mapping[str, Any]) -> bytes:
     fig = _figure(7.5, 4.2)
     ax = fig.add_subplot(1, 1, 1)
     many = len(table) > 20  # beyond that, thin unlabelled lines: the mean and the tables carry the detail
-    colours = [c for cmap in ("tab20",) for c in __import__("matplotlib").colormaps[cmap].colors]
+    # tab10 colours, then the same colours dashed with another marker: up to 20 lines stay distinguishable
+    # (tab20's light/dark pairs do not at this line width).
+    colours = list(__import__("matplotlib").colormaps["tab10"].colors)
+    styles = [("-", "o"), ("--", "s")]
     for k, (emotion, vals) in enumerate(table.items()):
-        ax.plot(layers, vals, marker="" if many else "o", ms=3, lw=0.8 if many else 1.3,
+        ls, mk = styles[(k // len(colours)) % len(styles)]
+        ax.plot(layers, vals, marker="" if many else mk, ms=4, lw=0.8 if many else 1.4, ls=ls,
                 alpha=0.35 if many else 0.9, color=colours[k % len(colours)], label=None if many else emotion)
     ax.plot(layers, mean, color="black", lw=2.5, marker="s", label="mean")
     ax.axhline(0.5, color="grey", ls=":", lw=1)

@@ -23,8 +23,9 @@ from amygdala_dagster.sample_data import sample_graph_path
 
 log = logging.getLogger(__name__)
 
-# How many times this process loaded a model through ModelResource (tests read it).
+# How many times this process loaded / released a model through ModelResource (tests read them).
 MODEL_LOADS = 0
+MODEL_RELEASES = 0
 _LOAD_LOCK = threading.Lock()
 
 
@@ -162,9 +163,12 @@ class ModelResource(dg.ConfigurableResource):
 
     def release(self) -> None:
         """Drop the model so its memory (and GPU memory) is freed."""
-        if self._engine is None:
-            return
-        self._engine = None
+        global MODEL_RELEASES
+        with _LOAD_LOCK:
+            if self._engine is None:
+                return
+            self._engine = None
+            MODEL_RELEASES += 1
         gc.collect()
         try:
             import torch
@@ -185,10 +189,27 @@ class EvaluationResource(dg.ConfigurableResource):
     min_auroc: float = Field(default=0.7, description="held-out AUROC below which an emotion is flagged (WARN)")
     confound_margin: float = Field(default=0.0, description="how much a vector must beat the trivial baselines by")
     crosstalk_cosine: float = 0.5
+    threshold_method: str = Field(
+        default="max_f1",
+        description="decision threshold written into the manifest: max_f1 (on the holdout) or fixed_fpr",
+    )
+    target_fpr: float = Field(default=0.05, description="false-positive rate of the fixed_fpr threshold")
     snippets_file: str | None = Field(
         default=None,
         description="JSONL of {id, text} out-of-distribution snippets to score (default: the bundled sample; \"none\": skip)",
     )
+
+    def threshold(self) -> dict[str, Any]:
+        """``{"threshold_method", "target_fpr"}`` validated (a typo fails before any work is done)."""
+        from amygdala_dagster.evaluation.metrics import THRESHOLD_METHODS
+
+        if self.threshold_method not in THRESHOLD_METHODS:
+            raise ValueError(
+                f"evaluation.threshold_method {self.threshold_method!r}: choose one of {', '.join(THRESHOLD_METHODS)}"
+            )
+        if not 0.0 <= float(self.target_fpr) <= 1.0:
+            raise ValueError(f"evaluation.target_fpr must be within [0, 1], got {self.target_fpr}")
+        return {"threshold_method": self.threshold_method, "target_fpr": float(self.target_fpr)}
 
     def snippets_path(self) -> str | None:
         from amygdala_dagster.sample_data import conversation_snippets_path

@@ -55,7 +55,7 @@ def evaluation_report(
         result = evaluate(
             cache, sets, readout, snapshot=snapshot, snippets=snippets, engine=engine,
             bootstrap=evaluation.bootstrap, confound_margin=evaluation.confound_margin,
-            crosstalk_cosine=evaluation.crosstalk_cosine,
+            crosstalk_cosine=evaluation.crosstalk_cosine, **evaluation.threshold(),
             meta={"vectors_sha256": readout.sha256, "dagster_run_id": context.run.run_id},
         )
     with store.local_for_write(REPORT_DIR) as out:

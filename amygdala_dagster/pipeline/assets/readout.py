@@ -2,6 +2,7 @@
 
 
 import json
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -15,7 +16,10 @@ from amygdala_dagster.pipeline.assets.common import (
     readout_freshness, table,
 )
 from amygdala_dagster.pipeline.assets.emotions import emotion_catalog, read_examples_from, tagged_examples
-from amygdala_dagster.pipeline.resources import ArtifactStorage, SelectionResource
+from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, SelectionResource
+
+
+log = logging.getLogger(__name__)
 
 
 class ReadoutConfig(dg.Config):
@@ -46,16 +50,18 @@ def _readout_concepts(context: Any) -> list[str]:
     ),
 )
 def readout_vectors(
-    context: dg.AssetExecutionContext, config: ReadoutConfig, storage: ArtifactStorage
+    context: dg.AssetExecutionContext, config: ReadoutConfig, storage: ArtifactStorage,
+    evaluation: EvaluationResource,
 ) -> dg.MaterializeResult:
     from amygdala_dagster.atomic import atomic_write_text
     from amygdala_dagster.cache import ActivationCache
     from amygdala_dagster.estimators import DegenerateDirectionError
     from amygdala_dagster.examples import examples_hash
     from amygdala_dagster.manifest import vectors_bytes
-    from amygdala_dagster.vectors import directions_from_stats, holdout_calibration, readout_from_directions
+    from amygdala_dagster.vectors import directions_from_stats, readout_from_directions
 
     t0 = time.perf_counter()
+    threshold = evaluation.threshold()
     concepts = _readout_concepts(context)
     infos = {e: read_stats_info(storage, e) for e in concepts}
     sets = {e: read_examples_from(storage, e)[1] for e in concepts}
@@ -87,7 +93,7 @@ def readout_vectors(
             counts = sets[e].counts()
             directions[e] = (unit, norms, {k: counts[k] for k in
                                            ("train_positives", "train_negatives", "holdout_positives", "holdout_negatives")})
-            calibration[e] = holdout_calibration(cache, sets[e], unit, layers)
+            calibration[e] = manifest_calibration(cache, sets[e], unit, layers, **threshold)
     kept = [e for e in concepts if e in directions]
     readout = readout_from_directions(directions, layers, order=kept, calibration=calibration)
     data = vectors_bytes(readout)
@@ -124,12 +130,32 @@ def readout_vectors(
             "hidden_size": readout.hidden_size,
             "shape": f"{len(readout.layers)} x [{len(readout.concepts)}, {readout.hidden_size}]",
             "skipped": "; ".join(skipped) or "none",
+            "threshold": threshold["threshold_method"] + (
+                f" (target FPR {threshold['target_fpr']})" if threshold["threshold_method"] == "fixed_fpr" else ""),
             "per_emotion": table(rows),
             "vectors_sha256": sha,
             "seconds": round(time.perf_counter() - t0, 3),
             **file_meta(store, STAGED_VECTORS),
         },
     )
+
+
+def manifest_calibration(cache: Any, example_set: Any, unit: Any, layers: Any, *, threshold_method: str,
+                         target_fpr: float) -> dict[int, dict[str, Any]]:
+    """Held-out calibration with the configured threshold rule; the train split when the holdout lacks a class.
+
+    The same numbers as ``amygdala_dagster.vectors.holdout_calibration`` (which is max-F1 only).
+    """
+    from amygdala_dagster.vectors import projection_calibration
+
+    kw = {"threshold_method": threshold_method, "target_fpr": target_fpr}
+    cal = projection_calibration(cache, example_set, unit, layers, "holdout", **kw)
+    first = next(iter(cal.values()), None)
+    if first is not None and (first["n_pos"] == 0 or first["n_neg"] == 0):
+        log.warning("emotion %r: holdout split has %d positives / %d negatives; calibrating on the train split",
+                    example_set.emotion, first["n_pos"], first["n_neg"])
+        cal = projection_calibration(cache, example_set, unit, layers, "train", **kw)
+    return cal
 
 
 def load_staged_readout(storage: ArtifactStorage) -> tuple[Any, dict[str, Any]]:
