@@ -207,3 +207,25 @@ def test_freshness_window_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("AMYGDALA_FRESHNESS_HOURS", "soon")
     with pytest.raises(ValueError, match="AMYGDALA_FRESHNESS_HOURS"):
         readout_freshness()
+
+
+def test_command_flags_override_environment_defaults_only_where_given(monkeypatch):
+    import argparse
+
+    from amygdala_dagster.commands import backfill_emotion, run
+
+    monkeypatch.setenv("AMYGDALA_MODEL", "/models/custom")
+    monkeypatch.setenv("AMYGDALA_EMOTIONS", "joy, awe")
+    parser = argparse.ArgumentParser()
+    run.configure(parser)
+    res = run.build_resources(parser.parse_args([]))
+    assert res["model"].model == "/models/custom" and res["model"].device == "auto"
+    assert res["selection"].curated == ["joy", "awe"] and res["selection"].min_positives == 10
+
+    parser = argparse.ArgumentParser()
+    backfill_emotion.configure(parser)
+    args = parser.parse_args(["nostalgia", "--emotions", "calm", "--min-positives", "4", "--model", "minilm"])
+    res = run.build_resources(args)
+    # a backfilled emotion is curated for its run, beside the environment's and the flag's
+    assert res["selection"].curated == ["joy", "awe", "calm", "nostalgia"]
+    assert res["selection"].min_positives == 4 and res["model"].model == "minilm"

@@ -17,13 +17,18 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                      help="memory graph MCP server (token from $AMYGDALA_MEMORY_TOKEN)")
     src.add_argument("--memory-file", metavar="GRAPH.jsonl", default=None,
                      help="JSONL export of the memory graph (default: the bundled sample graph)")
-    parser.add_argument("--model", default="minilm", help="bundled short name, checkpoint dir or hub id (default: %(default)s)")
+    parser.add_argument("--model", default=None,
+                        help="bundled short name, checkpoint dir or hub id (default: $AMYGDALA_MODEL or minilm)")
     parser.add_argument("--target-layers", metavar="L1,L2,...", default=None,
                         help="hooked layer indices (default: ~60/70/80%% of the model's depth)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"), help="default: %(default)s")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=16, help="texts per forward batch (default: %(default)s)")
+    parser.add_argument("--dtype", default=None, choices=("auto", "bf16", "fp16", "fp32"),
+                        help="default: $AMYGDALA_DTYPE or auto (bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps or auto (default: $AMYGDALA_DEVICE or auto)")
+    parser.add_argument("--batch-size", type=int, default=None, help="texts per forward batch (default: 16)")
     parser.add_argument("--cache-dir", default=None, help="activation cache (default: $AMYGDALA_CACHE_DIR or ~/.cache/amygdala/activations)")
+    parser.add_argument("--emotions", metavar="E1,E2,...", default=None,
+                        help="curated emotions, always included besides the data-driven choice "
+                             "(added to $AMYGDALA_EMOTIONS)")
     parser.add_argument("--min-positives", type=int, default=None,
                         help="positives an emotion needs to qualify (default: 10)")
     parser.add_argument("--output-dir", default=None,
@@ -32,6 +37,10 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                         help="decision threshold written into manifest.json (default: %(default)s)")
     parser.add_argument("--target-fpr", type=float, default=0.05,
                         help="false-positive rate of the fixed_fpr threshold (default: %(default)s)")
+
+
+def _split_names(spec: str | None) -> list[str]:
+    return [n.strip() for n in (spec or "").split(",") if n.strip()]
 
 
 def build_resources(args: argparse.Namespace) -> dict[str, Any]:
@@ -43,16 +52,24 @@ def build_resources(args: argparse.Namespace) -> dict[str, Any]:
     resources = default_resources()
     if args.memory_mcp_url or args.memory_file:
         resources["memory"] = MemoryGraphResource(mcp_url=args.memory_mcp_url, file=args.memory_file)
-    resources["model"] = ModelResource(
-        model=args.model, layers=args.target_layers, dtype=args.dtype, device=args.device,
-        batch_size=args.batch_size, cache_dir=args.cache_dir,
-    )
+    # Flags override the AMYGDALA_* environment defaults only where given.
+    model_flags = {"model": args.model, "layers": args.target_layers, "dtype": args.dtype,
+                   "device": args.device, "batch_size": args.batch_size, "cache_dir": args.cache_dir}
+    resources["model"] = ModelResource(**{
+        **{k: getattr(resources["model"], k) for k in ModelResource.model_fields},
+        **{k: v for k, v in model_flags.items() if v is not None},
+    })
     out = args.output_dir or str(Path.cwd() / "amygdala_output")
     if "://" not in out:
         out = str(Path(out).expanduser().resolve())
     resources["storage"] = ArtifactStorage(base_path=out)
-    if args.min_positives is not None:
-        resources["selection"] = SelectionResource(min_positives=args.min_positives)
+    selection = resources["selection"]
+    curated = list(dict.fromkeys([*selection.curated, *_split_names(args.emotions), *getattr(args, "names", [])]))
+    resources["selection"] = SelectionResource(**{
+        **{k: getattr(selection, k) for k in SelectionResource.model_fields},
+        "curated": curated,
+        **({"min_positives": args.min_positives} if args.min_positives is not None else {}),
+    })
     resources["evaluation"] = EvaluationResource(threshold_method=args.threshold_method, target_fpr=args.target_fpr)
     return resources
 

@@ -4,7 +4,8 @@ Resources default to the environment so the UI works with no configuration:
 ``AMYGDALA_MEMORY_MCP_URL`` or ``AMYGDALA_MEMORY_FILE`` (default: the bundled
 sample graph), ``AMYGDALA_MODEL`` (default: bundled MiniLM), ``AMYGDALA_DEVICE``,
 ``AMYGDALA_DTYPE``, ``AMYGDALA_TARGET_LAYERS``, ``AMYGDALA_OUTPUT_DIR`` (default
-``./amygdala_output``; any fsspec URL works), ``AMYGDALA_CACHE_DIR``. Every
+``./amygdala_output``; any fsspec URL works), ``AMYGDALA_CACHE_DIR``,
+``AMYGDALA_EMOTIONS`` (curated emotions, comma-separated, always included). Every
 field can also be set per run from the launchpad (``resources:`` in run config).
 """
 
@@ -37,7 +38,9 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
         "memory": MemoryGraphResource(mcp_url=_env("AMYGDALA_MEMORY_MCP_URL"), file=_env("AMYGDALA_MEMORY_FILE")),
         "model": ModelResource(**model_kwargs),
         "storage": ArtifactStorage(base_path=default_output_dir()),
-        "selection": SelectionResource(),
+        "selection": SelectionResource(
+            curated=[e.strip() for e in (_env("AMYGDALA_EMOTIONS") or "").split(",") if e.strip()]
+        ),
         "evaluation": EvaluationResource(),
     }
 
