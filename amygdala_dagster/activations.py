@@ -31,6 +31,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from amygdala_dagster.cache import reject_empty_texts
 from amygdala_dagster.layers import check_layer_indices, resolve_layers
 from amygdala_dagster.models import LoadedModel
 
@@ -266,10 +267,7 @@ class ActivationEngine:
         texts = list(texts)
         if keys is not None and len(keys) != len(texts):
             raise ValueError(f"{len(keys)} keys for {len(texts)} texts")
-        for i, text in enumerate(texts):
-            if not isinstance(text, str) or not text.strip():
-                name = f"example {keys[i]!r}" if keys is not None else f"text #{i}"
-                raise ValueError(f"{name} is empty or whitespace-only; it cannot be embedded")
+        reject_empty_texts(texts, keys)
         if not texts:
             return iter(())
         ids, truncated = self._tokenize(texts)

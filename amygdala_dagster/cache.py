@@ -62,6 +62,14 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "amygdala" / "activations"
 
 
+def reject_empty_texts(texts: Sequence[str], keys: Sequence[str] | None = None) -> None:
+    """Raise ``ValueError`` naming ``keys[i]`` (or the index) for the first empty or blank text."""
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            who = f"example {keys[i]!r}" if keys is not None else f"text #{i}"
+            raise ValueError(f"{who}: empty text (blank or whitespace only); nothing to forward through the model")
+
+
 class CacheError(RuntimeError):
     """The cache directory is inconsistent with what was asked of it."""
 
@@ -301,10 +309,7 @@ def ensure_cached(
     """
     if keys is not None and len(keys) != len(texts):
         raise ValueError(f"ensure_cached: {len(keys)} keys for {len(texts)} texts")
-    for i, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
-            who = f"example {keys[i]!r}" if keys is not None else f"text #{i}"
-            raise ValueError(f"{who}: empty text; nothing to forward through the model")
+    reject_empty_texts(texts, keys)
     shas = [text_sha256(t) for t in texts]
     first: dict[str, int] = {}
     for i, sha in enumerate(shas):

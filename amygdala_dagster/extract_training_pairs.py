@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        # One INFO line per HTTP request would drown the progress bar.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
     from tqdm import tqdm
 

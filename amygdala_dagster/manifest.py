@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -32,6 +31,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save_torch
+
+from amygdala_dagster.atomic import fsync_dir, write_temp_beside
 
 FORMAT_VERSION = 1
 ACTIVATION_SITE = "residual_stream_after_layer"
@@ -179,30 +180,6 @@ def _check_rows(arr: np.ndarray, concepts: Sequence[str], layer: int, tol: float
         )
 
 
-def _temp_write(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return Path(tmp)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def write_readout(
     vectors_path: str | os.PathLike[str],
     manifest_path: str | os.PathLike[str],
@@ -231,9 +208,9 @@ def write_readout(
         readout, vectors_file=vectors_file, vectors_sha256=sha, vectors_dtype=vectors_dtype, **manifest_fields
     )
     text = json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    tmp_vectors = _temp_write(vectors_path, data)
+    tmp_vectors = write_temp_beside(vectors_path, data)
     try:
-        tmp_manifest = _temp_write(manifest_path, text.encode("utf-8"))
+        tmp_manifest = write_temp_beside(manifest_path, text.encode("utf-8"))
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_vectors)
@@ -251,9 +228,9 @@ def write_readout(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_manifest)
         raise
-    _fsync_dir(vectors_path.parent)
+    fsync_dir(vectors_path.parent)
     if manifest_path.parent != vectors_path.parent:
-        _fsync_dir(manifest_path.parent)
+        fsync_dir(manifest_path.parent)
     return manifest
 
 

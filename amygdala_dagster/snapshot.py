@@ -11,11 +11,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
-
-import logging
 
 import polars as pl
 

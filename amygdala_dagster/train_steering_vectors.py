@@ -170,7 +170,7 @@ def train_readout_pair(
         "unique_texts": stats.unique_texts,
         "truncated_texts_this_run": stats.truncated,
         "cache_fingerprint_id": cache.fingerprint_id,
-        "cache_root": str(cache.root),  # lets `amygdala report` find the cached activations again
+        "cache_root": str(cache.root.resolve()),  # lets `amygdala report` find the cached activations again
         "weights_hash": getattr(loaded, "weights_hash", None),
         "tool": "amygdala_dagster.train_steering_vectors",
     }
@@ -411,7 +411,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--training-data-dir: {args.training_data_dir} is not a directory")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # the "Loading weights" bar
+
+    from amygdala_dagster.activations import ActivationOutOfMemoryError
+    from amygdala_dagster.cache import CacheError
     from amygdala_dagster.examples import ExamplesFormatError
     from amygdala_dagster.models import ModelLoadError
 
@@ -427,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except FlagError as exc:
         parser.error(str(exc))
-    except (TrainingError, ExamplesFormatError, ModelLoadError) as exc:
+    except (TrainingError, ExamplesFormatError, ModelLoadError, CacheError, ActivationOutOfMemoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(format_summary(result))

@@ -94,6 +94,7 @@ def test_cli_writes_the_contract_2_directory(tmp_path: Path) -> None:
 
     table = r.stdout
     assert "warmth" in table and "joy" in table and str(out) in table
+    assert f"reading {graph}" in r.stderr and "nodes" in r.stderr  # the fetch progress bar
     assert "2 of 4 emotions selected" in table  # calm and curiosity have no positives
 
 
@@ -165,8 +166,10 @@ def test_cli_over_mcp_matches_the_file_run(tmp_path: Path, graph_server) -> None
     a, b = tmp_path / "from_file", tmp_path / "from_mcp"
     r = run_cli("--memory-file", str(graph), "--output-dir", str(a), "--min-positives", "1", "-q")
     assert r.returncode == 0, r.stderr
-    r = run_cli("--memory-mcp-url", server.url, "--output-dir", str(b), "--min-positives", "1", "-q")
+    r = run_cli("--memory-mcp-url", server.url, "--output-dir", str(b), "--min-positives", "1")
     assert r.returncode == 0, r.stderr + server.output()
+    assert f"reading {server.url}" in r.stderr  # progress while fetching
+    assert "HTTP Request" not in r.stderr  # no per-request log lines under the bar
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     for rel in files:

@@ -171,6 +171,30 @@ def test_new_emotion_forwards_only_never_seen_texts(tmp_path, capsys):
     assert load_readout(tmp_path / "o" / "v.safetensors").concepts == ["grief"]
 
 
+def test_bf16_run_shows_progress_and_keeps_float32_vectors(tmp_path, capsys):
+    """The seed's ``--dtype bf16`` on CPU: the model runs in bfloat16, the stored vectors stay
+    float32 unit rows close to the fp32 run's, and the command line shows a progress bar."""
+    data = write_training_dir(tmp_path / "data", mood_sets(n_pos=3, n_neutral=3, words=4))
+    cache = tmp_path / "cache"
+    runs = {}
+    for dtype in ("fp32", "bf16"):
+        out = tmp_path / dtype / "v.safetensors"
+        argv = ["--model", "minilm", "--training-data-dir", data, "--target-layers", "1,3,5", "--output", out,
+                "--dtype", dtype, "--batch-size", "4", "--cache-dir", cache]
+        code, stdout, err = run_main(argv, capsys)
+        assert code == 0, err
+        runs[dtype] = load_readout(out)
+        assert "forwarded" in stdout and "tokens" in stdout and "total:" in stdout  # the closing summary
+    assert "forward:" in err and "text/s" in err and "100%" in err  # tqdm on stderr
+    bf16, fp32 = runs["bf16"], runs["fp32"]
+    assert bf16.manifest["dtype"] == "bfloat16" and fp32.manifest["dtype"] == "float32"
+    assert bf16.dtype == "float32" and bf16.manifest["vectors_dtype"] == "float32"
+    assert bf16.manifest["fingerprint"]["dtype"] == "bfloat16"  # its own cache entries, not fp32's
+    for layer in bf16.layers:
+        cos = np.sum(bf16.vectors[layer].astype(np.float64) * fp32.vectors[layer], axis=1)
+        assert cos.min() > 0.99, (layer, cos)
+
+
 # --------------------------------------------------------------------------- kill and resume
 
 
@@ -285,6 +309,12 @@ def test_refusals_name_the_emotion(tmp_path, capsys):
     empty = write_training_dir(tmp_path / "c", {"joy": (pos, sets["joy"][1])})
     code, _, err = run_main(["--training-data-dir", empty] + base, capsys)
     assert code == 1 and "'k-empty'" in err
+
+    # a cache directory whose fingerprint was tampered with: a clear error, not a traceback
+    for fp in (tmp_path / "c").glob("*/fingerprint.json"):
+        fp.write_text('{"model": "something else"}')
+    code, _, err = run_main(["--training-data-dir", no_neg, "--skip-invalid"] + base, capsys)
+    assert code == 1 and "refusing to mix activations" in err and "Traceback" not in err
 
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-
-from amygdala_dagster.sample_data import sample_graph_path
-import importlib.resources
 import sys
 from pathlib import Path
+
+from amygdala_dagster.sample_data import sample_graph_path
 
 HELP = "serve a JSONL memory-graph export as an MCP server (list_nodes, graph_version)"
 
