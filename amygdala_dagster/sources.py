@@ -143,8 +143,9 @@ class McpSource:
     """A memory graph behind an MCP server (streamable HTTP, JSON-RPC 2.0).
 
     ``token_env`` names the environment variable read (at call time) for an
-    optional bearer token; the token is never stored on the object, logged or
-    put in an error message. Each failed HTTP request is retried ``retries``
+    optional bearer token; ``token`` gives one directly instead (e.g. the value
+    of a Dagster ``EnvVar``) and takes precedence. The token is never logged, put
+    in an error message or shown by ``repr``. Each failed HTTP request is retried ``retries``
     times after a connection error, a timeout or an HTTP 5xx, waiting
     ``backoff * 2**attempt`` seconds in between; a 4xx fails at once.
     """
@@ -156,6 +157,7 @@ class McpSource:
         list_tool: str = "list_nodes",
         version_tool: str = "graph_version",
         token_env: str | None = DEFAULT_TOKEN_ENV,
+        token: str | None = None,
         page_size: int = 200,
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
@@ -170,11 +172,18 @@ class McpSource:
         self.list_tool = list_tool
         self.version_tool = version_tool
         self.token_env = token_env
+        self._token = token or None
         self.page_size = page_size
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.retries = retries
         self.backoff = backoff
+
+    def bearer_token(self) -> str | None:
+        """The token to send: the one given, else the environment variable's (read now)."""
+        if self._token:
+            return self._token
+        return os.environ.get(self.token_env) if self.token_env else None
 
     @property
     def description(self) -> str:
@@ -310,8 +319,7 @@ class _McpSession:
             headers["mcp-session-id"] = self._session_id
         if self._protocol is not None:
             headers["mcp-protocol-version"] = self._protocol
-        env = self.source.token_env
-        token = os.environ.get(env) if env else None
+        token = self.source.bearer_token()
         if token:
             headers["Authorization"] = f"Bearer {token}"
         return headers
@@ -350,7 +358,9 @@ class _McpSession:
                     raise _Retryable("server error from", f"HTTP {response.status_code} {response.reason_phrase}")
                 if response.status_code in (401, 403):
                     env = self.source.token_env
-                    if not env:
+                    if self.source._token:
+                        hint = "the configured bearer token was rejected"
+                    elif not env:
                         hint = "no token is configured (token_env is None)"
                     elif not os.environ.get(env):
                         hint = f"no token sent: set the bearer token in the environment variable {env}"

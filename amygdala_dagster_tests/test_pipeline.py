@@ -156,12 +156,18 @@ def test_bad_threshold_method_fails_before_writing(tmp_path):
         R.EvaluationResource(threshold_method="f1").threshold()
 
 
-def test_memory_token_stays_out_of_run_config_events_and_logs(graph_server, tmp_path, monkeypatch):
+@pytest.mark.parametrize("via", ["token_env", "EnvVar"])
+def test_memory_token_stays_out_of_run_config_events_and_logs(graph_server, tmp_path, monkeypatch, via):
     token = "s3cret-token-for-pipeline-test"
     server = graph_server(small_graph(4), token_env="AMYGDALA_PIPELINE_TEST_TOKEN", token=token)
     monkeypatch.setenv("AMYGDALA_PIPELINE_TEST_TOKEN", token)
     res = make_resources(tmp_path / "unused.jsonl", str(tmp_path / "out"), tmp_path / "cache")
-    res["memory"] = R.MemoryGraphResource(mcp_url=server.url, token_env="AMYGDALA_PIPELINE_TEST_TOKEN", retries=0)
+    if via == "EnvVar":
+        # token_env=None: only the EnvVar-resolved token can authenticate
+        res["memory"] = R.MemoryGraphResource(mcp_url=server.url, token=dg.EnvVar("AMYGDALA_PIPELINE_TEST_TOKEN"),
+                                              token_env=None, retries=0)
+    else:
+        res["memory"] = R.MemoryGraphResource(mcp_url=server.url, token_env="AMYGDALA_PIPELINE_TEST_TOKEN", retries=0)
     instance = dg.DagsterInstance.ephemeral()
     result = dg.materialize(ALL_ASSETS + ALL_CHECKS, instance=instance, resources=res,
                             selection=["memory_snapshot"], raise_on_error=False)

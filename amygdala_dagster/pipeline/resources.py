@@ -37,14 +37,16 @@ def default_output_dir() -> str:
 class MemoryGraphResource(dg.ConfigurableResource):
     """The memory graph: an MCP server (``mcp_url``) or a JSONL export (``file``).
 
-    With neither, the bundled sample graph. The bearer token is never part of
-    the config: it is read at call time from the environment variable named by
-    ``token_env`` (Dagster's ``EnvVar`` pattern, but without the secret ever
-    entering run config or logs).
+    With neither, the bundled sample graph. The bearer token comes from the
+    environment: set ``token`` to ``dg.EnvVar("AMYGDALA_MEMORY_TOKEN")`` (Dagster
+    resolves it at run time and shows only the variable's name), or leave it
+    unset and the variable named by ``token_env`` is read at call time. Either
+    way the secret never enters run config, metadata or logs.
     """
 
     mcp_url: str | None = Field(default=None, description="MCP endpoint, e.g. http://localhost:7777")
     file: str | None = Field(default=None, description="JSONL export (used when mcp_url is unset)")
+    token: str | None = Field(default=None, description="bearer token; give it as EnvVar('AMYGDALA_MEMORY_TOKEN')")
     token_env: str | None = Field(default="AMYGDALA_MEMORY_TOKEN", description="env var holding the bearer token")
     list_tool: str = "list_nodes"
     version_tool: str = "graph_version"
@@ -57,7 +59,7 @@ class MemoryGraphResource(dg.ConfigurableResource):
         if self.mcp_url:
             return open_source(
                 memory_mcp_url=self.mcp_url, list_tool=self.list_tool, version_tool=self.version_tool,
-                token_env=self.token_env, page_size=self.page_size, retries=self.retries,
+                token_env=self.token_env, token=self.token, page_size=self.page_size, retries=self.retries,
             )
         return open_source(memory_file=self.file or str(sample_graph_path()))
 
