@@ -14,6 +14,11 @@ same block sees).
 
 The pass stops right after the deepest target block (its hook raises a private
 exception that the engine catches): no later block, final norm or head runs.
+
+An engine built from a weight-less model (``load_model(..., weights=False)``)
+has its fingerprint at once and loads the weights on the first
+:meth:`ActivationEngine.forward` call that has a text to forward, so a run
+whose activations are all cached never reads the checkpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import logging
 import resource
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Sequence
@@ -33,7 +39,7 @@ import torch
 
 from amygdala_dagster.cache import reject_empty_texts
 from amygdala_dagster.layers import check_layer_indices, resolve_layers
-from amygdala_dagster.models import LoadedModel
+from amygdala_dagster.models import LoadedModel, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,10 @@ class ActivationOutOfMemoryError(torch.OutOfMemoryError):
     """Out of memory even with a single text in the batch."""
 
 
+class FingerprintMismatchError(ModelLoadError):
+    """The model loaded with its weights does not give the fingerprint computed without them."""
+
+
 @dataclass
 class EngineStats:
     """Counters over every :meth:`ActivationEngine.forward` call of one engine."""
@@ -65,6 +75,8 @@ class EngineStats:
     oom_retries: int = 0
     peak_memory_bytes: int = 0
     device: str = "cpu"
+    #: Seconds spent loading the weights inside ``forward`` (lazy engines only).
+    load_seconds: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -114,25 +126,43 @@ class ActivationEngine:
     """Runs texts through a loaded model and yields pooled activations at ``layers``.
 
     The output tensor's second axis follows ``layers`` in the order given.
+    ``loaded`` may be weight-less (``load_model(..., weights=False)``): the
+    fingerprint is known at once and the weights are loaded by the first
+    :meth:`forward` that has texts (``on_weights_loaded`` is then called with
+    the loaded model).
     """
 
     def __init__(self, loaded: LoadedModel, layers: Sequence[int], *, pooling: str = "mean",
                  max_tokens: int = 512, batch_size: int = 8, max_batch_tokens: int = 16384,
-                 layer_path: str | None = None) -> None:
+                 layer_path: str | None = None,
+                 on_weights_loaded: Callable[[LoadedModel], None] | None = None) -> None:
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
         for name, value in (("max_tokens", max_tokens), ("batch_size", batch_size),
                             ("max_batch_tokens", max_batch_tokens)):
             if int(value) < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
-        self.loaded = loaded
         self.layers = check_layer_indices(layers, loaded.num_layers, loaded.model_id)
         self.pooling = pooling
         self.batch_size = int(batch_size)
         self.max_batch_tokens = int(max_batch_tokens)
-        self.max_tokens = self._effective_max_tokens(int(max_tokens))
+        self._requested_max_tokens = int(max_tokens)
+        self._layer_path = layer_path
+        self._on_weights_loaded = on_weights_loaded
+        self._load_lock = threading.Lock()
+        self._bind(loaded)
+        self.stats = EngineStats(device=loaded.device)
+        self._mask: torch.Tensor | None = None
+        self._captured: list[torch.Tensor | None] = []
 
-        resolved = resolve_layers(loaded.model, loaded.num_layers, layer_path)
+    # -- setup helpers -------------------------------------------------------------------------
+
+    def _bind(self, loaded: LoadedModel) -> None:
+        """Everything that depends on the model: layer modules, tokenizer, fingerprint, input device."""
+        self.loaded = loaded
+        self.max_tokens = self._effective_max_tokens(self._requested_max_tokens)
+
+        resolved = resolve_layers(loaded.model, loaded.num_layers, self._layer_path)
         self.resolved_layer_path: str = resolved.path
         self._modules = [resolved.modules[i] for i in self.layers]
         self._deepest_slot = max(range(len(self.layers)), key=lambda s: self.layers[s])
@@ -157,14 +187,47 @@ class ActivationEngine:
         canonical = json.dumps(self.fingerprint, sort_keys=True, separators=(",", ":"))
         self.fingerprint_id: str = hashlib.sha256(canonical.encode()).hexdigest()
 
-        self.stats = EngineStats(device=loaded.device)
-        self._input_device = self._find_input_device()
-        params = inspect.signature(loaded.model.forward).parameters
-        self._extra_kwargs = {"use_cache": False} if "use_cache" in params else {}
-        self._mask: torch.Tensor | None = None
-        self._captured: list[torch.Tensor | None] = []
+        if loaded.weights_loaded:
+            self._input_device = self._find_input_device()
+            params = inspect.signature(loaded.model.forward).parameters
+            self._extra_kwargs = {"use_cache": False} if "use_cache" in params else {}
 
-    # -- setup helpers -------------------------------------------------------------------------
+    @property
+    def weights_loaded(self) -> bool:
+        """Whether the model's weights are loaded (always, unless built weight-less and nothing forwarded yet)."""
+        return self.loaded.weights_loaded
+
+    def load_weights(self) -> LoadedModel:
+        """Load the weights of a weight-less engine now (no-op when loaded); returns the loaded model.
+
+        Raises :class:`FingerprintMismatchError` when the loaded model does not
+        give the fingerprint the engine was built with (activations cached
+        under it would not be this model's).
+        """
+        with self._load_lock:
+            if self.loaded.weights_loaded:
+                return self.loaded
+            bound = dict(self.__dict__)
+            before, before_id = self.fingerprint, self.fingerprint_id
+            start = time.perf_counter()
+            log.info("%s: loading the model weights (texts to forward)", self.loaded.model_id)
+            real = self.loaded.with_weights()
+            self._bind(real)
+            if self.fingerprint_id != before_id:
+                after = self.fingerprint
+                self.__dict__.update(bound)  # never forward under a fingerprint other than the one promised
+                diff = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+                details = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in diff)
+                raise FingerprintMismatchError(
+                    f"{real.model_id}: the model loaded with its weights gives another activation fingerprint "
+                    f"than the one computed without them ({details}); activations cached under "
+                    f"{before_id[:16]} would not be this model's. Pass --layer-path / layer_path, or report this."
+                )
+            self.stats.device = real.device
+            self.stats.load_seconds += time.perf_counter() - start
+        if self._on_weights_loaded is not None:
+            self._on_weights_loaded(real)
+        return real
 
     def _effective_max_tokens(self, requested: int) -> int:
         cfg = self.loaded.text_config
@@ -173,8 +236,9 @@ class ActivationEngine:
         if limit is None and (self.loaded.is_encoder or getattr(cfg, "position_embedding_type", None) == "absolute"):
             limit = getattr(cfg, "max_position_embeddings", None)
         if limit is not None and requested > int(limit):
-            log.warning("%s: max_tokens %d exceeds the model's %d positions; using %d",
-                        self.loaded.model_id, requested, limit, limit)
+            if not hasattr(self, "max_tokens"):  # said once, not again when the weights load
+                log.warning("%s: max_tokens %d exceeds the model's %d positions; using %d",
+                            self.loaded.model_id, requested, limit, limit)
             return int(limit)
         return requested
 
@@ -271,6 +335,7 @@ class ActivationEngine:
         if not texts:
             return iter(())
         ids, truncated = self._tokenize(texts)
+        self.load_weights()
         if truncated:
             log.info("%d of %d texts truncated to %d tokens", truncated, len(texts), self.max_tokens)
         self.stats.truncated += truncated

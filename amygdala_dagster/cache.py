@@ -320,6 +320,8 @@ def ensure_cached(
 
     tokens0 = int(_stat(engine, "tokens", 0) or 0)
     trunc0 = int(_stat(engine, "truncated", 0) or 0)
+    # A lazy engine loads its weights inside forward(); that time is not forwarding time.
+    load0 = float(_stat(engine, "load_seconds", 0.0) or 0.0)
     t0 = time.perf_counter()
     bar = None
     if progress and todo:
@@ -341,7 +343,8 @@ def ensure_cached(
         cache.flush()
         if bar is not None:
             bar.close()
-    seconds = time.perf_counter() - t0 if todo else 0.0
+    load_seconds = float(_stat(engine, "load_seconds", 0.0) or 0.0) - load0
+    seconds = max(time.perf_counter() - t0 - load_seconds, 0.0) if todo else 0.0
     tokens = int(_stat(engine, "tokens", 0) or 0) - tokens0
     stats = CacheRunStats(
         texts_total=len(texts),

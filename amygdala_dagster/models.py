@@ -11,6 +11,13 @@ with only the head reported as unused; for Qwen3.5's multimodal checkpoint
 ``language_model``. When ``AutoModel`` would leave decoder weights
 uninitialised we fall back to the checkpoint's own task class and take its
 base model.
+
+``load_model(..., weights=False)`` stops short of the weights: config,
+tokenizer, weights fingerprint and a structural skeleton of the model (the
+same module tree, built on the ``meta`` device) are enough to compute an
+activation fingerprint and resolve layers, so a run whose activations are all
+cached never pays for reading a large checkpoint. :meth:`LoadedModel.with_weights`
+loads the real model (once) when a text actually has to be forwarded.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -54,6 +62,10 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", 
 _FINGERPRINT_CHUNK = 8 * 1024 * 1024
 
 _MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+#: How many times this process read a model's weights (``load_model(weights=True)``); tests read it.
+WEIGHT_LOADS = 0
+_WEIGHTS_LOCK = threading.RLock()  # re-entered: with_weights() -> load_model()
 
 
 class ModelLoadError(RuntimeError):
@@ -140,7 +152,13 @@ def resolve_model_path(name_or_path: str) -> str:
 
 @dataclass
 class LoadedModel:
-    """A model ready for activation capture plus what we record about it."""
+    """A model ready for activation capture plus what we record about it.
+
+    With ``weights_loaded`` False (``load_model(..., weights=False)``) ``model``
+    is a skeleton on the ``meta`` device: the module tree of the real model,
+    without parameters' data. Every other field is what the loaded model has;
+    :meth:`with_weights` gives the loaded one.
+    """
 
     model: torch.nn.Module
     tokenizer: Any
@@ -153,6 +171,21 @@ class LoadedModel:
     hidden_size: int
     is_encoder: bool
     text_config: Any
+    weights_loaded: bool = True
+    #: The ``load_model`` arguments, so the weights can be loaded later the same way.
+    load_args: dict[str, Any] | None = field(default=None, repr=False)
+    _with_weights: LoadedModel | None = field(default=None, repr=False, compare=False)
+
+    def with_weights(self) -> LoadedModel:
+        """This model with its weights loaded: ``self`` when they are, else loaded now (once per object)."""
+        if self.weights_loaded:
+            return self
+        with _WEIGHTS_LOCK:
+            if self._with_weights is None:
+                if self.load_args is None:
+                    raise ModelLoadError(f"model {self.model_id!r}: no load arguments recorded to load its weights")
+                self._with_weights = load_model(**self.load_args, weights=True)
+            return self._with_weights
 
 
 def parse_dtype(dtype: str, device: str) -> torch.dtype:
@@ -273,6 +306,8 @@ def _load_weights(source: str, config: Any, common: dict[str, Any], torch_dtype:
             log.info("loading %s on cpu first (device_map needs accelerate): %s", source, exc)
     if not placed:
         model, info = AutoModel.from_pretrained(source, output_loading_info=True, **load_kwargs)
+        if device != "cpu":
+            model = model.to(device)
 
     missing = [k for k in (info.get("missing_keys") or []) if ".layers." in f".{k}" or ".layer." in f".{k}"
                or ".h." in f".{k}"]
@@ -299,16 +334,44 @@ def _load_task_model(source: str, config: Any, load_kwargs: dict[str, Any], devi
                          f"architectures {archs} are not available in transformers")
 
 
+def _skeleton(config: Any, torch_dtype: torch.dtype, trust_remote_code: bool) -> torch.nn.Module:
+    """The module tree ``AutoModel`` loads for ``config``, on the meta device (no memory, no weights read)."""
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        return AutoModel.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+
+
+def _expected_device(device: str) -> str:
+    """How a parameter placed on ``device`` reports its device (``cuda`` -> ``cuda:0``)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type == "mps" and dev.index is None:
+        dev = torch.device("mps", 0)
+    return str(dev)
+
+
 def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", revision: str | None = None,
-               trust_remote_code: bool = False) -> LoadedModel:
+               trust_remote_code: bool = False, weights: bool = True) -> LoadedModel:
     """Load a base model and its tokenizer for activation capture.
 
     ``name_or_path`` is a bundled short name (``minilm``), a local checkpoint
     directory or a hub id. Local directories and bundled models never touch
     the network. A hub id is first looked up in the local cache; the network
     is only used when that fails and ``HF_HUB_OFFLINE`` is not set.
+
+    ``weights=False`` reads everything but the weights and gives a
+    :class:`LoadedModel` whose ``model`` is a meta-device skeleton (see
+    :meth:`LoadedModel.with_weights`). A hub checkpoint whose weight files are
+    not downloaded yet cannot be fingerprinted without them, so it is loaded
+    whole even then.
     """
+    global WEIGHT_LOADS
     from transformers import AutoConfig, AutoTokenizer
+
+    load_args = dict(name_or_path=name_or_path, dtype=dtype, device=device, revision=revision,
+                     trust_remote_code=trust_remote_code)
 
     dev = resolve_device(device)
     torch_dtype = parse_dtype(dtype, dev)
@@ -328,7 +391,10 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", 
             common["revision"] = revision
         config = AutoConfig.from_pretrained(source, **common)
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
-        model = _load_weights(source, config, common, torch_dtype, dev)
+        if weights:
+            model = _load_weights(source, config, common, torch_dtype, dev)
+        else:
+            model = _skeleton(config, torch_dtype, trust_remote_code)
         return config, tokenizer, model
 
     try:
@@ -370,21 +436,34 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", 
         if snapshot is not None:
             resolved_revision = snapshot.name
             weights_dir = snapshot
+    weights_hash = weights_fingerprint(weights_dir) if weights_dir is not None else None
+
+    if not weights and not is_local and weights_hash is None:
+        log.info("model %s: weight files not downloaded yet; loading them now", name_or_path)
+        return load_model(**load_args, weights=True)
+    if weights:
+        with _WEIGHTS_LOCK:
+            WEIGHT_LOADS += 1
 
     param = next(model.parameters(), None)
     actual_dtype = param.dtype if param is not None else torch_dtype
-    actual_device = str(param.device) if param is not None else dev
+    if weights:
+        actual_device = str(param.device) if param is not None else dev
+    else:
+        actual_device = _expected_device(dev)
 
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         model_id=model_id,
         revision=resolved_revision,
-        weights_hash=weights_fingerprint(weights_dir) if weights_dir is not None else None,
+        weights_hash=weights_hash,
         dtype=_DTYPE_NAMES.get(actual_dtype, str(actual_dtype).removeprefix("torch.")),
         device=actual_device,
         num_layers=int(num_layers),
         hidden_size=int(hidden),
         is_encoder=_is_encoder(text_config) or _is_encoder(config),
         text_config=text_config,
+        weights_loaded=weights,
+        load_args=load_args,
     )

@@ -8,7 +8,8 @@ layer, unit-normalised, in ``vectors.safetensors`` (Contract 3) next to its
 fingerprint: pooled activations live in a content-addressed cache
 (``--cache-dir``), so a repeated run, or one that adds an emotion whose texts
 were already seen, forwards only never-seen texts, and a run that was killed
-resumes from what it had cached.
+resumes from what it had cached. The model's weights are read only when some
+text has to be forwarded: a repeated run on cached texts loads none.
 
     python -m amygdala_dagster.train_steering_vectors \\
         --model Qwen/Qwen3.5-27B --training-data-dir /tmp/amygdala_training_data \\
@@ -78,6 +79,7 @@ class TrainResult:
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
     model_load_seconds: float = 0.0
+    model_weights_loaded: bool = False
     cache_dir: str = ""
 
     def summary(self) -> dict[str, Any]:
@@ -94,6 +96,7 @@ class TrainResult:
             "cache_dir": self.cache_dir,
             "activations": self.cache_stats.to_dict(),
             "model_load_seconds": round(self.model_load_seconds, 3),
+            "model_weights_loaded": self.model_weights_loaded,
             "seconds": round(self.seconds, 3),
         }
 
@@ -198,6 +201,7 @@ def train_readout_pair(
         layers=list(readout.layers),
         skipped=list(readout.skipped),
         seconds=time.perf_counter() - t0,
+        model_weights_loaded=bool(getattr(engine, "weights_loaded", True)),
         cache_dir=str(cache.directory),
     )
 
@@ -257,8 +261,9 @@ def train_from_examples_dir(
 
     t_load = time.perf_counter()
     try:
+        # Without the weights: they are read by the first forward pass, if any text is not cached.
         loaded = load_model(model, dtype=dtype, device=device, revision=revision,
-                            trust_remote_code=trust_remote_code)
+                            trust_remote_code=trust_remote_code, weights=False)
     except ValueError as exc:  # device or dtype not usable here (ModelLoadError is not a ValueError)
         raise FlagError(str(exc)) from None
     load_seconds = time.perf_counter() - t_load
@@ -295,7 +300,8 @@ def train_from_examples_dir(
     except ValueError as exc:  # DegenerateDirectionError, empty text: name the emotion/key
         raise TrainingError(str(exc)) from exc
     result.skipped = problems + result.skipped
-    result.model_load_seconds = load_seconds
+    result.model_load_seconds = load_seconds + engine.stats.load_seconds
+    result.model_weights_loaded = engine.weights_loaded
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -392,6 +398,7 @@ def format_summary(result: TrainResult) -> str:
     lines += [
         f"vectors: {result.vectors_path}",
         f"manifest: {result.manifest_path}",
+        f"model weights loaded: {'yes' if result.model_weights_loaded else 'no (every text was cached)'}",
         f"total: {result.seconds:.1f}s (model load {result.model_load_seconds:.1f}s)",
     ]
     return "\n".join(lines)

@@ -343,7 +343,8 @@ def test_stats_fields():
     assert (st.texts, st.batches, st.device, st.oom_retries) == (2, 1, "cpu", 0)
     assert st.seconds > 0 and st.peak_memory_bytes > 0
     assert set(st.as_dict()) == {"texts", "tokens", "truncated", "batches", "seconds", "oom_retries",
-                                 "peak_memory_bytes", "device"}
+                                 "peak_memory_bytes", "device", "load_seconds"}
+    assert st.load_seconds == 0.0  # built on a loaded model: nothing loaded inside forward
 
 
 def test_gpt2_tokenizer_without_pad_token_gets_eos():

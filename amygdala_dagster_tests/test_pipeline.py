@@ -128,13 +128,17 @@ def test_backfill_of_new_emotion_forwards_nothing_when_texts_are_cached(full_run
     # also: the threshold rule of the manifest is configurable (here a fixed false-positive rate)
     res = {**full_run["res"], "evaluation": R.EvaluationResource(bootstrap=0, threshold_method="fixed_fpr",
                                                                  target_fpr=0.1)}
-    loads0 = R.MODEL_LOADS
+    from amygdala_dagster import models
+
+    loads0, weights0 = R.MODEL_LOADS, models.WEIGHT_LOADS
     result = backfill_emotions(["wonder"], res, instance)
     assert result.success, failures(result)
     assert "wonder" in instance.get_dynamic_partitions("emotion")
     stats = step_metadata(result, "activation_stats")
     assert stats["texts_forwarded"] == 0 and stats["texts_cached"] > 0
-    assert R.MODEL_LOADS - loads0 == 1
+    # every text was cached: the fingerprint came from config + tokenizer, no weights were read
+    assert R.MODEL_LOADS - loads0 == 0 and models.WEIGHT_LOADS - weights0 == 0
+    assert stats["model_weights_loaded"] is False
     out = full_run["tmp"] / "out"
     readout = load_readout(out / "vectors.safetensors", out / "manifest.json")
     assert readout.concepts == EMOTIONS + ["wonder"]

@@ -270,10 +270,18 @@ def test_report_command_rebuilds_from_artefacts_without_the_model(tmp_path, mini
     assert load_readout(out / "vectors.safetensors").sha256 == sha_before  # pair still valid
 
     # --sweep-layers all from the command line: every layer of the model evaluated, target layers recommended
+    from amygdala_dagster import models
+
     sweep_dir = tmp_path / "sweep_report"
-    rc = cli_main(["report", "--output-dir", str(out), "--no-snippets", "--bootstrap", "0", "--estimators",
-                   "mean_difference", "--sweep-layers", "all", "--device", "cpu", "--report-dir", str(sweep_dir)])
+    sweep_argv = ["report", "--output-dir", str(out), "--no-snippets", "--bootstrap", "0", "--estimators",
+                  "mean_difference", "--sweep-layers", "all", "--device", "cpu"]
+    weights0 = models.WEIGHT_LOADS
+    rc = cli_main(sweep_argv + ["--report-dir", str(sweep_dir)])
     assert rc == 0
+    assert models.WEIGHT_LOADS == weights0 + 1  # the other layers were not cached: weights read once
+    # again: every layer is cached now, so even the sweep reads no weights
+    assert cli_main(sweep_argv + ["--report-dir", str(tmp_path / "sweep_again")]) == 0
+    assert models.WEIGHT_LOADS == weights0 + 1
     swept = _strict_json(sweep_dir / "evaluation.json")["layer_sweep"]
     assert swept["layers"] == list(range(minilm.num_layers)) and swept["n_model_layers"] == minilm.num_layers
     assert swept["recommended_layers"] and set(swept["recommended_layers"]) <= set(swept["layers"])

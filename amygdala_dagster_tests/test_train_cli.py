@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from amygdala_dagster import cli
+from amygdala_dagster import cli, models
 from amygdala_dagster.manifest import load_readout, sha256_file
 from amygdala_dagster.train_steering_vectors import default_target_layers, main
 
@@ -126,6 +126,7 @@ def test_vectors_match_independent_hidden_states_reference(tmp_path, capsys):
     assert first["activations"]["forwarded"] == n_unique and first["activations"]["cached"] == 0
     assert first["activations"]["truncated"] == 1
     assert f"{n_unique} forwarded, 0 from the cache" in stdout and str(out) in stdout
+    assert first["model_weights_loaded"] is True and "model weights loaded: yes" in stdout
 
     readout = load_readout(out, out.parent / "manifest.json")
     assert readout.concepts == ["anger", "grief", "joy"] and readout.layers == layers
@@ -141,11 +142,14 @@ def test_vectors_match_independent_hidden_states_reference(tmp_path, capsys):
     joy5 = man["per_concept"]["joy"]["layers"]["5"]["calibration"]
     assert joy5["split"] == "holdout" and joy5["n_pos"] == 2 and joy5["pos_mean"] > joy5["neg_mean"]
 
-    # repeating the command forwards nothing and writes the same vectors
+    # repeating the command forwards nothing, reads no weights and writes the same vectors
+    weights0 = models.WEIGHT_LOADS
     code, stdout, err = run_main(argv, capsys)
     assert code == 0, err
     second = json.loads(summary.read_text())
     assert second["activations"]["forwarded"] == 0 and second["activations"]["cached"] == n_unique
+    assert models.WEIGHT_LOADS == weights0
+    assert second["model_weights_loaded"] is False and "model weights loaded: no" in stdout
     assert second["vectors_sha256"] == first["vectors_sha256"] == sha256_file(out)
 
 

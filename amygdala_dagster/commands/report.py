@@ -126,7 +126,8 @@ def load_example_sets(args: argparse.Namespace, manifest: dict[str, Any], output
 
 
 class _LazyEngine:
-    """Loads the model on first use only, so a fully cached report never pays for it."""
+    """Prepares the model (without its weights) on first use only; the weights are read only by a
+    forward pass, so a fully cached report never pays for them."""
 
     def __init__(self, manifest: dict[str, Any], layers: list[int], args: argparse.Namespace):
         self.manifest, self.layers, self.args = manifest, layers, args
@@ -141,9 +142,9 @@ class _LazyEngine:
             if not model:
                 raise ReportInputError("the manifest records no model; cannot forward uncached texts")
             dtype = str(self.manifest.get("dtype") or fp.get("dtype") or "auto")
-            log.info("loading %s to forward texts that are not cached", model)
+            log.info("preparing %s (its weights load only if texts must be forwarded)", model)
             self._loaded = load_model(model, dtype=dtype, device=self.args.device,
-                                      revision=self.manifest.get("model_revision"))
+                                      revision=self.manifest.get("model_revision"), weights=False)
         return self._loaded
 
     def get(self, layers: list[int] | None = None) -> Any:

@@ -23,7 +23,7 @@ from amygdala_dagster.sample_data import sample_graph_path
 
 log = logging.getLogger(__name__)
 
-# How many times this process loaded / released a model through ModelResource (tests read them).
+# How many times this process loaded / released model weights through ModelResource (tests read them).
 MODEL_LOADS = 0
 MODEL_RELEASES = 0
 _LOAD_LOCK = threading.Lock()
@@ -114,7 +114,10 @@ class ModelResource(dg.ConfigurableResource):
 
     The model is loaded lazily, at most once per process and resource instance
     (every emotion partition of a run shares it) and released when the run's
-    execution ends.
+    execution ends. The engine is built without the weights (config, tokenizer
+    and a meta-device skeleton give the activation fingerprint); they are read
+    only when a text is not in the activation cache, so a fully cached run
+    loads none.
     """
 
     model: str = Field(default="minilm", description="bundled short name, local checkpoint dir or hub id")
@@ -138,20 +141,20 @@ class ModelResource(dg.ConfigurableResource):
         return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
 
     def engine(self) -> Any:
-        """The activation engine, loading the model on first use."""
-        global MODEL_LOADS
+        """The activation engine (weights loaded by its first forward pass that has texts)."""
         with _LOAD_LOCK:
             if self._engine is None:
                 from amygdala_dagster.activations import ActivationEngine
                 from amygdala_dagster.layers import parse_layers
                 from amygdala_dagster.models import load_model
 
-                log.info("loading model %s (dtype %s, device %s)", self.model, self.dtype, self.device)
+                log.info("preparing model %s (dtype %s, device %s)", self.model, self.dtype, self.device)
                 loaded = load_model(
                     self.model, dtype=self.dtype, device=self.device, revision=self.revision,
-                    trust_remote_code=self.trust_remote_code,
+                    trust_remote_code=self.trust_remote_code, weights=False,
                 )
-                MODEL_LOADS += 1
+                if loaded.weights_loaded:  # a hub checkpoint not downloaded yet is loaded whole
+                    _count_load(loaded)
                 from amygdala_dagster.train_steering_vectors import default_target_layers
 
                 layers = (parse_layers(self.layers, loaded.num_layers) if self.layers
@@ -159,7 +162,8 @@ class ModelResource(dg.ConfigurableResource):
                 extra = {"max_batch_tokens": self.max_batch_tokens} if self.max_batch_tokens else {}
                 self._engine = ActivationEngine(
                     loaded, layers, pooling=self.pooling, max_tokens=self.max_tokens,
-                    batch_size=self.batch_size, layer_path=self.layer_path, **extra,
+                    batch_size=self.batch_size, layer_path=self.layer_path, on_weights_loaded=_count_load,
+                    **extra,
                 )
             return self._engine
 
@@ -169,7 +173,10 @@ class ModelResource(dg.ConfigurableResource):
         with _LOAD_LOCK:
             if self._engine is None:
                 return
+            had_weights = self._engine.weights_loaded
             self._engine = None
+            if not had_weights:
+                return
             MODEL_RELEASES += 1
         gc.collect()
         try:
@@ -182,6 +189,11 @@ class ModelResource(dg.ConfigurableResource):
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         self.release()
+
+
+def _count_load(loaded: Any) -> None:
+    global MODEL_LOADS
+    MODEL_LOADS += 1
 
 
 class EvaluationResource(dg.ConfigurableResource):
