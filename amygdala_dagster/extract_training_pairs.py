@@ -24,45 +24,9 @@ from amygdala_dagster.examples import (
     check_emotion_name,
     run_extraction,
 )
+from amygdala_dagster.flags import fraction, non_negative_int, positive_int, score
 
 log = logging.getLogger("amygdala_dagster.extract_training_pairs")
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
-
-
-def _score(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a score from 0 to 10, got {text!r}") from None
-    if not 0 <= value <= 10:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"expected a score from 0 to 10, got {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,23 +42,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help="offline source: a JSONL export, one node object per line")
     p.add_argument("--output-dir", required=True, type=Path, metavar="DIR",
                    help="examples directory to write (replaced whole)")
-    p.add_argument("--min-positive-score", type=_score, default=8.0, metavar="S",
+    p.add_argument("--min-positive-score", type=score, default=8.0, metavar="S",
                    help="a node is a positive for an emotion scored >= S (default 8)")
-    p.add_argument("--max-negative-mentions", type=_non_negative_int, default=0, metavar="N",
+    p.add_argument("--max-negative-mentions", type=non_negative_int, default=0, metavar="N",
                    help="a tagged node is a negative if it mentions the emotion (tag or whole word) "
                         "at most N times (default 0)")
-    p.add_argument("--min-content-chars", type=_non_negative_int, default=40, metavar="N",
+    p.add_argument("--min-content-chars", type=non_negative_int, default=40, metavar="N",
                    help="ignore nodes whose text (without tags) is shorter (default 40)")
-    p.add_argument("--max-examples-per-emotion", type=_positive_int, default=500, metavar="N",
+    p.add_argument("--max-examples-per-emotion", type=positive_int, default=500, metavar="N",
                    help="at most N positives and N negatives per emotion (default 500)")
-    p.add_argument("--holdout-fraction", type=_fraction, default=0.2, metavar="F",
+    p.add_argument("--holdout-fraction", type=fraction, default=0.2, metavar="F",
                    help="fraction of nodes held out for evaluation, decided per node key (default 0.2)")
     p.add_argument("--emotions", metavar="LIST|@FILE",
                    help="emotions always included besides the data-driven choice: comma-separated, "
                         "or @FILE with one per line ('#' comments); add --max-emotions 0 for only these")
-    p.add_argument("--min-positives", type=_non_negative_int, default=10, metavar="N",
+    p.add_argument("--min-positives", type=non_negative_int, default=10, metavar="N",
                    help="data-driven choice: an emotion needs N eligible positives (default 10)")
-    p.add_argument("--max-emotions", type=_non_negative_int, default=200, metavar="N",
+    p.add_argument("--max-emotions", type=non_negative_int, default=200, metavar="N",
                    help="data-driven choice: at most N emotions in all, most positives first (default 200)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p

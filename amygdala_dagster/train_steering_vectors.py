@@ -36,6 +36,7 @@ from typing import Any
 from amygdala_dagster.atomic import atomic_write_text
 from amygdala_dagster.cache import DEFAULT_SHARD_SIZE, ActivationCache, CacheRunStats, default_cache_dir, ensure_cached
 from amygdala_dagster.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
+from amygdala_dagster.flags import positive_int
 
 log = logging.getLogger("amygdala_dagster.train_steering_vectors")
 
@@ -307,16 +308,6 @@ def train_from_examples_dir(
 
 
 # ----------------------------------------------------------------------------- command line
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _layers_flag(text: str) -> str:
     # Syntax is checked here; ranges once the model's depth is known.
     from amygdala_dagster.layers import parse_layers
@@ -353,16 +344,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="manifest to write (default: manifest.json next to --output)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="model dtype (auto: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--batch-size", type=_positive_int, default=4, metavar="N", help="texts per forward pass")
-    p.add_argument("--max-batch-tokens", type=_positive_int, default=16384, metavar="N",
+    p.add_argument("--batch-size", type=positive_int, default=4, metavar="N", help="texts per forward pass")
+    p.add_argument("--max-batch-tokens", type=positive_int, default=16384, metavar="N",
                    help="cap on padded tokens per batch")
-    p.add_argument("--max-tokens", type=_positive_int, default=512, metavar="N",
+    p.add_argument("--max-tokens", type=positive_int, default=512, metavar="N",
                    help="truncate texts to this many tokens")
     p.add_argument("--pooling", choices=POOLING_CHOICES, default="mean", help="token pooling (default mean)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
                    help="activation cache (default $AMYGDALA_CACHE_DIR or ~/.cache/amygdala/activations)")
-    p.add_argument("--cache-shard-size", type=_positive_int, default=DEFAULT_SHARD_SIZE, metavar="N",
+    p.add_argument("--cache-shard-size", type=positive_int, default=DEFAULT_SHARD_SIZE, metavar="N",
                    help="texts per cache shard (a killed run resumes from complete shards)")
     p.add_argument("--estimator", default=DEFAULT_ESTIMATOR,
                    help=f"direction estimator (default {DEFAULT_ESTIMATOR})")

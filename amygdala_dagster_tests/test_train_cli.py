@@ -254,7 +254,7 @@ def test_killed_run_resumes_from_completed_shards(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--batch-size", "0"], "--batch-size: must be >= 1"),
+    (["--batch-size", "0"], "--batch-size: expected a whole number >= 1"),
     (["--target-layers", "3,x"], "'x' is not an integer"),
     (["--dtype", "int8"], "invalid choice: 'int8'"),
     (["--pooling", "max"], "invalid choice: 'max'"),
