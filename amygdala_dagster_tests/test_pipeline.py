@@ -239,3 +239,12 @@ def test_command_flags_override_environment_defaults_only_where_given(monkeypatc
     # a backfilled emotion is curated for its run, beside the environment's and the flag's
     assert res["selection"].curated == ["joy", "awe", "calm", "nostalgia"]
     assert res["selection"].min_positives == 4 and res["model"].model == "minilm"
+
+
+def test_instance_is_created_under_a_dagster_home_that_does_not_exist_yet(tmp_path, monkeypatch):
+    from amygdala_dagster.pipeline.runner import get_instance
+
+    home = tmp_path / "not" / "yet"
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with get_instance() as instance:
+        assert home.is_dir() and instance.root_directory == str(home)

@@ -48,6 +48,8 @@ def get_instance() -> dg.DagsterInstance:
     from dagster._core.instance.ref import InstanceRef
 
     if os.environ.get("DAGSTER_HOME"):
+        # Dagster refuses a DAGSTER_HOME that does not exist yet; a new one is just empty.
+        dagster_home().mkdir(parents=True, exist_ok=True)
         return dg.DagsterInstance.get()
     home = dagster_home()
     home.mkdir(parents=True, exist_ok=True)
