@@ -287,24 +287,30 @@ def holdout_calibration(
     example_set: Any,
     unit_vectors: np.ndarray,
     layers: Sequence[int] | None = None,
+    *,
+    threshold_method: str = "max_f1",
+    target_fpr: float = 0.05,
 ) -> dict[int, dict[str, Any]]:
     """Calibration of the projection on ``unit_vectors`` (``[L, H]``) for the manifest.
 
     Per layer ``{split, pos_mean, pos_std, n_pos, neg_mean, neg_std, n_neg,
-    threshold, threshold_method}`` (max-F1 threshold): the projections of the *held-out* positives and negatives (pooled
-    activation dot unit vector; with mean pooling this equals the mean of the
-    per-token projections a runtime computes). When the holdout split lacks
-    positives or negatives the train split is used instead and ``split`` says
-    so (such numbers are optimistic).
+    threshold, threshold_method}``: the projections of the *held-out* positives
+    and negatives (pooled activation dot unit vector; with mean pooling this
+    equals the mean of the per-token projections a runtime computes), with the
+    decision threshold chosen by ``threshold_method`` (``max_f1`` or
+    ``fixed_fpr`` at ``target_fpr``). When the holdout split lacks positives or
+    negatives the train split is used instead and ``split`` says so (such
+    numbers are optimistic).
     """
-    cal = projection_calibration(cache, example_set, unit_vectors, layers, "holdout")
+    kw = {"threshold_method": threshold_method, "target_fpr": target_fpr}
+    cal = projection_calibration(cache, example_set, unit_vectors, layers, "holdout", **kw)
     first = next(iter(cal.values()), None)
     if first is not None and (first["n_pos"] == 0 or first["n_neg"] == 0):
         log.warning(
             "emotion %r: holdout split has %d positives / %d negatives; calibrating on the train split",
             example_set.emotion, first["n_pos"], first["n_neg"],
         )
-        cal = projection_calibration(cache, example_set, unit_vectors, layers, "train")
+        cal = projection_calibration(cache, example_set, unit_vectors, layers, "train", **kw)
     return cal
 
 

@@ -10,7 +10,6 @@ Three modules, so each can be used without the weight of the others:
 
 from amygdala_dagster.evaluation.core import (
     DEFAULT_ESTIMATORS,
-    calibrate,
     calibration_for_manifest,
     confounds,
     crosstalk,
@@ -47,7 +46,7 @@ def summary_markdown(*args, **kwargs):  # noqa: ANN002, ANN003 - see report.summ
 
 
 __all__ = [
-    "DEFAULT_ESTIMATORS", "accuracy_at", "auroc", "bootstrap_auroc_ci", "calibrate", "calibration",
+    "DEFAULT_ESTIMATORS", "accuracy_at", "auroc", "bootstrap_auroc_ci", "calibration",
     "calibration_for_manifest", "cohens_d", "confounds", "crosstalk", "evaluate", "evaluate_emotion",
     "generalisation", "json_clean", "probability", "read_snippets", "summary_markdown", "sweep_layers",
     "threshold_fixed_fpr", "threshold_max_f1", "write_report", "z_score",

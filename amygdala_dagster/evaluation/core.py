@@ -598,31 +598,3 @@ def calibration_for_manifest(evaluation: Mapping[str, Any]) -> dict[str, dict[st
             per[str(layer)] = {**cal, "auroc": entry.get("auroc")}
         out[concept] = per
     return out
-
-
-def calibrate(
-    cache: ActivationCache,
-    example_sets: Mapping[str, Any] | Iterable[Any],
-    readout: Any,
-    *,
-    threshold_method: str = "max_f1",
-    target_fpr: float = 0.05,
-) -> dict[str, dict[str, dict]]:
-    """Only the manifest calibration (with thresholds), without the rest of the evaluation.
-
-    The same numbers as ``calibration_for_manifest(evaluate(...))`` with the
-    same settings; cheap enough to run in the step that writes the manifest.
-    """
-    sets = _sets_by_emotion(example_sets)
-    out: dict[str, dict[str, dict]] = {}
-    for concept in readout.concepts:
-        res = evaluate_emotion(cache, sets[concept], readout, estimators=(), threshold_method=threshold_method,
-                               target_fpr=target_fpr, bootstrap=0)
-        res = json_clean(res)
-        out[concept] = {}
-        for layer in readout.layers:
-            entry = res["layers"][str(layer)]
-            if not entry.get("calibration"):
-                raise ValueError(f"no calibration for {concept!r} at layer {layer}: no positives or no negatives")
-            out[concept][str(layer)] = {**entry["calibration"], "auroc": entry.get("auroc")}
-    return out

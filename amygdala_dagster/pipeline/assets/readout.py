@@ -2,7 +2,6 @@
 
 
 import json
-import logging
 import tempfile
 import time
 from pathlib import Path
@@ -17,9 +16,6 @@ from amygdala_dagster.pipeline.assets.common import (
 )
 from amygdala_dagster.pipeline.assets.emotions import emotion_catalog, read_examples_from, tagged_examples
 from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, SelectionResource
-
-
-log = logging.getLogger(__name__)
 
 
 class ReadoutConfig(dg.Config):
@@ -58,7 +54,7 @@ def readout_vectors(
     from amygdala_dagster.estimators import DegenerateDirectionError
     from amygdala_dagster.examples import examples_hash
     from amygdala_dagster.manifest import vectors_bytes
-    from amygdala_dagster.vectors import directions_from_stats, readout_from_directions
+    from amygdala_dagster.vectors import directions_from_stats, holdout_calibration, readout_from_directions
 
     t0 = time.perf_counter()
     threshold = evaluation.threshold()
@@ -93,7 +89,7 @@ def readout_vectors(
             counts = sets[e].counts()
             directions[e] = (unit, norms, {k: counts[k] for k in
                                            ("train_positives", "train_negatives", "holdout_positives", "holdout_negatives")})
-            calibration[e] = manifest_calibration(cache, sets[e], unit, layers, **threshold)
+            calibration[e] = holdout_calibration(cache, sets[e], unit, layers, **threshold)
     kept = [e for e in concepts if e in directions]
     readout = readout_from_directions(directions, layers, order=kept, calibration=calibration)
     data = vectors_bytes(readout)
@@ -138,24 +134,6 @@ def readout_vectors(
             **file_meta(store, STAGED_VECTORS),
         },
     )
-
-
-def manifest_calibration(cache: Any, example_set: Any, unit: Any, layers: Any, *, threshold_method: str,
-                         target_fpr: float) -> dict[int, dict[str, Any]]:
-    """Held-out calibration with the configured threshold rule; the train split when the holdout lacks a class.
-
-    The same numbers as ``amygdala_dagster.vectors.holdout_calibration`` (which is max-F1 only).
-    """
-    from amygdala_dagster.vectors import projection_calibration
-
-    kw = {"threshold_method": threshold_method, "target_fpr": target_fpr}
-    cal = projection_calibration(cache, example_set, unit, layers, "holdout", **kw)
-    first = next(iter(cal.values()), None)
-    if first is not None and (first["n_pos"] == 0 or first["n_neg"] == 0):
-        log.warning("emotion %r: holdout split has %d positives / %d negatives; calibrating on the train split",
-                    example_set.emotion, first["n_pos"], first["n_neg"])
-        cal = projection_calibration(cache, example_set, unit, layers, "train", **kw)
-    return cal
 
 
 def load_staged_readout(storage: ArtifactStorage) -> tuple[Any, dict[str, Any]]:
