@@ -364,8 +364,16 @@ def _select(
 
 def select_examples(snapshot: pl.DataFrame, emotion: str, params: SelectionParams | None = None) -> ExampleSet:
     """The positives and negatives for one emotion (Contract 2), each list sorted by key."""
+    return select_all(snapshot, [emotion], params)[emotion]
+
+
+def select_all(
+    snapshot: pl.DataFrame, emotions: Sequence[str], params: SelectionParams | None = None
+) -> dict[str, ExampleSet]:
+    """:func:`select_examples` for several emotions, reading the snapshot once."""
     params = params or SelectionParams()
-    return _select(_rows(snapshot), check_emotion_name(emotion), params)
+    rows = _rows(snapshot)
+    return {e: _select(rows, e, params) for e in (check_emotion_name(n) for n in emotions)}
 
 
 def check_emotion_name(name: str) -> str:

@@ -138,5 +138,5 @@ def test_check_layer_indices_names_the_depth():
 
 def test_engine_rejects_out_of_range_layer_up_front():
     loaded = load_model(build_tiny_model("qwen3_5"))
-    with pytest.raises(ValueError, match=rf"layer 4 out of range: .*tiny-qwen3_5 has 4 layers \(0\.\.3\)"):
+    with pytest.raises(ValueError, match=r"layer 4 out of range: .*tiny-qwen3_5 has 4 layers \(0\.\.3\)"):
         ActivationEngine(loaded, [1, 4])

@@ -77,11 +77,11 @@ def bundled_nodes() -> list:
 
 def example_sets_for(snapshot, emotions: Sequence[str] | None = None, params=None) -> dict[str, Any]:
     """Contract 2 selection for ``emotions`` (default: the qualifying ones, as extract_training_pairs)."""
-    from amygdala_dagster.examples import emotion_catalog, qualifying_emotions, select_examples
+    from amygdala_dagster.examples import emotion_catalog, qualifying_emotions, select_all
 
     if emotions is None:
         emotions = qualifying_emotions(emotion_catalog(snapshot, params))
-    return {e: select_examples(snapshot, e, params) for e in emotions}
+    return select_all(snapshot, emotions, params)
 
 
 def synthetic_emotion_nodes(base_nodes: Sequence, n_emotions: int, seed: int = 7) -> tuple[list, list[str]]:

@@ -27,8 +27,6 @@ from amygdala_dagster.pipeline.resources import ArtifactStorage, SelectionResour
 def emotion_catalog(
     context: dg.AssetExecutionContext, selection: SelectionResource, storage: ArtifactStorage
 ) -> dg.MaterializeResult:
-    import polars as pl
-
     from amygdala_dagster.atomic import atomic_write_text
     from amygdala_dagster.examples import cooccurrence, qualifying_emotions
 
@@ -102,7 +100,7 @@ def read_catalog_from(storage: ArtifactStorage):
 def tagged_examples(
     context: dg.AssetExecutionContext, selection: SelectionResource, storage: ArtifactStorage
 ) -> dg.MaterializeResult:
-    from amygdala_dagster.examples import examples_hash, select_examples, write_examples_dir
+    from amygdala_dagster.examples import examples_hash, select_all, write_examples_dir
     from amygdala_dagster.snapshot import snapshot_hash
 
     t0 = time.perf_counter()
@@ -112,8 +110,7 @@ def tagged_examples(
     store = storage.store()
     hashes: dict[str, str] = {}
     rows = []
-    for emotion in context.partition_keys:
-        example_set = select_examples(snapshot, emotion, params)
+    for emotion, example_set in select_all(snapshot, context.partition_keys, params).items():
         rel = examples_dir(emotion)
         with store.local_for_write(rel) as path:
             write_examples_dir(path, [example_set], params, snap_hash)
