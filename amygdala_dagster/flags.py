@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 
 def non_negative_int(text: str) -> int:
@@ -22,21 +23,19 @@ def positive_int(text: str) -> int:
     return value
 
 
-def score(text: str) -> float:
+def _float_in(text: str, ok: Callable[[float], bool], expected: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a score from 0 to 10, got {text!r}") from None
-    if not 0 <= value <= 10:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"expected a score from 0 to 10, got {text!r}")
+        value = float("nan")
+    if not ok(value):  # nan fails every comparison
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def score(text: str) -> float:
+    return _float_in(text, lambda v: 0 <= v <= 10, "a score from 0 to 10")
 
 
 def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
-    return value
+    return _float_in(text, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
