@@ -379,9 +379,15 @@ def train_readout(
     order: Sequence[str] | None = None,
     calibrate: bool = True,
     skip_invalid: bool = False,
+    stats: Mapping[str, EmotionStats] | None = None,
+    threshold_method: str = "max_f1",
+    target_fpr: float = 0.05,
 ) -> ReadoutVectors:
     """Train every emotion of ``example_sets`` from the cache into one :class:`ReadoutVectors`.
 
+    ``stats`` gives already computed train statistics (mean-difference only):
+    the directions then come from them instead of a pass over the cache, which
+    still serves the held-out calibration (threshold by ``threshold_method``).
     Rows follow ``order`` (default: sorted emotion names). All emotions are
     attempted and the refusals reported together in one
     :class:`TrainingDataError` naming each emotion; with ``skip_invalid`` the
@@ -393,14 +399,20 @@ def train_readout(
     directions: dict[str, tuple[np.ndarray, np.ndarray, dict[str, int]]] = {}
     calibration: dict[str, dict[int, dict[str, Any]]] = {}
     errors: list[str] = []
+    if stats is not None and estimator != "mean_difference":
+        raise ValueError(f"precomputed statistics give mean-difference directions, not {estimator!r}")
     for name in names:
         try:
-            directions[name] = train_directions(cache, example_sets[name], layers, estimator)
+            if stats is not None:
+                directions[name] = (*directions_from_stats(stats[name]), _counts(example_sets[name]))
+            else:
+                directions[name] = train_directions(cache, example_sets[name], layers, estimator)
         except DegenerateDirectionError as exc:
             errors.append(str(exc))
             continue
         if calibrate:
-            calibration[name] = holdout_calibration(cache, example_sets[name], directions[name][0], layers)
+            calibration[name] = holdout_calibration(cache, example_sets[name], directions[name][0], layers,
+                                                    threshold_method=threshold_method, target_fpr=target_fpr)
     if errors and not skip_invalid:
         raise TrainingDataError("; ".join(errors))
     for err in errors:

@@ -208,6 +208,21 @@ def test_train_readout_orders_rows_and_reports_all_refusals(world):
     assert kept.concepts == ["ire", "joy"] and len(kept.skipped) == 2
 
 
+def test_train_readout_from_stored_stats_equals_the_cache_pass(world):
+    """The pipeline trains from activation_stats' saved statistics; the result must not differ."""
+    cache, sets, _ = world
+    stats = {name: emotion_stats(cache, s, "train", layers=LAYERS) for name, s in sets.items()}
+    from_cache = train_readout(sets, cache, LAYERS, threshold_method="fixed_fpr", target_fpr=0.1)
+    from_stats = train_readout(sets, cache, LAYERS, stats=stats, threshold_method="fixed_fpr", target_fpr=0.1)
+    assert from_stats.concepts == from_cache.concepts and from_stats.counts == from_cache.counts
+    for layer in LAYERS:
+        np.testing.assert_array_equal(from_stats.vectors[layer], from_cache.vectors[layer])
+    assert from_stats.calibration == from_cache.calibration
+    assert from_stats.calibration["joy"][LAYERS[0]]["threshold_method"] == "fixed_fpr"
+    with pytest.raises(ValueError, match="mean-difference"):
+        train_readout(sets, cache, LAYERS, "lda", stats=stats)
+
+
 def test_projection_and_calibrated_scores(world):
     cache, sets, acts = world
     ro = train_readout(sets, cache, LAYERS)

@@ -51,10 +51,9 @@ def readout_vectors(
 ) -> dg.MaterializeResult:
     from amygdala_dagster.atomic import atomic_write_text
     from amygdala_dagster.cache import ActivationCache
-    from amygdala_dagster.estimators import DegenerateDirectionError
     from amygdala_dagster.examples import examples_hash
     from amygdala_dagster.manifest import vectors_bytes
-    from amygdala_dagster.vectors import directions_from_stats, holdout_calibration, readout_from_directions
+    from amygdala_dagster.vectors import train_readout
 
     t0 = time.perf_counter()
     threshold = evaluation.threshold()
@@ -73,25 +72,13 @@ def readout_vectors(
         raise ValueError(f"emotion statistics come from different models/settings ({by}); rematerialize activation_stats")
     first = infos[concepts[0]]
     fingerprint, layers = first["fingerprint"], first["layers"]
-    directions: dict[str, Any] = {}
-    skipped: list[str] = []
+    stats = {e: read_stats(storage, e) for e in concepts}
     with ActivationCache(first["cache_root"], fingerprint) as cache:
-        calibration = {}
-        for e in concepts:
-            try:
-                unit, norms = directions_from_stats(read_stats(storage, e))
-            except DegenerateDirectionError as exc:
-                if not config.skip_untrainable:
-                    raise
-                skipped.append(str(exc))
-                context.log.warning(f"skipping: {exc}")
-                continue
-            counts = sets[e].counts()
-            directions[e] = (unit, norms, {k: counts[k] for k in
-                                           ("train_positives", "train_negatives", "holdout_positives", "holdout_negatives")})
-            calibration[e] = holdout_calibration(cache, sets[e], unit, layers, **threshold)
-    kept = [e for e in concepts if e in directions]
-    readout = readout_from_directions(directions, layers, order=kept, calibration=calibration)
+        readout = train_readout(sets, cache, layers, order=concepts, stats=stats,
+                                skip_invalid=config.skip_untrainable, **threshold)
+    skipped = readout.skipped
+    for reason in skipped:
+        context.log.warning(f"skipping: {reason}")
     data = vectors_bytes(readout)
     import hashlib
 
@@ -101,7 +88,7 @@ def readout_vectors(
         "raw_norms": readout.raw_norms, "counts": readout.counts,
         "calibration": {c: {str(k): v for k, v in cal.items()} for c, cal in readout.calibration.items()},
         "estimator": readout.estimator, "skipped": skipped, "fingerprint": fingerprint,
-        "examples_sha256": {e: infos[e]["examples_sha256"] for e in kept}, "vectors_sha256": sha,
+        "examples_sha256": {e: infos[e]["examples_sha256"] for e in readout.concepts}, "vectors_sha256": sha,
         "cache_root": first["cache_root"],
     }
     store = storage.store()
