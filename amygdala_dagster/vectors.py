@@ -187,13 +187,13 @@ def directions_from_stats(stats: EmotionStats) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(units).astype(np.float32), np.asarray(norms, dtype=np.float64)
 
 
+_SPLIT_COUNTS = ("train_positives", "train_negatives", "holdout_positives", "holdout_negatives")
+
+
 def _counts(example_set: Any) -> dict[str, int]:
-    return {
-        "train_positives": sum(1 for e in example_set.positives if e.split == "train"),
-        "train_negatives": sum(1 for e in example_set.negatives if e.split == "train"),
-        "holdout_positives": sum(1 for e in example_set.positives if e.split == "holdout"),
-        "holdout_negatives": sum(1 for e in example_set.negatives if e.split == "holdout"),
-    }
+    """The per-split example counts the manifest records (from ``ExampleSet.counts``)."""
+    counts = example_set.counts()
+    return {k: counts[k] for k in _SPLIT_COUNTS}
 
 
 def train_directions(
