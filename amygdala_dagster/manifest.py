@@ -64,7 +64,11 @@ def _utc_now() -> str:
 
 
 def _jsonable(value: Any) -> Any:
-    """Round floats and turn numpy scalars into JSON types (keys of layer dicts become strings)."""
+    """Numpy scalars and arrays as plain JSON types; layer-dict keys become strings.
+
+    Unlike ``evaluation.json_clean`` this keeps NaN/Inf, so that the manifest
+    writer (``allow_nan=False``) refuses them instead of writing ``null``.
+    """
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
