@@ -19,6 +19,7 @@ import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from amygdala_dagster.pipeline.storage import Store
+from amygdala_dagster.sources import open_source
 from amygdala_dagster.sample_data import sample_graph_path
 
 log = logging.getLogger(__name__)
@@ -54,14 +55,20 @@ class MemoryGraphResource(dg.ConfigurableResource):
     retries: int = 3
 
     def source(self) -> Any:
-        from amygdala_dagster.sources import open_source
-
         if self.mcp_url:
             return open_source(
                 memory_mcp_url=self.mcp_url, list_tool=self.list_tool, version_tool=self.version_tool,
-                token_env=self.token_env, token=self.token, page_size=self.page_size, retries=self.retries,
+                token_env=self.token_env, token=self._token(), page_size=self.page_size, retries=self.retries,
             )
         return open_source(memory_file=self.file or str(sample_graph_path()))
+
+    def _token(self) -> str | None:
+        # Outside a run (planning partitions, observing the graph, a sensor tick) Dagster has not
+        # resolved an EnvVar yet, and str() of it raises: read the variable here instead.
+        token = self.token
+        if isinstance(token, dg.EnvVar):
+            return token.get_value()
+        return token
 
     @property
     def description(self) -> str:
