@@ -38,6 +38,7 @@ import polars as pl
 from amygdala_dagster.atomic import atomic_directory, atomic_write_bytes
 from amygdala_dagster.nodes import MemoryNode
 from amygdala_dagster.tags import parse_tags
+from amygdala_dagster.vectors import training_problems
 
 log = logging.getLogger(__name__)
 
@@ -174,13 +175,9 @@ class ExampleSet:
         return dict(sorted(Counter(e.node_type for e in self.examples(polarity)).items()))
 
     def problems(self) -> list[str]:
-        """Why this set cannot train a direction (empty when it can)."""
-        out = []
-        if not self.positives:
-            out.append("no eligible positives")
-        if not self.negatives:
-            out.append("no eligible negatives")
-        return out
+        """Why this set cannot train a direction (empty when it can): :func:`vectors.training_problems`."""
+        counts = self.counts()
+        return training_problems(self.emotion, counts["train_positives"], counts["train_negatives"])
 
 
 def split_for_key(key: str, holdout_fraction: float) -> Split:

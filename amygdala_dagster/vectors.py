@@ -50,8 +50,8 @@ def _split_shas(examples: Iterable[Any], split: str | None) -> list[str]:
     return [text_sha256(ex.text) for ex in examples if split is None or ex.split == split]
 
 
-def _layer_columns(cache: ActivationCache, layers: Sequence[int] | None) -> tuple[list[int], list[int] | None]:
-    """(layers, column indices into the cache rows or None for all)."""
+def layer_columns(cache: ActivationCache, layers: Sequence[int] | None) -> tuple[list[int], list[int] | None]:
+    """``(layers, column indices into the cache rows, or None for all)``; ValueError names missing layers."""
     cache_layers = cache.layers
     if layers is None:
         if cache_layers is None:
@@ -109,7 +109,7 @@ def emotion_stats(
     ``layers`` defaults to the cache's layers; a subset selects columns. Every
     text must already be in the cache (see :func:`amygdala_dagster.cache.ensure_cached`).
     """
-    layers, cols = _layer_columns(cache, layers)
+    layers, cols = layer_columns(cache, layers)
     pos_shas = _split_shas(example_set.positives, split)
     neg_shas = _split_shas(example_set.negatives, split)
     shape = cache.shape
@@ -161,13 +161,22 @@ def load_stats(path: str | os.PathLike[str]) -> EmotionStats:
     )
 
 
+def training_problems(emotion: str, pos_n: int, neg_n: int, split: str = "train") -> list[str]:
+    """Why an emotion with ``pos_n`` positives and ``neg_n`` negatives in ``split`` cannot give a direction.
+
+    The one rule every path uses (example sets, the seed script, the readout): empty when it can.
+    """
+    missing = " and ".join(w for w, n in (("positive", pos_n), ("negative", neg_n)) if n == 0)
+    if not missing:
+        return []
+    return [f"emotion {emotion!r}: no {missing} examples in the {split} split "
+            f"({pos_n} positives, {neg_n} negatives)"]
+
+
 def _check_counts(emotion: str, pos_n: int, neg_n: int, split: str = "train") -> None:
-    if pos_n == 0 and neg_n == 0:
-        raise TrainingDataError(f"emotion {emotion!r}: no positive and no negative examples in the {split} split")
-    if pos_n == 0:
-        raise TrainingDataError(f"emotion {emotion!r}: no positive examples in the {split} split ({neg_n} negatives)")
-    if neg_n == 0:
-        raise TrainingDataError(f"emotion {emotion!r}: no negative examples in the {split} split ({pos_n} positives)")
+    problems = training_problems(emotion, pos_n, neg_n, split)
+    if problems:
+        raise TrainingDataError(problems[0])
 
 
 def directions_from_stats(stats: EmotionStats) -> tuple[np.ndarray, np.ndarray]:
@@ -213,7 +222,7 @@ def train_directions(
         unit, norms = directions_from_stats(stats)
         return unit, norms, counts
     estimator = get_estimator(estimator_name)
-    layers, cols = _layer_columns(cache, layers)
+    layers, cols = layer_columns(cache, layers)
     _check_counts(example_set.emotion, counts["train_positives"], counts["train_negatives"])
     pos = cache.get(_split_shas(example_set.positives, "train"))
     neg = cache.get(_split_shas(example_set.negatives, "train"))
@@ -257,7 +266,7 @@ def projection_calibration(
     """
     from amygdala_dagster.evaluation.metrics import calibration
 
-    layers, cols = _layer_columns(cache, layers)
+    layers, cols = layer_columns(cache, layers)
     unit = np.asarray(unit_vectors, dtype=np.float64)
     out: dict[int, dict[str, Any]] = {}
     projs: dict[str, list[np.ndarray]] = {"pos": [], "neg": []}
@@ -316,8 +325,8 @@ def holdout_calibration(
 
 # ----------------------------------------------------------------------------- readout
 @dataclass
-class ReadoutVectors:
-    """All emotions' unit directions, ready for :func:`amygdala_dagster.manifest.write_readout`.
+class TrainedReadout:
+    """The trained matrix: all emotions' unit directions, ready for :func:`amygdala_dagster.manifest.write_readout`.
 
     ``vectors[layer]`` is ``[C, H]`` float32 with rows in ``concepts`` order;
     ``raw_norms[concept]`` lists the pre-normalisation norm per layer (in
@@ -339,6 +348,10 @@ class ReadoutVectors:
         return int(next(iter(self.vectors.values())).shape[1])
 
 
+# The earlier name, kept so callers written against it keep working.
+ReadoutVectors = TrainedReadout
+
+
 def readout_from_directions(
     directions: Mapping[str, tuple[np.ndarray, np.ndarray, dict[str, int]]],
     layers: Sequence[int],
@@ -346,8 +359,8 @@ def readout_from_directions(
     order: Sequence[str] | None = None,
     calibration: Mapping[str, dict[int, dict[str, Any]]] | None = None,
     estimator: str = DEFAULT_ESTIMATOR,
-) -> ReadoutVectors:
-    """Assemble per-emotion ``(unit [L,H], raw_norms [L], counts)`` into a :class:`ReadoutVectors`."""
+) -> TrainedReadout:
+    """Assemble per-emotion ``(unit [L,H], raw_norms [L], counts)`` into a :class:`TrainedReadout`."""
     concepts = list(order) if order is not None else sorted(directions)
     missing = [c for c in concepts if c not in directions]
     if missing:
@@ -359,7 +372,7 @@ def readout_from_directions(
         layer: np.ascontiguousarray(np.stack([directions[c][0][i] for c in concepts]).astype(np.float32))
         for i, layer in enumerate(layers)
     }
-    return ReadoutVectors(
+    return TrainedReadout(
         concepts=concepts,
         layers=layers,
         vectors=vectors,
@@ -382,8 +395,8 @@ def train_readout(
     stats: Mapping[str, EmotionStats] | None = None,
     threshold_method: str = "max_f1",
     target_fpr: float = 0.05,
-) -> ReadoutVectors:
-    """Train every emotion of ``example_sets`` from the cache into one :class:`ReadoutVectors`.
+) -> TrainedReadout:
+    """Train every emotion of ``example_sets`` from the cache into one :class:`TrainedReadout`.
 
     ``stats`` gives already computed train statistics (mean-difference only):
     the directions then come from them instead of a pass over the cache, which
@@ -394,7 +407,7 @@ def train_readout(
     refused emotions are left out with a warning instead and the returned
     object's ``skipped`` lists the reasons.
     """
-    layers, _ = _layer_columns(cache, layers)
+    layers, _ = layer_columns(cache, layers)
     names = list(order) if order is not None else sorted(example_sets)
     directions: dict[str, tuple[np.ndarray, np.ndarray, dict[str, int]]] = {}
     calibration: dict[str, dict[int, dict[str, Any]]] = {}
@@ -426,6 +439,7 @@ def train_readout(
 __all__ = [
     "EmotionStats",
     "ReadoutVectors",
+    "TrainedReadout",
     "TrainingDataError",
     "directions_from_stats",
     "emotion_stats",
@@ -436,4 +450,6 @@ __all__ = [
     "save_stats",
     "train_directions",
     "train_readout",
+    "training_problems",
+    "layer_columns",
 ]

@@ -154,12 +154,12 @@ def run_ours(loaded, layers: list[int], sets: dict[str, Any], cache_root: Path, 
     """Engine + cache + train_readout + vectors/manifest pair: what train_steering_vectors runs."""
     from amygdala_dagster.activations import ActivationEngine
     from amygdala_dagster.cache import ActivationCache
-    from amygdala_dagster.train_steering_vectors import train_readout_pair
+    from amygdala_dagster.workflow import train_readout_pair
 
     engine = ActivationEngine(loaded, layers, pooling="mean", max_tokens=512, batch_size=batch_size,
                               max_batch_tokens=max_batch_tokens)
     cache = ActivationCache(cache_root, engine.fingerprint)
-    result = train_readout_pair(engine, loaded, sets, cache, out_dir / "vectors.safetensors", progress=False)
+    result = train_readout_pair(engine, sets, cache, out_dir / "vectors.safetensors", progress=False)
     return result, engine
 
 
@@ -616,7 +616,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from amygdala_dagster.layers import parse_layers
     from amygdala_dagster.models import load_model
     from amygdala_dagster.snapshot import build_snapshot
-    from amygdala_dagster.train_steering_vectors import default_target_layers
+    from amygdala_dagster.workflow import default_target_layers
 
     t_start = time.perf_counter()
     info = machine_info()

@@ -1,0 +1,555 @@
+"""The training workflow, without Dagster: what the seed scripts, the ``amygdala`` commands and the assets share.
+
+- :class:`EngineSettings` -> :func:`build_engine`: the model (weight-less until a text must be
+  forwarded), the hooked layers (:func:`default_target_layers` when none are given) and the engine;
+- the artefact layout: relative paths of every file under an output directory;
+- :func:`collect_texts`: the texts of a set of emotions, each with a key naming it;
+- trainability and partition planning: which emotions can be trained and which partitions to keep;
+- the staged readout (the trained matrix between ``readout_vectors`` and ``readout_manifest``) and
+  the per-emotion statistics' info, with the rules that decide whether they are current;
+- :func:`check_writable`: every output location checked before any forward pass.
+
+Nothing here imports from :mod:`amygdala_dagster.commands` or :mod:`amygdala_dagster.pipeline`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from amygdala_dagster.activations import ActivationEngine
+from amygdala_dagster.cache import (
+    DEFAULT_SHARD_SIZE, ActivationCache, CacheRunStats, default_cache_dir, ensure_cached, fingerprint_id,
+)
+from amygdala_dagster.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
+from amygdala_dagster.examples import (
+    ExampleSet, SelectionParams, check_emotion_name, examples_hash, read_examples_dir,
+)
+from amygdala_dagster.layers import check_layer_indices, parse_layers
+from amygdala_dagster.manifest import default_manifest_path, layer_key, read_vectors_file, write_readout
+from amygdala_dagster.models import LoadedModel, load_model
+from amygdala_dagster.vectors import EmotionStats, TrainedReadout, train_readout, training_problems
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "minilm"
+# Fractions of depth for the default target layers: middle-to-late (the seed's ~60-80%).
+DEFAULT_DEPTH_FRACTIONS = (0.6, 0.7, 0.8)
+
+# ----------------------------------------------------------------------------- artefact layout
+# Paths relative to an output directory (ArtifactStorage's base path, `amygdala report --output-dir`).
+SNAPSHOT_FILE = "snapshot/memory_snapshot.parquet"
+CATALOG_FILE = "catalog/emotion_catalog.parquet"
+COOCCURRENCE_FILE = "catalog/cooccurrence.json"
+VECTORS_FILE = "vectors.safetensors"
+MANIFEST_FILE = "manifest.json"
+STAGED_VECTORS = "readout/staged_vectors.safetensors"
+STAGED_INFO = "readout/staged_vectors.json"
+REPORT_DIR = "report"
+EVALUATION_JSON = f"{REPORT_DIR}/evaluation.json"
+EVALUATION_HTML = f"{REPORT_DIR}/evaluation.html"
+
+
+def examples_dir(emotion: str) -> str:
+    """Contract 2 directory for one emotion: ``examples/<e>/index.json`` and ``examples/<e>/<e>/*.jsonl``."""
+    return f"examples/{emotion}"
+
+
+def stats_file(emotion: str) -> str:
+    return f"stats/{emotion}.safetensors"
+
+
+def stats_info_file(emotion: str) -> str:
+    return f"stats/{emotion}.json"
+
+
+# ----------------------------------------------------------------------------- settings -> engine
+class SettingsError(ValueError):
+    """A setting that does not fit the model (layers, dtype, device, pooling); the message names it."""
+
+
+def default_target_layers(num_layers: int, fractions: Sequence[float] = DEFAULT_DEPTH_FRACTIONS) -> list[int]:
+    """Middle-to-late layers: for each fraction f, the layer after which f of the depth is done.
+
+    Layer ``idx`` is the residual stream after block ``idx + 1`` of ``num_layers``,
+    so ``idx = round(f * num_layers) - 1`` (clamped, deduplicated). For 64 layers:
+    37, 44, 50; for MiniLM's 6: 3, 4.
+    """
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    return sorted({min(num_layers - 1, max(0, round(f * num_layers) - 1)) for f in fractions})
+
+
+def resolve_target_layers(spec: str | Sequence[int] | None, num_layers: int, model_id: str) -> list[int]:
+    """``spec`` (``"3,18,-1"``, a list, or None for :func:`default_target_layers`) checked against the depth."""
+    try:
+        if spec is None:
+            layers = default_target_layers(num_layers)
+        elif isinstance(spec, str):
+            layers = parse_layers(spec, num_layers)
+        else:
+            layers = list(spec)
+        return check_layer_indices(layers, num_layers, model_id)
+    except ValueError as exc:
+        raise SettingsError(f"target layers: {exc}") from None
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Everything that decides which model runs and how its activations are captured and cached."""
+
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    layers: str | tuple[int, ...] | None = None
+    pooling: str = "mean"
+    batch_size: int = 16
+    max_tokens: int = 512
+    max_batch_tokens: int | None = None
+    layer_path: str | None = None
+    trust_remote_code: bool = False
+    cache_dir: str | None = None
+
+    def cache_root(self) -> Path:
+        """The activation cache root: ``cache_dir``, else ``$AMYGDALA_CACHE_DIR`` or the user cache."""
+        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any], **overrides: Any) -> EngineSettings:
+        """The settings that reproduce a manifest's activation fingerprint (``overrides``: device, batch size ...)."""
+        fp = manifest.get("fingerprint") or {}
+        model = manifest.get("model") or fp.get("model")
+        if not model:
+            raise SettingsError("the manifest records no model")
+        base = cls(
+            model=str(model), revision=manifest.get("model_revision") or fp.get("revision"),
+            dtype=str(manifest.get("dtype") or fp.get("dtype") or "auto"),
+            layers=tuple(int(x) for x in manifest.get("layers") or fp.get("layers") or ()) or None,
+            pooling=str(fp.get("pooling") or manifest.get("pooling") or "mean"),
+            max_tokens=int(fp.get("max_tokens", 512)), layer_path=fp.get("layer_path"),
+        )
+        return replace(base, **overrides)
+
+
+def build_engine(settings: EngineSettings, *, loaded: LoadedModel | None = None,
+                 on_weights_loaded: Callable[[LoadedModel], None] | None = None) -> ActivationEngine:
+    """The activation engine for ``settings``, its model prepared without the weights.
+
+    The weights are read by the first forward pass that has texts, so a fully
+    cached run reads none. ``loaded`` reuses an already prepared model (same
+    model, dtype and device) for another set of layers. Raises
+    :class:`SettingsError` for a setting the model cannot take and lets
+    ``ModelLoadError`` through.
+    """
+    if loaded is None:
+        try:
+            loaded = load_model(settings.model, dtype=settings.dtype, device=settings.device,
+                                revision=settings.revision, trust_remote_code=settings.trust_remote_code,
+                                weights=False)
+        except ValueError as exc:  # device or dtype not usable here (ModelLoadError is not a ValueError)
+            raise SettingsError(str(exc)) from None
+    layers = resolve_target_layers(settings.layers, loaded.num_layers, loaded.model_id)
+    extra = {"max_batch_tokens": settings.max_batch_tokens} if settings.max_batch_tokens else {}
+    try:
+        return ActivationEngine(loaded, layers, pooling=settings.pooling, max_tokens=settings.max_tokens,
+                                batch_size=settings.batch_size, layer_path=settings.layer_path,
+                                on_weights_loaded=on_weights_loaded, **extra)
+    except ValueError as exc:  # a layer path that does not resolve, an unknown pooling
+        raise SettingsError(str(exc)) from None
+
+
+# ----------------------------------------------------------------------------- texts and trainability
+def collect_texts(example_sets: Mapping[str, ExampleSet]) -> tuple[list[str], list[str]]:
+    """Every example text of every emotion (both splits, duplicates kept) and a key naming each."""
+    texts: list[str] = []
+    keys: list[str] = []
+    for name, s in example_sets.items():
+        for polarity, items in (("positive", s.positives), ("negative", s.negatives)):
+            for ex in items:
+                texts.append(ex.text)
+                keys.append(f"{ex.key} ({name} {polarity})")
+    return texts, keys
+
+
+def untrainable(example_sets: Mapping[str, ExampleSet]) -> dict[str, str]:
+    """``{emotion: reason}`` for the emotions whose train split cannot give a direction."""
+    out = {}
+    for name, s in example_sets.items():
+        counts = s.counts()
+        problems = training_problems(name, counts["train_positives"], counts["train_negatives"])
+        if problems:
+            out[name] = "; ".join(problems)
+    return out
+
+
+class NotQualifiedError(ValueError):
+    """Emotions asked for by name that the graph cannot train; the message says why and what would help."""
+
+
+def qualification_problems(catalog: pl.DataFrame, sets: Mapping[str, ExampleSet], min_positives: int,
+                           params: SelectionParams) -> dict[str, str]:
+    """``{emotion: why it does not qualify and what would make it}`` for the emotions of ``sets``."""
+    eligible = dict(zip(catalog["emotion"].to_list(), catalog["n_positive"].to_list()))
+    out = {}
+    for name, s in sets.items():
+        n_pos = int(eligible.get(name, 0) or 0)
+        reasons = []
+        if n_pos < min_positives:
+            reasons.append(f"{n_pos} eligible positive(s), {min_positives} needed (a positive is a node tagged "
+                           f"{name}:{params.min_positive_score:g} or higher with at least "
+                           f"{params.min_content_chars} characters of text); tag more nodes, or lower "
+                           "--min-positives")
+        trainability = untrainable({name: s}).get(name)
+        if trainability and not reasons:
+            reasons.append(trainability)
+        if reasons:
+            out[name] = "; ".join(reasons)
+    return out
+
+
+@dataclass
+class PartitionPlan:
+    """Which emotion partitions a run covers: ``partitions`` = kept existing ones + ``new``."""
+
+    new: list[str]
+    dropped: dict[str, str]  # emotion -> why its partition goes
+    partitions: list[str]
+
+
+def plan_partitions(catalog: pl.DataFrame, existing: Sequence[str], min_positives: int,
+                    curated: Iterable[str] = ()) -> PartitionPlan:
+    """Keep the registered emotions that still qualify, add the newly qualifying ones.
+
+    An existing partition goes when its name is not a valid emotion name (e.g.
+    registered by an older version) or when it has fewer than ``min_positives``
+    eligible positives (curated or not): it would fail the blocking checks and
+    hold back every other emotion's refresh.
+    """
+    qualifying = catalog.filter(pl.col("qualifies")).sort("rank")["emotion"].to_list()
+    positives = dict(zip(catalog["emotion"].to_list(), catalog["n_positive"].to_list()))
+    curated = set(curated)
+    dropped: dict[str, str] = {}
+    for e in existing:
+        try:
+            if check_emotion_name(e) != e:
+                raise ValueError(f"it normalises to {check_emotion_name(e)!r}")
+        except ValueError as exc:
+            dropped[e] = f"not a valid emotion name ({exc})"
+            continue
+        n = int(positives.get(e, 0) or 0)
+        if n < min_positives:
+            dropped[e] = (f"{n} eligible positive(s), fewer than {min_positives}"
+                          + (" (curated, but it cannot pass the min-positives check)" if e in curated else ""))
+    kept = [e for e in existing if e not in dropped]
+    new = [e for e in qualifying if e not in existing and int(positives.get(e, 0) or 0) >= min_positives]
+    return PartitionPlan(new=new, dropped=dropped, partitions=kept + new)
+
+
+# ----------------------------------------------------------------------------- statistics and staleness
+def stats_info(example_set: ExampleSet, stats: EmotionStats, fingerprint: Mapping[str, Any],
+               cache_root: str | os.PathLike[str], stats_sha256: str) -> dict[str, Any]:
+    """The JSON written beside one emotion's statistics: what they were computed from."""
+    return {
+        "emotion": example_set.emotion,
+        "examples_sha256": examples_hash(example_set),
+        "layers": [int(x) for x in stats.layers],
+        "pos_n": int(stats.pos_n),
+        "neg_n": int(stats.neg_n),
+        "fingerprint": dict(fingerprint),
+        "fingerprint_id": fingerprint_id(fingerprint),
+        "cache_root": str(cache_root),
+        "stats_sha256": stats_sha256,
+    }
+
+
+class StaleInputError(ValueError):
+    """Stored intermediate results that do not belong together; the message says what to rematerialise."""
+
+
+def check_stats_current(infos: Mapping[str, Mapping[str, Any]], sets: Mapping[str, ExampleSet]) -> dict[str, Any]:
+    """The shared ``{fingerprint, layers, cache_root}`` of per-emotion statistics, if they are current.
+
+    Current: each emotion's statistics were computed from its examples as they
+    are now, and all of them under one activation fingerprint.
+    """
+    stale = [e for e in infos if infos[e]["examples_sha256"] != examples_hash(sets[e])]
+    if stale:
+        raise StaleInputError(
+            f"activation_stats is older than tagged_examples for {', '.join(stale)}: "
+            "materialize activation_stats for those partitions first"
+        )
+    ids = {e: fingerprint_id(info["fingerprint"]) for e, info in infos.items()}
+    if len(set(ids.values())) > 1:
+        by = {e: i[:12] for e, i in ids.items()}
+        raise StaleInputError(f"emotion statistics come from different models/settings ({by}); "
+                              "rematerialize activation_stats")
+    first = next(iter(infos.values()))
+    return {"fingerprint": first["fingerprint"], "layers": [int(x) for x in first["layers"]],
+            "cache_root": first["cache_root"]}
+
+
+# ----------------------------------------------------------------------------- staged readout
+def staged_info(readout: TrainedReadout, *, vectors_sha256: str, fingerprint: Mapping[str, Any],
+                examples_sha256: Mapping[str, str], cache_root: str) -> dict[str, Any]:
+    """The JSON beside the staged vectors: everything the manifest and the report need besides the matrix."""
+    return {
+        "concepts": readout.concepts, "layers": readout.layers, "hidden_size": readout.hidden_size,
+        "raw_norms": readout.raw_norms, "counts": readout.counts,
+        "calibration": {c: {str(k): v for k, v in cal.items()} for c, cal in readout.calibration.items()},
+        "estimator": readout.estimator, "skipped": readout.skipped, "fingerprint": dict(fingerprint),
+        "examples_sha256": {e: examples_sha256[e] for e in readout.concepts}, "vectors_sha256": vectors_sha256,
+        "cache_root": cache_root,
+    }
+
+
+def encode_staged_info(info: Mapping[str, Any]) -> str:
+    return json.dumps(info, indent=1, sort_keys=True) + "\n"
+
+
+def read_staged_readout(vectors_path: str | os.PathLike[str], info: Mapping[str, Any]) -> TrainedReadout:
+    """The :class:`TrainedReadout` from the staged vectors file and its info."""
+    tensors, _meta, _dtype = read_vectors_file(vectors_path)
+    vectors = {int(l): np.ascontiguousarray(tensors[layer_key(int(l))], dtype=np.float32) for l in info["layers"]}
+    return TrainedReadout(
+        concepts=list(info["concepts"]), layers=[int(x) for x in info["layers"]], vectors=vectors,
+        raw_norms=info["raw_norms"], counts=info["counts"],
+        calibration={c: {int(k): v for k, v in cal.items()} for c, cal in info["calibration"].items()},
+        estimator=info["estimator"], skipped=list(info.get("skipped", [])),
+    )
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def drift_cosines(previous: TrainedReadout | None, current: TrainedReadout) -> dict[str, float]:
+    """Per concept in both: the lowest cosine, over the shared layers, between its new and previous vector.
+
+    1.0 = unchanged direction; a graph change that moves a direction shows here.
+    """
+    if previous is None:
+        return {}
+    shared = [l for l in current.layers if l in previous.layers]
+    out = {}
+    for concept in current.concepts:
+        if concept not in previous.concepts or not shared:
+            continue
+        i, j = current.concepts.index(concept), previous.concepts.index(concept)
+        cosines = []
+        for layer in shared:
+            a = current.vectors[layer][i].astype(np.float64)
+            b = previous.vectors[layer][j].astype(np.float64)
+            if a.shape != b.shape:
+                break
+            cosines.append(float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12)))
+        if cosines:
+            out[concept] = round(min(cosines), 6)
+    return out
+
+
+# ----------------------------------------------------------------------------- writability
+class UnwritableError(OSError):
+    """An output location that cannot be written; the message names it and the cause, on one line."""
+
+
+def check_writable(directories: Mapping[str, str | os.PathLike[str] | None] = (),
+                   files: Mapping[str, str | os.PathLike[str] | None] = ()) -> None:
+    """Fail early, naming the location and the cause, when an output cannot be written.
+
+    ``directories`` (``{"--output-dir": path}``) are created if missing and a
+    file is created and removed in each; for ``files`` the same is done in the
+    parent directory, and an existing path must be a writable regular file. A
+    ``None`` path or a URL (``s3://...``) is skipped.
+    """
+    files = dict(files)
+    for what, raw in {**dict(directories), **files}.items():
+        if raw is None or "://" in str(raw):
+            continue
+        path = Path(raw).expanduser()
+        is_file = what in files
+        directory = path.parent if is_file else path
+        try:
+            if is_file and path.is_dir():
+                raise IsADirectoryError(21, "is a directory, not a file")
+            if directory.exists() and not directory.is_dir():
+                raise NotADirectoryError(20, f"{directory} is a file, not a directory")
+            directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=directory, prefix=".amygdala-write-check-"):
+                pass
+            if is_file and path.exists() and not os.access(path, os.W_OK):
+                raise PermissionError(13, "the existing file is not writable")
+        except OSError as exc:
+            cause = exc.strerror or str(exc)
+            raise UnwritableError(f"cannot write {what} {path}: {cause}") from None
+
+
+# ----------------------------------------------------------------------------- examples directory -> pair
+class TrainingError(RuntimeError):
+    """Training cannot proceed; the message names the emotion/flag/file."""
+
+
+@dataclass
+class TrainResult:
+    vectors_path: Path
+    manifest_path: Path
+    manifest: dict[str, Any]
+    cache_stats: CacheRunStats
+    concepts: list[str]
+    layers: list[int]
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    model_load_seconds: float = 0.0
+    model_weights_loaded: bool = False
+    cache_dir: str = ""
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-able summary of the run (also what ``--json-summary`` writes)."""
+        return {
+            "vectors": str(self.vectors_path),
+            "manifest": str(self.manifest_path),
+            "vectors_sha256": self.manifest["vectors_sha256"],
+            "concepts": self.concepts,
+            "layers": self.layers,
+            "skipped": self.skipped,
+            "model": self.manifest["model"],
+            "dtype": self.manifest["dtype"],
+            "cache_dir": self.cache_dir,
+            "activations": self.cache_stats.to_dict(),
+            "model_load_seconds": round(self.model_load_seconds, 3),
+            "model_weights_loaded": self.model_weights_loaded,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def select_emotions(example_sets: Mapping[str, ExampleSet], emotions: Sequence[str] | None) -> dict[str, ExampleSet]:
+    """The named subset of ``example_sets`` (all when ``emotions`` is empty); SettingsError names unknown ones."""
+    if not emotions:
+        return dict(example_sets)
+    unknown = [e for e in emotions if e not in example_sets]
+    if unknown:
+        raise SettingsError(
+            f"--emotions: {', '.join(map(repr, unknown))} not in the training data "
+            f"(it has {', '.join(sorted(example_sets)) or 'no emotions'})"
+        )
+    return {e: example_sets[e] for e in dict.fromkeys(emotions)}
+
+
+def train_readout_pair(
+    engine: ActivationEngine,
+    example_sets: Mapping[str, ExampleSet],
+    cache: ActivationCache,
+    output: str | os.PathLike[str],
+    manifest_path: str | os.PathLike[str] | None = None,
+    *,
+    estimator: str = DEFAULT_ESTIMATOR,
+    vectors_dtype: str = "float32",
+    skip_invalid: bool = False,
+    progress: bool = True,
+    training_info: Mapping[str, Any] | None = None,
+) -> TrainResult:
+    """Cache activations for all example texts, train every emotion, write the Contract 3 pair."""
+    t0 = time.perf_counter()
+    output = Path(output)
+    manifest_path = Path(manifest_path) if manifest_path is not None else default_manifest_path(output)
+    texts, keys = collect_texts(example_sets)
+    stats = ensure_cached(engine, cache, texts, keys=keys, progress=progress)
+    readout = train_readout(example_sets, cache, list(engine.layers), estimator, skip_invalid=skip_invalid)
+    loaded = engine.loaded
+    fp = dict(engine.fingerprint)
+    training = {
+        "estimator": estimator,
+        "split": "train",
+        "calibration_split": "holdout",
+        "max_tokens": fp.get("max_tokens"),
+        "texts": stats.texts_total,
+        "unique_texts": stats.unique_texts,
+        "truncated_texts_this_run": stats.truncated,
+        "cache_fingerprint_id": cache.fingerprint_id,
+        "cache_root": str(cache.root.resolve()),  # lets `amygdala report` find the cached activations again
+        "weights_hash": loaded.weights_hash,
+        "tool": "amygdala_dagster.train_steering_vectors",
+    }
+    training.update(training_info or {})
+    manifest = write_readout(
+        output, manifest_path, readout, vectors_dtype=vectors_dtype, model=loaded.model_id,
+        model_revision=loaded.revision, dtype=loaded.dtype, pooling=fp.get("pooling", engine.pooling),
+        layer_path=engine.resolved_layer_path, fingerprint=fp, training=training, calibration=readout.calibration,
+    )
+    return TrainResult(
+        vectors_path=output, manifest_path=manifest_path, manifest=manifest, cache_stats=stats,
+        concepts=list(readout.concepts), layers=list(readout.layers), skipped=list(readout.skipped),
+        seconds=time.perf_counter() - t0, model_weights_loaded=engine.weights_loaded, cache_dir=str(cache.directory),
+    )
+
+
+def train_from_examples_dir(
+    training_data_dir: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    settings: EngineSettings = EngineSettings(batch_size=4, max_batch_tokens=16384),
+    *,
+    manifest: str | os.PathLike[str] | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    estimator: str = DEFAULT_ESTIMATOR,
+    emotions: Sequence[str] | None = None,
+    vectors_dtype: str = "float32",
+    skip_invalid: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """The whole of the seed's step 2 as a function (what ``train_steering_vectors`` runs).
+
+    Raises :class:`SettingsError` for options that do not fit the data or model,
+    :class:`TrainingError` for refusals (naming the emotions),
+    :class:`UnwritableError` before any forward pass when an output cannot be
+    written, and lets ``ModelLoadError`` / ``ExamplesFormatError`` through.
+    """
+    t0 = time.perf_counter()
+    if estimator not in ESTIMATORS:
+        raise SettingsError(f"--estimator: unknown estimator {estimator!r}; choose one of {', '.join(sorted(ESTIMATORS))}")
+    check_writable({"--cache-dir": settings.cache_root()}, {"--output": output, "--manifest": manifest})
+    index, sets = read_examples_dir(training_data_dir)
+    sets = select_emotions(sets, emotions)
+    if not sets:
+        raise TrainingError(f"{training_data_dir}: no emotions to train")
+    problems = untrainable(sets)
+    if problems:
+        if not skip_invalid:
+            raise TrainingError("; ".join(problems.values()) + " (use --skip-invalid to leave such emotions out)")
+        for p in problems.values():
+            log.warning("skipping %s", p)
+        sets = {k: v for k, v in sets.items() if k not in problems}
+        if not sets:
+            raise TrainingError("no trainable emotions left: " + "; ".join(problems.values()))
+    t_load = time.perf_counter()
+    engine = build_engine(settings)
+    load_seconds = time.perf_counter() - t_load
+    cache = ActivationCache(settings.cache_root(), engine.fingerprint, shard_size=shard_size)
+    examples_index = {k: v for k, v in index.items() if k not in ("emotions", "emotion_order")}
+    try:
+        result = train_readout_pair(
+            engine, sets, cache, output, manifest,
+            estimator=estimator, vectors_dtype=vectors_dtype, skip_invalid=skip_invalid, progress=progress,
+            training_info={
+                "training_data_dir": str(Path(training_data_dir).resolve()),
+                "examples_index": examples_index,
+                "skipped": list(problems.values()) if skip_invalid else [],
+            },
+        )
+    except ValueError as exc:  # DegenerateDirectionError, empty text: name the emotion/key
+        raise TrainingError(str(exc)) from exc
+    result.skipped = list(problems.values()) + result.skipped
+    result.model_load_seconds = load_seconds + engine.stats.load_seconds
+    result.model_weights_loaded = engine.weights_loaded
+    result.seconds = time.perf_counter() - t0
+    return result
