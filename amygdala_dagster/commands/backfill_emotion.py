@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from amygdala_dagster.commands.run import add_common_flags, build_resources, report_result
+from amygdala_dagster.commands.run import add_common_flags, execute
+from amygdala_dagster.pipeline.runner import backfill_emotions
 
 HELP = "add emotions as partitions, materialise them in one run and refresh vectors, manifest and report"
 
@@ -16,14 +16,4 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from amygdala_dagster.pipeline.runner import backfill_emotions, get_instance
-    from amygdala_dagster.sources import MemoryGraphError
-
-    try:
-        resources = build_resources(args)
-        with get_instance() as instance:
-            result = backfill_emotions(args.names, resources, instance)
-            return report_result(result, resources, "backfill-emotion")
-    except (MemoryGraphError, ValueError, FileNotFoundError) as exc:
-        print(f"amygdala backfill-emotion: {exc}", file=sys.stderr)
-        return 2
+    return execute("backfill-emotion", args, lambda resources, instance: backfill_emotions(args.names, resources, instance))

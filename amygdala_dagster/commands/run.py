@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from amygdala_dagster.models import ModelLoadError
+from amygdala_dagster.pipeline.definitions import default_resources
+from amygdala_dagster.pipeline.resources import (
+    ArtifactStorage, EvaluationResource, MemoryGraphResource, ModelResource, SelectionResource,
+)
+from amygdala_dagster.pipeline.runner import dagster_home, failures, get_instance, materialize_all, step_metadata
+from amygdala_dagster.sources import MemoryGraphError
+from amygdala_dagster.workflow import EVALUATION_HTML, MANIFEST_FILE, VECTORS_FILE, check_writable
 
 HELP = "materialise the whole asset graph (snapshot -> vectors, manifest, report); runs show in `dagster dev`"
 
@@ -44,11 +55,6 @@ def _split_names(spec: str | None) -> list[str]:
 
 
 def build_resources(args: argparse.Namespace) -> dict[str, Any]:
-    from amygdala_dagster.pipeline.definitions import default_resources
-    from amygdala_dagster.pipeline.resources import (
-        ArtifactStorage, EvaluationResource, MemoryGraphResource, ModelResource, SelectionResource,
-    )
-
     resources = default_resources()
     if args.memory_mcp_url or args.memory_file:
         resources["memory"] = MemoryGraphResource(mcp_url=args.memory_mcp_url, file=args.memory_file)
@@ -74,28 +80,43 @@ def build_resources(args: argparse.Namespace) -> dict[str, Any]:
     return resources
 
 
-def report_result(result: Any, resources: dict[str, Any], what: str) -> int:
-    from amygdala_dagster.pipeline.assets.common import MANIFEST_FILE, REPORT_DIR, VECTORS_FILE
-    from amygdala_dagster.pipeline.runner import dagster_home, failures, step_metadata
+def check_outputs(resources: dict[str, Any]) -> None:
+    """Every place the run writes, checked before the graph is read or a model prepared (one line on failure)."""
+    check_writable({"--output-dir": resources["storage"].base_path,
+                    "--cache-dir": resources["model"].cache_root(),
+                    "DAGSTER_HOME": dagster_home()})
 
+
+def _pair_created_at(store: Any) -> str | None:
+    try:
+        return json.loads(store.read_bytes(MANIFEST_FILE)).get("created_at")
+    except (OSError, ValueError):
+        return None
+
+
+def report_result(result: Any, resources: dict[str, Any], what: str, pair_before: str | None = None) -> int:
+    """Print where the outputs went, or each failure's cause once; the exit status."""
     store = resources["storage"].store()
     stats = step_metadata(result, "activation_stats")
     if stats:
         print(f"activations: {stats.get('texts_forwarded')} texts forwarded, {stats.get('texts_cached')} cached, "
               f"{stats.get('tokens')} tokens ({stats.get('tokens_per_s')} tokens/s) on {stats.get('device')}")
-    problems = failures(result)
-    for p in problems:
-        print(f"  {p}", file=sys.stderr)
-    import os
-
     hint = (f"DAGSTER_HOME={os.environ['DAGSTER_HOME']} dagster dev" if os.environ.get("DAGSTER_HOME")
             else "`dagster dev` from the repository root")
-    print(f"dagster run {result.run_id} recorded in {dagster_home()} (see it with {hint})")
+    where = f"dagster run {result.run_id} recorded in {dagster_home()} (see it with {hint})"
     if not result.success:
-        print(f"amygdala {what}: the run failed", file=sys.stderr)
+        problems = failures(result)
+        print(f"amygdala {what}: the run failed: {problems[0] if problems else 'see the run'}", file=sys.stderr)
+        for p in problems[1:]:
+            print(f"  also: {p}", file=sys.stderr)
+        print(f"  full log and tracebacks: {where}", file=sys.stderr)
+        if pair_before is not None:
+            print(f"  {store.uri(VECTORS_FILE)} and {store.uri(MANIFEST_FILE)} were NOT updated "
+                  f"(they are from {pair_before})", file=sys.stderr)
         return 1
+    print(where)
     print(f"output directory: {store.uri('')}")
-    for rel in (VECTORS_FILE, MANIFEST_FILE, f"{REPORT_DIR}/evaluation.html"):
+    for rel in (VECTORS_FILE, MANIFEST_FILE, EVALUATION_HTML):
         if store.exists(rel):
             print(f"  {store.uri(rel)}")
     return 0
@@ -105,15 +126,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_common_flags(parser)
 
 
-def main(args: argparse.Namespace) -> int:
-    from amygdala_dagster.pipeline.runner import get_instance, materialize_all
-    from amygdala_dagster.sources import MemoryGraphError
-
+def execute(what: str, args: argparse.Namespace, launch: Any) -> int:
+    """Shared by ``run`` and ``backfill-emotion``: resources, checks, the run, the summary."""
+    resources: dict[str, Any] | None = None
     try:
         resources = build_resources(args)
+        check_outputs(resources)
+        pair_before = _pair_created_at(resources["storage"].store())
         with get_instance() as instance:
-            result = materialize_all(resources, instance)
-            return report_result(result, resources, "run")
-    except (MemoryGraphError, ValueError, FileNotFoundError) as exc:
-        print(f"amygdala run: {exc}", file=sys.stderr)
+            result = launch(resources, instance)
+            return report_result(result, resources, what, pair_before)
+    except (MemoryGraphError, ModelLoadError, OSError, ValueError) as exc:
+        print(f"amygdala {what}: {exc}", file=sys.stderr)
+        pair = _pair_created_at(resources["storage"].store()) if resources is not None else None
+        if pair is not None:
+            print(f"  nothing was trained; the vectors and manifest in the output directory are from {pair}, "
+                  "not from this run", file=sys.stderr)
         return 2
+
+
+def main(args: argparse.Namespace) -> int:
+    return execute("run", args, materialize_all)

@@ -17,12 +17,14 @@ from amygdala_dagster.pipeline.assets import (
     activation_stats, evaluation_report, memory_snapshot, readout_manifest, readout_vectors, tagged_examples,
 )
 from amygdala_dagster.pipeline.assets.activations import read_stats
-from amygdala_dagster.pipeline.assets.common import MANIFEST_FILE, VECTORS_FILE, run_partition_keys
+from amygdala_dagster.manifest import ReadoutFileError, load_readout, sha256_file
+from amygdala_dagster.pipeline.assets.common import run_partition_keys
 from amygdala_dagster.pipeline.assets.emotions import read_examples_from
-from amygdala_dagster.pipeline.assets.evaluation import EVALUATION_JSON
 from amygdala_dagster.pipeline.assets.graph import read_snapshot_from
-from amygdala_dagster.pipeline.assets.readout import load_staged_readout
+from amygdala_dagster.pipeline.assets.readout_pair import load_staged_readout
 from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, SelectionResource
+from amygdala_dagster.tags import is_tag_line, parse_tags
+from amygdala_dagster.workflow import EVALUATION_JSON, MANIFEST_FILE, VECTORS_FILE
 
 NORM_TOLERANCE = 1e-4
 _SHOWN = 10
@@ -51,8 +53,6 @@ def snapshot_problems(df: Any) -> list[str]:
 
 def examples_problems(example_set: Any) -> list[str]:
     """No example text carries a tag block; train and holdout (and positives and negatives) are disjoint."""
-    from amygdala_dagster.tags import is_tag_line, parse_tags
-
     e = example_set.emotion
     out = []
     for pol, items in (("positive", example_set.positives), ("negative", example_set.negatives)):
@@ -113,8 +113,6 @@ def vectors_problems(concepts: Sequence[str], layers: Sequence[int], vectors: Ma
 
 def manifest_problems(vectors_path: Any, manifest_path: Any, expected_concepts: Sequence[str] | None = None) -> list[str]:
     """The manifest's SHA-256 matches the vectors file; shapes, norms and row order match the manifest."""
-    from amygdala_dagster.manifest import ReadoutFileError, load_readout, sha256_file
-
     try:
         manifest = json.loads(open(manifest_path, encoding="utf-8").read())
     except (OSError, ValueError) as exc:

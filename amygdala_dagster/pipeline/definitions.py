@@ -17,6 +17,7 @@ import dagster as dg
 
 from amygdala_dagster.pipeline.assets import ALL_ASSETS
 from amygdala_dagster.pipeline.checks import ALL_CHECKS
+from amygdala_dagster.pipeline.jobs import JOBS, LOGGERS
 from amygdala_dagster.pipeline.resources import (
     ArtifactStorage, EvaluationResource, MemoryGraphResource, ModelResource, SelectionResource, default_output_dir,
 )
@@ -52,7 +53,9 @@ def build_definitions(resources: dict[str, object] | None = None) -> dg.Definiti
     return dg.Definitions(
         assets=ALL_ASSETS,
         asset_checks=ALL_CHECKS,
+        jobs=JOBS,
         sensors=[memory_graph_sensor],
+        loggers=LOGGERS,
         resources={**default_resources(), **(resources or {})},
     )
 

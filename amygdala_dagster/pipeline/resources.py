@@ -16,17 +16,21 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import polars as pl
+import torch
 from pydantic import Field, PrivateAttr
 
+from amygdala_dagster.activations import ActivationEngine
+from amygdala_dagster.evaluation.metrics import THRESHOLD_METHODS
+from amygdala_dagster.examples import SelectionParams, emotion_catalog
+from amygdala_dagster.models import LoadedModel
 from amygdala_dagster.pipeline.storage import Store
-from amygdala_dagster.sources import open_source
-from amygdala_dagster.sample_data import sample_graph_path
+from amygdala_dagster.sample_data import conversation_snippets_path, sample_graph_path
+from amygdala_dagster.sources import JsonlSource, McpSource, open_source
+from amygdala_dagster.workflow import EngineSettings, build_engine
 
 log = logging.getLogger(__name__)
 
-# How many times this process loaded / released model weights through ModelResource (tests read them).
-MODEL_LOADS = 0
-MODEL_RELEASES = 0
 _LOAD_LOCK = threading.Lock()
 
 
@@ -54,7 +58,7 @@ class MemoryGraphResource(dg.ConfigurableResource):
     page_size: int = 200
     retries: int = 3
 
-    def source(self) -> Any:
+    def source(self) -> JsonlSource | McpSource:
         if self.mcp_url:
             return open_source(
                 memory_mcp_url=self.mcp_url, list_tool=self.list_tool, version_tool=self.version_tool,
@@ -87,9 +91,7 @@ class SelectionResource(dg.ConfigurableResource):
     max_emotions: int = 200
     curated: list[str] = Field(default_factory=list, description="emotions always included")
 
-    def params(self) -> Any:
-        from amygdala_dagster.examples import SelectionParams
-
+    def params(self) -> SelectionParams:
         return SelectionParams(
             min_positive_score=float(self.min_positive_score),
             max_negative_mentions=int(self.max_negative_mentions),
@@ -98,9 +100,7 @@ class SelectionResource(dg.ConfigurableResource):
             holdout_fraction=float(self.holdout_fraction),
         )
 
-    def catalog(self, snapshot: Any) -> Any:
-        from amygdala_dagster.examples import emotion_catalog
-
+    def catalog(self, snapshot: pl.DataFrame) -> pl.DataFrame:
         return emotion_catalog(
             snapshot, self.params(), min_positives=int(self.min_positives),
             max_emotions=int(self.max_emotions), curated=list(self.curated),
@@ -140,67 +140,48 @@ class ModelResource(dg.ConfigurableResource):
     cache_dir: str | None = Field(default=None, description="activation cache; default $AMYGDALA_CACHE_DIR or ~/.cache/amygdala/activations")
     trust_remote_code: bool = False
 
-    _engine: Any = PrivateAttr(default=None)
+    _engine: ActivationEngine | None = PrivateAttr(default=None)
+
+    def settings(self) -> EngineSettings:
+        """The workflow's engine settings from this resource's fields."""
+        return EngineSettings(
+            model=self.model, revision=self.revision, dtype=self.dtype, device=self.device, layers=self.layers,
+            pooling=self.pooling, batch_size=self.batch_size, max_tokens=self.max_tokens,
+            max_batch_tokens=self.max_batch_tokens, layer_path=self.layer_path,
+            trust_remote_code=self.trust_remote_code, cache_dir=self.cache_dir,
+        )
 
     def cache_root(self) -> Path:
-        from amygdala_dagster.cache import default_cache_dir
+        return self.settings().cache_root()
 
-        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
-
-    def engine(self) -> Any:
+    def engine(self) -> ActivationEngine:
         """The activation engine (weights loaded by its first forward pass that has texts)."""
         with _LOAD_LOCK:
             if self._engine is None:
-                from amygdala_dagster.activations import ActivationEngine
-                from amygdala_dagster.layers import parse_layers
-                from amygdala_dagster.models import load_model
-
                 log.info("preparing model %s (dtype %s, device %s)", self.model, self.dtype, self.device)
-                loaded = load_model(
-                    self.model, dtype=self.dtype, device=self.device, revision=self.revision,
-                    trust_remote_code=self.trust_remote_code, weights=False,
-                )
-                if loaded.weights_loaded:  # a hub checkpoint not downloaded yet is loaded whole
-                    _count_load(loaded)
-                from amygdala_dagster.train_steering_vectors import default_target_layers
-
-                layers = (parse_layers(self.layers, loaded.num_layers) if self.layers
-                          else default_target_layers(loaded.num_layers))
-                extra = {"max_batch_tokens": self.max_batch_tokens} if self.max_batch_tokens else {}
-                self._engine = ActivationEngine(
-                    loaded, layers, pooling=self.pooling, max_tokens=self.max_tokens,
-                    batch_size=self.batch_size, layer_path=self.layer_path, on_weights_loaded=_count_load,
-                    **extra,
-                )
+                self._engine = build_engine(self.settings(), on_weights_loaded=_log_weights_loaded)
             return self._engine
 
-    def release(self) -> None:
-        """Drop the model so its memory (and GPU memory) is freed."""
-        global MODEL_RELEASES
+    def release(self) -> bool:
+        """Drop the model so its memory (and GPU memory) is freed; True when weights were held."""
         with _LOAD_LOCK:
             if self._engine is None:
-                return
+                return False
             had_weights = self._engine.weights_loaded
             self._engine = None
-            if not had_weights:
-                return
-            MODEL_RELEASES += 1
-        gc.collect()
-        try:
-            import torch
-
+        if had_weights:
+            gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        except ImportError:  # pragma: no cover - torch is a dependency
-            pass
+        return had_weights
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
-        self.release()
+        if self.release() and context.log is not None:
+            context.log.info(f"released the weights of model {self.model}")
 
 
-def _count_load(loaded: Any) -> None:
-    global MODEL_LOADS
-    MODEL_LOADS += 1
+def _log_weights_loaded(loaded: LoadedModel) -> None:
+    log.info("loaded the weights of %s on %s", loaded.model_id, loaded.device)
 
 
 class EvaluationResource(dg.ConfigurableResource):
@@ -222,8 +203,6 @@ class EvaluationResource(dg.ConfigurableResource):
 
     def threshold(self) -> dict[str, Any]:
         """``{"threshold_method", "target_fpr"}`` validated (a typo fails before any work is done)."""
-        from amygdala_dagster.evaluation.metrics import THRESHOLD_METHODS
-
         if self.threshold_method not in THRESHOLD_METHODS:
             raise ValueError(
                 f"evaluation.threshold_method {self.threshold_method!r}: choose one of {', '.join(THRESHOLD_METHODS)}"
@@ -233,8 +212,6 @@ class EvaluationResource(dg.ConfigurableResource):
         return {"threshold_method": self.threshold_method, "target_fpr": float(self.target_fpr)}
 
     def snippets_path(self) -> str | None:
-        from amygdala_dagster.sample_data import conversation_snippets_path
-
         if self.snippets_file and self.snippets_file.lower() == "none":
             return None
         return self.snippets_file or str(conversation_snippets_path())

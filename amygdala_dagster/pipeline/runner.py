@@ -1,10 +1,13 @@
 """Run the asset graph from the command line: the Dagster instance, `amygdala run` and backfills.
 
-The runs go through Dagster (``materialize``, in process) so they are recorded
-in the instance and appear in ``dagster dev``. Instance location: ``$DAGSTER_HOME``
-when set; otherwise ``<repo>/.dagster_home`` configured by ``<repo>/dagster.yaml``
-when running from a source checkout (the directory holding dagster.yaml and
-workspace.yaml next to the package), else ``./.dagster_home``.
+The runs go through Dagster (the named jobs of :mod:`~amygdala_dagster.pipeline.jobs`, executed
+in process) so they are recorded in the instance and appear in ``dagster dev``. Instance
+location: ``$DAGSTER_HOME`` when set; otherwise ``<repo>/.dagster_home`` configured by
+``<repo>/dagster.yaml`` when running from a source checkout (the directory holding dagster.yaml
+and workspace.yaml next to the package), else ``./.dagster_home``.
+
+Before a run is launched the graph is read once to plan the emotion partitions, and a
+plan that cannot train anything is refused with its cause (:class:`RunRefused`).
 """
 
 from __future__ import annotations
@@ -16,18 +19,32 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import polars as pl
+from dagster._core.instance.ref import InstanceRef
+
+import amygdala_dagster
+from amygdala_dagster.examples import check_emotion_name, select_all
+from amygdala_dagster.pipeline.assets import memory_graph
+from amygdala_dagster.pipeline.assets.common import EMOTION, emotion_partitions
+from amygdala_dagster.pipeline.assets.graph import read_snapshot_from
+from amygdala_dagster.pipeline.definitions import build_definitions
+from amygdala_dagster.pipeline.jobs import (
+    ALL_EMOTION_TAIL, BACKFILL_JOB, CLI_RUN_CONFIG, PARTITIONED, REFRESH_JOB, UNPARTITIONED_HEAD, graph_catalog,
+    refresh_selection, refresh_tags,
+)
+from amygdala_dagster.pipeline.sensors import DATA_VERSION_TAG
+from amygdala_dagster.sources import GraphVersion
+from amygdala_dagster.workflow import SNAPSHOT_FILE, NotQualifiedError, PartitionPlan, plan_partitions, qualification_problems
 
 log = logging.getLogger(__name__)
 
-# Dagster's console logger prints every engine event at DEBUG; on the command line
-# the step starts/ends and our own log lines (INFO) are the useful progress.
-CONSOLE_RUN_CONFIG: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
+class RunRefused(ValueError):
+    """The run cannot train anything as the data stands; the message says why and what would help."""
 
 
 def project_root() -> Path | None:
     """The source checkout holding ``dagster.yaml`` and ``workspace.yaml``, if the package runs from one."""
-    import amygdala_dagster
-
     root = Path(amygdala_dagster.__file__).resolve().parent.parent
     if (root / "dagster.yaml").is_file() and (root / "workspace.yaml").is_file():
         return root
@@ -45,8 +62,6 @@ def dagster_home() -> Path:
 
 def get_instance() -> dg.DagsterInstance:
     """The persistent Dagster instance (created on demand)."""
-    from dagster._core.instance.ref import InstanceRef
-
     if os.environ.get("DAGSTER_HOME"):
         # Dagster refuses a DAGSTER_HOME that does not exist yet; a new one is just empty.
         dagster_home().mkdir(parents=True, exist_ok=True)
@@ -73,18 +88,8 @@ def get_instance() -> dg.DagsterInstance:
     return dg.DagsterInstance.from_ref(ref)
 
 
-def _all_defs() -> tuple[list[Any], list[Any]]:
-    from amygdala_dagster.pipeline.assets import ALL_ASSETS
-    from amygdala_dagster.pipeline.checks import ALL_CHECKS
-
-    return ALL_ASSETS, ALL_CHECKS
-
-
-def observe_graph(instance: dg.DagsterInstance, resources: Mapping[str, Any]) -> Any:
+def observe_graph(instance: dg.DagsterInstance, resources: Mapping[str, Any]) -> GraphVersion:
     """Record the graph's version as an observation of ``memory_graph`` (lineage) and return it."""
-    from amygdala_dagster.pipeline.assets import memory_graph
-    from amygdala_dagster.pipeline.sensors import DATA_VERSION_TAG
-
     version = resources["memory"].source().graph_version()
     instance.report_runless_asset_event(
         dg.AssetObservation(asset_key=memory_graph.key, metadata={"node_count": version.node_count},
@@ -93,64 +98,97 @@ def observe_graph(instance: dg.DagsterInstance, resources: Mapping[str, Any]) ->
     return version
 
 
+def _execute(job_name: str, resources: Mapping[str, Any], instance: dg.DagsterInstance,
+             selection: Sequence[dg.AssetKey], tags: Mapping[str, str], raise_on_error: bool,
+             quiet_errors: bool = True) -> dg.ExecuteInProcessResult:
+    job = build_definitions(dict(resources)).resolve_job_def(job_name)
+    return job.execute_in_process(
+        instance=instance, asset_selection=list(selection), tags=dict(tags), raise_on_error=raise_on_error,
+        run_config=CLI_RUN_CONFIG if quiet_errors else None,
+    )
+
+
+def _no_emotion_message(catalog: pl.DataFrame, min_positives: int, source: str) -> str:
+    if catalog.height == 0:
+        return f"no node of the memory graph {source} carries a valid tag line: nothing to train"
+    top = catalog.sort("rank").head(5)
+    best = ", ".join(f"{e} {n}" for e, n in zip(top["emotion"].to_list(), top["n_positive"].to_list()))
+    return (f"no emotion qualifies in {source}: an emotion needs {min_positives} eligible positives and the "
+            f"most any has is {best}; tag more nodes, or lower --min-positives")
+
+
+def _apply_plan(instance: dg.DagsterInstance, plan: PartitionPlan, existing: Sequence[str]) -> None:
+    for e, why in plan.dropped.items():
+        if e in existing:
+            log.warning("removing emotion partition %r: %s", e, why)
+            instance.delete_dynamic_partition(EMOTION.name, e)
+        else:
+            log.warning("leaving out emotion %r: %s", e, why)
+    if plan.new:
+        instance.add_dynamic_partitions(EMOTION.name, plan.new)
+
+
 def materialize_all(resources: Mapping[str, Any], instance: dg.DagsterInstance,
                     raise_on_error: bool = False) -> dg.ExecuteInProcessResult:
-    """One run: the snapshot, every qualifying (and already registered) emotion, the readout and report.
+    """One ``full_refresh`` run: the snapshot, every qualifying emotion, the readout and report.
 
-    Registered emotions that now have too few positives lose their partition (see
-    :func:`~amygdala_dagster.pipeline.sensors.plan_partitions`).
+    Registered emotions that can no longer pass the blocking checks lose their
+    partition (see :func:`~amygdala_dagster.workflow.plan_partitions`). Raises
+    :class:`RunRefused` when no emotion can be trained.
     """
-    from amygdala_dagster.pipeline.assets.common import EMOTION, emotion_partitions
-    from amygdala_dagster.pipeline.sensors import plan_partitions, refresh_selection, refresh_tags
-
+    memory, selection = resources["memory"], resources["selection"]
     version = observe_graph(instance, resources)
-    log.info("memory graph %s: %d nodes (version %s)", resources["memory"].description,
-             version.node_count, version.version[:16])
-    new, dropped, partitions = plan_partitions(resources["memory"], resources["selection"], emotion_partitions(instance))
-    for e in dropped:
-        log.warning("emotion %s has too few positives now; removing its partition", e)
-        instance.delete_dynamic_partition(EMOTION.name, e)
-    if new:
-        instance.add_dynamic_partitions(EMOTION.name, new)
-    log.info("emotions: %s", ", ".join(partitions) or "none qualify")
-    assets, checks = _all_defs()
-    return dg.materialize(
-        assets + checks, instance=instance, resources=dict(resources), selection=refresh_selection(partitions),
-        tags=refresh_tags(partitions), raise_on_error=raise_on_error, run_config=CONSOLE_RUN_CONFIG,
-    )
+    log.info("memory graph %s: %d nodes (version %s)", memory.description, version.node_count, version.version[:16])
+    snapshot, catalog = graph_catalog(memory, selection)
+    if snapshot.height == 0:
+        raise RunRefused(f"the memory graph {memory.description} has no usable node: nothing to train")
+    existing = emotion_partitions(instance)
+    plan = plan_partitions(catalog, existing, int(selection.min_positives), selection.curated)
+    if not plan.partitions:
+        raise RunRefused(_no_emotion_message(catalog, int(selection.min_positives), memory.description))
+    _apply_plan(instance, plan, existing)
+    log.info("emotions: %s", ", ".join(plan.partitions))
+    return _execute(REFRESH_JOB, resources, instance, refresh_selection(plan.partitions),
+                    refresh_tags(plan.partitions), raise_on_error)
 
 
 def backfill_emotions(names: Sequence[str], resources: Mapping[str, Any], instance: dg.DagsterInstance,
                       raise_on_error: bool = False) -> dg.ExecuteInProcessResult:
     """Add ``names`` as emotion partitions, materialise them in one run and refresh the all-emotion assets.
 
-    The run's partition range spans the requested emotions (partitions between
-    them in registration order are recomputed too; their texts are cached).
-    Without a stored snapshot the run starts from the snapshot.
+    An emotion that cannot qualify is refused (:class:`NotQualifiedError`, saying
+    why and what would make it qualify) before any partition is added, and
+    registered partitions that cannot pass the blocking checks are removed. The
+    run's partition range spans the requested emotions (partitions between them
+    in registration order are recomputed too; their texts are cached). Without
+    a stored snapshot the run starts from the snapshot.
     """
-    from amygdala_dagster.examples import check_emotion_name
-    from amygdala_dagster.pipeline.assets.common import EMOTION, SNAPSHOT_FILE, emotion_partitions
-    from amygdala_dagster.pipeline.sensors import ALL_EMOTION_TAIL, PARTITIONED, UNPARTITIONED_HEAD, refresh_tags
-
     names = list(dict.fromkeys(check_emotion_name(n) for n in names))
     if not names:
         raise ValueError("no emotion given")
+    memory, selection, storage = resources["memory"], resources["selection"], resources["storage"]
+    params = selection.params()
+    has_snapshot = storage.store().exists(SNAPSHOT_FILE)
+    # Decide on the data the run will use: the stored snapshot, else the graph as it is now.
+    snapshot = read_snapshot_from(storage) if has_snapshot else graph_catalog(memory, selection)[0]
+    catalog = selection.catalog(snapshot)
+    refused = qualification_problems(catalog, select_all(snapshot, names, params), int(selection.min_positives),
+                                     params)
+    if refused:
+        raise NotQualifiedError("; ".join(f"emotion {e!r} does not qualify: {why}" for e, why in refused.items()))
     existing = emotion_partitions(instance)
-    new = [n for n in names if n not in existing]
-    if new:
-        instance.add_dynamic_partitions(EMOTION.name, new)
+    plan = plan_partitions(catalog, existing, int(selection.min_positives), selection.curated)
+    plan.new = [n for n in names if n not in existing]
+    _apply_plan(instance, PartitionPlan(new=plan.new, dropped={e: w for e, w in plan.dropped.items()
+                                                                if e in existing}, partitions=[]), existing)
     keys = emotion_partitions(instance)
     pos = sorted(keys.index(n) for n in names)
     span = keys[pos[0]: pos[-1] + 1]
-    selection = list(PARTITIONED) + list(ALL_EMOTION_TAIL)
-    if not resources["storage"].store().exists(SNAPSHOT_FILE):
-        selection = list(UNPARTITIONED_HEAD) + selection
-    assets, checks = _all_defs()
-    return dg.materialize(
-        assets + checks, instance=instance, resources=dict(resources), selection=selection,
-        tags={**refresh_tags(span), "amygdala/backfill": ",".join(names)}, raise_on_error=raise_on_error,
-        run_config=CONSOLE_RUN_CONFIG,
-    )
+    chosen = list(PARTITIONED) + list(ALL_EMOTION_TAIL)
+    if not has_snapshot:
+        chosen = list(UNPARTITIONED_HEAD) + chosen
+    return _execute(BACKFILL_JOB, resources, instance, chosen,
+                    {**refresh_tags(span), "amygdala/backfill": ",".join(names)}, raise_on_error)
 
 
 def step_metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict[str, Any]:
@@ -163,12 +201,15 @@ def step_metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict[str, An
 
 
 def failures(result: dg.ExecuteInProcessResult) -> list[str]:
-    """One line per failed step or failed blocking check."""
+    """One line per failed step or failed blocking check: the cause (the innermost error), not the wrapper."""
     out = []
     for event in result.all_events:
         if event.event_type_value == "STEP_FAILURE":
             err = event.event_specific_data.error
-            out.append(f"{event.step_key}: {err.message.strip() if err else 'failed'}")
+            while err is not None and err.cause is not None:
+                err = err.cause
+            message = err.message.strip().splitlines()[-1] if err and err.message.strip() else "failed"
+            out.append(f"{event.step_key}: {message}")
         elif event.event_type_value == "ASSET_CHECK_EVALUATION":
             d = event.event_specific_data
             if not d.passed:

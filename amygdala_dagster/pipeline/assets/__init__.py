@@ -4,7 +4,7 @@ from amygdala_dagster.pipeline.assets.activations import activation_stats
 from amygdala_dagster.pipeline.assets.emotions import emotion_catalog, tagged_examples
 from amygdala_dagster.pipeline.assets.evaluation import evaluation_report
 from amygdala_dagster.pipeline.assets.graph import memory_graph, memory_snapshot
-from amygdala_dagster.pipeline.assets.readout import readout_manifest, readout_vectors
+from amygdala_dagster.pipeline.assets.readout_pair import readout_manifest, readout_vectors
 
 ALL_ASSETS = [
     memory_graph, memory_snapshot, emotion_catalog, tagged_examples, activation_stats,

@@ -6,11 +6,14 @@ import time
 
 import dagster as dg
 
-from amygdala_dagster.pipeline.assets.common import (
-    EMOTION, GPU_POOL, GROUP, combined_hash, file_meta, stats_file, stats_info_file, table,
-)
+from amygdala_dagster.atomic import atomic_write_text
+from amygdala_dagster.cache import ActivationCache, ensure_cached
+from amygdala_dagster.manifest import sha256_file
+from amygdala_dagster.pipeline.assets.common import EMOTION, GPU_POOL, GROUP, combined_hash, file_meta, table
 from amygdala_dagster.pipeline.assets.emotions import read_examples_from, tagged_examples
 from amygdala_dagster.pipeline.resources import ArtifactStorage, ModelResource
+from amygdala_dagster.vectors import EmotionStats, emotion_stats, load_stats, save_stats
+from amygdala_dagster.workflow import collect_texts, stats_file, stats_info, stats_info_file
 
 
 @dg.asset(
@@ -31,13 +34,6 @@ from amygdala_dagster.pipeline.resources import ArtifactStorage, ModelResource
 def activation_stats(
     context: dg.AssetExecutionContext, model: ModelResource, storage: ArtifactStorage
 ) -> dg.MaterializeResult:
-    from amygdala_dagster.atomic import atomic_write_text
-    from amygdala_dagster.cache import ActivationCache, ensure_cached
-    from amygdala_dagster.examples import examples_hash
-    from amygdala_dagster.manifest import sha256_file
-    from amygdala_dagster.train_steering_vectors import collect_texts
-    from amygdala_dagster.vectors import emotion_stats, save_stats
-
     t0 = time.perf_counter()
     emotions = list(context.partition_keys)
     sets = {e: read_examples_from(storage, e)[1] for e in emotions}
@@ -61,19 +57,9 @@ def activation_stats(
         )
         for emotion in emotions:
             stats = emotion_stats(cache, sets[emotion], "train")
-            info = {
-                "emotion": emotion,
-                "examples_sha256": examples_hash(sets[emotion]),
-                "layers": [int(x) for x in stats.layers],
-                "pos_n": int(stats.pos_n),
-                "neg_n": int(stats.neg_n),
-                "fingerprint": fingerprint,
-                "fingerprint_id": cache.fingerprint_id,
-                "cache_root": str(cache_root),
-            }
             with store.local_for_write(stats_file(emotion)) as path:
                 save_stats(path, stats)
-                info["stats_sha256"] = sha256_file(path)
+                info = stats_info(sets[emotion], stats, fingerprint, cache_root, sha256_file(path))
             with store.local_for_write(stats_info_file(emotion)) as path:
                 atomic_write_text(path, json.dumps(info, indent=2, sort_keys=True) + "\n")
             hashes[emotion] = info["stats_sha256"]
@@ -113,6 +99,11 @@ def activation_stats(
     )
 
 
+def has_stats(storage: ArtifactStorage, emotion: str) -> bool:
+    store = storage.store()
+    return store.exists(stats_info_file(emotion)) and store.exists(stats_file(emotion))
+
+
 def read_stats_info(storage: ArtifactStorage, emotion: str) -> dict:
     store = storage.store()
     rel = stats_info_file(emotion)
@@ -124,8 +115,6 @@ def read_stats_info(storage: ArtifactStorage, emotion: str) -> dict:
     return json.loads(store.read_bytes(rel))
 
 
-def read_stats(storage: ArtifactStorage, emotion: str):
-    from amygdala_dagster.vectors import load_stats
-
+def read_stats(storage: ArtifactStorage, emotion: str) -> EmotionStats:
     with storage.store().local_for_read(stats_file(emotion)) as path:
         return load_stats(path)

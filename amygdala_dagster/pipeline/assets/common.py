@@ -1,4 +1,7 @@
-"""Shared pieces of the asset modules: the emotion partitions, file layout, metadata helpers."""
+"""Shared pieces of the asset modules: the emotion partitions, freshness, metadata helpers.
+
+The file layout is :mod:`amygdala_dagster.workflow`'s.
+"""
 
 from __future__ import annotations
 
@@ -17,30 +20,6 @@ GPU_POOL = "gpu"
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
 PARTITION_TAG = "dagster/partition"
-
-# Relative paths inside ArtifactStorage.
-SNAPSHOT_FILE = "snapshot/memory_snapshot.parquet"
-CATALOG_FILE = "catalog/emotion_catalog.parquet"
-COOCCURRENCE_FILE = "catalog/cooccurrence.json"
-VECTORS_FILE = "vectors.safetensors"
-MANIFEST_FILE = "manifest.json"
-STAGED_VECTORS = "readout/staged_vectors.safetensors"
-STAGED_INFO = "readout/staged_vectors.json"
-REPORT_DIR = "report"
-
-
-def examples_dir(emotion: str) -> str:
-    """Contract 2 directory for one emotion: ``examples/<e>/index.json`` and ``examples/<e>/<e>/*.jsonl``."""
-    return f"examples/{emotion}"
-
-
-def stats_file(emotion: str) -> str:
-    return f"stats/{emotion}.safetensors"
-
-
-def stats_info_file(emotion: str) -> str:
-    return f"stats/{emotion}.json"
-
 
 def freshness_hours() -> float:
     """``$AMYGDALA_FRESHNESS_HOURS`` (default 24): how old the readout may get before it is overdue."""

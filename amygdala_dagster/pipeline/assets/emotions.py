@@ -6,12 +6,19 @@ import time
 
 import dagster as dg
 
+import polars as pl
+
+from amygdala_dagster.atomic import atomic_write_text
+from amygdala_dagster.examples import (
+    ExampleSet, cooccurrence, examples_hash, qualifying_emotions, read_examples_dir, select_all, write_examples_dir,
+)
 from amygdala_dagster.pipeline.assets.common import (
-    CATALOG_FILE, COOCCURRENCE_FILE, EMOTION, GROUP, combined_hash, emotion_partitions, examples_dir,
-    file_meta, json_hash, table,
+    EMOTION, GROUP, combined_hash, emotion_partitions, file_meta, json_hash, table,
 )
 from amygdala_dagster.pipeline.assets.graph import memory_snapshot, read_snapshot_from
 from amygdala_dagster.pipeline.resources import ArtifactStorage, SelectionResource
+from amygdala_dagster.snapshot import snapshot_hash
+from amygdala_dagster.workflow import CATALOG_FILE, COOCCURRENCE_FILE, examples_dir
 
 
 @dg.asset(
@@ -27,9 +34,6 @@ from amygdala_dagster.pipeline.resources import ArtifactStorage, SelectionResour
 def emotion_catalog(
     context: dg.AssetExecutionContext, selection: SelectionResource, storage: ArtifactStorage
 ) -> dg.MaterializeResult:
-    from amygdala_dagster.atomic import atomic_write_text
-    from amygdala_dagster.examples import cooccurrence, qualifying_emotions
-
     t0 = time.perf_counter()
     snapshot = read_snapshot_from(storage)
     catalog = selection.catalog(snapshot)
@@ -75,9 +79,7 @@ def emotion_catalog(
     )
 
 
-def read_catalog_from(storage: ArtifactStorage):
-    import polars as pl
-
+def read_catalog_from(storage: ArtifactStorage) -> pl.DataFrame:
     store = storage.store()
     if not store.exists(CATALOG_FILE):
         raise FileNotFoundError(f"{store.uri(CATALOG_FILE)} does not exist: materialize emotion_catalog first")
@@ -100,9 +102,6 @@ def read_catalog_from(storage: ArtifactStorage):
 def tagged_examples(
     context: dg.AssetExecutionContext, selection: SelectionResource, storage: ArtifactStorage
 ) -> dg.MaterializeResult:
-    from amygdala_dagster.examples import examples_hash, select_all, write_examples_dir
-    from amygdala_dagster.snapshot import snapshot_hash
-
     t0 = time.perf_counter()
     snapshot = read_snapshot_from(storage)
     snap_hash = snapshot_hash(snapshot)
@@ -148,10 +147,8 @@ def tagged_examples(
     )
 
 
-def read_examples_from(storage: ArtifactStorage, emotion: str):
+def read_examples_from(storage: ArtifactStorage, emotion: str) -> tuple[dict, ExampleSet]:
     """``(index, ExampleSet)`` of one emotion."""
-    from amygdala_dagster.examples import read_examples_dir
-
     store = storage.store()
     rel = examples_dir(emotion)
     if not store.exists(f"{rel}/index.json"):

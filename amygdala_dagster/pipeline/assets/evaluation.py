@@ -5,13 +5,12 @@ import time
 
 import dagster as dg
 
-from amygdala_dagster.pipeline.assets.common import GROUP, MANIFEST_FILE, REPORT_DIR, VECTORS_FILE, file_meta, json_hash, table
+from amygdala_dagster.pipeline.assets.common import GROUP, file_meta, json_hash, table
 from amygdala_dagster.pipeline.assets.emotions import read_examples_from
 from amygdala_dagster.pipeline.assets.graph import read_snapshot_from
-from amygdala_dagster.pipeline.assets.readout import load_staged_readout, readout_manifest
+from amygdala_dagster.pipeline.assets.readout_pair import load_staged_readout, readout_manifest
 from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, ModelResource
-
-EVALUATION_JSON = f"{REPORT_DIR}/evaluation.json"
+from amygdala_dagster.workflow import MANIFEST_FILE, REPORT_DIR, VECTORS_FILE
 
 
 @dg.asset(

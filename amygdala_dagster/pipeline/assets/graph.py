@@ -6,8 +6,12 @@ from collections import Counter
 
 import dagster as dg
 
-from amygdala_dagster.pipeline.assets.common import GROUP, SNAPSHOT_FILE, file_meta, table
+import polars as pl
+
+from amygdala_dagster.pipeline.assets.common import GROUP, file_meta, table
 from amygdala_dagster.pipeline.resources import ArtifactStorage, MemoryGraphResource
+from amygdala_dagster.snapshot import build_snapshot, read_snapshot, snapshot_hash, write_snapshot
+from amygdala_dagster.workflow import SNAPSHOT_FILE
 
 
 @dg.observable_source_asset(
@@ -32,8 +36,6 @@ def memory_graph(memory: MemoryGraphResource) -> dg.ObserveResult:
 def memory_snapshot(
     context: dg.AssetExecutionContext, memory: MemoryGraphResource, storage: ArtifactStorage
 ) -> dg.MaterializeResult:
-    from amygdala_dagster.snapshot import build_snapshot, snapshot_hash, write_snapshot
-
     t0 = time.perf_counter()
     source = memory.source()
     context.log.info(f"reading the memory graph from {memory.description}")
@@ -65,10 +67,8 @@ def memory_snapshot(
     )
 
 
-def read_snapshot_from(storage: ArtifactStorage):
+def read_snapshot_from(storage: ArtifactStorage) -> pl.DataFrame:
     """The stored snapshot table."""
-    from amygdala_dagster.snapshot import read_snapshot
-
     store = storage.store()
     if not store.exists(SNAPSHOT_FILE):
         raise FileNotFoundError(f"{store.uri(SNAPSHOT_FILE)} does not exist: materialize memory_snapshot first")

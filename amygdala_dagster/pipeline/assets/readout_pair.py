@@ -1,5 +1,4 @@
-"""All emotions' readout vectors, and the Contract 3 pair (vectors.safetensors + manifest.json)."""
-
+"""All emotions' readout vectors (the staged trained matrix) and the Contract 3 pair (vectors.safetensors + manifest.json)."""
 
 import json
 import tempfile
@@ -9,13 +8,18 @@ from typing import Any
 
 import dagster as dg
 
-from amygdala_dagster.pipeline.assets.activations import activation_stats, read_stats, read_stats_info
-from amygdala_dagster.pipeline.assets.common import (
-    GROUP, MANIFEST_FILE, STAGED_INFO, STAGED_VECTORS, VECTORS_FILE, emotion_partitions, file_meta,
-    readout_freshness, table,
-)
+from amygdala_dagster.atomic import atomic_write_bytes, atomic_write_text
+from amygdala_dagster.cache import ActivationCache
+from amygdala_dagster.manifest import vectors_bytes, write_readout
+from amygdala_dagster.pipeline.assets.activations import activation_stats, has_stats, read_stats, read_stats_info
+from amygdala_dagster.pipeline.assets.common import GROUP, emotion_partitions, file_meta, readout_freshness, table
 from amygdala_dagster.pipeline.assets.emotions import emotion_catalog, read_examples_from, tagged_examples
 from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, SelectionResource
+from amygdala_dagster.vectors import TrainedReadout, train_readout
+from amygdala_dagster.workflow import (
+    MANIFEST_FILE, STAGED_INFO, STAGED_VECTORS, VECTORS_FILE, check_stats_current, drift_cosines,
+    encode_staged_info, read_staged_readout, sha256_bytes, staged_info,
+)
 
 
 class ReadoutConfig(dg.Config):
@@ -24,14 +28,34 @@ class ReadoutConfig(dg.Config):
     skip_untrainable: bool = True  # leave out (with a warning) an emotion lacking train positives/negatives
 
 
-def _readout_concepts(context: Any) -> list[str]:
-    concepts = sorted(emotion_partitions(context.instance))
-    if not concepts:
+def _readout_concepts(context: Any, storage: ArtifactStorage) -> tuple[list[str], list[str]]:
+    """``(concepts, leftovers)``: the emotion partitions with statistics, and those without.
+
+    A partition without statistics (e.g. left by a backfill that failed) is left
+    out with a warning: it must not block every other emotion's readout.
+    """
+    registered = sorted(emotion_partitions(context.instance))
+    if not registered:
         raise ValueError(
             "no emotion partitions exist: materialize emotion_catalog (it registers the qualifying emotions) "
             "and then tagged_examples/activation_stats for them"
         )
-    return concepts
+    concepts = [e for e in registered if has_stats(storage, e)]
+    leftovers = [e for e in registered if e not in concepts]
+    if not concepts:
+        raise ValueError(f"no emotion partition has activation statistics yet ({', '.join(registered)}): "
+                         "materialize activation_stats for them first")
+    return concepts, leftovers
+
+
+def _previous_readout(storage: ArtifactStorage) -> TrainedReadout | None:
+    store = storage.store()
+    if not (store.exists(STAGED_VECTORS) and store.exists(STAGED_INFO)):
+        return None
+    try:
+        return load_staged_readout(storage)[0]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 @dg.asset(
@@ -49,61 +73,44 @@ def readout_vectors(
     context: dg.AssetExecutionContext, config: ReadoutConfig, storage: ArtifactStorage,
     evaluation: EvaluationResource,
 ) -> dg.MaterializeResult:
-    from amygdala_dagster.atomic import atomic_write_text
-    from amygdala_dagster.cache import ActivationCache
-    from amygdala_dagster.examples import examples_hash
-    from amygdala_dagster.manifest import vectors_bytes
-    from amygdala_dagster.vectors import train_readout
-
     t0 = time.perf_counter()
     threshold = evaluation.threshold()
-    concepts = _readout_concepts(context)
+    concepts, leftovers = _readout_concepts(context, storage)
+    for e in leftovers:
+        context.log.warning(f"emotion partition {e!r} has no activation statistics (a failed or unfinished "
+                            "run?); leaving it out of the readout")
     infos = {e: read_stats_info(storage, e) for e in concepts}
     sets = {e: read_examples_from(storage, e)[1] for e in concepts}
-    stale = [e for e in concepts if infos[e]["examples_sha256"] != examples_hash(sets[e])]
-    if stale:
-        raise ValueError(
-            f"activation_stats is older than tagged_examples for {', '.join(stale)}: "
-            "materialize activation_stats for those partitions first"
-        )
-    fingerprint_ids = {infos[e]["fingerprint_id"] for e in concepts}
-    if len(fingerprint_ids) > 1:
-        by = {e: infos[e]["fingerprint_id"][:12] for e in concepts}
-        raise ValueError(f"emotion statistics come from different models/settings ({by}); rematerialize activation_stats")
-    first = infos[concepts[0]]
-    fingerprint, layers = first["fingerprint"], first["layers"]
+    current = check_stats_current(infos, sets)
     stats = {e: read_stats(storage, e) for e in concepts}
-    with ActivationCache(first["cache_root"], fingerprint) as cache:
-        readout = train_readout(sets, cache, layers, order=concepts, stats=stats,
+    with ActivationCache(current["cache_root"], current["fingerprint"]) as cache:
+        readout = train_readout(sets, cache, current["layers"], order=concepts, stats=stats,
                                 skip_invalid=config.skip_untrainable, **threshold)
     skipped = readout.skipped
     for reason in skipped:
         context.log.warning(f"skipping: {reason}")
+    previous = _previous_readout(storage)
+    drift = drift_cosines(previous, readout)
     data = vectors_bytes(readout)
-    import hashlib
-
-    sha = hashlib.sha256(data).hexdigest()
-    info = {
-        "concepts": readout.concepts, "layers": readout.layers, "hidden_size": readout.hidden_size,
-        "raw_norms": readout.raw_norms, "counts": readout.counts,
-        "calibration": {c: {str(k): v for k, v in cal.items()} for c, cal in readout.calibration.items()},
-        "estimator": readout.estimator, "skipped": skipped, "fingerprint": fingerprint,
-        "examples_sha256": {e: infos[e]["examples_sha256"] for e in readout.concepts}, "vectors_sha256": sha,
-        "cache_root": first["cache_root"],
-    }
+    sha = sha256_bytes(data)
+    info = staged_info(readout, vectors_sha256=sha, fingerprint=current["fingerprint"],
+                       examples_sha256={e: infos[e]["examples_sha256"] for e in concepts},
+                       cache_root=current["cache_root"])
     store = storage.store()
     with store.local_for_write(STAGED_VECTORS) as path:
-        from amygdala_dagster.atomic import atomic_write_bytes
-
         atomic_write_bytes(path, data)
     with store.local_for_write(STAGED_INFO) as path:
-        atomic_write_text(path, json.dumps(info, indent=1, sort_keys=True) + "\n")
+        atomic_write_text(path, encode_staged_info(info))
     rows = []
     for c in readout.concepts:
         row = {"emotion": c, **readout.counts[c]}
         for layer, norm in zip(readout.layers, readout.raw_norms[c]):
             row[f"raw_norm_L{layer}"] = round(float(norm), 4)
+        row["drift_cosine"] = drift.get(c)
         rows.append(row)
+    for c, cosine in drift.items():  # per emotion partition, so its page plots the drift over time
+        context.log_event(dg.AssetObservation(asset_key=activation_stats.key, partition=c,
+                                              metadata={"drift_cosine": dg.MetadataValue.float(cosine)}))
     context.log.info(f"readout: {len(readout.concepts)} concepts x {len(readout.layers)} layers, sha256 {sha[:12]}")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(sha),
@@ -113,6 +120,10 @@ def readout_vectors(
             "hidden_size": readout.hidden_size,
             "shape": f"{len(readout.layers)} x [{len(readout.concepts)}, {readout.hidden_size}]",
             "skipped": "; ".join(skipped) or "none",
+            "left_out_partitions": ", ".join(leftovers) or "none",
+            # Numbers to follow over time (the Plots tab): how far the directions moved since the last run.
+            "min_drift_cosine": dg.MetadataValue.float(min(drift.values())) if drift else dg.MetadataValue.float(1.0),
+            "n_new_concepts": len([c for c in readout.concepts if c not in drift]),
             "threshold": threshold["threshold_method"] + (
                 f" (target FPR {threshold['target_fpr']})" if threshold["threshold_method"] == "fixed_fpr" else ""),
             "per_emotion": table(rows),
@@ -123,28 +134,15 @@ def readout_vectors(
     )
 
 
-def load_staged_readout(storage: ArtifactStorage) -> tuple[Any, dict[str, Any]]:
-    """The :class:`~amygdala_dagster.vectors.ReadoutVectors` written by ``readout_vectors`` and its info."""
-    import numpy as np
-
-    from amygdala_dagster.manifest import layer_key, read_vectors_file
-    from amygdala_dagster.vectors import ReadoutVectors
-
+def load_staged_readout(storage: ArtifactStorage) -> tuple[TrainedReadout, dict[str, Any]]:
+    """The trained matrix written by ``readout_vectors`` and its info."""
     store = storage.store()
     for rel in (STAGED_VECTORS, STAGED_INFO):
         if not store.exists(rel):
             raise FileNotFoundError(f"{store.uri(rel)} does not exist: materialize readout_vectors first")
     info = json.loads(store.read_bytes(STAGED_INFO))
     with store.local_for_read(STAGED_VECTORS) as path:
-        tensors, _meta, _dtype = read_vectors_file(path)
-    vectors = {int(l): np.ascontiguousarray(tensors[layer_key(int(l))], dtype=np.float32) for l in info["layers"]}
-    readout = ReadoutVectors(
-        concepts=list(info["concepts"]), layers=[int(x) for x in info["layers"]], vectors=vectors,
-        raw_norms=info["raw_norms"], counts=info["counts"],
-        calibration={c: {int(k): v for k, v in cal.items()} for c, cal in info["calibration"].items()},
-        estimator=info["estimator"], skipped=list(info.get("skipped", [])),
-    )
-    return readout, info
+        return read_staged_readout(path, info), info
 
 
 @dg.asset(
@@ -161,8 +159,6 @@ def load_staged_readout(storage: ArtifactStorage) -> tuple[Any, dict[str, Any]]:
 def readout_manifest(
     context: dg.AssetExecutionContext, storage: ArtifactStorage, selection: SelectionResource
 ) -> dg.MaterializeResult:
-    from amygdala_dagster.manifest import write_readout
-
     readout, info = load_staged_readout(storage)
     fp = info["fingerprint"]
     training = {

@@ -1,0 +1,95 @@
+"""The named jobs (full refresh, emotion backfill), their asset selections and partition planning.
+
+The sensor, `amygdala run` and `amygdala backfill-emotion` all launch these
+jobs, so every run in the instance says what it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+import dagster as dg
+import polars as pl
+
+from amygdala_dagster.pipeline.assets import (
+    activation_stats, emotion_catalog, evaluation_report, memory_snapshot, readout_manifest, readout_vectors,
+    tagged_examples,
+)
+from amygdala_dagster.pipeline.assets.common import RANGE_END_TAG, RANGE_START_TAG
+from amygdala_dagster.pipeline.resources import MemoryGraphResource, SelectionResource
+from amygdala_dagster.snapshot import build_snapshot
+from amygdala_dagster.workflow import PartitionPlan, plan_partitions
+
+UNPARTITIONED_HEAD = [memory_snapshot.key, emotion_catalog.key]
+PARTITIONED = [tagged_examples.key, activation_stats.key]
+ALL_EMOTION_TAIL = [readout_vectors.key, readout_manifest.key, evaluation_report.key]
+REFRESH_KEYS = UNPARTITIONED_HEAD + PARTITIONED + ALL_EMOTION_TAIL
+
+REFRESH_JOB = "full_refresh"
+BACKFILL_JOB = "emotion_backfill"
+KIND_TAG = "amygdala/run"
+
+full_refresh = dg.define_asset_job(
+    REFRESH_JOB, selection=dg.AssetSelection.assets(*REFRESH_KEYS), tags={KIND_TAG: "full-refresh"},
+    description="The memory snapshot and everything downstream over every emotion partition, in one run "
+                "(the GPU step loads the model once). Launched by `amygdala run` and memory_graph_sensor.",
+)
+emotion_backfill = dg.define_asset_job(
+    BACKFILL_JOB, selection=dg.AssetSelection.assets(*REFRESH_KEYS), tags={KIND_TAG: "emotion-backfill"},
+    description="New emotion partitions (a partition range) and the all-emotion readout, manifest and report. "
+                "Launched by `amygdala backfill-emotion`; starts from the snapshot only when none is stored.",
+)
+JOBS = [full_refresh, emotion_backfill]
+
+
+def refresh_tags(partitions: Sequence[str]) -> dict[str, str]:
+    """Run tags selecting every emotion partition as one range (one run, one GPU step)."""
+    if not partitions:
+        return {}
+    return {RANGE_START_TAG: partitions[0], RANGE_END_TAG: partitions[-1]}
+
+
+def refresh_selection(partitions: Sequence[str]) -> list[dg.AssetKey]:
+    """The snapshot and its downstream; only the unpartitioned head when no emotion partition exists."""
+    return list(REFRESH_KEYS) if partitions else list(UNPARTITIONED_HEAD)
+
+
+def graph_catalog(memory: MemoryGraphResource, selection: SelectionResource) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """``(snapshot, catalog)`` of the graph as it is now."""
+    nodes, _report = memory.source().fetch_nodes()
+    snapshot = build_snapshot(nodes)
+    return snapshot, selection.catalog(snapshot)
+
+
+def plan_from_graph(memory: MemoryGraphResource, selection: SelectionResource,
+                    existing: Sequence[str]) -> PartitionPlan:
+    """:func:`~amygdala_dagster.workflow.plan_partitions` for the graph as it is now."""
+    _snapshot, catalog = graph_catalog(memory, selection)
+    return plan_partitions(catalog, existing, int(selection.min_positives), selection.curated)
+
+
+@dg.logger(
+    config_schema={
+        "log_level": dg.Field(str, is_required=False, default_value="INFO"),
+        "show_errors": dg.Field(bool, is_required=False, default_value=True,
+                                description="False: leave ERROR events (failures, tracebacks) to the caller, "
+                                            "which prints each cause once"),
+    },
+    description="Plain console lines for `amygdala run` / `backfill-emotion` (progress; failures summarised by the command).",
+)
+def cli_console(init_context: dg.InitLoggerContext) -> logging.Logger:
+    config = init_context.logger_config
+    out = logging.Logger("amygdala", level=logging.getLevelName(str(config["log_level"]).upper()))
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    if not config["show_errors"]:
+        handler.addFilter(lambda record: record.levelno < logging.ERROR)
+    out.addHandler(handler)
+    return out
+
+
+LOGGERS = {"console": dg.colored_console_logger, "cli_console": cli_console}
+# What the command line runs with: progress at INFO, each failure printed once by the command.
+CLI_RUN_CONFIG = {"loggers": {"cli_console": {"config": {"log_level": "INFO", "show_errors": False}}}}
