@@ -1,7 +1,9 @@
 """The Dagster layer end to end: the whole asset graph on a small graph with the bundled MiniLM.
 
 One module-scoped run materialises everything (three emotion partitions in one
-run); later tests reuse its files, instance and activation cache.
+run); tests only read its files and instance. A test that changes state runs
+on its own directory and instance (it may share the activation cache, which
+only makes its forward passes free).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from amygdala_dagster.manifest import load_readout
 from amygdala_dagster.pipeline import resources as R
 from amygdala_dagster.pipeline.assets import ALL_ASSETS
 from amygdala_dagster.pipeline.checks import ALL_CHECKS
-from amygdala_dagster.pipeline.runner import backfill_emotions, failures, materialize_all, step_metadata
+from amygdala_dagster.pipeline.runner import RunRefused, backfill_emotions, failures, materialize_all, step_metadata
+from amygdala_dagster.workflow import NotQualifiedError
 from amygdala_dagster_tests.pipeline_graphs import small_graph, write_graph
 
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
@@ -45,19 +48,25 @@ def check_results(result) -> dict[str, bool]:
     }
 
 
+def run_logs(instance, result) -> str:
+    return "\n".join(r.event_log_entry.user_message for r in instance.get_records_for_run(result.run_id).records)
+
+
+def wonder_graph_run(tmp: Path, cache: Path):
+    """A full run on the small graph whose curiosity nodes also carry wonder:9 (max_emotions=3 keeps it out)."""
+    graph = write_graph(tmp / "graph.jsonl", small_graph(8, wonder_on_curiosity=True))
+    res = make_resources(graph, str(tmp / "out"), cache, max_emotions=3)
+    instance = dg.DagsterInstance.ephemeral()
+    return {"tmp": tmp, "graph": graph, "res": res, "instance": instance, "result": materialize_all(res, instance)}
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
-    # wonder:9 rides on the curiosity nodes; max_emotions=3 keeps it out of the first run.
-    graph = write_graph(tmp / "graph.jsonl", small_graph(8, wonder_on_curiosity=True))
-    res = make_resources(graph, str(tmp / "out"), tmp / "cache", max_emotions=3)
-    instance = dg.DagsterInstance.ephemeral()
-    loads0, releases0 = R.MODEL_LOADS, R.MODEL_RELEASES
-    result = materialize_all(res, instance)
-    return {"tmp": tmp, "graph": graph, "res": res, "instance": instance, "result": result,
-            "loads": R.MODEL_LOADS - loads0, "releases": R.MODEL_RELEASES - releases0}
+    return wonder_graph_run(tmp, tmp / "cache")
 
 
+@pytest.mark.slow
 def test_whole_graph_materialises_in_one_run_with_blocking_checks_passing(full_run):
     result, instance, out = full_run["result"], full_run["instance"], full_run["tmp"] / "out"
     assert result.success, failures(result)
@@ -72,10 +81,13 @@ def test_whole_graph_materialises_in_one_run_with_blocking_checks_passing(full_r
     checks = check_results(result)
     assert BLOCKING <= set(checks) and all(checks[c] for c in BLOCKING), checks
     assert {"separation_above_threshold", "better_than_baseline"} <= set(checks)
-    # the model was loaded exactly once for the three partitions, and every text was forwarded once
-    assert full_run["loads"] == 1
-    assert full_run["releases"] == 1  # and released when the run ended
+    # one GPU step for the three partitions loaded the weights, forwarded every text once, and released them
+    assert result.job_def.name == "full_refresh"
+    steps = [e for e in result.all_events if e.event_type_value == "STEP_SUCCESS" and e.step_key == "activation_stats"]
+    assert len(steps) == 1
     stats = step_metadata(result, "activation_stats")
+    assert stats["model_weights_loaded"] is True
+    assert run_logs(instance, result).count("released the weights of model minilm") == 1
     assert stats["texts_forwarded"] == stats["unique_texts"] == 32 and stats["texts_cached"] == 0
     assert stats["device"] == "cpu" and stats["tokens"] > 0
     assert stats["tokens_per_s"] > 0 and stats["peak_memory_bytes"] > 0
@@ -123,23 +135,27 @@ def test_definitions_load_and_carry_policies():
     assert defs.get_sensor_def("memory_graph_sensor")
 
 
-def test_backfill_of_new_emotion_forwards_nothing_when_texts_are_cached(full_run):
-    instance = full_run["instance"]
+@pytest.mark.slow
+def test_backfill_of_new_emotion_forwards_nothing_when_texts_are_cached(full_run, tmp_path):
+    # its own run and instance; the cache of the module's run makes every text a cache hit
+    own = wonder_graph_run(tmp_path, full_run["tmp"] / "cache")
+    instance = own["instance"]
     # also: the threshold rule of the manifest is configurable (here a fixed false-positive rate)
-    res = {**full_run["res"], "evaluation": R.EvaluationResource(bootstrap=0, threshold_method="fixed_fpr",
-                                                                 target_fpr=0.1)}
-    from amygdala_dagster import models
-
-    loads0, weights0 = R.MODEL_LOADS, models.WEIGHT_LOADS
+    res = {**own["res"], "evaluation": R.EvaluationResource(bootstrap=0, threshold_method="fixed_fpr",
+                                                            target_fpr=0.1)}
     result = backfill_emotions(["wonder"], res, instance)
     assert result.success, failures(result)
+    assert result.job_def.name == "emotion_backfill"
     assert "wonder" in instance.get_dynamic_partitions("emotion")
     stats = step_metadata(result, "activation_stats")
     assert stats["texts_forwarded"] == 0 and stats["texts_cached"] > 0
     # every text was cached: the fingerprint came from config + tokenizer, no weights were read
-    assert R.MODEL_LOADS - loads0 == 0 and models.WEIGHT_LOADS - weights0 == 0
     assert stats["model_weights_loaded"] is False
-    out = full_run["tmp"] / "out"
+    assert "loaded the weights" not in run_logs(instance, result)
+    # the drift of every direction since the previous readout is numeric metadata
+    vec = step_metadata(result, "readout_vectors")
+    assert 0.99 < vec["min_drift_cosine"] <= 1.0 + 1e-9 and vec["n_new_concepts"] == 1
+    out = tmp_path / "out"
     readout = load_readout(out / "vectors.safetensors", out / "manifest.json")
     assert readout.concepts == EMOTIONS + ["wonder"]
     assert "wonder" in instance.get_materialized_partitions(dg.AssetKey("activation_stats"))
@@ -160,6 +176,7 @@ def test_bad_threshold_method_fails_before_writing(tmp_path):
         R.EvaluationResource(threshold_method="f1").threshold()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("via", ["token_env", "EnvVar"])
 def test_memory_token_stays_out_of_run_config_events_and_logs(graph_server, tmp_path, monkeypatch, via):
     token = "s3cret-token-for-pipeline-test"
@@ -250,12 +267,14 @@ def test_instance_is_created_under_a_dagster_home_that_does_not_exist_yet(tmp_pa
         assert home.is_dir() and instance.root_directory == str(home)
 
 
+@pytest.mark.slow
 def test_memory_token_from_the_documented_variables_works_in_planning_sensor_and_run(
         graph_server, tmp_path, monkeypatch):
     """`AMYGDALA_MEMORY_MCP_URL=... AMYGDALA_MEMORY_TOKEN=t amygdala run` read the token outside a run."""
     from amygdala_dagster.pipeline.definitions import default_resources
     from amygdala_dagster.pipeline.runner import observe_graph
-    from amygdala_dagster.pipeline.sensors import memory_graph_sensor, plan_partitions
+    from amygdala_dagster.pipeline.jobs import plan_from_graph
+    from amygdala_dagster.pipeline.sensors import memory_graph_sensor
 
     token = "s3cret-token-from-the-environment"
     server = graph_server(small_graph(4), token_env="AMYGDALA_MEMORY_TOKEN", token=token)
@@ -266,7 +285,7 @@ def test_memory_token_from_the_documented_variables_works_in_planning_sensor_and
     instance = dg.DagsterInstance.ephemeral()
     # outside a run: what `amygdala run` does before launching it
     assert observe_graph(instance, res).node_count == 16
-    assert plan_partitions(res["memory"], R.SelectionResource(min_positives=3), [])[0]
+    assert plan_from_graph(res["memory"], R.SelectionResource(min_positives=3), []).new
     # a sensor tick
     with dg.build_sensor_context(instance=instance, resources={"memory": res["memory"],
                                                                "selection": R.SelectionResource(min_positives=3)}) as ctx:
@@ -278,3 +297,37 @@ def test_memory_token_from_the_documented_variables_works_in_planning_sensor_and
     records = instance.get_records_for_run(result.run_id).records
     text = "\n".join(repr(r.event_log_entry) for r in records) + repr(instance.get_run_by_id(result.run_id))
     assert token not in text
+
+
+@pytest.mark.slow
+def test_a_non_qualifying_backfill_is_refused_before_its_partition_exists_and_leftovers_do_not_block(tmp_path):
+    """`backfill-emotion saudade` (0 positives) used to register the partition and poison later runs."""
+    cache = tmp_path / "cache"
+    own = wonder_graph_run(tmp_path, cache)
+    instance, res = own["instance"], own["res"]
+    assert own["result"].success
+    with pytest.raises(NotQualifiedError, match=r"'saudade' does not qualify: 0 eligible positive.*--min-positives"):
+        backfill_emotions(["saudade"], res, instance)
+    assert "saudade" not in instance.get_dynamic_partitions("emotion")
+    # partitions left by older versions: one without positives, one whose name fails validation
+    instance.add_dynamic_partitions("emotion", ["saudade", "bad name!"])
+    result = backfill_emotions(["wonder"], res, instance)
+    assert result.success, failures(result)
+    assert set(instance.get_dynamic_partitions("emotion")) == set(EMOTIONS + ["wonder"])
+    # a partition registered but never materialised does not block the all-emotion readout either
+    instance.add_dynamic_partitions("emotion", ["calm"])
+    result = dg.materialize(ALL_ASSETS + ALL_CHECKS, instance=instance, resources=res,
+                            selection=["readout_vectors"], raise_on_error=False)
+    assert result.success, failures(result)
+    assert step_metadata(result, "readout_vectors")["left_out_partitions"] == "calm"
+
+
+def test_a_graph_with_nothing_to_train_is_refused_before_a_run(tmp_path):
+    instance = dg.DagsterInstance.ephemeral()
+    empty = write_graph(tmp_path / "empty.jsonl", [])
+    with pytest.raises(RunRefused, match="no usable node"):
+        materialize_all(make_resources(empty, str(tmp_path / "out"), tmp_path / "cache"), instance)
+    few = write_graph(tmp_path / "few.jsonl", small_graph(2))
+    with pytest.raises(RunRefused, match=r"no emotion qualifies.*needs 3 eligible positives.*--min-positives"):
+        materialize_all(make_resources(few, str(tmp_path / "out"), tmp_path / "cache"), instance)
+    assert not instance.get_runs() and not instance.get_dynamic_partitions("emotion")

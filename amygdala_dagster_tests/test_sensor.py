@@ -9,7 +9,8 @@ import warnings
 import dagster as dg
 
 from amygdala_dagster.pipeline import resources as R
-from amygdala_dagster.pipeline.sensors import REFRESH_KEYS, memory_graph_sensor
+from amygdala_dagster.pipeline.jobs import REFRESH_KEYS
+from amygdala_dagster.pipeline.sensors import memory_graph_sensor
 from amygdala_dagster_tests.pipeline_graphs import new_emotion_nodes, small_graph, write_graph
 
 warnings.filterwarnings("ignore", category=dg.BetaWarning)

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from amygdala_dagster.manifest import ReadoutFileError, default_manifest_path, load_readout, read_vectors_file, sha256_file
+
 HELP = "show the concepts, layers, norms and cosines of a readout vectors file and check its manifest"
 
 
@@ -38,14 +40,6 @@ def top_pairs(concepts: list[str], cos: np.ndarray, n: int) -> list[tuple[str, s
 
 def inspect_pair(vectors: Path, manifest: Path | None, top: int = 10) -> dict[str, Any]:
     """The inspection report; ``report["ok"]`` is False (with ``error``) for an invalid pair."""
-    from amygdala_dagster.manifest import (
-        ReadoutFileError,
-        default_manifest_path,
-        load_readout,
-        read_vectors_file,
-        sha256_file,
-    )
-
     manifest_path = manifest if manifest is not None else default_manifest_path(vectors)
     report: dict[str, Any] = {"vectors": str(vectors), "manifest": str(manifest_path), "ok": True}
     try:

@@ -14,10 +14,23 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from amygdala_dagster.atomic import atomic_write_text
+from amygdala_dagster.cache import ActivationCache, default_cache_dir, ensure_cached, fingerprint_id, text_sha256
+from amygdala_dagster.evaluation import (
+    calibration_for_manifest, evaluate, read_snippets, summary_markdown, sweep_layers, write_report,
+)
+from amygdala_dagster.examples import ExampleSet, read_examples_dir
+from amygdala_dagster.layers import parse_layers
+from amygdala_dagster.manifest import ReadoutFileError, load_readout
 from amygdala_dagster.sample_data import conversation_snippets_path
+from amygdala_dagster.snapshot import read_snapshot
+from amygdala_dagster.workflow import (
+    MANIFEST_FILE, REPORT_DIR, SNAPSHOT_FILE, STAGED_INFO, EngineSettings, SettingsError, build_engine, examples_dir,
+)
 
 HELP = "rebuild the evaluation report (HTML + evaluation.json) from an output directory's vectors, manifest and examples"
 
@@ -69,7 +82,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _staged_info(output_dir: Path) -> dict[str, Any]:
-    path = output_dir / "readout" / "staged_vectors.json"
+    path = output_dir / STAGED_INFO
     if path.is_file():
         try:
             return json.loads(path.read_text(encoding="utf-8"))
@@ -80,8 +93,6 @@ def _staged_info(output_dir: Path) -> dict[str, Any]:
 
 def resolve_cache_root(args: argparse.Namespace, manifest: dict[str, Any], output_dir: Path) -> Path:
     """``--cache-dir``, else the cache root recorded by the pipeline or the manifest, else the default."""
-    from amygdala_dagster.cache import default_cache_dir
-
     if args.cache_dir is not None:
         return args.cache_dir.expanduser()
     training = manifest.get("training") or {}
@@ -92,10 +103,8 @@ def resolve_cache_root(args: argparse.Namespace, manifest: dict[str, Any], outpu
 
 
 def load_example_sets(args: argparse.Namespace, manifest: dict[str, Any], output_dir: Path,
-                      concepts: list[str]) -> dict[str, Any]:
+                      concepts: list[str]) -> dict[str, ExampleSet]:
     """``{concept: ExampleSet}`` for every concept of the readout, from the first source that has them."""
-    from amygdala_dagster.examples import read_examples_dir
-
     sets: dict[str, Any] = {}
     candidates = []
     if args.examples_dir is not None:
@@ -111,7 +120,7 @@ def load_example_sets(args: argparse.Namespace, manifest: dict[str, Any], output
         sets.update({k: v for k, v in found.items() if k in concepts})
     if args.examples_dir is None:
         for concept in concepts:
-            per_emotion = output_dir / "examples" / concept
+            per_emotion = output_dir / examples_dir(concept)
             if concept not in sets and (per_emotion / "index.json").is_file():
                 _, found = read_examples_dir(per_emotion)
                 if concept in found:
@@ -126,45 +135,29 @@ def load_example_sets(args: argparse.Namespace, manifest: dict[str, Any], output
 
 
 class _LazyEngine:
-    """Prepares the model (without its weights) on first use only; the weights are read only by a
-    forward pass, so a fully cached report never pays for them."""
+    """Prepares the manifest's model (without its weights) on first use only; the weights are read only
+    by a forward pass, so a fully cached report never pays for them."""
 
-    def __init__(self, manifest: dict[str, Any], layers: list[int], args: argparse.Namespace):
-        self.manifest, self.layers, self.args = manifest, layers, args
-        self._loaded: Any = None
-
-    def loaded(self) -> Any:
-        from amygdala_dagster.models import load_model
-
-        if self._loaded is None:
-            fp = self.manifest.get("fingerprint") or {}
-            model = self.manifest.get("model") or fp.get("model")
-            if not model:
-                raise ReportInputError("the manifest records no model; cannot forward uncached texts")
-            dtype = str(self.manifest.get("dtype") or fp.get("dtype") or "auto")
-            log.info("preparing %s (its weights load only if texts must be forwarded)", model)
-            self._loaded = load_model(model, dtype=dtype, device=self.args.device,
-                                      revision=self.manifest.get("model_revision"), weights=False)
-        return self._loaded
+    def __init__(self, manifest: dict[str, Any], args: argparse.Namespace):
+        try:
+            self.settings = EngineSettings.from_manifest(manifest, device=args.device, batch_size=args.batch_size)
+        except SettingsError as exc:
+            raise ReportInputError(f"{exc}; cannot forward uncached texts") from None
+        self._engine: Any = None
 
     def get(self, layers: list[int] | None = None) -> Any:
         """An engine over ``layers`` (default: the readout's layers) with the manifest's settings."""
-        from amygdala_dagster.activations import ActivationEngine
-
-        fp = self.manifest.get("fingerprint") or {}
-        return ActivationEngine(
-            self.loaded(), layers if layers is not None else self.layers,
-            pooling=fp.get("pooling", self.manifest.get("pooling", "mean")),
-            max_tokens=int(fp.get("max_tokens", 512)), batch_size=self.args.batch_size,
-            layer_path=fp.get("layer_path"),
-        )
+        if self._engine is None:
+            log.info("preparing %s (its weights load only if texts must be forwarded)", self.settings.model)
+            self._engine = build_engine(self.settings)
+        if layers is None:
+            return self._engine
+        return build_engine(replace(self.settings, layers=tuple(layers)), loaded=self._engine.loaded)
 
 
 def _parse_sweep(spec: str, n_layers: int) -> list[int]:
     if spec.strip().lower() == "all":
         return list(range(n_layers))
-    from amygdala_dagster.layers import parse_layers
-
     return parse_layers(spec, n_layers)
 
 
@@ -173,13 +166,8 @@ def _parse_sweep(spec: str, n_layers: int) -> list[int]:
 
 def build_report(args: argparse.Namespace) -> dict[str, Any]:
     """Everything ``main`` does, returning ``{"html", "json", "plots", "evaluation"}``."""
-    from amygdala_dagster.atomic import atomic_write_text
-    from amygdala_dagster.cache import ActivationCache, text_sha256
-    from amygdala_dagster.evaluation import calibration_for_manifest, evaluate, read_snippets, sweep_layers, write_report
-    from amygdala_dagster.manifest import load_readout
-
     output_dir = args.output_dir.expanduser()
-    manifest_path = args.manifest or output_dir / "manifest.json"
+    manifest_path = args.manifest or output_dir / MANIFEST_FILE
     if not manifest_path.is_file():
         raise ReportInputError(f"{manifest_path}: no manifest; run `amygdala run` (or train) first, or pass --output-dir")
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -192,10 +180,8 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     sets = load_example_sets(args, manifest, output_dir, concepts)
 
     snapshot = None
-    snap_path = args.snapshot or output_dir / "snapshot" / "memory_snapshot.parquet"
+    snap_path = args.snapshot or output_dir / SNAPSHOT_FILE
     if snap_path.is_file():
-        from amygdala_dagster.snapshot import read_snapshot
-
         snapshot = read_snapshot(snap_path)
     elif args.snapshot is not None:
         raise ReportInputError(f"--snapshot {args.snapshot}: no such file")
@@ -208,14 +194,12 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
         snippets = read_snippets(path)
 
     cache_root = resolve_cache_root(args, manifest, output_dir)
-    engines = _LazyEngine(manifest, [int(l) for l in readout.layers], args)
+    engines = _LazyEngine(manifest, args)
     with ActivationCache(cache_root, fingerprint) as cache:
         texts = [e.text for s in sets.values() for e in (*s.positives, *s.negatives)]
         texts += [s["text"] for s in snippets or []]
         need_model = any(text_sha256(t) not in cache for t in texts)
         if need_model:
-            from amygdala_dagster.cache import ensure_cached, fingerprint_id
-
             engine = engines.get()
             if fingerprint_id(engine.fingerprint) != cache.fingerprint_id:
                 raise ReportInputError(
@@ -225,7 +209,7 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
             ensure_cached(engine, cache, texts, progress=True)
         sweep = None
         if args.sweep_layers:
-            n_layers = engines.loaded().num_layers
+            n_layers = engines.get().loaded.num_layers
             sweep_engine = engines.get(_parse_sweep(args.sweep_layers, n_layers))
             with ActivationCache(cache_root, sweep_engine.fingerprint) as sweep_cache:
                 sweep = sweep_layers(sweep_engine, sweep_cache, sets, n_model_layers=n_layers)
@@ -239,7 +223,7 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
                   "model": manifest.get("model"), "cache_dir": str(cache_root),
                   **({"snippets_file": str(args.snippets or "bundled conversation_snippets.jsonl")} if snippets else {})},
         )
-    html_path, json_path, plots = write_report(evaluation, args.report_dir or output_dir / "report")
+    html_path, json_path, plots = write_report(evaluation, args.report_dir or output_dir / REPORT_DIR)
     if args.write_calibration:
         cal = calibration_for_manifest(evaluation)
         for concept, per_layer in cal.items():
@@ -250,9 +234,6 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from amygdala_dagster.evaluation import summary_markdown
-    from amygdala_dagster.manifest import ReadoutFileError
-
     try:
         out = build_report(args)
     except (ReportInputError, ReadoutFileError, KeyError, ValueError) as exc:

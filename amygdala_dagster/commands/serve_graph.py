@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from amygdala_dagster.sample_data import sample_graph_path
+from amygdala_dagster.server import JsonlGraph, serve
 
 HELP = "serve a JSONL memory-graph export as an MCP server (list_nodes, graph_version)"
 
@@ -25,8 +26,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from amygdala_dagster.server import JsonlGraph, serve
-
     path: Path = args.file if args.file is not None else sample_graph_path()
     if not path.is_file():
         what = "--file" if args.file is not None else "the bundled sample graph"

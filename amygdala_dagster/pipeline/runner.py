@@ -3,8 +3,8 @@
 The runs go through Dagster (the named jobs of :mod:`~amygdala_dagster.pipeline.jobs`, executed
 in process) so they are recorded in the instance and appear in ``dagster dev``. Instance
 location: ``$DAGSTER_HOME`` when set; otherwise ``<repo>/.dagster_home`` configured by
-``<repo>/dagster.yaml`` when running from a source checkout (the directory holding dagster.yaml
-and workspace.yaml next to the package), else ``./.dagster_home``.
+``<repo>/.dagster_home`` when running from a source checkout (the directory holding dagster.yaml
+and workspace.yaml next to the package), else ``./.dagster_home``; see :func:`get_instance`.
 
 Before a run is launched the graph is read once to plan the emotion partitions, and a
 plan that cannot train anything is refused with its cause (:class:`RunRefused`).
@@ -23,6 +23,7 @@ import polars as pl
 from dagster._core.instance.ref import InstanceRef
 
 import amygdala_dagster
+from amygdala_dagster.atomic import atomic_write_text
 from amygdala_dagster.examples import check_emotion_name, select_all
 from amygdala_dagster.pipeline.assets import memory_graph
 from amygdala_dagster.pipeline.assets.common import EMOTION, emotion_partitions
@@ -60,32 +61,35 @@ def dagster_home() -> Path:
     return (root if root is not None else Path.cwd()) / ".dagster_home"
 
 
+def instance_yaml(home: Path) -> str:
+    """The project's instance settings (as the repository's dagster.yaml) with absolute paths under ``home``."""
+    return (
+        "# Written by amygdala: the project's instance settings (see the repository's dagster.yaml).\n"
+        f"storage:\n  sqlite:\n    base_dir: {home / 'storage'}\n"
+        "local_artifact_storage:\n  module: dagster._core.storage.root\n  class: LocalArtifactStorage\n"
+        f"  config:\n    base_dir: {home}\n"
+        "compute_logs:\n  module: dagster._core.storage.local_compute_log_manager\n"
+        f"  class: LocalComputeLogManager\n  config:\n    base_dir: {home / 'logs'}\n"
+        "concurrency:\n  pools:\n    default_limit: 1\n"
+        "telemetry:\n  enabled: false\n"
+    )
+
+
 def get_instance() -> dg.DagsterInstance:
-    """The persistent Dagster instance (created on demand)."""
-    if os.environ.get("DAGSTER_HOME"):
-        # Dagster refuses a DAGSTER_HOME that does not exist yet; a new one is just empty.
-        dagster_home().mkdir(parents=True, exist_ok=True)
-        return dg.DagsterInstance.get()
+    """The persistent Dagster instance (created on demand).
+
+    A home this creates (or the checkout's ``.dagster_home``) gets a
+    ``dagster.yaml`` with the project's settings, so ``DAGSTER_HOME=<it> dagster dev``
+    reads the same storage and concurrency pool as ``amygdala run``. An existing
+    home with runs but without a dagster.yaml is left as it is.
+    """
     home = dagster_home()
+    is_new = not home.exists() or not any(home.iterdir())
     home.mkdir(parents=True, exist_ok=True)
-    root = project_root()
-    # Absolute paths here: dagster.yaml's relative ones only hold when the current directory is the repo.
-    overrides: dict[str, Any] = {
-        "storage": {"sqlite": {"base_dir": str(home / "storage")}},
-        "local_artifact_storage": {
-            "module": "dagster._core.storage.root", "class": "LocalArtifactStorage",
-            "config": {"base_dir": str(home)},
-        },
-        "compute_logs": {
-            "module": "dagster._core.storage.local_compute_log_manager", "class": "LocalComputeLogManager",
-            "config": {"base_dir": str(home / "logs")},
-        },
-    }
-    if root is None:
-        overrides["concurrency"] = {"pools": {"default_limit": 1}}
-        overrides["telemetry"] = {"enabled": False}
-    ref = InstanceRef.from_dir(str(home), config_dir=str(root) if root else str(home), overrides=overrides)
-    return dg.DagsterInstance.from_ref(ref)
+    config = home / "dagster.yaml"
+    if not config.exists() and (is_new or not os.environ.get("DAGSTER_HOME")):
+        atomic_write_text(config, instance_yaml(home.resolve()))
+    return dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home)))
 
 
 def observe_graph(instance: dg.DagsterInstance, resources: Mapping[str, Any]) -> GraphVersion:
