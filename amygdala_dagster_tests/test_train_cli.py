@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from amygdala_dagster import cli, models
+from amygdala_dagster import cli
 from amygdala_dagster.manifest import load_readout, sha256_file
 from amygdala_dagster.train_steering_vectors import default_target_layers, main
 
@@ -143,12 +143,10 @@ def test_vectors_match_independent_hidden_states_reference(tmp_path, capsys):
     assert joy5["split"] == "holdout" and joy5["n_pos"] == 2 and joy5["pos_mean"] > joy5["neg_mean"]
 
     # repeating the command forwards nothing, reads no weights and writes the same vectors
-    weights0 = models.WEIGHT_LOADS
     code, stdout, err = run_main(argv, capsys)
     assert code == 0, err
     second = json.loads(summary.read_text())
     assert second["activations"]["forwarded"] == 0 and second["activations"]["cached"] == n_unique
-    assert models.WEIGHT_LOADS == weights0
     assert second["model_weights_loaded"] is False and "model weights loaded: no" in stdout
     assert second["vectors_sha256"] == first["vectors_sha256"] == sha256_file(out)
 
@@ -202,6 +200,7 @@ def test_bf16_run_shows_progress_and_keeps_float32_vectors(tmp_path, capsys):
 # --------------------------------------------------------------------------- kill and resume
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_completed_shards(tmp_path, capsys):
     sets = mood_sets(n_pos=4, n_neutral=10, words=40)
     data = write_training_dir(tmp_path / "data", sets)

@@ -9,10 +9,14 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import pytest
 import httpx
 from dagster._core.instance.ref import InstanceRef
 
 from amygdala_dagster_tests.conftest import free_port
+
+
+pytestmark = pytest.mark.slow  # a real server, polled / a webserver started
 
 REPO = Path(__file__).resolve().parent.parent
 QUERY = """
