@@ -331,3 +331,27 @@ def test_a_graph_with_nothing_to_train_is_refused_before_a_run(tmp_path):
     with pytest.raises(RunRefused, match=r"no emotion qualifies.*needs 3 eligible positives.*--min-positives"):
         materialize_all(make_resources(few, str(tmp_path / "out"), tmp_path / "cache"), instance)
     assert not instance.get_runs() and not instance.get_dynamic_partitions("emotion")
+
+
+def test_run_command_refuses_unwritable_outputs_and_never_passes_off_an_old_pair(tmp_path, monkeypatch, capsys):
+    from amygdala_dagster.cli import main as cli_main
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dh"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    # a file where the output directory should be: one line naming it, before the graph or model is touched
+    assert cli_main(["run", "--output-dir", str(blocker / "out"), "--cache-dir", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"amygdala run: cannot write --output-dir {blocker / 'out'}")
+    assert not (tmp_path / "cache").exists()
+    # nothing to train: exit 2, the cause first, and the old pair is named as old
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"created_at": "2020-01-01T00:00:00Z"}')
+    few = write_graph(tmp_path / "few.jsonl", small_graph(2))
+    rc = cli_main(["run", "--memory-file", str(few), "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = [l for l in err.splitlines() if not l.startswith("20")]  # log lines carry a timestamp
+    assert lines[0].startswith("amygdala run: no emotion qualifies")
+    assert "from 2020-01-01T00:00:00Z, not from this run" in lines[1]

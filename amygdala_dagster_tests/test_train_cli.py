@@ -385,3 +385,21 @@ def test_default_target_layers():
     for n in (2, 4, 12, 28, 80):
         layers = default_target_layers(n)
         assert layers == sorted(set(layers)) and all(0 <= x < n for x in layers)
+
+
+def test_unwritable_output_is_refused_before_any_forward_pass(tmp_path, capsys):
+    data = tmp_path / "data"
+    from amygdala_dagster.examples import SelectionParams, run_extraction
+    from amygdala_dagster.sources import JsonlSource
+    from amygdala_dagster_tests.pipeline_graphs import small_graph, write_graph
+
+    nodes, _ = JsonlSource(write_graph(tmp_path / "g.jsonl", small_graph(4))).fetch_nodes()
+    run_extraction(nodes, data, SelectionParams(), min_positives=1)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    cache = tmp_path / "cache"
+    code, _stdout, err = run_main(["--training-data-dir", str(data), "--output", str(blocker / "v.safetensors"),
+                                   "--cache-dir", str(cache), "--device", "cpu", "-q"], capsys)
+    assert code == 1
+    assert err.strip().splitlines()[-1].startswith(f"error: cannot write --output {blocker / 'v.safetensors'}")
+    assert not list(cache.rglob("shard-*"))  # nothing was forwarded
