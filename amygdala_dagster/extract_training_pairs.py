@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from amygdala_dagster.examples import (
     ExamplesFormatError,
     SelectionParams,
@@ -25,6 +27,7 @@ from amygdala_dagster.examples import (
     run_extraction,
 )
 from amygdala_dagster.flags import fraction, non_negative_int, positive_int, score
+from amygdala_dagster.sources import MemoryGraphError, open_source
 
 log = logging.getLogger("amygdala_dagster.extract_training_pairs")
 
@@ -131,10 +134,6 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         # One INFO line per HTTP request would drown the progress bar.
         logging.getLogger("httpx").setLevel(logging.WARNING)
-
-    from tqdm import tqdm
-
-    from amygdala_dagster.sources import MemoryGraphError, open_source
 
     try:
         source = open_source(memory_mcp_url=args.memory_mcp_url, memory_file=args.memory_file)
