@@ -133,6 +133,8 @@ class Encoded:
     ids: list[int]
     special: list[bool]
     tokens: list[str]
+    #: Each token's piece of the text, with the whitespace before it (special tokens: their name).
+    pieces: list[str] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -152,29 +154,52 @@ def special_ids(tokenizer: Any) -> set[int]:
     return ids
 
 
+def _tokenize(tokenizer: Any, text: str, add_special_tokens: bool, max_tokens: int | None) -> tuple[list[int], list]:
+    kw = dict(add_special_tokens=add_special_tokens, truncation=max_tokens is not None, max_length=max_tokens,
+              verbose=False)
+    try:
+        enc = tokenizer(text, return_offsets_mapping=True, **kw)
+        return list(enc["input_ids"]), list(enc["offset_mapping"])
+    except (NotImplementedError, TypeError, ValueError):  # slow tokenizers have no offsets
+        return list(tokenizer(text, **kw)["input_ids"]), []
+
+
+def _pieces(tokenizer: Any, text: str, ids: list[int], offsets: list, special: list[bool]) -> list[str]:
+    """The text each token covers, with the gap before it, so that the pieces read as the text."""
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    if len(offsets) != len(ids):
+        return [tokens[i] if special[i] else tokenizer.decode([t]) for i, t in enumerate(ids)]
+    out, cursor = [], 0
+    for i, (start, end) in enumerate(offsets):
+        if special[i] or end <= start:
+            out.append(tokens[i] if special[i] else "")
+            continue
+        out.append(text[cursor:end] if start >= cursor else text[start:end])
+        cursor = max(cursor, end)
+    return out
+
+
 def encode(tokenizer: Any, item: Item, max_tokens: int | None = None, *,
            add_generation_prompt: bool = False, specials: set[int] | None = None) -> Encoded:
     """Tokenise a text as training does (``add_special_tokens=True``) or a conversation through the
     tokenizer's chat template (plain ``role: content`` lines when it has none); truncate to ``max_tokens``."""
     if isinstance(item, str):
-        ids = tokenizer(item, add_special_tokens=True, truncation=max_tokens is not None,
-                        max_length=max_tokens, verbose=False)["input_ids"]
+        text, add_special = item, True
     else:
         messages = [dict(m) for m in item]
         if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                                 add_generation_prompt=add_generation_prompt)
-            ids = tokenizer(text, add_special_tokens=False, truncation=max_tokens is not None,
-                            max_length=max_tokens, verbose=False)["input_ids"]
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            add_special = False  # the template places the special tokens itself
         else:
             text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
-            if add_generation_prompt:
-                text += "\nassistant:"
-            ids = tokenizer(text, add_special_tokens=True, truncation=max_tokens is not None,
-                            max_length=max_tokens, verbose=False)["input_ids"]
+            text += "\nassistant:" if add_generation_prompt else ""
+            add_special = True
+    ids, offsets = _tokenize(tokenizer, text, add_special, max_tokens)
     ids = [int(i) for i in ids]
     specials = special_ids(tokenizer) if specials is None else specials
-    return Encoded(ids=ids, special=[i in specials for i in ids], tokens=list(tokenizer.convert_ids_to_tokens(ids)))
+    special = [i in specials for i in ids]
+    return Encoded(ids=ids, special=special, tokens=list(tokenizer.convert_ids_to_tokens(ids)),
+                   pieces=_pieces(tokenizer, text, ids, offsets, special))
 
 
 def scored_mask(encoded: Encoded, skip_first_tokens: int) -> np.ndarray:

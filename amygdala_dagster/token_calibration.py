@@ -176,6 +176,14 @@ def calibrate_readout(
     return out
 
 
+def manifest_token_calibration(manifest: Mapping[str, Any]) -> dict[str, dict[int, dict[str, Any] | None]]:
+    """``{concept: {layer: token_calibration}}`` as a manifest stores it (None entries for format 1)."""
+    from amygdala_dagster.manifest import calibration_entry
+
+    return {c: {int(l): calibration_entry(manifest, c, int(l), "token") for l in manifest["layers"]}
+            for c in manifest["concepts"]}
+
+
 def heldout_summary(token_cal: Mapping[str, Mapping[Any, Mapping[str, Any] | None]]) -> list[dict[str, Any]]:
     """One row per concept and layer: the threshold's firing rate on held-out calibration tokens."""
     rows = []
