@@ -368,14 +368,7 @@ class ReadoutRuntime:
     def scores_from_hidden(self, encoded: Encoded, hidden: np.ndarray, id: str | None = None) -> TokenScores:
         """Project ``hidden`` ``[T, L, H]`` (as :meth:`hidden_states` gives) on the readout's rows."""
         self._need_readout()
-        raw = {layer: t.numpy() for layer, t in
-               project({layer: torch.from_numpy(np.ascontiguousarray(hidden[:, s]))
-                        for s, layer in enumerate(self.layers)}, self.readout).items()}
-        return TokenScores(
-            encoded=encoded, concepts=list(self.readout.concepts), layers=list(self.layers), raw=raw,
-            calibrated={layer: calibrated_scores(r, self.readout.manifest, layer, "token") for layer, r in raw.items()},
-            skip_first_tokens=int(self.skip_first_tokens), id=id,
-        )
+        return scores_from_hidden(encoded, hidden, self.readout, self.layers, int(self.skip_first_tokens), id)
 
     def score(self, item: Item, id: str | None = None) -> TokenScores:
         """Per-token raw and calibrated scores of every concept at every hooked layer for one input."""
@@ -487,6 +480,23 @@ class ReadoutRuntime:
             raise ValueError("this runtime has no readout (vectors + manifest) to project on")
 
 
+def scores_from_hidden(encoded: Encoded, hidden: np.ndarray, readout: Any, hidden_layers: Sequence[int],
+                       skip_first_tokens: int | None = None, id: str | None = None) -> TokenScores:
+    """:class:`TokenScores` of one input from its per-token activations ``[T, L, H]`` (layers in
+    ``hidden_layers`` order; the readout's layers are taken from them) -- no model needed."""
+    hidden_layers = [int(x) for x in hidden_layers]
+    layers = [int(x) for x in readout.layers]
+    raw = {layer: t.numpy() for layer, t in
+           project({layer: torch.from_numpy(np.ascontiguousarray(hidden[:, hidden_layers.index(layer)]))
+                    for layer in layers}, readout).items()}
+    skip = manifest_skip_first_tokens(readout.manifest) if skip_first_tokens is None else int(skip_first_tokens)
+    return TokenScores(
+        encoded=encoded, concepts=list(readout.concepts), layers=layers, raw=raw,
+        calibrated={layer: calibrated_scores(r, readout.manifest, layer, "token") for layer, r in raw.items()},
+        skip_first_tokens=skip, id=id,
+    )
+
+
 def manifest_skip_first_tokens(manifest: Mapping[str, Any] | None) -> int:
     """The ``skip_first_tokens`` the manifest's token calibration used (the default when it has none)."""
     for per in ((manifest or {}).get("per_concept") or {}).values():
@@ -576,6 +586,6 @@ def token_activations(
 __all__ = [
     "DEFAULT_SKIP_FIRST_TOKENS", "Encoded", "InputError", "InputRecord", "Item", "ReadoutRuntime",
     "TokenActivationCache", "TokenRow", "TokenScores", "encode", "manifest_skip_first_tokens", "read_inputs",
-    "scored_mask", "special_ids", "token_activations",
+    "scored_mask", "scores_from_hidden", "special_ids", "token_activations",
 ]
 

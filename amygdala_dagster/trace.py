@@ -130,9 +130,14 @@ def _text_z(raw: np.ndarray, manifest: Mapping[str, Any], layer: int) -> np.ndar
 
 
 # ----------------------------------------------------------------------------- HTML
-CSS = """
+PAGE_CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1200px}
-h1{font-size:22px}h2{font-size:18px;margin:28px 0 6px;border-top:1px solid #ddd;padding-top:14px}
+h1{font-size:22px}
+"""
+
+#: Styles of a conversation section (scoped to its classes; embeddable in another page).
+CSS = """
+.conv h2,.conv h3{font-size:17px;margin:28px 0 6px;border-top:1px solid #ddd;padding-top:14px}
 .meta{color:#555;font-size:13px}.legend span{padding:1px 6px;margin-right:4px;border-radius:3px}
 table.sum{border-collapse:collapse;font-size:13px;margin:6px 0}table.sum td,table.sum th{padding:2px 10px;
 border-bottom:1px solid #eee;text-align:right}table.sum td:first-child,table.sum th:first-child{text-align:left}
@@ -213,11 +218,11 @@ def _svg(z: Sequence[float | None], scored: Sequence[bool], thr: float | None, n
 
 
 def conversation_html(record: Mapping[str, Any], thr: Mapping[str, Mapping[str, float] | None], uid: str,
-                      title: str | None = None) -> str:
+                      title: str | None = None, heading: str = "h2") -> str:
     """One conversation's section: fired-concepts summary, token heatmap (hover: numbers), per-concept plots."""
     top = list(record["top"])
     summ = record["summary"]
-    out = [f'<section class="conv"><h2>{_e(title or record["id"])}</h2>']
+    out = [f'<section class="conv"><{heading}>{_e(title or record["id"])}</{heading}>']
     n_scored = sum(record["scored"])
     fired = record["fired"]
     out.append(f'<p class="meta">{len(record["tokens"])} tokens ({n_scored} scored) · layer {record["layer"]} · '
@@ -267,7 +272,7 @@ def render_trace_html(trace: Mapping[str, Any], title: str = "Readout trace") ->
     thr = trace["thresholds"]
     kind = trace["calibration"]
     parts = [f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{_e(title)}</title>'
-             f"<style>{CSS}</style><script>{JS}</script></head><body><h1>{_e(title)}</h1>"]
+             f"<style>{PAGE_CSS}{CSS}</style><script>{JS}</script></head><body><h1>{_e(title)}</h1>"]
     parts.append(f'<p class="meta">model {_e(trace.get("model"))} · layer {_e(trace["layer"])} · '
                  f'{len(trace["concepts"])} concepts · {len(trace["conversations"])} input(s) · scores calibrated on '
                  f'the {"per-token" if kind == "token" else "text-level (format 1 manifest: no token calibration)"} '

@@ -248,3 +248,23 @@ def test_instance_is_created_under_a_dagster_home_that_does_not_exist_yet(tmp_pa
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     with get_instance() as instance:
         assert home.is_dir() and instance.root_directory == str(home)
+
+
+def test_manifest_carries_token_calibration_and_report_the_runtime_section(full_run):
+    out = full_run["tmp"] / "out"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format_version"] == 2
+    for concept in manifest["concepts"]:
+        for layer in manifest["layers"]:
+            tok = manifest["per_concept"][concept]["layers"][str(layer)]["token_calibration"]
+            assert tok["source"] == "holdout_negatives" and tok["target_rate"] == 0.01
+            assert tok["n_tokens"] > 0 and np.isfinite(tok["threshold"]) and tok["heldout"]["n_tokens"] > 0
+            assert set(tok["quantiles"]) == {"0.5", "0.9", "0.99", "0.999"}
+    assert "token_threshold_heldout_rate" in check_results(full_run["result"])
+    meta = step_metadata(full_run["result"], "readout_manifest")
+    assert "token_calibration" in meta
+    evaluation = json.loads((out / "report" / "evaluation.json").read_text())
+    per = evaluation["conversations"]["per_emotion"]
+    assert set(EMOTIONS) <= set(per) and per["frustration"]["n_with"] == 5  # (a later test backfills wonder)
+    assert "Runtime: per-token readout on conversations" in (out / "report" / "evaluation.html").read_text()
+    assert "runtime_conversations" in step_metadata(full_run["result"], "evaluation_report")

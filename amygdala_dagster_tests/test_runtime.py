@@ -233,3 +233,20 @@ def test_manifest_format_2_carries_token_calibration_and_format_1_still_reads(tm
     from amygdala_dagster.readout import calibrated_scores
 
     assert np.isnan(calibrated_scores(rt_scores, v1.manifest, 1, "token")).all()
+
+
+def test_calibration_texts_replace_the_holdout_negatives_and_say_so(tmp_path):
+    from amygdala_dagster.token_calibration import calibration_items
+
+    p = tmp_path / "traffic.jsonl"
+    p.write_text('{"text": "hello there"}\n{"messages": [{"role": "user", "content": "hi"}]}\n')
+    items, source = calibration_items({}, CONCEPTS, read_inputs(p), p.name)
+    assert source == {c: "calibration_texts:traffic.jsonl" for c in CONCEPTS}
+    assert [k for k, _ in items["joy"]] == ["1", "2"] and items["joy"][1][1][0]["role"] == "user"
+
+
+def test_run_refuses_a_missing_calibration_file_in_one_line(tmp_path, capsys):
+    from amygdala_dagster.cli import main
+
+    assert main(["run", "--calibration-texts", str(tmp_path / "nope.jsonl"), "--output-dir", str(tmp_path)]) == 2
+    assert "--calibration-texts" in capsys.readouterr().err and not list(tmp_path.iterdir())

@@ -45,6 +45,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--snippets", type=Path, default=None,
                         help="JSONL of {id, text} conversation snippets (default: the bundled sample)")
     parser.add_argument("--no-snippets", action="store_true", help="skip the generalisation section")
+    parser.add_argument("--eval-conversations", default=None, metavar="FILE.jsonl",
+                        help='labelled conversations {"id", "text"|"messages", "emotions"} for the runtime section '
+                             '(default: the bundled snippets; "none" skips it)')
     parser.add_argument("--report-dir", type=Path, default=None, help="where the report goes (default: OUTPUT_DIR/report)")
     parser.add_argument("--threshold-method", choices=("max_f1", "fixed_fpr"), default="max_f1",
                         help="decision threshold rule (default: %(default)s)")
@@ -168,6 +171,27 @@ def _parse_sweep(spec: str, n_layers: int) -> list[int]:
     return parse_layers(spec, n_layers)
 
 
+def _conversations(args: argparse.Namespace, engines: _LazyEngine, cache_root: Path, readout: Any,
+                   evaluation: dict[str, Any]) -> dict[str, Any] | None:
+    """The runtime section (per-token evaluation on labelled conversations); None with ``none``."""
+    from amygdala_dagster.cache import fingerprint_id
+    from amygdala_dagster.evaluation import json_clean
+    from amygdala_dagster.evaluation.conversations import best_layers, conversations_with_engine
+    from amygdala_dagster.runtime import read_inputs
+
+    spec = getattr(args, "eval_conversations", None)
+    if spec is not None and str(spec).lower() == "none":
+        return None
+    path = Path(spec) if spec else conversation_snippets_path()
+    records = read_inputs(path, labelled=True)
+    engine = engines.get()
+    if fingerprint_id(engine.fingerprint) != fingerprint_id(engines.manifest["fingerprint"]):
+        raise ReportInputError("the model loaded now does not reproduce the manifest's activation fingerprint; "
+                               "pass --eval-conversations none")
+    return json_clean(conversations_with_engine(engine, cache_root, readout, records,
+                                                layer_for=best_layers(evaluation), source=path.name))
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -239,6 +263,7 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
                   "model": manifest.get("model"), "cache_dir": str(cache_root),
                   **({"snippets_file": str(args.snippets or "bundled conversation_snippets.jsonl")} if snippets else {})},
         )
+        evaluation["conversations"] = _conversations(args, engines, cache_root, readout, evaluation)
     html_path, json_path, plots = write_report(evaluation, args.report_dir or output_dir / "report")
     if args.write_calibration:
         cal = calibration_for_manifest(evaluation)
