@@ -268,3 +268,14 @@ def test_manifest_carries_token_calibration_and_report_the_runtime_section(full_
     assert set(EMOTIONS) <= set(per) and per["frustration"]["n_with"] == 5  # (a later test backfills wonder)
     assert "Runtime: per-token readout on conversations" in (out / "report" / "evaluation.html").read_text()
     assert "runtime_conversations" in step_metadata(full_run["result"], "evaluation_report")
+    # `amygdala report` rebuilds the runtime section from the per-token cache the run filled: no weights read
+    from amygdala_dagster import models
+    from amygdala_dagster.cli import main as cli_main
+
+    weights0 = models.WEIGHT_LOADS
+    rep = full_run["tmp"] / "rebuilt"
+    assert cli_main(["report", "--output-dir", str(out), "--bootstrap", "0", "--report-dir", str(rep)]) == 0
+    assert models.WEIGHT_LOADS == weights0
+    rebuilt = json.loads((rep / "evaluation.json").read_text())["conversations"]["per_emotion"]
+    for e in EMOTIONS:
+        assert rebuilt[e]["token_auroc"] == pytest.approx(per[e]["token_auroc"])

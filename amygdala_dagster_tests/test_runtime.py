@@ -213,9 +213,14 @@ def test_calibration_reads_cached_token_activations_without_a_forward(tmp_path):
 
 
 def test_manifest_format_2_carries_token_calibration_and_format_1_still_reads(tmp_path):
+    from amygdala_dagster.commands.inspect import format_report, inspect_pair
+
     readout = _pair(tmp_path)
     m = readout.manifest
     assert m["format_version"] == 2
+    shown = inspect_pair(readout.vectors_path, readout.manifest_path)
+    assert shown["ok"] and shown["token_calibration"]["1"]["n_concepts"] == 3
+    assert "manifest: format 2; token calibration: layer 1: 3 concepts" in format_report(shown)
     for c in CONCEPTS:
         for layer in LAYERS:
             entry = m["per_concept"][c]["layers"][str(layer)]
@@ -228,6 +233,9 @@ def test_manifest_format_2_carries_token_calibration_and_format_1_still_reads(tm
             del entry["token_calibration"]
     readout.manifest_path.write_text(json.dumps(old))
     v1 = load_readout(readout.vectors_path, readout.manifest_path)
+    shown = inspect_pair(readout.vectors_path, readout.manifest_path)
+    assert shown["ok"] and shown["token_calibration"] is None
+    assert "format 1; token calibration: none" in format_report(shown)
     assert calibration_entry(v1.manifest, "joy", 1, "token") is None
     rt_scores = np.zeros((2, 3))
     from amygdala_dagster.readout import calibrated_scores

@@ -47,7 +47,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-snippets", action="store_true", help="skip the generalisation section")
     parser.add_argument("--eval-conversations", default=None, metavar="FILE.jsonl",
                         help='labelled conversations {"id", "text"|"messages", "emotions"} for the runtime section '
-                             '(default: the bundled snippets; "none" skips it)')
+                             '(default: the bundled snippets unless --no-snippets; "none" skips it)')
     parser.add_argument("--report-dir", type=Path, default=None, help="where the report goes (default: OUTPUT_DIR/report)")
     parser.add_argument("--threshold-method", choices=("max_f1", "fixed_fpr"), default="max_f1",
                         help="decision threshold rule (default: %(default)s)")
@@ -180,7 +180,7 @@ def _conversations(args: argparse.Namespace, engines: _LazyEngine, cache_root: P
     from amygdala_dagster.runtime import read_inputs
 
     spec = getattr(args, "eval_conversations", None)
-    if spec is not None and str(spec).lower() == "none":
+    if (spec is not None and str(spec).lower() == "none") or (spec is None and args.no_snippets):
         return None
     path = Path(spec) if spec else conversation_snippets_path()
     records = read_inputs(path, labelled=True)
