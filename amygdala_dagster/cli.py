@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "inspect": "amygdala_dagster.commands.inspect",
     "backfill-emotion": "amygdala_dagster.commands.backfill_emotion",
     "report": "amygdala_dagster.commands.report",
+    "trace": "amygdala_dagster.commands.trace",
 }
 
 
@@ -35,6 +36,7 @@ _SUMMARIES: dict[str, str] = {
     "inspect": "validate and describe a vectors/manifest pair",
     "backfill-emotion": "add emotion partitions and materialise them",
     "report": "(re)build the evaluation report from existing artefacts",
+    "trace": "per-token readout of every concept over conversations or text (HTML + JSON)",
 }
 
 

@@ -39,3 +39,7 @@ def score(text: str) -> float:
 
 def fraction(text: str) -> float:
     return _float_in(text, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+
+
+def open_fraction(text: str) -> float:
+    return _float_in(text, lambda v: 0 < v < 1, "a fraction in (0, 1)")

@@ -3,7 +3,10 @@
 ``vectors.safetensors`` holds ``layer_<idx>.vectors`` of shape
 ``[n_concepts, hidden_size]`` (float32 unless asked), rows in the manifest's
 ``concepts`` order, each of unit L2 norm. ``manifest.json`` describes them
-(format_version 1) and carries the vectors file's SHA-256.
+(format_version 2) and carries the vectors file's SHA-256. Format 2 adds, per
+concept and layer, ``token_calibration`` (the distribution of *per-token*
+projections, what the runtime sees) beside the text-level ``calibration``;
+readers accept format 1 too (it has no ``token_calibration``).
 
 Write order (see :func:`write_readout`): both files are fully serialised in
 memory and written to temporary files in their target directories and fsynced
@@ -34,7 +37,11 @@ from safetensors.torch import save as st_save_torch
 
 from amygdala_dagster.atomic import fsync_dir, write_temp_beside
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Manifest versions :func:`load_readout` reads (1: no ``token_calibration``).
+READABLE_FORMAT_VERSIONS = (1, 2)
+#: Per concept and layer, the manifest's calibration entries: text level (mean-pooled texts) and per token.
+CALIBRATION_KINDS = {"text": "calibration", "token": "token_calibration"}
 ACTIVATION_SITE = "residual_stream_after_layer"
 VECTORS_FORMAT = "amygdala-readout-vectors/1"
 METADATA_KEY = "amygdala_readout"
@@ -93,6 +100,7 @@ def build_manifest(
     training: Mapping[str, Any],
     calibration: Mapping[str, Mapping[int, Mapping[str, Any]]] | None,
     vectors_file: str,
+    token_calibration: Mapping[str, Mapping[Any, Mapping[str, Any] | None]] | None = None,
     vectors_sha256: str,
     vectors_dtype: str = "float32",
     created_at: str | None = None,
@@ -103,7 +111,10 @@ def build_manifest(
     ``vectors_dtype`` the dtype of the stored vectors. ``calibration`` defaults
     to ``readout.calibration``. Per concept the manifest lists the training
     counts and, per layer (key = layer index as a string), the raw
-    (pre-normalisation) norm and the projection calibration.
+    (pre-normalisation) norm, the text-level projection calibration
+    (``calibration``) and the per-token one (``token_calibration``, from
+    :func:`amygdala_dagster.token_calibration.calibrate_tokens`; null when not
+    computed).
     """
     calibration = readout.calibration if calibration is None else calibration
     concepts = list(readout.concepts)
@@ -118,6 +129,9 @@ def build_manifest(
             if cal is None:
                 cal = (calibration or {}).get(c, {}).get(str(layer))  # type: ignore[call-overload]
             entry["calibration"] = dict(cal) if cal is not None else None
+            tok = (token_calibration or {}).get(c, {})
+            tok = tok.get(layer, tok.get(str(layer)))
+            entry["token_calibration"] = dict(tok) if tok is not None else None
             layer_entries[str(layer)] = entry
         per_concept[c] = {"training": dict(readout.counts.get(c, {})), "layers": layer_entries}
     manifest = {
@@ -238,6 +252,18 @@ def write_readout(
     return manifest
 
 
+def calibration_entry(manifest: Mapping[str, Any], concept: str, layer: int, kind: str = "text"
+                      ) -> dict[str, Any] | None:
+    """The ``kind`` (``text`` or ``token``) calibration of ``concept`` at ``layer``; None when absent
+    (``token`` is absent from every format-1 manifest)."""
+    if kind not in CALIBRATION_KINDS:
+        raise ValueError(f"calibration kind {kind!r}: choose one of {', '.join(CALIBRATION_KINDS)}")
+    per = (manifest.get("per_concept") or {}).get(concept) or {}
+    entry = (per.get("layers") or {}).get(str(int(layer))) or {}
+    cal = entry.get(CALIBRATION_KINDS[kind])
+    return dict(cal) if isinstance(cal, Mapping) else None
+
+
 # ----------------------------------------------------------------------------- reading
 @dataclass
 class Readout:
@@ -312,9 +338,10 @@ def load_readout(
         raise ReadoutFileError(f"{manifest_path}: not valid JSON ({exc})") from exc
     if not isinstance(manifest, dict):
         raise ReadoutFileError(f"{manifest_path}: not a JSON object")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_FORMAT_VERSIONS:
         raise ReadoutFileError(
-            f"{manifest_path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}"
+            f"{manifest_path}: format_version {manifest.get('format_version')!r}, expected one of "
+            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}"
         )
     for field_name in ("concepts", "layers", "hidden_size", "vectors_sha256"):
         if field_name not in manifest:

@@ -4,8 +4,10 @@ At each hooked layer ``idx`` the runtime takes the residual stream after that
 layer, ``[T, H]`` for T tokens, and projects it on the concept rows:
 ``scores = activation @ vectors.T`` -> ``[T, C]``. A raw projection becomes a
 calibrated score with the manifest's per-concept calibration: a z-score
-relative to the held-out *negatives* (0 = typical text without the emotion,
-1 = one standard deviation above it).
+relative to the negatives (0 = typical text without the emotion, 1 = one
+standard deviation above it) -- per token against ``token_calibration``, per
+mean-pooled text against ``calibration``. :mod:`amygdala_dagster.runtime`
+runs this on a Hugging Face model.
 """
 
 from __future__ import annotations
@@ -16,9 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-# A calibration with zero spread (one held-out example) would divide by zero.
-_MIN_STD = 1e-6
-
+from amygdala_dagster.evaluation.metrics import z_score
+from amygdala_dagster.manifest import calibration_entry
 
 def _matrix(readout: Any, layer: int) -> np.ndarray:
     vectors = readout.vectors if hasattr(readout, "vectors") else readout
@@ -49,25 +50,18 @@ def project(activations: Mapping[int, Any], readout: Any) -> dict[int, torch.Ten
     return out
 
 
-def calibration_arrays(manifest: Mapping[str, Any], layer: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(neg_mean [C], neg_std [C])`` of ``layer`` from the manifest (NaN where a concept has none)."""
-    means, stds = [], []
-    for concept in manifest["concepts"]:
-        entry = manifest["per_concept"][concept]["layers"].get(str(int(layer)))
-        cal = entry.get("calibration") if entry else None
-        if not cal or cal.get("neg_mean") is None:
-            means.append(np.nan)
-            stds.append(np.nan)
-            continue
-        means.append(float(cal["neg_mean"]))
-        stds.append(max(float(cal["neg_std"] or 0.0), _MIN_STD))
-    return np.asarray(means, dtype=np.float64), np.asarray(stds, dtype=np.float64)
-
-
-def calibrated_scores(raw: Any, manifest: Mapping[str, Any], layer: int) -> np.ndarray:
-    """z-scores ``(raw - neg_mean) / neg_std`` per concept for raw projections ``[..., C]`` at ``layer``."""
+def calibrated_scores(raw: Any, manifest: Mapping[str, Any], layer: int, kind: str = "text") -> np.ndarray:
+    """Calibrated scores ``[..., C]`` for raw projections ``[..., C]`` at ``layer``: per concept the
+    z-score (:func:`amygdala_dagster.evaluation.metrics.z_score`) against the manifest's ``kind``
+    calibration (``text``: held-out mean-pooled texts; ``token``: per-token projections of the
+    calibration text). NaN for a concept without that calibration."""
     raw_arr = raw.detach().cpu().double().numpy() if isinstance(raw, torch.Tensor) else np.asarray(raw, np.float64)
-    means, stds = calibration_arrays(manifest, layer)
-    if raw_arr.shape[-1] != means.shape[0]:
-        raise ValueError(f"raw scores have {raw_arr.shape[-1]} concepts, manifest lists {means.shape[0]}")
-    return (raw_arr - means) / stds
+    concepts = list(manifest["concepts"])
+    if raw_arr.shape[-1] != len(concepts):
+        raise ValueError(f"raw scores have {raw_arr.shape[-1]} concepts, manifest lists {len(concepts)}")
+    out = np.full(raw_arr.shape, np.nan, dtype=np.float64)
+    for i, concept in enumerate(concepts):
+        cal = calibration_entry(manifest, concept, layer, kind)
+        if cal and cal.get("neg_mean") is not None and cal.get("neg_std") is not None:
+            out[..., i] = z_score(raw_arr[..., i], cal)
+    return out

@@ -355,3 +355,35 @@ def test_run_command_refuses_unwritable_outputs_and_never_passes_off_an_old_pair
     lines = [l for l in err.splitlines() if not l.startswith("20")]  # log lines carry a timestamp
     assert lines[0].startswith("amygdala run: no emotion qualifies")
     assert "from 2020-01-01T00:00:00Z, not from this run" in lines[1]
+
+
+@pytest.mark.slow
+def test_manifest_carries_token_calibration_and_report_the_runtime_section(full_run):
+    out = full_run["tmp"] / "out"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format_version"] == 2
+    for concept in manifest["concepts"]:
+        for layer in manifest["layers"]:
+            tok = manifest["per_concept"][concept]["layers"][str(layer)]["token_calibration"]
+            assert tok["source"] == "holdout_negatives" and tok["target_rate"] == 0.01
+            assert tok["n_tokens"] > 0 and np.isfinite(tok["threshold"]) and tok["heldout"]["n_tokens"] > 0
+            assert set(tok["quantiles"]) == {"0.5", "0.9", "0.99", "0.999"}
+    assert "token_threshold_heldout_rate" in check_results(full_run["result"])
+    meta = step_metadata(full_run["result"], "readout_manifest")
+    assert "token_calibration" in meta
+    evaluation = json.loads((out / "report" / "evaluation.json").read_text())
+    per = evaluation["conversations"]["per_emotion"]
+    assert set(EMOTIONS) <= set(per) and per["frustration"]["n_with"] == 5
+    assert "Runtime: per-token readout on conversations" in (out / "report" / "evaluation.html").read_text()
+    assert "runtime_conversations" in step_metadata(full_run["result"], "evaluation_report")
+    # `amygdala report` rebuilds the runtime section from the per-token cache the run filled: no weights read
+    from amygdala_dagster import models
+    from amygdala_dagster.cli import main as cli_main
+
+    weights0 = models.WEIGHT_LOADS
+    rep = full_run["tmp"] / "rebuilt"
+    assert cli_main(["report", "--output-dir", str(out), "--bootstrap", "0", "--report-dir", str(rep)]) == 0
+    assert models.WEIGHT_LOADS == weights0
+    rebuilt = json.loads((rep / "evaluation.json").read_text())["conversations"]["per_emotion"]
+    for e in EMOTIONS:
+        assert rebuilt[e]["token_auroc"] == pytest.approx(per[e]["token_auroc"])

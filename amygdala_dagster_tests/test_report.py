@@ -263,7 +263,8 @@ def test_report_command_rebuilds_from_artefacts_without_the_model(tmp_path, mini
     sha_before = load_readout(out / "vectors.safetensors").sha256
 
     rc = cli_main(["report", "--output-dir", str(out), "--snippets", str(snippets_file), "--bootstrap", "50",
-                   "--estimators", "mean_difference", "--write-calibration", "--device", "no-such-device"])
+                   "--estimators", "mean_difference", "--write-calibration", "--device", "no-such-device",
+                   "--eval-conversations", "none"])  # per-token conversation scores are not cached here
     assert rc == 0  # --device is never used: everything was cached, so the model was not loaded
     ev = _strict_json(out / "report" / "evaluation.json")
     assert set(ev["emotions"]) == {"love", "curiosity"}

@@ -71,6 +71,8 @@ def inspect_pair(vectors: Path, manifest: Path | None, top: int = 10) -> dict[st
     if manifest_data is not None:
         report["model"] = manifest_data.get("model")
         report["created_at"] = manifest_data.get("created_at")
+        report["format_version"] = manifest_data.get("format_version")
+        report["token_calibration"] = token_calibration_summary(manifest_data)
     layers: list[dict[str, Any]] = []
     for key in sorted(tensors, key=lambda k: (len(k), k)):
         arr = tensors[key]
@@ -90,6 +92,28 @@ def inspect_pair(vectors: Path, manifest: Path | None, top: int = 10) -> dict[st
     return report
 
 
+def token_calibration_summary(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """Per layer: how many concepts carry a token calibration, its source, target rate and the range of
+    held-out firing rates relative to the target (None for a format-1 manifest)."""
+    from amygdala_dagster.manifest import calibration_entry
+
+    try:
+        concepts, layers = list(manifest["concepts"]), [int(x) for x in manifest["layers"]]
+    except (KeyError, TypeError, ValueError):
+        return None
+    out: dict[str, Any] = {}
+    for layer in layers:
+        cals = [calibration_entry(manifest, c, layer, "token") for c in concepts]
+        have = [c for c in cals if c]
+        ratios = [c["heldout"]["ratio_to_target"] for c in have if c.get("heldout")]
+        out[str(layer)] = {
+            "n_concepts": len(have), "sources": sorted({str(c.get("source")) for c in have}),
+            "target_rates": sorted({c.get("target_rate") for c in have}),
+            "heldout_ratio_min": min(ratios) if ratios else None, "heldout_ratio_max": max(ratios) if ratios else None,
+        }
+    return out if any(v["n_concepts"] for v in out.values()) else None
+
+
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"vectors:  {report['vectors']}"]
     if "sha256" in report:
@@ -98,6 +122,15 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"model:    {report['model']}  created {report.get('created_at')}")
     if "dtype" in report:
         lines.append(f"dtype:    {report['dtype']}")
+    if report.get("format_version") is not None:
+        tok = report.get("token_calibration")
+        lines.append(f"manifest: format {report['format_version']}; token calibration: "
+                     + ("none (thresholds are text-level only)" if not tok else "; ".join(
+                         f"layer {l}: {v['n_concepts']} concepts, {', '.join(v['sources'])}, target "
+                         f"{', '.join(map(str, v['target_rates']))}"
+                         + (f", held-out firing {v['heldout_ratio_min']:.2f}-{v['heldout_ratio_max']:.2f}x target"
+                            if v["heldout_ratio_min"] is not None else "")
+                         for l, v in tok.items())))
     concepts = report.get("concepts", [])
     lines.append(f"concepts: {len(concepts)}: {', '.join(concepts)}")
     for entry in report.get("layers", []):

@@ -21,11 +21,13 @@ from typing import Any
 from amygdala_dagster.atomic import atomic_write_text
 from amygdala_dagster.cache import ActivationCache, default_cache_dir, ensure_cached, fingerprint_id, text_sha256
 from amygdala_dagster.evaluation import (
-    calibration_for_manifest, evaluate, read_snippets, summary_markdown, sweep_layers, write_report,
+    calibration_for_manifest, evaluate, json_clean, read_snippets, summary_markdown, sweep_layers, write_report,
 )
+from amygdala_dagster.evaluation.conversations import best_layers, conversations_with_engine
 from amygdala_dagster.examples import ExampleSet, read_examples_dir
 from amygdala_dagster.layers import parse_layers
 from amygdala_dagster.manifest import ReadoutFileError, load_readout
+from amygdala_dagster.runtime import read_inputs
 from amygdala_dagster.sample_data import conversation_snippets_path
 from amygdala_dagster.snapshot import read_snapshot
 from amygdala_dagster.workflow import (
@@ -58,6 +60,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--snippets", type=Path, default=None,
                         help="JSONL of {id, text} conversation snippets (default: the bundled sample)")
     parser.add_argument("--no-snippets", action="store_true", help="skip the generalisation section")
+    parser.add_argument("--eval-conversations", default=None, metavar="FILE.jsonl",
+                        help='labelled conversations {"id", "text"|"messages", "emotions"} for the runtime section '
+                             '(default: the bundled snippets unless --no-snippets; "none" skips it)')
     parser.add_argument("--report-dir", type=Path, default=None, help="where the report goes (default: OUTPUT_DIR/report)")
     parser.add_argument("--threshold-method", choices=("max_f1", "fixed_fpr"), default="max_f1",
                         help="decision threshold rule (default: %(default)s)")
@@ -161,6 +166,22 @@ def _parse_sweep(spec: str, n_layers: int) -> list[int]:
     return parse_layers(spec, n_layers)
 
 
+def _conversations(args: argparse.Namespace, engines: _LazyEngine, manifest: dict[str, Any], cache_root: Path,
+                   readout: Any, evaluation: dict[str, Any]) -> dict[str, Any] | None:
+    """The runtime section (per-token evaluation on labelled conversations); None with ``none``."""
+    spec = getattr(args, "eval_conversations", None)
+    if (spec is not None and str(spec).lower() == "none") or (spec is None and args.no_snippets):
+        return None
+    path = Path(spec) if spec else conversation_snippets_path()
+    records = read_inputs(path, labelled=True)
+    engine = engines.get()
+    if fingerprint_id(engine.fingerprint) != fingerprint_id(manifest["fingerprint"]):
+        raise ReportInputError("the model loaded now does not reproduce the manifest's activation fingerprint; "
+                               "pass --eval-conversations none")
+    return json_clean(conversations_with_engine(engine, cache_root, readout, records,
+                                                layer_for=best_layers(evaluation), source=path.name))
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -223,6 +244,7 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
                   "model": manifest.get("model"), "cache_dir": str(cache_root),
                   **({"snippets_file": str(args.snippets or "bundled conversation_snippets.jsonl")} if snippets else {})},
         )
+        evaluation["conversations"] = _conversations(args, engines, manifest, cache_root, readout, evaluation)
     html_path, json_path, plots = write_report(evaluation, args.report_dir or output_dir / REPORT_DIR)
     if args.write_calibration:
         cal = calibration_for_manifest(evaluation)

@@ -48,6 +48,21 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                         help="decision threshold written into manifest.json (default: %(default)s)")
     parser.add_argument("--target-fpr", type=float, default=0.05,
                         help="false-positive rate of the fixed_fpr threshold (default: %(default)s)")
+    add_runtime_flags(parser)
+
+
+def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
+    """Token calibration and conversation evaluation flags (``run``, ``backfill-emotion``)."""
+    from amygdala_dagster.flags import open_fraction
+
+    parser.add_argument("--token-target-rate", type=open_fraction, default=0.01,
+                        help="share of calibration tokens the manifest's token threshold fires on (default: %(default)s)")
+    parser.add_argument("--calibration-texts", metavar="FILE.jsonl", default=None,
+                        help='runtime-like text to set the token calibration on, one {"text"} or {"messages"} per '
+                             "line (default: each emotion's held-out negatives)")
+    parser.add_argument("--eval-conversations", metavar="FILE.jsonl", default=None,
+                        help='labelled conversations {"id", "text"|"messages", "emotions"} for the report\'s runtime '
+                             'section (default: the bundled snippets; "none" skips it)')
 
 
 def _split_names(spec: str | None) -> list[str]:
@@ -76,7 +91,18 @@ def build_resources(args: argparse.Namespace) -> dict[str, Any]:
         "curated": curated,
         **({"min_positives": args.min_positives} if args.min_positives is not None else {}),
     })
-    resources["evaluation"] = EvaluationResource(threshold_method=args.threshold_method, target_fpr=args.target_fpr)
+    for flag in ("calibration_texts", "eval_conversations"):
+        path = getattr(args, flag, None)
+        if path and path.lower() != "none" and not Path(path).expanduser().is_file():
+            raise ValueError(f"--{flag.replace('_', '-')} {path}: no such file")
+    resources["evaluation"] = EvaluationResource(
+        threshold_method=args.threshold_method, target_fpr=args.target_fpr,
+        token_target_rate=args.token_target_rate,
+        calibration_texts=str(Path(args.calibration_texts).expanduser().resolve()) if args.calibration_texts else None,
+        eval_conversations=(str(Path(args.eval_conversations).expanduser().resolve())
+                            if args.eval_conversations and args.eval_conversations.lower() != "none"
+                            else args.eval_conversations),
+    )
     return resources
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from amygdala_dagster.atomic import atomic_write_bytes, atomic_write_text
+from amygdala_dagster.evaluation.runtime_report import runtime_html, runtime_plots
 
 _DPI = 90
 
@@ -186,6 +187,7 @@ def all_plots(evaluation: Mapping[str, Any]) -> dict[str, bytes]:
     }
     for emotion in evaluation["emotions"]:
         plots[f"hist_{emotion}.png"] = plot_histogram(evaluation, emotion)
+    plots.update(runtime_plots(evaluation))
     return plots
 
 
@@ -415,6 +417,7 @@ def render_html(evaluation: Mapping[str, Any], plots: Mapping[str, bytes], title
                     [t["id"], _f(t["z"], 2), _f(t["probability"], 2), _f(t["raw"]),
                      t["text"][:300] + ("…" if len(t["text"]) > 300 else "")] for t in items]))
         parts.append("</section>")
+    parts.append(runtime_html(ev, plots))
     parts.append("</body></html>\n")
     return "\n".join(parts)
 

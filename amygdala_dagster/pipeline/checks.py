@@ -8,6 +8,7 @@ rules are testable on crafted inputs; the decorated checks turn them into AssetC
 import json
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -205,6 +206,17 @@ def manifest_matches_vectors(storage: ArtifactStorage) -> dg.AssetCheckResult:
         return _result(manifest_problems(vpath, mpath, info["concepts"]))
 
 
+@dg.asset_check(asset=readout_manifest,
+                description="each token threshold fires on held-out calibration tokens at most twice its target rate")
+def token_threshold_heldout_rate(storage: ArtifactStorage) -> dg.AssetCheckResult:
+    from amygdala_dagster.token_calibration import heldout_problems, manifest_token_calibration
+
+    with storage.store().local_for_read(MANIFEST_FILE) as mpath:
+        token_cal = manifest_token_calibration(json.loads(Path(mpath).read_text(encoding="utf-8")))
+    return _result(heldout_problems(token_cal), severity=dg.AssetCheckSeverity.WARN,
+                   metadata={"max_ratio_to_target": 2.0})
+
+
 def _evaluation(storage: ArtifactStorage) -> dict[str, Any]:
     return json.loads(storage.store().read_bytes(EVALUATION_JSON))
 
@@ -223,4 +235,5 @@ def better_than_baseline(storage: ArtifactStorage) -> dg.AssetCheckResult:
 ALL_CHECKS = [
     snapshot_nonempty_unique_keys, examples_clean_and_disjoint, examples_min_positives, stats_finite,
     vectors_finite_unit_norm, manifest_matches_vectors, separation_above_threshold, better_than_baseline,
+    token_threshold_heldout_rate,
 ]

@@ -201,6 +201,24 @@ class EvaluationResource(dg.ConfigurableResource):
         description="JSONL of {id, text} out-of-distribution snippets to score (default: the bundled sample; \"none\": skip)",
     )
 
+    token_target_rate: float = Field(default=0.01, description="share of calibration tokens the token threshold fires on")
+    calibration_texts: str | None = Field(
+        default=None,
+        description="JSONL of {text} or {messages} to set the token calibration on (default: held-out negatives)",
+    )
+    eval_conversations: str | None = Field(
+        default=None,
+        description="JSONL of labelled conversations {id, text|messages, emotions} for the report's runtime "
+                    "section (default: the bundled snippets; \"none\": skip)",
+    )
+
+    def eval_conversations_path(self) -> str | None:
+        from amygdala_dagster.sample_data import conversation_snippets_path
+
+        if self.eval_conversations and self.eval_conversations.lower() == "none":
+            return None
+        return self.eval_conversations or str(conversation_snippets_path())
+
     def threshold(self) -> dict[str, Any]:
         """``{"threshold_method", "target_fpr"}`` validated (a typo fails before any work is done)."""
         if self.threshold_method not in THRESHOLD_METHODS:

@@ -2,6 +2,8 @@
 
 
 import time
+from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
@@ -57,6 +59,7 @@ def evaluation_report(
             crosstalk_cosine=evaluation.crosstalk_cosine, **evaluation.threshold(),
             meta={"vectors_sha256": readout.sha256, "dagster_run_id": context.run.run_id},
         )
+    result["conversations"] = runtime_conversations(readout, result, info, evaluation, model)
     with store.local_for_write(REPORT_DIR) as out:
         html_path, _json_path, plots = write_report(result, out)
     rows = []
@@ -89,7 +92,42 @@ def evaluation_report(
             "auroc_by_layer_plot": dg.MetadataValue.md(png_markdown(plot_auroc_by_layer(result), "AUROC by layer")),
             "crosstalk_plot": dg.MetadataValue.md(png_markdown(plot_crosstalk(result), "cross-talk vs co-occurrence")),
             "plots": ", ".join(sorted(plots)),
+            **runtime_metadata(result),
             "seconds": round(time.perf_counter() - t0, 3),
             **file_meta(store, REPORT_DIR),
         },
     )
+
+
+def runtime_conversations(readout: Any, result: dict[str, Any], info: dict[str, Any],
+                          evaluation: EvaluationResource, model: ModelResource) -> dict[str, Any] | None:
+    """The report's runtime section: per-token evaluation on the labelled conversations (None: skipped)."""
+    from amygdala_dagster.evaluation.conversations import best_layers, conversations_with_engine
+    from amygdala_dagster.runtime import read_inputs
+
+    path = evaluation.eval_conversations_path()
+    if path is None:
+        return None
+    engine = model.engine()
+    if engine.fingerprint != info["fingerprint"]:
+        raise ValueError("the model resource does not match the one that produced the readout; "
+                         "rematerialize activation_stats with the current model settings")
+    from amygdala_dagster.evaluation import json_clean
+
+    return json_clean(conversations_with_engine(
+        engine, info["cache_root"], readout, read_inputs(path, labelled=True), layer_for=best_layers(result),
+        source=Path(path).name))
+
+
+def runtime_metadata(result: dict[str, Any]) -> dict[str, Any]:
+    """Dagster metadata of the runtime section (nothing when it was skipped)."""
+    from amygdala_dagster.evaluation.report import png_markdown
+    from amygdala_dagster.evaluation.runtime_report import PLOT, runtime_markdown, runtime_plots
+
+    if not result.get("conversations"):
+        return {}
+    plots = runtime_plots(result)
+    out: dict[str, Any] = {"runtime_conversations": dg.MetadataValue.md(runtime_markdown(result))}
+    if PLOT in plots:
+        out["runtime_plot"] = dg.MetadataValue.md(png_markdown(plots[PLOT], "runtime: conversations"))
+    return out

@@ -14,7 +14,9 @@ from amygdala_dagster.manifest import vectors_bytes, write_readout
 from amygdala_dagster.pipeline.assets.activations import activation_stats, has_stats, read_stats, read_stats_info
 from amygdala_dagster.pipeline.assets.common import GROUP, emotion_partitions, file_meta, readout_freshness, table
 from amygdala_dagster.pipeline.assets.emotions import emotion_catalog, read_examples_from, tagged_examples
-from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, SelectionResource
+from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, ModelResource, SelectionResource
+from amygdala_dagster.runtime import read_inputs
+from amygdala_dagster.token_calibration import calibrate_with_engine, calibration_items, heldout_summary
 from amygdala_dagster.vectors import TrainedReadout, train_readout
 from amygdala_dagster.workflow import (
     MANIFEST_FILE, STAGED_INFO, STAGED_VECTORS, VECTORS_FILE, check_stats_current, drift_cosines,
@@ -157,9 +159,11 @@ def load_staged_readout(storage: ArtifactStorage) -> tuple[TrainedReadout, dict[
     ),
 )
 def readout_manifest(
-    context: dg.AssetExecutionContext, storage: ArtifactStorage, selection: SelectionResource
+    context: dg.AssetExecutionContext, storage: ArtifactStorage, selection: SelectionResource,
+    model: ModelResource, evaluation: EvaluationResource,
 ) -> dg.MaterializeResult:
     readout, info = load_staged_readout(storage)
+    token_cal = compute_token_calibration(context, readout, info, storage, model, evaluation)
     fp = info["fingerprint"]
     training = {
         "pipeline": "amygdala_dagster.pipeline",
@@ -174,6 +178,7 @@ def readout_manifest(
     fields = dict(
         model=fp.get("model"), model_revision=fp.get("revision"), dtype=fp.get("dtype"),
         pooling=fp.get("pooling"), layer_path=fp.get("layer_path"), fingerprint=fp, training=training,
+        token_calibration=token_cal,
     )
     if store.is_local:
         with store.local_for_write(VECTORS_FILE) as vpath, store.local_for_write(MANIFEST_FILE) as mpath:
@@ -194,7 +199,27 @@ def readout_manifest(
             "model": str(manifest["model"]),
             "dtype": str(manifest["dtype"]),
             "vectors_sha256": manifest["vectors_sha256"],
+            "token_calibration": table(heldout_summary(token_cal)),
             **file_meta(store, VECTORS_FILE, "vectors_"),
             **file_meta(store, MANIFEST_FILE, "manifest_"),
         },
     )
+
+
+def compute_token_calibration(context: Any, readout: Any, info: dict[str, Any], storage: ArtifactStorage,
+                              model: ModelResource, evaluation: EvaluationResource) -> dict[str, Any]:
+    """Per-token calibration of every concept and layer (weights loaded only for uncached texts)."""
+    engine = model.engine()
+    if engine.fingerprint != info["fingerprint"]:
+        raise ValueError("the model resource does not match the one that produced the readout; "
+                         "rematerialize activation_stats with the current model settings")
+    path = evaluation.calibration_texts
+    records = read_inputs(path) if path else None
+    sets = {c: read_examples_from(storage, c)[1] for c in readout.concepts} if records is None else {}
+    items, source = calibration_items(sets, readout.concepts, records, Path(path).name if path else None)
+    t0 = time.perf_counter()
+    cal = calibrate_with_engine(engine, info["cache_root"], readout, items, source,
+                                target_rate=float(evaluation.token_target_rate))
+    context.log.info(f"token calibration of {len(readout.concepts)} concepts on "
+                     f"{sorted(set(source.values()))} in {time.perf_counter() - t0:.1f}s")
+    return cal

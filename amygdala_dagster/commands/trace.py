@@ -1,0 +1,98 @@
+"""``amygdala trace``: the per-token readout of every concept over conversations or text, as the runtime computes it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HELP = ("run the model over conversations or text and show, per token, the calibrated readout of every concept "
+        "(DIR/trace.html with a token heatmap and per-concept traces, DIR/trace.json)")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    from amygdala_dagster.flags import positive_int
+
+    parser.add_argument("--manifest", type=Path, required=True, help="manifest.json of the readout")
+    parser.add_argument("--vectors", type=Path, default=None,
+                        help="vectors.safetensors (default: the manifest's vectors_file, relative to the manifest)")
+    parser.add_argument("--model", default=None, help="model to run (default: the manifest's model)")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", type=Path, metavar="FILE.jsonl",
+                     help='one {"text": ...} or {"messages": [{"role", "content"}, ...]} per line (optional "id")')
+    src.add_argument("--text", help="one text to trace")
+    parser.add_argument("--output-dir", type=Path, required=True, help="where trace.html and trace.json go")
+    parser.add_argument("--concepts", default=None, metavar="A,B", help="concepts to show (default: top-k per input)")
+    parser.add_argument("--top-k", type=positive_int, default=5, help="concepts shown per input (default: %(default)s)")
+    parser.add_argument("--layer", type=int, default=None, help="hooked layer to show (default: the manifest's last)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default: %(default)s)")
+    parser.add_argument("--dtype", default=None, help="default: the manifest's dtype")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="inputs per forward batch (default: %(default)s)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
+
+
+def run_trace(args: argparse.Namespace) -> dict:
+    """Everything ``main`` does; returns ``{"html", "json", "trace"}`` paths and content."""
+    from tqdm import tqdm
+
+    from amygdala_dagster.atomic import atomic_write_text
+    from amygdala_dagster.manifest import ReadoutFileError, load_readout
+    from amygdala_dagster.models import load_model
+    from amygdala_dagster.runtime import InputRecord, ReadoutRuntime, read_inputs
+    from amygdala_dagster.trace import build_trace, render_trace_html
+
+    if not args.manifest.is_file():
+        raise ReadoutFileError(f"--manifest {args.manifest}: no such file")
+    manifest = json.loads(args.manifest.read_text(encoding="utf-8"))
+    vectors = args.vectors or args.manifest.parent / manifest.get("vectors_file", "vectors.safetensors")
+    readout = load_readout(vectors, args.manifest)
+    layer = args.layer if args.layer is not None else int(readout.layers[-1])
+    if layer not in readout.layers:
+        raise ValueError(f"--layer {layer}: the readout hooks layers {readout.layers}")
+    concepts = [c.strip() for c in args.concepts.split(",") if c.strip()] if args.concepts else None
+    unknown = [c for c in concepts or [] if c not in readout.concepts]
+    if unknown:
+        raise ValueError(f"--concepts: unknown {', '.join(unknown)}; the manifest has {', '.join(readout.concepts)}")
+    records = read_inputs(args.input) if args.input else [InputRecord("text", args.text)]
+    if args.text is not None and not args.text.strip():
+        raise ValueError("--text is empty")
+    model = args.model or manifest.get("model")
+    if not model:
+        raise ValueError("the manifest records no model: pass --model")
+    fp = manifest.get("fingerprint") or {}
+    loaded = load_model(model, dtype=args.dtype or manifest.get("dtype") or "auto", device=args.device,
+                        revision=manifest.get("model_revision") if not args.model else None,
+                        trust_remote_code=args.trust_remote_code)
+    if loaded.hidden_size != readout.hidden_size:
+        raise ValueError(f"model {model} has hidden size {loaded.hidden_size}, the vectors {readout.hidden_size}")
+    runtime = ReadoutRuntime.from_loaded(loaded, readout, layer_path=fp.get("layer_path") if not args.model else None,
+                                         max_tokens=int(fp.get("max_tokens", 512)), batch_size=args.batch_size)
+    with tqdm(total=len(records), desc="trace", unit="input", disable=len(records) < 2, file=sys.stderr) as bar:
+        scores = runtime.score_many([r.item for r in records], ids=[r.id for r in records],
+                                    progress=lambda n: bar.update(n - bar.n))
+    trace = build_trace(scores, layer, readout.manifest, top_k=args.top_k, concepts=concepts,
+                        meta={"model": loaded.model_id, "manifest": str(args.manifest),
+                              "vectors_sha256": readout.sha256})
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    json_path, html_path = args.output_dir / "trace.json", args.output_dir / "trace.html"
+    atomic_write_text(json_path, json.dumps(trace, ensure_ascii=False, allow_nan=False) + "\n")
+    atomic_write_text(html_path, render_trace_html(trace))
+    return {"html": html_path, "json": json_path, "trace": trace}
+
+
+def main(args: argparse.Namespace) -> int:
+    from amygdala_dagster.manifest import ReadoutFileError
+    from amygdala_dagster.models import ModelLoadError
+
+    try:
+        out = run_trace(args)
+    except (ReadoutFileError, ModelLoadError, ValueError) as exc:
+        print(f"amygdala trace: {exc}", file=sys.stderr)
+        return 2
+    for conv in out["trace"]["conversations"]:
+        fired = conv["fired"]
+        print(f"{conv['id']}: {len(conv['tokens'])} tokens; fired: {', '.join(fired) if fired else 'none'}")
+    print(f"trace: {out['html']}")
+    print(f"numbers: {out['json']}")
+    return 0

@@ -1,0 +1,165 @@
+"""Evaluation on labelled conversations, read per token as the runtime reads them.
+
+For each emotion of the readout, over conversations labelled with the
+emotions they carry (``{"id", "text" | "messages", "emotions": [...]}``):
+
+- ``text_auroc``: AUROC of the text-level score (the projection of the
+  mean-pooled activation, what training and the text calibration see);
+- ``token_auroc``: AUROC of the token-level score, the maximum over scored
+  positions of a short trailing moving average of the calibrated per-token
+  score (one loud token does not decide it);
+- ``fire_rate_without``: share of conversations *without* the emotion in
+  which the runtime's token threshold fires at least once;
+- ``fire_rate_with``, ``first_fire_median``: the same on conversations with
+  it, and the median token position of the first firing there;
+- ``n_with``, ``n_without``.
+
+Stored as ``evaluation["conversations"]["per_emotion"][emotion]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from amygdala_dagster.evaluation import metrics as M
+from amygdala_dagster.runtime import (
+    InputRecord, ReadoutRuntime, TokenActivationCache, TokenScores, encode, manifest_skip_first_tokens,
+    scores_from_hidden, token_activations,
+)
+from amygdala_dagster.trace import SMOOTH_WINDOW, moving_average, thresholds, trace_record
+
+log = logging.getLogger(__name__)
+
+#: How many conversations the report shows as traces.
+N_TRACES = 3
+
+
+def score_records(
+    records: Sequence[InputRecord], readout: Any, *, tokenizer: Any, max_tokens: int | None,
+    hidden_layers: Sequence[int], runtime_factory: Callable[[], ReadoutRuntime],
+    cache: TokenActivationCache | None = None,
+) -> list[TokenScores]:
+    """Per-token scores of every record (activations from ``cache`` where present, else forwarded)."""
+    encoded = [encode(tokenizer, r.item, max_tokens) for r in records]
+    skip = manifest_skip_first_tokens(readout.manifest)
+    out: list[TokenScores | None] = [None] * len(records)
+    for i, hidden in token_activations(encoded, cache, runtime_factory):
+        out[i] = scores_from_hidden(encoded[i], hidden, readout, hidden_layers, skip, records[i].id)
+    return out  # type: ignore[return-value]
+
+
+def _text_score(s: TokenScores, layer: int, ci: int, pooling: str) -> float:
+    raw = s.raw[layer][:, ci]
+    return float(raw[-1] if pooling == "last" else raw.mean())
+
+
+def _token_score(s: TokenScores, layer: int, ci: int, window: int) -> float:
+    z = s.calibrated[layer][s.scored, ci]
+    if z.size == 0:
+        return math.nan
+    if not np.isfinite(z).all():  # no token calibration (format 1): rank by raw projections
+        z = s.raw[layer][s.scored, ci]
+    return float(moving_average(z, window).max())
+
+
+def _first_fire(s: TokenScores, layer: int, ci: int, threshold: float | None) -> int | None:
+    if threshold is None:
+        return None
+    hits = np.flatnonzero(s.scored & (s.raw[layer][:, ci] >= threshold))
+    return int(hits[0]) if hits.size else None
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def evaluate_conversations(
+    scores: Sequence[TokenScores], records: Sequence[InputRecord], readout: Any, *,
+    layer_for: Mapping[str, int | None] | None = None, window: int = SMOOTH_WINDOW, n_traces: int = N_TRACES,
+    source: str | None = None,
+) -> dict[str, Any]:
+    """The ``conversations`` section of the evaluation (see the module docstring), JSON-ready.
+
+    ``layer_for[emotion]`` picks the layer per emotion (default: the
+    readout's last); ``traces`` holds :func:`~amygdala_dagster.trace.trace_record`
+    records (trimmed to their shown concepts) of the first ``n_traces``
+    labelled conversations.
+    """
+    manifest = readout.manifest
+    pooling = str(manifest.get("pooling") or "mean")
+    concepts = list(readout.concepts)
+    labels = [set(r.emotions or ()) for r in records]
+    unknown = sorted(set().union(*labels) - set(concepts)) if labels else []
+    per_emotion: dict[str, Any] = {}
+    thr_by_layer = {int(l): thresholds(manifest, int(l)) for l in readout.layers}
+    for ci, e in enumerate(concepts):
+        layer = int((layer_for or {}).get(e) or readout.layers[-1])
+        kind, thr = thr_by_layer[layer]
+        t = thr.get(e)
+        threshold = t["raw"] if t else None
+        has = np.array([e in lab for lab in labels], dtype=bool)
+        text = np.array([_text_score(s, layer, ci, pooling) for s in scores])
+        token = np.array([_token_score(s, layer, ci, window) for s in scores])
+        first = [_first_fire(s, layer, ci, threshold) for s in scores]
+        fires = np.array([f is not None for f in first], dtype=bool)
+        ok = np.isfinite(token)
+        with_first = [f for f, h in zip(first, has) if h and f is not None]
+        per_emotion[e] = {
+            "layer": layer,
+            "calibration": kind,
+            "n_with": int(has.sum()),
+            "n_without": int((~has).sum()),
+            "text_auroc": _finite(M.auroc(text[has], text[~has])),
+            "token_auroc": _finite(M.auroc(token[has & ok], token[~has & ok])),
+            "fire_rate_without": float(fires[~has].mean()) if (~has).any() and threshold is not None else None,
+            "fire_rate_with": float(fires[has].mean()) if has.any() and threshold is not None else None,
+            "first_fire_median": float(np.median(with_first)) if with_first else None,
+        }
+    labelled = [i for i, lab in enumerate(labels) if lab & set(concepts)][:n_traces]
+    traces = []
+    for i in labelled:
+        layer = int(readout.layers[-1])
+        shown = sorted(labels[i] & set(concepts))
+        rec = trace_record(scores[i], layer, manifest, top_k=max(4, len(shown)))
+        top = list(dict.fromkeys([*shown, *rec["top"]]))[: max(4, len(shown))]
+        rec.update(top=top, labels=sorted(labels[i]), raw={c: rec["raw"][c] for c in top},
+                   z={c: rec["z"][c] for c in top}, summary={c: rec["summary"][c] for c in top})
+        traces.append(rec)
+    mean = lambda key: _finite(np.mean([v[key] for v in per_emotion.values() if v[key] is not None]))  # noqa: E731
+    return {
+        "source": source,
+        "n_conversations": len(records),
+        "window": int(window),
+        "skip_first_tokens": manifest_skip_first_tokens(manifest),
+        "unknown_labels": unknown,
+        "per_emotion": per_emotion,
+        "summary": {"mean_text_auroc": mean("text_auroc") if per_emotion else None,
+                    "mean_token_auroc": mean("token_auroc") if per_emotion else None,
+                    "mean_fire_rate_without": mean("fire_rate_without") if per_emotion else None},
+        "thresholds": {str(l): thr_by_layer[int(l)][1] for l in readout.layers},
+        "traces": traces,
+    }
+
+
+def conversations_with_engine(
+    engine: Any, cache_root: Any, readout: Any, records: Sequence[InputRecord], *,
+    layer_for: Mapping[str, int | None] | None = None, source: str | None = None,
+) -> dict[str, Any]:
+    """:func:`evaluate_conversations` with activations from the per-token cache of ``engine``'s
+    fingerprint (the engine's weights are loaded only for conversations not cached yet)."""
+    from amygdala_dagster.token_calibration import engine_runtime_factory, engine_token_cache
+
+    scores = score_records(records, readout, tokenizer=engine.tokenizer, max_tokens=engine.max_tokens,
+                           hidden_layers=engine.layers, runtime_factory=engine_runtime_factory(engine),
+                           cache=engine_token_cache(engine, cache_root))
+    return evaluate_conversations(scores, records, readout, layer_for=layer_for, source=source)
+
+
+def best_layers(evaluation: Mapping[str, Any]) -> dict[str, int | None]:
+    """Each emotion's best held-out layer from an :func:`~amygdala_dagster.evaluation.core.evaluate` result."""
+    return {e: r.get("best_layer") for e, r in (evaluation.get("emotions") or {}).items()}

@@ -1,0 +1,119 @@
+"""The report's runtime section: how the readout behaves per token on labelled conversations.
+
+HTML and Markdown fragments plus PNG plots from ``evaluation["conversations"]``
+(:func:`amygdala_dagster.evaluation.conversations.evaluate_conversations`);
+the report embeds them with one call each, and shows nothing when the
+evaluation has no conversations.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from amygdala_dagster.trace import CSS as TRACE_CSS
+from amygdala_dagster.trace import JS as TRACE_JS
+from amygdala_dagster.trace import conversation_html
+
+PLOT = "runtime_conversations.png"
+
+
+def _fmt(x: Any, digits: int = 2) -> str:
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def runtime_plots(evaluation: Mapping[str, Any]) -> dict[str, bytes]:
+    """``{file name: PNG}``: per emotion, text vs token AUROC and the firing rate without the emotion."""
+    conv = evaluation.get("conversations")
+    if not conv or not conv.get("per_emotion"):
+        return {}
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per = conv["per_emotion"]
+    names = list(per)
+    nan = lambda v: float("nan") if v is None else v  # noqa: E731
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(8.0, 0.55 * len(names) + 3), 3.6), dpi=100)
+    xs = range(len(names))
+    a1.bar([x - 0.2 for x in xs], [nan(per[n]["text_auroc"]) for n in names], width=0.4, label="text level")
+    a1.bar([x + 0.2 for x in xs], [nan(per[n]["token_auroc"]) for n in names], width=0.4, label="per token (max MA)")
+    a1.axhline(0.5, color="#999", lw=0.8, ls="--")
+    a1.set_ylim(0, 1)
+    a1.set_title("AUROC on labelled conversations", fontsize=10)
+    a1.set_xticks(list(xs), names, rotation=60, ha="right", fontsize=8)
+    a1.legend(fontsize=8)
+    a2.bar(list(xs), [nan(per[n]["fire_rate_without"]) for n in names], color="#c0392b", label="without the emotion")
+    a2.plot(list(xs), [nan(per[n]["fire_rate_with"]) for n in names], "o", color="#229954", label="with it")
+    a2.set_ylim(0, 1.05)
+    a2.set_title("conversations where the token threshold fires", fontsize=10)
+    a2.set_xticks(list(xs), names, rotation=60, ha="right", fontsize=8)
+    a2.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return {PLOT: buf.getvalue()}
+
+
+def _rows(conv: Mapping[str, Any]) -> list[list[str]]:
+    return [[e, str(v["layer"]), str(v["n_with"]), str(v["n_without"]), _fmt(v["text_auroc"]),
+             _fmt(v["token_auroc"]), _fmt(v["fire_rate_without"]), _fmt(v.get("fire_rate_with")),
+             _fmt(v["first_fire_median"], 0)] for e, v in conv["per_emotion"].items()]
+
+
+_HEAD = ["emotion", "layer", "n with", "n without", "text AUROC", "token AUROC", "fires without",
+         "fires with", "first fire (median token)"]
+
+
+def _intro(conv: Mapping[str, Any]) -> str:
+    s = conv.get("summary") or {}
+    return (f"{conv['n_conversations']} labelled conversations ({conv.get('source') or 'bundled snippets'}), "
+            f"read per token as the runtime does. Token AUROC ranks by the maximum {conv['window']}-token moving "
+            f"average of the calibrated score; a conversation 'fires' when one scored token reaches the manifest's "
+            f"token threshold (special tokens and the first {conv['skip_first_tokens']} position(s) are not scored). "
+            f"Mean text AUROC {_fmt(s.get('mean_text_auroc'))}, mean token AUROC {_fmt(s.get('mean_token_auroc'))}, "
+            f"mean firing rate without the emotion {_fmt(s.get('mean_fire_rate_without'))}.")
+
+
+def runtime_html(evaluation: Mapping[str, Any], plots: Mapping[str, bytes]) -> str:
+    """The section's HTML (empty when the evaluation has no conversations)."""
+    import base64
+
+    conv = evaluation.get("conversations")
+    if not conv:
+        return ""
+    parts = [f"<style>{TRACE_CSS}</style><script>{TRACE_JS}</script>",
+             "<section><h2>Runtime: per-token readout on conversations</h2>", f"<p>{_e(_intro(conv))}</p>"]
+    if conv.get("unknown_labels"):
+        parts.append(f"<p>Labels without a vector (ignored): {_e(', '.join(conv['unknown_labels']))}</p>")
+    parts.append("<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in _HEAD) + "</tr>" + "".join(
+        "<tr>" + "".join(f"<td>{_e(c)}</td>" for c in r) + "</tr>" for r in _rows(conv)) + "</table>")
+    if PLOT in plots:
+        parts.append(f'<img alt="runtime conversations" src="data:image/png;base64,'
+                     f'{base64.b64encode(plots[PLOT]).decode()}">')
+    for i, rec in enumerate(conv.get("traces") or []):
+        thr = (conv.get("thresholds") or {}).get(str(rec["layer"]), {})
+        parts.append(conversation_html(rec, thr, f"rt{i}",
+                                       title=f"{rec['id']} (labelled: {', '.join(rec.get('labels') or []) or 'none'})",
+                                       heading="h3"))
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def runtime_markdown(evaluation: Mapping[str, Any]) -> str:
+    """The section as Markdown (Dagster metadata); empty when the evaluation has no conversations."""
+    conv = evaluation.get("conversations")
+    if not conv:
+        return ""
+    lines = [_intro(conv), "", "| " + " | ".join(_HEAD) + " |", "|" + "---|" * len(_HEAD)]
+    lines += ["| " + " | ".join(r) + " |" for r in _rows(conv)]
+    return "\n".join(lines) + "\n"

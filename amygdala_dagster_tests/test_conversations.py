@@ -1,0 +1,97 @@
+"""Evaluation on labelled conversations (per-token, as the runtime reads them) and the report's runtime section."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from amygdala_dagster.evaluation.conversations import evaluate_conversations, score_records
+from amygdala_dagster.evaluation.runtime_report import PLOT, runtime_html, runtime_markdown, runtime_plots
+from amygdala_dagster.manifest import load_readout, write_readout
+from amygdala_dagster.models import load_model
+from amygdala_dagster.runtime import InputRecord, ReadoutRuntime, read_inputs
+from amygdala_dagster.sample_data import conversation_snippets_path
+from amygdala_dagster.vectors import ReadoutVectors
+
+EMOTIONS = ["anxiety", "awe", "calm", "clarity", "curiosity", "determination", "embarrassment", "frustration",
+            "gratitude", "joy", "loneliness", "love", "pride", "sadness", "tiredness", "warmth"]
+
+
+def test_bundled_snippets_are_labelled_with_the_sample_emotions():
+    records = read_inputs(conversation_snippets_path(), labelled=True)
+    assert len(records) == 60
+    labels = [set(r.emotions) for r in records]
+    assert set().union(*labels) == set(EMOTIONS)  # every sample emotion has conversations with it
+    assert sum(1 for lab in labels if not lab) >= 10  # and neutral ones without any
+    for e in EMOTIONS:
+        assert sum(e in lab for lab in labels) >= 2
+
+
+@pytest.fixture(scope="module")
+def minilm_readout(tmp_path_factory):
+    """A readout on MiniLM whose 'joy' row points at the mean activation of joyful minus neutral text."""
+    tmp = tmp_path_factory.mktemp("conv")
+    loaded = load_model("minilm", device="cpu")
+    rt = ReadoutRuntime(loaded.model, loaded.tokenizer, None, layers=[4])
+    happy = ["I am so happy today, everything went wonderfully!", "What a joyful, delightful surprise, thank you!"]
+    plain = ["The meeting is at ten in room four.", "Convert the file to CSV and upload it."]
+    enc = [rt.encode(t) for t in happy + plain]
+    means = {i: h[:, 0].mean(axis=0) for i, h in rt.hidden_states(enc)}
+    d = np.mean([means[0], means[1]], axis=0) - np.mean([means[2], means[3]], axis=0)
+    rng = np.random.default_rng(0)
+    other = rng.normal(size=d.shape)
+    vec = np.stack([d / np.linalg.norm(d), other / np.linalg.norm(other)]).astype(np.float32)
+    ro = ReadoutVectors(concepts=["joy", "noise"], layers=[4], vectors={4: vec},
+                        raw_norms={"joy": [1.0], "noise": [1.0]}, counts={"joy": {}, "noise": {}})
+    scores = [s.raw[4] for s in ReadoutRuntime(loaded.model, loaded.tokenizer, type("R", (), {
+        "concepts": ["joy", "noise"], "layers": [4], "vectors": {4: vec}, "manifest": {"concepts": ["joy", "noise"]}})()
+    ).score_many(plain)]
+    vals = np.concatenate([s[1:-1] for s in scores])
+    tc = {c: {4: {"source": "test", "skip_first_tokens": 1, "n_texts": 2, "n_tokens": len(vals),
+                  "neg_mean": float(vals[:, i].mean()), "neg_std": float(vals[:, i].std(ddof=1)), "quantiles": {},
+                  "target_rate": 0.01, "threshold": float(vals[:, i].max())}} for i, c in enumerate(["joy", "noise"])}
+    write_readout(tmp / "v.safetensors", tmp / "m.json", ro, model="minilm", model_revision=None, dtype="float32",
+                  pooling="mean", layer_path=None, fingerprint=None, training={}, calibration=None,
+                  token_calibration=tc)
+    return loaded, load_readout(tmp / "v.safetensors", tmp / "m.json")
+
+
+def test_conversation_metrics_and_runtime_section(minilm_readout, tmp_path):
+    loaded, readout = minilm_readout
+    records = [
+        InputRecord("a", "I am thrilled and so happy, this is wonderful news!", ["joy"]),
+        InputRecord("b", [{"role": "user", "content": "Yay! We won, I'm overjoyed."}], ["joy", "mystery"]),
+        InputRecord("c", "Please send the quarterly invoice to accounting.", []),
+        InputRecord("d", "The bus leaves at seven from platform two.", []),
+    ]
+    calls = []
+
+    def factory():
+        calls.append(1)
+        return ReadoutRuntime(loaded.model, loaded.tokenizer, None, layers=[4])
+
+    scores = score_records(records, readout, tokenizer=loaded.tokenizer, max_tokens=128, hidden_layers=[4],
+                           runtime_factory=factory)
+    out = evaluate_conversations(scores, records, readout, source="test.jsonl")
+    joy = out["per_emotion"]["joy"]
+    assert set(joy) >= {"text_auroc", "token_auroc", "fire_rate_without", "first_fire_median", "n_with", "n_without"}
+    assert joy["n_with"] == 2 and joy["n_without"] == 2
+    assert joy["text_auroc"] == 1.0 and joy["token_auroc"] == 1.0
+    assert calls == [1]  # one forward pass for the four conversations (no cache given)
+    thr = readout.manifest["per_concept"]["joy"]["layers"]["4"]["token_calibration"]["threshold"]
+    fires = [bool((s.scored & (s.raw[4][:, 0] >= thr)).any()) for s in scores]
+    assert joy["fire_rate_without"] == np.mean(fires[2:])
+    firsts = [int(np.flatnonzero(s.scored & (s.raw[4][:, 0] >= thr))[0]) for s, f in zip(scores[:2], fires) if f]
+    assert joy["first_fire_median"] == (float(np.median(firsts)) if firsts else None)
+    assert out["unknown_labels"] == ["mystery"]
+    assert [t["id"] for t in out["traces"]] == ["a", "b", "c"][:len(out["traces"])] and out["traces"][0]["labels"] == ["joy"]
+    ev = {"conversations": json.loads(json.dumps(out))}
+    plots = runtime_plots(ev)
+    assert plots[PLOT][:8] == b"\x89PNG\r\n\x1a\n"
+    page = runtime_html(ev, plots)
+    assert "Runtime: per-token readout on conversations" in page and page.count('<section class="conv">') == 2
+    assert "| joy | 4 | 2 | 2 | 1.00 | 1.00 |" in runtime_markdown(ev)
+    assert runtime_html({}, {}) == "" and runtime_plots({}) == {} and runtime_markdown({}) == ""

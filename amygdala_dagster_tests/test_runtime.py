@@ -1,0 +1,260 @@
+"""The runtime reference (per-token readout on a real model) and the token calibration in the manifest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from amygdala_dagster.activations import ActivationEngine
+from amygdala_dagster.evaluation.metrics import z_score
+from amygdala_dagster.manifest import calibration_entry, load_readout, write_readout
+from amygdala_dagster.models import load_model
+from amygdala_dagster.runtime import (
+    InputError, ReadoutRuntime, TokenActivationCache, encode, read_inputs, scored_mask,
+)
+from amygdala_dagster.token_calibration import calibrate_readout, calibrate_tokens, heldout_problems, text_folds
+from amygdala_dagster.vectors import ReadoutVectors
+from amygdala_dagster_tests.tiny_models import HIDDEN, build_tiny_model
+
+LAYERS = [1, 2]
+CONCEPTS = ["anger", "calm", "joy"]
+TEXTS = ["The old journal entry spoke of warmth and quiet clarity after a long week of work.",
+         "Anger flared when the server crashed again, then faded into a stubborn determination.",
+         "curious"]
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+def _readout(h: int = HIDDEN, layers=LAYERS, seed: int = 0) -> ReadoutVectors:
+    rng = np.random.default_rng(seed)
+    vectors = {}
+    for layer in layers:
+        m = rng.normal(size=(len(CONCEPTS), h))
+        vectors[layer] = (m / np.linalg.norm(m, axis=1, keepdims=True)).astype(np.float32)
+    return ReadoutVectors(concepts=list(CONCEPTS), layers=list(layers), vectors=vectors,
+                          raw_norms={c: [1.0] * len(layers) for c in CONCEPTS},
+                          counts={c: {} for c in CONCEPTS})
+
+
+def _token_cal(mean: float, std: float) -> dict:
+    return {"source": "test", "skip_first_tokens": 1, "n_texts": 3, "n_tokens": 30, "neg_mean": mean,
+            "neg_std": std, "quantiles": {}, "target_rate": 0.01, "threshold": mean + 2 * std}
+
+
+def _pair(tmp_path: Path, h: int = HIDDEN, layers=LAYERS, token_calibration=None):
+    ro = _readout(h, layers)
+    tc = token_calibration or {c: {l: _token_cal(0.1 * i, 0.5 + i) for l in layers} for i, c in enumerate(CONCEPTS)}
+    v, m = tmp_path / "vectors.safetensors", tmp_path / "manifest.json"
+    write_readout(v, m, ro, model="tiny", model_revision=None, dtype="float32", pooling="mean", layer_path=None,
+                  fingerprint=None, training={}, calibration=None, token_calibration=tc)
+    return load_readout(v, m)
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """A tiny Qwen3 decoder with its LM head and a tokenizer that has a chat template."""
+    src = Path(build_tiny_model("qwen3"))
+    path = tmp_path_factory.mktemp("chat") / "qwen3-chat"
+    shutil.copytree(src, path)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama", "gpt2"])
+def test_generation_rows_equal_the_offline_projection(arch, tmp_path):
+    path = build_tiny_model(arch)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    readout = _pair(tmp_path)
+    rt = ReadoutRuntime(model, tok, readout)
+    rows = list(rt.generate(TEXTS[0], max_new_tokens=7, do_sample=False))
+    prompt = rt.encode(TEXTS[0], add_generation_prompt=True).ids
+    assert [r.position for r in rows] == list(range(len(prompt), len(prompt) + 7))
+    seq = prompt + [r.token_id for r in rows]
+    with torch.no_grad():
+        hs = model(input_ids=torch.tensor([seq]), output_hidden_states=True).hidden_states
+    for r in rows:
+        for layer in LAYERS:  # residual stream after block idx = hidden_states[idx + 1]
+            offline = hs[layer + 1][0, r.position].numpy() @ readout.vectors[layer].T
+            np.testing.assert_allclose(r.raw[layer], offline, atol=1e-5)
+            for c, concept in enumerate(CONCEPTS):
+                cal = calibration_entry(readout.manifest, concept, layer, "token")
+                assert r.calibrated[layer][c] == pytest.approx(float(z_score(r.raw[layer][c], cal)))
+    # the prompt's rows come from the prefill, as scoring the prompt gives them
+    prefill = rt.score_many([TEXTS[0]])[0]
+    for layer in LAYERS:
+        np.testing.assert_allclose(prefill.raw[layer],
+                                   hs[layer + 1][0, : prefill.raw[layer].shape[0]].numpy() @ readout.vectors[layer].T,
+                                   atol=1e-5)
+
+
+def test_closing_the_generator_stops_generation(chat_model, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(chat_model).eval()
+    rt = ReadoutRuntime(model, AutoTokenizer.from_pretrained(chat_model), _pair(tmp_path))
+    gen = rt.generate([{"role": "user", "content": "hello"}], max_new_tokens=50, do_sample=False)
+    first = next(gen)
+    gen.close()
+    assert first.position > 0
+    assert not any(getattr(m, "_forward_hooks", None) for m in rt._modules)  # hooks removed
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gpt2", "minilm"])
+def test_prefill_equals_offline_projection_and_the_pooled_training_activation(arch, tmp_path):
+    source = "minilm" if arch == "minilm" else build_tiny_model(arch)
+    loaded = load_model(source, device="cpu")
+    layers = [3, 4] if arch == "minilm" else LAYERS
+    readout = _pair(tmp_path, loaded.hidden_size, layers)
+    engine = ActivationEngine(loaded, layers, pooling="mean")
+    rt = ReadoutRuntime.from_loaded(loaded, readout, max_tokens=engine.max_tokens, batch_size=2)
+    scores = rt.score_many(TEXTS)
+    order, acts = [], []
+    for idx, p in engine.forward(TEXTS):
+        order += idx
+        acts.append(p)
+    acts = torch.cat(acts).numpy()[np.argsort(order)]
+    enc = loaded.tokenizer(TEXTS[0], return_tensors="pt")
+    with torch.no_grad():
+        hs = loaded.model(**enc, output_hidden_states=True).hidden_states
+    for s, layer in enumerate(layers):
+        if layer + 1 < len(hs) - 1 or arch == "minilm":  # the last block's output is reported after the final norm
+            np.testing.assert_allclose(scores[0].raw[layer], hs[layer + 1][0].numpy() @ readout.vectors[layer].T,
+                                       atol=1e-5)
+        for i in range(len(TEXTS)):
+            # training's mean-pooled projection is the mean of the runtime's per-token scores
+            np.testing.assert_allclose(scores[i].raw[layer].mean(axis=0), acts[i, s] @ readout.vectors[layer].T,
+                                       atol=1e-5)
+
+
+def test_messages_go_through_the_chat_template(chat_model):
+    tok = AutoTokenizer.from_pretrained(chat_model)
+    messages = [{"role": "user", "content": "the rain was soft"}, {"role": "assistant", "content": "and the tea hot"}]
+    enc = encode(tok, messages)
+    rendered = tok.apply_chat_template(messages, tokenize=False)
+    assert enc.ids == tok(rendered, add_special_tokens=False)["input_ids"]
+    assert enc.special[0] and sum(enc.special) == 4  # <s> ... </s> per message
+    mask = scored_mask(enc, 1)
+    assert not mask[0] and not any(mask[i] for i, s in enumerate(enc.special) if s)
+    # a tokenizer without a template: role-prefixed lines
+    plain = encode(AutoTokenizer.from_pretrained(build_tiny_model("llama")), messages)
+    assert len(plain.ids) > 4
+
+
+def test_read_inputs_validates_each_line(tmp_path):
+    p = tmp_path / "in.jsonl"
+    p.write_text('{"text": "hello"}\n{"id": "b", "messages": [{"role": "user", "content": "hi"}], "emotions": []}\n')
+    recs = read_inputs(p)
+    assert [r.id for r in recs] == ["1", "b"] and recs[1].item[0]["content"] == "hi"
+    for bad, msg in [('{"text": ""}', "empty text"), ('{"text": "a", "messages": []}', "exactly one"),
+                     ('{"messages": [{"role": 1}]}', "message 0"), ("[1]", "JSON object"), ("{", "not valid JSON")]:
+        p.write_text(bad + "\n")
+        with pytest.raises(InputError, match=f"in.jsonl:1: .*{msg}"):
+            read_inputs(p)
+    p.write_text('{"text": "a"}\n')
+    with pytest.raises(InputError, match="emotions"):
+        read_inputs(p, labelled=True)
+
+
+def test_token_threshold_fires_at_its_target_rate_on_unseen_texts():
+    rng = np.random.default_rng(0)
+    values = [rng.normal(1.0, 2.0, size=rng.integers(50, 150)) for _ in range(60)]
+    keys = [f"t{i}" for i in range(60)]
+    cal = calibrate_tokens(values, keys, source="holdout_negatives", skip_first_tokens=1, target_rate=0.02)
+    x = np.concatenate(values)
+    assert cal["n_tokens"] == x.size and cal["n_texts"] == 60
+    assert cal["neg_mean"] == pytest.approx(x.mean()) and cal["neg_std"] == pytest.approx(x.std(ddof=1))
+    assert np.mean(x >= cal["threshold"]) == pytest.approx(0.02, abs=1e-3)
+    assert cal["quantiles"]["0.5"] < cal["quantiles"]["0.9"] < cal["quantiles"]["0.99"] < cal["quantiles"]["0.999"]
+    assert 0.5 < cal["heldout"]["ratio_to_target"] < 2 and cal["heldout"]["enough_tokens"]
+    assert heldout_problems({"c": {3: cal}}) == []
+    # folds depend on the texts' content, not their order
+    assert list(text_folds(keys[::-1])) == list(text_folds(keys)[::-1])
+    # a threshold that fires far too often on held-out texts is reported
+    bad = dict(cal, heldout=dict(cal["heldout"], fire_rate=0.1, ratio_to_target=5.0))
+    assert "5.0x the target" in heldout_problems({"c": {3: bad}})[0]
+
+
+def test_calibration_reads_cached_token_activations_without_a_forward(tmp_path):
+    path = build_tiny_model("qwen3")
+    loaded = load_model(path, device="cpu")
+    readout = _readout()
+    rt_calls = []
+
+    def factory():
+        rt_calls.append(1)
+        return ReadoutRuntime(loaded.model, loaded.tokenizer, None, layers=LAYERS)
+
+    cache = TokenActivationCache(tmp_path, {"model": "tiny"})
+    items = {c: [(f"k{i}", t) for i, t in enumerate(TEXTS)] for c in CONCEPTS}
+    kw = dict(hidden_layers=LAYERS, tokenizer=loaded.tokenizer, max_tokens=64, cache=cache, target_rate=0.1)
+    first = calibrate_readout(readout, items, runtime_factory=factory, **kw)
+    assert rt_calls == [1]
+
+    def no_forward():
+        raise AssertionError("forwarded although every sequence is cached")
+
+    again = calibrate_readout(readout, items, runtime_factory=no_forward, **kw)
+    assert json.dumps(again) == json.dumps(first)
+    entry = first["joy"][2]
+    # the statistics are those of the runtime's per-token scores at the scored positions
+    rt = ReadoutRuntime(loaded.model, loaded.tokenizer, type("R", (), {
+        "concepts": CONCEPTS, "layers": LAYERS, "vectors": readout.vectors, "manifest": {"concepts": CONCEPTS}})())
+    vals = np.concatenate([s.raw[2][s.scored, 2] for s in rt.score_many(TEXTS)])
+    assert entry["n_tokens"] == vals.size == sum(len(encode(loaded.tokenizer, t).ids) - 1 for t in TEXTS)
+    assert entry["neg_mean"] == pytest.approx(vals.mean(), abs=1e-6)
+    assert entry["threshold"] == pytest.approx(np.quantile(vals, 0.9), abs=1e-6)
+
+
+def test_manifest_format_2_carries_token_calibration_and_format_1_still_reads(tmp_path):
+    from amygdala_dagster.commands.inspect import format_report, inspect_pair
+
+    readout = _pair(tmp_path)
+    m = readout.manifest
+    assert m["format_version"] == 2
+    shown = inspect_pair(readout.vectors_path, readout.manifest_path)
+    assert shown["ok"] and shown["token_calibration"]["1"]["n_concepts"] == 3
+    assert "manifest: format 2; token calibration: layer 1: 3 concepts" in format_report(shown)
+    for c in CONCEPTS:
+        for layer in LAYERS:
+            entry = m["per_concept"][c]["layers"][str(layer)]
+            assert set(entry) >= {"calibration", "token_calibration"}
+            assert calibration_entry(m, c, layer, "token")["threshold"] == entry["token_calibration"]["threshold"]
+    old = json.loads(readout.manifest_path.read_text())
+    old["format_version"] = 1
+    for per in old["per_concept"].values():
+        for entry in per["layers"].values():
+            del entry["token_calibration"]
+    readout.manifest_path.write_text(json.dumps(old))
+    v1 = load_readout(readout.vectors_path, readout.manifest_path)
+    shown = inspect_pair(readout.vectors_path, readout.manifest_path)
+    assert shown["ok"] and shown["token_calibration"] is None
+    assert "format 1; token calibration: none" in format_report(shown)
+    assert calibration_entry(v1.manifest, "joy", 1, "token") is None
+    rt_scores = np.zeros((2, 3))
+    from amygdala_dagster.readout import calibrated_scores
+
+    assert np.isnan(calibrated_scores(rt_scores, v1.manifest, 1, "token")).all()
+
+
+def test_calibration_texts_replace_the_holdout_negatives_and_say_so(tmp_path):
+    from amygdala_dagster.token_calibration import calibration_items
+
+    p = tmp_path / "traffic.jsonl"
+    p.write_text('{"text": "hello there"}\n{"messages": [{"role": "user", "content": "hi"}]}\n')
+    items, source = calibration_items({}, CONCEPTS, read_inputs(p), p.name)
+    assert source == {c: "calibration_texts:traffic.jsonl" for c in CONCEPTS}
+    assert [k for k, _ in items["joy"]] == ["1", "2"] and items["joy"][1][1][0]["role"] == "user"
+
+
+def test_run_refuses_a_missing_calibration_file_in_one_line(tmp_path, capsys):
+    from amygdala_dagster.cli import main
+
+    assert main(["run", "--calibration-texts", str(tmp_path / "nope.jsonl"), "--output-dir", str(tmp_path)]) == 2
+    assert "--calibration-texts" in capsys.readouterr().err and not list(tmp_path.iterdir())

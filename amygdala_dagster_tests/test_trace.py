@@ -1,0 +1,109 @@
+"""`amygdala trace`: per-token readout over conversations, as HTML + JSON, on the bundled MiniLM."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from amygdala_dagster.cli import main
+from amygdala_dagster.manifest import write_readout
+from amygdala_dagster.trace import moving_average
+from amygdala_dagster.vectors import ReadoutVectors
+
+H = 384
+LAYERS = [3, 4]
+
+
+def _pair(tmp_path, n_concepts=3, token=True):
+    rng = np.random.default_rng(0)
+    concepts = [f"c{i:03d}" for i in range(n_concepts)]
+    vectors = {l: (lambda m: (m / np.linalg.norm(m, axis=1, keepdims=True)).astype(np.float32))(
+        rng.normal(size=(n_concepts, H))) for l in LAYERS}
+    ro = ReadoutVectors(concepts=concepts, layers=LAYERS, vectors=vectors,
+                        raw_norms={c: [1.0, 1.0] for c in concepts}, counts={c: {} for c in concepts},
+                        calibration={c: {l: {"neg_mean": 0.0, "neg_std": 0.1, "threshold": 0.2} for l in LAYERS}
+                                     for c in concepts})
+    tc = {c: {l: {"source": "test", "skip_first_tokens": 1, "n_texts": 1, "n_tokens": 1, "neg_mean": 0.0,
+                  "neg_std": 0.05, "quantiles": {}, "target_rate": 0.01, "threshold": 0.1} for l in LAYERS}
+          for c in concepts} if token else None
+    v, m = tmp_path / "vectors.safetensors", tmp_path / "manifest.json"
+    write_readout(v, m, ro, model="minilm", model_revision=None, dtype="float32", pooling="mean", layer_path=None,
+                  fingerprint={"max_tokens": 128}, training={}, calibration=None, token_calibration=tc)
+    return m, concepts
+
+
+def _inputs(tmp_path):
+    p = tmp_path / "in.jsonl"
+    p.write_text(
+        json.dumps({"id": "a", "text": "I am so grateful for the help <b>yesterday</b>, thank you."}) + "\n"
+        + json.dumps({"id": "b", "messages": [{"role": "user", "content": "The build failed again."},
+                                               {"role": "assistant", "content": "Let's look at the log."}]}) + "\n")
+    return p
+
+
+def test_trace_writes_readable_html_and_json(tmp_path, capsys):
+    m, concepts = _pair(tmp_path)
+    out = tmp_path / "trace"
+    assert main(["trace", "--manifest", str(m), "--input", str(_inputs(tmp_path)), "--output-dir", str(out),
+                 "--device", "cpu"]) == 0
+    trace = json.loads((out / "trace.json").read_text())
+    assert trace["layer"] == 4 and trace["calibration"] == "token" and trace["concepts"] == concepts
+    a, b = trace["conversations"]
+    assert a["id"] == "a" and a["special"][0] and not a["scored"][0] and a["scored"][1]  # [CLS] is position 0
+    assert "".join(t for t, s in zip(a["tokens"], a["special"]) if not s).strip().startswith("I am so grateful")
+    for conv in (a, b):
+        n = len(conv["tokens"])
+        assert all(len(conv["z"][c]) == n == len(conv["raw"][c]) for c in concepts)
+        for c in concepts:
+            s = conv["summary"][c]
+            fired = [i for i, (r, ok) in enumerate(zip(conv["raw"][c], conv["scored"])) if ok and r >= 0.1]
+            assert s["n_fired"] == len(fired) and s["first"] == (fired[0] if fired else None)
+            assert conv["z"][c][3] == pytest.approx(conv["raw"][c][3] / 0.05, abs=1e-2)
+    page = (out / "trace.html").read_text()
+    assert page.count('<section class="conv">') == 2
+    assert "&lt;" in page and "<b>" not in page  # token text is escaped
+    assert "<script src" not in page and "http" not in page.replace("http-equiv", "")  # self-contained
+    assert "fired" in capsys.readouterr().out
+
+
+def test_trace_stays_legible_with_200_concepts(tmp_path):
+    m, concepts = _pair(tmp_path, n_concepts=200)
+    out = tmp_path / "trace"
+    assert main(["trace", "--manifest", str(m), "--text", "The rain was soft and the tea was hot.",
+                 "--output-dir", str(out), "--device", "cpu", "--top-k", "4", "--layer", "3"]) == 0
+    page = (out / "trace.html").read_text()
+    assert len(re.findall(r"<option ", page)) == 4 and page.count("<svg") == 4
+    trace = json.loads((out / "trace.json").read_text())
+    assert len(trace["conversations"][0]["z"]) == 200 and trace["layer"] == 3
+
+
+def test_trace_refuses_bad_arguments_in_one_line(tmp_path, capsys):
+    m, _ = _pair(tmp_path)
+    base = ["trace", "--manifest", str(m), "--output-dir", str(tmp_path / "t"), "--device", "cpu"]
+    assert main(base + ["--text", "hi", "--concepts", "nope"]) == 2
+    assert "unknown nope" in capsys.readouterr().err
+    assert main(base + ["--text", "hi", "--layer", "9"]) == 2
+    assert "--layer 9" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"txt": "b"}\n')
+    assert main(base + ["--input", str(bad)]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
+    assert not (tmp_path / "t" / "trace.html").exists()
+
+
+def test_format_1_manifest_traces_against_the_text_calibration(tmp_path):
+    m, _ = _pair(tmp_path, token=False)
+    man = json.loads(m.read_text())
+    man["format_version"] = 1
+    m.write_text(json.dumps(man))
+    out = tmp_path / "trace"
+    assert main(["trace", "--manifest", str(m), "--text", "hello there", "--output-dir", str(out), "--device", "cpu"]) == 0
+    assert json.loads((out / "trace.json").read_text())["calibration"] == "text"
+
+
+def test_moving_average():
+    np.testing.assert_allclose(moving_average(np.array([1.0, 3.0, 5.0, 7.0]), 2), [1.0, 2.0, 4.0, 6.0])
+    assert moving_average(np.zeros(0)).size == 0
