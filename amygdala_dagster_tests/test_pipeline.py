@@ -248,3 +248,33 @@ def test_instance_is_created_under_a_dagster_home_that_does_not_exist_yet(tmp_pa
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     with get_instance() as instance:
         assert home.is_dir() and instance.root_directory == str(home)
+
+
+def test_memory_token_from_the_documented_variables_works_in_planning_sensor_and_run(
+        graph_server, tmp_path, monkeypatch):
+    """`AMYGDALA_MEMORY_MCP_URL=... AMYGDALA_MEMORY_TOKEN=t amygdala run` read the token outside a run."""
+    from amygdala_dagster.pipeline.definitions import default_resources
+    from amygdala_dagster.pipeline.runner import observe_graph
+    from amygdala_dagster.pipeline.sensors import memory_graph_sensor, plan_partitions
+
+    token = "s3cret-token-from-the-environment"
+    server = graph_server(small_graph(4), token_env="AMYGDALA_MEMORY_TOKEN", token=token)
+    monkeypatch.setenv("AMYGDALA_MEMORY_MCP_URL", server.url)
+    monkeypatch.setenv("AMYGDALA_MEMORY_TOKEN", token)
+    monkeypatch.setenv("AMYGDALA_OUTPUT_DIR", str(tmp_path / "out"))
+    res = default_resources()
+    instance = dg.DagsterInstance.ephemeral()
+    # outside a run: what `amygdala run` does before launching it
+    assert observe_graph(instance, res).node_count == 16
+    assert plan_partitions(res["memory"], R.SelectionResource(min_positives=3), [])[0]
+    # a sensor tick
+    with dg.build_sensor_context(instance=instance, resources={"memory": res["memory"],
+                                                               "selection": R.SelectionResource(min_positives=3)}) as ctx:
+        assert isinstance(memory_graph_sensor(ctx), dg.SensorResult)
+    # a run with the resources of the code location (what the launchpad uses)
+    result = dg.materialize(ALL_ASSETS + ALL_CHECKS, instance=instance, resources=res,
+                            selection=["memory_snapshot"], raise_on_error=False)
+    assert result.success, failures(result)
+    records = instance.get_records_for_run(result.run_id).records
+    text = "\n".join(repr(r.event_log_entry) for r in records) + repr(instance.get_run_by_id(result.run_id))
+    assert token not in text

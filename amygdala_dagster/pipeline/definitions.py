@@ -35,11 +35,9 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
         "layers": _env("AMYGDALA_TARGET_LAYERS"), "cache_dir": _env("AMYGDALA_CACHE_DIR"),
     }.items() if v is not None}
     return {
-        "memory": MemoryGraphResource(
-            mcp_url=_env("AMYGDALA_MEMORY_MCP_URL"), file=_env("AMYGDALA_MEMORY_FILE"),
-            # An EnvVar only where the variable is set: an unset EnvVar fails at resource load.
-            **({"token": dg.EnvVar("AMYGDALA_MEMORY_TOKEN")} if _env("AMYGDALA_MEMORY_TOKEN") else {}),
-        ),
+        # The token is read from $AMYGDALA_MEMORY_TOKEN (token_env) when the graph is contacted, in
+        # whichever process does it (CLI, sensor, run worker): only the variable's name is config.
+        "memory": MemoryGraphResource(mcp_url=_env("AMYGDALA_MEMORY_MCP_URL"), file=_env("AMYGDALA_MEMORY_FILE")),
         "model": ModelResource(**model_kwargs),
         "storage": ArtifactStorage(base_path=default_output_dir()),
         "selection": SelectionResource(
