@@ -29,6 +29,7 @@ import json
 import os
 import random
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -194,9 +195,14 @@ def main() -> int:
         env.pop("AMYGDALA_EMOTIONS", None)
         cmd = [sys.executable, "-m", "amygdala_dagster.cli", "run", "--memory-file", str(graph),
                "--output-dir", str(work / "out"), "--cache-dir", str(work / "cache")]
+        load_before = os.getloadavg()[0]
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+        load_after = os.getloadavg()[0]
         if proc.returncode != 0:
             print(proc.stdout[-3000:], proc.stderr[-5000:], sep="\n", file=sys.stderr)
             print(f"amygdala run failed (exit {proc.returncode})", file=sys.stderr)
@@ -215,10 +221,13 @@ def main() -> int:
         print(format_table(["step", "seconds", "/ forward"], rows))
         print("report files: " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sorted(sizes.items())))
         qualified = len(json.loads((work / "out" / "manifest.json").read_text())["concepts"])
-        print(f"emotions trained: {qualified}")
+        print(f"emotions trained: {qualified}; CPU time of the run {cpu:.0f} s over {wall:.0f} s wall; "
+              f"1-min load average {load_before:.1f} before, {load_after:.1f} after (2 cores: above 2 means the "
+              "run shared the machine and every step is slower by about that factor)")
         if args.json:
             args.json.write_text(json.dumps({"graph": shape, "steps": steps, "forward_seconds": forward,
-                                             "outside_forward": outside, "wall": wall, "report_bytes": sizes,
+                                             "outside_forward": outside, "wall": wall, "cpu_seconds": cpu,
+                                             "loadavg": [load_before, load_after], "report_bytes": sizes,
                                              "emotions_trained": qualified}, indent=2))
         return 0
     finally:

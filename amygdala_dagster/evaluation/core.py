@@ -371,7 +371,8 @@ def _emotion_flags(evaluation: Mapping[str, Any], emotion: str, criteria: Criter
         if n_pos < criteria.min_holdout_positives:
             flags.append(_flag(emotion, "small_holdout", "weak",
                                f"only {n_pos} held-out positive(s) (fewer than {criteria.min_holdout_positives}): "
-                               f"AUROC {auc:.3f}{ci_text} is not reliable"))
+                               + (f"AUROC {auc:.3f}{ci_text} is not reliable" if auc >= criteria.min_auroc
+                                  else "the AUROC is not reliable")))
         elif ci and auc >= criteria.min_auroc and ci[0] < criteria.min_auroc:
             flags.append(_flag(emotion, "wide_interval", "weak",
                                f"the 95% interval of the held-out AUROC{ci_text} reaches below {criteria.min_auroc}"))
@@ -499,11 +500,12 @@ def crosstalk(readout: Any, *, snapshot: Any = None, threshold: float = 0.5) -> 
         v = np.asarray(readout.vectors[int(layer)], dtype=np.float64)
         norms = np.linalg.norm(v, axis=1, keepdims=True)
         u = v / np.where(norms > 0, norms, 1.0)
-        cos_by_layer[str(layer)] = np.clip(u @ u.T, -1.0, 1.0).tolist()
+        # 4 decimals: display values (200 emotions x layers would otherwise be megabytes of digits)
+        cos_by_layer[str(layer)] = np.round(np.clip(u @ u.T, -1.0, 1.0), 4).tolist()
     co = None
     if snapshot is not None:
         _, corr = cooccurrence(snapshot, concepts)
-        co = corr.tolist()
+        co = np.round(corr, 4).tolist()
     pairs = []
     for layer, mat in cos_by_layer.items():
         for i in range(len(concepts)):
@@ -554,7 +556,11 @@ def generalisation(
     engine: Any = None,
     top_k: int = 5,
 ) -> dict[str, Any]:
-    """Top and bottom snippets per emotion by calibrated score at the emotion's chosen layer."""
+    """Top and bottom snippets per emotion by calibrated score at the emotion's chosen layer.
+
+    ``{"n_snippets", "cache_stats", "texts": {id: text}, "emotions": {emotion: {"layer", "top",
+    "bottom", "fraction_above_threshold"}}}``; the rows of ``top``/``bottom`` name snippets by id.
+    """
     texts = [s["text"] for s in snippets]
     ids = [str(s["id"]) for s in snippets]
     stats = None
@@ -568,7 +574,9 @@ def generalisation(
         )
     acts = cache.get([text_sha256(t) for t in texts]).astype(np.float64) if texts else None
     cache_layers = _cache_layers(cache)
-    out: dict[str, Any] = {"n_snippets": len(snippets), "cache_stats": stats, "emotions": {}}
+    # Each snippet's text once (rows name it by id): 200 emotions x top/bottom would repeat them.
+    out: dict[str, Any] = {"n_snippets": len(snippets), "cache_stats": stats, "texts": dict(zip(ids, texts)),
+                           "emotions": {}}
     for ci, emotion in enumerate(readout.concepts):
         layer = layer_for.get(emotion)
         if layer is None:
@@ -584,7 +592,7 @@ def generalisation(
         order = np.argsort(-raw, kind="mergesort")
 
         def row(i: int) -> dict[str, Any]:
-            return {"id": ids[i], "text": texts[i], "raw": float(raw[i]), "z": float(z[i]),
+            return {"id": ids[i], "raw": float(raw[i]), "z": float(z[i]),
                     "probability": float(prob[i]),
                     "above_threshold": bool(cal and raw[i] >= cal["threshold"])}
 

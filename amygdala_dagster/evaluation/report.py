@@ -392,6 +392,10 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[Any]], *, row_class: Seq
     return "\n".join(out)
 
 
+def _clip(text: str, n: int = 300) -> str:
+    return text[:n] + ("…" if len(text) > n else "")
+
+
 def _layer_table(ev: Mapping[str, Any], emotion: str) -> str:
     res = ev["emotions"][emotion]
     head = ["layer", "AUROC", "95% CI", "Cohen's d", "accuracy", "F1", "threshold", "pos mean", "pos sd",
@@ -447,14 +451,15 @@ def _emotion_detail(ev: Mapping[str, Any], emotion: str, plots: Mapping[str, byt
     if len(names) > 1:
         parts.append(_table(["estimator", *[f"layer {l}" for l in ev["layers"]]],
                             [[n, *[_f(res["estimators"][n].get(str(l))) for l in ev["layers"]]] for n in names]))
+    texts = (ev.get("generalisation") or {}).get("texts", {})
     gen = (ev.get("generalisation") or {}).get("emotions", {}).get(emotion)
     if gen and gen["top"]:
         parts.append(f"<p>Conversation snippets at layer {_e(gen['layer'])}; above threshold: "
                      f"{_e(_f(gen.get('fraction_above_threshold'), 2))}</p>")
         for label, items in (("highest", gen["top"]), ("lowest", gen["bottom"])):
             parts.append(_table([label, "z", "probability", "raw", "text"], [
-                [t["id"], _f(t["z"], 2), _f(t["probability"], 2), _f(t["raw"]),
-                 t["text"][:300] + ("…" if len(t["text"]) > 300 else "")] for t in items], cell_class={4: "snip"}))
+                [t["id"], _f(t["z"], 2), _f(t["probability"], 2), _f(t["raw"]), _clip(texts.get(t["id"], ""))]
+                for t in items], cell_class={4: "snip"}))
     parts.append("</details>")
     return "\n".join(parts)
 
