@@ -63,5 +63,5 @@ def calibrated_scores(raw: Any, manifest: Mapping[str, Any], layer: int, kind: s
     for i, concept in enumerate(concepts):
         cal = calibration_entry(manifest, concept, layer, kind)
         if cal and cal.get("neg_mean") is not None and cal.get("neg_std") is not None:
-            out[..., i] = z_score(raw_arr[..., i], cal)
+            out[..., i] = z_score(raw_arr[..., i], cal["neg_mean"], cal["neg_std"])
     return out

@@ -50,7 +50,7 @@ def thresholds(manifest: Mapping[str, Any], layer: int) -> tuple[str, dict[str, 
         if not cal or cal.get("threshold") is None or cal.get("neg_mean") is None:
             out[c] = None
             continue
-        out[c] = {"raw": float(cal["threshold"]), "z": float(z_score(cal["threshold"], cal)),
+        out[c] = {"raw": float(cal["threshold"]), "z": float(z_score(cal["threshold"], cal["neg_mean"], cal["neg_std"])),
                   "neg_mean": float(cal["neg_mean"]), "neg_std": float(cal["neg_std"])}
     return kind, out
 

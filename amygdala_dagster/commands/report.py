@@ -23,6 +23,7 @@ from amygdala_dagster.cache import ActivationCache, default_cache_dir, ensure_ca
 from amygdala_dagster.evaluation import (
     calibration_for_manifest, evaluate, json_clean, read_snippets, summary_markdown, sweep_layers, write_report,
 )
+from amygdala_dagster.evaluation.core import Criteria, apply_verdicts
 from amygdala_dagster.evaluation.conversations import best_layers, conversations_with_engine
 from amygdala_dagster.examples import ExampleSet, read_examples_dir
 from amygdala_dagster.layers import parse_layers
@@ -41,6 +42,19 @@ log = logging.getLogger("amygdala.report")
 
 class ReportInputError(ValueError):
     """An input of the report that is missing or unusable; the message names it."""
+
+
+def _histograms(value: str) -> int | None:
+    """``--histograms``: a count, or ``all`` (None)."""
+    if value.strip().lower() == "all":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'all', got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'all', got {value!r}")
+    return n
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -72,8 +86,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for AUROC CIs, 0 = none (default: %(default)s)")
     parser.add_argument("--confound-margin", type=float, default=0.0,
                         help="how much a vector's AUROC must beat the trivial baselines (default: %(default)s)")
-    parser.add_argument("--estimators", default="mean_difference,lda,logistic",
-                        help="estimators to compare (default: %(default)s)")
+    parser.add_argument("--estimators", default="auto",
+                        help="estimators to compare: auto (mean_difference,lda,logistic up to 24 emotions, else "
+                             "mean_difference), none, or a list (default: %(default)s)")
+    parser.add_argument("--histograms", type=_histograms, default=12, metavar="N|all",
+                        help="draw the projection histogram of this many emotions, most attention first (default: %(default)s)")
+    parser.add_argument("--min-auroc", type=float, default=0.7, help="held-out AUROC a usable vector reaches (default: %(default)s)")
+    parser.add_argument("--min-holdout-positives", type=int, default=10,
+                        help="fewer held-out positives make the verdict 'weak' (default: %(default)s)")
     parser.add_argument("--logistic-c", type=float, default=1.0, help="inverse regularisation of the logistic probe")
     parser.add_argument("--sweep-layers", default=None, metavar="all|L1,L2,...",
                         help="also evaluate these layers (one model pass, separate cache namespace) and recommend target layers")
@@ -236,16 +256,18 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
                 sweep = sweep_layers(sweep_engine, sweep_cache, sets, n_model_layers=n_layers)
         evaluation = evaluate(
             cache, sets, readout, snapshot=snapshot, snippets=snippets, engine=None,
-            estimators=[e.strip() for e in args.estimators.split(",") if e.strip()],
-            threshold_method=args.threshold_method, target_fpr=args.target_fpr,
-            crosstalk_cosine=args.crosstalk_cosine, bootstrap=args.bootstrap,
-            confound_margin=args.confound_margin, logistic_C=args.logistic_c, sweep=sweep,
+            estimators=args.estimators, threshold_method=args.threshold_method, target_fpr=args.target_fpr,
+            crosstalk_cosine=args.crosstalk_cosine, bootstrap=args.bootstrap, logistic_C=args.logistic_c, sweep=sweep,
+            criteria=Criteria(min_auroc=args.min_auroc, min_holdout_positives=args.min_holdout_positives,
+                              confound_margin=args.confound_margin),
             meta={"vectors_sha256": readout.sha256, "manifest": str(manifest_path),
                   "model": manifest.get("model"), "cache_dir": str(cache_root),
                   **({"snippets_file": str(args.snippets or "bundled conversation_snippets.jsonl")} if snippets else {})},
         )
         evaluation["conversations"] = _conversations(args, engines, manifest, cache_root, readout, evaluation)
-    html_path, json_path, plots = write_report(evaluation, args.report_dir or output_dir / REPORT_DIR)
+        apply_verdicts(evaluation)
+    html_path, json_path, plots = write_report(evaluation, args.report_dir or output_dir / REPORT_DIR,
+                                               histograms=args.histograms)
     if args.write_calibration:
         cal = calibration_for_manifest(evaluation)
         for concept, per_layer in cal.items():

@@ -4,12 +4,18 @@ estimator comparison, cross-talk, confounds, generalisation, and the report.
 Three modules, so each can be used without the weight of the others:
 - :mod:`.metrics`: pure numpy metrics on arrays of projections (AUROC, bootstrap
   CI, Cohen's d, thresholds, calibration, calibrated scores);
-- :mod:`.core`: :func:`evaluate` and friends, reading activations from the cache;
+- :mod:`.core`: :func:`evaluate` and friends, reading activations from the cache, and
+  :func:`judge` / :func:`apply_verdicts`, the one source of per-emotion verdicts and flags;
 - :mod:`.report`: the HTML report and PNG plots (imports matplotlib, lazily).
 """
 
 from amygdala_dagster.evaluation.core import (
     DEFAULT_ESTIMATORS,
+    Criteria,
+    apply_verdicts,
+    attention_order,
+    judge,
+    resolve_estimators,
     calibration_for_manifest,
     confounds,
     crosstalk,
@@ -46,7 +52,7 @@ def summary_markdown(*args, **kwargs):  # noqa: ANN002, ANN003 - see report.summ
 
 
 __all__ = [
-    "DEFAULT_ESTIMATORS", "accuracy_at", "auroc", "bootstrap_auroc_ci", "calibration",
+    "Criteria", "DEFAULT_ESTIMATORS", "accuracy_at", "apply_verdicts", "attention_order", "judge", "resolve_estimators", "auroc", "bootstrap_auroc_ci", "calibration",
     "calibration_for_manifest", "cohens_d", "confounds", "crosstalk", "evaluate", "evaluate_emotion",
     "generalisation", "json_clean", "probability", "read_snippets", "summary_markdown", "sweep_layers",
     "threshold_fixed_fpr", "threshold_max_f1", "write_report", "z_score",

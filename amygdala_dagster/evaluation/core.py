@@ -16,19 +16,53 @@ import math
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import sklearn
 
 from amygdala_dagster.cache import ActivationCache, ensure_cached, text_sha256
 from amygdala_dagster.estimators import DegenerateDirectionError, make_estimator, unit_direction
 from amygdala_dagster.evaluation import metrics as M
+from amygdala_dagster.examples import cooccurrence
 
 log = logging.getLogger(__name__)
 
-EVALUATION_FORMAT_VERSION = 1
+EVALUATION_FORMAT_VERSION = 2
 DEFAULT_ESTIMATORS = ("mean_difference", "lda", "logistic")
+# With estimators="auto", LDA and logistic (the costly refits) are compared up to this many emotions;
+# beyond it only when asked for (each costs ~0.1 s per emotion and layer).
+AUTO_COMPARE_MAX_EMOTIONS = 24
+VERDICTS = ("do_not_use", "weak", "use")  # most attention first
+
+
+@dataclass(frozen=True)
+class Criteria:
+    """What makes a vector usable: the thresholds of :func:`judge` (and of the Dagster checks)."""
+
+    min_auroc: float = 0.7
+    min_holdout_positives: int = 10
+    confound_margin: float = 0.0
+    max_crosstalk_cosine: float = 0.8
+    max_fire_rate_without: float = 0.5
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_estimators(estimators: Sequence[str] | str | None, n_emotions: int) -> tuple[str, ...]:
+    """The estimators to compare: a list as given, ``"none"``, or ``"auto"``/None (all three up to
+    :data:`AUTO_COMPARE_MAX_EMOTIONS` emotions, else none)."""
+    if estimators is None or estimators == "auto":
+        # mean_difference alone would only repeat the shipped vector's numbers: compare nothing then.
+        return DEFAULT_ESTIMATORS if n_emotions <= AUTO_COMPARE_MAX_EMOTIONS else ()
+    if isinstance(estimators, str):
+        estimators = () if estimators == "none" else [e.strip() for e in estimators.split(",") if e.strip()]
+    for name in estimators:
+        make_estimator(name)  # fail fast on a typo
+    return tuple(estimators)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -106,29 +140,6 @@ def _best_layer(aurocs: Mapping[int, float | None]) -> int | None:
     return best
 
 
-def _separation(
-    pos: np.ndarray, neg: np.ndarray, *, threshold_method: str, target_fpr: float, bootstrap: int,
-    bootstrap_max_n: int, seed: int,
-) -> dict[str, Any]:
-    """Held-out separation numbers and calibration of one vector's projections."""
-    out: dict[str, Any] = {
-        "n_pos": len(pos), "n_neg": len(neg),
-        "auroc": M.auroc(pos, neg), "auroc_ci": None,
-        "cohens_d": M.cohens_d(pos, neg),
-        "accuracy": None, "f1": None, "calibration": None,
-    }
-    if len(pos) and len(neg):
-        if bootstrap > 0 and len(pos) + len(neg) <= bootstrap_max_n:
-            out["auroc_ci"] = M.bootstrap_auroc_ci(pos, neg, n_boot=bootstrap, seed=seed)
-        cal = M.calibration(pos, neg, threshold_method=threshold_method, target_fpr=target_fpr)
-        cal["split"] = "holdout"
-        out["calibration"] = cal
-        out["accuracy"] = M.accuracy_at(pos, neg, cal["threshold"])
-        out["f1"] = M.f1_at(pos, neg, cal["threshold"])
-        out["confusion"] = M.confusion_at(pos, neg, cal["threshold"])
-    return out
-
-
 # ----------------------------------------------------------------------------- confounds
 
 
@@ -185,6 +196,31 @@ def confounds(example_set: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- per emotion
 
 
+class _Activations:
+    """The pooled activations of every example text, read from the cache once, with each text's row."""
+
+    def __init__(self, cache: ActivationCache, sets: Mapping[str, Any]):
+        self.row: dict[str, int] = {}
+        owners: dict[str, Any] = {}
+        for s in sets.values():
+            for e in (*s.positives, *s.negatives):
+                sha = text_sha256(e.text)
+                if sha not in self.row:
+                    self.row[sha] = len(self.row)
+                    owners[sha] = e
+        missing = cache.missing(list(self.row))
+        if missing:
+            raise KeyError(
+                f"example {owners[missing[0]].key!r}: its text is not in the activation cache {cache.directory}; "
+                "run the activation step first"
+            )
+        shape = cache.shape or (0, 0)
+        self.data = cache.get(list(self.row)) if self.row else np.zeros((0, *shape), dtype=np.float32)
+
+    def rows(self, examples: Sequence[Any]) -> np.ndarray:
+        return np.fromiter((self.row[text_sha256(e.text)] for e in examples), dtype=np.int64, count=len(examples))
+
+
 def evaluate_emotion(
     cache: ActivationCache,
     example_set: Any,
@@ -195,45 +231,67 @@ def evaluate_emotion(
     target_fpr: float = 0.05,
     bootstrap: int = 1000,
     bootstrap_max_n: int = 400,
-    confound_margin: float = 0.0,
     logistic_C: float = 1.0,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Evaluate one emotion's shipped vectors (every layer of ``readout``) from cached activations.
 
-    Held-out separation and calibration use the shipped vectors; the estimator
-    comparison refits each estimator on the train split and scores the holdout.
-    Calibration falls back to the train split (``calibration["split"] == "train"``)
-    when the holdout lacks positives or negatives, so every layer gets one.
+    The same numbers as its entry in :func:`evaluate` (which evaluates every
+    emotion from one read of the cache); verdicts need every emotion (cross-talk),
+    so they come from :func:`judge`.
     """
+    emotion = example_set.emotion
+    sets = {emotion: example_set}
+    acts = _Activations(cache, sets)
+    return _evaluate_emotion(acts, _cache_layers(cache), example_set, readout, estimators=estimators,
+                             threshold_method=threshold_method, target_fpr=target_fpr, bootstrap=bootstrap,
+                             bootstrap_max_n=bootstrap_max_n, logistic_C=logistic_C, seed=seed)
+
+
+def _evaluate_emotion(
+    acts: _Activations, cache_layers: Sequence[int], example_set: Any, readout: Any, *,
+    estimators: Sequence[str], threshold_method: str, target_fpr: float, bootstrap: int,
+    bootstrap_max_n: int, logistic_C: float, seed: int,
+) -> dict[str, Any]:
     emotion = example_set.emotion
     if emotion not in readout.concepts:
         raise ValueError(f"emotion {emotion!r} has no readout vector (concepts: {', '.join(readout.concepts)})")
     ci = list(readout.concepts).index(emotion)
     layers = [int(l) for l in readout.layers]
-    pos_idx = _layer_positions(_cache_layers(cache), layers, f"emotion {emotion!r}")
+    pos_idx = _layer_positions(cache_layers, layers, f"emotion {emotion!r}")
 
     hp, hn = example_set.holdout_positives, example_set.holdout_negatives
     tp, tn = example_set.train_positives, example_set.train_negatives
-    a_hp, a_hn, a_tp, a_tn = (_acts(cache, x) for x in (hp, hn, tp, tn))
+    r_hp, r_hn, r_tp, r_tn = (acts.rows(x) for x in (hp, hn, tp, tn))
+    # [L, H] shipped vectors of this emotion, and the projections of its held-out texts: [L, n].
+    v = np.stack([np.asarray(readout.vectors[l][ci], dtype=np.float64) for l in layers])
+
+    def project(rows: np.ndarray) -> np.ndarray:
+        return np.einsum("nlh,lh->ln", acts.data[rows][:, pos_idx, :].astype(np.float64), v)
+
+    p_all, n_all = project(r_hp), project(r_hn)
 
     per_layer: dict[int, dict[str, Any]] = {}
-    projections: dict[int, dict[str, list[float]]] = {}
-    for layer, li in zip(layers, pos_idx):
-        v = np.asarray(readout.vectors[layer][ci], dtype=np.float64)
-        p, n = a_hp[:, li, :] @ v, a_hn[:, li, :] @ v
-        sep = _separation(p, n, threshold_method=threshold_method, target_fpr=target_fpr,
-                          bootstrap=bootstrap, bootstrap_max_n=bootstrap_max_n, seed=seed)
-        if sep["calibration"] is None:
+    for k, layer in enumerate(layers):
+        p, n = p_all[k], n_all[k]
+        sep = M.separation(p, n, threshold_method=threshold_method, target_fpr=target_fpr)
+        sep["auroc_ci"] = None
+        if sep["calibration"] is not None:
+            sep["calibration"]["split"] = "holdout"
+        else:
             # Holdout lacks a class: calibrate on the train split (optimistic, marked as such).
             # Same rule as vectors.holdout_calibration: both classes from the train split.
-            cp, cn = a_tp[:, li, :] @ v, a_tn[:, li, :] @ v
+            cp, cn = project(r_tp)[k], project(r_tn)[k]
             if len(cp) and len(cn):
                 cal = M.calibration(cp, cn, threshold_method=threshold_method, target_fpr=target_fpr)
                 cal["split"] = "train"
                 sep["calibration"] = cal
         per_layer[layer] = sep
-        projections[layer] = {"positive": p.tolist(), "negative": n.tolist()}
+    if bootstrap > 0 and len(hp) and len(hn) and len(hp) + len(hn) <= bootstrap_max_n:
+        # One resampling for all layers of the emotion (scipy's vectorised bootstrap).
+        cis = M.bootstrap_auroc_ci(p_all, n_all, n_boot=bootstrap, seed=seed)
+        for k, layer in enumerate(layers if cis is not None else []):
+            per_layer[layer]["auroc_ci"] = (float(cis[k][0]), float(cis[k][1]))
 
     # Estimators side by side: fit on train, score the holdout.
     compared: dict[str, dict[int, float | None]] = {}
@@ -242,10 +300,12 @@ def evaluate_emotion(
         compared[name] = {}
         for layer, li in zip(layers, pos_idx):
             auc = None
-            if len(a_tp) and len(a_tn) and len(a_hp) and len(a_hn):
+            if len(r_tp) and len(r_tn) and len(r_hp) and len(r_hn):
                 try:
-                    u, _ = unit_direction(est(a_tp[:, li, :], a_tn[:, li, :]), f"{emotion} layer {layer} ({name})")
-                    auc = M.auroc(a_hp[:, li, :] @ u, a_hn[:, li, :] @ u)
+                    u, _ = unit_direction(est(acts.data[r_tp, li, :], acts.data[r_tn, li, :]),
+                                          f"{emotion} layer {layer} ({name})")
+                    auc = M.auroc(acts.data[r_hp, li, :].astype(np.float64) @ u,
+                                  acts.data[r_hn, li, :].astype(np.float64) @ u)
                 except DegenerateDirectionError as exc:
                     log.warning("estimator comparison: %s", exc)
             compared[name][layer] = auc
@@ -253,38 +313,180 @@ def evaluate_emotion(
     aurocs = {l: per_layer[l]["auroc"] for l in layers}
     best = _best_layer(aurocs)
     conf = confounds(example_set)
-    vector_auc = aurocs[best] if best is not None else math.nan
-    baseline = max((b for b in conf["baseline_auroc"].values() if b is not None and math.isfinite(b)),
-                   default=math.nan)
-    flags = []
-    if not math.isfinite(vector_auc):
-        flags.append({"emotion": emotion, "kind": "not_evaluable",
-                      "message": f"{emotion}: the holdout lacks positives or negatives; no held-out AUROC"})
-    elif math.isfinite(baseline) and vector_auc <= baseline + confound_margin:
-        which = max(conf["baseline_auroc"], key=lambda k: conf["baseline_auroc"][k]
-                    if conf["baseline_auroc"][k] is not None and math.isfinite(conf["baseline_auroc"][k]) else -1)
-        flags.append({
-            "emotion": emotion, "kind": "confound",
-            "message": (f"{emotion}: best held-out AUROC {vector_auc:.3f} (layer {best}) is no better than "
-                        f"the trivial {which.replace('_', ' ')} baseline ({baseline:.3f})"),
-        })
-    conf["vector_auroc"] = vector_auc
-    conf["flagged"] = any(f["kind"] == "confound" for f in flags)
-
+    conf["vector_auroc"] = aurocs[best] if best is not None else math.nan
     return {
         "emotion": emotion,
         "counts": example_set.counts(),
         "layers": {str(l): per_layer[l] for l in layers},
         "best_layer": best,
-        "best_auroc": vector_auc,
+        "best_auroc": conf["vector_auroc"],
         "estimators": {name: {str(l): v for l, v in d.items()} for name, d in compared.items()},
         "confounds": conf,
         "projections": {
-            str(l): {**projections[l], "positive_keys": [e.key for e in hp], "negative_keys": [e.key for e in hn]}
-            for l in layers
+            str(l): {"positive": p_all[k].tolist(), "negative": n_all[k].tolist(),
+                     "positive_keys": [e.key for e in hp], "negative_keys": [e.key for e in hn]}
+            for k, l in enumerate(layers)
         },
-        "flags": flags,
     }
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+
+def _num(x: Any) -> float:
+    return float(x) if x is not None and math.isfinite(float(x)) else math.nan
+
+
+def _flag(emotion: str, kind: str, severity: str, message: str) -> dict[str, str]:
+    return {"emotion": emotion, "kind": kind, "severity": severity, "message": f"{emotion}: {message}"}
+
+
+def _emotion_flags(evaluation: Mapping[str, Any], emotion: str, criteria: Criteria,
+                   partners: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    res = evaluation["emotions"][emotion]
+    best = res.get("best_layer")
+    auc = _num(res.get("best_auroc"))
+    flags = []
+    if not math.isfinite(auc):
+        flags.append(_flag(emotion, "not_evaluable", "do_not_use",
+                           "the holdout lacks positives or negatives; no held-out AUROC"))
+        entry: Mapping[str, Any] = {}
+    else:
+        entry = res["layers"][str(best)]
+        ci = entry.get("auroc_ci")
+        ci_text = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+        n_pos = int(entry.get("n_pos") or 0)
+        if auc < criteria.min_auroc:
+            flags.append(_flag(emotion, "below_min_auroc", "do_not_use",
+                               f"best held-out AUROC {auc:.3f}{ci_text} (layer {best}) below {criteria.min_auroc}"))
+        base = res["confounds"]["baseline_auroc"]
+        scored = {k: _num(v) for k, v in base.items() if math.isfinite(_num(v))}
+        if scored:
+            which = max(scored, key=scored.get)
+            if auc <= scored[which] + criteria.confound_margin:
+                flags.append(_flag(
+                    emotion, "confound", "do_not_use",
+                    f"best held-out AUROC {auc:.3f} (layer {best}) is no better than the trivial "
+                    f"{which.replace('_', ' ')} baseline ({scored[which]:.3f})"))
+        if n_pos < criteria.min_holdout_positives:
+            flags.append(_flag(emotion, "small_holdout", "weak",
+                               f"only {n_pos} held-out positive(s) (fewer than {criteria.min_holdout_positives}): "
+                               + (f"AUROC {auc:.3f}{ci_text} is not reliable" if auc >= criteria.min_auroc
+                                  else "the AUROC is not reliable")))
+        elif ci and auc >= criteria.min_auroc and ci[0] < criteria.min_auroc:
+            flags.append(_flag(emotion, "wide_interval", "weak",
+                               f"the 95% interval of the held-out AUROC{ci_text} reaches below {criteria.min_auroc}"))
+    for p in partners:
+        co = p.get("cooccurrence")
+        flags.append(_flag(
+            emotion, "crosstalk", "weak",
+            f"its vector is close to {p['other']}'s (cosine {p['cosine']:.2f} at layer {p['layer']}"
+            + (f"; their tags co-occur, r = {co:.2f}" if co is not None and math.isfinite(co) else "")
+            + "): it may read both"))
+    conv = ((evaluation.get("conversations") or {}).get("per_emotion") or {}).get(emotion)
+    if conv:
+        for key, label in (("text_auroc", "text-level"), ("token_auroc", "per-token")):
+            v = _num(conv.get(key))
+            if math.isfinite(v) and v < criteria.min_auroc:
+                flags.append(_flag(emotion, "conversation_auroc", "weak",
+                                   f"{label} AUROC on conversations {v:.3f} below {criteria.min_auroc} "
+                                   f"({conv.get('n_with', '?')} with / {conv.get('n_without', '?')} without)"))
+        rate = _num(conv.get("fire_rate_without"))
+        if math.isfinite(rate) and rate > criteria.max_fire_rate_without:
+            flags.append(_flag(emotion, "conversation_fires", "do_not_use",
+                               f"fires on {rate:.0%} of conversations without it "
+                               f"(more than {criteria.max_fire_rate_without:.0%})"))
+    return flags
+
+
+def _crosstalk_partners(evaluation: Mapping[str, Any], criteria: Criteria) -> dict[str, list[dict[str, Any]]]:
+    """Per emotion, the other emotions whose vector is within ``max_crosstalk_cosine`` at its best layer."""
+    ct = evaluation.get("crosstalk") or {}
+    concepts = list(ct.get("concepts") or [])
+    out: dict[str, list[dict[str, Any]]] = {e: [] for e in evaluation["emotions"]}
+    if not concepts:
+        return out
+    co = ct.get("cooccurrence")
+    for i, e in enumerate(concepts):
+        layer = evaluation["emotions"][e].get("best_layer")
+        if layer is None or e not in out:
+            continue
+        row = np.array([_num(x) for x in ct["cosine"][str(layer)][i]])
+        row[i] = -np.inf
+        for j in np.flatnonzero(row >= criteria.max_crosstalk_cosine):
+            out[e].append({"other": concepts[j], "layer": int(layer), "cosine": float(row[j]),
+                           "cooccurrence": _num(co[i][j]) if co is not None else None})
+        out[e].sort(key=lambda p: -p["cosine"])
+    return out
+
+
+def attention_order(evaluation: Mapping[str, Any]) -> list[str]:
+    """Emotions ordered by what needs attention: verdict (do not use, weak, use), then lowest AUROC."""
+    verdicts = evaluation["verdicts"]
+
+    def key(e: str) -> tuple[int, float, str]:
+        auc = _num(evaluation["emotions"][e].get("best_auroc"))
+        return VERDICTS.index(verdicts[e]["verdict"]), auc if math.isfinite(auc) else -1.0, e
+
+    return sorted(evaluation["emotions"], key=key)
+
+
+def judge(evaluation: Mapping[str, Any], criteria: Criteria | None = None) -> dict[str, Any]:
+    """Verdict per emotion (``use`` / ``weak`` / ``do_not_use``) with its reasons, and every flag.
+
+    The one source of truth for flags: the report, the Dagster checks and the
+    metadata read its result (stored in the evaluation by :func:`apply_verdicts`).
+    Uses held-out AUROC and interval, holdout size, the trivial baselines,
+    cross-talk at the emotion's best layer, and, when present,
+    ``evaluation["conversations"]["per_emotion"][emotion]`` (``text_auroc``,
+    ``token_auroc``, ``fire_rate_without``, ``n_with``, ``n_without``).
+    Returns ``{"verdicts": {emotion: {"verdict", "reasons", "flags"}}, "flags": [...]}``.
+    """
+    if criteria is None:
+        stored = (evaluation.get("settings") or {}).get("criteria")
+        criteria = Criteria(**stored) if stored else Criteria()
+    partners = _crosstalk_partners(evaluation, criteria)
+    verdicts: dict[str, Any] = {}
+    flags_of: dict[str, list[dict[str, str]]] = {}
+    for emotion, res in evaluation["emotions"].items():
+        flags = flags_of[emotion] = _emotion_flags(evaluation, emotion, criteria, partners[emotion])
+        severities = {f["severity"] for f in flags}
+        verdict = next((v for v in VERDICTS if v in severities), "use")
+        if flags:
+            reasons = [f["message"].split(": ", 1)[1] for f in flags]
+        else:
+            entry = res["layers"][str(res["best_layer"])]
+            ci = entry.get("auroc_ci")
+            reasons = [f"held-out AUROC {res['best_auroc']:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+                       + f" at layer {res['best_layer']} on {entry['n_pos']} positives / {entry['n_neg']} negatives"]
+        verdicts[emotion] = {"verdict": verdict, "reasons": reasons, "flags": sorted({f["kind"] for f in flags})}
+    order = attention_order({"emotions": evaluation["emotions"], "verdicts": verdicts})
+    return {"verdicts": {e: verdicts[e] for e in order}, "flags": [f for e in order for f in flags_of[e]],
+            "criteria": criteria.to_dict()}
+
+
+def apply_verdicts(evaluation: dict[str, Any], criteria: Criteria | None = None) -> dict[str, Any]:
+    """Store :func:`judge`'s verdicts, flags and their counts in ``evaluation`` (in place; returned).
+
+    Call it again after adding ``evaluation["conversations"]``.
+    """
+    j = judge(evaluation, criteria)
+    evaluation.setdefault("settings", {})["criteria"] = j["criteria"]
+    evaluation["verdicts"] = j["verdicts"]
+    evaluation["flags"] = j["flags"]
+    counts = Counter(v["verdict"] for v in j["verdicts"].values())
+    aucs = {e: _num(r.get("best_auroc")) for e, r in evaluation["emotions"].items()}
+    scored = {e: a for e, a in aucs.items() if math.isfinite(a)}
+    worst = min(scored, key=scored.get) if scored else None
+    evaluation.setdefault("summary", {}).update({
+        "verdict_counts": {v: counts.get(v, 0) for v in VERDICTS},
+        "n_flagged": sum(1 for v in j["verdicts"].values() if v["flags"]),
+        "mean_best_auroc": float(np.mean(list(scored.values()))) if scored else None,
+        "worst_best_auroc": scored[worst] if worst else None,
+        "worst_emotion": worst,
+        "n_not_evaluable": len(aucs) - len(scored),
+    })
+    return evaluation
 
 
 # ----------------------------------------------------------------------------- cross-talk
@@ -298,13 +500,12 @@ def crosstalk(readout: Any, *, snapshot: Any = None, threshold: float = 0.5) -> 
         v = np.asarray(readout.vectors[int(layer)], dtype=np.float64)
         norms = np.linalg.norm(v, axis=1, keepdims=True)
         u = v / np.where(norms > 0, norms, 1.0)
-        cos_by_layer[str(layer)] = np.clip(u @ u.T, -1.0, 1.0).tolist()
+        # 4 decimals: display values (200 emotions x layers would otherwise be megabytes of digits)
+        cos_by_layer[str(layer)] = np.round(np.clip(u @ u.T, -1.0, 1.0), 4).tolist()
     co = None
     if snapshot is not None:
-        from amygdala_dagster.examples import cooccurrence
-
         _, corr = cooccurrence(snapshot, concepts)
-        co = corr.tolist()
+        co = np.round(corr, 4).tolist()
     pairs = []
     for layer, mat in cos_by_layer.items():
         for i in range(len(concepts)):
@@ -355,7 +556,11 @@ def generalisation(
     engine: Any = None,
     top_k: int = 5,
 ) -> dict[str, Any]:
-    """Top and bottom snippets per emotion by calibrated score at the emotion's chosen layer."""
+    """Top and bottom snippets per emotion by calibrated score at the emotion's chosen layer.
+
+    ``{"n_snippets", "cache_stats", "texts": {id: text}, "emotions": {emotion: {"layer", "top",
+    "bottom", "fraction_above_threshold"}}}``; the rows of ``top``/``bottom`` name snippets by id.
+    """
     texts = [s["text"] for s in snippets]
     ids = [str(s["id"]) for s in snippets]
     stats = None
@@ -369,7 +574,9 @@ def generalisation(
         )
     acts = cache.get([text_sha256(t) for t in texts]).astype(np.float64) if texts else None
     cache_layers = _cache_layers(cache)
-    out: dict[str, Any] = {"n_snippets": len(snippets), "cache_stats": stats, "emotions": {}}
+    # Each snippet's text once (rows name it by id): 200 emotions x top/bottom would repeat them.
+    out: dict[str, Any] = {"n_snippets": len(snippets), "cache_stats": stats, "texts": dict(zip(ids, texts)),
+                           "emotions": {}}
     for ci, emotion in enumerate(readout.concepts):
         layer = layer_for.get(emotion)
         if layer is None:
@@ -380,12 +587,12 @@ def generalisation(
             continue
         li = _layer_positions(cache_layers, [layer], f"snippets for {emotion!r}")[0]
         raw = acts[:, li, :] @ np.asarray(readout.vectors[layer][ci], dtype=np.float64)
-        z = M.z_score(raw, cal) if cal else np.full_like(raw, np.nan)
+        z = M.z_score(raw, cal["neg_mean"], cal["neg_std"]) if cal else np.full_like(raw, np.nan)
         prob = M.probability(raw, cal) if cal else np.full_like(raw, np.nan)
         order = np.argsort(-raw, kind="mergesort")
 
         def row(i: int) -> dict[str, Any]:
-            return {"id": ids[i], "text": texts[i], "raw": float(raw[i]), "z": float(z[i]),
+            return {"id": ids[i], "raw": float(raw[i]), "z": float(z[i]),
                     "probability": float(prob[i]),
                     "above_threshold": bool(cal and raw[i] >= cal["threshold"])}
 
@@ -480,18 +687,20 @@ def evaluate(
     snapshot: Any = None,
     snippets: Sequence[Mapping[str, str]] | str | os.PathLike[str] | None = None,
     engine: Any = None,
-    estimators: Sequence[str] = DEFAULT_ESTIMATORS,
+    estimators: Sequence[str] | str | None = "auto",
     threshold_method: str = "max_f1",
     target_fpr: float = 0.05,
     crosstalk_cosine: float = 0.5,
     bootstrap: int = 1000,
     bootstrap_max_n: int = 400,
-    confound_margin: float = 0.0,
+    confound_margin: float | None = None,
     logistic_C: float = 1.0,
     top_k: int = 5,
     seed: int = 0,
     sweep: Mapping[str, Any] | None = None,
     meta: Mapping[str, Any] | None = None,
+    criteria: Criteria | None = None,
+    conversations: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The whole evaluation (the content of ``evaluation.json``), JSON-clean (NaN/Inf -> null).
 
@@ -501,27 +710,35 @@ def evaluate(
     (records or a JSONL path) adds the generalisation section, forwarding only
     uncached snippets through ``engine``. ``sweep`` is a :func:`sweep_layers`
     result to include. ``meta`` is copied into the result as ``meta``.
+    ``estimators``: see :func:`resolve_estimators`. ``criteria`` decide the
+    verdicts (:func:`judge`; ``confound_margin``, when given, overrides
+    ``criteria.confound_margin``). ``conversations`` (with ``per_emotion``) is
+    stored as ``conversations`` and taken into account by the verdicts.
+    Each emotion's held-out ``projections`` are in the result for the plots;
+    :func:`amygdala_dagster.evaluation.report.write_report` stores them beside
+    ``evaluation.json`` (Parquet) rather than in it.
     """
     if threshold_method not in M.THRESHOLD_METHODS:
         raise ValueError(f"unknown threshold method {threshold_method!r}; choose one of {', '.join(M.THRESHOLD_METHODS)}")
-    for name in estimators:
-        make_estimator(name)  # fail fast on a typo
     sets = _sets_by_emotion(example_sets)
     missing = [c for c in readout.concepts if c not in sets]
     if missing:
         raise ValueError(f"no examples for concept(s) {', '.join(missing)}; pass the examples the vectors came from")
+    estimators = resolve_estimators(estimators, len(readout.concepts))
+    criteria = criteria or Criteria()
+    if confound_margin is not None:
+        criteria = Criteria(**{**criteria.to_dict(), "confound_margin": float(confound_margin)})
+    acts = _Activations(cache, {c: sets[c] for c in readout.concepts})
+    cache_layers = _cache_layers(cache)
     emotions: dict[str, Any] = {}
-    flags: list[dict[str, str]] = []
-    for emotion in readout.concepts:
-        res = evaluate_emotion(
-            cache, sets[emotion], readout, estimators=estimators, threshold_method=threshold_method,
-            target_fpr=target_fpr, bootstrap=bootstrap, bootstrap_max_n=bootstrap_max_n,
-            confound_margin=confound_margin, logistic_C=logistic_C, seed=seed,
-        )
-        emotions[emotion] = res
-        flags.extend(res["flags"])
-        for f in res["flags"]:
-            log.warning("evaluation: %s", f["message"])
+    # sklearn's input checks cost more than the metrics on a few hundred scores; the inputs are checked here.
+    with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
+        for emotion in readout.concepts:
+            emotions[emotion] = _evaluate_emotion(
+                acts, cache_layers, sets[emotion], readout, estimators=estimators,
+                threshold_method=threshold_method, target_fpr=target_fpr, bootstrap=bootstrap,
+                bootstrap_max_n=bootstrap_max_n, logistic_C=logistic_C, seed=seed,
+            )
 
     layers = [int(l) for l in readout.layers]
     mean_auc = {}
@@ -542,11 +759,12 @@ def evaluate(
         "settings": {
             "estimators": list(estimators), "threshold_method": threshold_method, "target_fpr": target_fpr,
             "crosstalk_cosine": crosstalk_cosine, "bootstrap": bootstrap, "bootstrap_max_n": bootstrap_max_n,
-            "bootstrap_level": 0.95, "confound_margin": confound_margin, "logistic_C": logistic_C,
+            "bootstrap_level": 0.95, "confound_margin": criteria.confound_margin, "logistic_C": logistic_C,
             "top_k": top_k, "seed": seed, "cache_fingerprint_id": cache.fingerprint_id,
+            "criteria": criteria.to_dict(),
             "projection": "dot(pooled activation, unit vector) in float64",
             "calibrated_score": {
-                "z": "(raw - neg_mean) / neg_std",
+                "z": "(raw - neg_mean) / neg_std (null where neg_std is 0: no spread to scale by)",
                 "probability": "sigmoid((pos_mean - neg_mean) / pooled_var * (raw - (pos_mean + neg_mean) / 2))",
             },
         },
@@ -561,12 +779,11 @@ def evaluate(
             "recommended_layers": (list(sweep["recommended_layers"]) if sweep else
                                    sorted((l for l in layers if mean_auc[str(l)] is not None),
                                           key=lambda l: (-mean_auc[str(l)], l))[:3]),
-            "n_flagged": sum(1 for f in flags if f["kind"] == "confound"),
         },
         "crosstalk": crosstalk(readout, snapshot=snapshot, threshold=crosstalk_cosine),
         "layer_sweep": dict(sweep) if sweep else None,
         "generalisation": None,
-        "flags": flags,
+        "conversations": dict(conversations) if conversations else None,
     }
     if snippets is not None:
         if isinstance(snippets, (str, os.PathLike)):
@@ -577,7 +794,12 @@ def evaluate(
         result["generalisation"] = generalisation(
             cache, readout, snippets, layer_for, cal_for, engine=engine, top_k=top_k
         )
-    return json_clean(result)
+    result = json_clean(result)
+    apply_verdicts(result, criteria)
+    for f in result["flags"]:
+        if f["severity"] == "do_not_use":
+            log.warning("evaluation: %s", f["message"])
+    return result
 
 
 def calibration_for_manifest(evaluation: Mapping[str, Any]) -> dict[str, dict[str, dict]]:

@@ -3,15 +3,21 @@
 Conventions used throughout:
 - ``pos`` / ``neg`` are 1-D arrays of scores (projections) of positives and negatives;
 - a score ``>= threshold`` is classified positive;
-- AUROC counts ties as half (Mann-Whitney U / (n_pos * n_neg));
+- AUROC counts ties as half (scikit-learn's ROC curve and ``auc``; scipy's Mann-Whitney U /
+  (n_pos * n_neg) in the vectorised bootstrap);
 - standard deviations are sample standard deviations (ddof=1; 0.0 for a single value).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
+from scipy.stats import bootstrap, mannwhitneyu
+from sklearn.metrics import (
+    accuracy_score, auc, confusion_matrix, confusion_matrix_at_thresholds, f1_score,
+)
 
 THRESHOLD_METHODS = ("max_f1", "fixed_fpr")
 
@@ -23,33 +29,34 @@ def _as_1d(x: np.ndarray | list[float], what: str) -> np.ndarray:
     return arr
 
 
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``values``, tied values sharing the mean of their ranks."""
-    values = np.asarray(values, dtype=np.float64)
-    order = np.argsort(values, kind="mergesort")
-    sorted_vals = values[order]
-    ranks = np.empty(len(values), dtype=np.float64)
-    # Boundaries of runs of equal values in sorted order.
-    starts = np.flatnonzero(np.r_[True, sorted_vals[1:] != sorted_vals[:-1]])
-    ends = np.r_[starts[1:], len(values)]
-    for s, e in zip(starts, ends):
-        ranks[order[s:e]] = (s + 1 + e) / 2.0
-    return ranks
+def _labelled(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(y_true, y_score)`` for scikit-learn: positives labelled 1, negatives 0."""
+    return np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]
 
 
 def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
     """Area under the ROC curve of ``pos`` vs ``neg``: P(pos > neg) + 0.5 P(pos == neg).
 
-    NaN when either side is empty.
+    scikit-learn's ROC points (confusion counts at every distinct score) and
+    trapezoidal ``auc``: the same number as ``roc_auc_score``, without its
+    per-call input checks (a few ms, which add up over 200 emotions). NaN when
+    either side is empty.
     """
     pos = _as_1d(pos, "auroc pos")
     neg = _as_1d(neg, "auroc neg")
-    n_p, n_n = len(pos), len(neg)
-    if n_p == 0 or n_n == 0:
+    if len(pos) == 0 or len(neg) == 0:
         return math.nan
-    ranks = average_ranks(np.concatenate([pos, neg]))
-    u = ranks[:n_p].sum() - n_p * (n_p + 1) / 2.0
-    return float(u / (n_p * n_n))
+    return _area(_counts_at_thresholds(pos, neg), len(pos), len(neg))
+
+
+def _area(c: Mapping[str, np.ndarray], n_pos: int, n_neg: int) -> float:
+    return float(auc(np.r_[0.0, c["fp"] / n_neg], np.r_[0.0, c["tp"] / n_pos]))
+
+
+def _auroc_statistic(pos: np.ndarray, neg: np.ndarray, axis: int = -1) -> np.ndarray:
+    """AUROC as the Mann-Whitney U of ``pos`` over ``neg`` / (n_pos n_neg), vectorised along ``axis``."""
+    u = mannwhitneyu(pos, neg, axis=axis, method="asymptotic", use_continuity=False).statistic
+    return u / (pos.shape[axis] * neg.shape[axis])
 
 
 def bootstrap_auroc_ci(
@@ -60,28 +67,33 @@ def bootstrap_auroc_ci(
     level: float = 0.95,
     seed: int = 0,
 ) -> tuple[float, float] | None:
-    """Percentile bootstrap confidence interval for :func:`auroc`.
+    """Percentile bootstrap confidence interval for :func:`auroc` (``scipy.stats.bootstrap``).
 
     Positives and negatives are resampled separately (stratified), ``n_boot``
     times, with a fixed ``seed`` so the interval is reproducible. ``None`` when
-    ``n_boot`` is 0 or a side is empty.
+    ``n_boot`` is 0 or a side has fewer than two scores. ``pos`` and ``neg`` may also be
+    ``[K, n]`` arrays (K score sets sharing one resampling, e.g. the layers of
+    one emotion): the result is then a ``[K, 2]`` array of intervals.
     """
-    pos = _as_1d(pos, "bootstrap pos")
-    neg = _as_1d(neg, "bootstrap neg")
-    n_p, n_n = len(pos), len(neg)
-    if n_boot <= 0 or n_p == 0 or n_n == 0:
-        return None
-    # Pairwise win matrix; a resample's AUROC is a weighted mean of it, weights
-    # being the multinomial resampling counts, so all resamples go in one einsum.
-    wins = (pos[:, None] > neg[None, :]).astype(np.float64)
-    wins += 0.5 * (pos[:, None] == neg[None, :])
-    rng = np.random.default_rng(seed)
-    cp = rng.multinomial(n_p, np.full(n_p, 1.0 / n_p), size=n_boot).astype(np.float64)
-    cn = rng.multinomial(n_n, np.full(n_n, 1.0 / n_n), size=n_boot).astype(np.float64)
-    values = np.einsum("bi,ij,bj->b", cp, wins, cn) / (n_p * n_n)
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(values, [alpha, 1.0 - alpha])
-    return float(lo), float(hi)
+    pos = np.asarray(pos, dtype=np.float64)
+    neg = np.asarray(neg, dtype=np.float64)
+    if not (np.all(np.isfinite(pos)) and np.all(np.isfinite(neg))):
+        raise ValueError("bootstrap: scores must be finite")
+    n_p, n_n = pos.shape[-1], neg.shape[-1]
+    if n_boot <= 0 or n_p < 2 or n_n < 2:
+        return None  # a side of one example has no spread to resample
+    if np.ptp(pos) == 0 and np.ptp(neg) == 0 and pos.ndim == 1:
+        # Every resample equals the sample; scipy would warn about a degenerate distribution.
+        a = auroc(pos, neg)
+        return a, a
+    res = bootstrap(
+        (pos, neg), _auroc_statistic, n_resamples=n_boot, confidence_level=level, method="percentile",
+        vectorized=True, paired=False, axis=-1, rng=np.random.default_rng(seed),
+    )
+    lo, hi = res.confidence_interval
+    if pos.ndim == 1:
+        return float(lo), float(hi)
+    return np.stack([np.asarray(lo, np.float64), np.asarray(hi, np.float64)], axis=-1)
 
 
 def sample_std(x: np.ndarray) -> float:
@@ -126,47 +138,71 @@ def _midpoint_below(candidate: float, scores_sorted_desc: np.ndarray) -> float:
     return float((candidate + lower[0]) / 2.0)
 
 
+def _counts_at_thresholds(pos: np.ndarray, neg: np.ndarray) -> dict[str, np.ndarray]:
+    """scikit-learn's confusion counts of ``score >= t`` at every distinct score ``t`` (descending)."""
+    tns, fps, fns, tps, thresholds = confusion_matrix_at_thresholds(*_labelled(pos, neg))
+    return {"tn": tns, "fp": fps, "fn": fns, "tp": tps, "threshold": thresholds}
+
+
+def _f1(c: Mapping[str, np.ndarray]) -> np.ndarray:
+    denom = 2 * c["tp"] + c["fp"] + c["fn"]
+    return np.divide(2 * c["tp"], denom, out=np.zeros(len(denom)), where=denom > 0)
+
+
+def _pick(c: Mapping[str, np.ndarray], n_neg: int, method: str, target_fpr: float) -> int | None:
+    """Index (into the descending thresholds) of the rule's threshold; None: nothing may fire."""
+    if method == "max_f1":
+        return int(np.argmax(_f1(c)))  # first maximum in descending order = highest threshold
+    # fpr grows as the threshold falls, so the qualifying thresholds are a prefix; the last is the lowest.
+    ok = np.flatnonzero(c["fp"] / n_neg <= target_fpr + 1e-12)
+    return int(ok[-1]) if len(ok) else None
+
+
+def _threshold_and_counts(pos: np.ndarray, neg: np.ndarray, method: str, target_fpr: float,
+                          c: Mapping[str, np.ndarray] | None = None) -> tuple[float, dict[str, int]]:
+    """The rule's threshold (midpoint rule) and the confusion counts there, from ``c`` when given."""
+    if method not in THRESHOLD_METHODS:
+        raise ValueError(f"unknown threshold method {method!r}; choose one of {', '.join(THRESHOLD_METHODS)}")
+    if method == "fixed_fpr" and not 0.0 <= target_fpr <= 1.0:
+        raise ValueError(f"target_fpr must be within [0, 1], got {target_fpr}")
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError(f"threshold_{method} needs at least one positive and one negative")
+    c = _counts_at_thresholds(pos, neg) if c is None else c
+    i = _pick(c, len(neg), method, target_fpr)
+    if i is None:
+        top = float(c["threshold"][0])
+        return top + max(abs(top), 1.0) * 1e-6, {"tp": 0, "fn": len(pos), "fp": 0, "tn": len(neg)}
+    counts = {k: int(c[k][i]) for k in ("tp", "fn", "fp", "tn")}
+    return _midpoint_below(float(c["threshold"][i]), c["threshold"]), counts
+
+
 def confusion_at(pos: np.ndarray, neg: np.ndarray, threshold: float) -> dict[str, int]:
-    pos = np.asarray(pos, dtype=np.float64)
-    neg = np.asarray(neg, dtype=np.float64)
-    tp = int((pos >= threshold).sum())
-    fp = int((neg >= threshold).sum())
-    return {"tp": tp, "fn": len(pos) - tp, "fp": fp, "tn": len(neg) - fp}
+    """``{tp, fn, fp, tn}`` of ``score >= threshold`` (scikit-learn's confusion matrix)."""
+    y, s = _labelled(np.asarray(pos, np.float64).reshape(-1), np.asarray(neg, np.float64).reshape(-1))
+    tn, fp, fn, tp = confusion_matrix(y, s >= threshold, labels=[0, 1]).ravel()
+    return {"tp": int(tp), "fn": int(fn), "fp": int(fp), "tn": int(tn)}
 
 
 def f1_at(pos: np.ndarray, neg: np.ndarray, threshold: float) -> float:
-    c = confusion_at(pos, neg, threshold)
-    denom = 2 * c["tp"] + c["fp"] + c["fn"]
-    return 2 * c["tp"] / denom if denom else 0.0
+    y, s = _labelled(np.asarray(pos, np.float64).reshape(-1), np.asarray(neg, np.float64).reshape(-1))
+    return float(f1_score(y, s >= threshold, labels=[0, 1], zero_division=0.0))
 
 
 def accuracy_at(pos: np.ndarray, neg: np.ndarray, threshold: float) -> float:
-    c = confusion_at(pos, neg, threshold)
-    n = c["tp"] + c["tn"] + c["fp"] + c["fn"]
-    return (c["tp"] + c["tn"]) / n if n else math.nan
+    y, s = _labelled(np.asarray(pos, np.float64).reshape(-1), np.asarray(neg, np.float64).reshape(-1))
+    return float(accuracy_score(y, s >= threshold)) if len(y) else math.nan
 
 
 def threshold_max_f1(pos: np.ndarray, neg: np.ndarray) -> float:
     """Decision threshold maximising F1 of ``score >= t`` on the given scores.
 
-    Candidates are the distinct scores; among equally good candidates the
-    highest wins (fewest false positives). The returned value is the midpoint
-    between the winner and the next lower distinct score, which classifies
-    every given score exactly as the winner does.
+    Candidates are the distinct scores (scikit-learn's confusion counts at every
+    threshold); among equally good candidates the highest wins (fewest false
+    positives). The returned value is the midpoint between the winner and the
+    next lower distinct score, which classifies every given score exactly as the
+    winner does, with a margin on both sides for unseen scores.
     """
-    pos = _as_1d(pos, "threshold pos")
-    neg = _as_1d(neg, "threshold neg")
-    if len(pos) == 0 or len(neg) == 0:
-        raise ValueError("threshold_max_f1 needs at least one positive and one negative")
-    scores = np.unique(np.concatenate([pos, neg]))[::-1]  # distinct, descending
-    pos_sorted = np.sort(pos)
-    neg_sorted = np.sort(neg)
-    tp = len(pos) - np.searchsorted(pos_sorted, scores, side="left")
-    fp = len(neg) - np.searchsorted(neg_sorted, scores, side="left")
-    fn = len(pos) - tp
-    f1 = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
-    best = int(np.argmax(f1))  # first maximum in descending order = highest threshold
-    return _midpoint_below(float(scores[best]), scores)
+    return _threshold_and_counts(_as_1d(pos, "threshold pos"), _as_1d(neg, "threshold neg"), "max_f1", 0.0)[0]
 
 
 def threshold_fixed_fpr(pos: np.ndarray, neg: np.ndarray, target_fpr: float) -> float:
@@ -177,21 +213,8 @@ def threshold_fixed_fpr(pos: np.ndarray, neg: np.ndarray, target_fpr: float) -> 
     highest score (nothing is classified positive). Midpoint rule as in
     :func:`threshold_max_f1`.
     """
-    if not 0.0 <= target_fpr <= 1.0:
-        raise ValueError(f"target_fpr must be within [0, 1], got {target_fpr}")
-    pos = _as_1d(pos, "threshold pos")
-    neg = _as_1d(neg, "threshold neg")
-    if len(neg) == 0:
-        raise ValueError("threshold_fixed_fpr needs at least one negative")
-    scores = np.unique(np.concatenate([pos, neg]))[::-1]
-    neg_sorted = np.sort(neg)
-    fpr = (len(neg) - np.searchsorted(neg_sorted, scores, side="left")) / len(neg)
-    ok = np.flatnonzero(fpr <= target_fpr + 1e-12)
-    if len(ok) == 0:
-        top = float(scores[0])
-        return top + max(abs(top), 1.0) * 1e-6
-    # fpr grows as the threshold falls, so the qualifying candidates are a prefix.
-    return _midpoint_below(float(scores[ok[-1]]), scores)
+    return _threshold_and_counts(_as_1d(pos, "threshold pos"), _as_1d(neg, "threshold neg"), "fixed_fpr",
+                                 target_fpr)[0]
 
 
 def calibration(
@@ -207,16 +230,13 @@ def calibration(
     threshold_method}`` (+ ``target_fpr`` for ``fixed_fpr``). See
     :func:`z_score` and :func:`probability` for how a runtime uses it.
     """
-    pos = _as_1d(pos, "calibration pos")
-    neg = _as_1d(neg, "calibration neg")
-    if threshold_method == "max_f1":
-        threshold = threshold_max_f1(pos, neg)
-    elif threshold_method == "fixed_fpr":
-        threshold = threshold_fixed_fpr(pos, neg, target_fpr)
-    else:
-        raise ValueError(
-            f"unknown threshold method {threshold_method!r}; choose one of {', '.join(THRESHOLD_METHODS)}"
-        )
+    return _calibration(_as_1d(pos, "calibration pos"), _as_1d(neg, "calibration neg"),
+                        threshold_method, target_fpr)[0]
+
+
+def _calibration(pos: np.ndarray, neg: np.ndarray, threshold_method: str, target_fpr: float,
+                 c: Mapping[str, np.ndarray] | None = None) -> tuple[dict, dict[str, int]]:
+    threshold, counts = _threshold_and_counts(pos, neg, threshold_method, target_fpr, c)
     out = {
         "pos_mean": float(pos.mean()),
         "pos_std": sample_std(pos),
@@ -229,13 +249,42 @@ def calibration(
     }
     if threshold_method == "fixed_fpr":
         out["target_fpr"] = float(target_fpr)
+    return out, counts
+
+
+def separation(pos: np.ndarray, neg: np.ndarray, *, threshold_method: str = "max_f1",
+               target_fpr: float = 0.05) -> dict:
+    """Every held-out number of one vector's projections from one pass over the thresholds:
+    ``{n_pos, n_neg, auroc, cohens_d, calibration, confusion, accuracy, f1}`` (the last four None
+    when a side is empty). AUROC is the area under the ROC curve of the same counts (scikit-learn's
+    ``auc``), accuracy and F1 those of the calibration's threshold."""
+    pos = _as_1d(pos, "separation pos")
+    neg = _as_1d(neg, "separation neg")
+    out: dict = {"n_pos": len(pos), "n_neg": len(neg), "auroc": math.nan, "cohens_d": cohens_d(pos, neg),
+                 "accuracy": None, "f1": None, "calibration": None, "confusion": None}
+    if len(pos) and len(neg):
+        c = _counts_at_thresholds(pos, neg)
+        out["auroc"] = _area(c, len(pos), len(neg))
+        cal, counts = _calibration(pos, neg, threshold_method, target_fpr, c)
+        out["calibration"] = cal
+        out["confusion"] = counts
+        out["accuracy"] = (counts["tp"] + counts["tn"]) / (len(pos) + len(neg))
+        out["f1"] = float(_f1({k: np.array([v]) for k, v in counts.items()})[0])
     return out
 
 
-def z_score(raw: np.ndarray | float, calib: dict) -> np.ndarray:
-    """How many negative-class SDs a raw projection lies above the negatives' mean."""
-    sd = calib["neg_std"] if calib["neg_std"] > 0 else 1.0
-    return (np.asarray(raw, dtype=np.float64) - calib["neg_mean"]) / sd
+def z_score(raw: np.ndarray | float, neg_mean: np.ndarray | float, neg_std: np.ndarray | float) -> np.ndarray:
+    """How many negative-class SDs a raw projection lies above the negatives' mean.
+
+    The one definition of the calibrated score, for the report and the runtime
+    reference alike. Broadcasts: ``raw [..., C]`` with per-concept ``neg_mean``
+    and ``neg_std`` of shape ``[C]``. Where ``neg_std`` is 0, NaN or missing
+    (a calibration from a single negative, or none), the score is NaN: there is
+    no spread to scale by, and any stand-in (1.0, 1e-6) would invent a scale.
+    """
+    sd = np.asarray(neg_std, dtype=np.float64)
+    sd = np.where(np.isfinite(sd) & (sd > 0), sd, np.nan)
+    return (np.asarray(raw, dtype=np.float64) - np.asarray(neg_mean, dtype=np.float64)) / sd
 
 
 def probability(raw: np.ndarray | float, calib: dict) -> np.ndarray:

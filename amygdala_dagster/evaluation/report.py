@@ -12,13 +12,16 @@ import io
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 
 from amygdala_dagster.atomic import atomic_write_bytes, atomic_write_text
+from amygdala_dagster.evaluation.core import attention_order
 from amygdala_dagster.evaluation.runtime_report import runtime_html, runtime_plots
 
 _DPI = 90
@@ -36,9 +39,10 @@ def _figure(w: float, h: float):  # noqa: ANN202 - matplotlib types
     return fig
 
 
-def _png(fig) -> bytes:  # noqa: ANN001
+def _png(fig, tight: bool = True) -> bytes:  # noqa: ANN001
     buf = io.BytesIO()
-    fig.tight_layout()
+    if tight:  # a layout pass costs about one extra draw; the small per-emotion figures use fixed margins
+        fig.tight_layout()
     fig.savefig(buf, format="png")
     return buf.getvalue()
 
@@ -135,6 +139,7 @@ def plot_histogram(evaluation: Mapping[str, Any], emotion: str, layer: int | Non
     pos = np.array([_nan(x) for x in proj["positive"]], dtype=np.float64)
     neg = np.array([_nan(x) for x in proj["negative"]], dtype=np.float64)
     fig = _figure(5.0, 3.0)
+    fig.subplots_adjust(left=0.12, right=0.97, top=0.9, bottom=0.16)
     ax = fig.add_subplot(1, 1, 1)
     both = np.concatenate([pos, neg])
     bins = np.histogram_bin_edges(both, bins=min(30, max(5, len(both) // 3))) if len(both) else 10
@@ -151,14 +156,14 @@ def plot_histogram(evaluation: Mapping[str, Any], emotion: str, layer: int | Non
     ax.set_xlabel("projection on the vector (held-out)")
     ax.set_ylabel("examples")
     ax.legend(fontsize=7)
-    return _png(fig)
+    return _png(fig, tight=False)
 
 
 def plot_estimators(evaluation: Mapping[str, Any]) -> bytes:
     """Held-out AUROC of each estimator per emotion, at the emotion's best layer."""
     emotions = list(evaluation["emotions"])
     names = list(evaluation["settings"]["estimators"])
-    fig = _figure(max(5.0, 0.45 * len(emotions) * max(len(names), 1) / 2 + 2.5), 3.5)
+    fig = _figure(min(max(5.0, 0.45 * len(emotions) * max(len(names), 1) / 2 + 2.5), 16.0), 3.5)
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / max(len(names), 1)
     x = np.arange(len(emotions))
@@ -169,8 +174,9 @@ def plot_estimators(evaluation: Mapping[str, Any]) -> bytes:
             vals.append(_nan(evaluation["emotions"][e]["estimators"][name].get(str(layer))))
         ax.bar(x + (k - (len(names) - 1) / 2) * width, vals, width, label=name)
     ax.axhline(0.5, color="grey", ls=":", lw=1)
-    ax.set_xticks(x)
-    ax.set_xticklabels(emotions, rotation=60, ha="right", fontsize=7)
+    ax.set_xticks(x if len(emotions) <= 60 else [])
+    if len(emotions) <= 60:
+        ax.set_xticklabels(emotions, rotation=60, ha="right", fontsize=7)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("held-out AUROC")
     ax.set_title("Estimators compared (each emotion's best layer)", fontsize=9)
@@ -178,14 +184,62 @@ def plot_estimators(evaluation: Mapping[str, Any]) -> bytes:
     return _png(fig)
 
 
-def all_plots(evaluation: Mapping[str, Any]) -> dict[str, bytes]:
-    """File name -> PNG bytes for every plot of the report."""
+_VERDICT_STYLE = {"use": ("tab:green", "use"), "weak": ("tab:orange", "weak"), "do_not_use": ("tab:red", "do not use")}
+
+
+def plot_verdicts(evaluation: Mapping[str, Any]) -> bytes:
+    """One point per emotion: best-layer held-out AUROC (95% interval as a bar) against the number of
+    held-out positives, coloured by verdict. Small holdouts and wide intervals show at a glance."""
+    crit = evaluation["settings"].get("criteria") or {}
+    fig = _figure(7.5, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    jitter = np.random.default_rng(0)
+    for verdict, (colour, label) in _VERDICT_STYLE.items():
+        xs, ys, lo, hi = [], [], [], []
+        for e, v in evaluation["verdicts"].items():
+            r = evaluation["emotions"][e]
+            if v["verdict"] != verdict or r["best_auroc"] is None:
+                continue
+            entry = r["layers"][str(r["best_layer"])]
+            ci = entry.get("auroc_ci") or (r["best_auroc"], r["best_auroc"])
+            xs.append(entry["n_pos"] * (1 + 0.04 * jitter.standard_normal()))
+            ys.append(r["best_auroc"])
+            lo.append(r["best_auroc"] - ci[0])
+            hi.append(ci[1] - r["best_auroc"])
+        if xs:
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", ms=3.5, lw=0.7, alpha=0.75, color=colour,
+                        label=f"{label} ({len(xs)})")
+    if crit.get("min_auroc") is not None:
+        ax.axhline(crit["min_auroc"], color="black", ls="--", lw=0.8)
+    if crit.get("min_holdout_positives"):
+        ax.axvline(crit["min_holdout_positives"], color="black", ls=":", lw=0.8)
+    ax.axhline(0.5, color="grey", ls=":", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("held-out positives (log scale)")
+    ax.set_ylabel("held-out AUROC, best layer")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("Which vectors can I trust? (bars: 95% bootstrap interval)", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    return _png(fig)
+
+
+def histogram_emotions(evaluation: Mapping[str, Any], histograms: int | None) -> list[str]:
+    """The emotions that get a projection histogram: the first ``histograms`` in attention order
+    (every emotion when None)."""
+    order = attention_order(evaluation)
+    return order if histograms is None else order[: max(int(histograms), 0)]
+
+
+def all_plots(evaluation: Mapping[str, Any], histograms: int | None = None) -> dict[str, bytes]:
+    """File name -> PNG bytes: the summary figures, and the histograms of :func:`histogram_emotions`."""
     plots = {
+        "verdicts.png": plot_verdicts(evaluation),
         "auroc_by_layer.png": plot_auroc_by_layer(evaluation),
         "crosstalk.png": plot_crosstalk(evaluation),
-        "estimators.png": plot_estimators(evaluation),
     }
-    for emotion in evaluation["emotions"]:
+    if len(evaluation["settings"]["estimators"]) > 1:
+        plots["estimators.png"] = plot_estimators(evaluation)
+    for emotion in histogram_emotions(evaluation, histograms):
         plots[f"hist_{emotion}.png"] = plot_histogram(evaluation, emotion)
     plots.update(runtime_plots(evaluation))
     return plots
@@ -212,57 +266,73 @@ def _ci(entry: Mapping[str, Any]) -> str:
     return f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
 
 
+VERDICT_LABEL = {"use": "use", "weak": "weak", "do_not_use": "do not use"}
+
+
 def _row(evaluation: Mapping[str, Any], emotion: str) -> dict[str, str]:
     res = evaluation["emotions"][emotion]
+    verdict = evaluation["verdicts"][emotion]
     best = res["best_layer"]
     entry = res["layers"].get(str(best), {}) if best is not None else {}
     counts = res["counts"]
     base = res["confounds"]["baseline_auroc"]
     return {
+        "verdict": VERDICT_LABEL[verdict["verdict"]],
         "emotion": emotion,
         "best layer": _f(best),
-        "AUROC": _f(entry.get("auroc")) + _ci(entry),
-        "Cohen's d": _f(entry.get("cohens_d"), 2),
-        "accuracy": _f(entry.get("accuracy")),
+        "AUROC [95% CI]": _f(entry.get("auroc")) + _ci(entry),
         "holdout +/-": f"{counts.get('holdout_positives', 0)}/{counts.get('holdout_negatives', 0)}",
-        "length base": _f(base.get("length")),
-        "type base": _f(base.get("node_type")),
-        "flag": "⚠ confound" if res["confounds"].get("flagged") else ("no holdout" if best is None else ""),
+        "baseline": _f(max((b for b in base.values() if b is not None), default=None)),
+        "why": "; ".join(verdict["reasons"]),
     }
 
 
-def summary_markdown(evaluation: Mapping[str, Any]) -> str:
-    """A Markdown summary (per-emotion table, layer means, recommendations, flags) for Dagster metadata."""
-    rows = [_row(evaluation, e) for e in evaluation["emotions"]]
-    lines = []
+def _counts_line(evaluation: Mapping[str, Any]) -> str:
+    s = evaluation["summary"]
+    c = s["verdict_counts"]
+    worst = s.get("worst_emotion")
+    return (f"{len(evaluation['emotions'])} emotions: {c['use']} use, {c['weak']} weak, {c['do_not_use']} do not use. "
+            f"Held-out AUROC at the best layer: mean {_f(s.get('mean_best_auroc'))}, worst {_f(s.get('worst_best_auroc'))}"
+            + (f" ({worst})" if worst else "")
+            + (f"; {s['n_not_evaluable']} not evaluable" if s.get("n_not_evaluable") else "") + ".")
+
+
+def summary_markdown(evaluation: Mapping[str, Any], max_rows: int = 50) -> str:
+    """A Markdown summary for Dagster metadata and the terminal: verdict counts, the per-emotion verdicts
+    (most attention first), layer means and recommendations. Paragraphs are separated by blank lines."""
+    order = list(evaluation["verdicts"])
+    rows = [_row(evaluation, e) for e in order[:max_rows]]
+    blocks = [_counts_line(evaluation)]
     if rows:
         head = list(rows[0])
-        lines.append("| " + " | ".join(head) + " |")
-        lines.append("|" + "---|" * len(head))
-        for r in rows:
-            lines.append("| " + " | ".join(r[h].replace("|", "\\|") for h in head) + " |")
+        table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        table += ["| " + " | ".join(r[h].replace("|", "\\|") for h in head) + " |" for r in rows]
+        if len(order) > max_rows:
+            table.append(f"\n(+{len(order) - max_rows} more emotions, each with verdict "
+                         f"{VERDICT_LABEL[evaluation['verdicts'][order[max_rows]]['verdict']]} or better; see the report)")
+        blocks.append("\n".join(table))
     s = evaluation["summary"]
-    lines.append("")
-    lines.append("Mean held-out AUROC by layer: " + ", ".join(
+    blocks.append("Mean held-out AUROC by layer: " + ", ".join(
         f"{l}: {_f(v)}" for l, v in s["mean_auroc_by_layer"].items()))
-    lines.append("Mean held-out AUROC by estimator: " + ", ".join(
-        f"{k}: {_f(v)}" for k, v in s["mean_auroc_by_estimator"].items()))
-    lines.append(f"Recommended layers: {', '.join(map(str, s['recommended_layers'])) or '–'}")
+    if s.get("mean_auroc_by_estimator") and len(s["mean_auroc_by_estimator"]) > 1:
+        blocks.append("Mean held-out AUROC by estimator: " + ", ".join(
+            f"{k}: {_f(v)}" for k, v in s["mean_auroc_by_estimator"].items()))
+    blocks.append(f"Recommended layers: {', '.join(map(str, s['recommended_layers'])) or '–'}")
     pairs = evaluation["crosstalk"]["pairs"]
     if pairs:
-        lines.append(f"Cross-talk pairs (cosine ≥ {evaluation['crosstalk']['threshold']}): " + ", ".join(
+        blocks.append(f"Cross-talk pairs (cosine ≥ {evaluation['crosstalk']['threshold']}): " + ", ".join(
             f"{p['a']}/{p['b']} L{p['layer']} {p['cosine']:.2f}" for p in pairs[:10])
             + (f" (+{len(pairs) - 10} more)" if len(pairs) > 10 else ""))
-    for f in evaluation["flags"]:
-        lines.append(f"- ⚠ {f['message']}")
-    return "\n".join(lines) + "\n"
+    return "\n\n".join(blocks) + "\n"
 
 
 def emotion_markdown(evaluation: Mapping[str, Any], emotion: str) -> str:
-    """Markdown for one emotion (a Dagster partition): per-layer table, confounds, snippets."""
+    """Markdown for one emotion (a Dagster partition): verdict, per-layer table, confounds, snippets."""
     res = evaluation["emotions"][emotion]
-    lines = [f"**{emotion}** — best layer {_f(res['best_layer'])}", "",
-             "| layer | AUROC | Cohen's d | accuracy | threshold | pos mean±sd | neg mean±sd |", "|---|---|---|---|---|---|---|"]
+    verdict = evaluation["verdicts"][emotion]
+    lines = [f"**{emotion}**: {VERDICT_LABEL[verdict['verdict']]} (best layer {_f(res['best_layer'])})", ""]
+    lines += [f"- {r}" for r in verdict["reasons"]] + [""]
+    lines += ["| layer | AUROC | Cohen's d | accuracy | threshold | pos mean±sd | neg mean±sd |", "|---|---|---|---|---|---|---|"]
     for layer in evaluation["layers"]:
         e = res["layers"][str(layer)]
         cal = e.get("calibration") or {}
@@ -271,12 +341,11 @@ def emotion_markdown(evaluation: Mapping[str, Any], emotion: str) -> str:
             f"{_f(cal.get('threshold'))} | {_f(cal.get('pos_mean'))}±{_f(cal.get('pos_std'))} | "
             f"{_f(cal.get('neg_mean'))}±{_f(cal.get('neg_std'))} |")
     base = res["confounds"]["baseline_auroc"]
-    lines += ["", f"Trivial baselines: length {_f(base.get('length'))}, node type {_f(base.get('node_type'))}"
-              + (" — ⚠ flagged" if res["confounds"].get("flagged") else "")]
+    lines += ["", f"Trivial baselines: length {_f(base.get('length'))}, node type {_f(base.get('node_type'))}"]
     gen = (evaluation.get("generalisation") or {}).get("emotions", {}).get(emotion)
     if gen and gen["top"]:
-        lines.append(f"Top snippets (layer {gen['layer']}): " + "; ".join(
-            f"{t['id']} (z {_f(t['z'], 2)})" for t in gen["top"][:3]))
+        lines += ["", f"Top snippets (layer {gen['layer']}): " + "; ".join(
+            f"{t['id']} (z {_f(t['z'], 2)})" for t in gen["top"][:3])]
     return "\n".join(lines) + "\n"
 
 
@@ -285,11 +354,17 @@ def emotion_markdown(evaluation: Mapping[str, Any], emotion: str) -> str:
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:0.85em}
-th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
-th{background:#f3f3f3} td.l,th.l{text-align:left}
-.flag{color:#b00;font-weight:bold} img{max-width:100%} .snip{max-width:520px;text-align:left}
-section{margin-bottom:2em} h2{border-bottom:1px solid #ddd}
+th,td{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:top}
+th{background:#f3f3f3} td.n,th.n{text-align:right;white-space:nowrap}
+img{max-width:100%} section{margin-bottom:2em} h2{border-bottom:1px solid #ddd}
+.v-use{background:#e6f4e6} .v-weak{background:#fff3d6} .v-do_not_use{background:#fbe3e3}
+.counts span{display:inline-block;padding:2px 10px;margin-right:6px;border-radius:3px;font-weight:bold}
+details{border:1px solid #ddd;border-radius:3px;margin:4px 0;padding:2px 8px}
+details[open]{padding-bottom:8px} summary{cursor:pointer}
+td.snip{max-width:560px} .note{color:#666;font-size:0.85em}
 """
+
+_NUMERIC = re.compile(r"^(–|-?[\d.,]+(e-?\d+)?%?( \[[\d., -]+\])?|[\d]+/[\d]+)$")
 
 
 def _e(x: Any) -> str:
@@ -300,61 +375,146 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
 
 
-def _table(head: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 1) -> str:
-    out = ["<table><tr>" + "".join(f'<th class="{"l" if i < left else ""}">{_e(h)}</th>' for i, h in enumerate(head)) + "</tr>"]
-    for r in rows:
-        out.append("<tr>" + "".join(f'<td class="{"l" if i < left else ""}">{_e(c)}</td>' for i, c in enumerate(r)) + "</tr>")
+def _table(head: Sequence[str], rows: Sequence[Sequence[Any]], *, row_class: Sequence[str] | None = None,
+           cell_class: Mapping[int, str] | None = None) -> str:
+    """An HTML table; a column whose cells are all numbers is right-aligned, every other left-aligned.
+    ``cell_class`` adds a class to one column's cells (e.g. ``snip``)."""
+    cell_class = dict(cell_class or {})
+    numeric = [bool(rows) and all(_NUMERIC.match(str(r[i])) for r in rows) for i in range(len(head))]
+
+    def attr(i: int, extra: str = "") -> str:
+        cls = " ".join(c for c in ("n" if numeric[i] else "", extra) if c)
+        return f' class="{cls}"' if cls else ""
+
+    out = ["<table><tr>" + "".join(f"<th{attr(i)}>{_e(h)}</th>" for i, h in enumerate(head)) + "</tr>"]
+    for k, r in enumerate(rows):
+        tr = f'<tr class="{_e(row_class[k])}">' if row_class else "<tr>"
+        out.append(tr + "".join(f"<td{attr(i, cell_class.get(i, ''))}>{_e(c)}</td>" for i, c in enumerate(r)) + "</tr>")
     out.append("</table>")
     return "\n".join(out)
 
 
+def _clip(text: str, n: int = 300) -> str:
+    return text[:n] + ("…" if len(text) > n else "")
+
+
+def _layer_table(ev: Mapping[str, Any], emotion: str) -> str:
+    res = ev["emotions"][emotion]
+    head = ["layer", "AUROC", "95% CI", "Cohen's d", "accuracy", "F1", "threshold", "pos mean", "pos sd",
+            "neg mean", "neg sd", "n pos", "n neg", "calibrated on"]
+    body = []
+    for layer in ev["layers"]:
+        x = res["layers"][str(layer)]
+        cal = x.get("calibration") or {}
+        ci = x.get("auroc_ci")
+        body.append([layer, _f(x.get("auroc")), f"{ci[0]:.3f}–{ci[1]:.3f}" if ci else "–",
+                     _f(x.get("cohens_d"), 2), _f(x.get("accuracy")), _f(x.get("f1")), _f(cal.get("threshold")),
+                     _f(cal.get("pos_mean")), _f(cal.get("pos_std")), _f(cal.get("neg_mean")), _f(cal.get("neg_std")),
+                     x.get("n_pos"), x.get("n_neg"), cal.get("split", "–")])
+    return _table(head, body)
+
+
+def _projection_summary(ev: Mapping[str, Any], emotion: str) -> str:
+    """Quartiles of the held-out projections at the best layer (in place of a histogram)."""
+    res = ev["emotions"][emotion]
+    layer = res["best_layer"] if res["best_layer"] is not None else ev["layers"][-1]
+    proj = (res.get("projections") or {}).get(str(layer))
+    if not proj:
+        return ""
+    rows = []
+    for label in ("positive", "negative"):
+        x = np.array([_nan(v) for v in proj[label]], dtype=np.float64)
+        q = np.quantile(x, [0, 0.25, 0.5, 0.75, 1]) if len(x) else [math.nan] * 5
+        rows.append([label + "s", len(x), *[_f(float(v)) for v in q]])
+    return (f"<p>Held-out projections at layer {_e(layer)} (no histogram drawn for this emotion; "
+            "<code>amygdala report --histograms all</code> draws every one):</p>"
+            + _table(["", "n", "min", "25%", "median", "75%", "max"], rows))
+
+
+def _emotion_detail(ev: Mapping[str, Any], emotion: str, plots: Mapping[str, bytes]) -> str:
+    res = ev["emotions"][emotion]
+    verdict = ev["verdicts"][emotion]
+    auc = res.get("best_auroc")
+    parts = [f'<details class="v-{_e(verdict["verdict"])}" id="e-{_e(emotion)}"><summary><b>{_e(emotion)}</b> — '
+             f'{_e(VERDICT_LABEL[verdict["verdict"]])}, AUROC {_e(_f(auc))} (layer {_e(_f(res["best_layer"]))})</summary>']
+    parts.append("<ul>" + "".join(f"<li>{_e(r)}</li>" for r in verdict["reasons"]) + "</ul>")
+    parts.append(_layer_table(ev, emotion))
+    hist = plots.get(f"hist_{emotion}.png")
+    parts.append(_img(hist, f"projection histogram {emotion}") if hist else _projection_summary(ev, emotion))
+    c = res["confounds"]
+    mix = lambda d: ", ".join(f"{k}:{v}" for k, v in d.items()) or "–"  # noqa: E731
+    parts.append(_table(
+        ["", "node types", "median length", "trivial baseline AUROC"],
+        [["positives", mix(c["node_type_mix"]["positive"]), _f(c["text_length"]["positive"]["median"], 0),
+          f"length {_f(c['baseline_auroc']['length'])}"],
+         ["negatives", mix(c["node_type_mix"]["negative"]), _f(c["text_length"]["negative"]["median"], 0),
+          f"node type {_f(c['baseline_auroc']['node_type'])}"]]))
+    names = list(ev["settings"]["estimators"])
+    if len(names) > 1:
+        parts.append(_table(["estimator", *[f"layer {l}" for l in ev["layers"]]],
+                            [[n, *[_f(res["estimators"][n].get(str(l))) for l in ev["layers"]]] for n in names]))
+    texts = (ev.get("generalisation") or {}).get("texts", {})
+    gen = (ev.get("generalisation") or {}).get("emotions", {}).get(emotion)
+    if gen and gen["top"]:
+        parts.append(f"<p>Conversation snippets at layer {_e(gen['layer'])}; above threshold: "
+                     f"{_e(_f(gen.get('fraction_above_threshold'), 2))}</p>")
+        for label, items in (("highest", gen["top"]), ("lowest", gen["bottom"])):
+            parts.append(_table([label, "z", "probability", "raw", "text"], [
+                [t["id"], _f(t["z"], 2), _f(t["probability"], 2), _f(t["raw"]), _clip(texts.get(t["id"], ""))]
+                for t in items], cell_class={4: "snip"}))
+    parts.append("</details>")
+    return "\n".join(parts)
+
+
 def render_html(evaluation: Mapping[str, Any], plots: Mapping[str, bytes], title: str = "Readout evaluation") -> str:
-    """The report as one HTML string; every text is escaped, every plot embedded."""
+    """The report as one HTML string; every text is escaped, every plot embedded.
+
+    Summary and the per-emotion verdicts first (most attention first), then each
+    emotion's detail folded in a ``<details>``, then layers, cross-talk and estimators.
+    """
     ev = evaluation
     s = ev["summary"]
     parts = [f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{_e(title)}</title><style>{_CSS}</style></head><body>",
              f"<h1>{_e(title)}</h1>"]
     meta = ev.get("meta") or {}
     info = [("created", ev.get("created_at")), *((k, v) for k, v in meta.items() if not isinstance(v, (dict, list)))]
-    parts.append("<p>" + " · ".join(f"{_e(k)}: {_e(v)}" for k, v in info) + "</p>")
+    parts.append('<p class="note">' + " · ".join(f"{_e(k)}: {_e(v)}" for k, v in info) + "</p>")
     st = ev["settings"]
-    parts.append(f"<p>Threshold: {_e(st['threshold_method'])}"
+    crit = st.get("criteria") or {}
+    c = s["verdict_counts"]
+    parts.append("<section><h2>Which vectors can I trust?</h2>")
+    parts.append('<p class="counts">' + "".join(
+        f'<span class="v-{v}">{_e(VERDICT_LABEL[v])}: {c[v]}</span>' for v in ("use", "weak", "do_not_use")) + "</p>")
+    parts.append(f"<p>{_e(_counts_line(ev))}</p>")
+    parts.append(f'<p class="note">use: held-out AUROC ≥ {_e(crit.get("min_auroc"))}, better than the trivial length and '
+                 f'node-type baselines, at least {_e(crit.get("min_holdout_positives"))} held-out positives, interval above '
+                 f'the minimum, no vector within cosine {_e(crit.get("max_crosstalk_cosine"))} of another'
+                 + (", and, on labelled conversations, AUROC above the minimum and firing on at most "
+                    f'{_e(crit.get("max_fire_rate_without"))} of conversations without the emotion' if ev.get("conversations") else "")
+                 + f". Threshold rule {_e(st['threshold_method'])}"
                  + (f" (target FPR {_e(st['target_fpr'])})" if st["threshold_method"] == "fixed_fpr" else "")
-                 + f" · bootstrap {_e(st['bootstrap'])} resamples · cross-talk cosine ≥ {_e(st['crosstalk_cosine'])}</p>")
-
-    if ev["flags"]:
-        parts.append("<section><h2>Flags</h2><ul>" + "".join(
-            f'<li class="flag">{_e(f["message"])}</li>' for f in ev["flags"]) + "</ul></section>")
-
-    rows = [_row(ev, e) for e in ev["emotions"]]
-    parts.append("<section><h2>Held-out separation (best layer per emotion)</h2>")
+                 + f"; {_e(st['bootstrap'])} bootstrap resamples.</p>")
+    parts.append(_img(plots["verdicts.png"], "AUROC against holdout size, by verdict"))
+    order = list(ev["verdicts"])
+    rows = [_row(ev, e) for e in order]
     if rows:
-        parts.append(_table(list(rows[0]), [list(r.values()) for r in rows]))
+        parts.append(_table(list(rows[0]), [list(r.values()) for r in rows],
+                            row_class=[f"v-{ev['verdicts'][e]['verdict']}" for e in order]))
+    parts.append("</section>")
+
+    parts.append("<section><h2>Per emotion</h2><p class=\"note\">Most attention first; open one for its "
+                 "layers, calibration, projections, trivial baselines and conversation snippets.</p>")
+    parts += [_emotion_detail(ev, e, plots) for e in order]
+    parts.append("</section>")
+
+    parts.append("<section><h2>Layers</h2>")
     parts.append("<p>Mean held-out AUROC by layer: " + _e(", ".join(
         f"{l}: {_f(v)}" for l, v in s["mean_auroc_by_layer"].items())) + "</p>")
     parts.append(f"<p><b>Recommended layers</b>: {_e(', '.join(map(str, s['recommended_layers'])) or '–')}</p>")
     parts.append(_img(plots["auroc_by_layer.png"], "AUROC by layer"))
-    parts.append("</section>")
-
-    parts.append("<section><h2>Per emotion and layer</h2>")
-    head = ["emotion", "layer", "AUROC", "95% CI", "Cohen's d", "accuracy", "F1", "threshold",
-            "pos mean", "pos sd", "neg mean", "neg sd", "n pos", "n neg", "calibrated on"]
-    body = []
-    for e, res in ev["emotions"].items():
-        for layer in ev["layers"]:
-            x = res["layers"][str(layer)]
-            cal = x.get("calibration") or {}
-            ci = x.get("auroc_ci")
-            body.append([e, layer, _f(x.get("auroc")), f"{ci[0]:.3f}–{ci[1]:.3f}" if ci else "–",
-                         _f(x.get("cohens_d"), 2), _f(x.get("accuracy")), _f(x.get("f1")), _f(cal.get("threshold")),
-                         _f(cal.get("pos_mean")), _f(cal.get("pos_std")), _f(cal.get("neg_mean")), _f(cal.get("neg_std")),
-                         x.get("n_pos"), x.get("n_neg"), cal.get("split", "–")])
-    parts.append(_table(head, body))
-    parts.append("</section>")
-
     sweep = ev.get("layer_sweep")
     if sweep:
-        parts.append("<section><h2>Layer sweep</h2>")
+        parts.append("<h3>Layer sweep</h3>")
         parts.append(f"<p>{len(sweep['layers'])} layers, estimator {_e(sweep['estimator'])}; recommended: "
                      f"{_e(', '.join(map(str, sweep['recommended_layers'])))}"
                      + (f" of {_e(sweep['n_model_layers'])} layers" if sweep.get("n_model_layers") else "") + "</p>")
@@ -363,83 +523,97 @@ def render_html(evaluation: Mapping[str, Any], plots: Mapping[str, bytes], title
         body.append(["mean", *[_f(sweep["mean_auroc"].get(str(l))) for l in sweep["layers"]]])
         if sweep.get("depth_fraction"):
             body.append(["depth", *[f"{sweep['depth_fraction'][str(l)]:.0%}" for l in sweep["layers"]]])
-        parts.append(_table(head, body))
-        parts.append("</section>")
-
-    parts.append("<section><h2>Estimators compared (held-out AUROC, fitted on train)</h2>")
-    names = list(st["estimators"])
-    head = ["emotion", "layer", *names]
-    body = [[e, layer, *[_f(res["estimators"][n].get(str(layer))) for n in names]]
-            for e, res in ev["emotions"].items() for layer in ev["layers"]]
-    body.append(["mean", "all", *[_f(s["mean_auroc_by_estimator"].get(n)) for n in names]])
-    parts.append(_table(head, body))
-    parts.append(_img(plots["estimators.png"], "estimators compared"))
+        parts.append("<details><summary>per emotion and layer</summary>" + _table(head, body) + "</details>")
     parts.append("</section>")
 
     ct = ev["crosstalk"]
     parts.append("<section><h2>Cross-talk</h2>")
     parts.append(_img(plots["crosstalk.png"], "cross-talk and co-occurrence"))
     if ct["pairs"]:
-        parts.append(_table(["a", "b", "layer", "cosine", "co-occurrence"], [
-            [p["a"], p["b"], p["layer"], _f(p["cosine"]), _f(p["cooccurrence"])] for p in ct["pairs"]], left=2))
+        table = _table(["a", "b", "layer", "cosine", "co-occurrence"], [
+            [p["a"], p["b"], p["layer"], _f(p["cosine"]), _f(p["cooccurrence"])] for p in ct["pairs"]])
+        parts.append(f"<details{' open' if len(ct['pairs']) <= 20 else ''}><summary>{len(ct['pairs'])} pair(s) of "
+                     f"vectors with cosine ≥ {_e(ct['threshold'])}</summary>{table}</details>")
     else:
         parts.append(f"<p>No pair of vectors has cosine ≥ {_e(ct['threshold'])}.</p>")
     parts.append("</section>")
 
-    parts.append("<section><h2>Confounds</h2>")
-    head = ["emotion", "pos node types", "neg node types", "pos median len", "neg median len",
-            "length AUROC", "node-type AUROC", "vector AUROC", "flagged"]
-    body = []
-    for e, res in ev["emotions"].items():
-        c = res["confounds"]
-        mix = lambda d: ", ".join(f"{k}:{v}" for k, v in d.items())  # noqa: E731
-        body.append([e, mix(c["node_type_mix"]["positive"]), mix(c["node_type_mix"]["negative"]),
-                     _f(c["text_length"]["positive"]["median"], 0), _f(c["text_length"]["negative"]["median"], 0),
-                     _f(c["baseline_auroc"]["length"]), _f(c["baseline_auroc"]["node_type"]),
-                     _f(c.get("vector_auroc")), "YES" if c.get("flagged") else ""])
-    parts.append(_table(head, body, left=3))
-    parts.append("</section>")
-
-    parts.append("<section><h2>Held-out projections (best layer)</h2>")
-    for e in ev["emotions"]:
-        parts.append(_img(plots[f"hist_{e}.png"], f"projection histogram {e}"))
-    parts.append("</section>")
-
+    names = list(st["estimators"])
+    if len(names) > 1:
+        parts.append("<section><h2>Estimators compared (held-out AUROC, fitted on train)</h2>")
+        parts.append(_table(["estimator", "mean held-out AUROC"],
+                            [[n, _f(s["mean_auroc_by_estimator"].get(n))] for n in names]))
+        parts.append(_img(plots["estimators.png"], "estimators compared"))
+        parts.append("</section>")
+    else:
+        parts.append('<p class="note">Estimator comparison (LDA, logistic probe) not run at this number of emotions; '
+                     "<code>amygdala report --estimators mean_difference,lda,logistic</code> runs it.</p>")
     gen = ev.get("generalisation")
     if gen:
-        parts.append(f"<section><h2>Generalisation: {_e(gen['n_snippets'])} conversation snippets</h2>")
-        for e, g in gen["emotions"].items():
-            parts.append(f"<h3>{_e(e)} (layer {_e(g['layer'])}; above threshold: "
-                         f"{_e(_f(g.get('fraction_above_threshold'), 2))})</h3>")
-            for label, items in (("top", g["top"]), ("bottom", g["bottom"])):
-                parts.append(f"<p>{label}</p>")
-                parts.append(_table(["id", "z", "probability", "raw", "text"], [
-                    [t["id"], _f(t["z"], 2), _f(t["probability"], 2), _f(t["raw"]),
-                     t["text"][:300] + ("…" if len(t["text"]) > 300 else "")] for t in items]))
-        parts.append("</section>")
+        parts.append(f'<p class="note">Conversation snippets: {_e(gen["n_snippets"])} scored; each emotion\'s highest '
+                     "and lowest are in its detail above.</p>")
     parts.append(runtime_html(ev, plots))
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
 
+def write_projections(evaluation: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Every emotion's held-out projections, one row per (emotion, layer, example), as Parquet
+    (``emotion, layer, label, key, score``)."""
+    cols: dict[str, list[Any]] = {"emotion": [], "layer": [], "label": [], "key": [], "score": []}
+    for e, res in evaluation["emotions"].items():
+        for layer, proj in (res.get("projections") or {}).items():
+            for label in ("positive", "negative"):
+                scores, keys = proj[label], proj[f"{label}_keys"]
+                cols["emotion"] += [e] * len(scores)
+                cols["layer"] += [int(layer)] * len(scores)
+                cols["label"] += [label] * len(scores)
+                cols["key"] += list(keys)
+                cols["score"] += [_nan(x) for x in scores]
+    df = pl.DataFrame(cols, schema={"emotion": pl.String, "layer": pl.Int32, "label": pl.String,
+                                    "key": pl.String, "score": pl.Float64})
+    buf = io.BytesIO()
+    df.write_parquet(buf)
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)
+
+
+def evaluation_json(evaluation: Mapping[str, Any]) -> str:
+    """``evaluation.json``: the evaluation without the raw projections (those go to Parquet).
+
+    Compact separators: the cosine and co-occurrence matrices would otherwise
+    put every number on a line of its own.
+    """
+    slim = {**evaluation, "emotions": {e: {k: v for k, v in r.items() if k != "projections"}
+                                       for e, r in evaluation["emotions"].items()}}
+    return json.dumps(slim, ensure_ascii=False, allow_nan=False, separators=(",", ":")) + "\n"
+
+
 def write_report(
     evaluation: Mapping[str, Any], out_dir: str | os.PathLike[str], *, title: str = "Readout evaluation",
-    html_name: str = "evaluation.html", json_name: str = "evaluation.json",
+    html_name: str = "evaluation.html", json_name: str = "evaluation.json", histograms: int | None = None,
 ) -> tuple[Path, Path, dict[str, Path]]:
-    """Write ``evaluation.json``, the PNG plots (``plots/``) and the self-contained HTML, each atomically.
+    """Write ``evaluation.json``, ``projections.parquet``, the PNG plots (``plots/``) and the
+    self-contained HTML, each atomically. ``histograms``: how many emotions (most attention first)
+    get a projection histogram; None: all. Plots of an earlier report that this one does not
+    draw are removed, so ``plots/`` always matches the HTML.
 
     Returns ``(html_path, json_path, {plot name: png path})``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / json_name
-    atomic_write_text(json_path, json.dumps(evaluation, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
-    plots = all_plots(evaluation)
+    atomic_write_text(json_path, evaluation_json(evaluation))
+    write_projections(evaluation, out / "projections.parquet")
+    plots = all_plots(evaluation, histograms)
     png_paths = {}
     for name, data in plots.items():
         p = out / "plots" / name
         atomic_write_bytes(p, data)
         png_paths[name] = p
+    for stale in (out / "plots").glob("*.png"):
+        if stale.name not in plots:
+            stale.unlink()
     html_path = out / html_name
     atomic_write_text(html_path, render_html(evaluation, plots, title=title))
     return html_path, json_path, png_paths

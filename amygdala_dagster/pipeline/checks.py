@@ -6,7 +6,6 @@ rules are testable on crafted inputs; the decorated checks turn them into AssetC
 
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -138,19 +137,27 @@ def manifest_problems(vectors_path: Any, manifest_path: Any, expected_concepts: 
     return out
 
 
-def separation_problems(evaluation: Mapping[str, Any], min_auroc: float) -> list[str]:
-    out = []
-    for e, r in evaluation["emotions"].items():
-        auc = r.get("best_auroc")
-        if auc is None or not math.isfinite(auc):
-            out.append(f"{e}: no held-out AUROC (holdout lacks positives or negatives)")
-        elif auc < min_auroc:
-            out.append(f"{e}: best held-out AUROC {auc:.3f} (layer {r.get('best_layer')}) below {min_auroc}")
-    return out
+# The evaluation's flags (written by evaluation.core.judge into evaluation.json) are the one source of
+# truth for verdicts; each check shows the flags of some kinds, and counts the emotions it names.
+SEPARATION_FLAGS = ("not_evaluable", "below_min_auroc", "small_holdout")
+BASELINE_FLAGS = ("confound",)
+
+
+def flag_messages(evaluation: Mapping[str, Any], kinds: Sequence[str]) -> list[str]:
+    return [f["message"] for f in evaluation.get("flags", []) if f.get("kind") in kinds]
+
+
+def separation_problems(evaluation: Mapping[str, Any]) -> list[str]:
+    """Emotions whose held-out separation is missing, below the minimum, or measured on too few positives."""
+    return flag_messages(evaluation, SEPARATION_FLAGS)
 
 
 def baseline_problems(evaluation: Mapping[str, Any]) -> list[str]:
-    return [f["message"] for f in evaluation.get("flags", []) if f.get("kind") == "confound"]
+    return flag_messages(evaluation, BASELINE_FLAGS)
+
+
+def _flagged_emotions(evaluation: Mapping[str, Any], kinds: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(f["emotion"] for f in evaluation.get("flags", []) if f.get("kind") in kinds))
 
 
 # ----------------------------------------------------------------------------- checks
@@ -221,15 +228,23 @@ def _evaluation(storage: ArtifactStorage) -> dict[str, Any]:
     return json.loads(storage.store().read_bytes(EVALUATION_JSON))
 
 
-@dg.asset_check(asset=evaluation_report, description="every emotion separates held-out examples (AUROC >= evaluation.min_auroc)")
+@dg.asset_check(asset=evaluation_report,
+                description="every emotion separates held-out examples (AUROC >= evaluation.min_auroc) on a holdout "
+                            "of at least evaluation.min_holdout_positives positives")
 def separation_above_threshold(storage: ArtifactStorage, evaluation: EvaluationResource) -> dg.AssetCheckResult:
-    return _result(separation_problems(_evaluation(storage), evaluation.min_auroc),
-                   severity=dg.AssetCheckSeverity.WARN, metadata={"min_auroc": evaluation.min_auroc})
+    ev = _evaluation(storage)
+    flagged = _flagged_emotions(ev, SEPARATION_FLAGS)
+    return _result(separation_problems(ev), severity=dg.AssetCheckSeverity.WARN,
+                   metadata={"min_auroc": evaluation.min_auroc, "n_flagged": len(flagged),
+                             "flagged": ", ".join(flagged) or "none"})
 
 
 @dg.asset_check(asset=evaluation_report, description="every vector beats the trivial length / node-type baselines")
 def better_than_baseline(storage: ArtifactStorage) -> dg.AssetCheckResult:
-    return _result(baseline_problems(_evaluation(storage)), severity=dg.AssetCheckSeverity.WARN)
+    ev = _evaluation(storage)
+    flagged = _flagged_emotions(ev, BASELINE_FLAGS)
+    return _result(baseline_problems(ev), severity=dg.AssetCheckSeverity.WARN,
+                   metadata={"n_flagged": len(flagged), "flagged": ", ".join(flagged) or "none"})
 
 
 ALL_CHECKS = [

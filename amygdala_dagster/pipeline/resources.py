@@ -190,7 +190,18 @@ class EvaluationResource(dg.ConfigurableResource):
     bootstrap: int = Field(default=200, description="bootstrap resamples for the AUROC confidence interval (0: none)")
     min_auroc: float = Field(default=0.7, description="held-out AUROC below which an emotion is flagged (WARN)")
     confound_margin: float = Field(default=0.0, description="how much a vector must beat the trivial baselines by")
-    crosstalk_cosine: float = 0.5
+    crosstalk_cosine: float = Field(default=0.5, description="list vector pairs with at least this cosine")
+    min_holdout_positives: int = Field(default=10, description="fewer held-out positives make a verdict 'weak'")
+    max_crosstalk_cosine: float = Field(
+        default=0.8, description="a vector this close to another emotion's (at its best layer) is 'weak'")
+    max_fire_rate_without: float = Field(
+        default=0.5, description="firing on more of the conversations without the emotion makes it 'do not use'")
+    estimators: str = Field(
+        default="auto",
+        description="estimators compared with the shipped one: auto (LDA and logistic up to 24 emotions), "
+                    "none, or a list such as mean_difference,lda,logistic",
+    )
+    histograms: int = Field(default=12, description="per-emotion projection histograms drawn (most attention first)")
     threshold_method: str = Field(
         default="max_f1",
         description="decision threshold written into the manifest: max_f1 (on the holdout) or fixed_fpr",
@@ -228,6 +239,15 @@ class EvaluationResource(dg.ConfigurableResource):
         if not 0.0 <= float(self.target_fpr) <= 1.0:
             raise ValueError(f"evaluation.target_fpr must be within [0, 1], got {self.target_fpr}")
         return {"threshold_method": self.threshold_method, "target_fpr": float(self.target_fpr)}
+
+    def criteria(self) -> Any:
+        """The verdict criteria (:class:`amygdala_dagster.evaluation.core.Criteria`) of these settings."""
+        from amygdala_dagster.evaluation.core import Criteria
+
+        return Criteria(min_auroc=float(self.min_auroc), min_holdout_positives=int(self.min_holdout_positives),
+                        confound_margin=float(self.confound_margin),
+                        max_crosstalk_cosine=float(self.max_crosstalk_cosine),
+                        max_fire_rate_without=float(self.max_fire_rate_without))
 
     def snippets_path(self) -> str | None:
         if self.snippets_file and self.snippets_file.lower() == "none":

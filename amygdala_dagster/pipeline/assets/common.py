@@ -63,7 +63,9 @@ def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = Non
 
 
 def _cell(v: Any) -> Any:
-    if v is None or isinstance(v, (bool, int, float, str)):
+    if isinstance(v, float):
+        return float(f"{v:.4g}")  # a table is read, not recomputed: 4 significant digits
+    if v is None or isinstance(v, (bool, int, str)):
         return v
     return str(v)
 

@@ -7,6 +7,14 @@ from typing import Any
 
 import dagster as dg
 
+from amygdala_dagster.cache import ActivationCache, text_sha256
+from amygdala_dagster.evaluation import evaluate, json_clean, read_snippets, summary_markdown, write_report
+from amygdala_dagster.evaluation.conversations import best_layers, conversations_with_engine
+from amygdala_dagster.evaluation.core import apply_verdicts
+from amygdala_dagster.evaluation.report import emotion_markdown, png_markdown
+from amygdala_dagster.evaluation.runtime_report import PLOT, runtime_markdown, runtime_plots
+from amygdala_dagster.manifest import load_readout
+from amygdala_dagster.runtime import read_inputs
 from amygdala_dagster.pipeline.assets.common import GROUP, file_meta, json_hash, table
 from amygdala_dagster.pipeline.assets.emotions import read_examples_from
 from amygdala_dagster.pipeline.assets.graph import read_snapshot_from
@@ -28,13 +36,6 @@ def evaluation_report(
     evaluation: EvaluationResource,
     model: ModelResource,
 ) -> dg.MaterializeResult:
-    from amygdala_dagster.cache import ActivationCache, text_sha256
-    from amygdala_dagster.evaluation import evaluate, read_snippets, summary_markdown, write_report
-    from amygdala_dagster.evaluation.report import (
-        emotion_markdown, plot_auroc_by_layer, plot_crosstalk, plot_histogram, png_markdown,
-    )
-    from amygdala_dagster.manifest import load_readout
-
     t0 = time.perf_counter()
     store = storage.store()
     _staged, info = load_staged_readout(storage)
@@ -55,45 +56,43 @@ def evaluation_report(
             )
         result = evaluate(
             cache, sets, readout, snapshot=snapshot, snippets=snippets, engine=engine,
-            bootstrap=evaluation.bootstrap, confound_margin=evaluation.confound_margin,
-            crosstalk_cosine=evaluation.crosstalk_cosine, **evaluation.threshold(),
+            bootstrap=evaluation.bootstrap, crosstalk_cosine=evaluation.crosstalk_cosine,
+            estimators=evaluation.estimators, criteria=evaluation.criteria(), **evaluation.threshold(),
             meta={"vectors_sha256": readout.sha256, "dagster_run_id": context.run.run_id},
         )
     result["conversations"] = runtime_conversations(readout, result, info, evaluation, model)
+    apply_verdicts(result)
     with store.local_for_write(REPORT_DIR) as out:
-        html_path, _json_path, plots = write_report(result, out)
-    rows = []
-    for e, r in result["emotions"].items():
-        base = r["confounds"]["baseline_auroc"]
-        rows.append({
-            "emotion": e, "best_layer": r["best_layer"], "best_auroc": r["best_auroc"],
-            "baseline_length": base.get("length"), "baseline_node_type": base.get("node_type"),
-            "flagged": bool(r["confounds"].get("flagged")),
-        })
-    # Per-emotion evaluation on each emotion partition's page.
+        html_path, _json_path, plot_paths = write_report(result, out, histograms=evaluation.histograms)
+        plots = {name: p.read_bytes() for name, p in plot_paths.items()}
+    s = result["summary"]
+    counts = s["verdict_counts"]
+    # Per-emotion evaluation on each emotion partition's page (text; the histogram where one was drawn).
     for e in result["emotions"]:
-        context.log_event(dg.AssetObservation(
-            asset_key=dg.AssetKey("activation_stats"), partition=e,
-            metadata={
-                "evaluation": dg.MetadataValue.md(emotion_markdown(result, e)),
-                "projection_histogram": dg.MetadataValue.md(png_markdown(plot_histogram(result, e), f"{e} held-out projections")),
-                "vectors_sha256": readout.sha256,
-            },
-        ))
-    context.log.info(f"evaluation report: {store.uri(REPORT_DIR + '/' + html_path.name)}")
+        meta = {"evaluation": dg.MetadataValue.md(emotion_markdown(result, e)),
+                "verdict": result["verdicts"][e]["verdict"], "vectors_sha256": readout.sha256}
+        if f"hist_{e}.png" in plots:
+            meta["projection_histogram"] = dg.MetadataValue.md(png_markdown(plots[f"hist_{e}.png"], f"{e} held-out projections"))
+        context.log_event(dg.AssetObservation(asset_key=dg.AssetKey("activation_stats"), partition=e, metadata=meta))
+    context.log.info(f"evaluation report: {store.uri(REPORT_DIR + '/' + html_path.name)}; "
+                     f"{counts['use']} use, {counts['weak']} weak, {counts['do_not_use']} do not use")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(json_hash({k: v for k, v in result.items() if k != "created_at"})),
         metadata={
             "summary": dg.MetadataValue.md(summary_markdown(result)),
-            "per_emotion": table(rows),
-            "mean_auroc_by_layer": {str(k): v for k, v in result["summary"]["mean_auroc_by_layer"].items()},
-            "n_flagged": int(result["summary"]["n_flagged"]),
+            "verdicts": table(verdict_rows(result)),
+            # Numbers worth following over time (the Plots tab):
+            **{k: dg.MetadataValue.float(_round(s[src])) for k, src in
+               (("mean_held_out_auroc", "mean_best_auroc"), ("worst_held_out_auroc", "worst_best_auroc"))
+               if s[src] is not None},
+            "n_use": counts["use"], "n_weak": counts["weak"], "n_do_not_use": counts["do_not_use"],
+            "n_flagged": int(s["n_flagged"]),
+            "seconds": round(time.perf_counter() - t0, 1),
             "report": dg.MetadataValue.path(store.uri(f"{REPORT_DIR}/{html_path.name}")),
-            "auroc_by_layer_plot": dg.MetadataValue.md(png_markdown(plot_auroc_by_layer(result), "AUROC by layer")),
-            "crosstalk_plot": dg.MetadataValue.md(png_markdown(plot_crosstalk(result), "cross-talk vs co-occurrence")),
-            "plots": ", ".join(sorted(plots)),
+            "verdicts_plot": dg.MetadataValue.md(png_markdown(plots["verdicts.png"], "AUROC against holdout size")),
+            "auroc_by_layer_plot": dg.MetadataValue.md(png_markdown(plots["auroc_by_layer.png"], "AUROC by layer")),
+            "crosstalk_plot": dg.MetadataValue.md(png_markdown(plots["crosstalk.png"], "cross-talk vs co-occurrence")),
             **runtime_metadata(result),
-            "seconds": round(time.perf_counter() - t0, 3),
             **file_meta(store, REPORT_DIR),
         },
     )
@@ -102,9 +101,6 @@ def evaluation_report(
 def runtime_conversations(readout: Any, result: dict[str, Any], info: dict[str, Any],
                           evaluation: EvaluationResource, model: ModelResource) -> dict[str, Any] | None:
     """The report's runtime section: per-token evaluation on the labelled conversations (None: skipped)."""
-    from amygdala_dagster.evaluation.conversations import best_layers, conversations_with_engine
-    from amygdala_dagster.runtime import read_inputs
-
     path = evaluation.eval_conversations_path()
     if path is None:
         return None
@@ -112,8 +108,6 @@ def runtime_conversations(readout: Any, result: dict[str, Any], info: dict[str, 
     if engine.fingerprint != info["fingerprint"]:
         raise ValueError("the model resource does not match the one that produced the readout; "
                          "rematerialize activation_stats with the current model settings")
-    from amygdala_dagster.evaluation import json_clean
-
     return json_clean(conversations_with_engine(
         engine, info["cache_root"], readout, read_inputs(path, labelled=True), layer_for=best_layers(result),
         source=Path(path).name))
@@ -121,9 +115,6 @@ def runtime_conversations(readout: Any, result: dict[str, Any], info: dict[str, 
 
 def runtime_metadata(result: dict[str, Any]) -> dict[str, Any]:
     """Dagster metadata of the runtime section (nothing when it was skipped)."""
-    from amygdala_dagster.evaluation.report import png_markdown
-    from amygdala_dagster.evaluation.runtime_report import PLOT, runtime_markdown, runtime_plots
-
     if not result.get("conversations"):
         return {}
     plots = runtime_plots(result)
@@ -131,3 +122,23 @@ def runtime_metadata(result: dict[str, Any]) -> dict[str, Any]:
     if PLOT in plots:
         out["runtime_plot"] = dg.MetadataValue.md(png_markdown(plots[PLOT], "runtime: conversations"))
     return out
+
+
+def _round(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def verdict_rows(result: dict) -> list[dict]:
+    """One metadata-table row per emotion, most attention first, numbers at 3 significant digits."""
+    rows = []
+    for e, v in result["verdicts"].items():
+        r = result["emotions"][e]
+        entry = r["layers"].get(str(r["best_layer"]), {}) if r["best_layer"] is not None else {}
+        ci = entry.get("auroc_ci") or (None, None)
+        rows.append({
+            "emotion": e, "verdict": v["verdict"], "best_layer": r["best_layer"],
+            "auroc": None if r["best_auroc"] is None else _round(r["best_auroc"], 3),
+            "ci_low": None if ci[0] is None else _round(ci[0], 3), "ci_high": None if ci[1] is None else _round(ci[1], 3),
+            "holdout_pos": entry.get("n_pos"), "holdout_neg": entry.get("n_neg"), "why": "; ".join(v["reasons"]),
+        })
+    return rows
