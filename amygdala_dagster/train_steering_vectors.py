@@ -155,11 +155,13 @@ def train_readout_pair(
 ) -> TrainResult:
     """Cache activations for all example texts, train every emotion, write the Contract 3 pair."""
     from amygdala_dagster.manifest import default_manifest_path, write_readout
+    from amygdala_dagster.publish import check_publishable
     from amygdala_dagster.vectors import train_readout
 
     t0 = time.perf_counter()
     output = Path(output)
     manifest_path = Path(manifest_path) if manifest_path is not None else default_manifest_path(output)
+    check_publishable(output, manifest_path)  # before the forward passes, not after
     texts, keys = collect_texts(example_sets)
     stats = ensure_cached(engine, cache, texts, keys=keys, progress=progress)
     layers = list(engine.layers) if hasattr(engine, "layers") else cache.layers
@@ -418,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     from amygdala_dagster.cache import CacheError
     from amygdala_dagster.examples import ExamplesFormatError
     from amygdala_dagster.models import ModelLoadError
+    from amygdala_dagster.publish import PublishError
 
     try:
         result = train_from_examples_dir(
@@ -431,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     except FlagError as exc:
         parser.error(str(exc))
-    except (TrainingError, ExamplesFormatError, ModelLoadError, CacheError, ActivationOutOfMemoryError) as exc:
+    except (TrainingError, ExamplesFormatError, ModelLoadError, CacheError, ActivationOutOfMemoryError,
+            PublishError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(format_summary(result))

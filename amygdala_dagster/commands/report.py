@@ -173,18 +173,19 @@ def _parse_sweep(spec: str, n_layers: int) -> list[int]:
 
 def build_report(args: argparse.Namespace) -> dict[str, Any]:
     """Everything ``main`` does, returning ``{"html", "json", "plots", "evaluation"}``."""
-    from amygdala_dagster.atomic import atomic_write_text
     from amygdala_dagster.cache import ActivationCache, text_sha256
     from amygdala_dagster.evaluation import calibration_for_manifest, evaluate, read_snippets, sweep_layers, write_report
     from amygdala_dagster.manifest import load_readout
+    from amygdala_dagster.publish import republish_manifest
 
     output_dir = args.output_dir.expanduser()
     manifest_path = args.manifest or output_dir / "manifest.json"
     if not manifest_path.is_file():
         raise ReportInputError(f"{manifest_path}: no manifest; run `amygdala run` (or train) first, or pass --output-dir")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    vectors_path = args.vectors or (manifest_path.parent / manifest.get("vectors_file", "vectors.safetensors"))
-    readout = load_readout(vectors_path, manifest_path)
+    named = json.loads(manifest_path.read_text(encoding="utf-8")).get("vectors_file", "vectors.safetensors")
+    vectors_path = args.vectors or (manifest_path.parent / named)
+    readout = load_readout(vectors_path, manifest_path)  # both files of one published release
+    manifest = readout.manifest
     fingerprint = manifest.get("fingerprint")
     if not fingerprint:
         raise ReportInputError(f"{manifest_path}: no 'fingerprint' recorded; cannot find the cached activations")
@@ -245,7 +246,8 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
         for concept, per_layer in cal.items():
             for layer, entry in per_layer.items():
                 manifest["per_concept"][concept]["layers"][layer]["calibration"] = entry
-        atomic_write_text(manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+        text = json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+        republish_manifest(vectors_path, manifest_path, text.encode("utf-8"))  # a new release, same vectors
     return {"html": html_path, "json": json_path, "plots": plots, "evaluation": evaluation}
 
 

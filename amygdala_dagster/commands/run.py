@@ -77,6 +77,7 @@ def build_resources(args: argparse.Namespace) -> dict[str, Any]:
 def report_result(result: Any, resources: dict[str, Any], what: str) -> int:
     from amygdala_dagster.pipeline.assets.common import MANIFEST_FILE, REPORT_DIR, VECTORS_FILE
     from amygdala_dagster.pipeline.runner import dagster_home, failures, step_metadata
+    from amygdala_dagster.publish import POINTER_FILE
 
     store = resources["storage"].store()
     stats = step_metadata(result, "activation_stats")
@@ -95,7 +96,7 @@ def report_result(result: Any, resources: dict[str, Any], what: str) -> int:
         print(f"amygdala {what}: the run failed", file=sys.stderr)
         return 1
     print(f"output directory: {store.uri('')}")
-    for rel in (VECTORS_FILE, MANIFEST_FILE, f"{REPORT_DIR}/evaluation.html"):
+    for rel in (VECTORS_FILE, MANIFEST_FILE, POINTER_FILE, f"{REPORT_DIR}/evaluation.html"):
         if store.exists(rel):
             print(f"  {store.uri(rel)}")
     return 0

@@ -23,6 +23,7 @@ from amygdala_dagster.pipeline.assets.evaluation import EVALUATION_JSON
 from amygdala_dagster.pipeline.assets.graph import read_snapshot_from
 from amygdala_dagster.pipeline.assets.readout import load_staged_readout
 from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, SelectionResource
+from amygdala_dagster.publish import open_pair
 
 NORM_TOLERANCE = 1e-4
 _SHOWN = 10
@@ -203,8 +204,8 @@ def vectors_finite_unit_norm(storage: ArtifactStorage) -> dg.AssetCheckResult:
 def manifest_matches_vectors(storage: ArtifactStorage) -> dg.AssetCheckResult:
     store = storage.store()
     _readout, info = load_staged_readout(storage)
-    with store.local_for_read(VECTORS_FILE) as vpath, store.local_for_read(MANIFEST_FILE) as mpath:
-        return _result(manifest_problems(vpath, mpath, info["concepts"]))
+    with open_pair(store.uri(VECTORS_FILE), store.uri(MANIFEST_FILE)) as files:
+        return _result(manifest_problems(files.vectors, files.manifest, info["concepts"]))
 
 
 def _evaluation(storage: ArtifactStorage) -> dict[str, Any]:

@@ -2,9 +2,7 @@
 
 
 import json
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -16,6 +14,7 @@ from amygdala_dagster.pipeline.assets.common import (
 )
 from amygdala_dagster.pipeline.assets.emotions import emotion_catalog, read_examples_from, tagged_examples
 from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, SelectionResource
+from amygdala_dagster.publish import current_pair
 
 
 class ReadoutConfig(dg.Config):
@@ -179,16 +178,9 @@ def readout_manifest(
         model=fp.get("model"), model_revision=fp.get("revision"), dtype=fp.get("dtype"),
         pooling=fp.get("pooling"), layer_path=fp.get("layer_path"), fingerprint=fp, training=training,
     )
-    if store.is_local:
-        with store.local_for_write(VECTORS_FILE) as vpath, store.local_for_write(MANIFEST_FILE) as mpath:
-            manifest = write_readout(vpath, mpath, readout, **fields)
-    else:
-        with tempfile.TemporaryDirectory(prefix="amygdala-readout-") as tmp:
-            vpath, mpath = Path(tmp) / VECTORS_FILE, Path(tmp) / MANIFEST_FILE
-            manifest = write_readout(vpath, mpath, readout, **fields)
-            store.put(vpath, VECTORS_FILE)  # vectors first: a reader of the old manifest sees a SHA mismatch
-            store.put(mpath, MANIFEST_FILE)
-    context.log.info(f"wrote {store.uri(VECTORS_FILE)} and {store.uri(MANIFEST_FILE)}")
+    manifest = write_readout(store.uri(VECTORS_FILE), store.uri(MANIFEST_FILE), readout, **fields)
+    vectors_rel, manifest_rel = current_pair(store.uri(""))
+    context.log.info(f"published {store.uri(vectors_rel)} and {store.uri(manifest_rel)}")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(manifest["vectors_sha256"]),
         metadata={
@@ -198,7 +190,7 @@ def readout_manifest(
             "model": str(manifest["model"]),
             "dtype": str(manifest["dtype"]),
             "vectors_sha256": manifest["vectors_sha256"],
-            **file_meta(store, VECTORS_FILE, "vectors_"),
-            **file_meta(store, MANIFEST_FILE, "manifest_"),
+            **file_meta(store, vectors_rel, "vectors_"),
+            **file_meta(store, manifest_rel, "manifest_"),
         },
     )
