@@ -17,6 +17,7 @@ import dagster as dg
 
 from amygdala_dagster.pipeline.assets import ALL_ASSETS
 from amygdala_dagster.pipeline.checks import ALL_CHECKS
+from amygdala_dagster.pipeline.k8s import deployment_executor
 from amygdala_dagster.pipeline.resources import (
     ArtifactStorage, EvaluationResource, MemoryGraphResource, ModelResource, SelectionResource, default_output_dir,
 )
@@ -56,6 +57,7 @@ def build_definitions(resources: dict[str, object] | None = None) -> dg.Definiti
         asset_checks=ALL_CHECKS,
         sensors=[memory_graph_sensor],
         resources={**default_resources(), **(resources or {})},
+        executor=deployment_executor(),
     )
 
 

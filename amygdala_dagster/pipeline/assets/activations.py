@@ -10,6 +10,7 @@ from amygdala_dagster.pipeline.assets.common import (
     EMOTION, GPU_POOL, GROUP, combined_hash, file_meta, stats_file, stats_info_file, table,
 )
 from amygdala_dagster.pipeline.assets.emotions import read_examples_from, tagged_examples
+from amygdala_dagster.pipeline.k8s import gpu_op_tags
 from amygdala_dagster.pipeline.resources import ArtifactStorage, ModelResource
 
 
@@ -19,6 +20,7 @@ from amygdala_dagster.pipeline.resources import ArtifactStorage, ModelResource
     partitions_def=EMOTION,
     backfill_policy=dg.BackfillPolicy.single_run(),
     pool=GPU_POOL,
+    op_tags=gpu_op_tags(),  # on Kubernetes: a GPU pod (the only step that forwards through the model)
     code_version="1",
     kinds={"pytorch", "safetensors"},
     description=(
