@@ -1,4 +1,8 @@
-"""Atomic file and directory writes: a reader never sees a half-written result."""
+"""Atomic file and directory writes: a reader never sees a half-written result.
+
+Files are written 0644 and directories 0755 (not ``mkstemp``'s 0600/0700):
+published artefacts are read by other users, e.g. a vLLM server under its own uid.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,9 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+FILE_MODE = 0o644
+DIR_MODE = 0o755
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -20,6 +27,19 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
             os.close(fd)
 
 
+def write_new_file(path: str | os.PathLike[str], data: bytes, mode: int = FILE_MODE) -> None:
+    """Create ``path`` (which must not exist) holding ``data``, with ``mode``, fsynced."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask must not make a published file private
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_temp_beside(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to a new fsynced temporary file in ``path``'s directory and return it.
 
@@ -30,6 +50,7 @@ def write_temp_beside(path: str | os.PathLike[str], data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -71,6 +92,7 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, DIR_MODE)
     try:
         yield tmp
     except BaseException:

@@ -8,19 +8,17 @@ concept and layer, ``token_calibration`` (the distribution of *per-token*
 projections, what the runtime sees) beside the text-level ``calibration``;
 readers accept format 1 too (it has no ``token_calibration``).
 
-Write order (see :func:`write_readout`): both files are fully serialised in
-memory and written to temporary files in their target directories and fsynced
-*before* anything is renamed; then the vectors file is renamed into place,
-then the manifest. Any failure before the renames leaves the old pair
-untouched. A reader that looks between the two renames sees new vectors with
-the old manifest; the SHA-256 in the manifest then does not match and
-:func:`load_readout` refuses the pair instead of serving it (retrying a moment
-later finds the new, consistent pair).
+Publication (see :func:`write_readout` and :mod:`amygdala_dagster.publish`):
+both files are fully serialised in memory, then published together as one
+release (a versioned directory and an atomically switched ``current`` link on
+a local filesystem; immutable objects and a ``current.json`` pointer written
+last on object storage). A reader never sees a half-written or mismatched
+pair, not even after a crash; :func:`load_readout` resolves ``current`` once
+and still checks the vectors' SHA-256 against the manifest.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -35,7 +33,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save_torch
 
-from amygdala_dagster.atomic import fsync_dir, write_temp_beside
+from amygdala_dagster.publish import PublishError, open_pair, publish_pair
+from amygdala_dagster.storage import location
 
 FORMAT_VERSION = 2
 #: Manifest versions :func:`load_readout` reads (1: no ``token_calibration``).
@@ -208,47 +207,26 @@ def write_readout(
 ) -> dict[str, Any]:
     """Write the Contract 3 pair and return the manifest written.
 
+    ``vectors_path``/``manifest_path`` are local paths or fsspec URLs.
     ``manifest_fields`` are :func:`build_manifest`'s keyword arguments except
     ``vectors_file``/``vectors_sha256``/``vectors_dtype`` (filled in here;
-    ``vectors_file`` is the vectors path relative to the manifest's directory).
-    See the module docstring for the write order and what a concurrent reader
-    can observe.
+    ``vectors_file`` is the vectors file's name: in a release the two files are
+    siblings). The pair is published by
+    :func:`amygdala_dagster.publish.publish_pair`; an unwritable location raises
+    its one-line :class:`~amygdala_dagster.publish.PublishError` and leaves the
+    old pair current.
     """
-    vectors_path = Path(vectors_path)
-    manifest_path = Path(manifest_path)
-    if vectors_path.resolve() == manifest_path.resolve():
+    vloc, mloc = location(vectors_path), location(manifest_path)
+    if str(vloc) == str(mloc):
         raise ValueError(f"vectors and manifest would be the same file: {vectors_path}")
     manifest_fields.setdefault("calibration", None)
     data = vectors_bytes(readout, vectors_dtype)
     sha = hashlib.sha256(data).hexdigest()
-    vectors_file = os.path.relpath(vectors_path.resolve(), manifest_path.resolve().parent)
     manifest = build_manifest(
-        readout, vectors_file=vectors_file, vectors_sha256=sha, vectors_dtype=vectors_dtype, **manifest_fields
+        readout, vectors_file=vloc.name, vectors_sha256=sha, vectors_dtype=vectors_dtype, **manifest_fields
     )
     text = json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    tmp_vectors = write_temp_beside(vectors_path, data)
-    try:
-        tmp_manifest = write_temp_beside(manifest_path, text.encode("utf-8"))
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_vectors)
-        raise
-    try:
-        os.replace(tmp_vectors, vectors_path)
-    except BaseException:
-        for tmp in (tmp_vectors, tmp_manifest):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        raise
-    try:
-        os.replace(tmp_manifest, manifest_path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_manifest)
-        raise
-    fsync_dir(vectors_path.parent)
-    if manifest_path.parent != vectors_path.parent:
-        fsync_dir(manifest_path.parent)
+    publish_pair(vloc, mloc, data, text.encode("utf-8"))
     return manifest
 
 
@@ -323,13 +301,26 @@ def load_readout(
 ) -> Readout:
     """Load and validate a vectors/manifest pair; :class:`ReadoutFileError` says what is wrong.
 
-    ``manifest_path`` defaults to ``manifest.json`` next to the vectors file.
-    Checks: format_version, SHA-256 of the vectors file against the manifest,
-    exactly one ``layer_<idx>.vectors`` per manifest layer, shapes
+    ``vectors_path`` is the vectors file, or an output directory (local or an
+    fsspec URL); ``manifest_path`` defaults to ``manifest.json`` next to the
+    vectors file. The pair is read through the published release
+    (:func:`amygdala_dagster.publish.open_pair`: ``current`` resolved once, or
+    the ``current.json`` pointer on object storage). Checks: format_version,
+    SHA-256 of the vectors file against the manifest, exactly one
+    ``layer_<idx>.vectors`` per manifest layer, shapes
     ``[len(concepts), hidden_size]``, finite values, unit-norm rows.
     """
-    vectors_path = Path(vectors_path)
-    manifest_path = Path(manifest_path) if manifest_path is not None else default_manifest_path(vectors_path)
+    try:
+        with open_pair(vectors_path, manifest_path) as files:
+            readout = _load_pair(files.vectors, files.manifest)
+            if files.source_vectors != str(files.vectors):  # downloaded: name the objects, not temp copies
+                readout.vectors_path, readout.manifest_path = location(files.source_vectors), location(files.source_manifest)
+            return readout
+    except (PublishError, FileNotFoundError) as exc:
+        raise ReadoutFileError(str(exc)) from exc
+
+
+def _load_pair(vectors_path: Path, manifest_path: Path) -> Readout:
     if not manifest_path.is_file():
         raise ReadoutFileError(f"{manifest_path}: no such manifest file")
     try:

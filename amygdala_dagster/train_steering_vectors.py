@@ -39,6 +39,7 @@ from amygdala_dagster.examples import ExamplesFormatError
 from amygdala_dagster.flags import positive_int
 from amygdala_dagster.layers import parse_layers
 from amygdala_dagster.models import ModelLoadError
+from amygdala_dagster.publish import PublishError
 from amygdala_dagster.workflow import (
     DEFAULT_MODEL, EngineSettings, SettingsError, TrainingError, TrainResult, UnwritableError, check_writable,
     default_target_layers, train_from_examples_dir,
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         parser.error(str(exc))
     except (TrainingError, ExamplesFormatError, ModelLoadError, CacheError, ActivationOutOfMemoryError,
-            UnwritableError) as exc:
+            UnwritableError, PublishError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(format_summary(result))

@@ -39,6 +39,7 @@ from amygdala_dagster.examples import (
 from amygdala_dagster.layers import check_layer_indices, parse_layers
 from amygdala_dagster.manifest import default_manifest_path, layer_key, read_vectors_file, write_readout
 from amygdala_dagster.models import LoadedModel, load_model
+from amygdala_dagster.publish import check_publishable
 from amygdala_dagster.vectors import EmotionStats, TrainedReadout, train_readout, training_problems
 
 log = logging.getLogger(__name__)
@@ -463,6 +464,7 @@ def train_readout_pair(
     t0 = time.perf_counter()
     output = Path(output)
     manifest_path = Path(manifest_path) if manifest_path is not None else default_manifest_path(output)
+    check_publishable(output, manifest_path)  # before the forward passes, not after
     texts, keys = collect_texts(example_sets)
     stats = ensure_cached(engine, cache, texts, keys=keys, progress=progress)
     readout = train_readout(example_sets, cache, list(engine.layers), estimator, skip_invalid=skip_invalid)

@@ -112,7 +112,8 @@ def test_load_readout_round_trip_and_deterministic_bytes(tmp_path):
     r = load_readout(v)  # manifest.json next to it by default
     assert r.concepts == ro.concepts and r.layers == LAYERS and r.sha256 == sha256_file(v)
     np.testing.assert_array_equal(r.vectors[4], ro.vectors[4])
-    assert r.manifest_path == m and r.dtype == "float32"
+    # read through the published release: `current` resolved once for both files
+    assert r.manifest_path == m.resolve() and r.manifest_path.parent.parent.name == "releases" and r.dtype == "float32"
 
 
 def test_half_precision_vectors_when_asked(tmp_path):
@@ -219,7 +220,9 @@ def test_old_pair_stays_intact_when_writing_fails(tmp_path):
     with pytest.raises(OSError):
         write_readout(v, blocker / "manifest.json", make_readout(seed=4), **FIELDS)
     assert (v.read_bytes(), m.read_bytes()) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "manifest.json", "vectors.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "blocker", "current", "manifest.json", "releases", "vectors.safetensors"]
+    assert len(list((tmp_path / "releases").iterdir())) == 1  # no staging leftover
     load_readout(v, m)
 
     # a successful write replaces both, consistently

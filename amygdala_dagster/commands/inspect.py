@@ -10,14 +10,18 @@ from typing import Any
 
 import numpy as np
 
-from amygdala_dagster.manifest import ReadoutFileError, default_manifest_path, load_readout, read_vectors_file, sha256_file
+from amygdala_dagster.manifest import (
+    ReadoutFileError, calibration_entry, load_readout, read_vectors_file, sha256_file,
+)
+from amygdala_dagster.publish import PublishError, open_pair
 
 HELP = "show the concepts, layers, norms and cosines of a readout vectors file and check its manifest"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("vectors", type=Path, metavar="VECTORS", help="vectors.safetensors")
-    parser.add_argument("--manifest", type=Path, default=None, metavar="FILE",
+    parser.add_argument("vectors", metavar="VECTORS",
+                        help="vectors.safetensors, or an output directory (a path or a URL such as s3://bucket/prefix)")
+    parser.add_argument("--manifest", default=None, metavar="FILE",
                         help="manifest.json (default: manifest.json next to VECTORS)")
     parser.add_argument("--top", type=int, default=10, metavar="N",
                         help="with more than 8 concepts, show only the N most similar pairs per layer")
@@ -38,9 +42,22 @@ def top_pairs(concepts: list[str], cos: np.ndarray, n: int) -> list[tuple[str, s
     return [(concepts[iu[0][i]], concepts[iu[1][i]], float(vals[i])) for i in order]
 
 
-def inspect_pair(vectors: Path, manifest: Path | None, top: int = 10) -> dict[str, Any]:
-    """The inspection report; ``report["ok"]`` is False (with ``error``) for an invalid pair."""
-    manifest_path = manifest if manifest is not None else default_manifest_path(vectors)
+def inspect_pair(vectors: str | Path, manifest: str | Path | None, top: int = 10) -> dict[str, Any]:
+    """The inspection report; ``report["ok"]`` is False (with ``error``) for an invalid pair.
+
+    The pair is read as published (:func:`amygdala_dagster.publish.open_pair`):
+    one release through ``current`` locally, the ``current.json`` pointer on object storage.
+    """
+    try:
+        with open_pair(vectors, manifest) as files:
+            report = _inspect_files(files.vectors, files.manifest, top)
+            report.update(vectors=files.source_vectors, manifest=files.source_manifest, source=files.where)
+            return report
+    except (PublishError, FileNotFoundError) as exc:
+        return {"vectors": str(vectors), "manifest": str(manifest), "ok": False, "error": str(exc)}
+
+
+def _inspect_files(vectors: Path, manifest_path: Path, top: int) -> dict[str, Any]:
     report: dict[str, Any] = {"vectors": str(vectors), "manifest": str(manifest_path), "ok": True}
     try:
         tensors, meta, dtype = read_vectors_file(vectors)
@@ -95,8 +112,6 @@ def inspect_pair(vectors: Path, manifest: Path | None, top: int = 10) -> dict[st
 def token_calibration_summary(manifest: dict[str, Any]) -> dict[str, Any] | None:
     """Per layer: how many concepts carry a token calibration, its source, target rate and the range of
     held-out firing rates relative to the target (None for a format-1 manifest)."""
-    from amygdala_dagster.manifest import calibration_entry
-
     try:
         concepts, layers = list(manifest["concepts"]), [int(x) for x in manifest["layers"]]
     except (KeyError, TypeError, ValueError):
@@ -116,6 +131,8 @@ def token_calibration_summary(manifest: dict[str, Any]) -> dict[str, Any] | None
 
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"vectors:  {report['vectors']}"]
+    if report.get("source"):
+        lines.append(f"release:  {report['source']}")
     if "sha256" in report:
         lines.append(f"sha256:   {report['sha256']} ({report.get('sha256_check', '?')} against {report['manifest']})")
     if report.get("model"):

@@ -11,9 +11,13 @@ cache only; the model is loaded only when something is not cached yet
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,9 +32,11 @@ from amygdala_dagster.evaluation.conversations import best_layers, conversations
 from amygdala_dagster.examples import ExampleSet, read_examples_dir
 from amygdala_dagster.layers import parse_layers
 from amygdala_dagster.manifest import ReadoutFileError, load_readout
+from amygdala_dagster.publish import PublishError, open_pair, republish_manifest
 from amygdala_dagster.runtime import read_inputs
 from amygdala_dagster.sample_data import conversation_snippets_path
 from amygdala_dagster.snapshot import read_snapshot
+from amygdala_dagster.storage import Store, is_local
 from amygdala_dagster.workflow import (
     MANIFEST_FILE, REPORT_DIR, SNAPSHOT_FILE, STAGED_INFO, EngineSettings, SettingsError, build_engine, examples_dir,
 )
@@ -58,8 +64,9 @@ def _histograms(value: str) -> int | None:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output-dir", type=Path, default=Path("amygdala_output"),
-                        help="directory holding vectors.safetensors and manifest.json (default: ./amygdala_output)")
+    parser.add_argument("--output-dir", default="amygdala_output",
+                        help="directory holding the published pair (default: ./amygdala_output); "
+                             "a URL such as s3://bucket/prefix is read and the report written back there")
     parser.add_argument("--manifest", type=Path, default=None, help="default: OUTPUT_DIR/manifest.json")
     parser.add_argument("--vectors", type=Path, default=None,
                         help="default: the manifest's vectors_file, relative to the manifest")
@@ -211,9 +218,10 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     manifest_path = args.manifest or output_dir / MANIFEST_FILE
     if not manifest_path.is_file():
         raise ReportInputError(f"{manifest_path}: no manifest; run `amygdala run` (or train) first, or pass --output-dir")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    vectors_path = args.vectors or (manifest_path.parent / manifest.get("vectors_file", "vectors.safetensors"))
-    readout = load_readout(vectors_path, manifest_path)
+    named = json.loads(manifest_path.read_text(encoding="utf-8")).get("vectors_file", "vectors.safetensors")
+    vectors_path = args.vectors or (manifest_path.parent / named)
+    readout = load_readout(vectors_path, manifest_path)  # both files of one published release
+    manifest = readout.manifest
     fingerprint = manifest.get("fingerprint")
     if not fingerprint:
         raise ReportInputError(f"{manifest_path}: no 'fingerprint' recorded; cannot find the cached activations")
@@ -273,18 +281,60 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
         for concept, per_layer in cal.items():
             for layer, entry in per_layer.items():
                 manifest["per_concept"][concept]["layers"][layer]["calibration"] = entry
-        atomic_write_text(manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+        text = json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+        republish_manifest(vectors_path, manifest_path, text.encode("utf-8"))  # a new release, same vectors
     return {"html": html_path, "json": json_path, "plots": plots, "evaluation": evaluation}
+
+
+REMOTE_INPUTS = ("examples", "snapshot/memory_snapshot.parquet", "readout/staged_vectors.json")
+
+
+@contextlib.contextmanager
+def local_output_dir(spec: str | Path, write_back: bool) -> Iterator[tuple[Path, str]]:
+    """The output directory as a local path, and how to name it to the user.
+
+    A remote one (``s3://...``) is mirrored into a temporary directory: the
+    published pair (through its pointer) and the report's inputs; on success
+    the report directory is uploaded back and, with ``write_back``, the
+    manifest republished there as a new release.
+    """
+
+    if is_local(str(spec)):
+        yield Path(spec).expanduser(), str(spec)
+        return
+    store = Store(str(spec))
+    with tempfile.TemporaryDirectory(prefix="amygdala-report-") as tmp:
+        local = Path(tmp)
+        with open_pair(store.uri("")) as files:
+            shutil.copyfile(files.vectors, local / "vectors.safetensors")
+            shutil.copyfile(files.manifest, local / "manifest.json")
+        for rel in REMOTE_INPUTS:
+            if store.exists(rel):
+                (local / rel).parent.mkdir(parents=True, exist_ok=True)
+                with store.local_for_read(rel) as src:
+                    if src.is_dir():
+                        shutil.copytree(src, local / rel)
+                    else:
+                        shutil.copyfile(src, local / rel)
+        yield local, store.uri("")
+        if (local / "report").is_dir():
+            with store.local_for_write("report") as target:
+                shutil.copytree(local / "report", target)
+        if write_back:
+            republish_manifest(store.uri(""), None, (local / "manifest.json").read_bytes())
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        out = build_report(args)
-    except (ReportInputError, ReadoutFileError, KeyError, ValueError) as exc:
+        with local_output_dir(args.output_dir, args.write_calibration) as (local, shown):
+            out = build_report(argparse.Namespace(**{**vars(args), "output_dir": local}))
+            html, numbers = (out["html"], out["json"]) if args.report_dir else (
+                f"{shown}/report/{Path(out['html']).name}", f"{shown}/report/{Path(out['json']).name}")
+    except (ReportInputError, ReadoutFileError, PublishError, KeyError, ValueError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"amygdala report: {msg}", file=sys.stderr)
         return 2
     print(summary_markdown(out["evaluation"]), end="")
-    print(f"report: {out['html']}")
-    print(f"numbers: {out['json']}")
+    print(f"report: {html}")
+    print(f"numbers: {numbers}")
     return 0

@@ -15,6 +15,7 @@ from amygdala_dagster.pipeline.resources import (
     ArtifactStorage, EvaluationResource, MemoryGraphResource, ModelResource, SelectionResource,
 )
 from amygdala_dagster.pipeline.runner import dagster_home, failures, get_instance, materialize_all, step_metadata
+from amygdala_dagster.publish import POINTER_FILE
 from amygdala_dagster.sources import MemoryGraphError
 from amygdala_dagster.workflow import EVALUATION_HTML, MANIFEST_FILE, VECTORS_FILE, check_writable
 
@@ -142,7 +143,7 @@ def report_result(result: Any, resources: dict[str, Any], what: str, pair_before
         return 1
     print(where)
     print(f"output directory: {store.uri('')}")
-    for rel in (VECTORS_FILE, MANIFEST_FILE, EVALUATION_HTML):
+    for rel in (VECTORS_FILE, MANIFEST_FILE, POINTER_FILE, EVALUATION_HTML):
         if store.exists(rel):
             print(f"  {store.uri(rel)}")
     return 0

@@ -23,7 +23,9 @@ from amygdala_dagster.pipeline.assets.emotions import read_examples_from
 from amygdala_dagster.pipeline.assets.graph import read_snapshot_from
 from amygdala_dagster.pipeline.assets.readout_pair import load_staged_readout
 from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, SelectionResource
+from amygdala_dagster.publish import open_pair
 from amygdala_dagster.tags import is_tag_line, parse_tags
+from amygdala_dagster.token_calibration import heldout_problems, manifest_token_calibration
 from amygdala_dagster.workflow import EVALUATION_JSON, MANIFEST_FILE, VECTORS_FILE
 
 NORM_TOLERANCE = 1e-4
@@ -209,17 +211,16 @@ def vectors_finite_unit_norm(storage: ArtifactStorage) -> dg.AssetCheckResult:
 def manifest_matches_vectors(storage: ArtifactStorage) -> dg.AssetCheckResult:
     store = storage.store()
     _readout, info = load_staged_readout(storage)
-    with store.local_for_read(VECTORS_FILE) as vpath, store.local_for_read(MANIFEST_FILE) as mpath:
-        return _result(manifest_problems(vpath, mpath, info["concepts"]))
+    with open_pair(store.uri(VECTORS_FILE), store.uri(MANIFEST_FILE)) as files:
+        return _result(manifest_problems(files.vectors, files.manifest, info["concepts"]))
 
 
 @dg.asset_check(asset=readout_manifest,
                 description="each token threshold fires on held-out calibration tokens at most twice its target rate")
 def token_threshold_heldout_rate(storage: ArtifactStorage) -> dg.AssetCheckResult:
-    from amygdala_dagster.token_calibration import heldout_problems, manifest_token_calibration
-
-    with storage.store().local_for_read(MANIFEST_FILE) as mpath:
-        token_cal = manifest_token_calibration(json.loads(Path(mpath).read_text(encoding="utf-8")))
+    store = storage.store()
+    with open_pair(store.uri(VECTORS_FILE), store.uri(MANIFEST_FILE)) as files:
+        token_cal = manifest_token_calibration(json.loads(Path(files.manifest).read_text(encoding="utf-8")))
     return _result(heldout_problems(token_cal), severity=dg.AssetCheckSeverity.WARN,
                    metadata={"max_ratio_to_target": 2.0})
 

@@ -18,6 +18,7 @@ import dagster as dg
 from amygdala_dagster.pipeline.assets import ALL_ASSETS
 from amygdala_dagster.pipeline.checks import ALL_CHECKS
 from amygdala_dagster.pipeline.jobs import JOBS, LOGGERS
+from amygdala_dagster.pipeline.k8s import deployment_executor
 from amygdala_dagster.pipeline.resources import (
     ArtifactStorage, EvaluationResource, MemoryGraphResource, ModelResource, SelectionResource, default_output_dir,
 )
@@ -57,6 +58,7 @@ def build_definitions(resources: dict[str, object] | None = None) -> dg.Definiti
         sensors=[memory_graph_sensor],
         loggers=LOGGERS,
         resources={**default_resources(), **(resources or {})},
+        executor=deployment_executor(),
     )
 
 

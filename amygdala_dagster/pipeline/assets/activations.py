@@ -11,6 +11,7 @@ from amygdala_dagster.cache import ActivationCache, ensure_cached
 from amygdala_dagster.manifest import sha256_file
 from amygdala_dagster.pipeline.assets.common import EMOTION, GPU_POOL, GROUP, combined_hash, file_meta, table
 from amygdala_dagster.pipeline.assets.emotions import read_examples_from, tagged_examples
+from amygdala_dagster.pipeline.k8s import gpu_op_tags
 from amygdala_dagster.pipeline.resources import ArtifactStorage, ModelResource
 from amygdala_dagster.vectors import EmotionStats, emotion_stats, load_stats, save_stats
 from amygdala_dagster.workflow import collect_texts, stats_file, stats_info, stats_info_file
@@ -22,6 +23,7 @@ from amygdala_dagster.workflow import collect_texts, stats_file, stats_info, sta
     partitions_def=EMOTION,
     backfill_policy=dg.BackfillPolicy.single_run(),
     pool=GPU_POOL,
+    op_tags=gpu_op_tags(),  # on Kubernetes: a GPU pod (the only step that forwards through the model)
     code_version="1",
     kinds={"pytorch", "safetensors"},
     description=(

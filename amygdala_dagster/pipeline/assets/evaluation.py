@@ -39,8 +39,7 @@ def evaluation_report(
     t0 = time.perf_counter()
     store = storage.store()
     _staged, info = load_staged_readout(storage)
-    with store.local_for_read(VECTORS_FILE) as vpath, store.local_for_read(MANIFEST_FILE) as mpath:
-        readout = load_readout(vpath, mpath)
+    readout = load_readout(store.uri(VECTORS_FILE), store.uri(MANIFEST_FILE))
     sets = {c: read_examples_from(storage, c)[1] for c in readout.concepts}
     snapshot = read_snapshot_from(storage)
     snippets_path = evaluation.snippets_path()

@@ -1,9 +1,7 @@
 """All emotions' readout vectors (the staged trained matrix) and the Contract 3 pair (vectors.safetensors + manifest.json)."""
 
 import json
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -15,6 +13,7 @@ from amygdala_dagster.pipeline.assets.activations import activation_stats, has_s
 from amygdala_dagster.pipeline.assets.common import GROUP, emotion_partitions, file_meta, readout_freshness, table
 from amygdala_dagster.pipeline.assets.emotions import emotion_catalog, read_examples_from, tagged_examples
 from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, ModelResource, SelectionResource
+from amygdala_dagster.publish import current_pair
 from amygdala_dagster.runtime import read_inputs
 from amygdala_dagster.token_calibration import calibrate_with_engine, calibration_items, heldout_summary
 from amygdala_dagster.vectors import TrainedReadout, train_readout
@@ -180,16 +179,9 @@ def readout_manifest(
         pooling=fp.get("pooling"), layer_path=fp.get("layer_path"), fingerprint=fp, training=training,
         token_calibration=token_cal,
     )
-    if store.is_local:
-        with store.local_for_write(VECTORS_FILE) as vpath, store.local_for_write(MANIFEST_FILE) as mpath:
-            manifest = write_readout(vpath, mpath, readout, **fields)
-    else:
-        with tempfile.TemporaryDirectory(prefix="amygdala-readout-") as tmp:
-            vpath, mpath = Path(tmp) / VECTORS_FILE, Path(tmp) / MANIFEST_FILE
-            manifest = write_readout(vpath, mpath, readout, **fields)
-            store.put(vpath, VECTORS_FILE)  # vectors first: a reader of the old manifest sees a SHA mismatch
-            store.put(mpath, MANIFEST_FILE)
-    context.log.info(f"wrote {store.uri(VECTORS_FILE)} and {store.uri(MANIFEST_FILE)}")
+    manifest = write_readout(store.uri(VECTORS_FILE), store.uri(MANIFEST_FILE), readout, **fields)
+    vectors_rel, manifest_rel = current_pair(store.uri(""))
+    context.log.info(f"published {store.uri(vectors_rel)} and {store.uri(manifest_rel)}")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(manifest["vectors_sha256"]),
         metadata={
@@ -200,8 +192,8 @@ def readout_manifest(
             "dtype": str(manifest["dtype"]),
             "vectors_sha256": manifest["vectors_sha256"],
             "token_calibration": table(heldout_summary(token_cal)),
-            **file_meta(store, VECTORS_FILE, "vectors_"),
-            **file_meta(store, MANIFEST_FILE, "manifest_"),
+            **file_meta(store, vectors_rel, "vectors_"),
+            **file_meta(store, manifest_rel, "manifest_"),
         },
     )
 
