@@ -37,7 +37,9 @@ import polars as pl
 
 from amygdala_dagster.atomic import atomic_directory, atomic_write_bytes
 from amygdala_dagster.nodes import MemoryNode
-from amygdala_dagster.tags import parse_tags
+from amygdala_dagster.tags import check_emotion_name, fold_text
+
+__all__ = ["check_emotion_name"]  # re-exported: it lives in tags.py (Contract 1), callers import it from here too
 
 log = logging.getLogger(__name__)
 
@@ -202,30 +204,33 @@ def _rank(emotion: str, key: str) -> tuple[bytes, str]:
 
 @functools.lru_cache(maxsize=4096)
 def _mention_regex(emotion: str) -> tuple[str, re.Pattern[str]]:
-    """(literal that every match contains, pattern over lower-cased text) for a name.
+    """(literal that every match contains, pattern over folded text) for a normalised name.
 
     Whole word = not preceded or followed by a letter, digit or ``_``; a ``-`` or
     ``_`` inside the name also matches a space or the other separator, so
     ``self-doubt`` is mentioned by "self doubt" and "self_doubt".
     """
-    parts = [p for p in re.split(r"[-_]+", emotion.lower()) if p]
+    parts = [p for p in re.split(r"[-_]+", emotion) if p]
     if not parts:
         return "", re.compile(r"(?!)")
     core = r"[-_\s]+".join(re.escape(p) for p in parts)
     return parts[0], re.compile(rf"(?<!\w){core}(?!\w)")
 
 
-def _body_mentions(lower_body: str, emotion: str) -> int:
+def _body_mentions(folded_body: str, emotion: str) -> int:
     literal, pattern = _mention_regex(emotion)
-    if not literal or literal not in lower_body:
+    if not literal or literal not in folded_body:
         return 0
-    return len(pattern.findall(lower_body))
+    return len(pattern.findall(folded_body))
 
 
 def mention_count(body: str, scores: Mapping[str, float], emotion: str) -> int:
-    """How often a node mentions ``emotion``: 1 for a tag (any score) + whole-word occurrences in the body."""
-    emotion = emotion.lower()
-    return (1 if emotion in scores else 0) + _body_mentions(body.lower(), emotion)
+    """How often a node mentions ``emotion``: 1 for a tag (any score) + whole-word occurrences in the body.
+
+    The body is folded like names (:func:`~amygdala_dagster.tags.fold_text`), so "Straße" mentions ``strasse``.
+    """
+    emotion = check_emotion_name(emotion)
+    return (1 if emotion in scores else 0) + _body_mentions(fold_text(body), emotion)
 
 
 # --------------------------------------------------------------------------- selection
@@ -236,7 +241,7 @@ class _Row:
     key: str
     node_type: str
     body: str
-    lower: str
+    folded: str
     scores: dict[str, float]
 
 
@@ -260,7 +265,7 @@ def _rows(snapshot: pl.DataFrame) -> list[_Row]:
                 key=key,
                 node_type=node_type or "unknown",
                 body=body,
-                lower=body.lower(),
+                folded=fold_text(body),
                 scores={s["emotion"]: float(s["score"]) for s in scores or ()},
             )
         )
@@ -285,7 +290,7 @@ def _eligible(rows: Sequence[_Row], emotion: str, params: SelectionParams) -> tu
         tagged = 1 if emotion in r.scores else 0
         if tagged > limit:
             continue
-        if tagged + _body_mentions(r.lower, emotion) <= limit:
+        if tagged + _body_mentions(r.folded, emotion) <= limit:
             negatives[r.body] = r
     return list(positives.values()), list(negatives.values())
 
@@ -376,25 +381,16 @@ def select_all(
     return {e: _select(rows, e, params) for e in (check_emotion_name(n) for n in emotions)}
 
 
-def check_emotion_name(name: str) -> str:
-    """A Contract 1 emotion name, lower-cased; ValueError otherwise.
-
-    Such names are also safe as directory names (no separators, no leading dot).
-    """
-    if not isinstance(name, str):
-        raise ValueError(f"emotion name must be a string, got {name!r}")
-    parsed = parse_tags(f"{name.strip()}:0")
-    if len(parsed.scores) != 1 or parsed.malformed:
-        raise ValueError(
-            f"invalid emotion name {name!r}: use letters, digits, '_' and '-', starting with a letter"
-        )
-    return next(iter(parsed.scores))
-
-
 def _check_dir_name(name: str, where: str) -> None:
-    seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
-    if not name or name.startswith(".") or any(s in name for s in seps) or "\0" in name:
-        raise ExamplesFormatError(f"{where}: emotion name {name!r} is not usable as a directory name")
+    """A directory may be named only by a normalised emotion name (Contract 1): safe on every filesystem."""
+    try:
+        normalized = check_emotion_name(name)
+    except ValueError as exc:
+        raise ExamplesFormatError(f"{where}: {exc}") from None
+    if normalized != name:
+        raise ExamplesFormatError(
+            f"{where}: emotion name {name!r} is not in normal form (Contract 1 makes it {normalized!r})"
+        )
 
 
 # --------------------------------------------------------------------------- catalog

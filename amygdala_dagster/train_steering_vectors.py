@@ -37,6 +37,7 @@ from amygdala_dagster.atomic import atomic_write_text
 from amygdala_dagster.cache import DEFAULT_SHARD_SIZE, ActivationCache, CacheRunStats, default_cache_dir, ensure_cached
 from amygdala_dagster.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
 from amygdala_dagster.flags import positive_int
+from amygdala_dagster.tags import check_emotion_name
 
 log = logging.getLogger("amygdala_dagster.train_steering_vectors")
 
@@ -320,10 +321,13 @@ def _layers_flag(text: str) -> str:
 
 
 def _emotions_flag(text: str) -> list[str]:
-    names = [t.strip().lower() for t in text.split(",")]
+    names = [t.strip() for t in text.split(",")]
     if not all(names):
         raise argparse.ArgumentTypeError(f"emotion list {text!r} has an empty entry")
-    return names
+    try:
+        return [check_emotion_name(n) for n in names]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

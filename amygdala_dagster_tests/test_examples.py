@@ -421,8 +421,8 @@ def test_refuses_to_replace_a_directory_that_is_not_an_examples_dir(tmp_path: Pa
     with pytest.raises(ExamplesFormatError, match="refusing to replace"):
         write_examples_dir(precious, sets, params, "h")
     assert (precious / "notes.txt").read_text() == "keep me"
-    for name in ("../up", ".hidden", "a/b", ""):
-        with pytest.raises(ExamplesFormatError, match="directory name"):
+    for name in ("../up", ".hidden", "a/b", "", "x" * 300, "Joy"):
+        with pytest.raises(ExamplesFormatError, match="invalid emotion name|not in normal form"):
             write_examples_dir(tmp_path / "x", [ExampleSet(name, [], [])], params, "h")
 
 
@@ -453,7 +453,7 @@ def test_read_errors_name_the_file_line_and_key(tmp_path: Path) -> None:
     index["emotions"]["../joy"] = index["emotions"].pop("joy")
     index["emotion_order"] = ["../joy", "calm"]
     (out / "index.json").write_text(json.dumps(index))
-    with pytest.raises(ExamplesFormatError, match="directory name"):
+    with pytest.raises(ExamplesFormatError, match="invalid emotion name '../joy'"):
         read_examples_dir(out)
 
 
