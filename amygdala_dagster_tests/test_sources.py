@@ -106,6 +106,16 @@ def test_jsonl_duplicate_key_keeps_newest_and_reports_it(tmp_path, caplog):
     assert "duplicate key(s)" in caplog.text and "node-007" in caplog.text
 
 
+def test_bundled_sample_reads_clean(caplog):
+    """The demo prints no warning: no duplicate key, no unusable node (the behaviour is tested above)."""
+    from amygdala_dagster.sample_data import sample_graph_path
+
+    with caplog.at_level(logging.WARNING):
+        nodes, report = JsonlSource(sample_graph_path()).fetch_nodes()
+    assert nodes and report.duplicate_keys == [] and report.n_skipped == 0
+    assert caplog.text == ""
+
+
 def test_jsonl_graph_version_is_sha256_and_line_count(tmp_path):
     import hashlib
 
