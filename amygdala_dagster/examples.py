@@ -6,8 +6,10 @@ Works on the snapshot table of :mod:`amygdala_dagster.snapshot`. The rules:
 - negative: the node has at least one valid tag and mentions the emotion at
   most ``max_negative_mentions`` times (a tag for it at any score counts one,
   each whole-word occurrence of its name in the body counts one);
-- both: ``len(body) >= min_content_chars``; identical bodies count once (the
-  smallest key is kept, and a body that is a positive is never a negative);
+- both: ``len(body) >= min_content_chars``; identical bodies (after trimming)
+  count once: their copies' tags merge like several agents' lines (maximum score
+  per emotion, a tag on any copy is a mention) and the smallest key stands for
+  the body;
 - at most ``max_examples_per_emotion`` of each. Below the cap all eligible
   examples are kept; above it the ones with the lowest ``sha256(salt, emotion,
   key)`` rank, so adding nodes displaces at most one earlier choice per new
@@ -249,50 +251,55 @@ _REQUIRED_COLUMNS = ("key", "node_type", "body", "scores")
 
 
 def _rows(snapshot: pl.DataFrame) -> list[_Row]:
+    """One row per distinct body (trimmed), sorted by key.
+
+    Copies of a body merge their tags as several agents' lines do (the maximum
+    score per emotion, so a tag on any copy is a mention); the smallest key, and
+    its node type, stand for the body.
+    """
     missing = [c for c in _REQUIRED_COLUMNS if c not in snapshot.columns]
     if missing:
         raise ValueError(f"not a memory snapshot table: missing column(s) {', '.join(missing)}")
-    rows = []
-    for key, node_type, body, scores in zip(
-        snapshot["key"].to_list(),
-        snapshot["node_type"].to_list(),
-        snapshot["body"].to_list(),
-        snapshot["scores"].to_list(),
+    by_body: dict[str, _Row] = {}
+    for key, node_type, body, scores in sorted(
+        zip(
+            snapshot["key"].to_list(),
+            snapshot["node_type"].to_list(),
+            snapshot["body"].to_list(),
+            snapshot["scores"].to_list(),
+        ),
+        key=lambda t: t[0],
     ):
         body = (body or "").strip()
-        rows.append(
-            _Row(
-                key=key,
-                node_type=node_type or "unknown",
-                body=body,
-                folded=fold_text(body),
-                scores={s["emotion"]: float(s["score"]) for s in scores or ()},
-            )
-        )
-    rows.sort(key=lambda r: r.key)
-    return rows
+        tags = {s["emotion"]: float(s["score"]) for s in scores or ()}
+        first = by_body.get(body)
+        if first is None:
+            by_body[body] = _Row(key=key, node_type=node_type or "unknown", body=body, folded=fold_text(body), scores=tags)
+            continue
+        for emotion, score in tags.items():
+            if score > first.scores.get(emotion, -1.0):
+                first.scores[emotion] = score
+    return sorted(by_body.values(), key=lambda r: r.key)
 
 
 def _eligible(rows: Sequence[_Row], emotion: str, params: SelectionParams) -> tuple[list[_Row], list[_Row]]:
-    """All eligible positives and negatives (deduplicated by body, sorted by key), before the cap."""
-    positives: dict[str, _Row] = {}
-    for r in rows:  # rows are sorted by key: the first row with a body is its smallest key
-        score = r.scores.get(emotion)
-        if score is not None and score >= params.min_positive_score and len(r.body) >= params.min_content_chars:
-            positives.setdefault(r.body, r)
-    negatives: dict[str, _Row] = {}
+    """All eligible positives and negatives (one per body, sorted by key), before the cap."""
+    positives: list[_Row] = []
+    negatives: list[_Row] = []
     limit = params.max_negative_mentions
-    for r in rows:
-        if not r.scores or len(r.body) < params.min_content_chars or r.body in positives:
+    for r in rows:  # one row per body (see _rows), so a body is a positive or a negative, never both
+        if len(r.body) < params.min_content_chars:
             continue
-        if r.body in negatives:
+        score = r.scores.get(emotion)
+        if score is not None and score >= params.min_positive_score:
+            positives.append(r)
             continue
-        tagged = 1 if emotion in r.scores else 0
-        if tagged > limit:
+        if not r.scores:
             continue
-        if tagged + _body_mentions(r.folded, emotion) <= limit:
-            negatives[r.body] = r
-    return list(positives.values()), list(negatives.values())
+        tagged = 0 if score is None else 1
+        if tagged <= limit and tagged + _body_mentions(r.folded, emotion) <= limit:
+            negatives.append(r)
+    return positives, negatives
 
 
 def _quotas(mix: Counter[str], total: int) -> dict[str, int]:
@@ -706,7 +713,7 @@ def run_extraction(
     rows = _rows(snapshot)
     catalog, eligible = _catalog(rows, params, min_positives, max_emotions, emotions or ())
     sets = [_select(rows, e, params, eligible[e]) for e in qualifying_emotions(catalog)]
-    n_tagged = sum(1 for r in rows if r.scores)
+    n_tagged = int((snapshot["scores"].list.len() > 0).sum())  # nodes, not distinct bodies
     info: dict[str, Any] = {
         "emotion_selection": {
             "min_positives": min_positives,
