@@ -30,6 +30,20 @@ log = logging.getLogger(__name__)
 
 NODE_FIELDS = ("key", "node_type", "content", "created_at", "updated_at")
 MAX_PAGE_SIZE = 1000
+MAX_JSON_DEPTH = 64
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests lists/dicts more than ``limit`` levels (checked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
 
 
 class NodesPage(TypedDict):
@@ -76,8 +90,16 @@ class JsonlGraph:
             except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
                 log.warning("%s:%d: skipped, not valid JSON (%s)", self.path, lineno, exc)
                 continue
+            except RecursionError:
+                log.warning("%s:%d: skipped, not valid JSON (nested too deeply)", self.path, lineno)
+                continue
             if not isinstance(raw, dict):
                 log.warning("%s:%d: skipped, not a JSON object", self.path, lineno)
+                continue
+            if _too_deep(raw, MAX_JSON_DEPTH):
+                # The SDK's serializer gives up on deep values, which would fail every page holding the node.
+                log.warning("%s:%d: skipped, JSON nested too deeply (more than %d levels)",
+                            self.path, lineno, MAX_JSON_DEPTH)
                 continue
             # Only the protocol's fields; absent ones stay absent so the client's
             # validation reports them exactly as it would for the file itself.

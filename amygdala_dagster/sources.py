@@ -91,6 +91,8 @@ class JsonlSource:
                 raw = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise MemoryGraphError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            except RecursionError:
+                raise MemoryGraphError(f"{where}: not valid JSON (nested too deeply)") from None
             yield where, raw
             n += 1
             if progress is not None and n % 100 == 0:

@@ -107,6 +107,20 @@ def test_only_the_five_fields_and_bad_lines_skipped_with_warning(graph_server):
     assert McpSource(server.url).graph_version().node_count == 5
 
 
+def test_deeply_nested_line_is_skipped_with_its_file_and_line(graph_server):
+    """Issue 9: a RecursionError escaped the server's JSON error handling and failed every call."""
+    deep = '{"key": "deep", "content": "x", "created_at": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    # Deep enough to parse, too deep for the SDK's serializer (it failed every page holding the node).
+    deepish = json.dumps(node(4, created_at=json.loads("[" * 300 + "]" * 300)))
+    shallow = node(5, created_at=[["a list"]])  # passed on: the client reports it like the file source does
+    server = graph_server([node(1), deep, node(3), deepish, shallow])
+    nodes, report = McpSource(server.url).fetch_nodes()
+    assert [n.key for n in nodes] == ["k01", "k03"]
+    assert [why for _, why in report.skipped] == ["'created_at' is list, not a string"]
+    assert f"{server.file}:2: skipped, not valid JSON (nested too deeply)" in server.output()
+    assert f"{server.file}:4: skipped, JSON nested too deeply (more than 64 levels)" in server.output()
+
+
 def test_rereads_file_when_it_changes(graph_server):
     server = graph_server([node(i) for i in range(3)])
     src = McpSource(server.url, page_size=2)

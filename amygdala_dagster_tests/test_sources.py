@@ -69,6 +69,31 @@ def test_jsonl_broken_line_names_file_and_line(tmp_path):
     assert "not valid JSON" in str(err.value)
 
 
+DEEP = "[" * 100_000 + "]" * 100_000  # beyond any JSON parser's recursion limit
+
+
+def test_jsonl_deeply_nested_json_names_file_and_line(tmp_path):
+    """Issue 9: a RecursionError from json.loads escaped the reader's JSON error handling."""
+    path = write_jsonl(tmp_path / "g.jsonl", [node(1), '{"key": "deep", "content": "x", "created_at": ' + DEEP + "}"])
+    with pytest.raises(MemoryGraphError) as err:
+        JsonlSource(path).fetch_nodes()
+    assert str(err.value) == f"{path}:2: not valid JSON (nested too deeply)"
+
+
+def test_nested_values_make_a_node_unusable_and_the_warning_stays_short(tmp_path, caplog):
+    nested = json.loads("[" * 500 + "]" * 500)
+    raws = [node(1), node(2, created_at=nested), node(3, node_type={"a": 1}), {"key": nested, "content": "c"},
+            node(4, updated_at=20240101)]
+    path = write_jsonl(tmp_path / "g.jsonl", raws)
+    with caplog.at_level(logging.WARNING):
+        nodes, report = JsonlSource(path).fetch_nodes()
+    assert [n.key for n in nodes] == ["node-001", "node-004"]
+    assert nodes[1].updated_at == "20240101"  # a number is a usable timestamp
+    assert [why for _, why in report.skipped] == [
+        "'created_at' is list, not a string", "'node_type' is dict, not a string", "'key' is list, not a string"]
+    assert len(caplog.text) < 1000
+
+
 def test_jsonl_missing_file_is_a_clear_error(tmp_path):
     missing = tmp_path / "nope.jsonl"
     for call in (lambda s: s.fetch_nodes(), lambda s: s.graph_version()):
