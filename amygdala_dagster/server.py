@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -185,28 +186,64 @@ def build_app(path: str | os.PathLike[str], token: str | None = None, host: str 
     return _BearerAuth(app, token) if token else app
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` names only this machine: ``localhost`` or a loopback IP (``127.0.0.0/8``, ``::1``).
+
+    Other host names count as remote: what they resolve to can change.
+    """
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, token_env: str | None, allow_remote: bool) -> str | None:
+    """The bearer token to require (read from ``token_env``), after the bind-address policy.
+
+    A non-loopback ``host`` is refused unless ``allow_remote``, and then needs a
+    token. ``ValueError`` names the flag to change; nothing has been bound yet.
+    """
+    if not is_loopback_host(host):
+        if not allow_remote:
+            raise ValueError(
+                f"--host {host} is not a loopback address: the graph would be reachable from other machines. "
+                "Pass --allow-remote (with --token-env) to serve it there"
+            )
+        if not token_env:
+            raise ValueError("--allow-remote requires a token: give --token-env NAME, the variable holding it")
+    if not token_env:
+        return None
+    token = os.environ.get(token_env)
+    if not token:
+        raise ValueError(f"--token-env {token_env} given but the environment variable {token_env} is not set")
+    return token
+
+
 def serve(
     path: str | os.PathLike[str],
     host: str = "127.0.0.1",
     port: int = 7777,
     token_env: str | None = None,
     *,
+    allow_remote: bool = False,
     on_ready: Callable[[str], None] | None = None,
 ) -> int:
     """Serve the JSONL export at ``path`` until interrupted; returns an exit status.
 
     ``token_env`` names an environment variable holding the bearer token that
     clients must send; it must be set when given (``ValueError`` otherwise).
+    A non-loopback ``host`` needs ``allow_remote`` and a token (see :func:`check_bind`).
     ``port=0`` picks a free port. ``on_ready(url)`` is called once the server
     accepts connections. A port that cannot be bound raises ``OSError``.
     """
     import uvicorn
 
-    token = None
-    if token_env:
-        token = os.environ.get(token_env)
-        if not token:
-            raise ValueError(f"--token-env {token_env} given but the environment variable {token_env} is not set")
+    token = check_bind(host, token_env, allow_remote)
+    if not is_loopback_host(host):
+        log.warning("serving %s on %s, reachable from other machines (bearer token required)", path, host)
     app = build_app(path, token=token, host=host)
     # Bind here rather than in uvicorn, which exits the process on a bind failure.
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -203,3 +203,26 @@ def test_port_in_use_is_a_clear_error(tmp_path, capsys):
         port = busy.getsockname()[1]
         assert amygdala(["serve-graph", "--file", str(path), "--port", str(port)]) == 1
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_non_loopback_host_is_refused_without_allow_remote(tmp_path, capsys, monkeypatch):
+    """Issue 9 #6: '--host 0.0.0.0' started with no token and no warning. The refusal comes before any bind."""
+    path = write_jsonl(tmp_path / "g.jsonl", [node(1)])
+    port = str(free_port())
+    for host in ("0.0.0.0", "::", "192.0.2.7", "memory.example"):
+        assert amygdala(["serve-graph", "--file", str(path), "--host", host, "--port", port]) == 2
+        err = capsys.readouterr().err
+        assert f"--host {host} is not a loopback address" in err and "--allow-remote" in err
+    assert amygdala(["serve-graph", "--file", str(path), "--host", "0.0.0.0", "--port", port, "--allow-remote"]) == 2
+    assert "--allow-remote requires a token: give --token-env" in capsys.readouterr().err
+    monkeypatch.delenv("UNSET_REMOTE_TOKEN", raising=False)
+    code = amygdala(["serve-graph", "--file", str(path), "--host", "0.0.0.0", "--port", port, "--allow-remote",
+                     "--token-env", "UNSET_REMOTE_TOKEN"])
+    assert code == 2 and "UNSET_REMOTE_TOKEN is not set" in capsys.readouterr().err
+    # The library entry point refuses the same way.
+    from amygdala_dagster.server import is_loopback_host, serve
+
+    with pytest.raises(ValueError, match="not a loopback address"):
+        serve(path, host="0.0.0.0", port=int(port))
+    assert all(is_loopback_host(h) for h in ("127.0.0.1", "127.8.0.1", "::1", "localhost", "LOCALHOST", "[::1]"))
+    assert not any(is_loopback_host(h) for h in ("0.0.0.0", "", "::", "10.0.0.1", "example.com", "localhost.evil"))

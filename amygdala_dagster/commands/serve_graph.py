@@ -16,16 +16,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--file", metavar="GRAPH.jsonl", type=Path, default=None,
         help="JSONL export to serve, one node per line (default: the bundled sample graph)",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    parser.add_argument(
+        "--host", default="127.0.0.1",
+        help="address to bind (default: %(default)s); one that is not loopback needs --allow-remote",
+    )
     parser.add_argument("--port", type=int, default=7777, help="port to bind (default: %(default)s)")
     parser.add_argument(
         "--token-env", metavar="NAME", default=None,
         help="require 'Authorization: Bearer <token>', the token read from this environment variable",
     )
+    parser.add_argument(
+        "--allow-remote", action="store_true",
+        help="allow a --host that is not a loopback address (other machines can connect); requires --token-env",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
-    from amygdala_dagster.server import JsonlGraph, serve
+    from amygdala_dagster.server import JsonlGraph, check_bind, serve
 
     path: Path = args.file if args.file is not None else sample_graph_path()
     if not path.is_file():
@@ -34,6 +41,11 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if not 0 <= args.port <= 65535:
         print(f"amygdala serve-graph: --port {args.port} is not a valid port", file=sys.stderr)
+        return 2
+    try:
+        check_bind(args.host, args.token_env, args.allow_remote)
+    except ValueError as exc:
+        print(f"amygdala serve-graph: {exc}", file=sys.stderr)
         return 2
     try:
         n_nodes = len(JsonlGraph(path).load().nodes)
@@ -45,7 +57,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"serving {n_nodes} nodes from {path} at {url}", flush=True)
 
     try:
-        return serve(path, host=args.host, port=args.port, token_env=args.token_env, on_ready=ready)
+        return serve(path, host=args.host, port=args.port, token_env=args.token_env,
+                     allow_remote=args.allow_remote, on_ready=ready)
     except ValueError as exc:
         print(f"amygdala serve-graph: {exc}", file=sys.stderr)
         return 2
