@@ -5,9 +5,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
+
+
+class GraphVersion(NamedTuple):
+    """What ``graph_version()`` answers (Contract 4): an opaque version string and the node count."""
+
+    version: str
+    node_count: int
 
 
 @dataclass(frozen=True)
@@ -25,6 +32,8 @@ class NormalizeReport:
 
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (where, why)
     duplicate_keys: list[str] = field(default_factory=list)
+    version: GraphVersion | None = None
+    """The graph version every node was read from, when the source knows it."""
 
     @property
     def n_skipped(self) -> int:

@@ -318,8 +318,10 @@ def test_mcp_client_speaks_sse_and_sessions_with_custom_tool_names():
         nodes, _ = src.fetch_nodes()
         assert nodes == expected(data)
         assert src.graph_version() == GraphVersion("v-abc", 5)
-        with pytest.raises(MemoryGraphError, match="list_nodes"):
-            McpSource(url).fetch_nodes()  # the default tool name does not exist there
+        with pytest.raises(MemoryGraphError, match="tool graph_version failed: Unknown tool: graph_version"):
+            McpSource(url).fetch_nodes()  # the default tool names do not exist there
+        with pytest.raises(MemoryGraphError, match=r"tool list_nodes \(page 1\) failed: Unknown tool: list_nodes"):
+            McpSource(url, version_tool="memory_version").fetch_nodes()
 
 
 def test_mcp_client_rejects_misbehaving_servers():
@@ -343,14 +345,20 @@ def test_mcp_client_rejects_misbehaving_servers():
     def wrong_shape() -> dict:
         return {"version": 3}
 
+    @server.tool()
+    def steady_version() -> dict:
+        return {"version": "v1", "node_count": 1}
+
     app = server.streamable_http_app(stateless_http=True, json_response=True)
     with serve_in_thread(app) as url:
         with pytest.raises(MemoryGraphError, match="repeated cursor 'same'"):
-            McpSource(url).fetch_nodes()
+            McpSource(url, version_tool="steady_version").fetch_nodes()
         with pytest.raises(MemoryGraphError, match=f"{url}: tool graph_version failed"):
             McpSource(url).graph_version()
-        with pytest.raises(MemoryGraphError, match="tool failing_list failed: .*graph store offline"):
-            McpSource(url, list_tool="failing_list").fetch_nodes()
+        with pytest.raises(MemoryGraphError, match=f"{url}: tool graph_version failed"):
+            McpSource(url).fetch_nodes()  # a read starts by asking for the version it belongs to
+        with pytest.raises(MemoryGraphError, match=r"tool failing_list \(page 1\) failed: .*graph store offline"):
+            McpSource(url, list_tool="failing_list", version_tool="steady_version").fetch_nodes()
         with pytest.raises(MemoryGraphError, match="must return"):
             McpSource(url, version_tool="wrong_shape").graph_version()
 
@@ -449,3 +457,75 @@ def flaky_proxy(upstream: str, *, fail_first: int, delay_first: float = 0.0) -> 
         httpd.server_close()
         client.close()
         thread.join(timeout=10)
+
+
+# --- deeply nested answers --------------------------------------------------------------
+
+
+@contextmanager
+def raw_mcp_server(tool_result: str) -> Iterator[str]:
+    """A bare HTTP server speaking just enough MCP (initialize, tools/list, tools/call) by hand.
+
+    ``tool_result`` is spliced verbatim as the JSON of every tools/call result, so
+    the test can send what no SDK server would serialize.
+    """
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            msg = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            if "id" not in msg:
+                self.send_response(202)
+                self.send_header("content-length", "0")
+                self.end_headers()
+                return
+            if msg["method"] == "initialize":
+                result = json.dumps({"protocolVersion": msg["params"]["protocolVersion"], "capabilities": {"tools": {}},
+                                     "serverInfo": {"name": "raw", "version": "0"}})
+            elif msg["method"] == "tools/list":
+                result = json.dumps({"tools": [{"name": n, "inputSchema": {"type": "object"}}
+                                               for n in ("list_nodes", "graph_version")]})
+            elif msg["method"] == "tools/call" and msg["params"]["name"] == "graph_version":
+                result = json.dumps({"content": [], "structuredContent": {"version": "v", "node_count": 1}})
+            elif msg["method"] == "tools/call":
+                result = tool_result
+            else:
+                body = json.dumps({"jsonrpc": "2.0", "id": msg["id"], "error": {"code": -32601, "message": "no"}})
+                result = None
+            if result is not None:
+                body = '{"jsonrpc": "2.0", "id": %s, "result": %s}' % (json.dumps(msg["id"]), result)
+            data = body.encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/mcp"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=10)
+
+
+def test_mcp_client_deeply_nested_answers_are_clear_errors():
+    """Issue 9: a RecursionError escaped the client's JSON handling."""
+    deep = "[" * 100_000 + "]" * 100_000
+    structured = '{"content": [], "structuredContent": {"nodes": [{"key": "a", "content": "x", "created_at": %s}], ' \
+                 '"next_cursor": null}}' % deep
+    with raw_mcp_server(structured) as url:
+        with pytest.raises(MemoryGraphError) as err:
+            McpSource(url, retries=0).fetch_nodes()
+    assert str(err.value) == (f"{url}: tool list_nodes (page 1) failed: MCP error -32700: "
+                              "the answer is JSON nested too deeply")
+    text = json.dumps({"content": [{"type": "text", "text": '{"nodes": ' + deep + "}"}]})
+    with raw_mcp_server(text) as url:
+        with pytest.raises(MemoryGraphError) as err:
+            McpSource(url, retries=0).fetch_nodes()
+    assert str(err.value) == f"{url}: tool list_nodes (page 1) returned JSON nested too deeply"
