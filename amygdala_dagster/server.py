@@ -3,7 +3,8 @@
 Tools: ``list_nodes(cursor, limit)`` and ``graph_version()``, served over
 streamable HTTP at ``/mcp``, stateless with plain JSON responses. The file is
 re-read whenever its size or modification time changes, so editing the export
-changes what the server answers without a restart.
+changes what the server answers without a restart; a cursor issued before the
+change is then refused as stale, so no read mixes two versions (Contract 4).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import socket
 import threading
 from collections.abc import Callable
@@ -25,7 +27,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from amygdala_dagster.sources import GraphVersion, jsonl_graph_version
+from amygdala_dagster.sources import STALE_CURSOR, GraphVersion, jsonl_graph_version
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +112,27 @@ class JsonlGraph:
         return _Loaded(stamp=stamp, version=version, nodes=nodes)
 
 
-def _parse_cursor(cursor: str | None) -> int:
+_CURSOR = re.compile(r"^([0-9a-f]{16})-([0-9]+)$")
+
+
+def _make_cursor(version: GraphVersion, offset: int) -> str:
+    """An opaque cursor: the first 16 hex digits of the graph version it belongs to, then the offset."""
+    return f"{version.version[:16]}-{offset}"
+
+
+def _parse_cursor(cursor: str | None, current: GraphVersion) -> int:
+    """The offset a cursor points at; ToolError for a foreign cursor or one issued for another version."""
     if cursor is None or cursor == "":
         return 0
-    if not cursor.isdigit():
+    m = _CURSOR.match(cursor)
+    if m is None:
         raise ToolError(f"invalid cursor {cursor!r}: pass back a next_cursor this server returned")
-    return int(cursor)
+    if m.group(1) != current.version[:16]:
+        raise ToolError(
+            f"{STALE_CURSOR}: the graph changed since this cursor was issued (version {m.group(1)} is now "
+            f"{current.version[:16]}); restart the read from the first page"
+        )
+    return int(m.group(2))
 
 
 def build_mcp_server(path: str | os.PathLike[str]) -> MCPServer:
@@ -129,14 +146,19 @@ def build_mcp_server(path: str | os.PathLike[str]) -> MCPServer:
 
     @server.tool()
     def list_nodes(cursor: str | None = None, limit: int = 200) -> NodesPage:
-        """One page of nodes in file order; pass ``next_cursor`` back until it is null."""
+        """One page of nodes in file order; pass ``next_cursor`` back until it is null.
+
+        A cursor is bound to the graph version it was issued for: once the file
+        changes it is refused as stale, and the read must start again.
+        """
         if limit < 1:
             raise ToolError(f"limit must be at least 1, got {limit}")
         limit = min(limit, MAX_PAGE_SIZE)
-        nodes = graph.load().nodes
-        start = _parse_cursor(cursor)
+        loaded = graph.load()
+        start = _parse_cursor(cursor, loaded.version)
         end = start + limit
-        return {"nodes": nodes[start:end], "next_cursor": str(end) if end < len(nodes) else None}
+        nxt = _make_cursor(loaded.version, end) if end < len(loaded.nodes) else None
+        return {"nodes": loaded.nodes[start:end], "next_cursor": nxt}
 
     @server.tool()
     def graph_version() -> VersionInfo:

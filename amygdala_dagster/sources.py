@@ -136,6 +136,10 @@ class _Retryable(Exception):
 class _GraphChanged(Exception):
     """The graph changed during a read: restart it from the first page."""
 
+    @classmethod
+    def between(cls, old: GraphVersion, new: GraphVersion) -> _GraphChanged:
+        return cls(f"the graph changed during the read: version {old.version[:12]} became {new.version[:12]}")
+
 
 class _HttpStatus(Exception):
     """An HTTP answer the MCP transport would blur into a generic JSON-RPC error (raised by a response hook)."""
@@ -257,7 +261,7 @@ class McpSource:
                 if restart == self.max_restarts:
                     raise MemoryGraphError(
                         f"{self.url}: the memory graph changed during the read {restart + 1} times in a row "
-                        f"({exc}); giving up, try again when it is quiet"
+                        f"(last time {str(exc).split(': ', 1)[-1]}); giving up, try again when it is quiet"
                     ) from None
                 log.warning("%s: %s; reading again from the first page (restart %d of %d)",
                             self.url, exc, restart + 1, self.max_restarts)
@@ -280,7 +284,7 @@ class McpSource:
                 # Any server may refuse a cursor once its graph moved on, whatever its words.
                 now = await self._version(client)
                 if STALE_CURSOR in str(exc).lower() or now != read.version:
-                    raise _GraphChanged(f"version {read.version.version[:12]} became {now.version[:12]}") from None
+                    raise _GraphChanged.between(read.version, now) from None
                 raise
             nodes = result.get("nodes") if isinstance(result, dict) else None
             if not isinstance(nodes, list):
@@ -308,7 +312,7 @@ class McpSource:
         # A server without version-bound cursors may have changed between pages.
         now = await self._version(client)
         if now != read.version:
-            raise _GraphChanged(f"version {read.version.version[:12]} became {now.version[:12]}")
+            raise _GraphChanged.between(read.version, now)
 
     async def _version(self, client: Client) -> GraphVersion:
         result = await self._call(client, self.version_tool, {}, "")

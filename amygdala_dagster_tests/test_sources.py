@@ -294,6 +294,68 @@ def test_mcp_read_timeout_is_retried_and_reported(graph_server):
             McpSource(proxy.url, read_timeout=0.5, retries=0).graph_version()
 
 
+# --- one graph version per read (Contract 4) -------------------------------------------
+
+
+def test_mcp_read_of_a_changing_graph_restarts_and_returns_one_version(graph_server, caplog):
+    """Issue 9 #5: deleting 50 already-read lines during a 2,200-node read gave 49 missing and 50 deleted nodes."""
+    raws = [node(i) for i in range(2200)]
+    server = graph_server(raws)
+    kept = raws[:100] + raws[150:]  # 50 lines the first pages have already delivered
+    changed: list[int] = []
+
+    def progress(n: int) -> None:
+        if n >= 1000 and not changed:
+            write_jsonl(server.file, kept)
+            changed.append(n)
+
+    with caplog.at_level(logging.WARNING):
+        nodes, report = McpSource(server.url, page_size=200).fetch_nodes(progress=progress)
+    assert changed == [1000]
+    assert nodes == expected(kept)
+    assert report.version == JsonlSource(server.file).graph_version()
+    assert "changed" in caplog.text and "reading again from the first page (restart 1 of 3)" in caplog.text
+
+
+def test_mcp_read_gives_up_clearly_when_the_graph_keeps_changing(graph_server):
+    server = graph_server([node(i) for i in range(30)])
+    edits = iter(range(100, 200))
+
+    def progress(n: int) -> None:  # every read sees a change after its first page
+        if n == 10:
+            with server.file.open("a") as f:
+                f.write(json.dumps(node(next(edits))) + "\n")
+
+    with pytest.raises(MemoryGraphError) as err:
+        McpSource(server.url, page_size=10, max_restarts=2).fetch_nodes(progress=progress)
+    assert str(err.value).startswith(f"{server.url}: the memory graph changed during the read 3 times in a row")
+    assert "try again when it is quiet" in str(err.value)
+
+
+def test_mcp_read_restarts_for_a_server_whose_cursors_ignore_changes():
+    """Any server: the version read before the first page must still hold after the last one."""
+    server = MCPServer("plain-offsets")
+    data = [node(i) for i in range(9)]
+    calls = {"list": 0}
+
+    @server.tool()
+    def list_nodes(cursor: str | None = None, limit: int = 200) -> dict:
+        calls["list"] += 1
+        if calls["list"] == 2:
+            del data[0]  # the graph changes between the first and second page
+        start = int(cursor or 0)
+        return {"nodes": data[start:start + limit], "next_cursor": str(start + limit) if start + limit < len(data) else None}
+
+    @server.tool()
+    def graph_version() -> dict:
+        return {"version": f"v{len(data)}", "node_count": len(data)}
+
+    with serve_in_thread(server.streamable_http_app(stateless_http=True, json_response=True)) as url:
+        nodes, report = McpSource(url, page_size=4).fetch_nodes()
+    assert nodes == expected(data) and len(nodes) == 8
+    assert report.version == GraphVersion("v8", 8)
+
+
 # --- MCP client against other real MCP servers ----------------------------------------
 
 
