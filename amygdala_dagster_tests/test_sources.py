@@ -591,3 +591,15 @@ def test_mcp_client_deeply_nested_answers_are_clear_errors():
         with pytest.raises(MemoryGraphError) as err:
             McpSource(url, retries=0).fetch_nodes()
     assert str(err.value) == f"{url}: tool list_nodes (page 1) returned JSON nested too deeply"
+
+
+def test_mcp_source_works_inside_a_running_event_loop(graph_server):
+    """A notebook runs cells inside an event loop: the synchronous API must still work there."""
+    import asyncio
+
+    server = graph_server([node(i) for i in range(3)])
+
+    async def in_a_loop():
+        return McpSource(server.url).fetch_nodes()[0]
+
+    assert asyncio.run(in_a_loop()) == expected([node(i) for i in range(3)])
