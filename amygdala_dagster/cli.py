@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # httpx logs every request and alembic every migration step at INFO; keep output readable.
+    # httpx (httpx2 in the MCP SDK) logs every request and alembic every migration step at INFO.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     return int(args._main(args) or 0)
 

@@ -6,8 +6,10 @@ Works on the snapshot table of :mod:`amygdala_dagster.snapshot`. The rules:
 - negative: the node has at least one valid tag and mentions the emotion at
   most ``max_negative_mentions`` times (a tag for it at any score counts one,
   each whole-word occurrence of its name in the body counts one);
-- both: ``len(body) >= min_content_chars``; identical bodies count once (the
-  smallest key is kept, and a body that is a positive is never a negative);
+- both: ``len(body) >= min_content_chars``; identical bodies (after trimming)
+  count once: their copies' tags merge like several agents' lines (maximum score
+  per emotion, a tag on any copy is a mention) and the smallest key stands for
+  the body;
 - at most ``max_examples_per_emotion`` of each. Below the cap all eligible
   examples are kept; above it the ones with the lowest ``sha256(salt, emotion,
   key)`` rank, so adding nodes displaces at most one earlier choice per new
@@ -27,7 +29,7 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +39,7 @@ import polars as pl
 
 from amygdala_dagster.atomic import atomic_directory, atomic_write_bytes
 from amygdala_dagster.nodes import MemoryNode
-from amygdala_dagster.tags import parse_tags
+from amygdala_dagster.tags import check_emotion_name, fold_text  # noqa: F401 - check_emotion_name re-exported
 from amygdala_dagster.vectors import training_problems
 
 log = logging.getLogger(__name__)
@@ -184,14 +186,29 @@ def split_for_key(key: str, holdout_fraction: float) -> Split:
     """``"holdout"`` for about ``holdout_fraction`` of keys, decided by the key alone."""
     if not _is_number(holdout_fraction) or not 0 <= holdout_fraction < 1:
         raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction!r}")
+    return "holdout" if _split_point(key) < holdout_fraction else "train"
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _split_point(key: str) -> float:
+    """A key's uniform point in [0, 1): the same for every emotion, so computed once per key."""
     digest = hashlib.sha256(f"{SPLIT_SALT}\0{key}".encode("utf-8", "surrogatepass")).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
-    return "holdout" if u < holdout_fraction else "train"
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _rank(emotion: str, key: str) -> tuple[bytes, str]:
-    digest = hashlib.sha256(f"{RANK_SALT}\0{emotion}\0{key}".encode("utf-8", "surrogatepass")).digest()
-    return digest, key
+def _ranker(emotion: str) -> Callable[[_Row], tuple[bytes, str]]:
+    """The cap's sort key for one emotion: ``(sha256(salt, emotion, key), key)``.
+
+    The salted prefix is hashed once per emotion and copied per row (same digest, a third of the time).
+    """
+    prefix = hashlib.sha256(f"{RANK_SALT}\0{emotion}\0".encode("utf-8", "surrogatepass"))
+
+    def rank(row: _Row) -> tuple[bytes, str]:
+        h = prefix.copy()
+        h.update(row.key.encode("utf-8", "surrogatepass"))
+        return h.digest(), row.key
+
+    return rank
 
 
 # --------------------------------------------------------------------------- mentions
@@ -199,30 +216,33 @@ def _rank(emotion: str, key: str) -> tuple[bytes, str]:
 
 @functools.lru_cache(maxsize=4096)
 def _mention_regex(emotion: str) -> tuple[str, re.Pattern[str]]:
-    """(literal that every match contains, pattern over lower-cased text) for a name.
+    """(literal that every match contains, pattern over folded text) for a normalised name.
 
     Whole word = not preceded or followed by a letter, digit or ``_``; a ``-`` or
     ``_`` inside the name also matches a space or the other separator, so
     ``self-doubt`` is mentioned by "self doubt" and "self_doubt".
     """
-    parts = [p for p in re.split(r"[-_]+", emotion.lower()) if p]
+    parts = [p for p in re.split(r"[-_]+", emotion) if p]
     if not parts:
         return "", re.compile(r"(?!)")
     core = r"[-_\s]+".join(re.escape(p) for p in parts)
     return parts[0], re.compile(rf"(?<!\w){core}(?!\w)")
 
 
-def _body_mentions(lower_body: str, emotion: str) -> int:
+def _body_mentions(folded_body: str, emotion: str) -> int:
     literal, pattern = _mention_regex(emotion)
-    if not literal or literal not in lower_body:
+    if not literal or literal not in folded_body:
         return 0
-    return len(pattern.findall(lower_body))
+    return len(pattern.findall(folded_body))
 
 
 def mention_count(body: str, scores: Mapping[str, float], emotion: str) -> int:
-    """How often a node mentions ``emotion``: 1 for a tag (any score) + whole-word occurrences in the body."""
-    emotion = emotion.lower()
-    return (1 if emotion in scores else 0) + _body_mentions(body.lower(), emotion)
+    """How often a node mentions ``emotion``: 1 for a tag (any score) + whole-word occurrences in the body.
+
+    The body is folded like names (:func:`~amygdala_dagster.tags.fold_text`), so "Straße" mentions ``strasse``.
+    """
+    emotion = check_emotion_name(emotion)
+    return (1 if emotion in scores else 0) + _body_mentions(fold_text(body), emotion)
 
 
 # --------------------------------------------------------------------------- selection
@@ -233,7 +253,7 @@ class _Row:
     key: str
     node_type: str
     body: str
-    lower: str
+    folded: str
     scores: dict[str, float]
 
 
@@ -241,50 +261,55 @@ _REQUIRED_COLUMNS = ("key", "node_type", "body", "scores")
 
 
 def _rows(snapshot: pl.DataFrame) -> list[_Row]:
+    """One row per distinct body (trimmed), sorted by key.
+
+    Copies of a body merge their tags as several agents' lines do (the maximum
+    score per emotion, so a tag on any copy is a mention); the smallest key, and
+    its node type, stand for the body.
+    """
     missing = [c for c in _REQUIRED_COLUMNS if c not in snapshot.columns]
     if missing:
         raise ValueError(f"not a memory snapshot table: missing column(s) {', '.join(missing)}")
-    rows = []
-    for key, node_type, body, scores in zip(
-        snapshot["key"].to_list(),
-        snapshot["node_type"].to_list(),
-        snapshot["body"].to_list(),
-        snapshot["scores"].to_list(),
+    by_body: dict[str, _Row] = {}
+    for key, node_type, body, scores in sorted(
+        zip(
+            snapshot["key"].to_list(),
+            snapshot["node_type"].to_list(),
+            snapshot["body"].to_list(),
+            snapshot["scores"].to_list(),
+        ),
+        key=lambda t: t[0],
     ):
         body = (body or "").strip()
-        rows.append(
-            _Row(
-                key=key,
-                node_type=node_type or "unknown",
-                body=body,
-                lower=body.lower(),
-                scores={s["emotion"]: float(s["score"]) for s in scores or ()},
-            )
-        )
-    rows.sort(key=lambda r: r.key)
-    return rows
+        tags = {s["emotion"]: float(s["score"]) for s in scores or ()}
+        first = by_body.get(body)
+        if first is None:
+            by_body[body] = _Row(key=key, node_type=node_type or "unknown", body=body, folded=fold_text(body), scores=tags)
+            continue
+        for emotion, score in tags.items():
+            if score > first.scores.get(emotion, -1.0):
+                first.scores[emotion] = score
+    return sorted(by_body.values(), key=lambda r: r.key)
 
 
 def _eligible(rows: Sequence[_Row], emotion: str, params: SelectionParams) -> tuple[list[_Row], list[_Row]]:
-    """All eligible positives and negatives (deduplicated by body, sorted by key), before the cap."""
-    positives: dict[str, _Row] = {}
-    for r in rows:  # rows are sorted by key: the first row with a body is its smallest key
-        score = r.scores.get(emotion)
-        if score is not None and score >= params.min_positive_score and len(r.body) >= params.min_content_chars:
-            positives.setdefault(r.body, r)
-    negatives: dict[str, _Row] = {}
+    """All eligible positives and negatives (one per body, sorted by key), before the cap."""
+    positives: list[_Row] = []
+    negatives: list[_Row] = []
     limit = params.max_negative_mentions
-    for r in rows:
-        if not r.scores or len(r.body) < params.min_content_chars or r.body in positives:
+    for r in rows:  # one row per body (see _rows), so a body is a positive or a negative, never both
+        if len(r.body) < params.min_content_chars:
             continue
-        if r.body in negatives:
+        score = r.scores.get(emotion)
+        if score is not None and score >= params.min_positive_score:
+            positives.append(r)
             continue
-        tagged = 1 if emotion in r.scores else 0
-        if tagged > limit:
+        if not r.scores:
             continue
-        if tagged + _body_mentions(r.lower, emotion) <= limit:
-            negatives[r.body] = r
-    return list(positives.values()), list(negatives.values())
+        tagged = 0 if score is None else 1
+        if tagged <= limit and tagged + _body_mentions(r.folded, emotion) <= limit:
+            negatives.append(r)
+    return positives, negatives
 
 
 def _quotas(mix: Counter[str], total: int) -> dict[str, int]:
@@ -303,13 +328,13 @@ def _quotas(mix: Counter[str], total: int) -> dict[str, int]:
 def _cap(items: list[_Row], emotion: str, cap: int) -> list[_Row]:
     if len(items) <= cap:
         return items
-    return sorted(items, key=lambda r: _rank(emotion, r.key))[:cap]
+    return sorted(items, key=_ranker(emotion))[:cap]
 
 
 def _cap_negatives(items: list[_Row], emotion: str, cap: int, positives: Sequence[_Row]) -> list[_Row]:
     if len(items) <= cap:
         return items
-    ranked = sorted(items, key=lambda r: _rank(emotion, r.key))
+    ranked = sorted(items, key=_ranker(emotion))
     quotas = _quotas(Counter(r.node_type for r in positives), cap)
     taken: Counter[str] = Counter()
     kept: set[str] = set()
@@ -373,25 +398,16 @@ def select_all(
     return {e: _select(rows, e, params) for e in (check_emotion_name(n) for n in emotions)}
 
 
-def check_emotion_name(name: str) -> str:
-    """A Contract 1 emotion name, lower-cased; ValueError otherwise.
-
-    Such names are also safe as directory names (no separators, no leading dot).
-    """
-    if not isinstance(name, str):
-        raise ValueError(f"emotion name must be a string, got {name!r}")
-    parsed = parse_tags(f"{name.strip()}:0")
-    if len(parsed.scores) != 1 or parsed.malformed:
-        raise ValueError(
-            f"invalid emotion name {name!r}: use letters, digits, '_' and '-', starting with a letter"
-        )
-    return next(iter(parsed.scores))
-
-
 def _check_dir_name(name: str, where: str) -> None:
-    seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
-    if not name or name.startswith(".") or any(s in name for s in seps) or "\0" in name:
-        raise ExamplesFormatError(f"{where}: emotion name {name!r} is not usable as a directory name")
+    """A directory may be named only by a normalised emotion name (Contract 1): safe on every filesystem."""
+    try:
+        normalized = check_emotion_name(name)
+    except ValueError as exc:
+        raise ExamplesFormatError(f"{where}: {exc}") from None
+    if normalized != name:
+        raise ExamplesFormatError(
+            f"{where}: emotion name {name!r} is not in normal form (Contract 1 makes it {normalized!r})"
+        )
 
 
 # --------------------------------------------------------------------------- catalog
@@ -707,7 +723,7 @@ def run_extraction(
     rows = _rows(snapshot)
     catalog, eligible = _catalog(rows, params, min_positives, max_emotions, emotions or ())
     sets = [_select(rows, e, params, eligible[e]) for e in qualifying_emotions(catalog)]
-    n_tagged = sum(1 for r in rows if r.scores)
+    n_tagged = int((snapshot["scores"].list.len() > 0).sum())  # nodes, not distinct bodies
     info: dict[str, Any] = {
         "emotion_selection": {
             "min_positives": min_positives,

@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         # One INFO line per HTTP request would drown the progress bar.
         logging.getLogger("httpx").setLevel(logging.WARNING)
+        logging.getLogger("httpx2").setLevel(logging.WARNING)  # the MCP SDK's HTTP client
 
     try:
         source = open_source(memory_mcp_url=args.memory_mcp_url, memory_file=args.memory_file)

@@ -5,9 +5,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
+
+
+class GraphVersion(NamedTuple):
+    """What ``graph_version()`` answers (Contract 4): an opaque version string and the node count."""
+
+    version: str
+    node_count: int
 
 
 @dataclass(frozen=True)
@@ -25,31 +32,57 @@ class NormalizeReport:
 
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (where, why)
     duplicate_keys: list[str] = field(default_factory=list)
+    version: GraphVersion | None = None
+    """The graph version every node was read from, when the source knows it."""
 
     @property
     def n_skipped(self) -> int:
         return len(self.skipped)
 
 
+def _scalar(raw: Mapping[str, Any], name: str, numbers: bool) -> str | None:
+    """``raw[name]`` as text: a string (or, with ``numbers``, an int or float) or None; TypeError otherwise.
+
+    Containers are refused rather than turned into text: a deeply nested one
+    would raise RecursionError in ``str()`` and means the node is malformed.
+    """
+    value = raw.get(name)
+    if value is None or isinstance(value, str):
+        return value
+    if numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise TypeError(f"{name!r} is {type(value).__name__}, not a string")
+
+
 def node_from_mapping(raw: Any) -> MemoryNode | str:
     """A :class:`MemoryNode` from a raw mapping, or the reason it is unusable."""
     if not isinstance(raw, Mapping):
         return f"not an object ({type(raw).__name__})"
-    key = raw.get("key")
-    if key is None or (isinstance(key, str) and not key.strip()):
+    try:
+        key = _scalar(raw, "key", numbers=True)
+        node_type = _scalar(raw, "node_type", numbers=False)
+        created_at = _scalar(raw, "created_at", numbers=True)
+        updated_at = _scalar(raw, "updated_at", numbers=True)
+    except TypeError as exc:
+        return str(exc)
+    if key is None or not key.strip():
         return "missing 'key'"
     if "content" not in raw or raw["content"] is None:
         return "missing 'content'"
     if not isinstance(raw["content"], str):
         return f"'content' is {type(raw['content']).__name__}, not a string"
-    node_type = raw.get("node_type")
     return MemoryNode(
-        key=str(key),
-        node_type=str(node_type) if node_type else "unknown",
-        content=raw["content"],
-        created_at=None if raw.get("created_at") is None else str(raw["created_at"]),
-        updated_at=None if raw.get("updated_at") is None else str(raw["updated_at"]),
+        key=key, node_type=node_type or "unknown", content=raw["content"], created_at=created_at, updated_at=updated_at
     )
+
+
+def _key_for_message(raw: Any) -> str | None:
+    key = raw.get("key") if isinstance(raw, Mapping) else None
+    if isinstance(key, (int, float)) and not isinstance(key, bool):
+        key = str(key)
+    if not isinstance(key, str):
+        return None
+    return repr(key) if len(key) <= 80 else f"{key[:80]!r}..."
 
 
 def normalize_nodes(
@@ -68,8 +101,8 @@ def normalize_nodes(
     for where, raw in raws:
         node = node_from_mapping(raw)
         if isinstance(node, str):
-            key = raw.get("key") if isinstance(raw, Mapping) else None
-            report.skipped.append((where if key is None else f"{where} (key {key!r})", node))
+            key = _key_for_message(raw)
+            report.skipped.append((where if key is None else f"{where} (key {key})", node))
             continue
         old = by_key.get(node.key)
         if old is not None:

@@ -3,16 +3,19 @@
 Tools: ``list_nodes(cursor, limit)`` and ``graph_version()``, served over
 streamable HTTP at ``/mcp``, stateless with plain JSON responses. The file is
 re-read whenever its size or modification time changes, so editing the export
-changes what the server answers without a restart.
+changes what the server answers without a restart; a cursor issued before the
+change is then refused as stale, so no read mixes two versions (Contract 4).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import os
+import re
 import socket
 import threading
 from collections.abc import Callable
@@ -24,12 +27,26 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from amygdala_dagster.sources import GraphVersion, jsonl_graph_version
+from amygdala_dagster.sources import STALE_CURSOR, GraphVersion, jsonl_graph_version
 
 log = logging.getLogger(__name__)
 
 NODE_FIELDS = ("key", "node_type", "content", "created_at", "updated_at")
 MAX_PAGE_SIZE = 1000
+MAX_JSON_DEPTH = 64
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests lists/dicts more than ``limit`` levels (checked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
 
 
 class NodesPage(TypedDict):
@@ -76,8 +93,16 @@ class JsonlGraph:
             except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
                 log.warning("%s:%d: skipped, not valid JSON (%s)", self.path, lineno, exc)
                 continue
+            except RecursionError:
+                log.warning("%s:%d: skipped, not valid JSON (nested too deeply)", self.path, lineno)
+                continue
             if not isinstance(raw, dict):
                 log.warning("%s:%d: skipped, not a JSON object", self.path, lineno)
+                continue
+            if _too_deep(raw, MAX_JSON_DEPTH):
+                # The SDK's serializer gives up on deep values, which would fail every page holding the node.
+                log.warning("%s:%d: skipped, JSON nested too deeply (more than %d levels)",
+                            self.path, lineno, MAX_JSON_DEPTH)
                 continue
             # Only the protocol's fields; absent ones stay absent so the client's
             # validation reports them exactly as it would for the file itself.
@@ -87,12 +112,27 @@ class JsonlGraph:
         return _Loaded(stamp=stamp, version=version, nodes=nodes)
 
 
-def _parse_cursor(cursor: str | None) -> int:
+_CURSOR = re.compile(r"^([0-9a-f]{16})-([0-9]+)$")
+
+
+def _make_cursor(version: GraphVersion, offset: int) -> str:
+    """An opaque cursor: the first 16 hex digits of the graph version it belongs to, then the offset."""
+    return f"{version.version[:16]}-{offset}"
+
+
+def _parse_cursor(cursor: str | None, current: GraphVersion) -> int:
+    """The offset a cursor points at; ToolError for a foreign cursor or one issued for another version."""
     if cursor is None or cursor == "":
         return 0
-    if not cursor.isdigit():
+    m = _CURSOR.match(cursor)
+    if m is None:
         raise ToolError(f"invalid cursor {cursor!r}: pass back a next_cursor this server returned")
-    return int(cursor)
+    if m.group(1) != current.version[:16]:
+        raise ToolError(
+            f"{STALE_CURSOR}: the graph changed since this cursor was issued (version {m.group(1)} is now "
+            f"{current.version[:16]}); restart the read from the first page"
+        )
+    return int(m.group(2))
 
 
 def build_mcp_server(path: str | os.PathLike[str]) -> MCPServer:
@@ -106,14 +146,19 @@ def build_mcp_server(path: str | os.PathLike[str]) -> MCPServer:
 
     @server.tool()
     def list_nodes(cursor: str | None = None, limit: int = 200) -> NodesPage:
-        """One page of nodes in file order; pass ``next_cursor`` back until it is null."""
+        """One page of nodes in file order; pass ``next_cursor`` back until it is null.
+
+        A cursor is bound to the graph version it was issued for: once the file
+        changes it is refused as stale, and the read must start again.
+        """
         if limit < 1:
             raise ToolError(f"limit must be at least 1, got {limit}")
         limit = min(limit, MAX_PAGE_SIZE)
-        nodes = graph.load().nodes
-        start = _parse_cursor(cursor)
+        loaded = graph.load()
+        start = _parse_cursor(cursor, loaded.version)
         end = start + limit
-        return {"nodes": nodes[start:end], "next_cursor": str(end) if end < len(nodes) else None}
+        nxt = _make_cursor(loaded.version, end) if end < len(loaded.nodes) else None
+        return {"nodes": loaded.nodes[start:end], "next_cursor": nxt}
 
     @server.tool()
     def graph_version() -> VersionInfo:
@@ -163,28 +208,64 @@ def build_app(path: str | os.PathLike[str], token: str | None = None, host: str 
     return _BearerAuth(app, token) if token else app
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` names only this machine: ``localhost`` or a loopback IP (``127.0.0.0/8``, ``::1``).
+
+    Other host names count as remote: what they resolve to can change.
+    """
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, token_env: str | None, allow_remote: bool) -> str | None:
+    """The bearer token to require (read from ``token_env``), after the bind-address policy.
+
+    A non-loopback ``host`` is refused unless ``allow_remote``, and then needs a
+    token. ``ValueError`` names the flag to change; nothing has been bound yet.
+    """
+    if not is_loopback_host(host):
+        if not allow_remote:
+            raise ValueError(
+                f"--host {host} is not a loopback address: the graph would be reachable from other machines. "
+                "Pass --allow-remote (with --token-env) to serve it there"
+            )
+        if not token_env:
+            raise ValueError("--allow-remote requires a token: give --token-env NAME, the variable holding it")
+    if not token_env:
+        return None
+    token = os.environ.get(token_env)
+    if not token:
+        raise ValueError(f"--token-env {token_env} given but the environment variable {token_env} is not set")
+    return token
+
+
 def serve(
     path: str | os.PathLike[str],
     host: str = "127.0.0.1",
     port: int = 7777,
     token_env: str | None = None,
     *,
+    allow_remote: bool = False,
     on_ready: Callable[[str], None] | None = None,
 ) -> int:
     """Serve the JSONL export at ``path`` until interrupted; returns an exit status.
 
     ``token_env`` names an environment variable holding the bearer token that
     clients must send; it must be set when given (``ValueError`` otherwise).
+    A non-loopback ``host`` needs ``allow_remote`` and a token (see :func:`check_bind`).
     ``port=0`` picks a free port. ``on_ready(url)`` is called once the server
     accepts connections. A port that cannot be bound raises ``OSError``.
     """
     import uvicorn
 
-    token = None
-    if token_env:
-        token = os.environ.get(token_env)
-        if not token:
-            raise ValueError(f"--token-env {token_env} given but the environment variable {token_env} is not set")
+    token = check_bind(host, token_env, allow_remote)
+    if not is_loopback_host(host):
+        log.warning("serving %s on %s, reachable from other machines (bearer token required)", path, host)
     app = build_app(path, token=token, host=host)
     # Bind here rather than in uvicorn, which exits the process on a bind failure.
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -1,4 +1,8 @@
-"""Tag-line parsing (Contract 1): node content -> body text, emotion scores, malformed count.
+"""Tag-line parsing and emotion names (Contract 1).
+
+:func:`parse_tags` turns node content into body text, emotion scores and a
+malformed-token count. :func:`normalize_emotion_name` is the one definition of
+an emotion name, used by the parser, selection, partitions and file names.
 
 The tag block is the run of trailing lines of a node's content in which every
 whitespace-separated token has the form ``name:value``. Scanning starts at the
@@ -17,15 +21,72 @@ from typing import NamedTuple
 # name and value are *valid* is decided afterwards, so `:5` or `joy:high` still
 # make their line part of the tag block (and are counted as malformed).
 _TOKEN_FORM = re.compile(r"^([^\s:]*):([^\s:]*)$")
-_NAME = re.compile(r"^[\w-]+$")
 _VALUE = re.compile(r"^[0-9]+(?:\.[0-9]+)?$")
+
+
+MAX_NAME_LENGTH = 64
+"""Characters in a normalised name: it becomes a Dagster partition key and a directory name."""
+MAX_NAME_BYTES = 192
+"""UTF-8 bytes in a normalised name (64 characters of the Basic Multilingual Plane), so a
+file name made of it plus a suffix stays under the usual 255-byte limit."""
+NAME_RULE = (
+    "after NFKC normalisation and case folding, a name must hold only letters of any script "
+    "(with their combining marks), digits, '_' and '-', start with a letter, and have at most "
+    f"{MAX_NAME_LENGTH} characters ({MAX_NAME_BYTES} UTF-8 bytes)"
+)
+
+
+def fold_text(text: str) -> str:
+    """``text`` normalised as names are: NFKC, case-folded, NFKC again.
+
+    The second NFKC recomposes what case folding decomposed (``"É".casefold()`` is
+    already composed, but folding can yield sequences NFKC changes), so the result
+    is a fixed point: folding it again changes nothing. Body text is folded the
+    same way before looking for whole-word mentions of a name.
+    """
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
+
+
+def _is_name_char(ch: str) -> bool:
+    if ch in "_-":
+        return True
+    cat = unicodedata.category(ch)
+    # Combining marks (M*) belong to the letter they follow: the dot of a case-folded
+    # 'İ' (i + U+0307), Devanagari and Thai vowel signs.
+    return cat[0] in "LM" or cat == "Nd"
+
+
+def normalize_emotion_name(raw: str) -> str | None:
+    """The normalised emotion name for ``raw`` (see :data:`NAME_RULE`), or None if it is not one."""
+    if not isinstance(raw, str):
+        return None
+    name = fold_text(raw)
+    if not name or len(name) > MAX_NAME_LENGTH or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        return None
+    if unicodedata.category(name[0])[0] != "L" or not all(_is_name_char(c) for c in name):
+        return None
+    return name
+
+
+def check_emotion_name(name: str) -> str:
+    """``name`` (surrounding whitespace ignored) normalised; ValueError naming the name and the rule.
+
+    Valid names are also safe directory names: no separator, no leading dot, no NUL.
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"emotion name must be a string, got {name!r}")
+    normalized = normalize_emotion_name(name.strip())
+    if normalized is None:
+        shown = repr(name) if len(name) <= 80 else f"{name[:80]!r}... ({len(name)} characters)"
+        raise ValueError(f"invalid emotion name {shown}: {NAME_RULE}")
+    return normalized
 
 
 class ParsedContent(NamedTuple):
     body: str
     """The text given to the model: content without the tag block, trimmed."""
     scores: dict[str, float]
-    """Emotion name (lower-cased) -> score in [0, 10]; the maximum over tag lines."""
+    """Normalised emotion name -> score in [0, 10]; the maximum over tag lines."""
     malformed: int
     """Tokens in the tag block that were dropped (bad name or value)."""
 
@@ -71,11 +132,10 @@ def parse_tags(content: str) -> ParsedContent:
         cut = i
         for name, value in pairs:
             score = parse_score(value)
-            name = unicodedata.normalize("NFC", name)
-            if not (_NAME.match(name) and name[0].isalpha()) or score is None:
+            name = normalize_emotion_name(name)
+            if name is None or score is None:
                 malformed += 1
                 continue
-            name = name.lower()
             if score > scores.get(name, -1.0):
                 scores[name] = score
     body = "\n".join(lines[:cut]).strip()

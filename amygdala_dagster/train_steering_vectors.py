@@ -44,6 +44,7 @@ from amygdala_dagster.workflow import (
     DEFAULT_MODEL, EngineSettings, SettingsError, TrainingError, TrainResult, UnwritableError, check_writable,
     default_target_layers, train_from_examples_dir,
 )
+from amygdala_dagster.tags import check_emotion_name
 
 log = logging.getLogger("amygdala_dagster.train_steering_vectors")
 
@@ -66,10 +67,13 @@ def _layers_flag(text: str) -> str:
 
 
 def _emotions_flag(text: str) -> list[str]:
-    names = [t.strip().lower() for t in text.split(",")]
+    names = [t.strip() for t in text.split(",")]
     if not all(names):
         raise argparse.ArgumentTypeError(f"emotion list {text!r} has an empty entry")
-    return names
+    try:
+        return [check_emotion_name(n) for n in names]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -177,9 +177,34 @@ def test_identical_bodies_count_once() -> None:
         node("n2", "another text" + FILLER, "awe:3"),
     ]
     s = select(nodes, "joy")
-    assert keys(s.positives) == ["p1"]
-    assert s.positives[0].text == body.strip()
+    assert keys(s.positives) == ["n1"]  # the smallest key stands for the body, with the copies' merged tags
+    assert s.positives[0].text == body.strip() and s.positives[0].score == 9.0
     assert keys(s.negatives) == ["n2"]
+
+
+def test_copies_of_a_body_merge_their_tags() -> None:
+    """Issue 9: 'gratitude:6' on one copy, untagged for gratitude on the other, was a gratitude negative."""
+    body = "Thank you for staying late to help me move the boxes" + FILLER
+    nodes = [
+        node("a-copy", body, "gratitude:6"),
+        node("b-copy", body, "calm:4", node_type="digest"),
+        node("other", "A different text about the weather today" + FILLER, "calm:5"),
+    ]
+    s = select(nodes, "gratitude")
+    assert keys(s.negatives) == ["other"] and s.positives == []  # a tag on any copy is a mention
+    # The merged body carries every copy's tags, maximum score per emotion; the smallest key stands for it.
+    calm = select(nodes, "calm", min_positive_score=4)
+    assert keys(calm.positives) == ["a-copy", "other"]
+    assert calm.positives[0].score == 4.0 and calm.positives[0].node_type == "journal"
+    allowed = select(nodes, "gratitude", max_negative_mentions=1)
+    assert keys(allowed.negatives) == ["a-copy", "other"] and allowed.negatives[0].score == 6.0
+    # The smallest key wins even when only a later copy carries the tag.
+    swapped = [node("a-copy", body, "calm:2"), node("b-copy", body, "gratitude:9")]
+    assert keys(select(swapped, "gratitude").positives) == ["a-copy"]
+    # The catalog counts the body once.
+    cat = emotion_catalog(build_snapshot(nodes + [node("c-copy", body, "gratitude:9")]), min_positives=1)
+    row = cat.filter(pl.col("emotion") == "gratitude").row(0, named=True)
+    assert row["n_tagged"] == 1 and row["n_positive"] == 1 and row["mean_score"] == 9.0
 
 
 def test_positive_cap_keeps_all_below_and_exactly_cap_above() -> None:
@@ -421,8 +446,8 @@ def test_refuses_to_replace_a_directory_that_is_not_an_examples_dir(tmp_path: Pa
     with pytest.raises(ExamplesFormatError, match="refusing to replace"):
         write_examples_dir(precious, sets, params, "h")
     assert (precious / "notes.txt").read_text() == "keep me"
-    for name in ("../up", ".hidden", "a/b", ""):
-        with pytest.raises(ExamplesFormatError, match="directory name"):
+    for name in ("../up", ".hidden", "a/b", "", "x" * 300, "Joy"):
+        with pytest.raises(ExamplesFormatError, match="invalid emotion name|not in normal form"):
             write_examples_dir(tmp_path / "x", [ExampleSet(name, [], [])], params, "h")
 
 
@@ -453,7 +478,7 @@ def test_read_errors_name_the_file_line_and_key(tmp_path: Path) -> None:
     index["emotions"]["../joy"] = index["emotions"].pop("joy")
     index["emotion_order"] = ["../joy", "calm"]
     (out / "index.json").write_text(json.dumps(index))
-    with pytest.raises(ExamplesFormatError, match="directory name"):
+    with pytest.raises(ExamplesFormatError, match="invalid emotion name '../joy'"):
         read_examples_dir(out)
 
 

@@ -180,3 +180,26 @@ def test_cli_over_mcp_matches_the_file_run(tmp_path: Path, graph_server) -> None
             assert ia == ib
         else:
             assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+def test_dotted_capital_i_and_overlong_names_do_not_stop_the_extraction(tmp_path: Path) -> None:
+    """Issue 9 #2/#3: twelve nodes tagged 'İlham:9' and a 300-character tag name.
+
+    Before, the catalog rejected the lower-cased 'i̇lham' (a combining dot the
+    parser's check had let through) and the long name crashed the directory write.
+    """
+    nodes = [
+        {"key": f"t{i:02d}", "node_type": "journal",
+         "content": f"Bugün yeni bir fikir geldi aklıma, numara {i}, ve yazdım.\nİlham:9 " + "y" * 300 + ":9"}
+        for i in range(12)
+    ] + [{"key": f"n{i}", "node_type": "journal", "content": f"A plain day at the desk, entry {i} of the week.\ncalm:4"}
+         for i in range(3)]
+    graph = write_graph(tmp_path / "graph.jsonl", nodes)
+    out = tmp_path / "examples"
+    r = run_cli("--memory-file", str(graph), "--output-dir", str(out), "--min-positives", "10")
+    assert r.returncode == 0, r.stderr
+    index = json.loads((out / "index.json").read_text(encoding="utf-8"))
+    assert index["emotion_order"] == ["i\u0307lham"]
+    assert index["emotions"]["i\u0307lham"]["positives"] == 12
+    assert index["snapshot"]["malformed_tag_tokens"] == 12  # the long name, once per node
+    assert len(read_jsonl(out / "i\u0307lham" / "positive.jsonl")) == 12

@@ -61,9 +61,11 @@ def test_prints_ready_line_and_serves_file_order(graph_server):
     hdr = {"mcp-protocol-version": "2025-06-18"}
     page = rpc(server.url, "tools/call", {"name": "list_nodes", "arguments": {"limit": 3}}, id=2, headers=hdr)
     result = page.json()["result"]
-    assert result["structuredContent"] == {"nodes": raws[:3], "next_cursor": "3"}  # file order, raw fields
+    cursor = result["structuredContent"]["next_cursor"]
+    assert cursor == JsonlSource(server.file).graph_version().version[:16] + "-3"  # the version it was issued for
+    assert result["structuredContent"] == {"nodes": raws[:3], "next_cursor": cursor}  # file order, raw fields
     assert json.loads(result["content"][0]["text"]) == result["structuredContent"]
-    page = rpc(server.url, "tools/call", {"name": "list_nodes", "arguments": {"cursor": "3", "limit": 3}},
+    page = rpc(server.url, "tools/call", {"name": "list_nodes", "arguments": {"cursor": cursor, "limit": 3}},
                id=3, headers=hdr)
     assert page.json()["result"]["structuredContent"] == {"nodes": raws[3:], "next_cursor": None}
 
@@ -85,7 +87,7 @@ def test_sdk_client_interoperates(graph_server):
     tools, page, version, bad, zero = asyncio.run(asyncio.wait_for(talk(), 30))
     assert set(tools) == {"list_nodes", "graph_version"}
     assert set(tools["list_nodes"].input_schema["properties"]) == {"cursor", "limit"}
-    assert page.structured_content == {"nodes": raws[:2], "next_cursor": "2"}
+    assert page.structured_content["nodes"] == raws[:2] and page.structured_content["next_cursor"].endswith("-2")
     assert version.structured_content == JsonlSource(server.file).graph_version()._asdict()
     assert bad.is_error and "invalid cursor 'not-a-cursor'" in bad.content[0].text
     assert zero.is_error and "limit must be at least 1" in zero.content[0].text
@@ -105,6 +107,42 @@ def test_only_the_five_fields_and_bad_lines_skipped_with_warning(graph_server):
     # Version: the same as the file source computes (non-blank lines, broken ones included).
     assert McpSource(server.url).graph_version() == JsonlSource(server.file).graph_version()
     assert McpSource(server.url).graph_version().node_count == 5
+
+
+def test_deeply_nested_line_is_skipped_with_its_file_and_line(graph_server):
+    """Issue 9: a RecursionError escaped the server's JSON error handling and failed every call."""
+    deep = '{"key": "deep", "content": "x", "created_at": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    # Deep enough to parse, too deep for the SDK's serializer (it failed every page holding the node).
+    deepish = json.dumps(node(4, created_at=json.loads("[" * 300 + "]" * 300)))
+    shallow = node(5, created_at=[["a list"]])  # passed on: the client reports it like the file source does
+    server = graph_server([node(1), deep, node(3), deepish, shallow])
+    nodes, report = McpSource(server.url).fetch_nodes()
+    assert [n.key for n in nodes] == ["k01", "k03"]
+    assert [why for _, why in report.skipped] == ["'created_at' is list, not a string"]
+    assert f"{server.file}:2: skipped, not valid JSON (nested too deeply)" in server.output()
+    assert f"{server.file}:4: skipped, JSON nested too deeply (more than 64 levels)" in server.output()
+
+
+def test_a_cursor_from_before_a_change_is_refused_as_stale(graph_server):
+    """Contract 4 / issue 9 #5: a cursor carries its graph version; after a change the server says so."""
+    raws = [node(i) for i in range(6)]
+    server = graph_server(raws)
+
+    async def talk(change):
+        async with Client(server.url) as client:
+            first = await client.call_tool("list_nodes", {"limit": 2})
+            cursor = first.structured_content["next_cursor"]
+            same = await client.call_tool("list_nodes", {"cursor": cursor, "limit": 2})
+            change()
+            stale = await client.call_tool("list_nodes", {"cursor": cursor, "limit": 2})
+            digits = await client.call_tool("list_nodes", {"cursor": "2", "limit": 2})
+            return same, stale, digits
+
+    same, stale, digits = asyncio.run(asyncio.wait_for(talk(lambda: write_jsonl(server.file, raws[1:])), 30))
+    assert same.structured_content["nodes"] == raws[2:4]
+    assert stale.is_error and "stale cursor: the graph changed since this cursor was issued" in stale.content[0].text
+    assert "restart the read from the first page" in stale.content[0].text
+    assert digits.is_error and "invalid cursor '2'" in digits.content[0].text
 
 
 def test_rereads_file_when_it_changes(graph_server):
@@ -189,3 +227,26 @@ def test_port_in_use_is_a_clear_error(tmp_path, capsys):
         port = busy.getsockname()[1]
         assert amygdala(["serve-graph", "--file", str(path), "--port", str(port)]) == 1
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_non_loopback_host_is_refused_without_allow_remote(tmp_path, capsys, monkeypatch):
+    """Issue 9 #6: '--host 0.0.0.0' started with no token and no warning. The refusal comes before any bind."""
+    path = write_jsonl(tmp_path / "g.jsonl", [node(1)])
+    port = str(free_port())
+    for host in ("0.0.0.0", "::", "192.0.2.7", "memory.example"):
+        assert amygdala(["serve-graph", "--file", str(path), "--host", host, "--port", port]) == 2
+        err = capsys.readouterr().err
+        assert f"--host {host} is not a loopback address" in err and "--allow-remote" in err
+    assert amygdala(["serve-graph", "--file", str(path), "--host", "0.0.0.0", "--port", port, "--allow-remote"]) == 2
+    assert "--allow-remote requires a token: give --token-env" in capsys.readouterr().err
+    monkeypatch.delenv("UNSET_REMOTE_TOKEN", raising=False)
+    code = amygdala(["serve-graph", "--file", str(path), "--host", "0.0.0.0", "--port", port, "--allow-remote",
+                     "--token-env", "UNSET_REMOTE_TOKEN"])
+    assert code == 2 and "UNSET_REMOTE_TOKEN is not set" in capsys.readouterr().err
+    # The library entry point refuses the same way.
+    from amygdala_dagster.server import is_loopback_host, serve
+
+    with pytest.raises(ValueError, match="not a loopback address"):
+        serve(path, host="0.0.0.0", port=int(port))
+    assert all(is_loopback_host(h) for h in ("127.0.0.1", "127.8.0.1", "::1", "localhost", "LOCALHOST", "[::1]"))
+    assert not any(is_loopback_host(h) for h in ("0.0.0.0", "", "::", "10.0.0.1", "example.com", "localhost.evil"))

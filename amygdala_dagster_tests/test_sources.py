@@ -69,6 +69,31 @@ def test_jsonl_broken_line_names_file_and_line(tmp_path):
     assert "not valid JSON" in str(err.value)
 
 
+DEEP = "[" * 100_000 + "]" * 100_000  # beyond any JSON parser's recursion limit
+
+
+def test_jsonl_deeply_nested_json_names_file_and_line(tmp_path):
+    """Issue 9: a RecursionError from json.loads escaped the reader's JSON error handling."""
+    path = write_jsonl(tmp_path / "g.jsonl", [node(1), '{"key": "deep", "content": "x", "created_at": ' + DEEP + "}"])
+    with pytest.raises(MemoryGraphError) as err:
+        JsonlSource(path).fetch_nodes()
+    assert str(err.value) == f"{path}:2: not valid JSON (nested too deeply)"
+
+
+def test_nested_values_make_a_node_unusable_and_the_warning_stays_short(tmp_path, caplog):
+    nested = json.loads("[" * 500 + "]" * 500)
+    raws = [node(1), node(2, created_at=nested), node(3, node_type={"a": 1}), {"key": nested, "content": "c"},
+            node(4, updated_at=20240101)]
+    path = write_jsonl(tmp_path / "g.jsonl", raws)
+    with caplog.at_level(logging.WARNING):
+        nodes, report = JsonlSource(path).fetch_nodes()
+    assert [n.key for n in nodes] == ["node-001", "node-004"]
+    assert nodes[1].updated_at == "20240101"  # a number is a usable timestamp
+    assert [why for _, why in report.skipped] == [
+        "'created_at' is list, not a string", "'node_type' is dict, not a string", "'key' is list, not a string"]
+    assert len(caplog.text) < 1000
+
+
 def test_jsonl_missing_file_is_a_clear_error(tmp_path):
     missing = tmp_path / "nope.jsonl"
     for call in (lambda s: s.fetch_nodes(), lambda s: s.graph_version()):
@@ -104,6 +129,16 @@ def test_jsonl_duplicate_key_keeps_newest_and_reports_it(tmp_path, caplog):
     assert {n.key: n.content for n in nodes} == {"node-001": node(1)["content"], "node-007": "the newer text"}
     assert report.duplicate_keys == ["node-007"]
     assert "duplicate key(s)" in caplog.text and "node-007" in caplog.text
+
+
+def test_bundled_sample_reads_clean(caplog):
+    """The demo prints no warning: no duplicate key, no unusable node (the behaviour is tested above)."""
+    from amygdala_dagster.sample_data import sample_graph_path
+
+    with caplog.at_level(logging.WARNING):
+        nodes, report = JsonlSource(sample_graph_path()).fetch_nodes()
+    assert nodes and report.duplicate_keys == [] and report.n_skipped == 0
+    assert caplog.text == ""
 
 
 def test_jsonl_graph_version_is_sha256_and_line_count(tmp_path):
@@ -259,6 +294,68 @@ def test_mcp_read_timeout_is_retried_and_reported(graph_server):
             McpSource(proxy.url, read_timeout=0.5, retries=0).graph_version()
 
 
+# --- one graph version per read (Contract 4) -------------------------------------------
+
+
+def test_mcp_read_of_a_changing_graph_restarts_and_returns_one_version(graph_server, caplog):
+    """Issue 9 #5: deleting 50 already-read lines during a 2,200-node read gave 49 missing and 50 deleted nodes."""
+    raws = [node(i) for i in range(2200)]
+    server = graph_server(raws)
+    kept = raws[:100] + raws[150:]  # 50 lines the first pages have already delivered
+    changed: list[int] = []
+
+    def progress(n: int) -> None:
+        if n >= 1000 and not changed:
+            write_jsonl(server.file, kept)
+            changed.append(n)
+
+    with caplog.at_level(logging.WARNING):
+        nodes, report = McpSource(server.url, page_size=200).fetch_nodes(progress=progress)
+    assert changed == [1000]
+    assert nodes == expected(kept)
+    assert report.version == JsonlSource(server.file).graph_version()
+    assert "changed" in caplog.text and "reading again from the first page (restart 1 of 3)" in caplog.text
+
+
+def test_mcp_read_gives_up_clearly_when_the_graph_keeps_changing(graph_server):
+    server = graph_server([node(i) for i in range(30)])
+    edits = iter(range(100, 200))
+
+    def progress(n: int) -> None:  # every read sees a change after its first page
+        if n == 10:
+            with server.file.open("a") as f:
+                f.write(json.dumps(node(next(edits))) + "\n")
+
+    with pytest.raises(MemoryGraphError) as err:
+        McpSource(server.url, page_size=10, max_restarts=2).fetch_nodes(progress=progress)
+    assert str(err.value).startswith(f"{server.url}: the memory graph changed during the read 3 times in a row")
+    assert "try again when it is quiet" in str(err.value)
+
+
+def test_mcp_read_restarts_for_a_server_whose_cursors_ignore_changes():
+    """Any server: the version read before the first page must still hold after the last one."""
+    server = MCPServer("plain-offsets")
+    data = [node(i) for i in range(9)]
+    calls = {"list": 0}
+
+    @server.tool()
+    def list_nodes(cursor: str | None = None, limit: int = 200) -> dict:
+        calls["list"] += 1
+        if calls["list"] == 2:
+            del data[0]  # the graph changes between the first and second page
+        start = int(cursor or 0)
+        return {"nodes": data[start:start + limit], "next_cursor": str(start + limit) if start + limit < len(data) else None}
+
+    @server.tool()
+    def graph_version() -> dict:
+        return {"version": f"v{len(data)}", "node_count": len(data)}
+
+    with serve_in_thread(server.streamable_http_app(stateless_http=True, json_response=True)) as url:
+        nodes, report = McpSource(url, page_size=4).fetch_nodes()
+    assert nodes == expected(data) and len(nodes) == 8
+    assert report.version == GraphVersion("v8", 8)
+
+
 # --- MCP client against other real MCP servers ----------------------------------------
 
 
@@ -283,8 +380,10 @@ def test_mcp_client_speaks_sse_and_sessions_with_custom_tool_names():
         nodes, _ = src.fetch_nodes()
         assert nodes == expected(data)
         assert src.graph_version() == GraphVersion("v-abc", 5)
-        with pytest.raises(MemoryGraphError, match="list_nodes"):
-            McpSource(url).fetch_nodes()  # the default tool name does not exist there
+        with pytest.raises(MemoryGraphError, match="tool graph_version failed: Unknown tool: graph_version"):
+            McpSource(url).fetch_nodes()  # the default tool names do not exist there
+        with pytest.raises(MemoryGraphError, match=r"tool list_nodes \(page 1\) failed: Unknown tool: list_nodes"):
+            McpSource(url, version_tool="memory_version").fetch_nodes()
 
 
 def test_mcp_client_rejects_misbehaving_servers():
@@ -308,14 +407,20 @@ def test_mcp_client_rejects_misbehaving_servers():
     def wrong_shape() -> dict:
         return {"version": 3}
 
+    @server.tool()
+    def steady_version() -> dict:
+        return {"version": "v1", "node_count": 1}
+
     app = server.streamable_http_app(stateless_http=True, json_response=True)
     with serve_in_thread(app) as url:
         with pytest.raises(MemoryGraphError, match="repeated cursor 'same'"):
-            McpSource(url).fetch_nodes()
+            McpSource(url, version_tool="steady_version").fetch_nodes()
         with pytest.raises(MemoryGraphError, match=f"{url}: tool graph_version failed"):
             McpSource(url).graph_version()
-        with pytest.raises(MemoryGraphError, match="tool failing_list failed: .*graph store offline"):
-            McpSource(url, list_tool="failing_list").fetch_nodes()
+        with pytest.raises(MemoryGraphError, match=f"{url}: tool graph_version failed"):
+            McpSource(url).fetch_nodes()  # a read starts by asking for the version it belongs to
+        with pytest.raises(MemoryGraphError, match=r"tool failing_list \(page 1\) failed: .*graph store offline"):
+            McpSource(url, list_tool="failing_list", version_tool="steady_version").fetch_nodes()
         with pytest.raises(MemoryGraphError, match="must return"):
             McpSource(url, version_tool="wrong_shape").graph_version()
 
@@ -414,3 +519,87 @@ def flaky_proxy(upstream: str, *, fail_first: int, delay_first: float = 0.0) -> 
         httpd.server_close()
         client.close()
         thread.join(timeout=10)
+
+
+# --- deeply nested answers --------------------------------------------------------------
+
+
+@contextmanager
+def raw_mcp_server(tool_result: str) -> Iterator[str]:
+    """A bare HTTP server speaking just enough MCP (initialize, tools/list, tools/call) by hand.
+
+    ``tool_result`` is spliced verbatim as the JSON of every tools/call result, so
+    the test can send what no SDK server would serialize.
+    """
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            msg = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            if "id" not in msg:
+                self.send_response(202)
+                self.send_header("content-length", "0")
+                self.end_headers()
+                return
+            if msg["method"] == "initialize":
+                result = json.dumps({"protocolVersion": msg["params"]["protocolVersion"], "capabilities": {"tools": {}},
+                                     "serverInfo": {"name": "raw", "version": "0"}})
+            elif msg["method"] == "tools/list":
+                result = json.dumps({"tools": [{"name": n, "inputSchema": {"type": "object"}}
+                                               for n in ("list_nodes", "graph_version")]})
+            elif msg["method"] == "tools/call" and msg["params"]["name"] == "graph_version":
+                result = json.dumps({"content": [], "structuredContent": {"version": "v", "node_count": 1}})
+            elif msg["method"] == "tools/call":
+                result = tool_result
+            else:
+                body = json.dumps({"jsonrpc": "2.0", "id": msg["id"], "error": {"code": -32601, "message": "no"}})
+                result = None
+            if result is not None:
+                body = '{"jsonrpc": "2.0", "id": %s, "result": %s}' % (json.dumps(msg["id"]), result)
+            data = body.encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/mcp"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=10)
+
+
+def test_mcp_client_deeply_nested_answers_are_clear_errors():
+    """Issue 9: a RecursionError escaped the client's JSON handling."""
+    deep = "[" * 100_000 + "]" * 100_000
+    structured = '{"content": [], "structuredContent": {"nodes": [{"key": "a", "content": "x", "created_at": %s}], ' \
+                 '"next_cursor": null}}' % deep
+    with raw_mcp_server(structured) as url:
+        with pytest.raises(MemoryGraphError) as err:
+            McpSource(url, retries=0).fetch_nodes()
+    assert str(err.value) == (f"{url}: tool list_nodes (page 1) failed: MCP error -32700: "
+                              "the answer is JSON nested too deeply")
+    text = json.dumps({"content": [{"type": "text", "text": '{"nodes": ' + deep + "}"}]})
+    with raw_mcp_server(text) as url:
+        with pytest.raises(MemoryGraphError) as err:
+            McpSource(url, retries=0).fetch_nodes()
+    assert str(err.value) == f"{url}: tool list_nodes (page 1) returned JSON nested too deeply"
+
+
+def test_mcp_source_works_inside_a_running_event_loop(graph_server):
+    """A notebook runs cells inside an event loop: the synchronous API must still work there."""
+    import asyncio
+
+    server = graph_server([node(i) for i in range(3)])
+
+    async def in_a_loop():
+        return McpSource(server.url).fetch_nodes()[0]
+
+    assert asyncio.run(in_a_loop()) == expected([node(i) for i in range(3)])

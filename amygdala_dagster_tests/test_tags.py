@@ -173,3 +173,81 @@ def test_is_tag_line() -> None:
     assert not is_tag_line("joy:9 and")
     assert not is_tag_line("see http://example.org")
     assert not is_tag_line("a:b:c")
+
+
+# --- Contract 1: one name function (normalise with NFKC + casefold, then validate) ----------------
+
+from amygdala_dagster.tags import MAX_NAME_LENGTH, check_emotion_name, normalize_emotion_name  # noqa: E402
+
+
+def test_dotted_capital_i_is_a_valid_name() -> None:
+    """Issue 9 #2: 'İlham' was validated before lower-casing, whose combining dot a second check rejected."""
+    parsed = parse_tags("Bir gün.\nİlham:9")
+    assert parsed.malformed == 0
+    assert parsed.scores == {"i\u0307lham": 9.0}
+    assert check_emotion_name("İlham") == "i\u0307lham"
+    # The normalised form is itself valid and a fixed point: it may be fed back anywhere.
+    assert check_emotion_name("i\u0307lham") == "i\u0307lham"
+    assert parse_tags("x\ni\u0307lham:3").scores == {"i\u0307lham": 3.0}
+
+
+def test_names_are_nfkc_then_case_folded() -> None:
+    parsed = parse_tags("Body.\nSTRASSE:2 Straße:7 ﬁne:3 Ｊｏｙ:4 joy:1")
+    assert parsed.scores == {"strasse": 7.0, "fine": 3.0, "joy": 4.0}
+    assert normalize_emotion_name("Ǆ") == "dž"
+    assert normalize_emotion_name("e\u0301t\u00e9") == normalize_emotion_name("ÉTÉ") == "\u00e9t\u00e9"
+
+
+def test_combining_marks_inside_names_are_letters_of_their_script() -> None:
+    # Devanagari and Thai words need combining vowel signs; a name may not start with one.
+    assert check_emotion_name("ख़ुशी") == normalize_emotion_name("ख़ुशी")
+    assert check_emotion_name("ความสุข") == "ความสุข"
+    assert normalize_emotion_name("\u0301joy") is None
+    assert normalize_emotion_name("joy!") is None and normalize_emotion_name("a.b") is None
+    assert normalize_emotion_name("") is None and normalize_emotion_name("a b") is None
+    assert normalize_emotion_name("²x") is None  # NFKC makes it '2x': a digit first
+
+
+def test_name_length_is_capped_at_64_after_normalisation() -> None:
+    """Issue 9 #3: a 300-character name crashed the writes (File name too long)."""
+    assert MAX_NAME_LENGTH == 64
+    assert normalize_emotion_name("a" * 64) == "a" * 64
+    assert normalize_emotion_name("a" * 65) is None
+    parsed = parse_tags("Body.\n" + "x" * 300 + ":9 joy:8")
+    assert parsed.scores == {"joy": 8.0} and parsed.malformed == 1
+    # 'ß' case-folds to 'ss': 40 of them are 80 characters once normalised.
+    assert normalize_emotion_name("ß" * 40) is None
+    # At most 192 UTF-8 bytes, so <name> plus a suffix fits a 255-byte file name.
+    assert normalize_emotion_name("\U00010330" * 48) == "\U00010330" * 48
+    assert normalize_emotion_name("\U00010330" * 49) is None
+
+
+def test_check_emotion_name_error_names_the_name_and_the_rule() -> None:
+    import pytest
+
+    for bad in ("1joy", "x" * 300, "joy!", "", "_a"):
+        with pytest.raises(ValueError) as err:
+            check_emotion_name(bad)
+        msg = str(err.value)
+        assert repr(bad[:80]) in msg or repr(bad) in msg
+        assert "letter" in msg and "64" in msg
+    with pytest.raises(ValueError, match="must be a string"):
+        check_emotion_name(5)  # type: ignore[arg-type]
+    assert check_emotion_name("  Joy ") == "joy"
+
+
+def test_examples_module_re_exports_the_same_function() -> None:
+    from amygdala_dagster import examples
+
+    assert examples.check_emotion_name is check_emotion_name
+
+
+@PROPS
+@given(st.text(max_size=12))
+def test_normalisation_is_idempotent_and_valid_names_stay_valid(raw: str) -> None:
+    name = normalize_emotion_name(raw)
+    if name is not None:
+        assert normalize_emotion_name(name) == name
+        assert parse_tags(f"b\n{raw}:5").scores == {name: 5.0}
+    else:
+        assert parse_tags(f"b\n{raw}:5").scores == {} or ":" in raw or any(c.isspace() for c in raw)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from amygdala_dagster.sample_data import sample_graph_path
-from amygdala_dagster.server import JsonlGraph, serve
+from amygdala_dagster.server import JsonlGraph, check_bind, serve
 
 HELP = "serve a JSONL memory-graph export as an MCP server (list_nodes, graph_version)"
 
@@ -17,11 +17,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--file", metavar="GRAPH.jsonl", type=Path, default=None,
         help="JSONL export to serve, one node per line (default: the bundled sample graph)",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    parser.add_argument(
+        "--host", default="127.0.0.1",
+        help="address to bind (default: %(default)s); one that is not loopback needs --allow-remote",
+    )
     parser.add_argument("--port", type=int, default=7777, help="port to bind (default: %(default)s)")
     parser.add_argument(
         "--token-env", metavar="NAME", default=None,
         help="require 'Authorization: Bearer <token>', the token read from this environment variable",
+    )
+    parser.add_argument(
+        "--allow-remote", action="store_true",
+        help="allow a --host that is not a loopback address (other machines can connect); requires --token-env",
     )
 
 
@@ -35,6 +42,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"amygdala serve-graph: --port {args.port} is not a valid port", file=sys.stderr)
         return 2
     try:
+        check_bind(args.host, args.token_env, args.allow_remote)
+    except ValueError as exc:
+        print(f"amygdala serve-graph: {exc}", file=sys.stderr)
+        return 2
+    try:
         n_nodes = len(JsonlGraph(path).load().nodes)
     except OSError as exc:
         print(f"amygdala serve-graph: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
@@ -44,7 +56,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"serving {n_nodes} nodes from {path} at {url}", flush=True)
 
     try:
-        return serve(path, host=args.host, port=args.port, token_env=args.token_env, on_ready=ready)
+        return serve(path, host=args.host, port=args.port, token_env=args.token_env,
+                     allow_remote=args.allow_remote, on_ready=ready)
     except ValueError as exc:
         print(f"amygdala serve-graph: {exc}", file=sys.stderr)
         return 2

@@ -39,8 +39,8 @@ def memory_snapshot(
     t0 = time.perf_counter()
     source = memory.source()
     context.log.info(f"reading the memory graph from {memory.description}")
-    version = source.graph_version()
     nodes, report = source.fetch_nodes(progress=lambda n: context.log.debug(f"{n} nodes read"))
+    version = report.version or source.graph_version()  # the version the nodes were read from
     df = build_snapshot(nodes)
     digest = snapshot_hash(df)
     store = storage.store()
