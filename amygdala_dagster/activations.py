@@ -48,6 +48,12 @@ POOLINGS = ("mean", "last")
 #: Bumped when what the engine computes for the same inputs changes (invalidates caches).
 ENGINE_VERSION = 1
 
+#: Characters tokenised per token of ``max_tokens`` before looking further into a long text
+#: (English averages ~4 characters per token; a text denser than this is re-read with a longer prefix).
+CHARS_PER_TOKEN = 16
+#: Tokens beyond ``max_tokens`` a prefix must give before its first ``max_tokens`` are taken as the text's.
+TOKEN_MARGIN = 16
+
 _PROBE_TEXT = "Probe: the quick brown fox, 12 naïve cafés — émotions & <tags>!"
 
 
@@ -264,16 +270,42 @@ class ActivationEngine:
     # -- forward -------------------------------------------------------------------------------
 
     def _tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], int]:
-        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens,
-                             add_special_tokens=True, padding=False, verbose=False)
-        ids = [list(x) for x in enc["input_ids"]]
-        at_limit = [i for i, x in enumerate(ids) if len(x) >= self.max_tokens]
+        """Token ids of each text, truncated to ``max_tokens``, and how many texts were truncated.
+
+        Only a prefix of a long text is tokenised: ``max_tokens *
+        CHARS_PER_TOKEN`` characters, grown (x4) for a text whose prefix does
+        not give ``max_tokens + TOKEN_MARGIN`` tokens. The margin keeps the
+        cut's effect on the last pre-token beyond the tokens kept, so the ids
+        are those of the whole text (a 5 MB node is not tokenised whole just
+        to learn that it is longer than ``max_tokens``).
+        """
+        limit = self.max_tokens
+        ids: list[list[int] | None] = [None] * len(texts)
         truncated = 0
-        if at_limit:
-            full = self.tokenizer([texts[i] for i in at_limit], truncation=False, add_special_tokens=True,
-                                  padding=False, verbose=False)["input_ids"]
-            truncated = sum(1 for x in full if len(x) > self.max_tokens)
-        return ids, truncated
+        cap = limit * CHARS_PER_TOKEN
+        todo = list(range(len(texts)))
+        while todo:
+            heads = [texts[i][:cap] for i in todo]
+            enc = self.tokenizer(heads, truncation=True, max_length=limit, add_special_tokens=True,
+                                 padding=False, verbose=False)["input_ids"]
+            at_limit = [j for j, x in enumerate(enc) if len(x) >= limit]
+            counts: dict[int, int] = {}
+            if at_limit:
+                full = self.tokenizer([heads[j] for j in at_limit], truncation=False, add_special_tokens=True,
+                                      padding=False, verbose=False)["input_ids"]
+                counts = {j: len(x) for j, x in zip(at_limit, full)}
+            retry = []
+            for j, i in enumerate(todo):
+                cut = len(texts[i]) > cap
+                n = counts.get(j, len(enc[j]))
+                if cut and n < limit + TOKEN_MARGIN:
+                    retry.append(i)  # fewer tokens in the prefix than needed to be sure: take a longer one
+                    continue
+                ids[i] = list(enc[j])
+                truncated += int(cut or n > limit)
+            todo = retry
+            cap *= 4
+        return ids, truncated  # type: ignore[return-value]
 
     def _hook(self, slot: int) -> Callable:
         def hook(module, args, output):

@@ -198,6 +198,60 @@ def test_truncation_is_counted_and_applied():
     torch.testing.assert_close(got[0, 0], ref, atol=ATOL, rtol=RTOL)
 
 
+_LONG_TEXTS = {
+    "prose": (TEXTS[2] + " ") * 400,
+    "no_spaces": "warmthclarity" * 3000,
+    "whitespace_runs": ("word" + " " * 200) * 300,
+    "punctuation": "!?.,;:" * 5000,
+    "mixed_scripts": "Gefühl ощущение 感情 emoción 🙂 " * 800,
+    "dense_then_sparse": "a " * 20 + "x" * 60000,
+}
+
+
+class _LengthRecorder:
+    """Wraps a tokenizer and records the longest text it was asked to encode."""
+
+    def __init__(self, tokenizer):
+        self._tok, self.longest = tokenizer, 0
+
+    def __call__(self, texts, *args, **kwargs):
+        batch = [texts] if isinstance(texts, str) else texts
+        self.longest = max([self.longest, *(len(t) for t in batch)])
+        return self._tok(texts, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+@pytest.mark.parametrize("model", ["minilm", "llama", "gpt2"])
+def test_long_text_is_tokenised_from_a_prefix_with_the_same_ids(model):
+    """Issue 9: a 5 MB node was tokenised whole (1.7 GB, 20x the forward time) to count truncation."""
+    loaded = load_model("minilm", device="cpu") if model == "minilm" else _loaded(model)
+    engine = ActivationEngine(loaded, [1], max_tokens=64)
+    texts = [*_LONG_TEXTS.values(), "short text", TEXTS[1]]
+    recorder = _LengthRecorder(engine.tokenizer)
+    engine.tokenizer = recorder
+    try:
+        ids, truncated = engine._tokenize(texts)
+    finally:
+        engine.tokenizer = recorder._tok
+    for text, got in zip(texts, ids):
+        assert got == list(loaded.tokenizer(text, truncation=True, max_length=64)["input_ids"]), text[:40]
+    expected = sum(len(loaded.tokenizer(t)["input_ids"]) > 64 for t in texts)  # WordPiece: a 100+ char word is one [UNK]
+    assert truncated == expected >= 4
+    assert recorder.longest < len(_LONG_TEXTS["prose"])  # a text dense in tokens is never read whole
+
+    huge = "The evening was calm. " * 250_000  # 5.5 MB
+    recorder = _LengthRecorder(engine.tokenizer)
+    engine.tokenizer = recorder
+    try:
+        ids, truncated = engine._tokenize([huge])
+    finally:
+        engine.tokenizer = recorder._tok
+    assert truncated == 1 and len(ids[0]) == 64
+    assert recorder.longest <= 64 * 16 * 4
+
+
 def test_token_budget_and_longest_first_batches():
     loaded = _loaded("qwen3")
     texts = TEXTS * 3 + [" ".join([TEXTS[2]] * 3)]
