@@ -12,6 +12,11 @@ apply the final norm before reporting the last hidden state, whereas the hook
 sees the block's output before that norm (which is what a runtime hooking the
 same block sees).
 
+Batches hold texts of one padded length (:func:`padded_length`, a function of
+the text's own length), so a text's activations do not depend on which other
+texts it was forwarded with (byte-identical on CPU; on a GPU as far as the
+kernels are batch-size invariant).
+
 The pass stops right after the deepest target block (its hook raises a private
 exception that the engine catches): no later block, final norm or head runs.
 
@@ -46,7 +51,7 @@ log = logging.getLogger(__name__)
 POOLINGS = ("mean", "last")
 
 #: Bumped when what the engine computes for the same inputs changes (invalidates caches).
-ENGINE_VERSION = 1
+ENGINE_VERSION = 2  # 2: canonical padded lengths (padded_length)
 
 #: Characters tokenised per token of ``max_tokens`` before looking further into a long text
 #: (English averages ~4 characters per token; a text denser than this is re-read with a longer prefix).
@@ -121,6 +126,22 @@ def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch
         last = torch.where(m > 0, positions, torch.full_like(positions, -1)).max(dim=1).values.clamp_min(0)
         return h[torch.arange(h.shape[0], device=h.device), last]
     raise ValueError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
+
+
+def padded_length(n_tokens: int, max_tokens: int) -> int:
+    """The length a text of ``n_tokens`` tokens is padded to in a batch: a function of the text alone.
+
+    Rounded up to a step of 1/8 to 1/16 of the length (at least 8), at most
+    ``max_tokens``. Padding changes a text's activations in the last float
+    bits (the attention reductions run over the padded length), so a length
+    that does not depend on the other texts of the batch makes the cached
+    activations a function of the text: the same bytes whether the texts are
+    forwarded in one process, split into shards, or resumed after a kill.
+    Batches hold texts of one padded length; the cost is at most 1/8 (on
+    average ~1/16) more positions than the longest text of a batch.
+    """
+    step = max(8, 1 << max(int(n_tokens).bit_length() - 4, 0))
+    return min(-(-int(n_tokens) // step) * step, max(int(max_tokens), int(n_tokens)))
 
 
 def _peak_rss_bytes() -> int:
@@ -319,8 +340,7 @@ class ActivationEngine:
                 raise _StopForward
         return hook
 
-    def _run_batch(self, ids: list[list[int]], batch: list[int]) -> torch.Tensor:
-        padded_len = max(len(ids[i]) for i in batch)
+    def _run_batch(self, ids: list[list[int]], batch: list[int], padded_len: int) -> torch.Tensor:
         input_ids = torch.full((len(batch), padded_len), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), padded_len), dtype=torch.long)
         for row, i in enumerate(batch):
@@ -376,22 +396,24 @@ class ActivationEngine:
     def _batches(self, ids: list[list[int]], progress: Callable[[int, int], None] | None
                  ) -> Iterator[tuple[list[int], torch.Tensor]]:
         n = len(ids)
-        order = sorted(range(n), key=lambda i: (-len(ids[i]), i))
+        plen = [padded_length(len(x), self.max_tokens) for x in ids]
+        order = sorted(range(n), key=lambda i: (-plen[i], -len(ids[i]), i))
         cap_batch, cap_tokens = self.batch_size, self.max_batch_tokens
         on_cuda = self._input_device.type == "cuda"
         if on_cuda:
             torch.cuda.reset_peak_memory_stats(self._input_device)
         pos = done_texts = done_tokens = 0
         while pos < n:
-            padded = len(ids[order[pos]])
+            padded = plen[order[pos]]
             size = 1
-            while pos + size < n and size < cap_batch and (size + 1) * padded <= cap_tokens:
+            while (pos + size < n and size < cap_batch and plen[order[pos + size]] == padded
+                   and (size + 1) * padded <= cap_tokens):
                 size += 1
             batch = order[pos:pos + size]
             start = time.perf_counter()
             oom = False
             try:
-                pooled = self._run_batch(ids, batch)
+                pooled = self._run_batch(ids, batch, padded)
             except torch.OutOfMemoryError as exc:
                 if size == 1:
                     raise ActivationOutOfMemoryError(
