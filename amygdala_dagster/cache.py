@@ -444,6 +444,8 @@ class ActivationCache:
                 continue
             try:
                 _, rows = decode_shard(name, self._store.read_all(name))
+                if isinstance(self._store, _FsspecStore):
+                    self._store.remember(name, rows)
             except DamagedShardError as exc:
                 self._drop(name, str(exc))
                 damaged.append(name)
@@ -452,8 +454,6 @@ class ActivationCache:
                 self._drop(name, "removed by someone else", set_aside=False)
                 continue
             self._verified.add(name)
-            if isinstance(self._store, _FsspecStore):
-                self._store.remember(name, rows)
         return damaged
 
     def _drop(self, name: str, reason: str, *, set_aside: bool = True) -> None:
