@@ -1,7 +1,8 @@
 """Pooled residual-stream activations at chosen layers, one forward pass per text.
 
 :class:`ActivationEngine` tokenises the texts once, sorts them longest first,
-batches them under a text count and a padded-token budget, runs the model with
+batches them under a padded-token budget (and a text count, when a batch size
+is given: without one, a GPU is kept busy by the budget alone), runs the model with
 forward hooks on the target blocks and pools each block's output per text.
 
 What is captured at layer ``idx`` is the raw output of block ``idx``: the
@@ -53,6 +54,14 @@ POOLINGS = ("mean", "last")
 #: Bumped when what the engine computes for the same inputs changes (invalidates caches).
 ENGINE_VERSION = 2  # 2: canonical padded lengths (padded_length)
 
+#: Padded tokens per batch when no batch size is given: the best of the H200 sweep in
+#: benchmarks/RESULTS.md (11,912 tokens/s at 8,192; 11,535 at 16,384; 10,848 at 32,768).
+DEFAULT_MAX_BATCH_TOKENS = 8192
+#: The padded-token cap that goes with a given batch size (the seed's behaviour).
+BATCH_SIZE_MAX_BATCH_TOKENS = 16384
+_MEASURED_SMALL_BATCH = "5.4k"
+_MEASURED_TOKEN_BUDGET = "11.9k"
+
 #: Characters tokenised per token of ``max_tokens`` before looking further into a long text
 #: (English averages ~4 characters per token; a text denser than this is re-read with a longer prefix).
 CHARS_PER_TOKEN = 16
@@ -88,6 +97,9 @@ class EngineStats:
     device: str = "cpu"
     #: Seconds spent loading the weights inside ``forward`` (lazy engines only).
     load_seconds: float = 0.0
+    #: Texts per batch as given (None: batched by the token budget alone) and the padded-token budget.
+    batch_size: int | None = None
+    max_batch_tokens: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -144,6 +156,26 @@ def padded_length(n_tokens: int, max_tokens: int) -> int:
     return min(-(-int(n_tokens) // step) * step, max(int(max_tokens), int(n_tokens)))
 
 
+def batch_size_advice(batch_size: int, padded_lengths: Sequence[int], max_batch_tokens: int) -> str | None:
+    """A one-line note when ``batch_size`` is far (4x or more) below what the token budget allows, else None.
+
+    ``padded_lengths`` are the texts' padded lengths; the budget allows
+    ``max_batch_tokens // median`` texts of the median length.
+    """
+    if not padded_lengths:
+        return None
+    ordered = sorted(int(x) for x in padded_lengths)
+    median = ordered[len(ordered) // 2]
+    allowed = max(1, int(max_batch_tokens) // max(median, 1))
+    if allowed < 4 * int(batch_size) or allowed < 8:
+        return None
+    return (f"batch size {batch_size} is far below what the token budget allows ({allowed} texts of the median "
+            f"{median} tokens in {max_batch_tokens} tokens); on an H200 a 27B model ran {_MEASURED_SMALL_BATCH} "
+            f"tokens/s at batch size 4 against {_MEASURED_TOKEN_BUDGET} tokens/s batched by a "
+            f"{DEFAULT_MAX_BATCH_TOKENS}-token budget (benchmarks/RESULTS.md). Leave the batch size unset to "
+            f"batch by tokens")
+
+
 def _peak_rss_bytes() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
@@ -160,25 +192,30 @@ class ActivationEngine:
     """
 
     def __init__(self, loaded: LoadedModel, layers: Sequence[int], *, pooling: str = "mean",
-                 max_tokens: int = 512, batch_size: int = 8, max_batch_tokens: int = 16384,
+                 max_tokens: int = 512, batch_size: int | None = None, max_batch_tokens: int | None = None,
                  layer_path: str | None = None,
                  on_weights_loaded: Callable[[LoadedModel], None] | None = None) -> None:
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
+        if max_batch_tokens is None:
+            max_batch_tokens = DEFAULT_MAX_BATCH_TOKENS if batch_size is None else BATCH_SIZE_MAX_BATCH_TOKENS
         for name, value in (("max_tokens", max_tokens), ("batch_size", batch_size),
                             ("max_batch_tokens", max_batch_tokens)):
-            if int(value) < 1:
+            if value is not None and int(value) < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         self.layers = check_layer_indices(layers, loaded.num_layers, loaded.model_id)
         self.pooling = pooling
-        self.batch_size = int(batch_size)
+        #: Texts per batch as given, or None: batches are bounded by ``max_batch_tokens`` alone.
+        self.batch_size: int | None = int(batch_size) if batch_size is not None else None
         self.max_batch_tokens = int(max_batch_tokens)
+        self._advised = False
         self._requested_max_tokens = int(max_tokens)
         self._layer_path = layer_path
         self._on_weights_loaded = on_weights_loaded
         self._load_lock = threading.Lock()
         self._bind(loaded)
-        self.stats = EngineStats(device=loaded.device)
+        self.stats = EngineStats(device=loaded.device, batch_size=self.batch_size,
+                                 max_batch_tokens=self.max_batch_tokens)
         self._mask: torch.Tensor | None = None
         self._captured: list[torch.Tensor | None] = []
 
@@ -279,6 +316,10 @@ class ActivationEngine:
             else:
                 return 0
         return int(tok.pad_token_id)
+
+    def _accelerated(self) -> bool:
+        """Whether the model runs on an accelerator (where the batch size decides the throughput)."""
+        return self._input_device.type != "cpu"
 
     def _find_input_device(self) -> torch.device:
         try:
@@ -398,7 +439,13 @@ class ActivationEngine:
         n = len(ids)
         plen = [padded_length(len(x), self.max_tokens) for x in ids]
         order = sorted(range(n), key=lambda i: (-plen[i], -len(ids[i]), i))
-        cap_batch, cap_tokens = self.batch_size, self.max_batch_tokens
+        cap_batch = self.batch_size if self.batch_size is not None else n
+        cap_tokens = self.max_batch_tokens
+        if self.batch_size is not None and not self._advised and self._accelerated():
+            self._advised = True
+            advice = batch_size_advice(self.batch_size, [plen[i] for i in order], self.max_batch_tokens)
+            if advice:
+                log.warning("%s: %s", self.loaded.model_id, advice)
         on_cuda = self._input_device.type == "cuda"
         if on_cuda:
             torch.cuda.reset_peak_memory_stats(self._input_device)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from amygdala_dagster.activations import (
-    ActivationEngine, ActivationOutOfMemoryError, EngineStats, padded_length, tokenizer_hash,
+    ActivationEngine, ActivationOutOfMemoryError, DEFAULT_MAX_BATCH_TOKENS, EngineStats, batch_size_advice,
+    padded_length, tokenizer_hash,
 )
 from amygdala_dagster.layers import resolve_layers
 from amygdala_dagster.models import LoadedModel, load_model
@@ -413,8 +414,9 @@ def test_stats_fields():
     assert isinstance(st, EngineStats)
     assert (st.texts, st.batches, st.device, st.oom_retries) == (2, 1, "cpu", 0)
     assert st.seconds > 0 and st.peak_memory_bytes > 0
-    assert set(st.as_dict()) == {"texts", "tokens", "truncated", "batches", "seconds", "oom_retries",
-                                 "peak_memory_bytes", "device", "load_seconds"}
+    assert set(st.as_dict()) >= {"texts", "tokens", "truncated", "batches", "seconds", "oom_retries",
+                                 "peak_memory_bytes", "device", "load_seconds", "batch_size", "max_batch_tokens"}
+    assert (st.batch_size, st.max_batch_tokens) == (None, DEFAULT_MAX_BATCH_TOKENS)
     assert st.load_seconds == 0.0  # built on a loaded model: nothing loaded inside forward
 
 
@@ -439,3 +441,43 @@ def test_real_minilm_layer5_mean_matches_hidden_states(monkeypatch):
             hs = loaded.model(**enc, output_hidden_states=True).hidden_states
         torch.testing.assert_close(got[i, 0], hs[6][0].mean(0), atol=ATOL, rtol=RTOL)
         torch.testing.assert_close(got[i, 1], hs[3][0].mean(0), atol=ATOL, rtol=RTOL)
+
+
+def test_without_a_batch_size_batches_are_bounded_by_the_token_budget_alone():
+    loaded = _loaded("llama")
+    texts = [f"{w} number {i}" for i, w in enumerate(["rain", "sun", "wind"] * 20)]
+    engine = ActivationEngine(loaded, [1], max_batch_tokens=256)
+    assert engine.batch_size is None and engine.stats.batch_size is None
+    rec = _ShapeRecorder(loaded.model)
+    try:
+        got = _run(engine, texts)
+    finally:
+        rec.close()
+    assert all(b * t <= 256 for b, t in rec.shapes) and max(b for b, _ in rec.shapes) > 8
+    assert torch.equal(got, _run(ActivationEngine(loaded, [1], batch_size=3), texts))
+    # a given batch size keeps its meaning, with the seed's padded-token cap
+    given = ActivationEngine(loaded, [1], batch_size=4)
+    assert (given.batch_size, given.max_batch_tokens) == (4, 16384)
+
+
+def test_batch_size_advice_names_the_measured_alternative():
+    advice = batch_size_advice(4, [208] * 99 + [512], 8192)
+    assert advice and "batch size 4" in advice and "39 texts" in advice and "5.4k" in advice and "11.9k" in advice
+    assert batch_size_advice(16, [208] * 10, 8192) is None  # within 4x of what the budget allows
+    assert batch_size_advice(4, [2048] * 10, 8192) is None  # long texts: the budget allows only 4
+    assert batch_size_advice(4, [], 8192) is None
+
+
+def test_a_small_batch_size_on_an_accelerator_is_pointed_out_once(monkeypatch, caplog):
+    loaded = _loaded("gpt2")
+    texts = ["rain and wind"] * 40
+    cpu = ActivationEngine(loaded, [0], batch_size=2)
+    with caplog.at_level("WARNING", logger="amygdala_dagster.activations"):
+        _run(cpu, texts)
+    assert "far below" not in caplog.text  # on a CPU the batch size hardly matters
+    engine = ActivationEngine(loaded, [0], batch_size=2)
+    monkeypatch.setattr(engine, "_accelerated", lambda: True)
+    with caplog.at_level("WARNING", logger="amygdala_dagster.activations"):
+        _run(engine, texts)
+        _run(engine, texts)
+    assert caplog.text.count("far below") == 1
