@@ -38,14 +38,14 @@ import resource
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
 
 from amygdala_dagster.cache import reject_empty_texts
 from amygdala_dagster.layers import check_layer_indices, resolve_layers
-from amygdala_dagster.models import LoadedModel, ModelLoadError
+from amygdala_dagster.models import FastPath, LoadedModel, ModelLoadError, linear_attention_fast_path
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,10 @@ class EngineStats:
     #: Texts per batch as given (None: batched by the token budget alone) and the padded-token budget.
     batch_size: int | None = None
     max_batch_tokens: int = 0
+    #: Linear-attention fast path (``yes`` / ``no`` / ``not-applicable``) and the kernels found / missing.
+    fast_path: str = "not-applicable"
+    kernels_found: list[str] = field(default_factory=list)
+    kernels_missing: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -209,13 +213,16 @@ class ActivationEngine:
         self.batch_size: int | None = int(batch_size) if batch_size is not None else None
         self.max_batch_tokens = int(max_batch_tokens)
         self._advised = False
+        self._fast_path_warned = False
         self._requested_max_tokens = int(max_tokens)
         self._layer_path = layer_path
         self._on_weights_loaded = on_weights_loaded
         self._load_lock = threading.Lock()
         self._bind(loaded)
         self.stats = EngineStats(device=loaded.device, batch_size=self.batch_size,
-                                 max_batch_tokens=self.max_batch_tokens)
+                                 max_batch_tokens=self.max_batch_tokens, fast_path=self.fast_path.fast_path,
+                                 kernels_found=list(self.fast_path.kernels_found),
+                                 kernels_missing=list(self.fast_path.kernels_missing))
         self._mask: torch.Tensor | None = None
         self._captured: list[torch.Tensor | None] = []
 
@@ -231,6 +238,8 @@ class ActivationEngine:
         self._modules = [resolved.modules[i] for i in self.layers]
         self._deepest_slot = max(range(len(self.layers)), key=lambda s: self.layers[s])
 
+        #: Which path the model's linear-attention layers take (see :func:`linear_attention_fast_path`).
+        self.fast_path: FastPath = linear_attention_fast_path(loaded.model)
         self.tokenizer = loaded.tokenizer
         self.tokenizer_hash = tokenizer_hash(self.tokenizer)
         self._pad_id = self._prepare_tokenizer()
@@ -441,6 +450,13 @@ class ActivationEngine:
         order = sorted(range(n), key=lambda i: (-plen[i], -len(ids[i]), i))
         cap_batch = self.batch_size if self.batch_size is not None else n
         cap_tokens = self.max_batch_tokens
+        if self.fast_path.fast_path == "no" and not self._fast_path_warned and self._accelerated():
+            self._fast_path_warned = True
+            log.warning("%s: its %d linear-attention layers run transformers' reference PyTorch path (kernels "
+                        "missing: %s); a Qwen3.5-27B-class model ran 976 tokens/s that way on an H200 against "
+                        "11.9k for a full-attention layout. Install them: pip install -e '.[gpu]'",
+                        self.loaded.model_id, self.fast_path.linear_attention_layers,
+                        ", ".join(self.fast_path.kernels_missing) or "?")
         if self.batch_size is not None and not self._advised and self._accelerated():
             self._advised = True
             advice = batch_size_advice(self.batch_size, [plen[i] for i in order], self.max_batch_tokens)
