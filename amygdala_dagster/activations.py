@@ -331,6 +331,8 @@ class ActivationEngine:
         return self._input_device.type != "cpu"
 
     def _find_input_device(self) -> torch.device:
+        if self.loaded.device_map:
+            return torch.device(self.loaded.device)  # the embeddings' device (offloaded weights show 'meta')
         try:
             emb = self.loaded.model.get_input_embeddings()
             return emb.weight.device
@@ -385,7 +387,8 @@ class ActivationEngine:
                 hidden = getattr(output, "last_hidden_state", None)
             if not isinstance(hidden, torch.Tensor):
                 raise TypeError(f"layer output of type {type(output).__name__} holds no hidden-state tensor")
-            self._captured[slot] = pool_hidden(hidden, self._mask, self.pooling)
+            # With a device map the blocks sit on several devices: gather on the input device.
+            self._captured[slot] = pool_hidden(hidden, self._mask, self.pooling).to(self._input_device)
             if slot == self._deepest_slot:
                 raise _StopForward
         return hook

@@ -175,6 +175,8 @@ class LoadedModel:
     is_encoder: bool
     text_config: Any
     weights_loaded: bool = True
+    #: Where each module was placed when loaded with a device map (``hf_device_map``), else None.
+    device_map: dict[str, str] | None = None
     #: The ``load_model`` arguments, so the weights can be loaded later the same way.
     load_args: dict[str, Any] | None = field(default=None, repr=False)
     _with_weights: LoadedModel | None = field(default=None, repr=False, compare=False)
@@ -292,12 +294,23 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 def _load_weights(source: str, config: Any, common: dict[str, Any], torch_dtype: torch.dtype,
-                  device: str) -> torch.nn.Module:
+                  device: str, device_map: str | dict[str, Any] | None = None) -> torch.nn.Module:
     from transformers import AutoModel
 
     load_kwargs: dict[str, Any] = dict(common, config=config, dtype=torch_dtype)
     placed = False
-    if device != "cpu":
+    if device_map is not None:
+        # One model over several devices (accelerate places the blocks and moves activations between them).
+        if importlib.util.find_spec("accelerate") is None:
+            raise ModelLoadError(f"{source}: device_map needs the accelerate package (pip install -e '.[gpu]' "
+                                 f"or pip install accelerate)")
+        load_kwargs["device_map"] = device_map
+        if _map_offloads_to_disk(device_map):
+            load_kwargs["offload_folder"] = _offload_folder()
+        model, info = AutoModel.from_pretrained(source, output_loading_info=True, **load_kwargs)
+        placed = True
+        device = "cpu"  # the model is placed: never move it as a whole below
+    elif device != "cpu":
         # Load straight onto the accelerator: a 27B checkpoint need not fit in host RAM.
         try:
             model, info = AutoModel.from_pretrained(source, device_map={"": device},
@@ -320,6 +333,20 @@ def _load_weights(source: str, config: Any, common: dict[str, Any], torch_dtype:
                     source, len(missing), missing[0], (config.architectures or ["?"])[0])
         model = _load_task_model(source, config, load_kwargs, device)
     return model
+
+
+def _map_offloads_to_disk(device_map: str | dict[str, Any]) -> bool:
+    return isinstance(device_map, dict) and "disk" in {str(v) for v in device_map.values()}
+
+
+def _offload_folder() -> str:
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="amygdala-offload-")
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 def _load_task_model(source: str, config: Any, load_kwargs: dict[str, Any], device: str) -> torch.nn.Module:
@@ -356,7 +383,8 @@ def _expected_device(device: str) -> str:
 
 
 def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", revision: str | None = None,
-               trust_remote_code: bool = False, weights: bool = True) -> LoadedModel:
+               trust_remote_code: bool = False, weights: bool = True,
+               device_map: str | dict[str, Any] | None = None) -> LoadedModel:
     """Load a base model and its tokenizer for activation capture.
 
     ``name_or_path`` is a bundled short name (``minilm``), a local checkpoint
@@ -369,12 +397,19 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", 
     :meth:`LoadedModel.with_weights`). A hub checkpoint whose weight files are
     not downloaded yet cannot be fingerprinted without them, so it is loaded
     whole even then.
+
+    ``device_map`` (needs ``accelerate``) spreads a model too large for one
+    device over several: ``"auto"`` (the GPUs of the box, then CPU), or a dict
+    of module names to devices (``{"layers.0": 0, ..., "norm": 1}``, ``"cpu"``,
+    ``"disk"``) as Hugging Face takes it; ``device`` is then not used. The
+    engine's hooks run on whatever device each block is on and the pooled
+    activations are gathered on the device of the embeddings.
     """
     global WEIGHT_LOADS
     from transformers import AutoConfig, AutoTokenizer
 
     load_args = dict(name_or_path=name_or_path, dtype=dtype, device=device, revision=revision,
-                     trust_remote_code=trust_remote_code)
+                     trust_remote_code=trust_remote_code, device_map=device_map)
 
     dev = resolve_device(device)
     torch_dtype = parse_dtype(dtype, dev)
@@ -395,7 +430,7 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", 
         config = AutoConfig.from_pretrained(source, **common)
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
         if weights:
-            model = _load_weights(source, config, common, torch_dtype, dev)
+            model = _load_weights(source, config, common, torch_dtype, dev, device_map)
         else:
             model = _skeleton(config, torch_dtype, trust_remote_code)
         return config, tokenizer, model
@@ -450,7 +485,11 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", 
 
     param = next(model.parameters(), None)
     actual_dtype = param.dtype if param is not None else torch_dtype
-    if weights:
+    placement = dict(getattr(model, "hf_device_map", None) or {}) if weights else None
+    if placement:
+        # The first placed module holds the embeddings: where inputs go and activations are gathered.
+        actual_device = _expected_device(_map_device(next(v for v in placement.values() if str(v) != "disk")))
+    elif weights:
         actual_device = str(param.device) if param is not None else dev
     else:
         actual_device = _expected_device(dev)
@@ -469,7 +508,13 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", 
         text_config=text_config,
         weights_loaded=weights,
         load_args=load_args,
+        device_map={k: str(_map_device(v)) for k, v in placement.items()} if placement else None,
     )
+
+
+def _map_device(value: Any) -> str:
+    """A device-map value as a device string (accelerate writes GPU indices as ints)."""
+    return f"cuda:{value}" if isinstance(value, int) else str(value)
 
 
 #: Module-level functions of transformers' linear-attention layers that a package can replace, and

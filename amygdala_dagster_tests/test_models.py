@@ -224,3 +224,50 @@ def test_fast_path_reads_the_kernel_transformers_bound(monkeypatch):
     status = linear_attention_fast_path(load_model(build_tiny_model("qwen3_5"), device="cpu", weights=False).model)
     assert status.fast_path == "yes"
     assert status.kernels_found == ["flash-linear-attention"] and status.kernels_missing == ["causal-conv1d"]
+
+
+# --------------------------------------------------------------------------- device maps
+
+
+def _split_map(arch_prefix: str = "") -> dict:
+    p = arch_prefix
+    return {f"{p}embed_tokens": "cpu", f"{p}layers.0": "cpu", f"{p}layers.1": "disk", f"{p}layers.2": "disk",
+            f"{p}layers.3": "cpu", f"{p}norm": "cpu", f"{p}rotary_emb": "cpu"}
+
+
+@pytest.mark.parametrize("device_map", ["auto", {"": "cpu"}, "split"])
+def test_device_map_gives_the_activations_of_a_single_device_model(device_map):
+    """Issue 12 §4: blocks placed by accelerate (here: two of them offloaded to disk, with accelerate's
+    hooks moving their weights in and out) -- our hooks and pooling see the same activations."""
+    pytest.importorskip("accelerate")
+    from amygdala_dagster.activations import ActivationEngine
+    from amygdala_dagster.shards import EngineSpec
+
+    path = build_tiny_model("llama")
+    texts = ["the rain was soft", "She laughed at the joke, then apologised for laughing, then laughed again."]
+    plain = ActivationEngine(load_model(path, device="cpu"), [0, 1, 2])
+    want = torch.cat([a for _, a in plain.forward(texts)])
+    dmap = _split_map() if device_map == "split" else device_map
+    placed = load_model(path, device="cpu", device_map=dmap)
+    assert placed.device == "cpu"
+    if device_map == "split":
+        assert placed.device_map == dmap
+        assert str(placed.model.layers[1].self_attn.q_proj.weight.device) == "meta"  # offloaded
+    engine = ActivationEngine(placed, [0, 1, 2])
+    got = torch.cat([a for _, a in engine.forward(texts)])
+    assert torch.equal(got, want)
+    assert engine.fingerprint_id == plain.fingerprint_id  # where the blocks sit does not change what is cached
+
+    # built weight-less (as a shard process does), the weights load with the same map on the first forward
+    lazy = EngineSpec(model=path, layers=[0, 1, 2], device="cpu", device_map=dmap).build()
+    assert not lazy.weights_loaded
+    assert torch.equal(torch.cat([a for _, a in lazy.forward(texts)]), want)
+
+
+def test_device_map_without_accelerate_is_one_clear_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
+    with pytest.raises(ModelLoadError, match="device_map needs the accelerate package"):
+        load_model(build_tiny_model("llama"), device="cpu", device_map="auto")
