@@ -36,7 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from amygdala_dagster.activations import ActivationEngine
-from amygdala_dagster.cache import DEFAULT_SHARD_SIZE, ActivationCache, CacheRunStats, ensure_cached, text_sha256
+from amygdala_dagster.cache import (
+    DEFAULT_SHARD_SIZE,
+    ActivationCache,
+    CacheRunStats,
+    ensure_cached,
+    text_sha256,
+)
 
 log = logging.getLogger(__name__)
 

@@ -8,12 +8,17 @@ import pytest
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
-from amygdala_dagster.activations import ActivationEngine  # noqa: E402
-from amygdala_dagster.cache import ActivationCache, default_cache_dir, ensure_cached, text_sha256  # noqa: E402
-from amygdala_dagster.models import load_model  # noqa: E402
-from amygdala_dagster.shards import EngineSpec, run_shards_locally  # noqa: E402
-from amygdala_dagster_tests.conftest import free_port  # noqa: E402
-from amygdala_dagster_tests.tiny_models import build_tiny_model  # noqa: E402
+from amygdala_dagster.activations import ActivationEngine
+from amygdala_dagster.cache import (
+    ActivationCache,
+    default_cache_dir,
+    ensure_cached,
+    text_sha256,
+)
+from amygdala_dagster.models import load_model
+from amygdala_dagster.shards import EngineSpec, run_shards_locally
+from amygdala_dagster_tests.conftest import free_port
+from amygdala_dagster_tests.tiny_models import build_tiny_model
 
 TEXTS = [f"Journal entry {i}: the evening was {w} and I wrote about it at length." for i, w in
          enumerate(["calm", "tense", "bright", "grey", "warm", "cold", "slow", "fast", "quiet", "loud"])]

@@ -15,7 +15,12 @@ import pytest
 
 from amygdala_dagster.cache import ActivationCache, ensure_cached, text_sha256
 from amygdala_dagster.shards import (
-    EngineSpec, ShardError, forward_shard, run_shards_locally, shard_of, shard_texts,
+    EngineSpec,
+    ShardError,
+    forward_shard,
+    run_shards_locally,
+    shard_of,
+    shard_texts,
 )
 from amygdala_dagster_tests.tiny_models import build_tiny_model
 

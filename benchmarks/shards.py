@@ -26,13 +26,14 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import format_table, machine_info, median  # noqa: E402
+from _common import format_table, machine_info, median
 
 REPO = Path(__file__).resolve().parent.parent
 
