@@ -1,7 +1,8 @@
 """Pooled residual-stream activations at chosen layers, one forward pass per text.
 
 :class:`ActivationEngine` tokenises the texts once, sorts them longest first,
-batches them under a text count and a padded-token budget, runs the model with
+batches them under a padded-token budget (and a text count, when a batch size
+is given: without one, a GPU is kept busy by the budget alone), runs the model with
 forward hooks on the target blocks and pools each block's output per text.
 
 What is captured at layer ``idx`` is the raw output of block ``idx``: the
@@ -11,6 +12,11 @@ necessarily ``hidden_states[-1]``: many architectures (GPT-2, Llama, Qwen...)
 apply the final norm before reporting the last hidden state, whereas the hook
 sees the block's output before that norm (which is what a runtime hooking the
 same block sees).
+
+Batches hold texts of one padded length (:func:`padded_length`, a function of
+the text's own length), so a text's activations do not depend on which other
+texts it was forwarded with (byte-identical on CPU; on a GPU as far as the
+kernels are batch-size invariant).
 
 The pass stops right after the deepest target block (its hook raises a private
 exception that the engine catches): no later block, final norm or head runs.
@@ -32,21 +38,35 @@ import resource
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
 
 from amygdala_dagster.cache import reject_empty_texts
 from amygdala_dagster.layers import check_layer_indices, resolve_layers
-from amygdala_dagster.models import LoadedModel, ModelLoadError
+from amygdala_dagster.models import FastPath, LoadedModel, ModelLoadError, linear_attention_fast_path
 
 log = logging.getLogger(__name__)
 
 POOLINGS = ("mean", "last")
 
 #: Bumped when what the engine computes for the same inputs changes (invalidates caches).
-ENGINE_VERSION = 1
+ENGINE_VERSION = 2  # 2: canonical padded lengths (padded_length)
+
+#: Padded tokens per batch when no batch size is given: the best of the H200 sweep in
+#: benchmarks/RESULTS.md (11,912 tokens/s at 8,192; 11,535 at 16,384; 10,848 at 32,768).
+DEFAULT_MAX_BATCH_TOKENS = 8192
+#: The padded-token cap that goes with a given batch size (the seed's behaviour).
+BATCH_SIZE_MAX_BATCH_TOKENS = 16384
+_MEASURED_SMALL_BATCH = "5.4k"
+_MEASURED_TOKEN_BUDGET = "11.9k"
+
+#: Characters tokenised per token of ``max_tokens`` before looking further into a long text
+#: (English averages ~4 characters per token; a text denser than this is re-read with a longer prefix).
+CHARS_PER_TOKEN = 16
+#: Tokens beyond ``max_tokens`` a prefix must give before its first ``max_tokens`` are taken as the text's.
+TOKEN_MARGIN = 16
 
 _PROBE_TEXT = "Probe: the quick brown fox, 12 naïve cafés — émotions & <tags>!"
 
@@ -77,6 +97,13 @@ class EngineStats:
     device: str = "cpu"
     #: Seconds spent loading the weights inside ``forward`` (lazy engines only).
     load_seconds: float = 0.0
+    #: Texts per batch as given (None: batched by the token budget alone) and the padded-token budget.
+    batch_size: int | None = None
+    max_batch_tokens: int = 0
+    #: Linear-attention fast path (``yes`` / ``no`` / ``not-applicable``) and the kernels found / missing.
+    fast_path: str = "not-applicable"
+    kernels_found: list[str] = field(default_factory=list)
+    kernels_missing: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -117,6 +144,42 @@ def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch
     raise ValueError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
 
 
+def padded_length(n_tokens: int, max_tokens: int) -> int:
+    """The length a text of ``n_tokens`` tokens is padded to in a batch: a function of the text alone.
+
+    Rounded up to a step of 1/8 to 1/16 of the length (at least 8), at most
+    ``max_tokens``. Padding changes a text's activations in the last float
+    bits (the attention reductions run over the padded length), so a length
+    that does not depend on the other texts of the batch makes the cached
+    activations a function of the text: the same bytes whether the texts are
+    forwarded in one process, split into shards, or resumed after a kill.
+    Batches hold texts of one padded length; the cost is at most 1/8 (on
+    average ~1/16) more positions than the longest text of a batch.
+    """
+    step = max(8, 1 << max(int(n_tokens).bit_length() - 4, 0))
+    return min(-(-int(n_tokens) // step) * step, max(int(max_tokens), int(n_tokens)))
+
+
+def batch_size_advice(batch_size: int, padded_lengths: Sequence[int], max_batch_tokens: int) -> str | None:
+    """A one-line note when ``batch_size`` is far (4x or more) below what the token budget allows, else None.
+
+    ``padded_lengths`` are the texts' padded lengths; the budget allows
+    ``max_batch_tokens // median`` texts of the median length.
+    """
+    if not padded_lengths:
+        return None
+    ordered = sorted(int(x) for x in padded_lengths)
+    median = ordered[len(ordered) // 2]
+    allowed = max(1, int(max_batch_tokens) // max(median, 1))
+    if allowed < 4 * int(batch_size) or allowed < 8:
+        return None
+    return (f"batch size {batch_size} is far below what the token budget allows ({allowed} texts of the median "
+            f"{median} tokens in {max_batch_tokens} tokens); on an H200 a 27B model ran {_MEASURED_SMALL_BATCH} "
+            f"tokens/s at batch size 4 against {_MEASURED_TOKEN_BUDGET} tokens/s batched by a "
+            f"{DEFAULT_MAX_BATCH_TOKENS}-token budget (benchmarks/RESULTS.md). Leave the batch size unset to "
+            f"batch by tokens")
+
+
 def _peak_rss_bytes() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
@@ -133,25 +196,33 @@ class ActivationEngine:
     """
 
     def __init__(self, loaded: LoadedModel, layers: Sequence[int], *, pooling: str = "mean",
-                 max_tokens: int = 512, batch_size: int = 8, max_batch_tokens: int = 16384,
+                 max_tokens: int = 512, batch_size: int | None = None, max_batch_tokens: int | None = None,
                  layer_path: str | None = None,
                  on_weights_loaded: Callable[[LoadedModel], None] | None = None) -> None:
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
+        if max_batch_tokens is None:
+            max_batch_tokens = DEFAULT_MAX_BATCH_TOKENS if batch_size is None else BATCH_SIZE_MAX_BATCH_TOKENS
         for name, value in (("max_tokens", max_tokens), ("batch_size", batch_size),
                             ("max_batch_tokens", max_batch_tokens)):
-            if int(value) < 1:
+            if value is not None and int(value) < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         self.layers = check_layer_indices(layers, loaded.num_layers, loaded.model_id)
         self.pooling = pooling
-        self.batch_size = int(batch_size)
+        #: Texts per batch as given, or None: batches are bounded by ``max_batch_tokens`` alone.
+        self.batch_size: int | None = int(batch_size) if batch_size is not None else None
         self.max_batch_tokens = int(max_batch_tokens)
+        self._advised = False
+        self._fast_path_warned = False
         self._requested_max_tokens = int(max_tokens)
         self._layer_path = layer_path
         self._on_weights_loaded = on_weights_loaded
         self._load_lock = threading.Lock()
         self._bind(loaded)
-        self.stats = EngineStats(device=loaded.device)
+        self.stats = EngineStats(device=loaded.device, batch_size=self.batch_size,
+                                 max_batch_tokens=self.max_batch_tokens, fast_path=self.fast_path.fast_path,
+                                 kernels_found=list(self.fast_path.kernels_found),
+                                 kernels_missing=list(self.fast_path.kernels_missing))
         self._mask: torch.Tensor | None = None
         self._captured: list[torch.Tensor | None] = []
 
@@ -167,6 +238,8 @@ class ActivationEngine:
         self._modules = [resolved.modules[i] for i in self.layers]
         self._deepest_slot = max(range(len(self.layers)), key=lambda s: self.layers[s])
 
+        #: Which path the model's linear-attention layers take (see :func:`linear_attention_fast_path`).
+        self.fast_path: FastPath = linear_attention_fast_path(loaded.model)
         self.tokenizer = loaded.tokenizer
         self.tokenizer_hash = tokenizer_hash(self.tokenizer)
         self._pad_id = self._prepare_tokenizer()
@@ -253,7 +326,13 @@ class ActivationEngine:
                 return 0
         return int(tok.pad_token_id)
 
+    def _accelerated(self) -> bool:
+        """Whether the model runs on an accelerator (where the batch size decides the throughput)."""
+        return self._input_device.type != "cpu"
+
     def _find_input_device(self) -> torch.device:
+        if self.loaded.device_map:
+            return torch.device(self.loaded.device)  # the embeddings' device (offloaded weights show 'meta')
         try:
             emb = self.loaded.model.get_input_embeddings()
             return emb.weight.device
@@ -264,16 +343,42 @@ class ActivationEngine:
     # -- forward -------------------------------------------------------------------------------
 
     def _tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], int]:
-        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens,
-                             add_special_tokens=True, padding=False, verbose=False)
-        ids = [list(x) for x in enc["input_ids"]]
-        at_limit = [i for i, x in enumerate(ids) if len(x) >= self.max_tokens]
+        """Token ids of each text, truncated to ``max_tokens``, and how many texts were truncated.
+
+        Only a prefix of a long text is tokenised: ``max_tokens *
+        CHARS_PER_TOKEN`` characters, grown (x4) for a text whose prefix does
+        not give ``max_tokens + TOKEN_MARGIN`` tokens. The margin keeps the
+        cut's effect on the last pre-token beyond the tokens kept, so the ids
+        are those of the whole text (a 5 MB node is not tokenised whole just
+        to learn that it is longer than ``max_tokens``).
+        """
+        limit = self.max_tokens
+        ids: list[list[int] | None] = [None] * len(texts)
         truncated = 0
-        if at_limit:
-            full = self.tokenizer([texts[i] for i in at_limit], truncation=False, add_special_tokens=True,
-                                  padding=False, verbose=False)["input_ids"]
-            truncated = sum(1 for x in full if len(x) > self.max_tokens)
-        return ids, truncated
+        cap = limit * CHARS_PER_TOKEN
+        todo = list(range(len(texts)))
+        while todo:
+            heads = [texts[i][:cap] for i in todo]
+            enc = self.tokenizer(heads, truncation=True, max_length=limit, add_special_tokens=True,
+                                 padding=False, verbose=False)["input_ids"]
+            at_limit = [j for j, x in enumerate(enc) if len(x) >= limit]
+            counts: dict[int, int] = {}
+            if at_limit:
+                full = self.tokenizer([heads[j] for j in at_limit], truncation=False, add_special_tokens=True,
+                                      padding=False, verbose=False)["input_ids"]
+                counts = {j: len(x) for j, x in zip(at_limit, full)}
+            retry = []
+            for j, i in enumerate(todo):
+                cut = len(texts[i]) > cap
+                n = counts.get(j, len(enc[j]))
+                if cut and n < limit + TOKEN_MARGIN:
+                    retry.append(i)  # fewer tokens in the prefix than needed to be sure: take a longer one
+                    continue
+                ids[i] = list(enc[j])
+                truncated += int(cut or n > limit)
+            todo = retry
+            cap *= 4
+        return ids, truncated  # type: ignore[return-value]
 
     def _hook(self, slot: int) -> Callable:
         def hook(module, args, output):
@@ -282,13 +387,13 @@ class ActivationEngine:
                 hidden = getattr(output, "last_hidden_state", None)
             if not isinstance(hidden, torch.Tensor):
                 raise TypeError(f"layer output of type {type(output).__name__} holds no hidden-state tensor")
-            self._captured[slot] = pool_hidden(hidden, self._mask, self.pooling)
+            # With a device map the blocks sit on several devices: gather on the input device.
+            self._captured[slot] = pool_hidden(hidden, self._mask, self.pooling).to(self._input_device)
             if slot == self._deepest_slot:
                 raise _StopForward
         return hook
 
-    def _run_batch(self, ids: list[list[int]], batch: list[int]) -> torch.Tensor:
-        padded_len = max(len(ids[i]) for i in batch)
+    def _run_batch(self, ids: list[list[int]], batch: list[int], padded_len: int) -> torch.Tensor:
         input_ids = torch.full((len(batch), padded_len), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), padded_len), dtype=torch.long)
         for row, i in enumerate(batch):
@@ -344,22 +449,37 @@ class ActivationEngine:
     def _batches(self, ids: list[list[int]], progress: Callable[[int, int], None] | None
                  ) -> Iterator[tuple[list[int], torch.Tensor]]:
         n = len(ids)
-        order = sorted(range(n), key=lambda i: (-len(ids[i]), i))
-        cap_batch, cap_tokens = self.batch_size, self.max_batch_tokens
+        plen = [padded_length(len(x), self.max_tokens) for x in ids]
+        order = sorted(range(n), key=lambda i: (-plen[i], -len(ids[i]), i))
+        cap_batch = self.batch_size if self.batch_size is not None else n
+        cap_tokens = self.max_batch_tokens
+        if self.fast_path.fast_path == "no" and not self._fast_path_warned and self._accelerated():
+            self._fast_path_warned = True
+            log.warning("%s: its %d linear-attention layers run transformers' reference PyTorch path (kernels "
+                        "missing: %s); a Qwen3.5-27B-class model ran 976 tokens/s that way on an H200 against "
+                        "11.9k for a full-attention layout. Install them: pip install -e '.[gpu]'",
+                        self.loaded.model_id, self.fast_path.linear_attention_layers,
+                        ", ".join(self.fast_path.kernels_missing) or "?")
+        if self.batch_size is not None and not self._advised and self._accelerated():
+            self._advised = True
+            advice = batch_size_advice(self.batch_size, [plen[i] for i in order], self.max_batch_tokens)
+            if advice:
+                log.warning("%s: %s", self.loaded.model_id, advice)
         on_cuda = self._input_device.type == "cuda"
         if on_cuda:
             torch.cuda.reset_peak_memory_stats(self._input_device)
         pos = done_texts = done_tokens = 0
         while pos < n:
-            padded = len(ids[order[pos]])
+            padded = plen[order[pos]]
             size = 1
-            while pos + size < n and size < cap_batch and (size + 1) * padded <= cap_tokens:
+            while (pos + size < n and size < cap_batch and plen[order[pos + size]] == padded
+                   and (size + 1) * padded <= cap_tokens):
                 size += 1
             batch = order[pos:pos + size]
             start = time.perf_counter()
             oom = False
             try:
-                pooled = self._run_batch(ids, batch)
+                pooled = self._run_batch(ids, batch, padded)
             except torch.OutOfMemoryError as exc:
                 if size == 1:
                     raise ActivationOutOfMemoryError(

@@ -1,19 +1,28 @@
 """Content-addressed cache of pooled activations, keyed by text SHA-256.
 
-Layout::
+Layout (``root`` is a local directory or any fsspec URL, e.g. ``s3://bucket/cache``)::
 
     root/<fingerprint_id>/fingerprint.json     the engine fingerprint (model, revision,
                                                dtype, layers, pooling, max tokens ...)
-    root/<fingerprint_id>/shard-<id>.safetensors
+    root/<fingerprint_id>/shard-<digest>.safetensors
 
 Each shard holds one float32 tensor ``activations`` of shape ``[N, L, H]`` (one
 pooled activation per text and hooked layer) and, in the safetensors metadata,
-the N text SHA-256s in row order. Shards are immutable and written atomically
-(temporary file, fsync, rename), so a run killed at any moment leaves only
-complete shards behind and the next run resumes from them: the index
-(sha -> shard, row) is rebuilt on open from the shard headers alone (no tensor
-data is read). There is no separate index file that could disagree with the
-shards. Never pickle: safetensors and JSON only.
+the N text SHA-256s in row order and the SHA-256 of the tensor bytes. The
+shard's name is derived from both (content-addressed), so every shard is
+written once under a name no other content can have: shards are immutable,
+written atomically (local: temporary file, fsync, rename; object stores: one
+PUT), and several writers -- processes or pods forwarding different texts --
+can fill one cache at once. There is no shared index file that two writers
+could clobber: the index (sha -> shard, row) is built from the shard headers
+alone (no tensor data is read) and :meth:`ActivationCache.refresh` picks up
+shards written by others since.
+
+A shard's bytes are checked against its checksum the first time they are
+read (:meth:`ActivationCache.verify`, called by :func:`ensure_cached` before it
+decides what to forward): a damaged shard is moved aside with a warning and
+its texts are forwarded again, never read as silently wrong vectors. Never
+pickle: safetensors and JSON only.
 
 A text is forwarded through the model at most once per fingerprint;
 :func:`ensure_cached` forwards only the texts the cache does not hold yet.
@@ -21,12 +30,15 @@ A text is forwarded through the model at most once per fingerprint;
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import struct
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,9 +52,16 @@ from amygdala_dagster.atomic import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "amygdala-activation-cache/1"
+#: Shards of format /1 carry no checksum: they are not read (their texts are forwarded again once).
+CACHE_FORMAT = "amygdala-activation-cache/2"
 DEFAULT_SHARD_SIZE = 256
 TENSOR_NAME = "activations"
+SHARD_PREFIX = "shard-"
+SHARD_SUFFIX = ".safetensors"
+DAMAGED_PREFIX = "damaged-"
+#: Bytes of decoded shards kept in memory per cache on an object store (local shards are memory-mapped).
+REMOTE_SHARD_MEMORY = 512 * 1024 * 1024
+_HEADER_PROBE = 64 * 1024
 
 
 def text_sha256(text: str) -> str:
@@ -56,10 +75,20 @@ def fingerprint_id(fingerprint: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:20]
 
 
-def default_cache_dir() -> Path:
-    """``$AMYGDALA_CACHE_DIR`` or ``~/.cache/amygdala/activations``."""
+def is_url(location: str | os.PathLike[str]) -> bool:
+    """Whether ``location`` is an fsspec URL of a non-local filesystem (``s3://...``, ``memory://...``)."""
+    text = os.fspath(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def default_cache_dir() -> Path | str:
+    """``$AMYGDALA_CACHE_DIR`` (a path, or an fsspec URL returned as given) or ``~/.cache/amygdala/activations``."""
     env = os.environ.get("AMYGDALA_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "amygdala" / "activations"
+    if env and is_url(env):
+        return env
+    if env:
+        return Path(env.removeprefix("file://")).expanduser()
+    return Path.home() / ".cache" / "amygdala" / "activations"
 
 
 def reject_empty_texts(texts: Sequence[str], keys: Sequence[str] | None = None) -> None:
@@ -74,13 +103,221 @@ class CacheError(RuntimeError):
     """The cache directory is inconsistent with what was asked of it."""
 
 
+class DamagedShardError(CacheError):
+    """A shard's bytes do not match its checksum (or its name)."""
+
+
+# --------------------------------------------------------------------------- shard bytes
+
+
+def shard_name(shas: Sequence[str], data_sha256: str) -> str:
+    """The content-addressed file name of a shard holding ``shas`` with tensor bytes hashing to ``data_sha256``."""
+    digest = hashlib.sha256((json.dumps(list(shas)) + data_sha256).encode("ascii")).hexdigest()[:32]
+    return f"{SHARD_PREFIX}{digest}{SHARD_SUFFIX}"
+
+
+def encode_shard(shas: Sequence[str], rows: np.ndarray, fingerprint_id_: str) -> tuple[str, bytes]:
+    """``(name, safetensors bytes)`` of a shard holding ``rows`` ``[N, L, H]`` float32 under ``shas``."""
+    data = np.ascontiguousarray(rows, dtype=np.float32)
+    data_sha = hashlib.sha256(data.tobytes()).hexdigest()
+    payload = st_save(
+        {TENSOR_NAME: data},
+        metadata={"format": CACHE_FORMAT, "fingerprint_id": fingerprint_id_, "shas": json.dumps(list(shas)),
+                  "data_sha256": data_sha},
+    )
+    return shard_name(shas, data_sha), payload
+
+
+@dataclass(frozen=True)
+class _Header:
+    shas: list[str]
+    shape: tuple[int, int, int]
+    data_sha256: str
+    data_start: int  # offset of the tensor bytes in the file
+    data_end: int
+
+
+def _parse_header(prefix: bytes, name: str) -> _Header | int:
+    """The shard header from the file's first bytes, or how many bytes are needed when ``prefix`` is short."""
+    if len(prefix) < 8:
+        return 8
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n > 256 * 1024 * 1024:
+        raise ValueError(f"header length {n} is not plausible")
+    if len(prefix) < 8 + n:
+        return 8 + n
+    header = json.loads(prefix[8:8 + n])
+    meta = header.get("__metadata__") or {}
+    if meta.get("format") != CACHE_FORMAT:
+        raise ValueError(f"format {meta.get('format')!r}, not {CACHE_FORMAT!r} (older shards carry no checksum)")
+    tensor = header[TENSOR_NAME]
+    shape = tuple(int(x) for x in tensor["shape"])
+    shas = json.loads(meta["shas"])
+    start, end = (int(x) for x in tensor["data_offsets"])
+    if tensor.get("dtype") != "F32" or len(shape) != 3 or len(shas) != shape[0]:
+        raise ValueError("not an activation-cache shard")
+    if end - start != 4 * shape[0] * shape[1] * shape[2]:
+        raise ValueError("tensor size does not match its shape")
+    data_sha = str(meta["data_sha256"])
+    if shard_name(shas, data_sha) != name:
+        raise ValueError("its header does not match its content-addressed name")
+    return _Header(shas=shas, shape=shape, data_sha256=data_sha, data_start=8 + n + start, data_end=8 + n + end)
+
+
+def decode_shard(name: str, payload: bytes) -> tuple[list[str], np.ndarray]:
+    """Check a whole shard file against its name and checksum; return ``(shas, rows [N, L, H])``.
+
+    Raises :class:`DamagedShardError` saying what does not match.
+    """
+    try:
+        header = _parse_header(payload, name)
+        if isinstance(header, int):
+            raise ValueError(f"{len(payload)} bytes, shorter than its header")
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DamagedShardError(str(exc)) from None
+    data = payload[header.data_start:header.data_end]
+    if len(payload) != header.data_end or len(data) != header.data_end - header.data_start:
+        raise DamagedShardError(f"{len(payload)} bytes, expected {header.data_end}")
+    if hashlib.sha256(data).hexdigest() != header.data_sha256:
+        raise DamagedShardError(f"tensor bytes do not match their SHA-256 {header.data_sha256[:16]}...")
+    rows = np.frombuffer(data, dtype="<f4").reshape(header.shape)
+    return header.shas, rows
+
+
+# --------------------------------------------------------------------------- where shards live
+
+
+class _LocalStore:
+    """A cache directory on a local filesystem: memory-mapped reads, temp-file + fsync + rename writes."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.location: Path | str = directory
+
+    def makedirs(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def read_text(self, name: str) -> str | None:
+        try:
+            return (self.directory / name).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+
+    def write_text(self, name: str, text: str) -> None:
+        atomic_write_text(self.directory / name, text)
+
+    def list_shards(self) -> list[str]:
+        return sorted(p.name for p in self.directory.glob(f"{SHARD_PREFIX}*{SHARD_SUFFIX}"))
+
+    def read_header(self, name: str) -> _Header:
+        with open(self.directory / name, "rb") as fh:
+            prefix = fh.read(_HEADER_PROBE)
+            need = _parse_header(prefix, name)
+            if isinstance(need, int):
+                prefix += fh.read(need - len(prefix))
+                need = _parse_header(prefix, name)
+        if isinstance(need, int):
+            raise ValueError("file shorter than its header")
+        return need
+
+    def read_all(self, name: str) -> bytes:
+        return (self.directory / name).read_bytes()
+
+    def read_rows(self, name: str, lo: int, hi: int) -> np.ndarray:
+        with safe_open(str(self.directory / name), framework="numpy") as f:
+            return f.get_slice(TENSOR_NAME)[lo:hi]
+
+    def write(self, name: str, payload: bytes) -> None:
+        atomic_write_bytes(self.directory / name, payload)
+
+    def set_aside(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self.directory / name, self.directory / f"{DAMAGED_PREFIX}{name}")
+
+
+class _FsspecStore:
+    """A cache prefix on any fsspec filesystem (object stores: one PUT per shard is atomic)."""
+
+    def __init__(self, url: str) -> None:
+        import fsspec
+
+        self.fs, root = fsspec.core.url_to_fs(url)
+        self.root = root.rstrip("/")
+        self.location = self.fs.unstrip_protocol(self.root)
+        self._decoded: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._decoded_bytes = 0
+
+    def _path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def makedirs(self) -> None:
+        self.fs.makedirs(self.root, exist_ok=True)
+
+    def read_text(self, name: str) -> str | None:
+        try:
+            return self.fs.cat_file(self._path(name)).decode("utf-8")
+        except FileNotFoundError:
+            return None
+
+    def write_text(self, name: str, text: str) -> None:
+        self.fs.pipe_file(self._path(name), text.encode("utf-8"))
+
+    def list_shards(self) -> list[str]:
+        self.fs.invalidate_cache(self.root)  # see shards that other writers added since the last listing
+        try:
+            entries = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        names = (str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
+        return sorted(n for n in names if n.startswith(SHARD_PREFIX) and n.endswith(SHARD_SUFFIX))
+
+    def read_header(self, name: str) -> _Header:
+        prefix = self.fs.cat_file(self._path(name), start=0, end=_HEADER_PROBE)
+        need = _parse_header(prefix, name)
+        if isinstance(need, int):
+            prefix = self.fs.cat_file(self._path(name), start=0, end=need)
+            need = _parse_header(prefix, name)
+        if isinstance(need, int):
+            raise ValueError("file shorter than its header")
+        return need
+
+    def read_all(self, name: str) -> bytes:
+        return self.fs.cat_file(self._path(name))
+
+    def remember(self, name: str, rows: np.ndarray) -> None:
+        self._decoded[name] = rows
+        self._decoded_bytes += rows.nbytes
+        while self._decoded_bytes > REMOTE_SHARD_MEMORY and len(self._decoded) > 1:
+            _, old = self._decoded.popitem(last=False)
+            self._decoded_bytes -= old.nbytes
+
+    def read_rows(self, name: str, lo: int, hi: int) -> np.ndarray:
+        rows = self._decoded.get(name)
+        if rows is None:
+            _, rows = decode_shard(name, self.read_all(name))
+            self.remember(name, rows)
+        else:
+            self._decoded.move_to_end(name)
+        return rows[lo:hi]
+
+    def write(self, name: str, payload: bytes) -> None:
+        self.fs.pipe_file(self._path(name), payload)
+
+    def set_aside(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.mv(self._path(name), self._path(f"{DAMAGED_PREFIX}{name}"))
+
+
 class ActivationCache:
     """Pooled activations ``[L, H]`` per text for one engine fingerprint.
 
-    ``add`` buffers rows in memory and writes a shard each time ``shard_size``
-    rows are pending; call ``flush`` (or use the cache as a context manager) to
-    write the remainder. Reads (``get``/``iter_chunks``) see both the shards and
-    the pending buffer.
+    ``root`` is a local directory or an fsspec URL (``s3://bucket/cache``;
+    credentials and endpoint from the filesystem's usual environment variables,
+    e.g. ``AWS_ENDPOINT_URL``). ``add`` buffers rows in memory and writes a
+    shard each time ``shard_size`` rows are pending; call ``flush`` (or use the
+    cache as a context manager) to write the remainder. Reads (``get``/
+    ``iter_chunks``) see both the shards and the pending buffer; a shard is
+    checked against its checksum the first time its bytes are read.
     """
 
     def __init__(
@@ -92,55 +329,74 @@ class ActivationCache:
     ) -> None:
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-        self.root = Path(root).expanduser()
         self.fingerprint = dict(fingerprint)
         self.fingerprint_id = fingerprint_id(self.fingerprint)
-        self.directory = self.root / self.fingerprint_id
+        self._store: _LocalStore | _FsspecStore
+        if is_url(root):
+            self.root: Path | str = os.fspath(root).rstrip("/")
+            self._store = _FsspecStore(f"{self.root}/{self.fingerprint_id}")
+        else:
+            self.root = Path(os.fspath(root).removeprefix("file://")).expanduser()
+            self._store = _LocalStore(self.root / self.fingerprint_id)
+        #: The fingerprint's directory: a local Path, or a URL string on a remote filesystem.
+        self.directory: Path | str = self._store.location
         self.shard_size = int(shard_size)
-        self._index: dict[str, tuple[Path, int]] = {}
+        self._index: dict[str, tuple[str, int]] = {}  # sha -> (shard name, row)
+        self._shard_shas: dict[str, list[str]] = {}  # shard name -> its shas (indexed shards)
+        self._seen: set[str] = set()  # shard names looked at (indexed, damaged or foreign)
+        self._verified: set[str] = set()
         self._shape: tuple[int, int] | None = None  # (L, H)
         self._pending_shas: list[str] = []
         self._pending_rows: list[np.ndarray] = []
         self._pending_pos: dict[str, int] = {}
         self.shards_written = 0
+        #: Shards found damaged (and set aside) by this cache object.
+        self.damaged_shards: list[str] = []
         self._open()
 
     # ------------------------------------------------------------------ opening
     def _open(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fp_file = self.directory / "fingerprint.json"
+        self._store.makedirs()
+        where = f"{self.directory}/fingerprint.json"
         canonical = json.loads(json.dumps(self.fingerprint, sort_keys=True, default=str))
-        if fp_file.exists():
-            try:
-                stored = json.loads(fp_file.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
-                raise CacheError(f"{fp_file}: unreadable fingerprint ({exc})") from exc
-            if stored != canonical:
-                raise CacheError(
-                    f"{fp_file}: stored fingerprint differs from this engine's fingerprint "
-                    f"(same id {self.fingerprint_id}); refusing to mix activations"
-                )
-        else:
-            atomic_write_text(fp_file, json.dumps(canonical, sort_keys=True, indent=2) + "\n")
-        for shard in sorted(self.directory.glob("shard-*.safetensors")):
-            try:
-                with safe_open(str(shard), framework="numpy") as f:
-                    meta = f.metadata() or {}
-                    shape = f.get_slice(TENSOR_NAME).get_shape()
-                shas = json.loads(meta["shas"])
-                if meta.get("format") != CACHE_FORMAT or len(shape) != 3 or len(shas) != shape[0]:
-                    raise ValueError("not an activation-cache shard")
-            except Exception as exc:  # noqa: BLE001 - a damaged shard only costs a re-forward
-                log.warning("activation cache: ignoring unreadable shard %s (%s)", shard, exc)
+        try:
+            text = self._store.read_text("fingerprint.json")
+            stored = json.loads(text) if text is not None else None
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CacheError(f"{where}: unreadable fingerprint ({exc})") from exc
+        if stored is None:
+            # Concurrent writers of a new fingerprint write the same bytes; either rename/PUT wins.
+            self._store.write_text("fingerprint.json", json.dumps(canonical, sort_keys=True, indent=2) + "\n")
+        elif stored != canonical:
+            raise CacheError(
+                f"{where}: stored fingerprint differs from this engine's fingerprint "
+                f"(same id {self.fingerprint_id}); refusing to mix activations"
+            )
+        self.refresh()
+
+    def refresh(self) -> int:
+        """Index the shards that appeared since the last look (written by other processes); returns how many."""
+        added = 0
+        for name in self._store.list_shards():
+            if name in self._seen:
                 continue
-            lh = (int(shape[1]), int(shape[2]))
+            self._seen.add(name)
+            try:
+                header = self._store.read_header(name)
+            except Exception as exc:  # noqa: BLE001 - a damaged shard only costs a re-forward
+                log.warning("activation cache: ignoring unreadable shard %s/%s (%s)", self.directory, name, exc)
+                continue
+            lh = (header.shape[1], header.shape[2])
             if self._shape is None:
                 self._shape = lh
             elif lh != self._shape:
-                log.warning("activation cache: ignoring shard %s with shape %s != %s", shard, lh, self._shape)
+                log.warning("activation cache: ignoring shard %s with shape %s != %s", name, lh, self._shape)
                 continue
-            for row, sha in enumerate(shas):
-                self._index.setdefault(sha, (shard, row))
+            self._shard_shas[name] = header.shas
+            for row, sha in enumerate(header.shas):
+                self._index.setdefault(sha, (name, row))
+            added += 1
+        return added
 
     # ------------------------------------------------------------------ queries
     @property
@@ -169,6 +425,47 @@ class ActivationCache:
                 out.append(sha)
             seen.add(sha)
         return out
+
+    # ------------------------------------------------------------------ checking
+    def verify(self, shas: Sequence[str] | None = None) -> list[str]:
+        """Check the shards holding ``shas`` (all shards when None) against their checksums, once each.
+
+        A damaged shard is set aside (renamed ``damaged-...``) with a warning
+        and its texts leave the index, so :func:`ensure_cached` forwards them
+        again. Returns the names of the damaged shards found.
+        """
+        if shas is None:
+            names = list(self._shard_shas)
+        else:
+            names = list(dict.fromkeys(self._index[s][0] for s in shas if s in self._index))
+        damaged = []
+        for name in names:
+            if name in self._verified or name not in self._shard_shas:
+                continue
+            try:
+                _, rows = decode_shard(name, self._store.read_all(name))
+                if isinstance(self._store, _FsspecStore):
+                    self._store.remember(name, rows)
+            except DamagedShardError as exc:
+                self._drop(name, str(exc))
+                damaged.append(name)
+                continue
+            except FileNotFoundError:
+                self._drop(name, "removed by someone else", set_aside=False)
+                continue
+            self._verified.add(name)
+        return damaged
+
+    def _drop(self, name: str, reason: str, *, set_aside: bool = True) -> None:
+        shas = self._shard_shas.pop(name, [])
+        for sha in shas:
+            if self._index.get(sha, ("",))[0] == name:
+                del self._index[sha]
+        if set_aside:
+            self.damaged_shards.append(name)
+            log.warning("activation cache: shard %s/%s is damaged (%s); set aside as %s%s, its %d texts will be "
+                        "forwarded again", self.directory, name, reason, DAMAGED_PREFIX, name, len(shas))
+            self._store.set_aside(name)
 
     # ------------------------------------------------------------------ writing
     def add(self, shas: Sequence[str], acts: Any) -> None:
@@ -206,19 +503,16 @@ class ActivationCache:
 
     def _write_shard(self) -> None:
         shas = self._pending_shas
-        data = np.ascontiguousarray(np.stack(self._pending_rows).astype(np.float32, copy=False))
-        name_hash = hashlib.sha256("\n".join(shas).encode("ascii")).hexdigest()[:24]
-        path = self.directory / f"shard-{name_hash}.safetensors"
-        payload = st_save(
-            {TENSOR_NAME: data},
-            metadata={"format": CACHE_FORMAT, "fingerprint_id": self.fingerprint_id, "shas": json.dumps(shas)},
-        )
-        atomic_write_bytes(path, payload)
+        name, payload = encode_shard(shas, np.stack(self._pending_rows), self.fingerprint_id)
+        self._store.write(name, payload)
+        self._seen.add(name)
+        self._verified.add(name)
+        self._shard_shas[name] = list(shas)
         for row, sha in enumerate(shas):
-            self._index.setdefault(sha, (path, row))
+            self._index.setdefault(sha, (name, row))
         self._pending_shas, self._pending_rows, self._pending_pos = [], [], {}
         self.shards_written += 1
-        log.debug("activation cache: wrote %s (%d rows)", path.name, len(shas))
+        log.debug("activation cache: wrote %s (%d rows)", name, len(shas))
 
     def __enter__(self) -> ActivationCache:
         return self
@@ -230,8 +524,11 @@ class ActivationCache:
     def get(self, shas: Sequence[str]) -> np.ndarray:
         """Activations ``[N, L, H]`` float32 for ``shas`` (in that order).
 
-        Reads only the shards that hold the requested rows, and from each only
-        the row range it needs (memory-mapped via ``safe_open``). Raises
+        Reads only the shards that hold the requested rows (local shards
+        memory-mapped, and from each only the row range it needs, once it has
+        been checked). A shard not checked yet is checked first; a damaged one
+        raises :class:`DamagedShardError` (it is set aside: run
+        :func:`ensure_cached` again to recompute its texts). Raises
         ``KeyError`` naming the first sha not in the cache.
         """
         if self._shape is None:
@@ -239,7 +536,7 @@ class ActivationCache:
                 raise KeyError(f"text sha {shas[0]} is not in the activation cache (cache is empty)")
             return np.zeros((0, 0, 0), dtype=np.float32)
         out = np.empty((len(shas), *self._shape), dtype=np.float32)
-        by_shard: dict[Path, list[tuple[int, int]]] = {}
+        by_shard: dict[str, list[tuple[int, int]]] = {}
         for i, sha in enumerate(shas):
             pos = self._pending_pos.get(sha)
             if pos is not None:
@@ -250,11 +547,17 @@ class ActivationCache:
             except KeyError:
                 raise KeyError(f"text sha {sha} is not in the activation cache {self.directory}") from None
             by_shard.setdefault(shard, []).append((i, row))
+        if any(name not in self._verified for name in by_shard):
+            damaged = self.verify([shas[wanted[0][0]] for wanted in by_shard.values()])
+            if damaged:
+                raise DamagedShardError(
+                    f"activation cache {self.directory}: shard(s) {', '.join(damaged)} damaged (checksum mismatch); "
+                    f"set aside -- run the activation step again to forward their texts"
+                )
         for shard, wanted in by_shard.items():
             rows = [r for _, r in wanted]
             lo, hi = min(rows), max(rows) + 1
-            with safe_open(str(shard), framework="numpy") as f:
-                block = f.get_slice(TENSOR_NAME)[lo:hi]
+            block = self._store.read_rows(shard, lo, hi)
             for i, row in wanted:
                 out[i] = block[row - lo]
         return out
@@ -304,7 +607,9 @@ def ensure_cached(
     Texts are deduplicated by SHA-256 and only those the cache lacks are
     forwarded through ``engine.forward``; results are added as they stream out
     and shards are written as they fill, so memory stays around one shard and a
-    killed run resumes from the shards already written. ``keys`` (parallel to
+    killed run resumes from the shards already written. Shards holding the
+    texts are checked against their checksums first; a damaged one is set
+    aside with a warning and its texts forwarded again. ``keys`` (parallel to
     ``texts``) name the examples in errors; an empty text is refused.
     """
     if keys is not None and len(keys) != len(texts):
@@ -314,6 +619,9 @@ def ensure_cached(
     first: dict[str, int] = {}
     for i, sha in enumerate(shas):
         first.setdefault(sha, i)
+    cache.refresh()  # shards written by other processes since the cache was opened
+    # Checked before deciding what to forward: a damaged shard's texts are forwarded again.
+    cache.verify(list(first))
     todo = cache.missing(list(first))
     todo_texts = [texts[first[s]] for s in todo]
     todo_keys = [keys[first[s]] for s in todo] if keys is not None else None

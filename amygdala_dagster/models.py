@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
+import inspect
 import json
 import logging
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +175,8 @@ class LoadedModel:
     is_encoder: bool
     text_config: Any
     weights_loaded: bool = True
+    #: Where each module was placed when loaded with a device map (``hf_device_map``), else None.
+    device_map: dict[str, str] | None = None
     #: The ``load_model`` arguments, so the weights can be loaded later the same way.
     load_args: dict[str, Any] | None = field(default=None, repr=False)
     _with_weights: LoadedModel | None = field(default=None, repr=False, compare=False)
@@ -289,12 +294,23 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 def _load_weights(source: str, config: Any, common: dict[str, Any], torch_dtype: torch.dtype,
-                  device: str) -> torch.nn.Module:
+                  device: str, device_map: str | dict[str, Any] | None = None) -> torch.nn.Module:
     from transformers import AutoModel
 
     load_kwargs: dict[str, Any] = dict(common, config=config, dtype=torch_dtype)
     placed = False
-    if device != "cpu":
+    if device_map is not None:
+        # One model over several devices (accelerate places the blocks and moves activations between them).
+        if importlib.util.find_spec("accelerate") is None:
+            raise ModelLoadError(f"{source}: device_map needs the accelerate package (pip install -e '.[gpu]' "
+                                 f"or pip install accelerate)")
+        load_kwargs["device_map"] = device_map
+        if _map_offloads_to_disk(device_map):
+            load_kwargs["offload_folder"] = _offload_folder()
+        model, info = AutoModel.from_pretrained(source, output_loading_info=True, **load_kwargs)
+        placed = True
+        device = "cpu"  # the model is placed: never move it as a whole below
+    elif device != "cpu":
         # Load straight onto the accelerator: a 27B checkpoint need not fit in host RAM.
         try:
             model, info = AutoModel.from_pretrained(source, device_map={"": device},
@@ -317,6 +333,20 @@ def _load_weights(source: str, config: Any, common: dict[str, Any], torch_dtype:
                     source, len(missing), missing[0], (config.architectures or ["?"])[0])
         model = _load_task_model(source, config, load_kwargs, device)
     return model
+
+
+def _map_offloads_to_disk(device_map: str | dict[str, Any]) -> bool:
+    return isinstance(device_map, dict) and "disk" in {str(v) for v in device_map.values()}
+
+
+def _offload_folder() -> str:
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="amygdala-offload-")
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 def _load_task_model(source: str, config: Any, load_kwargs: dict[str, Any], device: str) -> torch.nn.Module:
@@ -353,7 +383,8 @@ def _expected_device(device: str) -> str:
 
 
 def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", revision: str | None = None,
-               trust_remote_code: bool = False, weights: bool = True) -> LoadedModel:
+               trust_remote_code: bool = False, weights: bool = True,
+               device_map: str | dict[str, Any] | None = None) -> LoadedModel:
     """Load a base model and its tokenizer for activation capture.
 
     ``name_or_path`` is a bundled short name (``minilm``), a local checkpoint
@@ -366,12 +397,19 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", 
     :meth:`LoadedModel.with_weights`). A hub checkpoint whose weight files are
     not downloaded yet cannot be fingerprinted without them, so it is loaded
     whole even then.
+
+    ``device_map`` (needs ``accelerate``) spreads a model too large for one
+    device over several: ``"auto"`` (the GPUs of the box, then CPU), or a dict
+    of module names to devices (``{"layers.0": 0, ..., "norm": 1}``, ``"cpu"``,
+    ``"disk"``) as Hugging Face takes it; ``device`` is then not used. The
+    engine's hooks run on whatever device each block is on and the pooled
+    activations are gathered on the device of the embeddings.
     """
     global WEIGHT_LOADS
     from transformers import AutoConfig, AutoTokenizer
 
     load_args = dict(name_or_path=name_or_path, dtype=dtype, device=device, revision=revision,
-                     trust_remote_code=trust_remote_code)
+                     trust_remote_code=trust_remote_code, device_map=device_map)
 
     dev = resolve_device(device)
     torch_dtype = parse_dtype(dtype, dev)
@@ -392,7 +430,7 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", 
         config = AutoConfig.from_pretrained(source, **common)
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
         if weights:
-            model = _load_weights(source, config, common, torch_dtype, dev)
+            model = _load_weights(source, config, common, torch_dtype, dev, device_map)
         else:
             model = _skeleton(config, torch_dtype, trust_remote_code)
         return config, tokenizer, model
@@ -447,7 +485,11 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", 
 
     param = next(model.parameters(), None)
     actual_dtype = param.dtype if param is not None else torch_dtype
-    if weights:
+    placement = dict(getattr(model, "hf_device_map", None) or {}) if weights else None
+    if placement:
+        # The first placed module holds the embeddings: where inputs go and activations are gathered.
+        actual_device = _expected_device(_map_device(next(v for v in placement.values() if str(v) != "disk")))
+    elif weights:
         actual_device = str(param.device) if param is not None else dev
     else:
         actual_device = _expected_device(dev)
@@ -466,4 +508,83 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", 
         text_config=text_config,
         weights_loaded=weights,
         load_args=load_args,
+        device_map={k: str(_map_device(v)) for k, v in placement.items()} if placement else None,
+    )
+
+
+def _map_device(value: Any) -> str:
+    """A device-map value as a device string (accelerate writes GPU indices as ints)."""
+    return f"cuda:{value}" if isinstance(value, int) else str(value)
+
+
+#: Module-level functions of transformers' linear-attention layers that a package can replace, and
+#: the (import name, distribution) providing the fast kernel. The gated delta rule decides the speed.
+_LINEAR_ATTENTION_KERNELS: dict[str, tuple[str, str]] = {
+    "torch_chunk_gated_delta_rule": ("fla", "flash-linear-attention"),
+    "chunk_gated_delta_rule": ("fla", "flash-linear-attention"),
+    "causal_conv1d_fn": ("causal_conv1d", "causal-conv1d"),
+}
+_DECISIVE_KERNEL = "flash-linear-attention"
+
+
+@dataclass
+class FastPath:
+    """Which path a model's linear-attention layers take: ``fast_path`` is ``yes``, ``no`` or ``not-applicable``.
+
+    ``yes``: the gated-delta-rule kernel of flash-linear-attention replaces
+    transformers' reference PyTorch loop (causal-conv1d adds a smaller gain);
+    ``no``: the reference path runs (correct, about 12x slower on a GPU for a
+    Qwen3.5-27B-class model); ``not-applicable``: no linear-attention layer.
+    """
+
+    fast_path: str
+    kernels_found: list[str] = field(default_factory=list)
+    kernels_missing: list[str] = field(default_factory=list)
+    linear_attention_layers: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"fast_path": self.fast_path, "kernels_found": list(self.kernels_found),
+                "kernels_missing": list(self.kernels_missing),
+                "linear_attention_layers": self.linear_attention_layers}
+
+
+def _kernel_in_use(fn: Any, package: str) -> bool:
+    """Whether transformers bound ``fn`` (a modeling-module function) to ``package``'s kernel.
+
+    transformers 5 decides at import time (``use_kernel_func_from_hub_with_fallback``) and keeps the
+    decision in the wrapper's closure (``is_new_implementation``); where that is not found, whether
+    the package is importable is what transformers would have looked at.
+    """
+    try:
+        nonlocals = inspect.getclosurevars(fn).nonlocals
+    except (TypeError, ValueError):
+        nonlocals = {}
+    if "is_new_implementation" in nonlocals:
+        return bool(nonlocals["is_new_implementation"])
+    return importlib.util.find_spec(package) is not None
+
+
+def linear_attention_fast_path(model: torch.nn.Module) -> FastPath:
+    """Which path ``model``'s linear-attention (gated delta rule) layers will take; works on a meta skeleton.
+
+    Looks at the modeling modules of the layers themselves (transformers
+    binds a kernel per module when it is imported), so it reports what the
+    forward pass will run, not only what is installed.
+    """
+    layers = [m for m in model.modules() if "GatedDeltaNet" in type(m).__name__]
+    if not layers:
+        return FastPath(fast_path="not-applicable")
+    found: dict[str, bool] = {}
+    for module_name in {type(m).__module__ for m in layers}:
+        modeling = sys.modules.get(module_name)
+        for func, (package, dist) in _LINEAR_ATTENTION_KERNELS.items():
+            fn = getattr(modeling, func, None)
+            if callable(fn):
+                found[dist] = found.get(dist, True) and _kernel_in_use(fn, package)
+    fast = found.get(_DECISIVE_KERNEL, False)
+    return FastPath(
+        fast_path="yes" if fast else "no",
+        kernels_found=sorted(d for d, ok in found.items() if ok),
+        kernels_missing=sorted(d for d, ok in found.items() if not ok),
+        linear_attention_layers=len(layers),
     )

@@ -141,3 +141,52 @@ def test_ensure_cached_refuses_empty_text_naming_the_key(engine, tmp_path):
         ensure_cached(engine, cache, ["fine text here", "  \n "], keys=["node-1 (joy positive)",
                                                                       "node-7 (joy positive)"], progress=False)
     assert engine.stats.texts == before and len(cache) == 0
+
+
+def _flip_bytes_keeping_size(path, start_from_end=400, count=200):
+    data = bytearray(path.read_bytes())
+    size = len(data)
+    for i in range(size - start_from_end, size - start_from_end + count):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+    assert path.stat().st_size == size
+
+
+def test_shard_altered_in_place_is_recomputed_not_read(engine, tmp_path, caplog):
+    """Issue 9: a shard whose bytes changed without changing its size gave silently wrong vectors."""
+    cache = ActivationCache(tmp_path, engine.fingerprint, shard_size=3)
+    shas = [text_sha256(t) for t in TEXTS[:6]]
+    ensure_cached(engine, cache, TEXTS[:6], progress=False)
+    good = cache.get(shas)
+    victim = sorted(cache.directory.glob("shard-*.safetensors"))[0]
+    _flip_bytes_keeping_size(victim)
+
+    reopened = ActivationCache(tmp_path, engine.fingerprint, shard_size=3)
+    before = engine.stats.texts
+    with caplog.at_level("WARNING", logger="amygdala_dagster.cache"):
+        run = ensure_cached(engine, reopened, TEXTS[:6], progress=False)
+    assert run.forwarded == 3 and engine.stats.texts - before == 3
+    assert "damaged" in caplog.text and "forwarded again" in caplog.text
+    np.testing.assert_allclose(reopened.get(shas), good, atol=1e-6)
+    # the damaged file is set aside, so the next open neither indexes nor recomputes it again
+    assert list(cache.directory.glob("damaged-shard-*"))
+    again = ActivationCache(tmp_path, engine.fingerprint, shard_size=3)
+    assert ensure_cached(engine, again, TEXTS[:6], progress=False).forwarded == 0
+
+    # a reader that cannot recompute (no engine) refuses instead of returning wrong rows
+    _flip_bytes_keeping_size(sorted(cache.directory.glob("shard-*.safetensors"))[0])
+    with pytest.raises(CacheError, match="damaged"):
+        ActivationCache(tmp_path, engine.fingerprint, shard_size=3).get(shas)
+
+
+def test_shard_header_tampering_is_detected(tmp_path):
+    """Swapping two row shas in a header (same length) must not relabel rows."""
+    shas = [f"{i:064x}" for i in range(2)]
+    cache = ActivationCache(tmp_path, FP, shard_size=2)
+    cache.add(shas, _rows(2))
+    (shard,) = cache.directory.glob("shard-*.safetensors")
+    data = shard.read_bytes()
+    swapped = data.replace(shas[0].encode(), b"X" * 64).replace(shas[1].encode(), shas[0].encode())
+    shard.write_bytes(swapped.replace(b"X" * 64, shas[1].encode()))
+    reopened = ActivationCache(tmp_path, FP, shard_size=2)
+    assert len(reopened) == 0  # ignored at open: its header does not match its content-addressed name

@@ -113,7 +113,6 @@ def test_run_is_recorded_in_postgres_and_the_pair_and_report_land_in_the_bucket(
     assert json.loads(fs.cat(f"{base}/report/evaluation.json"))["meta"]["vectors_sha256"] == readout.sha256
 
 
-@pytest.mark.xfail(strict=False, reason="cache on fsspec lands with the engine branch")
 def test_second_run_forwards_nothing_with_the_cache_in_the_bucket(deploy_home, s3_bucket, tmp_path):
     graph = write_graph(tmp_path / "graph.jsonl", small_graph(6))
     common = ["--memory-file", str(graph), "--min-positives", "3", "--cache-dir", f"{s3_bucket}/cache"]

@@ -178,3 +178,95 @@ def test_weights_fingerprint_is_stable_and_sees_changes(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert weights_fingerprint(empty) is None
+
+
+# --------------------------------------------------------------------------- linear-attention fast path
+
+
+def test_fast_path_is_reported_and_nothing_changes_without_the_kernels():
+    """Issue 12 §1: which path a hybrid linear-attention model takes; CPU without the kernels."""
+    from amygdala_dagster.activations import ActivationEngine
+    from amygdala_dagster.models import linear_attention_fast_path
+
+    lazy = load_model(build_tiny_model("qwen3_5"), device="cpu", weights=False)
+    status = linear_attention_fast_path(lazy.model)  # known before any weight is read
+    assert status.fast_path == "no" and status.linear_attention_layers == 2
+    assert status.kernels_missing == ["causal-conv1d", "flash-linear-attention"] and status.kernels_found == []
+    engine = ActivationEngine(lazy, [1, 3])
+    assert (engine.stats.fast_path, engine.stats.kernels_missing) == ("no", status.kernels_missing)
+    # the engine only reports: its activations are those of the model's own forward pass
+    loaded = load_model(build_tiny_model("qwen3_5"), device="cpu")
+    enc = loaded.tokenizer(["the rain was soft"], return_tensors="pt")
+    with torch.inference_mode():
+        ref = loaded.model(**enc, output_hidden_states=True).hidden_states[2][0].mean(0)
+    (_, got), = list(engine.forward(["the rain was soft"]))
+    torch.testing.assert_close(got[0, 0], ref, atol=1e-5, rtol=1e-4)
+
+    for arch in ("llama", "bert"):
+        other = linear_attention_fast_path(load_model(build_tiny_model(arch), device="cpu", weights=False).model)
+        assert other.fast_path == "not-applicable" and other.as_dict()["linear_attention_layers"] == 0
+
+
+def test_fast_path_reads_the_kernel_transformers_bound(monkeypatch):
+    """A kernel bound by transformers' own fallback decorator is seen as the fast path."""
+    from transformers.integrations.hub_kernels import use_kernel_func_from_hub_with_fallback
+    from transformers.models.qwen3_5 import modeling_qwen3_5
+
+    from amygdala_dagster.models import linear_attention_fast_path
+
+    def reference(x):
+        return x
+
+    # "math.sqrt" stands in for fla's chunk_gated_delta_rule: an importable package implementation
+    bound = use_kernel_func_from_hub_with_fallback("sqrt", "math")(reference)
+    monkeypatch.setattr(modeling_qwen3_5, "torch_chunk_gated_delta_rule", bound)
+    status = linear_attention_fast_path(load_model(build_tiny_model("qwen3_5"), device="cpu", weights=False).model)
+    assert status.fast_path == "yes"
+    assert status.kernels_found == ["flash-linear-attention"] and status.kernels_missing == ["causal-conv1d"]
+
+
+# --------------------------------------------------------------------------- device maps
+
+
+def _split_map(arch_prefix: str = "") -> dict:
+    p = arch_prefix
+    return {f"{p}embed_tokens": "cpu", f"{p}layers.0": "cpu", f"{p}layers.1": "disk", f"{p}layers.2": "disk",
+            f"{p}layers.3": "cpu", f"{p}norm": "cpu", f"{p}rotary_emb": "cpu"}
+
+
+@pytest.mark.parametrize("device_map", ["auto", {"": "cpu"}, "split"])
+def test_device_map_gives_the_activations_of_a_single_device_model(device_map):
+    """Issue 12 §4: blocks placed by accelerate (here: two of them offloaded to disk, with accelerate's
+    hooks moving their weights in and out) -- our hooks and pooling see the same activations."""
+    pytest.importorskip("accelerate")
+    from amygdala_dagster.activations import ActivationEngine
+    from amygdala_dagster.shards import EngineSpec
+
+    path = build_tiny_model("llama")
+    texts = ["the rain was soft", "She laughed at the joke, then apologised for laughing, then laughed again."]
+    plain = ActivationEngine(load_model(path, device="cpu"), [0, 1, 2])
+    want = torch.cat([a for _, a in plain.forward(texts)])
+    dmap = _split_map() if device_map == "split" else device_map
+    placed = load_model(path, device="cpu", device_map=dmap)
+    assert placed.device == "cpu"
+    if device_map == "split":
+        assert placed.device_map == dmap
+        assert str(placed.model.layers[1].self_attn.q_proj.weight.device) == "meta"  # offloaded
+    engine = ActivationEngine(placed, [0, 1, 2])
+    got = torch.cat([a for _, a in engine.forward(texts)])
+    assert torch.equal(got, want)
+    assert engine.fingerprint_id == plain.fingerprint_id  # where the blocks sit does not change what is cached
+
+    # built weight-less (as a shard process does), the weights load with the same map on the first forward
+    lazy = EngineSpec(model=path, layers=[0, 1, 2], device="cpu", device_map=dmap).build()
+    assert not lazy.weights_loaded
+    assert torch.equal(torch.cat([a for _, a in lazy.forward(texts)]), want)
+
+
+def test_device_map_without_accelerate_is_one_clear_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
+    with pytest.raises(ModelLoadError, match="device_map needs the accelerate package"):
+        load_model(build_tiny_model("llama"), device="cpu", device_map="auto")

@@ -502,15 +502,20 @@ def section_scale_nodes(loaded, layers, base_nodes, args, work: Path, report: di
 
 def length_sorted_batches(tokenizer, texts: Sequence[str], max_tokens: int, batch_size: int,
                           max_batch_tokens: int, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The engine's batching policy (longest first, <= batch_size texts, <= max_batch_tokens padded)."""
+    """The engine's batching policy (longest first, one padded length per batch, <= batch_size texts,
+    <= max_batch_tokens padded)."""
+    from amygdala_dagster.activations import padded_length
+
     ids = tokenizer(list(texts), truncation=True, max_length=max_tokens, add_special_tokens=True,
                     padding=False)["input_ids"]
-    order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
+    plen = [padded_length(len(x), max_tokens) for x in ids]
+    order = sorted(range(len(ids)), key=lambda i: (-plen[i], -len(ids[i]), i))
     batches, pos = [], 0
     while pos < len(order):
-        padded = len(ids[order[pos]])
+        padded = plen[order[pos]]
         size = 1
-        while pos + size < len(order) and size < batch_size and (size + 1) * padded <= max_batch_tokens:
+        while (pos + size < len(order) and size < batch_size and plen[order[pos + size]] == padded
+               and (size + 1) * padded <= max_batch_tokens):
             size += 1
         batch = order[pos:pos + size]
         input_ids = torch.full((len(batch), padded), pad_id, dtype=torch.long)
