@@ -345,8 +345,8 @@ class ActivationEngine:
     def _tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], int]:
         """Token ids of each text, truncated to ``max_tokens``, and how many texts were truncated.
 
-        Only a prefix of a long text is tokenised: ``max_tokens *
-        CHARS_PER_TOKEN`` characters, grown (x4) for a text whose prefix does
+        Only a prefix of a long text is tokenised (a suffix for a tokenizer
+        that truncates on the left): ``max_tokens * CHARS_PER_TOKEN`` characters, grown (x4) for a text whose prefix does
         not give ``max_tokens + TOKEN_MARGIN`` tokens. The margin keeps the
         cut's effect on the last pre-token beyond the tokens kept, so the ids
         are those of the whole text (a 5 MB node is not tokenised whole just
@@ -357,8 +357,10 @@ class ActivationEngine:
         truncated = 0
         cap = limit * CHARS_PER_TOKEN
         todo = list(range(len(texts)))
+        # A tokenizer that truncates on the left keeps the end of a text: read a suffix instead.
+        from_end = getattr(self.tokenizer, "truncation_side", "right") == "left"
         while todo:
-            heads = [texts[i][:cap] for i in todo]
+            heads = [texts[i][-cap:] if from_end else texts[i][:cap] for i in todo]
             enc = self.tokenizer(heads, truncation=True, max_length=limit, add_special_tokens=True,
                                  padding=False, verbose=False)["input_ids"]
             at_limit = [j for j, x in enumerate(enc) if len(x) >= limit]

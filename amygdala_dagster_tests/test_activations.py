@@ -256,6 +256,16 @@ def test_long_text_is_tokenised_from_a_prefix_with_the_same_ids(model):
     assert truncated == expected >= 4
     assert recorder.longest < len(_LONG_TEXTS["prose"])  # a text dense in tokens is never read whole
 
+    # a tokenizer that truncates on the left keeps the end of the text: so does the prefix cut
+    engine.tokenizer.truncation_side = "left"
+    try:
+        ids, _ = engine._tokenize(texts)
+        for text, got in zip(texts, ids):
+            want = loaded.tokenizer(text, truncation=True, max_length=64)["input_ids"]
+            assert got == list(want), text[:40]
+    finally:
+        engine.tokenizer.truncation_side = "right"
+
     huge = "The evening was calm. " * 250_000  # 5.5 MB
     recorder = _LengthRecorder(engine.tokenizer)
     engine.tokenizer = recorder
