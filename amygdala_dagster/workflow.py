@@ -40,6 +40,7 @@ from amygdala_dagster.layers import check_layer_indices, parse_layers
 from amygdala_dagster.manifest import default_manifest_path, layer_key, read_vectors_file, write_readout
 from amygdala_dagster.models import LoadedModel, load_model
 from amygdala_dagster.publish import check_publishable
+from amygdala_dagster.token_calibration import DEFAULT_TARGET_RATE, calibrate_with_engine, calibration_items
 from amygdala_dagster.vectors import EmotionStats, TrainedReadout, train_readout, training_problems
 
 log = logging.getLogger(__name__)
@@ -459,8 +460,10 @@ def train_readout_pair(
     skip_invalid: bool = False,
     progress: bool = True,
     training_info: Mapping[str, Any] | None = None,
+    token_target_rate: float = DEFAULT_TARGET_RATE,
 ) -> TrainResult:
-    """Cache activations for all example texts, train every emotion, write the Contract 3 pair."""
+    """Cache activations for all example texts, train every emotion, calibrate its per-token scores on
+    its held-out negatives (Contract 3, ``token_calibration``) and write the pair."""
     t0 = time.perf_counter()
     output = Path(output)
     manifest_path = Path(manifest_path) if manifest_path is not None else default_manifest_path(output)
@@ -468,6 +471,9 @@ def train_readout_pair(
     texts, keys = collect_texts(example_sets)
     stats = ensure_cached(engine, cache, texts, keys=keys, progress=progress)
     readout = train_readout(example_sets, cache, list(engine.layers), estimator, skip_invalid=skip_invalid)
+    items, source = calibration_items(example_sets, readout.concepts)
+    token_calibration = calibrate_with_engine(engine, cache.root, readout, items, source,
+                                              target_rate=token_target_rate)
     loaded = engine.loaded
     fp = dict(engine.fingerprint)
     training = {
@@ -488,6 +494,7 @@ def train_readout_pair(
         output, manifest_path, readout, vectors_dtype=vectors_dtype, model=loaded.model_id,
         model_revision=loaded.revision, dtype=loaded.dtype, pooling=fp.get("pooling", engine.pooling),
         layer_path=engine.resolved_layer_path, fingerprint=fp, training=training, calibration=readout.calibration,
+        token_calibration=token_calibration,
     )
     return TrainResult(
         vectors_path=output, manifest_path=manifest_path, manifest=manifest, cache_stats=stats,
