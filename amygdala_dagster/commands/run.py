@@ -143,6 +143,10 @@ def report_result(result: Any, resources: dict[str, Any], what: str, pair_before
                                 "kernels_found": [k for k in str(stats.get("kernels_found") or "").split(", ") if k],
                                 "kernels_missing": [k for k in str(stats.get("kernels_missing") or "").split(", ")
                                                     if k]}))
+    shards = step_metadata(result, "activation_cache")
+    if shards:
+        print(f"shards: {shards.get('shards')} steps forwarded {shards.get('forwarded_per_shard')} texts "
+              f"(of {shards.get('unique_texts')} unique) in {shards.get('wall_seconds')}s")
     hint = (f"DAGSTER_HOME={os.environ['DAGSTER_HOME']} dagster dev" if os.environ.get("DAGSTER_HOME")
             else "`dagster dev` from the repository root")
     where = f"dagster run {result.run_id} recorded in {dagster_home()} (see it with {hint})"

@@ -12,10 +12,12 @@ field can also be set per run from the launchpad (``resources:`` in run config).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import dagster as dg
 
 from amygdala_dagster.pipeline.assets import ALL_ASSETS
+from amygdala_dagster.pipeline.assets.shards import STEP_IO, json_step_io_manager
 from amygdala_dagster.pipeline.checks import ALL_CHECKS
 from amygdala_dagster.pipeline.jobs import JOBS, LOGGERS
 from amygdala_dagster.pipeline.k8s import deployment_executor
@@ -30,7 +32,7 @@ def _env(name: str) -> str | None:
     return value if value else None
 
 
-def default_resources() -> dict[str, dg.ConfigurableResource]:
+def default_resources() -> dict[str, Any]:
     """The resources, configured from ``AMYGDALA_*`` environment variables."""
     model_kwargs = {k: v for k, v in {
         "model": _env("AMYGDALA_MODEL"), "device": _env("AMYGDALA_DEVICE"), "dtype": _env("AMYGDALA_DTYPE"),
@@ -47,6 +49,7 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
             curated=[e.strip() for e in (_env("AMYGDALA_EMOTIONS") or "").split(",") if e.strip()]
         ),
         "evaluation": EvaluationResource(),
+        STEP_IO: json_step_io_manager,
     }
 
 

@@ -11,6 +11,7 @@ from amygdala_dagster.cache import ActivationCache, ensure_cached
 from amygdala_dagster.manifest import sha256_file
 from amygdala_dagster.pipeline.assets.common import EMOTION, GPU_POOL, GROUP, combined_hash, file_meta, table
 from amygdala_dagster.pipeline.assets.emotions import read_examples_from, tagged_examples
+from amygdala_dagster.pipeline.assets.shards import activation_cache
 from amygdala_dagster.pipeline.k8s import gpu_op_tags
 from amygdala_dagster.pipeline.resources import ArtifactStorage, ModelResource
 from amygdala_dagster.vectors import EmotionStats, emotion_stats, load_stats, save_stats
@@ -19,7 +20,7 @@ from amygdala_dagster.workflow import collect_texts, engine_report, stats_file, 
 
 @dg.asset(
     group_name=GROUP,
-    deps=[tagged_examples],
+    deps=[tagged_examples, activation_cache],
     partitions_def=EMOTION,
     backfill_policy=dg.BackfillPolicy.single_run(),
     pool=GPU_POOL,
