@@ -81,13 +81,20 @@ def is_url(location: str | os.PathLike[str]) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
+def cache_location(location: str | os.PathLike[str]) -> Path | str:
+    """A cache root as given by a user: an fsspec URL stays a string (``Path`` would fold ``s3://`` into
+    ``s3:/``); a path (or ``file://`` URL) becomes an expanded ``Path``."""
+    text = os.fspath(location)
+    if is_url(text):
+        return text
+    return Path(text.removeprefix("file://")).expanduser()
+
+
 def default_cache_dir() -> Path | str:
     """``$AMYGDALA_CACHE_DIR`` (a path, or an fsspec URL returned as given) or ``~/.cache/amygdala/activations``."""
     env = os.environ.get("AMYGDALA_CACHE_DIR")
-    if env and is_url(env):
-        return env
     if env:
-        return Path(env.removeprefix("file://")).expanduser()
+        return cache_location(env)
     return Path.home() / ".cache" / "amygdala" / "activations"
 
 

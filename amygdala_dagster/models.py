@@ -31,6 +31,7 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -333,6 +334,32 @@ def _load_weights(source: str, config: Any, common: dict[str, Any], torch_dtype:
                     source, len(missing), missing[0], (config.architectures or ["?"])[0])
         model = _load_task_model(source, config, load_kwargs, device)
     return model
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_device_map(value: str | Mapping[str, Any] | None) -> str | dict[str, Any] | None:
+    """A device map as a user writes it: None or ``""`` (one device), a strategy (``auto``,
+    ``balanced``, ``balanced_low_0``, ``sequential``) or a JSON object ``{"module": device}``.
+
+    Raises ``ValueError`` naming the setting for anything else.
+    """
+    if value is None or isinstance(value, Mapping):
+        return dict(value) if value is not None else None
+    text = str(value).strip()
+    if not text:
+        return None
+    if text in DEVICE_MAP_STRATEGIES:
+        return text
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"device_map {text!r}: give one of {', '.join(DEVICE_MAP_STRATEGIES)} or a JSON object "
+                         '{"module.path": device} (e.g. {"": "cuda:0"})')
+    return parsed
 
 
 def _map_offloads_to_disk(device_map: str | dict[str, Any]) -> bool:

@@ -277,7 +277,8 @@ class ReadoutRuntime:
     layers: Sequence[int] | None = None
     layer_path: str | None = None
     max_tokens: int | None = None
-    batch_size: int = 8
+    #: Sequences per batch; None: as many as ``max_batch_tokens`` holds.
+    batch_size: int | None = 8
     max_batch_tokens: int = 16384
     skip_first_tokens: int | None = None
     _modules: list[torch.nn.Module] = field(init=False, repr=False)
@@ -323,7 +324,7 @@ class ReadoutRuntime:
         while pos < len(order):
             longest = max(len(encoded[order[pos]]), 1)
             size = 1
-            while (pos + size < len(order) and size < self.batch_size
+            while (pos + size < len(order) and (self.batch_size is None or size < self.batch_size)
                    and (size + 1) * longest <= self.max_batch_tokens):
                 size += 1
             batch = order[pos:pos + size]

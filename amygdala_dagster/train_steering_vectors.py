@@ -38,11 +38,11 @@ from amygdala_dagster.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
 from amygdala_dagster.examples import ExamplesFormatError
 from amygdala_dagster.flags import positive_int
 from amygdala_dagster.layers import parse_layers
-from amygdala_dagster.models import ModelLoadError
+from amygdala_dagster.models import ModelLoadError, parse_device_map
 from amygdala_dagster.publish import PublishError
 from amygdala_dagster.workflow import (
     DEFAULT_MODEL, EngineSettings, SettingsError, TrainingError, TrainResult, UnwritableError, check_writable,
-    default_target_layers, train_from_examples_dir,
+    default_target_layers, fast_path_line, train_from_examples_dir,
 )
 from amygdala_dagster.tags import check_emotion_name
 
@@ -94,15 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="manifest to write (default: manifest.json next to --output)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="model dtype (auto: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--batch-size", type=positive_int, default=4, metavar="N", help="texts per forward pass")
-    p.add_argument("--max-batch-tokens", type=positive_int, default=16384, metavar="N",
-                   help="cap on padded tokens per batch")
+    p.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
+                   help="texts per forward pass (default: as many as the --max-batch-tokens budget holds)")
+    p.add_argument("--max-batch-tokens", type=positive_int, default=None, metavar="N",
+                   help="cap on padded tokens per batch (default: chosen by the engine from the measurements)")
     p.add_argument("--max-tokens", type=positive_int, default=512, metavar="N",
                    help="truncate texts to this many tokens")
     p.add_argument("--pooling", choices=POOLING_CHOICES, default="mean", help="token pooling (default mean)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
-                   help="activation cache (default $AMYGDALA_CACHE_DIR or ~/.cache/amygdala/activations)")
+    p.add_argument("--device-map", default=None, metavar="auto|JSON",
+                   help='spread one model over several GPUs: "auto" or a JSON {module: device} map (needs accelerate)')
+    p.add_argument("--cache-dir", default=None, metavar="DIR|URL",
+                   help="activation cache, a directory or fsspec URL such as s3://bucket/cache (default $AMYGDALA_CACHE_DIR or ~/.cache/amygdala/activations)")
     p.add_argument("--cache-shard-size", type=positive_int, default=DEFAULT_SHARD_SIZE, metavar="N",
                    help="texts per cache shard (a killed run resumes from complete shards)")
     p.add_argument("--estimator", default=DEFAULT_ESTIMATOR,
@@ -140,6 +143,7 @@ def format_summary(result: TrainResult) -> str:
         f"vectors: {result.vectors_path}",
         f"manifest: {result.manifest_path}",
         f"model weights loaded: {'yes' if result.model_weights_loaded else 'no (every text was cached)'}",
+        fast_path_line(result.engine),
         f"total: {result.seconds:.1f}s (model load {result.model_load_seconds:.1f}s)",
     ]
     return "\n".join(lines)
@@ -161,11 +165,16 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.quiet:
         hf_logging.disable_progress_bar()  # the "Loading weights" bar
+    try:
+        device_map = parse_device_map(args.device_map)
+    except ValueError as exc:
+        parser.error(f"--device-map: {exc}")
     settings = EngineSettings(
         model=args.model, revision=args.revision, dtype=args.dtype, device=args.device,
         layers=args.target_layers, pooling=args.pooling, batch_size=args.batch_size, max_tokens=args.max_tokens,
         max_batch_tokens=args.max_batch_tokens, layer_path=args.layer_path,
-        trust_remote_code=args.trust_remote_code, cache_dir=str(args.cache_dir) if args.cache_dir else None,
+        trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir or None,
+        device_map=device_map,
     )
     try:
         check_writable({"--cache-dir": settings.cache_root()},

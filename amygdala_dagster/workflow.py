@@ -30,7 +30,8 @@ import polars as pl
 
 from amygdala_dagster.activations import ActivationEngine
 from amygdala_dagster.cache import (
-    DEFAULT_SHARD_SIZE, ActivationCache, CacheRunStats, default_cache_dir, ensure_cached, fingerprint_id,
+    DEFAULT_SHARD_SIZE, ActivationCache, CacheRunStats, cache_location, default_cache_dir, ensure_cached,
+    fingerprint_id,
 )
 from amygdala_dagster.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
 from amygdala_dagster.examples import (
@@ -117,16 +118,23 @@ class EngineSettings:
     device: str = "auto"
     layers: str | tuple[int, ...] | None = None
     pooling: str = "mean"
-    batch_size: int = 16
+    #: Texts per forward batch; None batches by the token budget (``max_batch_tokens``) alone.
+    batch_size: int | None = None
     max_tokens: int = 512
+    #: Padded-token budget per batch; None lets the engine choose (see ActivationEngine).
     max_batch_tokens: int | None = None
     layer_path: str | None = None
     trust_remote_code: bool = False
     cache_dir: str | None = None
+    #: Spread one model over several devices: ``"auto"`` or a ``{module: device}`` map (see load_model).
+    device_map: str | Mapping[str, Any] | None = None
 
-    def cache_root(self) -> Path:
-        """The activation cache root: ``cache_dir``, else ``$AMYGDALA_CACHE_DIR`` or the user cache."""
-        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
+    def cache_root(self) -> Path | str:
+        """The activation cache root: ``cache_dir``, else ``$AMYGDALA_CACHE_DIR`` or the user cache.
+
+        An fsspec URL (``s3://bucket/cache``) is returned as given: ``Path`` would fold its ``//``.
+        """
+        return cache_location(self.cache_dir) if self.cache_dir else default_cache_dir()
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any], **overrides: Any) -> EngineSettings:
@@ -157,19 +165,38 @@ def build_engine(settings: EngineSettings, *, loaded: LoadedModel | None = None,
     """
     if loaded is None:
         try:
+            extra = {"device_map": settings.device_map} if settings.device_map is not None else {}
             loaded = load_model(settings.model, dtype=settings.dtype, device=settings.device,
                                 revision=settings.revision, trust_remote_code=settings.trust_remote_code,
-                                weights=False)
+                                weights=False, **extra)
         except ValueError as exc:  # device or dtype not usable here (ModelLoadError is not a ValueError)
             raise SettingsError(str(exc)) from None
     layers = resolve_target_layers(settings.layers, loaded.num_layers, loaded.model_id)
-    extra = {"max_batch_tokens": settings.max_batch_tokens} if settings.max_batch_tokens else {}
     try:
         return ActivationEngine(loaded, layers, pooling=settings.pooling, max_tokens=settings.max_tokens,
-                                batch_size=settings.batch_size, layer_path=settings.layer_path,
-                                on_weights_loaded=on_weights_loaded, **extra)
+                                batch_size=settings.batch_size, max_batch_tokens=settings.max_batch_tokens,
+                                layer_path=settings.layer_path, on_weights_loaded=on_weights_loaded)
     except ValueError as exc:  # a layer path that does not resolve, an unknown pooling
         raise SettingsError(str(exc)) from None
+
+
+def engine_report(engine: ActivationEngine) -> dict[str, Any]:
+    """What ran: the linear-attention fast path (``yes`` / ``no`` / ``not-applicable``), the kernels found
+    and missing, and the device map a spread model was placed with (None: one device)."""
+    fast = engine.fast_path
+    return {"fast_path": fast.fast_path, "kernels_found": list(fast.kernels_found),
+            "kernels_missing": list(fast.kernels_missing),
+            "linear_attention_layers": int(fast.linear_attention_layers),
+            "device_map": dict(engine.loaded.device_map) if engine.loaded.device_map else None}
+
+
+def fast_path_line(report: Mapping[str, Any]) -> str:
+    """``fast_path: yes (kernels: fla)`` -- the one-line form the summaries print."""
+    line = f"fast_path: {report.get('fast_path', 'not-applicable')}"
+    found, missing = report.get("kernels_found") or [], report.get("kernels_missing") or []
+    if found or missing:
+        line += f" (kernels found: {', '.join(found) or 'none'}; missing: {', '.join(missing) or 'none'})"
+    return line
 
 
 # ----------------------------------------------------------------------------- texts and trainability
@@ -415,6 +442,8 @@ class TrainResult:
     model_load_seconds: float = 0.0
     model_weights_loaded: bool = False
     cache_dir: str = ""
+    #: :func:`engine_report` of the engine that ran (fast path, kernels, device map).
+    engine: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """A JSON-able summary of the run (also what ``--json-summary`` writes)."""
@@ -431,6 +460,7 @@ class TrainResult:
             "activations": self.cache_stats.to_dict(),
             "model_load_seconds": round(self.model_load_seconds, 3),
             "model_weights_loaded": self.model_weights_loaded,
+            **self.engine,
             "seconds": round(self.seconds, 3),
         }
 
@@ -485,7 +515,7 @@ def train_readout_pair(
         "unique_texts": stats.unique_texts,
         "truncated_texts_this_run": stats.truncated,
         "cache_fingerprint_id": cache.fingerprint_id,
-        "cache_root": str(cache.root.resolve()),  # lets `amygdala report` find the cached activations again
+        "cache_root": str(cache.root.resolve() if isinstance(cache.root, Path) else cache.root),  # lets `amygdala report` find the cached activations again
         "weights_hash": loaded.weights_hash,
         "tool": "amygdala_dagster.train_steering_vectors",
     }
@@ -500,13 +530,14 @@ def train_readout_pair(
         vectors_path=output, manifest_path=manifest_path, manifest=manifest, cache_stats=stats,
         concepts=list(readout.concepts), layers=list(readout.layers), skipped=list(readout.skipped),
         seconds=time.perf_counter() - t0, model_weights_loaded=engine.weights_loaded, cache_dir=str(cache.directory),
+        engine=engine_report(engine),
     )
 
 
 def train_from_examples_dir(
     training_data_dir: str | os.PathLike[str],
     output: str | os.PathLike[str],
-    settings: EngineSettings = EngineSettings(batch_size=4, max_batch_tokens=16384),
+    settings: EngineSettings = EngineSettings(),
     *,
     manifest: str | os.PathLike[str] | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
@@ -560,5 +591,6 @@ def train_from_examples_dir(
     result.skipped = list(problems.values()) + result.skipped
     result.model_load_seconds = load_seconds + engine.stats.load_seconds
     result.model_weights_loaded = engine.weights_loaded
+    result.engine = engine_report(engine)  # the device map is known once the weights are placed
     result.seconds = time.perf_counter() - t0
     return result

@@ -22,7 +22,7 @@ from amygdala_dagster.pipeline.k8s import GPU_RESOURCE, deployment_executor, gpu
 
 REPO = Path(__file__).resolve().parents[1]
 VALUES = REPO / "deploy" / "helm" / "values.yaml"
-GPU_STEPS = {"activation_stats"}
+GPU_STEPS = {"activation_stats", "activation_cache.forward_activation_shard[?]"}  # the shard steps: one pod each
 
 
 def job_spec(tags: dict[str, str], name: str):

@@ -270,3 +270,23 @@ def test_device_map_without_accelerate_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
     with pytest.raises(ModelLoadError, match="device_map needs the accelerate package"):
         load_model(build_tiny_model("llama"), device="cpu", device_map="auto")
+
+
+def test_device_map_setting_is_parsed_and_named_when_wrong():
+    from amygdala_dagster.models import parse_device_map
+
+    assert parse_device_map(None) is None and parse_device_map("") is None
+    assert parse_device_map("auto") == "auto"
+    assert parse_device_map('{"": "cpu"}') == {"": "cpu"}
+    with pytest.raises(ValueError, match="device_map 'everywhere'"):
+        parse_device_map("everywhere")
+
+
+def test_device_map_setting_reaches_the_loaded_model():
+    pytest.importorskip("accelerate")
+    from amygdala_dagster.workflow import engine_report
+
+    engine = build_engine(EngineSettings(model=build_tiny_model("llama"), device="cpu", layers="1",
+                                         device_map=_split_map()))
+    engine.forward(["a short text to load the weights"])
+    assert engine_report(engine)["device_map"] == _split_map()

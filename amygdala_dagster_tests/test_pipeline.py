@@ -387,3 +387,37 @@ def test_manifest_carries_token_calibration_and_report_the_runtime_section(full_
     rebuilt = json.loads((rep / "evaluation.json").read_text())["conversations"]["per_emotion"]
     for e in EMOTIONS:
         assert rebuilt[e]["token_auroc"] == pytest.approx(per[e]["token_auroc"])
+
+
+@pytest.mark.slow
+def test_two_shards_run_as_parallel_processes_and_give_the_same_vectors(full_run, tmp_path, monkeypatch):
+    """--shards 2: two shard steps in their own processes (multiprocess executor, persistent instance) forward
+    each unique text exactly once into a fresh cache; activation_stats then reads it; the bytes match one shard."""
+    from amygdala_dagster.manifest import sha256_file
+    from dagster._core.instance.ref import InstanceRef
+
+    from amygdala_dagster.pipeline.jobs import SHARDED
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    res = make_resources(full_run["graph"], str(tmp_path / "out"), tmp_path / "cache", max_emotions=3)
+    res["model"] = R.ModelResource(model="minilm", device="cpu", cache_dir=str(tmp_path / "cache"), shards=2)
+    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
+        instance.event_log_storage.set_concurrency_slots("gpu", 2)
+        result = materialize_all(res, instance)
+        assert result.success, failures(result)
+        shard_steps = [e for e in result.all_events if e.event_type_value == "STEP_SUCCESS"
+                       and e.step_key.startswith("activation_cache.forward_activation_shard")]
+        assert len(shard_steps) == 2
+        pids = {e.pid for e in result.all_events if e.step_key and "forward_activation_shard" in e.step_key
+                and e.event_type_value == "STEP_START"}
+        assert len(pids) == 2  # each shard in its own process
+    shards = step_metadata(result, SHARDED[0].to_user_string())
+    stats = step_metadata(result, "activation_stats")
+    per_shard = [int(x) for x in str(shards["forwarded_per_shard"]).split(", ")]
+    assert len(per_shard) == 2 and all(n > 0 for n in per_shard)
+    assert sum(per_shard) == shards["unique_texts"] == stats["unique_texts"] == 32  # each text once
+    assert stats["texts_forwarded"] == 0 and stats["model_weights_loaded"] is False  # read from the cache
+    one, two = full_run["tmp"] / "out" / "vectors.safetensors", tmp_path / "out" / "vectors.safetensors"
+    assert sha256_file(two) == sha256_file(one)

@@ -101,3 +101,28 @@ def test_evaluation_rules():
     assert C.baseline_problems({"emotions": {}, "flags": []}) == []
     res = C._result(problems, severity=C.dg.AssetCheckSeverity.WARN)
     assert res.passed is False and res.severity == C.dg.AssetCheckSeverity.WARN
+
+
+def test_fast_path_rule_fires_only_for_cuda_on_the_reference_path():
+    from amygdala_dagster.pipeline.checks import fast_path_problems
+
+    slow = {"device": "cuda:0", "fast_path": "no", "kernels_missing": "fla, causal_conv1d"}
+    assert len(fast_path_problems(slow)) == 1 and "fla, causal_conv1d" in fast_path_problems(slow)[0]
+    assert fast_path_problems({**slow, "fast_path": "yes"}) == []
+    assert fast_path_problems({**slow, "fast_path": "not-applicable"}) == []
+    assert fast_path_problems({**slow, "device": "cpu"}) == []  # the reference path is the only one on CPU
+    assert fast_path_problems({}) == []
+
+
+def test_cpu_run_of_a_linear_attention_model_reports_no_and_passes_the_check():
+    from amygdala_dagster.pipeline.assets.activations import _engine_metadata
+    from amygdala_dagster.pipeline.checks import fast_path_problems
+    from amygdala_dagster.workflow import EngineSettings, build_engine, fast_path_line
+    from amygdala_dagster_tests.tiny_models import build_tiny_model
+
+    engine = build_engine(EngineSettings(model=build_tiny_model("qwen3_5"), device="cpu", layers="1"))
+    meta = {"device": engine.stats.device, **_engine_metadata(engine)}
+    assert meta["fast_path"] == "no" and meta["device"] == "cpu" and meta["device_map"] == "none"
+    assert fast_path_problems(meta) == []
+    assert fast_path_line({"fast_path": "no", "kernels_found": [], "kernels_missing": ["fla"]}).startswith(
+        "fast_path: no (kernels found: none; missing: fla)")

@@ -127,6 +127,9 @@ def test_vectors_match_independent_hidden_states_reference(tmp_path, capsys):
     assert first["activations"]["truncated"] == 1
     assert f"{n_unique} forwarded, 0 from the cache" in stdout and str(out) in stdout
     assert first["model_weights_loaded"] is True and "model weights loaded: yes" in stdout
+    # the summary says which path the model's layers took (MiniLM has no linear attention)
+    assert first["fast_path"] == "not-applicable" and "fast_path: not-applicable" in stdout
+    assert first["device_map"] is None
 
     readout = load_readout(out, out.parent / "manifest.json")
     assert readout.concepts == ["anger", "grief", "joy"] and readout.layers == layers
@@ -171,6 +174,27 @@ def test_new_emotion_forwards_only_never_seen_texts(tmp_path, capsys):
     code, _, err = run_main(["--training-data-dir", three, "--emotions", "grief"] + base[2:], capsys)
     assert code == 0 and json.loads(summary.read_text())["activations"]["forwarded"] == 0
     assert load_readout(tmp_path / "o" / "v.safetensors").concepts == ["grief"]
+
+
+def test_batch_flags_default_to_the_token_budget():
+    from amygdala_dagster.train_steering_vectors import build_parser
+
+    args = build_parser().parse_args(["--training-data-dir", "d", "--output", "v.safetensors"])
+    assert args.batch_size is None and args.max_batch_tokens is None and args.device_map is None
+    given = build_parser().parse_args(["--training-data-dir", "d", "--output", "v", "--batch-size", "4",
+                                       "--cache-dir", "s3://bucket/cache"])
+    assert given.batch_size == 4 and given.cache_dir == "s3://bucket/cache"
+
+
+def test_cache_dir_urls_keep_their_double_slash(monkeypatch):
+    from amygdala_dagster.pipeline.resources import ModelResource
+    from amygdala_dagster.workflow import EngineSettings
+
+    assert EngineSettings(cache_dir="s3://bucket/cache").cache_root() == "s3://bucket/cache"
+    assert ModelResource(cache_dir="s3://bucket/cache").cache_root() == "s3://bucket/cache"
+    monkeypatch.setenv("AMYGDALA_CACHE_DIR", "s3://b/c")
+    assert ModelResource().cache_root() == "s3://b/c"
+    assert str(EngineSettings(cache_dir="~/x").cache_root()).endswith("/x")
 
 
 def test_bf16_run_shows_progress_and_keeps_float32_vectors(tmp_path, capsys):

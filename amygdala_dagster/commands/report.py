@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from amygdala_dagster.atomic import atomic_write_text
-from amygdala_dagster.cache import ActivationCache, default_cache_dir, ensure_cached, fingerprint_id, text_sha256
+from amygdala_dagster.cache import ActivationCache, cache_location, default_cache_dir, ensure_cached, fingerprint_id, text_sha256
 from amygdala_dagster.evaluation import (
     calibration_for_manifest, evaluate, json_clean, read_snippets, summary_markdown, sweep_layers, write_report,
 )
@@ -73,8 +73,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--examples-dir", type=Path, default=None,
                         help="Contract 2 examples directory (default: OUTPUT_DIR/examples/<emotion>/ or the "
                              "manifest's training.training_data_dir)")
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="activation cache root (default: the one recorded for the readout, else "
+    parser.add_argument("--cache-dir", default=None,
+                        help="activation cache root, a directory or fsspec URL (default: the one recorded for the readout, else "
                              "$AMYGDALA_CACHE_DIR or ~/.cache/amygdala/activations)")
     parser.add_argument("--snapshot", type=Path, default=None,
                         help="memory snapshot Parquet for tag co-occurrence (default: OUTPUT_DIR/snapshot/memory_snapshot.parquet if present)")
@@ -123,14 +123,14 @@ def _staged_info(output_dir: Path) -> dict[str, Any]:
     return {}
 
 
-def resolve_cache_root(args: argparse.Namespace, manifest: dict[str, Any], output_dir: Path) -> Path:
+def resolve_cache_root(args: argparse.Namespace, manifest: dict[str, Any], output_dir: Path) -> Path | str:
     """``--cache-dir``, else the cache root recorded by the pipeline or the manifest, else the default."""
     if args.cache_dir is not None:
-        return args.cache_dir.expanduser()
+        return cache_location(args.cache_dir)
     training = manifest.get("training") or {}
     for candidate in (training.get("cache_root"), _staged_info(output_dir).get("cache_root")):
         if candidate:
-            return Path(candidate).expanduser()
+            return cache_location(candidate)
     return default_cache_dir()
 
 
@@ -193,7 +193,7 @@ def _parse_sweep(spec: str, n_layers: int) -> list[int]:
     return parse_layers(spec, n_layers)
 
 
-def _conversations(args: argparse.Namespace, engines: _LazyEngine, manifest: dict[str, Any], cache_root: Path,
+def _conversations(args: argparse.Namespace, engines: _LazyEngine, manifest: dict[str, Any], cache_root: Path | str,
                    readout: Any, evaluation: dict[str, Any]) -> dict[str, Any] | None:
     """The runtime section (per-token evaluation on labelled conversations); None with ``none``."""
     spec = getattr(args, "eval_conversations", None)

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from amygdala_dagster.models import ModelLoadError
+from amygdala_dagster.flags import positive_int
+from amygdala_dagster.models import ModelLoadError, parse_device_map
 from amygdala_dagster.pipeline.definitions import default_resources
 from amygdala_dagster.pipeline.resources import (
     ArtifactStorage, EvaluationResource, MemoryGraphResource, ModelResource, SelectionResource,
@@ -17,7 +18,7 @@ from amygdala_dagster.pipeline.resources import (
 from amygdala_dagster.pipeline.runner import dagster_home, failures, get_instance, materialize_all, step_metadata
 from amygdala_dagster.publish import POINTER_FILE
 from amygdala_dagster.sources import MemoryGraphError
-from amygdala_dagster.workflow import EVALUATION_HTML, MANIFEST_FILE, VECTORS_FILE, check_writable
+from amygdala_dagster.workflow import EVALUATION_HTML, MANIFEST_FILE, VECTORS_FILE, check_writable, fast_path_line
 
 HELP = "materialise the whole asset graph (snapshot -> vectors, manifest, report); runs show in `dagster dev`"
 
@@ -36,7 +37,12 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=("auto", "bf16", "fp16", "fp32"),
                         help="default: $AMYGDALA_DTYPE or auto (bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps or auto (default: $AMYGDALA_DEVICE or auto)")
-    parser.add_argument("--batch-size", type=int, default=None, help="texts per forward batch (default: 16)")
+    parser.add_argument("--batch-size", type=int, default=None, help="texts per forward batch (default: as many as the engine's token budget holds)")
+    parser.add_argument("--device-map", metavar="auto|JSON", default=None,
+                        help='spread one model over the GPUs of this box: "auto" or a JSON {module: device} map')
+    parser.add_argument("--shards", type=positive_int, default=None,
+                        help="split the forward work into N parallel steps by text hash (local: N processes, "
+                             "the CPU threads split between them; Kubernetes: one GPU pod each). Default: 1")
     parser.add_argument("--cache-dir", default=None, help="activation cache (default: $AMYGDALA_CACHE_DIR or ~/.cache/amygdala/activations)")
     parser.add_argument("--emotions", metavar="E1,E2,...", default=None,
                         help="curated emotions, always included besides the data-driven choice "
@@ -76,11 +82,16 @@ def build_resources(args: argparse.Namespace) -> dict[str, Any]:
         resources["memory"] = MemoryGraphResource(mcp_url=args.memory_mcp_url, file=args.memory_file)
     # Flags override the AMYGDALA_* environment defaults only where given.
     model_flags = {"model": args.model, "layers": args.target_layers, "dtype": args.dtype,
-                   "device": args.device, "batch_size": args.batch_size, "cache_dir": args.cache_dir}
+                   "device": args.device, "batch_size": args.batch_size, "cache_dir": args.cache_dir,
+                   "device_map": args.device_map, "shards": args.shards}
     resources["model"] = ModelResource(**{
         **{k: getattr(resources["model"], k) for k in ModelResource.model_fields},
         **{k: v for k, v in model_flags.items() if v is not None},
     })
+    try:
+        parse_device_map(resources["model"].device_map)
+    except ValueError as exc:
+        raise ValueError(f"--device-map: {exc}") from None
     out = args.output_dir or str(Path.cwd() / "amygdala_output")
     if "://" not in out:
         out = str(Path(out).expanduser().resolve())
@@ -127,7 +138,15 @@ def report_result(result: Any, resources: dict[str, Any], what: str, pair_before
     stats = step_metadata(result, "activation_stats")
     if stats:
         print(f"activations: {stats.get('texts_forwarded')} texts forwarded, {stats.get('texts_cached')} cached, "
-              f"{stats.get('tokens')} tokens ({stats.get('tokens_per_s')} tokens/s) on {stats.get('device')}")
+              f"{stats.get('tokens')} tokens ({stats.get('tokens_per_s')} tokens/s) on {stats.get('device')}; "
+              + fast_path_line({"fast_path": stats.get("fast_path"),
+                                "kernels_found": [k for k in str(stats.get("kernels_found") or "").split(", ") if k],
+                                "kernels_missing": [k for k in str(stats.get("kernels_missing") or "").split(", ")
+                                                    if k]}))
+    shards = step_metadata(result, "activation_cache")
+    if shards:
+        print(f"shards: {shards.get('shards')} steps forwarded {shards.get('forwarded_per_shard')} texts "
+              f"(of {shards.get('unique_texts')} unique) in {shards.get('wall_seconds')}s")
     hint = (f"DAGSTER_HOME={os.environ['DAGSTER_HOME']} dagster dev" if os.environ.get("DAGSTER_HOME")
             else "`dagster dev` from the repository root")
     where = f"dagster run {result.run_id} recorded in {dagster_home()} (see it with {hint})"

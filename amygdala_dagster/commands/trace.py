@@ -14,7 +14,9 @@ HELP = ("run the model over conversations or text and show, per token, the calib
 def configure(parser: argparse.ArgumentParser) -> None:
     from amygdala_dagster.flags import positive_int
 
-    parser.add_argument("--manifest", type=Path, required=True, help="manifest.json of the readout")
+    parser.add_argument("--manifest", required=True,
+                        help="manifest.json of the readout, or an output directory / fsspec URL (s3://bucket/out) "
+                             "holding the published pair")
     parser.add_argument("--vectors", type=Path, default=None,
                         help="vectors.safetensors (default: the manifest's vectors_file, relative to the manifest)")
     parser.add_argument("--model", default=None, help="model to run (default: the manifest's model)")
@@ -42,11 +44,20 @@ def run_trace(args: argparse.Namespace) -> dict:
     from amygdala_dagster.runtime import InputRecord, ReadoutRuntime, read_inputs
     from amygdala_dagster.trace import build_trace, render_trace_html
 
-    if not args.manifest.is_file():
-        raise ReadoutFileError(f"--manifest {args.manifest}: no such file")
-    manifest = json.loads(args.manifest.read_text(encoding="utf-8"))
-    vectors = args.vectors or args.manifest.parent / manifest.get("vectors_file", "vectors.safetensors")
-    readout = load_readout(vectors, args.manifest)
+    from amygdala_dagster.cache import is_url
+
+    where = str(args.manifest)
+    if is_url(where) or Path(where).is_dir():
+        # An output directory or bucket prefix: the published pair, read through its release pointer.
+        base = where.rsplit("/", 1)[0] if where.endswith(".json") else where
+        readout = load_readout(args.vectors or base)
+    elif not Path(where).is_file():
+        raise ReadoutFileError(f"--manifest {where}: no such file")
+    else:
+        local = json.loads(Path(where).read_text(encoding="utf-8"))
+        readout = load_readout(args.vectors or Path(where).parent / local.get("vectors_file", "vectors.safetensors"),
+                               where)
+    manifest = readout.manifest
     layer = args.layer if args.layer is not None else int(readout.layers[-1])
     if layer not in readout.layers:
         raise ValueError(f"--layer {layer}: the readout hooks layers {readout.layers}")

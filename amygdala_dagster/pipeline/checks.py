@@ -199,6 +199,27 @@ def stats_finite(context: dg.AssetCheckExecutionContext, storage: ArtifactStorag
     return _result(problems, metadata={"emotions_checked": ", ".join(keys)})
 
 
+def fast_path_problems(metadata: Mapping[str, Any]) -> list[str]:
+    """A CUDA run of a linear-attention model that took transformers' reference path (about 12x slower)."""
+    device, fast = str(metadata.get("device") or ""), str(metadata.get("fast_path") or "not-applicable")
+    if not device.startswith("cuda") or fast != "no":
+        return []
+    missing = str(metadata.get("kernels_missing") or "") or "?"
+    return [f"the linear-attention layers ran the reference PyTorch path on {device} (kernels missing: {missing}); "
+            'install the fast path on the GPU image: pip install -e ".[gpu]"']
+
+
+@dg.asset_check(asset=activation_stats,
+                description="a CUDA run of a linear-attention model uses the fast kernels, not the reference path")
+def linear_attention_fast_path(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    event = context.instance.get_latest_materialization_event(activation_stats.key)
+    meta = ({k: getattr(v, "value", v) for k, v in event.asset_materialization.metadata.items()}
+            if event is not None and event.asset_materialization is not None else {})
+    return _result(fast_path_problems(meta), severity=dg.AssetCheckSeverity.WARN,
+                   metadata={"device": str(meta.get("device", "")),
+                             "fast_path": str(meta.get("fast_path", "not-applicable"))})
+
+
 @dg.asset_check(asset=readout_vectors, blocking=True,
                 description="vectors are finite and unit-norm, one [n_concepts, hidden] matrix per layer")
 def vectors_finite_unit_norm(storage: ArtifactStorage) -> dg.AssetCheckResult:
@@ -250,6 +271,7 @@ def better_than_baseline(storage: ArtifactStorage) -> dg.AssetCheckResult:
 
 ALL_CHECKS = [
     snapshot_nonempty_unique_keys, examples_clean_and_disjoint, examples_min_positives, stats_finite,
+    linear_attention_fast_path,
     vectors_finite_unit_norm, manifest_matches_vectors, separation_above_threshold, better_than_baseline,
     token_threshold_heldout_rate,
 ]

@@ -3,7 +3,7 @@
 Resources default to the environment so the UI works with no configuration:
 ``AMYGDALA_MEMORY_MCP_URL`` or ``AMYGDALA_MEMORY_FILE`` (default: the bundled
 sample graph), ``AMYGDALA_MODEL`` (default: bundled MiniLM), ``AMYGDALA_DEVICE``,
-``AMYGDALA_DTYPE``, ``AMYGDALA_TARGET_LAYERS``, ``AMYGDALA_OUTPUT_DIR`` (default
+``AMYGDALA_DTYPE``, ``AMYGDALA_TARGET_LAYERS``, ``AMYGDALA_DEVICE_MAP``, ``AMYGDALA_SHARDS``, ``AMYGDALA_OUTPUT_DIR`` (default
 ``./amygdala_output``; any fsspec URL works), ``AMYGDALA_CACHE_DIR``,
 ``AMYGDALA_EMOTIONS`` (curated emotions, comma-separated, always included). Every
 field can also be set per run from the launchpad (``resources:`` in run config).
@@ -12,10 +12,12 @@ field can also be set per run from the launchpad (``resources:`` in run config).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import dagster as dg
 
 from amygdala_dagster.pipeline.assets import ALL_ASSETS
+from amygdala_dagster.pipeline.assets.shards import STEP_IO, json_step_io_manager
 from amygdala_dagster.pipeline.checks import ALL_CHECKS
 from amygdala_dagster.pipeline.jobs import JOBS, LOGGERS
 from amygdala_dagster.pipeline.k8s import deployment_executor
@@ -30,11 +32,12 @@ def _env(name: str) -> str | None:
     return value if value else None
 
 
-def default_resources() -> dict[str, dg.ConfigurableResource]:
+def default_resources() -> dict[str, Any]:
     """The resources, configured from ``AMYGDALA_*`` environment variables."""
     model_kwargs = {k: v for k, v in {
         "model": _env("AMYGDALA_MODEL"), "device": _env("AMYGDALA_DEVICE"), "dtype": _env("AMYGDALA_DTYPE"),
         "layers": _env("AMYGDALA_TARGET_LAYERS"), "cache_dir": _env("AMYGDALA_CACHE_DIR"),
+        "device_map": _env("AMYGDALA_DEVICE_MAP"), "shards": _env("AMYGDALA_SHARDS"),
     }.items() if v is not None}
     return {
         # The token is read from $AMYGDALA_MEMORY_TOKEN (token_env) when the graph is contacted, in
@@ -46,6 +49,7 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
             curated=[e.strip() for e in (_env("AMYGDALA_EMOTIONS") or "").split(",") if e.strip()]
         ),
         "evaluation": EvaluationResource(),
+        STEP_IO: json_step_io_manager,
     }
 
 

@@ -14,7 +14,7 @@ import dagster as dg
 import polars as pl
 
 from amygdala_dagster.pipeline.assets import (
-    activation_stats, emotion_catalog, evaluation_report, memory_snapshot, readout_manifest, readout_vectors,
+    activation_cache, activation_stats, emotion_catalog, evaluation_report, memory_snapshot, readout_manifest, readout_vectors,
     tagged_examples,
 )
 from amygdala_dagster.pipeline.assets.common import RANGE_END_TAG, RANGE_START_TAG
@@ -24,20 +24,23 @@ from amygdala_dagster.workflow import PartitionPlan, plan_partitions
 
 UNPARTITIONED_HEAD = [memory_snapshot.key, emotion_catalog.key]
 PARTITIONED = [tagged_examples.key, activation_stats.key]
+#: The shard steps' asset: in a run only when the forward work is split (model.shards > 1).
+SHARDED = [activation_cache.key]
 ALL_EMOTION_TAIL = [readout_vectors.key, readout_manifest.key, evaluation_report.key]
 REFRESH_KEYS = UNPARTITIONED_HEAD + PARTITIONED + ALL_EMOTION_TAIL
+JOB_KEYS = REFRESH_KEYS + SHARDED
 
 REFRESH_JOB = "full_refresh"
 BACKFILL_JOB = "emotion_backfill"
 KIND_TAG = "amygdala/run"
 
 full_refresh = dg.define_asset_job(
-    REFRESH_JOB, selection=dg.AssetSelection.assets(*REFRESH_KEYS), tags={KIND_TAG: "full-refresh"},
+    REFRESH_JOB, selection=dg.AssetSelection.assets(*JOB_KEYS), tags={KIND_TAG: "full-refresh"},
     description="The memory snapshot and everything downstream over every emotion partition, in one run "
                 "(the GPU step loads the model once). Launched by `amygdala run` and memory_graph_sensor.",
 )
 emotion_backfill = dg.define_asset_job(
-    BACKFILL_JOB, selection=dg.AssetSelection.assets(*REFRESH_KEYS), tags={KIND_TAG: "emotion-backfill"},
+    BACKFILL_JOB, selection=dg.AssetSelection.assets(*JOB_KEYS), tags={KIND_TAG: "emotion-backfill"},
     description="New emotion partitions (a partition range) and the all-emotion readout, manifest and report. "
                 "Launched by `amygdala backfill-emotion`; starts from the snapshot only when none is stored.",
 )
@@ -51,9 +54,16 @@ def refresh_tags(partitions: Sequence[str]) -> dict[str, str]:
     return {RANGE_START_TAG: partitions[0], RANGE_END_TAG: partitions[-1]}
 
 
-def refresh_selection(partitions: Sequence[str]) -> list[dg.AssetKey]:
-    """The snapshot and its downstream; only the unpartitioned head when no emotion partition exists."""
-    return list(REFRESH_KEYS) if partitions else list(UNPARTITIONED_HEAD)
+def with_shards(keys: Sequence[dg.AssetKey], shards: int) -> list[dg.AssetKey]:
+    """``keys`` plus the shard steps' asset when the forward work is split and activation_stats is selected."""
+    keys = list(keys)
+    return keys + list(SHARDED) if int(shards) > 1 and activation_stats.key in keys else keys
+
+
+def refresh_selection(partitions: Sequence[str], shards: int = 1) -> list[dg.AssetKey]:
+    """The snapshot and its downstream (with the shard steps when ``shards > 1``); only the unpartitioned
+    head when no emotion partition exists."""
+    return with_shards(REFRESH_KEYS, shards) if partitions else list(UNPARTITIONED_HEAD)
 
 
 def graph_catalog(memory: MemoryGraphResource, selection: SelectionResource) -> tuple[pl.DataFrame, pl.DataFrame]:

@@ -23,7 +23,7 @@ from pydantic import Field, PrivateAttr
 from amygdala_dagster.activations import ActivationEngine
 from amygdala_dagster.evaluation.metrics import THRESHOLD_METHODS
 from amygdala_dagster.examples import SelectionParams, emotion_catalog
-from amygdala_dagster.models import LoadedModel
+from amygdala_dagster.models import LoadedModel, parse_device_map
 from amygdala_dagster.pipeline.storage import Store
 from amygdala_dagster.sample_data import conversation_snippets_path, sample_graph_path
 from amygdala_dagster.sources import JsonlSource, McpSource, open_source
@@ -133,12 +133,19 @@ class ModelResource(dg.ConfigurableResource):
     device: str = "auto"
     layers: str | None = Field(default=None, description="comma-separated layer indices (negative = from the end); default: ~60/70/80% of depth")
     pooling: str = "mean"
-    batch_size: int = 16
-    max_batch_tokens: int | None = None
+    batch_size: int | None = Field(default=None, description="texts per forward batch; unset: batch by the token budget")
+    max_batch_tokens: int | None = Field(default=None, description="padded tokens per batch (default: the engine's budget)")
     max_tokens: int = 512
     layer_path: str | None = None
     cache_dir: str | None = Field(default=None, description="activation cache; default $AMYGDALA_CACHE_DIR or ~/.cache/amygdala/activations")
     trust_remote_code: bool = False
+    device_map: str | None = Field(
+        default=None,
+        description='spread one model over the GPUs of a box: "auto" or a JSON {module: device} map (needs accelerate)')
+    shards: int = Field(
+        default=1, ge=1,
+        description="split the forward work into this many parallel steps by text hash (one process, or one GPU "
+                    "pod on Kubernetes, each); 1: one step")
 
     _engine: ActivationEngine | None = PrivateAttr(default=None)
 
@@ -149,9 +156,10 @@ class ModelResource(dg.ConfigurableResource):
             pooling=self.pooling, batch_size=self.batch_size, max_tokens=self.max_tokens,
             max_batch_tokens=self.max_batch_tokens, layer_path=self.layer_path,
             trust_remote_code=self.trust_remote_code, cache_dir=self.cache_dir,
+            device_map=parse_device_map(self.device_map),
         )
 
-    def cache_root(self) -> Path:
+    def cache_root(self) -> Path | str:
         return self.settings().cache_root()
 
     def engine(self) -> ActivationEngine:

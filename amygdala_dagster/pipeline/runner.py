@@ -26,18 +26,23 @@ import amygdala_dagster
 from amygdala_dagster.atomic import atomic_write_text
 from amygdala_dagster.examples import check_emotion_name, select_all
 from amygdala_dagster.pipeline.assets import memory_graph
-from amygdala_dagster.pipeline.assets.common import EMOTION, emotion_partitions
+from amygdala_dagster.pipeline.assets.common import EMOTION, GPU_POOL, emotion_partitions
 from amygdala_dagster.pipeline.assets.graph import read_snapshot_from
 from amygdala_dagster.pipeline.definitions import build_definitions
+from amygdala_dagster.pipeline.k8s import deployment_executor
 from amygdala_dagster.pipeline.jobs import (
     ALL_EMOTION_TAIL, BACKFILL_JOB, CLI_RUN_CONFIG, PARTITIONED, REFRESH_JOB, UNPARTITIONED_HEAD, graph_catalog,
-    refresh_selection, refresh_tags,
+    refresh_selection, refresh_tags, with_shards,
 )
 from amygdala_dagster.pipeline.sensors import DATA_VERSION_TAG
 from amygdala_dagster.sources import GraphVersion
 from amygdala_dagster.workflow import SNAPSHOT_FILE, NotQualifiedError, PartitionPlan, plan_partitions, qualification_problems
 
 log = logging.getLogger(__name__)
+
+
+#: What a run returns: in process (one shard) or through the multiprocess/deployment executor (shards).
+RunResult = dg.ExecuteInProcessResult | dg.JobExecutionResult
 
 
 class RunRefused(ValueError):
@@ -102,9 +107,55 @@ def observe_graph(instance: dg.DagsterInstance, resources: Mapping[str, Any]) ->
     return version
 
 
+def refresh_job() -> dg.JobDefinition:
+    """``full_refresh`` from the code location (reconstructed by each step process of a sharded run)."""
+    return build_definitions().resolve_job_def(REFRESH_JOB)
+
+
+def backfill_job() -> dg.JobDefinition:
+    """``emotion_backfill`` from the code location (reconstructed by each step process of a sharded run)."""
+    return build_definitions().resolve_job_def(BACKFILL_JOB)
+
+
+_RECONSTRUCTABLE = {REFRESH_JOB: refresh_job, BACKFILL_JOB: backfill_job}
+
+
+def resources_run_config(resources: Mapping[str, Any]) -> dict[str, Any]:
+    """Run config carrying the configurable resources' set fields, for step processes that rebuild the job."""
+    out = {}
+    for key, res in resources.items():
+        if isinstance(res, dg.ConfigurableResource):
+            fields = {f: getattr(res, f) for f in type(res).model_fields}
+            out[key] = {"config": {f: v for f, v in fields.items() if v is not None and not isinstance(v, dg.EnvVar)}}
+    return out
+
+
+def _pool_hint(instance: dg.DagsterInstance, shards: int) -> None:
+    try:
+        limit = instance.event_log_storage.get_concurrency_info(GPU_POOL).slot_count
+    except Exception:  # noqa: BLE001 - a storage without pools: nothing to say
+        return
+    if limit and limit < shards:
+        log.warning("the %r pool allows %d step(s) at a time, so the %d shards run %d at a time; "
+                    "`dagster instance concurrency set %s %d` lets them all run at once",
+                    GPU_POOL, limit, shards, limit, GPU_POOL, shards)
+
+
 def _execute(job_name: str, resources: Mapping[str, Any], instance: dg.DagsterInstance,
              selection: Sequence[dg.AssetKey], tags: Mapping[str, str], raise_on_error: bool,
-             quiet_errors: bool = True) -> dg.ExecuteInProcessResult:
+             quiet_errors: bool = True) -> RunResult:
+    shards = int(resources["model"].shards)
+    if shards > 1:
+        # N shard steps in parallel: the multiprocess executor (or the deployment's, e.g. one pod per step)
+        # runs each step in its own process, which rebuilds the job from the code location by name.
+        run_config: dict[str, Any] = {**(CLI_RUN_CONFIG if quiet_errors else {}),
+                                      "resources": resources_run_config(resources)}
+        if deployment_executor() is None:
+            run_config["execution"] = {"config": {"multiprocess": {"max_concurrent": max(shards, os.cpu_count() or 1)}}}
+        _pool_hint(instance, shards)
+        return dg.execute_job(dg.reconstructable(_RECONSTRUCTABLE[job_name]), instance=instance,
+                              run_config=run_config, tags=dict(tags), asset_selection=list(selection),
+                              raise_on_error=raise_on_error)
     job = build_definitions(dict(resources)).resolve_job_def(job_name)
     return job.execute_in_process(
         instance=instance, asset_selection=list(selection), tags=dict(tags), raise_on_error=raise_on_error,
@@ -133,7 +184,7 @@ def _apply_plan(instance: dg.DagsterInstance, plan: PartitionPlan, existing: Seq
 
 
 def materialize_all(resources: Mapping[str, Any], instance: dg.DagsterInstance,
-                    raise_on_error: bool = False) -> dg.ExecuteInProcessResult:
+                    raise_on_error: bool = False) -> RunResult:
     """One ``full_refresh`` run: the snapshot, every qualifying emotion, the readout and report.
 
     Registered emotions that can no longer pass the blocking checks lose their
@@ -152,12 +203,13 @@ def materialize_all(resources: Mapping[str, Any], instance: dg.DagsterInstance,
         raise RunRefused(_no_emotion_message(catalog, int(selection.min_positives), memory.description))
     _apply_plan(instance, plan, existing)
     log.info("emotions: %s", ", ".join(plan.partitions))
-    return _execute(REFRESH_JOB, resources, instance, refresh_selection(plan.partitions),
+    return _execute(REFRESH_JOB, resources, instance,
+                    refresh_selection(plan.partitions, int(resources["model"].shards)),
                     refresh_tags(plan.partitions), raise_on_error)
 
 
 def backfill_emotions(names: Sequence[str], resources: Mapping[str, Any], instance: dg.DagsterInstance,
-                      raise_on_error: bool = False) -> dg.ExecuteInProcessResult:
+                      raise_on_error: bool = False) -> RunResult:
     """Add ``names`` as emotion partitions, materialise them in one run and refresh the all-emotion assets.
 
     An emotion that cannot qualify is refused (:class:`NotQualifiedError`, saying
@@ -188,14 +240,14 @@ def backfill_emotions(names: Sequence[str], resources: Mapping[str, Any], instan
     keys = emotion_partitions(instance)
     pos = sorted(keys.index(n) for n in names)
     span = keys[pos[0]: pos[-1] + 1]
-    chosen = list(PARTITIONED) + list(ALL_EMOTION_TAIL)
+    chosen = with_shards(list(PARTITIONED), int(resources["model"].shards)) + list(ALL_EMOTION_TAIL)
     if not has_snapshot:
         chosen = list(UNPARTITIONED_HEAD) + chosen
     return _execute(BACKFILL_JOB, resources, instance, chosen,
                     {**refresh_tags(span), "amygdala/backfill": ",".join(names)}, raise_on_error)
 
 
-def step_metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict[str, Any]:
+def step_metadata(result: RunResult, asset: str) -> dict[str, Any]:
     """Metadata (plain values) of the first materialization of ``asset`` in a run."""
     for event in result.get_asset_materialization_events():
         mat = event.step_materialization_data.materialization
@@ -204,7 +256,7 @@ def step_metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict[str, An
     return {}
 
 
-def failures(result: dg.ExecuteInProcessResult) -> list[str]:
+def failures(result: RunResult) -> list[str]:
     """One line per failed step or failed blocking check: the cause (the innermost error), not the wrapper."""
     out = []
     for event in result.all_events:

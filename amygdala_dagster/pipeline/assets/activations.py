@@ -11,15 +11,16 @@ from amygdala_dagster.cache import ActivationCache, ensure_cached
 from amygdala_dagster.manifest import sha256_file
 from amygdala_dagster.pipeline.assets.common import EMOTION, GPU_POOL, GROUP, combined_hash, file_meta, table
 from amygdala_dagster.pipeline.assets.emotions import read_examples_from, tagged_examples
+from amygdala_dagster.pipeline.assets.shards import activation_cache
 from amygdala_dagster.pipeline.k8s import gpu_op_tags
 from amygdala_dagster.pipeline.resources import ArtifactStorage, ModelResource
 from amygdala_dagster.vectors import EmotionStats, emotion_stats, load_stats, save_stats
-from amygdala_dagster.workflow import collect_texts, stats_file, stats_info, stats_info_file
+from amygdala_dagster.workflow import collect_texts, engine_report, stats_file, stats_info, stats_info_file
 
 
 @dg.asset(
     group_name=GROUP,
-    deps=[tagged_examples],
+    deps=[tagged_examples, activation_cache],
     partitions_def=EMOTION,
     backfill_policy=dg.BackfillPolicy.single_run(),
     pool=GPU_POOL,
@@ -93,12 +94,21 @@ def activation_stats(
             "layers": ", ".join(str(x) for x in fingerprint.get("layers", [])),
             "model_load_seconds": round(load_seconds, 3),
             "model_weights_loaded": bool(engine.weights_loaded),
+            **_engine_metadata(engine),
             "cache_dir": dg.MetadataValue.path(str(cache_root)),
             "cache_fingerprint_id": cache.fingerprint_id,
             "emotions_in_step": table(rows),
             "seconds": round(time.perf_counter() - t0, 3),
         },
     )
+
+
+def _engine_metadata(engine) -> dict:
+    """Fast path, kernels and device map of the engine, as metadata (lists as comma-separated text)."""
+    report = engine_report(engine)
+    return {"fast_path": report["fast_path"], "kernels_found": ", ".join(report["kernels_found"]),
+            "kernels_missing": ", ".join(report["kernels_missing"]),
+            "device_map": json.dumps(report["device_map"], sort_keys=True) if report["device_map"] else "none"}
 
 
 def has_stats(storage: ArtifactStorage, emotion: str) -> bool:
