@@ -17,7 +17,6 @@ from typing import Any
 import dagster as dg
 
 from amygdala_dagster.pipeline.assets import ALL_ASSETS
-from amygdala_dagster.pipeline.assets.shards import STEP_IO, json_step_io_manager
 from amygdala_dagster.pipeline.checks import ALL_CHECKS
 from amygdala_dagster.pipeline.jobs import JOBS, LOGGERS
 from amygdala_dagster.pipeline.k8s import deployment_executor
@@ -49,7 +48,6 @@ def default_resources() -> dict[str, Any]:
             curated=[e.strip() for e in (_env("AMYGDALA_EMOTIONS") or "").split(",") if e.strip()]
         ),
         "evaluation": EvaluationResource(),
-        STEP_IO: json_step_io_manager,
     }
 
 

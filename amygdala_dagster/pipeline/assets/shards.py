@@ -105,6 +105,8 @@ def summarise_activation_shards(context: dg.OpExecutionContext, results: list[di
     group_name=GROUP,
     ins={"examples": dg.AssetIn(key=tagged_examples.key, dagster_type=dg.Nothing)},
     kinds={"pytorch", "safetensors"},
+    code_version="1",
+    resource_defs={STEP_IO: json_step_io_manager},
     description=(
         "The activation cache filled for the run's emotions by N parallel shard steps (model.shards; one "
         "process, or one GPU pod on Kubernetes, each). Every unique text is forwarded by exactly one shard. "
