@@ -250,3 +250,16 @@ def test_inspect_command(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] and report["concepts"] == many
     assert all(len(layer["top_pairs"]) == 3 for layer in report["layers"])
+
+
+def test_inspect_into_a_closed_pipe_prints_no_traceback(tmp_path):
+    # `amygdala inspect DIR | head`: the reader is gone before the report is written
+    import subprocess
+    import sys
+
+    v, _m, _ = write_pair(tmp_path, make_readout(concepts=[f"c{i:03d}" for i in range(200)]))
+    proc = subprocess.Popen([sys.executable, "-m", "amygdala_dagster.cli", "inspect", str(v)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    _out, err = proc.communicate(timeout=120)
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err, err.decode()
