@@ -263,3 +263,11 @@ def test_inspect_into_a_closed_pipe_prints_no_traceback(tmp_path):
     proc.stdout.close()
     _out, err = proc.communicate(timeout=120)
     assert b"Traceback" not in err and b"BrokenPipeError" not in err, err.decode()
+
+
+def test_inspect_lists_at_most_40_concept_names(tmp_path, capsys):
+    v, _m, _ = write_pair(tmp_path, make_readout(concepts=[f"c{i:03d}" for i in range(200)]))
+    assert cli.main(["inspect", str(v)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("concepts:"))
+    assert line.startswith("concepts: 200: c000, ") and "c039, ... 160 more (--json lists all)" in line
+    assert "c040" not in line
