@@ -271,3 +271,10 @@ def test_inspect_lists_at_most_40_concept_names(tmp_path, capsys):
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("concepts:"))
     assert line.startswith("concepts: 200: c000, ") and "c039, ... 160 more (--json lists all)" in line
     assert "c040" not in line
+
+
+def test_inspect_of_a_missing_path_says_only_that(tmp_path, capsys):
+    assert cli.main(["inspect", str(tmp_path / "nowhere")]) == 1
+    captured = capsys.readouterr()
+    assert "release:" not in captured.out and "concepts: 0" not in captured.out
+    assert "no such vectors file" in captured.err

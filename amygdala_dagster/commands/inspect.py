@@ -134,6 +134,8 @@ _LISTED = 40  # concept names printed; 200 on one line are a wall of text
 
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"vectors:  {report['vectors']}"]
+    if "sha256" not in report:  # nothing was read: the error is all there is to say
+        return "\n".join(lines + [f"INVALID: {report['error']}"])
     if report.get("source"):
         lines.append(f"release:  {report['source']}")
     if "sha256" in report:
