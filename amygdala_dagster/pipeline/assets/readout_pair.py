@@ -216,5 +216,5 @@ def compute_token_calibration(context: Any, readout: Any, info: dict[str, Any], 
     cal = calibrate_with_engine(engine, info["cache_root"], readout, items, source,
                                 target_rate=float(evaluation.token_target_rate))
     context.log.info(f"token calibration of {len(readout.concepts)} concepts on "
-                     f"{sorted(set(source.values()))} in {time.perf_counter() - t0:.1f}s")
+                     f"{', '.join(sorted(set(source.values())))} in {time.perf_counter() - t0:.1f}s")
     return cal
