@@ -155,8 +155,8 @@ def load_staged_readout(storage: ArtifactStorage) -> tuple[TrainedReadout, dict[
     freshness_policy=readout_freshness(),
     description=(
         "The Contract 3 pair for vLLM: vectors.safetensors + manifest.json (VLLM_READOUT_VECTORS, "
-        "VLLM_READOUT_MANIFEST), published as one release (releases/<id>/, then the current link switched "
-        "atomically). The manifest (format 2) carries the vectors' SHA-256 and, per concept and layer, the "
+        "VLLM_READOUT_MANIFEST), published as one release (a new directory under releases/, then the "
+        "current link switched atomically). The manifest (format 2) carries the vectors' SHA-256 and, per concept and layer, the "
         "text-level calibration and the per-token one (token threshold and its held-out firing rate)."
     ),
 )
