@@ -184,7 +184,7 @@ def _f(x: Any, digits: int = 2) -> str:
 
 def _svg(z: Sequence[float | None], scored: Sequence[bool], thr: float | None, name: str, color: str,
          fired: Sequence[int]) -> str:
-    w, h, pad = 360, 110, 26
+    w, h, pad, top = 360, 120, 26, 22  # the title sits above the plotted range, never over the line
     pts = [(i, v) for i, (v, ok) in enumerate(zip(z, scored)) if ok and v is not None]
     n = max(len(z) - 1, 1)
     vals = [v for _, v in pts] + ([thr] if thr is not None else []) + [0.0]
@@ -195,7 +195,7 @@ def _svg(z: Sequence[float | None], scored: Sequence[bool], thr: float | None, n
         return pad + (w - pad - 6) * i / n
 
     def y(v: float) -> float:
-        return 6 + (h - 6 - 18) * (hi - v) / (hi - lo)
+        return top + (h - top - 18) * (hi - v) / (hi - lo)
 
     parts = [f'<svg width="{w}" height="{h}" role="img" aria-label="{_e(name)} over token position">',
              f'<text x="{pad}" y="14" font-size="11" fill="#333">{_e(name)} (calibrated z)</text>',

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from amygdala_dagster.evaluation.conversations import evaluate_conversations, score_records
 from amygdala_dagster.evaluation.runtime_report import PLOT, runtime_html, runtime_markdown, runtime_plots
@@ -95,3 +97,13 @@ def test_conversation_metrics_and_runtime_section(minilm_readout, tmp_path):
     assert "Runtime: per-token readout on conversations" in page and page.count('<section class="conv">') == 2
     assert "| joy | 4 | 2 | 2 | 1.00 | 1.00 |" in runtime_markdown(ev)
     assert runtime_html({}, {}) == "" and runtime_plots({}) == {} and runtime_markdown({}) == ""
+
+
+def test_runtime_plot_stays_a_readable_size_at_200_emotions():
+    rng = np.random.default_rng(0)
+    per = {f"e{i:03d}": {"layer": 4, "n_with": 3, "n_without": 57, "text_auroc": float(rng.uniform(0.4, 1)),
+                         "token_auroc": float(rng.uniform(0.4, 1)), "fire_rate_without": float(rng.uniform(0, 1)),
+                         "fire_rate_with": 1.0, "first_fire_median": 5.0} for i in range(200)}
+    png = runtime_plots({"conversations": {"per_emotion": per}})[PLOT]
+    width, height = Image.open(io.BytesIO(png)).size
+    assert width <= 1200 and height <= 800, (width, height)

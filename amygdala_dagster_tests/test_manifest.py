@@ -250,3 +250,31 @@ def test_inspect_command(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] and report["concepts"] == many
     assert all(len(layer["top_pairs"]) == 3 for layer in report["layers"])
+
+
+def test_inspect_into_a_closed_pipe_prints_no_traceback(tmp_path):
+    # `amygdala inspect DIR | head`: the reader is gone before the report is written
+    import subprocess
+    import sys
+
+    v, _m, _ = write_pair(tmp_path, make_readout(concepts=[f"c{i:03d}" for i in range(200)]))
+    proc = subprocess.Popen([sys.executable, "-m", "amygdala_dagster.cli", "inspect", str(v)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    _out, err = proc.communicate(timeout=120)
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err, err.decode()
+
+
+def test_inspect_lists_at_most_40_concept_names(tmp_path, capsys):
+    v, _m, _ = write_pair(tmp_path, make_readout(concepts=[f"c{i:03d}" for i in range(200)]))
+    assert cli.main(["inspect", str(v)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("concepts:"))
+    assert line.startswith("concepts: 200: c000, ") and "c039, ... 160 more (--json lists all)" in line
+    assert "c040" not in line
+
+
+def test_inspect_of_a_missing_path_says_only_that(tmp_path, capsys):
+    assert cli.main(["inspect", str(tmp_path / "nowhere")]) == 1
+    captured = capsys.readouterr()
+    assert "release:" not in captured.out and "concepts: 0" not in captured.out
+    assert "no such vectors file" in captured.err

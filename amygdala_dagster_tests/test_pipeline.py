@@ -141,8 +141,12 @@ def test_backfill_of_new_emotion_forwards_nothing_when_texts_are_cached(full_run
     own = wonder_graph_run(tmp_path, full_run["tmp"] / "cache")
     instance = own["instance"]
     # also: the threshold rule of the manifest is configurable (here a fixed false-positive rate)
+    # ... and the token calibration can be set on runtime-like traffic (--calibration-texts)
+    traffic = tmp_path / "traffic.jsonl"
+    traffic.write_text("".join(json.dumps({"text": f"User: message number {i}. Assistant: reply {i}."}) + "\n"
+                               for i in range(12)), encoding="utf-8")
     res = {**own["res"], "evaluation": R.EvaluationResource(bootstrap=0, threshold_method="fixed_fpr",
-                                                            target_fpr=0.1)}
+                                                            target_fpr=0.1, calibration_texts=str(traffic))}
     result = backfill_emotions(["wonder"], res, instance)
     assert result.success, failures(result)
     assert result.job_def.name == "emotion_backfill"
@@ -169,6 +173,8 @@ def test_backfill_of_new_emotion_forwards_nothing_when_texts_are_cached(full_run
             assert cal["threshold_method"] == "fixed_fpr" and cal["target_fpr"] == 0.1
             reported = evaluation["emotions"][concept]["layers"][str(layer)]["calibration"]
             assert cal["threshold"] == pytest.approx(reported["threshold"]), (concept, layer)
+            tok = manifest["per_concept"][concept]["layers"][str(layer)]["token_calibration"]
+            assert tok["source"] == "calibration_texts:traffic.jsonl", (concept, layer)
 
 
 def test_bad_threshold_method_fails_before_writing(tmp_path):

@@ -220,7 +220,7 @@ def test_manifest_format_2_carries_token_calibration_and_format_1_still_reads(tm
     assert m["format_version"] == 2
     shown = inspect_pair(readout.vectors_path, readout.manifest_path)
     assert shown["ok"] and shown["token_calibration"]["1"]["n_concepts"] == 3
-    assert "manifest: format 2; token calibration: layer 1: 3 concepts" in format_report(shown)
+    assert "manifest: format 2; token calibration: per layer below\n  layer 1: 3 concepts" in format_report(shown)
     for c in CONCEPTS:
         for layer in LAYERS:
             entry = m["per_concept"][c]["layers"][str(layer)]

@@ -129,8 +129,13 @@ def token_calibration_summary(manifest: dict[str, Any]) -> dict[str, Any] | None
     return out if any(v["n_concepts"] for v in out.values()) else None
 
 
+_LISTED = 40  # concept names printed; 200 on one line are a wall of text
+
+
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"vectors:  {report['vectors']}"]
+    if "sha256" not in report:  # nothing was read: the error is all there is to say
+        return "\n".join(lines + [f"INVALID: {report['error']}"])
     if report.get("source"):
         lines.append(f"release:  {report['source']}")
     if "sha256" in report:
@@ -142,14 +147,15 @@ def format_report(report: dict[str, Any]) -> str:
     if report.get("format_version") is not None:
         tok = report.get("token_calibration")
         lines.append(f"manifest: format {report['format_version']}; token calibration: "
-                     + ("none (thresholds are text-level only)" if not tok else "; ".join(
-                         f"layer {l}: {v['n_concepts']} concepts, {', '.join(v['sources'])}, target "
+                     + ("none (thresholds are text-level only)" if not tok else "per layer below"))
+        for l, v in (tok or {}).items():  # one line per layer: they read as a column
+            lines.append(f"  layer {l}: {v['n_concepts']} concepts, {', '.join(v['sources'])}, target "
                          f"{', '.join(map(str, v['target_rates']))}"
                          + (f", held-out firing {v['heldout_ratio_min']:.2f}-{v['heldout_ratio_max']:.2f}x target"
-                            if v["heldout_ratio_min"] is not None else "")
-                         for l, v in tok.items())))
+                            if v["heldout_ratio_min"] is not None else ""))
     concepts = report.get("concepts", [])
-    lines.append(f"concepts: {len(concepts)}: {', '.join(concepts)}")
+    shown = concepts if len(concepts) <= _LISTED else concepts[:_LISTED] + [f"... {len(concepts) - _LISTED} more (--json lists all)"]
+    lines.append(f"concepts: {len(concepts)}: {', '.join(shown)}")
     for entry in report.get("layers", []):
         shape = "x".join(map(str, entry["shape"]))
         norms = (f"  norms {entry['norm_min']:.6f}..{entry['norm_max']:.6f}" if "norm_min" in entry else "")

@@ -90,7 +90,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-fpr", type=float, default=0.05, help="false-positive rate for fixed_fpr (default: %(default)s)")
     parser.add_argument("--crosstalk-cosine", type=float, default=0.5,
                         help="list vector pairs with cosine at least this (default: %(default)s)")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for AUROC CIs, 0 = none (default: %(default)s)")
+    parser.add_argument("--bootstrap", type=int, default=200,
+                        help="bootstrap resamples for AUROC CIs, 0 = none (default: %(default)s, as in amygdala run, "
+                             "so that a rebuilt report shows the run's intervals)")
     parser.add_argument("--confound-margin", type=float, default=0.0,
                         help="how much a vector's AUROC must beat the trivial baselines (default: %(default)s)")
     parser.add_argument("--estimators", default="auto",

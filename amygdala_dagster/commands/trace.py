@@ -64,7 +64,7 @@ def run_trace(args: argparse.Namespace) -> dict:
     concepts = [c.strip() for c in args.concepts.split(",") if c.strip()] if args.concepts else None
     unknown = [c for c in concepts or [] if c not in readout.concepts]
     if unknown:
-        raise ValueError(f"--concepts: unknown {', '.join(unknown)}; the manifest has {', '.join(readout.concepts)}")
+        raise ValueError(f"--concepts: unknown {', '.join(unknown)}; the manifest has {_names(readout.concepts, 20)}")
     records = read_inputs(args.input) if args.input else [InputRecord("text", args.text)]
     if args.text is not None and not args.text.strip():
         raise ValueError("--text is empty")
@@ -92,6 +92,14 @@ def run_trace(args: argparse.Namespace) -> dict:
     return {"html": html_path, "json": json_path, "trace": trace}
 
 
+_LISTED_INPUTS = 20  # per-input summary lines on stdout; the page shows every input
+
+
+def _names(names: list[str], n: int = 12) -> str:
+    """At most ``n`` names, then how many more (a 200-concept readout would print a wall of text)."""
+    return ", ".join(names[:n]) + (f", ... {len(names) - n} more" if len(names) > n else "")
+
+
 def main(args: argparse.Namespace) -> int:
     from amygdala_dagster.manifest import ReadoutFileError
     from amygdala_dagster.models import ModelLoadError
@@ -101,9 +109,11 @@ def main(args: argparse.Namespace) -> int:
     except (ReadoutFileError, ModelLoadError, ValueError) as exc:
         print(f"amygdala trace: {exc}", file=sys.stderr)
         return 2
-    for conv in out["trace"]["conversations"]:
-        fired = conv["fired"]
-        print(f"{conv['id']}: {len(conv['tokens'])} tokens; fired: {', '.join(fired) if fired else 'none'}")
+    convs = out["trace"]["conversations"]
+    for conv in convs[:_LISTED_INPUTS]:
+        print(f"{conv['id']}: {len(conv['tokens'])} tokens; fired: {_names(conv['fired']) or 'none'}")
+    if len(convs) > _LISTED_INPUTS:
+        print(f"... {len(convs) - _LISTED_INPUTS} more inputs (all of them on the page)")
     print(f"trace: {out['html']}")
     print(f"numbers: {out['json']}")
     return 0

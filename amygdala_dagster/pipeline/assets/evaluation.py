@@ -28,7 +28,12 @@ from amygdala_dagster.workflow import MANIFEST_FILE, REPORT_DIR, VECTORS_FILE
     deps=[readout_manifest],
     code_version="1",
     kinds={"html", "json"},
-    description="Held-out separation (AUROC, CI, Cohen's d), calibration, cross-talk and baselines; HTML + JSON report.",
+    description=(
+        "Which vectors can be trusted: a verdict per emotion (use / weak / do not use) with its reasons, from "
+        "held-out separation (AUROC with bootstrap interval, Cohen's d), trivial baselines, cross-talk and, on "
+        "labelled conversations, the per-token readout as the runtime computes it. HTML + JSON report; the "
+        "summary, verdicts and plots are in the metadata."
+    ),
 )
 def evaluation_report(
     context: dg.AssetExecutionContext,
@@ -128,7 +133,8 @@ def _round(x: float, digits: int = 4) -> float:
 
 
 def verdict_rows(result: dict) -> list[dict]:
-    """One metadata-table row per emotion, most attention first, numbers at 3 significant digits."""
+    """One metadata-table row per emotion, most attention first, numbers at 3 significant digits, the
+    reasons as flag names."""
     rows = []
     for e, v in result["verdicts"].items():
         r = result["emotions"][e]
@@ -138,6 +144,9 @@ def verdict_rows(result: dict) -> list[dict]:
             "emotion": e, "verdict": v["verdict"], "best_layer": r["best_layer"],
             "auroc": None if r["best_auroc"] is None else _round(r["best_auroc"], 3),
             "ci_low": None if ci[0] is None else _round(ci[0], 3), "ci_high": None if ci[1] is None else _round(ci[1], 3),
-            "holdout_pos": entry.get("n_pos"), "holdout_neg": entry.get("n_neg"), "why": "; ".join(v["reasons"]),
+            "holdout_pos": entry.get("n_pos"), "holdout_neg": entry.get("n_neg"),
+            # Short flag names: a sentence per reason makes every row of the UI's narrow table dozens of
+            # lines tall. The sentences are in `summary` (and the HTML report).
+            "flags": ", ".join(v.get("flags") or []) or "none",
         })
     return rows

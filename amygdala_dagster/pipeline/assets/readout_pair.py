@@ -2,6 +2,7 @@
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -153,8 +154,10 @@ def load_staged_readout(storage: ArtifactStorage) -> tuple[TrainedReadout, dict[
     kinds={"json"},
     freshness_policy=readout_freshness(),
     description=(
-        "The Contract 3 pair for vLLM: vectors.safetensors + manifest.json (VLLM_READOUT_MANIFEST), "
-        "written atomically; the manifest carries the vectors' SHA-256 and per-concept calibration."
+        "The Contract 3 pair for vLLM: vectors.safetensors + manifest.json (VLLM_READOUT_VECTORS, "
+        "VLLM_READOUT_MANIFEST), published as one release (a new directory under releases/, then the "
+        "current link switched atomically). The manifest (format 2) carries the vectors' SHA-256 and, per concept and layer, the "
+        "text-level calibration and the per-token one (token threshold and its held-out firing rate)."
     ),
 )
 def readout_manifest(
@@ -213,5 +216,5 @@ def compute_token_calibration(context: Any, readout: Any, info: dict[str, Any], 
     cal = calibrate_with_engine(engine, info["cache_root"], readout, items, source,
                                 target_rate=float(evaluation.token_target_rate))
     context.log.info(f"token calibration of {len(readout.concepts)} concepts on "
-                     f"{sorted(set(source.values()))} in {time.perf_counter() - t0:.1f}s")
+                     f"{', '.join(sorted(set(source.values())))} in {time.perf_counter() - t0:.1f}s")
     return cal
