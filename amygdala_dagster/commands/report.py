@@ -27,7 +27,7 @@ from amygdala_dagster.cache import ActivationCache, cache_location, default_cach
 from amygdala_dagster.evaluation import (
     calibration_for_manifest, evaluate, json_clean, read_snippets, summary_markdown, sweep_layers, write_report,
 )
-from amygdala_dagster.evaluation.core import Criteria, apply_verdicts
+from amygdala_dagster.evaluation.core import Criteria, apply_verdicts, log_unusable
 from amygdala_dagster.evaluation.conversations import best_layers, conversations_with_engine
 from amygdala_dagster.examples import ExampleSet, read_examples_dir
 from amygdala_dagster.layers import parse_layers
@@ -276,6 +276,7 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
         )
         evaluation["conversations"] = _conversations(args, engines, manifest, cache_root, readout, evaluation)
         apply_verdicts(evaluation)
+        log_unusable(evaluation)
     html_path, json_path, plots = write_report(evaluation, args.report_dir or output_dir / REPORT_DIR,
                                                histograms=args.histograms)
     if args.write_calibration:

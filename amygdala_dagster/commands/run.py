@@ -137,8 +137,10 @@ def report_result(result: Any, resources: dict[str, Any], what: str, pair_before
     store = resources["storage"].store()
     stats = step_metadata(result, "activation_stats")
     if stats:
+        work = (f"{stats.get('tokens')} tokens ({stats.get('tokens_per_s')} tokens/s) on {stats.get('device')}"
+                if stats.get("texts_forwarded") else "no forward pass")
         print(f"activations: {stats.get('texts_forwarded')} texts forwarded, {stats.get('texts_cached')} cached, "
-              f"{stats.get('tokens')} tokens ({stats.get('tokens_per_s')} tokens/s) on {stats.get('device')}; "
+              f"{work}; "
               + fast_path_line({"fast_path": stats.get("fast_path"),
                                 "kernels_found": [k for k in str(stats.get("kernels_found") or "").split(", ") if k],
                                 "kernels_missing": [k for k in str(stats.get("kernels_missing") or "").split(", ")

@@ -794,12 +794,15 @@ def evaluate(
         result["generalisation"] = generalisation(
             cache, readout, snippets, layer_for, cal_for, engine=engine, top_k=top_k
         )
-    result = json_clean(result)
-    apply_verdicts(result, criteria)
-    for f in result["flags"]:
-        if f["severity"] == "do_not_use":
-            log.warning("evaluation: %s", f["message"])
-    return result
+    return apply_verdicts(json_clean(result), criteria)
+
+
+def log_unusable(evaluation: Mapping[str, Any]) -> None:
+    """One warning per emotion whose verdict is "do not use", with its reasons (call it once, after the
+    last :func:`apply_verdicts`, so the log says what the report and the checks say)."""
+    for emotion, v in evaluation["verdicts"].items():
+        if v["verdict"] == "do_not_use":
+            log.warning("evaluation: %s: do not use: %s", emotion, "; ".join(v["reasons"]))
 
 
 def calibration_for_manifest(evaluation: Mapping[str, Any]) -> dict[str, dict[str, dict]]:

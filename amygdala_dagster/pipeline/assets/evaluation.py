@@ -10,7 +10,7 @@ import dagster as dg
 from amygdala_dagster.cache import ActivationCache, text_sha256
 from amygdala_dagster.evaluation import evaluate, json_clean, read_snippets, summary_markdown, write_report
 from amygdala_dagster.evaluation.conversations import best_layers, conversations_with_engine
-from amygdala_dagster.evaluation.core import apply_verdicts
+from amygdala_dagster.evaluation.core import apply_verdicts, log_unusable
 from amygdala_dagster.evaluation.report import emotion_markdown, png_markdown
 from amygdala_dagster.evaluation.runtime_report import PLOT, runtime_markdown, runtime_plots
 from amygdala_dagster.manifest import load_readout
@@ -66,6 +66,7 @@ def evaluation_report(
         )
     result["conversations"] = runtime_conversations(readout, result, info, evaluation, model)
     apply_verdicts(result)
+    log_unusable(result)
     with store.local_for_write(REPORT_DIR) as out:
         html_path, _json_path, plot_paths = write_report(result, out, histograms=evaluation.histograms)
         plots = {name: p.read_bytes() for name, p in plot_paths.items()}
