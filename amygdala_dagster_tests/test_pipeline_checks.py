@@ -97,7 +97,7 @@ def test_evaluation_rules():
     }
     problems = C.separation_problems(evaluation)
     assert problems == ["b: AUROC 0.550 below 0.7", "c: no held-out AUROC"]
-    assert C.baseline_problems(evaluation) == ["b: no better than the length baseline"]
+    assert C.baseline_problems(evaluation) == ["b: no better than the length baseline", "d: close to e's vector"]
     assert C.baseline_problems({"emotions": {}, "flags": []}) == []
     res = C._result(problems, severity=C.dg.AssetCheckSeverity.WARN)
     assert res.passed is False and res.severity == C.dg.AssetCheckSeverity.WARN
@@ -126,3 +126,10 @@ def test_cpu_run_of_a_linear_attention_model_reports_no_and_passes_the_check():
     assert fast_path_problems(meta) == []
     assert fast_path_line({"fast_path": "no", "kernels_found": [], "kernels_missing": ["fla"]}).startswith(
         "fast_path: no (kernels found: none; missing: fla)")
+
+
+def test_every_flag_kind_is_shown_by_exactly_one_check():
+    from amygdala_dagster.evaluation.core import FLAG_KINDS
+
+    shown = [*C.SEPARATION_FLAGS, *C.BASELINE_FLAGS, *C.CONVERSATION_FLAGS]
+    assert sorted(shown) == sorted(FLAG_KINDS) and len(set(shown)) == len(shown)

@@ -337,7 +337,13 @@ def _num(x: Any) -> float:
     return float(x) if x is not None and math.isfinite(float(x)) else math.nan
 
 
+#: Every kind of flag :func:`judge` raises (each is shown by one Dagster check).
+FLAG_KINDS = ("not_evaluable", "below_min_auroc", "small_holdout", "wide_interval", "confound", "crosstalk",
+              "conversation_auroc", "conversation_fires")
+
+
 def _flag(emotion: str, kind: str, severity: str, message: str) -> dict[str, str]:
+    assert kind in FLAG_KINDS, kind
     return {"emotion": emotion, "kind": kind, "severity": severity, "message": f"{emotion}: {message}"}
 
 

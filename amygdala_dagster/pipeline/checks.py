@@ -141,8 +141,9 @@ def manifest_problems(vectors_path: Any, manifest_path: Any, expected_concepts: 
 
 # The evaluation's flags (written by evaluation.core.judge into evaluation.json) are the one source of
 # truth for verdicts; each check shows the flags of some kinds, and counts the emotions it names.
-SEPARATION_FLAGS = ("not_evaluable", "below_min_auroc", "small_holdout")
-BASELINE_FLAGS = ("confound",)
+SEPARATION_FLAGS = ("not_evaluable", "below_min_auroc", "small_holdout", "wide_interval")
+BASELINE_FLAGS = ("confound", "crosstalk")
+CONVERSATION_FLAGS = ("conversation_auroc", "conversation_fires")
 
 
 def flag_messages(evaluation: Mapping[str, Any], kinds: Sequence[str]) -> list[str]:
@@ -261,17 +262,30 @@ def separation_above_threshold(storage: ArtifactStorage, evaluation: EvaluationR
                              "flagged": ", ".join(flagged) or "none"})
 
 
-@dg.asset_check(asset=evaluation_report, description="every vector beats the trivial length / node-type baselines")
-def better_than_baseline(storage: ArtifactStorage) -> dg.AssetCheckResult:
+def _flag_check(kinds: Sequence[str], storage: ArtifactStorage) -> dg.AssetCheckResult:
     ev = _evaluation(storage)
-    flagged = _flagged_emotions(ev, BASELINE_FLAGS)
-    return _result(baseline_problems(ev), severity=dg.AssetCheckSeverity.WARN,
+    flagged = _flagged_emotions(ev, kinds)
+    return _result(flag_messages(ev, kinds), severity=dg.AssetCheckSeverity.WARN,
                    metadata={"n_flagged": len(flagged), "flagged": ", ".join(flagged) or "none"})
+
+
+@dg.asset_check(asset=evaluation_report,
+                description="every vector beats the trivial length / node-type baselines and is not so close to "
+                            "another emotion's vector that it reads both")
+def better_than_baseline(storage: ArtifactStorage) -> dg.AssetCheckResult:
+    return _flag_check(BASELINE_FLAGS, storage)
+
+
+@dg.asset_check(asset=evaluation_report,
+                description="on the labelled conversations, every vector separates at text and token level and "
+                            "does not fire on most conversations without its emotion")
+def readout_on_conversations(storage: ArtifactStorage) -> dg.AssetCheckResult:
+    return _flag_check(CONVERSATION_FLAGS, storage)
 
 
 ALL_CHECKS = [
     snapshot_nonempty_unique_keys, examples_clean_and_disjoint, examples_min_positives, stats_finite,
     linear_attention_fast_path,
     vectors_finite_unit_norm, manifest_matches_vectors, separation_above_threshold, better_than_baseline,
-    token_threshold_heldout_rate,
+    readout_on_conversations, token_threshold_heldout_rate,
 ]
