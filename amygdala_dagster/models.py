@@ -66,8 +66,6 @@ _FINGERPRINT_CHUNK = 8 * 1024 * 1024
 
 _MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
-#: How many times this process read a model's weights (``load_model(weights=True)``); tests read it.
-WEIGHT_LOADS = 0
 _WEIGHTS_LOCK = threading.RLock()  # re-entered: with_weights() -> load_model()
 
 
@@ -405,7 +403,6 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", 
     engine's hooks run on whatever device each block is on and the pooled
     activations are gathered on the device of the embeddings.
     """
-    global WEIGHT_LOADS
     from transformers import AutoConfig, AutoTokenizer
 
     load_args = dict(name_or_path=name_or_path, dtype=dtype, device=device, revision=revision,
@@ -480,8 +477,7 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", 
         log.info("model %s: weight files not downloaded yet; loading them now", name_or_path)
         return load_model(**load_args, weights=True)
     if weights:
-        with _WEIGHTS_LOCK:
-            WEIGHT_LOADS += 1
+        log.debug("model %s: weights read from %s", model_id, source)
 
     param = next(model.parameters(), None)
     actual_dtype = param.dtype if param is not None else torch_dtype
