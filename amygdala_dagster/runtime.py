@@ -37,6 +37,7 @@ from safetensors.numpy import load_file as st_load_numpy
 from safetensors.numpy import save as st_save_numpy
 
 from amygdala_dagster.atomic import atomic_write_bytes
+from amygdala_dagster.cache import fingerprint_id
 from amygdala_dagster.layers import check_layer_indices, resolve_layers
 from amygdala_dagster.readout import calibrated_scores, project
 
@@ -520,8 +521,7 @@ class TokenActivationCache:
     """
 
     def __init__(self, root: str | Path, fingerprint: Mapping[str, Any], dtype: str = "float32") -> None:
-        canonical = json.dumps(dict(fingerprint), sort_keys=True, separators=(",", ":"))
-        self.fingerprint_id = hashlib.sha256(canonical.encode()).hexdigest()
+        self.fingerprint_id = fingerprint_id(fingerprint)
         self.directory = Path(root).expanduser() / "tokens" / self.fingerprint_id
         self.dtype = np.float16 if dtype in ("float16", "bfloat16") else np.float32
 

@@ -50,6 +50,18 @@ def _split_shas(examples: Iterable[Any], split: str | None) -> list[str]:
     return [text_sha256(ex.text) for ex in examples if split is None or ex.split == split]
 
 
+def layer_positions(cache: ActivationCache, layers: Sequence[int], what: str = "") -> list[int]:
+    """Index of each of ``layers`` in the cache rows; ValueError (prefixed with ``what``) names missing layers."""
+    prefix = f"{what}: " if what else ""
+    cache_layers = cache.layers
+    if cache_layers is None:
+        raise ValueError(f"{prefix}activation cache {cache.directory}: its fingerprint records no layers")
+    missing = [int(x) for x in layers if int(x) not in cache_layers]
+    if missing:
+        raise ValueError(f"{prefix}layers {missing} are not in the activation cache (it holds {cache_layers})")
+    return [cache_layers.index(int(x)) for x in layers]
+
+
 def layer_columns(cache: ActivationCache, layers: Sequence[int] | None) -> tuple[list[int], list[int] | None]:
     """``(layers, column indices into the cache rows, or None for all)``; ValueError names missing layers."""
     cache_layers = cache.layers
@@ -60,10 +72,7 @@ def layer_columns(cache: ActivationCache, layers: Sequence[int] | None) -> tuple
     layers = [int(x) for x in layers]
     if cache_layers is None or layers == list(cache_layers):
         return layers, None
-    missing = [x for x in layers if x not in cache_layers]
-    if missing:
-        raise ValueError(f"layers {missing} are not in the activation cache (it holds {cache_layers})")
-    return layers, [cache_layers.index(x) for x in layers]
+    return layers, layer_positions(cache, layers)
 
 
 def _sum_rows(cache: ActivationCache, shas: Sequence[str], cols: list[int] | None) -> tuple[np.ndarray | None, int]:
