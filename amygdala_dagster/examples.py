@@ -38,6 +38,7 @@ import numpy as np
 import polars as pl
 
 from amygdala_dagster.atomic import atomic_directory, atomic_write_bytes
+from amygdala_dagster.jsonio import jsonl_objects
 from amygdala_dagster.nodes import MemoryNode
 from amygdala_dagster.tags import check_emotion_name, fold_text  # noqa: F401 - check_emotion_name re-exported
 from amygdala_dagster.vectors import training_problems
@@ -614,20 +615,7 @@ def _read_jsonl(path: Path) -> list[Example]:
     if not path.is_file():
         raise ExamplesFormatError(f"{path}: missing")
     out = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ExamplesFormatError(f"{path}: not UTF-8 text ({exc})") from None
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ExamplesFormatError(f"{where}: invalid JSON ({exc.msg})") from None
-        if not isinstance(obj, dict):
-            raise ExamplesFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for where, obj in jsonl_objects(path, ExamplesFormatError):
         missing = [f for f in _EXAMPLE_FIELDS if f not in obj]
         if missing:
             raise ExamplesFormatError(f"{where}: missing field(s) {', '.join(missing)}")

@@ -33,7 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save_torch
 
-from amygdala_dagster.jsonable import jsonable
+from amygdala_dagster.jsonio import jsonable
 from amygdala_dagster.publish import PublishError, open_pair, publish_pair
 from amygdala_dagster.storage import location
 

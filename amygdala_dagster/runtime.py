@@ -26,7 +26,7 @@ import json
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -38,6 +38,7 @@ from safetensors.numpy import save as st_save_numpy
 
 from amygdala_dagster.atomic import atomic_write_bytes
 from amygdala_dagster.cache import fingerprint_id
+from amygdala_dagster.jsonio import jsonl_objects
 from amygdala_dagster.layers import check_layer_indices, resolve_layers
 from amygdala_dagster.readout import calibrated_scores, project
 
@@ -97,30 +98,20 @@ def read_inputs(path: str | Path, *, labelled: bool = False) -> list[InputRecord
         raise InputError(f"{path}: no such file")
     records: list[InputRecord] = []
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{where}: expected a JSON object")
-            if isinstance(obj.get("text"), str) == ("messages" in obj):
-                raise InputError(f'{where}: give exactly one of "text" (a string) or "messages"')
-            item: Item = obj["text"] if "text" in obj else _parse_messages(obj["messages"], where)
-            if isinstance(item, str) and not item.strip():
-                raise InputError(f"{where}: empty text")
-            rid = str(obj.get("id", lineno))
-            if rid in seen:
-                raise InputError(f"{where}: duplicate id {rid!r}")
-            seen.add(rid)
-            emotions = obj.get("emotions")
-            if labelled and not (isinstance(emotions, list) and all(isinstance(e, str) for e in emotions)):
-                raise InputError(f'{where}: expected "emotions": a list of emotion names')
-            records.append(InputRecord(rid, item, list(emotions) if emotions is not None else None))
+    for where, obj in jsonl_objects(path, InputError):
+        if isinstance(obj.get("text"), str) == ("messages" in obj):
+            raise InputError(f'{where}: give exactly one of "text" (a string) or "messages"')
+        item: Item = obj["text"] if "text" in obj else _parse_messages(obj["messages"], where)
+        if isinstance(item, str) and not item.strip():
+            raise InputError(f"{where}: empty text")
+        rid = str(obj.get("id", where.rpartition(":")[2]))  # default: the line number
+        if rid in seen:
+            raise InputError(f"{where}: duplicate id {rid!r}")
+        seen.add(rid)
+        emotions = obj.get("emotions")
+        if labelled and not (isinstance(emotions, list) and all(isinstance(e, str) for e in emotions)):
+            raise InputError(f'{where}: expected "emotions": a list of emotion names')
+        records.append(InputRecord(rid, item, list(emotions) if emotions is not None else None))
     if not records:
         raise InputError(f"{path}: no records")
     return records

@@ -10,7 +10,6 @@ content of ``evaluation.json``.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import math
 import os
@@ -27,7 +26,7 @@ from amygdala_dagster.cache import ActivationCache, ensure_cached, text_sha256
 from amygdala_dagster.estimators import DegenerateDirectionError, make_estimator, unit_direction
 from amygdala_dagster.evaluation import metrics as M
 from amygdala_dagster.examples import cooccurrence
-from amygdala_dagster.jsonable import jsonable
+from amygdala_dagster.jsonio import jsonable, jsonl_values
 from amygdala_dagster.vectors import layer_positions
 
 log = logging.getLogger(__name__)
@@ -493,23 +492,16 @@ def read_snippets(path: str | os.PathLike[str]) -> list[dict[str, str]]:
     """Conversation snippets from a JSONL file of ``{"id", "text"}`` (errors name the line)."""
     path = Path(path)
     out, seen = [], set()
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or "id" not in obj:
-                raise ValueError(f'{path}:{lineno}: expected an object with "id" and "text"')
-            if not obj["text"].strip():
-                raise ValueError(f"{path}:{lineno}: snippet {obj['id']!r} has empty text")
-            sid = str(obj["id"])
-            if sid in seen:
-                raise ValueError(f"{path}:{lineno}: duplicate snippet id {sid!r}")
-            seen.add(sid)
-            out.append({"id": sid, "text": obj["text"]})
+    for where, obj in jsonl_values(path):
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or "id" not in obj:
+            raise ValueError(f'{where}: expected an object with "id" and "text"')
+        if not obj["text"].strip():
+            raise ValueError(f"{where}: snippet {obj['id']!r} has empty text")
+        sid = str(obj["id"])
+        if sid in seen:
+            raise ValueError(f"{where}: duplicate snippet id {sid!r}")
+        seen.add(sid)
+        out.append({"id": sid, "text": obj["text"]})
     return out
 
 
