@@ -88,7 +88,7 @@ def build_manifest(
     vectors_dtype: str = "float32",
     created_at: str | None = None,
 ) -> dict[str, Any]:
-    """The manifest dict (Contract 3) for a :class:`~amygdala_dagster.vectors.ReadoutVectors`.
+    """The manifest dict (Contract 3) for a :class:`~amygdala_dagster.vectors.TrainedReadout`.
 
     ``dtype`` is the dtype the model ran in when activations were captured;
     ``vectors_dtype`` the dtype of the stored vectors. ``calibration`` defaults
@@ -231,8 +231,8 @@ def calibration_entry(manifest: Mapping[str, Any], concept: str, layer: int, kin
 
 # ----------------------------------------------------------------------------- reading
 @dataclass
-class Readout:
-    """A validated vectors/manifest pair."""
+class ReadoutPair:
+    """A loaded and validated Contract 3 pair: the vectors file and its manifest."""
 
     concepts: list[str]
     layers: list[int]
@@ -285,7 +285,7 @@ def read_vectors_file(vectors_path: str | os.PathLike[str]) -> tuple[dict[str, n
 def load_readout(
     vectors_path: str | os.PathLike[str],
     manifest_path: str | os.PathLike[str] | None = None,
-) -> Readout:
+) -> ReadoutPair:
     """Load and validate a vectors/manifest pair; :class:`ReadoutFileError` says what is wrong.
 
     ``vectors_path`` is the vectors file, or an output directory (local or an
@@ -307,7 +307,7 @@ def load_readout(
         raise ReadoutFileError(str(exc)) from exc
 
 
-def _load_pair(vectors_path: Path, manifest_path: Path) -> Readout:
+def _load_pair(vectors_path: Path, manifest_path: Path) -> ReadoutPair:
     if not manifest_path.is_file():
         raise ReadoutFileError(f"{manifest_path}: no such manifest file")
     try:
@@ -361,7 +361,7 @@ def _load_pair(vectors_path: Path, manifest_path: Path) -> Readout:
         except ReadoutFileError as exc:
             raise ReadoutFileError(f"{vectors_path}: {exc}") from None
         vectors[layer] = np.ascontiguousarray(arr, dtype=np.float32)
-    return Readout(
+    return ReadoutPair(
         concepts=concepts,
         layers=layers,
         vectors=vectors,

@@ -124,7 +124,7 @@ def trace_record(scores: Any, layer: int, manifest: Mapping[str, Any], *, top_k:
 
 
 def _text_z(raw: np.ndarray, manifest: Mapping[str, Any], layer: int) -> np.ndarray:
-    from amygdala_dagster.readout import calibrated_scores
+    from amygdala_dagster.runtime import calibrated_scores
 
     return calibrated_scores(raw, manifest, layer, "text")
 

@@ -357,9 +357,6 @@ class TrainedReadout:
         return int(next(iter(self.vectors.values())).shape[1])
 
 
-# The earlier name, kept so callers written against it keep working.
-ReadoutVectors = TrainedReadout
-
 
 def readout_from_directions(
     directions: Mapping[str, tuple[np.ndarray, np.ndarray, dict[str, int]]],
@@ -447,7 +444,6 @@ def train_readout(
 
 __all__ = [
     "EmotionStats",
-    "ReadoutVectors",
     "TrainedReadout",
     "TrainingDataError",
     "directions_from_stats",

@@ -19,7 +19,7 @@ from amygdala_dagster.runtime import (
     InputError, ReadoutRuntime, TokenActivationCache, encode, read_inputs, scored_mask,
 )
 from amygdala_dagster.token_calibration import calibrate_readout, calibrate_tokens, heldout_problems, text_folds
-from amygdala_dagster.vectors import ReadoutVectors
+from amygdala_dagster.vectors import TrainedReadout
 from amygdala_dagster_tests.tiny_models import HIDDEN, build_tiny_model
 
 LAYERS = [1, 2]
@@ -31,13 +31,13 @@ CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}<
                  "{% if add_generation_prompt %}<s>assistant:{% endif %}")
 
 
-def _readout(h: int = HIDDEN, layers=LAYERS, seed: int = 0) -> ReadoutVectors:
+def _readout(h: int = HIDDEN, layers=LAYERS, seed: int = 0) -> TrainedReadout:
     rng = np.random.default_rng(seed)
     vectors = {}
     for layer in layers:
         m = rng.normal(size=(len(CONCEPTS), h))
         vectors[layer] = (m / np.linalg.norm(m, axis=1, keepdims=True)).astype(np.float32)
-    return ReadoutVectors(concepts=list(CONCEPTS), layers=list(layers), vectors=vectors,
+    return TrainedReadout(concepts=list(CONCEPTS), layers=list(layers), vectors=vectors,
                           raw_norms={c: [1.0] * len(layers) for c in CONCEPTS},
                           counts={c: {} for c in CONCEPTS})
 
@@ -238,7 +238,7 @@ def test_manifest_format_2_carries_token_calibration_and_format_1_still_reads(tm
     assert "format 1; token calibration: none" in format_report(shown)
     assert calibration_entry(v1.manifest, "joy", 1, "token") is None
     rt_scores = np.zeros((2, 3))
-    from amygdala_dagster.readout import calibrated_scores
+    from amygdala_dagster.runtime import calibrated_scores
 
     assert np.isnan(calibrated_scores(rt_scores, v1.manifest, 1, "token")).all()
 
