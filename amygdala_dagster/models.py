@@ -22,6 +22,7 @@ loads the real model (once) when a text actually has to be forwarded.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import importlib.util
@@ -29,13 +30,16 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 
 log = logging.getLogger(__name__)
 
@@ -258,10 +262,6 @@ def _hub_offline() -> bool:
 
 def _snapshot_dir(repo_id: str, revision: str | None) -> Path | None:
     """The hub-cache snapshot directory holding ``repo_id``'s config.json, if cached."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover
-        return None
     found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
     if isinstance(found, (str, os.PathLike)):
         return Path(found).parent
@@ -338,10 +338,6 @@ def _map_offloads_to_disk(device_map: str | dict[str, Any]) -> bool:
 
 
 def _offload_folder() -> str:
-    import atexit
-    import shutil
-    import tempfile
-
     folder = tempfile.mkdtemp(prefix="amygdala-offload-")
     atexit.register(shutil.rmtree, folder, True)
     return folder

@@ -27,13 +27,15 @@ from safetensors import safe_open
 from safetensors.numpy import save as st_save
 
 from amygdala_dagster.atomic import atomic_write_bytes
-from amygdala_dagster.cache import ActivationCache, text_sha256
+from amygdala_dagster.cache import ActivationCache, layer_positions, text_sha256
 from amygdala_dagster.estimators import (
     DEFAULT_ESTIMATOR,
     DegenerateDirectionError,
     get_estimator,
     unit_direction,
 )
+from amygdala_dagster.evaluation.metrics import calibration
+from amygdala_dagster.examples import training_problems
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +50,6 @@ class TrainingDataError(DegenerateDirectionError):
 # ----------------------------------------------------------------------------- helpers
 def _split_shas(examples: Iterable[Any], split: str | None) -> list[str]:
     return [text_sha256(ex.text) for ex in examples if split is None or ex.split == split]
-
-
-def layer_positions(cache: ActivationCache, layers: Sequence[int], what: str = "") -> list[int]:
-    """Index of each of ``layers`` in the cache rows; ValueError (prefixed with ``what``) names missing layers."""
-    prefix = f"{what}: " if what else ""
-    cache_layers = cache.layers
-    if cache_layers is None:
-        raise ValueError(f"{prefix}activation cache {cache.directory}: its fingerprint records no layers")
-    missing = [int(x) for x in layers if int(x) not in cache_layers]
-    if missing:
-        raise ValueError(f"{prefix}layers {missing} are not in the activation cache (it holds {cache_layers})")
-    return [cache_layers.index(int(x)) for x in layers]
 
 
 def layer_columns(cache: ActivationCache, layers: Sequence[int] | None) -> tuple[list[int], list[int] | None]:
@@ -170,18 +160,6 @@ def load_stats(path: str | os.PathLike[str]) -> EmotionStats:
     )
 
 
-def training_problems(emotion: str, pos_n: int, neg_n: int, split: str = "train") -> list[str]:
-    """Why an emotion with ``pos_n`` positives and ``neg_n`` negatives in ``split`` cannot give a direction.
-
-    The one rule every path uses (example sets, the seed script, the readout): empty when it can.
-    """
-    missing = " and ".join(w for w, n in (("positive", pos_n), ("negative", neg_n)) if n == 0)
-    if not missing:
-        return []
-    return [f"emotion {emotion!r}: no {missing} examples in the {split} split "
-            f"({pos_n} positives, {neg_n} negatives)"]
-
-
 def _check_counts(emotion: str, pos_n: int, neg_n: int, split: str = "train") -> None:
     problems = training_problems(emotion, pos_n, neg_n, split)
     if problems:
@@ -273,8 +251,6 @@ def projection_calibration(
     threshold_method}`` as :func:`amygdala_dagster.evaluation.metrics.calibration`
     computes it; without a threshold when a class is empty.
     """
-    from amygdala_dagster.evaluation.metrics import calibration
-
     layers, cols = layer_columns(cache, layers)
     unit = np.asarray(unit_vectors, dtype=np.float64)
     out: dict[int, dict[str, Any]] = {}

@@ -7,13 +7,20 @@ import json
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
+from amygdala_dagster.atomic import atomic_write_text
+from amygdala_dagster.flags import positive_int
+from amygdala_dagster.manifest import ReadoutFileError, load_readout
+from amygdala_dagster.models import ModelLoadError, load_model
+from amygdala_dagster.runtime import InputRecord, ReadoutRuntime, read_inputs
+from amygdala_dagster.trace import build_trace, render_trace_html
+
 HELP = ("run the model over conversations or text and show, per token, the calibrated readout of every concept "
         "(DIR/trace.html with a token heatmap and per-concept traces, DIR/trace.json)")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from amygdala_dagster.flags import positive_int
-
     parser.add_argument("--manifest", type=Path, required=True, help="manifest.json of the readout")
     parser.add_argument("--vectors", type=Path, default=None,
                         help="vectors.safetensors (default: the manifest's vectors_file, relative to the manifest)")
@@ -34,14 +41,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run_trace(args: argparse.Namespace) -> dict:
     """Everything ``main`` does; returns ``{"html", "json", "trace"}`` paths and content."""
-    from tqdm import tqdm
-
-    from amygdala_dagster.atomic import atomic_write_text
-    from amygdala_dagster.manifest import ReadoutFileError, load_readout
-    from amygdala_dagster.models import load_model
-    from amygdala_dagster.runtime import InputRecord, ReadoutRuntime, read_inputs
-    from amygdala_dagster.trace import build_trace, render_trace_html
-
     if not args.manifest.is_file():
         raise ReadoutFileError(f"--manifest {args.manifest}: no such file")
     manifest = json.loads(args.manifest.read_text(encoding="utf-8"))
@@ -82,9 +81,6 @@ def run_trace(args: argparse.Namespace) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    from amygdala_dagster.manifest import ReadoutFileError
-    from amygdala_dagster.models import ModelLoadError
-
     try:
         out = run_trace(args)
     except (ReadoutFileError, ModelLoadError, ValueError) as exc:

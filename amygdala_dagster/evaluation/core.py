@@ -22,12 +22,11 @@ from typing import Any
 import numpy as np
 import sklearn
 
-from amygdala_dagster.cache import ActivationCache, ensure_cached, text_sha256
+from amygdala_dagster.cache import ActivationCache, ensure_cached, layer_positions, text_sha256
 from amygdala_dagster.estimators import DegenerateDirectionError, make_estimator, unit_direction
 from amygdala_dagster.evaluation import metrics as M
 from amygdala_dagster.examples import cooccurrence
 from amygdala_dagster.jsonio import jsonable, jsonl_values
-from amygdala_dagster.vectors import layer_positions
 
 log = logging.getLogger(__name__)
 
