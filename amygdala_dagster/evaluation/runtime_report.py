@@ -8,6 +8,7 @@ evaluation has no conversations.
 
 from __future__ import annotations
 
+import base64
 import html
 import io
 import math
@@ -50,13 +51,13 @@ def runtime_plots(evaluation: Mapping[str, Any]) -> dict[str, bytes]:
     a1.set_ylim(0, 1)
     a1.set_title("AUROC on labelled conversations", fontsize=10)
     a1.set_xticks(list(xs), names, rotation=60, ha="right", fontsize=8)
-    a1.legend(fontsize=8)
+    a1.legend(fontsize=8, loc="lower right")
     a2.bar(list(xs), [nan(per[n]["fire_rate_without"]) for n in names], color="#c0392b", label="without the emotion")
     a2.plot(list(xs), [nan(per[n]["fire_rate_with"]) for n in names], "o", color="#229954", label="with it")
     a2.set_ylim(0, 1.05)
     a2.set_title("conversations where the token threshold fires", fontsize=10)
     a2.set_xticks(list(xs), names, rotation=60, ha="right", fontsize=8)
-    a2.legend(fontsize=8)
+    a2.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -86,8 +87,6 @@ def _intro(conv: Mapping[str, Any]) -> str:
 
 def runtime_html(evaluation: Mapping[str, Any], plots: Mapping[str, bytes]) -> str:
     """The section's HTML (empty when the evaluation has no conversations)."""
-    import base64
-
     conv = evaluation.get("conversations")
     if not conv:
         return ""
