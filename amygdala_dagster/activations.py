@@ -43,7 +43,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from amygdala_dagster.cache import reject_empty_texts
+from amygdala_dagster.cache import fingerprint_id, reject_empty_texts
 from amygdala_dagster.layers import check_layer_indices, resolve_layers
 from amygdala_dagster.models import FastPath, LoadedModel, ModelLoadError, linear_attention_fast_path
 
@@ -257,8 +257,7 @@ class ActivationEngine:
             "layer_path": self.resolved_layer_path,
             "activation_site": "residual_stream_after_layer",
         }
-        canonical = json.dumps(self.fingerprint, sort_keys=True, separators=(",", ":"))
-        self.fingerprint_id: str = hashlib.sha256(canonical.encode()).hexdigest()
+        self.fingerprint_id: str = fingerprint_id(self.fingerprint)
 
         if loaded.weights_loaded:
             self._input_device = self._find_input_device()

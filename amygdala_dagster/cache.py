@@ -44,9 +44,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save as st_save
+from tqdm.auto import tqdm
 
 from amygdala_dagster.atomic import atomic_write_bytes, atomic_write_text
 
@@ -73,6 +75,18 @@ def fingerprint_id(fingerprint: Mapping[str, Any]) -> str:
     """A short stable id for a fingerprint dict (hash of its canonical JSON)."""
     canonical = json.dumps(fingerprint, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:20]
+
+
+def layer_positions(cache: ActivationCache, layers: Sequence[int], what: str = "") -> list[int]:
+    """Index of each of ``layers`` in the cache rows; ValueError (prefixed with ``what``) names missing layers."""
+    prefix = f"{what}: " if what else ""
+    cache_layers = cache.layers
+    if cache_layers is None:
+        raise ValueError(f"{prefix}activation cache {cache.directory}: its fingerprint records no layers")
+    missing = [int(x) for x in layers if int(x) not in cache_layers]
+    if missing:
+        raise ValueError(f"{prefix}layers {missing} are not in the activation cache (it holds {cache_layers})")
+    return [cache_layers.index(int(x)) for x in layers]
 
 
 def is_url(location: str | os.PathLike[str]) -> bool:
@@ -246,8 +260,6 @@ class _FsspecStore:
     """A cache prefix on any fsspec filesystem (object stores: one PUT per shard is atomic)."""
 
     def __init__(self, url: str) -> None:
-        import fsspec
-
         self.fs, root = fsspec.core.url_to_fs(url)
         self.root = root.rstrip("/")
         self.location = self.fs.unstrip_protocol(self.root)
@@ -640,8 +652,6 @@ def ensure_cached(
     t0 = time.perf_counter()
     bar = None
     if progress and todo:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(todo), unit="text", desc="forward", file=sys.stderr, dynamic_ncols=True)
     try:
         if todo:

@@ -38,9 +38,10 @@ import numpy as np
 import polars as pl
 
 from amygdala_dagster.atomic import atomic_directory, atomic_write_bytes
+from amygdala_dagster.jsonio import jsonl_objects
 from amygdala_dagster.nodes import MemoryNode
+from amygdala_dagster.snapshot import build_snapshot, snapshot_hash
 from amygdala_dagster.tags import check_emotion_name, fold_text  # noqa: F401 - check_emotion_name re-exported
-from amygdala_dagster.vectors import training_problems
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,18 @@ def _is_number(value: Any) -> bool:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def training_problems(emotion: str, pos_n: int, neg_n: int, split: str = "train") -> list[str]:
+    """Why an emotion with ``pos_n`` positives and ``neg_n`` negatives in ``split`` cannot give a direction.
+
+    The one rule every path uses (example sets, the seed script, the readout): empty when it can.
+    """
+    missing = " and ".join(w for w, n in (("positive", pos_n), ("negative", neg_n)) if n == 0)
+    if not missing:
+        return []
+    return [f"emotion {emotion!r}: no {missing} examples in the {split} split "
+            f"({pos_n} positives, {neg_n} negatives)"]
 
 
 @dataclass(frozen=True)
@@ -177,7 +190,7 @@ class ExampleSet:
         return dict(sorted(Counter(e.node_type for e in self.examples(polarity)).items()))
 
     def problems(self) -> list[str]:
-        """Why this set cannot train a direction (empty when it can): :func:`vectors.training_problems`."""
+        """Why this set cannot train a direction (empty when it can): :func:`training_problems`."""
         counts = self.counts()
         return training_problems(self.emotion, counts["train_positives"], counts["train_negatives"])
 
@@ -614,20 +627,7 @@ def _read_jsonl(path: Path) -> list[Example]:
     if not path.is_file():
         raise ExamplesFormatError(f"{path}: missing")
     out = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ExamplesFormatError(f"{path}: not UTF-8 text ({exc})") from None
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ExamplesFormatError(f"{where}: invalid JSON ({exc.msg})") from None
-        if not isinstance(obj, dict):
-            raise ExamplesFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for where, obj in jsonl_objects(path, ExamplesFormatError):
         missing = [f for f in _EXAMPLE_FIELDS if f not in obj]
         if missing:
             raise ExamplesFormatError(f"{where}: missing field(s) {', '.join(missing)}")
@@ -716,8 +716,6 @@ def run_extraction(
     ``emotions`` are curated names, always included besides the data-driven
     choice (see :func:`emotion_catalog`). Returns the written index.
     """
-    from amygdala_dagster.snapshot import build_snapshot, snapshot_hash
-
     params = params or SelectionParams()
     snapshot = build_snapshot(nodes)
     rows = _rows(snapshot)

@@ -33,6 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save_torch
 
+from amygdala_dagster.jsonio import jsonable
 from amygdala_dagster.publish import PublishError, open_pair, publish_pair
 from amygdala_dagster.storage import location
 
@@ -69,23 +70,6 @@ def _utc_now() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def _jsonable(value: Any) -> Any:
-    """Numpy scalars and arrays as plain JSON types; layer-dict keys become strings.
-
-    Unlike ``evaluation.json_clean`` this keeps NaN/Inf, so that the manifest
-    writer (``allow_nan=False``) refuses them instead of writing ``null``.
-    """
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value
-
-
 # ----------------------------------------------------------------------------- manifest
 def build_manifest(
     readout: Any,
@@ -104,7 +88,7 @@ def build_manifest(
     vectors_dtype: str = "float32",
     created_at: str | None = None,
 ) -> dict[str, Any]:
-    """The manifest dict (Contract 3) for a :class:`~amygdala_dagster.vectors.ReadoutVectors`.
+    """The manifest dict (Contract 3) for a :class:`~amygdala_dagster.vectors.TrainedReadout`.
 
     ``dtype`` is the dtype the model ran in when activations were captured;
     ``vectors_dtype`` the dtype of the stored vectors. ``calibration`` defaults
@@ -153,7 +137,7 @@ def build_manifest(
         "training": dict(training),
         "per_concept": per_concept,
     }
-    return _jsonable(manifest)
+    return jsonable(manifest)
 
 
 def vectors_bytes(readout: Any, vectors_dtype: str = "float32") -> bytes:
@@ -174,7 +158,7 @@ def vectors_bytes(readout: Any, vectors_dtype: str = "float32") -> bytes:
         hidden = arr.shape[1] if hidden is None else hidden
         if arr.shape[1] != hidden:
             raise ReadoutFileError(f"layer {layer}: hidden size {arr.shape[1]} != {hidden}")
-        _check_rows(arr, concepts, layer, 1e-4)
+        _check_rows(arr, concepts, layer, _NORM_TOL["float32"])
         tensors[layer_key(layer)] = torch.from_numpy(np.ascontiguousarray(arr)).to(_TORCH_DTYPES[vectors_dtype]).contiguous()
     # One metadata entry: safetensors orders several entries differently from run to
     # run, and the same vectors must give the same bytes (and SHA-256).
@@ -183,18 +167,21 @@ def vectors_bytes(readout: Any, vectors_dtype: str = "float32") -> bytes:
     return st_save_torch(tensors, metadata=metadata)
 
 
-def _check_rows(arr: np.ndarray, concepts: Sequence[str], layer: int, tol: float) -> None:
+def row_problems(arr: np.ndarray, concepts: Sequence[str], layer: int, tol: float = _NORM_TOL["float32"]) -> list[str]:
+    """What is wrong with one layer's ``[n_concepts, H]`` rows: non-finite values, norms off 1 by more than ``tol``."""
     finite = np.isfinite(arr).all(axis=1)
     if not finite.all():
         bad = [concepts[i] for i in np.flatnonzero(~finite)]
-        raise ReadoutFileError(f"layer {layer}: non-finite values in the rows of {bad}")
+        return [f"layer {layer}: non-finite values in the rows of {bad}"]
     norms = np.linalg.norm(arr.astype(np.float64), axis=1)
-    off = np.flatnonzero(np.abs(norms - 1.0) > tol)
-    if off.size:
-        i = int(off[0])
-        raise ReadoutFileError(
-            f"layer {layer}: row {i} ({concepts[i]!r}) has L2 norm {norms[i]:.6g}, expected unit norm"
-        )
+    return [f"layer {layer}: row {i} ({concepts[i]!r}) has L2 norm {norms[i]:.6g}, expected unit norm"
+            for i in map(int, np.flatnonzero(np.abs(norms - 1.0) > tol))]
+
+
+def _check_rows(arr: np.ndarray, concepts: Sequence[str], layer: int, tol: float) -> None:
+    problems = row_problems(arr, concepts, layer, tol)
+    if problems:
+        raise ReadoutFileError(problems[0])
 
 
 def write_readout(
@@ -244,8 +231,8 @@ def calibration_entry(manifest: Mapping[str, Any], concept: str, layer: int, kin
 
 # ----------------------------------------------------------------------------- reading
 @dataclass
-class Readout:
-    """A validated vectors/manifest pair."""
+class ReadoutPair:
+    """A loaded and validated Contract 3 pair: the vectors file and its manifest."""
 
     concepts: list[str]
     layers: list[int]
@@ -298,7 +285,7 @@ def read_vectors_file(vectors_path: str | os.PathLike[str]) -> tuple[dict[str, n
 def load_readout(
     vectors_path: str | os.PathLike[str],
     manifest_path: str | os.PathLike[str] | None = None,
-) -> Readout:
+) -> ReadoutPair:
     """Load and validate a vectors/manifest pair; :class:`ReadoutFileError` says what is wrong.
 
     ``vectors_path`` is the vectors file, or an output directory (local or an
@@ -320,7 +307,7 @@ def load_readout(
         raise ReadoutFileError(str(exc)) from exc
 
 
-def _load_pair(vectors_path: Path, manifest_path: Path) -> Readout:
+def _load_pair(vectors_path: Path, manifest_path: Path) -> ReadoutPair:
     if not manifest_path.is_file():
         raise ReadoutFileError(f"{manifest_path}: no such manifest file")
     try:
@@ -374,7 +361,7 @@ def _load_pair(vectors_path: Path, manifest_path: Path) -> Readout:
         except ReadoutFileError as exc:
             raise ReadoutFileError(f"{vectors_path}: {exc}") from None
         vectors[layer] = np.ascontiguousarray(arr, dtype=np.float32)
-    return Readout(
+    return ReadoutPair(
         concepts=concepts,
         layers=layers,
         vectors=vectors,

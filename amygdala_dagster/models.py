@@ -22,6 +22,7 @@ loads the real model (once) when a text actually has to be forwarded.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import importlib.util
@@ -29,7 +30,9 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,6 +40,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +71,6 @@ _FINGERPRINT_CHUNK = 8 * 1024 * 1024
 
 _MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
-#: How many times this process read a model's weights (``load_model(weights=True)``); tests read it.
-WEIGHT_LOADS = 0
 _WEIGHTS_LOCK = threading.RLock()  # re-entered: with_weights() -> load_model()
 
 
@@ -261,10 +263,6 @@ def _hub_offline() -> bool:
 
 def _snapshot_dir(repo_id: str, revision: str | None) -> Path | None:
     """The hub-cache snapshot directory holding ``repo_id``'s config.json, if cached."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover
-        return None
     found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
     if isinstance(found, (str, os.PathLike)):
         return Path(found).parent
@@ -367,10 +365,6 @@ def _map_offloads_to_disk(device_map: str | dict[str, Any]) -> bool:
 
 
 def _offload_folder() -> str:
-    import atexit
-    import shutil
-    import tempfile
-
     folder = tempfile.mkdtemp(prefix="amygdala-offload-")
     atexit.register(shutil.rmtree, folder, True)
     return folder
@@ -432,7 +426,6 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", 
     engine's hooks run on whatever device each block is on and the pooled
     activations are gathered on the device of the embeddings.
     """
-    global WEIGHT_LOADS
     from transformers import AutoConfig, AutoTokenizer
 
     load_args = dict(name_or_path=name_or_path, dtype=dtype, device=device, revision=revision,
@@ -507,8 +500,7 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", 
         log.info("model %s: weight files not downloaded yet; loading them now", name_or_path)
         return load_model(**load_args, weights=True)
     if weights:
-        with _WEIGHTS_LOCK:
-            WEIGHT_LOADS += 1
+        log.debug("model %s: weights read from %s", model_id, source)
 
     param = next(model.parameters(), None)
     actual_dtype = param.dtype if param is not None else torch_dtype

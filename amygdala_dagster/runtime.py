@@ -5,8 +5,9 @@ residual stream after each hooked decoder layer ``idx`` -- the output of block
 ``idx``, found by the same :func:`amygdala_dagster.layers.resolve_layers` as
 training -- and projects every token on the concept rows:
 ``raw[t, c] = h_idx[t] . vectors[c]``. The calibrated score is the z-score of
-``raw`` against the manifest's ``token_calibration`` (see
-:func:`amygdala_dagster.readout.calibrated_scores`).
+``raw`` against the manifest's ``token_calibration`` (:func:`calibrated_scores`;
+per mean-pooled text the same against ``calibration``; :func:`project` is the
+projection itself).
 
 :class:`ReadoutRuntime` attaches to a model and gives these scores for a text
 or a conversation (messages go through the tokenizer's chat template when it
@@ -26,7 +27,7 @@ import json
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -37,8 +38,11 @@ from safetensors.numpy import load_file as st_load_numpy
 from safetensors.numpy import save as st_save_numpy
 
 from amygdala_dagster.atomic import atomic_write_bytes
+from amygdala_dagster.cache import fingerprint_id
+from amygdala_dagster.evaluation.metrics import z_score
+from amygdala_dagster.jsonio import jsonl_objects
 from amygdala_dagster.layers import check_layer_indices, resolve_layers
-from amygdala_dagster.readout import calibrated_scores, project
+from amygdala_dagster.manifest import calibration_entry
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,53 @@ Message = Mapping[str, str]
 Item = Union[str, Sequence[Message]]
 
 TOKEN_CACHE_FORMAT = "amygdala-token-activations/1"
+
+
+# ----------------------------------------------------------------------------- projection
+def _matrix(readout: Any, layer: int) -> np.ndarray:
+    vectors = readout.vectors if hasattr(readout, "vectors") else readout
+    return np.asarray(vectors[int(layer)], dtype=np.float32)
+
+
+def project(activations: Mapping[int, Any], readout: Any) -> dict[int, torch.Tensor]:
+    """Per layer ``activation [T, H] @ vectors.T`` -> ``[T, C]`` float32.
+
+    ``readout`` is a :class:`~amygdala_dagster.manifest.ReadoutPair`, a
+    :class:`~amygdala_dagster.vectors.TrainedReadout` or a plain
+    ``{layer: [C, H]}`` mapping. Layers of ``activations`` that the readout
+    does not hook are ignored.
+    """
+    layers = readout.layers if hasattr(readout, "layers") else list(readout)
+    out: dict[int, torch.Tensor] = {}
+    for layer, act in activations.items():
+        if int(layer) not in layers:
+            continue
+        a = act if isinstance(act, torch.Tensor) else torch.as_tensor(np.asarray(act))
+        a = a.detach().to("cpu", torch.float32)
+        if a.ndim == 1:
+            a = a[None, :]
+        w = torch.from_numpy(_matrix(readout, layer))
+        if a.shape[-1] != w.shape[1]:
+            raise ValueError(f"layer {layer}: activations have width {a.shape[-1]}, vectors {w.shape[1]}")
+        out[int(layer)] = a @ w.T
+    return out
+
+
+def calibrated_scores(raw: Any, manifest: Mapping[str, Any], layer: int, kind: str = "text") -> np.ndarray:
+    """Calibrated scores ``[..., C]`` for raw projections ``[..., C]`` at ``layer``: per concept the
+    z-score (:func:`amygdala_dagster.evaluation.metrics.z_score`) against the manifest's ``kind``
+    calibration (``text``: held-out mean-pooled texts; ``token``: per-token projections of the
+    calibration text). NaN for a concept without that calibration."""
+    raw_arr = raw.detach().cpu().double().numpy() if isinstance(raw, torch.Tensor) else np.asarray(raw, np.float64)
+    concepts = list(manifest["concepts"])
+    if raw_arr.shape[-1] != len(concepts):
+        raise ValueError(f"raw scores have {raw_arr.shape[-1]} concepts, manifest lists {len(concepts)}")
+    out = np.full(raw_arr.shape, np.nan, dtype=np.float64)
+    for i, concept in enumerate(concepts):
+        cal = calibration_entry(manifest, concept, layer, kind)
+        if cal and cal.get("neg_mean") is not None and cal.get("neg_std") is not None:
+            out[..., i] = z_score(raw_arr[..., i], cal["neg_mean"], cal["neg_std"])
+    return out
 
 
 class InputError(ValueError):
@@ -96,30 +147,20 @@ def read_inputs(path: str | Path, *, labelled: bool = False) -> list[InputRecord
         raise InputError(f"{path}: no such file")
     records: list[InputRecord] = []
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{where}: expected a JSON object")
-            if isinstance(obj.get("text"), str) == ("messages" in obj):
-                raise InputError(f'{where}: give exactly one of "text" (a string) or "messages"')
-            item: Item = obj["text"] if "text" in obj else _parse_messages(obj["messages"], where)
-            if isinstance(item, str) and not item.strip():
-                raise InputError(f"{where}: empty text")
-            rid = str(obj.get("id", lineno))
-            if rid in seen:
-                raise InputError(f"{where}: duplicate id {rid!r}")
-            seen.add(rid)
-            emotions = obj.get("emotions")
-            if labelled and not (isinstance(emotions, list) and all(isinstance(e, str) for e in emotions)):
-                raise InputError(f'{where}: expected "emotions": a list of emotion names')
-            records.append(InputRecord(rid, item, list(emotions) if emotions is not None else None))
+    for where, obj in jsonl_objects(path, InputError):
+        if isinstance(obj.get("text"), str) == ("messages" in obj):
+            raise InputError(f'{where}: give exactly one of "text" (a string) or "messages"')
+        item: Item = obj["text"] if "text" in obj else _parse_messages(obj["messages"], where)
+        if isinstance(item, str) and not item.strip():
+            raise InputError(f"{where}: empty text")
+        rid = str(obj.get("id", where.rpartition(":")[2]))  # default: the line number
+        if rid in seen:
+            raise InputError(f"{where}: duplicate id {rid!r}")
+        seen.add(rid)
+        emotions = obj.get("emotions")
+        if labelled and not (isinstance(emotions, list) and all(isinstance(e, str) for e in emotions)):
+            raise InputError(f'{where}: expected "emotions": a list of emotion names')
+        records.append(InputRecord(rid, item, list(emotions) if emotions is not None else None))
     if not records:
         raise InputError(f"{path}: no records")
     return records
@@ -265,7 +306,7 @@ class TokenRow:
 class ReadoutRuntime:
     """Per-token readout on a Hugging Face model (base or ``*ForCausalLM``).
 
-    ``readout`` is a :class:`~amygdala_dagster.manifest.Readout` (vectors and
+    ``readout`` is a :class:`~amygdala_dagster.manifest.ReadoutPair` (vectors and
     manifest); without it (``None``) only :meth:`hidden_states` is available.
     ``layers`` default to the readout's; ``layer_path`` overrides the block
     stack's location as ``--layer-path`` does in training.
@@ -521,8 +562,7 @@ class TokenActivationCache:
     """
 
     def __init__(self, root: str | Path, fingerprint: Mapping[str, Any], dtype: str = "float32") -> None:
-        canonical = json.dumps(dict(fingerprint), sort_keys=True, separators=(",", ":"))
-        self.fingerprint_id = hashlib.sha256(canonical.encode()).hexdigest()
+        self.fingerprint_id = fingerprint_id(fingerprint)
         self.directory = Path(root).expanduser() / "tokens" / self.fingerprint_id
         self.dtype = np.float16 if dtype in ("float16", "bfloat16") else np.float32
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
+import uvicorn
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -261,8 +262,6 @@ def serve(
     ``port=0`` picks a free port. ``on_ready(url)`` is called once the server
     accepts connections. A port that cannot be bound raises ``OSError``.
     """
-    import uvicorn
-
     token = check_bind(host, token_env, allow_remote)
     if not is_loopback_host(host):
         log.warning("serving %s on %s, reachable from other machines (bearer token required)", path, host)

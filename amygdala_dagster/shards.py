@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from amygdala_dagster.activations import ActivationEngine
 from amygdala_dagster.cache import (
     DEFAULT_SHARD_SIZE,
@@ -43,6 +45,8 @@ from amygdala_dagster.cache import (
     ensure_cached,
     text_sha256,
 )
+from amygdala_dagster.layers import parse_layers
+from amygdala_dagster.models import load_model
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +117,6 @@ class EngineSpec:
 
     def build(self) -> ActivationEngine:
         """The engine, built without reading the weights (its first forward pass with texts loads them)."""
-        from amygdala_dagster.layers import parse_layers
-        from amygdala_dagster.models import load_model
-
         extra = {"device_map": self.device_map} if self.device_map is not None else {}
         loaded = load_model(self.model, dtype=self.dtype, device=self.device, revision=self.revision,
                             trust_remote_code=self.trust_remote_code, weights=False, **extra)
@@ -189,8 +190,6 @@ def forward_shard(
 
 def _gpu_count() -> int:
     try:
-        import torch
-
         return int(torch.cuda.device_count())
     except Exception:  # noqa: BLE001 - no CUDA runtime: no GPUs
         return 0
@@ -271,8 +270,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
-        import torch
-
         torch.set_num_threads(int(args.threads))
     texts = [json.loads(line) for line in args.texts.read_text(encoding="utf-8").splitlines() if line]
     engine = EngineSpec.from_json(args.spec).build()

@@ -33,6 +33,7 @@ from mcp_types import CallToolResult, Implementation, TextContent
 from pydantic import SecretStr
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
+from amygdala_dagster.jsonio import jsonl_values
 from amygdala_dagster.nodes import GraphVersion, MemoryNode, NormalizeReport, normalize_nodes
 
 log = logging.getLogger(__name__)
@@ -79,20 +80,7 @@ class JsonlSource:
 
     def _raw_nodes(self, data: bytes, progress: Progress | None) -> Iterator[tuple[str, Any]]:
         n = 0
-        for lineno, line in enumerate(data.splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{self.path}:{lineno}"
-            try:
-                text = line.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                raise MemoryGraphError(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-            try:
-                raw = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise MemoryGraphError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            except RecursionError:
-                raise MemoryGraphError(f"{where}: not valid JSON (nested too deeply)") from None
+        for where, raw in jsonl_values(self.path, MemoryGraphError, data):
             yield where, raw
             n += 1
             if progress is not None and n % 100 == 0:

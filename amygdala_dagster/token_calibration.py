@@ -20,12 +20,14 @@ calibration never saw.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from amygdala_dagster.manifest import calibration_entry
 from amygdala_dagster.runtime import (
     DEFAULT_SKIP_FIRST_TOKENS, Encoded, ReadoutRuntime, TokenActivationCache, encode, scored_mask, token_activations,
 )
@@ -145,21 +147,27 @@ def calibrate_readout(
     encoded: list[Encoded] = []
     index: dict[str, int] = {}
     users: dict[int, list[tuple[int, str]]] = {}
+    by_item: dict[str, Encoded] = {}  # concepts share most calibration texts: each is tokenised once
     for ci, concept in enumerate(concepts):
         for key, item in items_by_concept.get(concept, ()):
-            enc = encode(tokenizer, item, max_tokens)
+            item_key = item if isinstance(item, str) else json.dumps(item, sort_keys=True)
+            enc = by_item.get(item_key)
+            if enc is None:
+                enc = by_item[item_key] = encode(tokenizer, item, max_tokens)
             slot = index.setdefault(enc.key, len(encoded))
             if slot == len(encoded):
                 encoded.append(enc)
             users.setdefault(slot, []).append((ci, key))
     per: dict[tuple[int, int], list[np.ndarray]] = {}
     keys: dict[int, list[str]] = {}
+    rows = {layer: np.asarray(readout.vectors[layer], np.float64) for layer in layers}
+    positions = [hidden_layers.index(layer) for layer in layers]
     for slot, hidden in token_activations(encoded, cache, runtime_factory, progress=progress):
         mask = scored_mask(encoded[slot], skip_first_tokens)
         h = hidden[mask]  # [T', L, H]
         cis = [ci for ci, _ in users[slot]]
         for li, layer in enumerate(layers):
-            proj = h[:, hidden_layers.index(layer), :].astype(np.float64) @ np.asarray(readout.vectors[layer], np.float64)[cis].T
+            proj = h[:, positions[li], :].astype(np.float64) @ rows[layer][cis].T
             for j, ci in enumerate(cis):
                 per.setdefault((ci, li), []).append(proj[:, j])
         for ci, key in users[slot]:
@@ -178,8 +186,6 @@ def calibrate_readout(
 
 def manifest_token_calibration(manifest: Mapping[str, Any]) -> dict[str, dict[int, dict[str, Any] | None]]:
     """``{concept: {layer: token_calibration}}`` as a manifest stores it (None entries for format 1)."""
-    from amygdala_dagster.manifest import calibration_entry
-
     return {c: {int(l): calibration_entry(manifest, c, int(l), "token") for l in manifest["layers"]}
             for c in manifest["concepts"]}
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from amygdala_dagster.evaluation.metrics import z_score
 from amygdala_dagster.manifest import calibration_entry
+from amygdala_dagster.runtime import calibrated_scores
 
 TRACE_FORMAT = "amygdala-trace/1"
 DEFAULT_TOP_K = 5
@@ -124,8 +125,6 @@ def trace_record(scores: Any, layer: int, manifest: Mapping[str, Any], *, top_k:
 
 
 def _text_z(raw: np.ndarray, manifest: Mapping[str, Any], layer: int) -> np.ndarray:
-    from amygdala_dagster.readout import calibrated_scores
-
     return calibrated_scores(raw, manifest, layer, "text")
 
 

@@ -27,13 +27,15 @@ from safetensors import safe_open
 from safetensors.numpy import save as st_save
 
 from amygdala_dagster.atomic import atomic_write_bytes
-from amygdala_dagster.cache import ActivationCache, text_sha256
+from amygdala_dagster.cache import ActivationCache, layer_positions, text_sha256
 from amygdala_dagster.estimators import (
     DEFAULT_ESTIMATOR,
     DegenerateDirectionError,
     get_estimator,
     unit_direction,
 )
+from amygdala_dagster.evaluation.metrics import calibration
+from amygdala_dagster.examples import training_problems
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +62,7 @@ def layer_columns(cache: ActivationCache, layers: Sequence[int] | None) -> tuple
     layers = [int(x) for x in layers]
     if cache_layers is None or layers == list(cache_layers):
         return layers, None
-    missing = [x for x in layers if x not in cache_layers]
-    if missing:
-        raise ValueError(f"layers {missing} are not in the activation cache (it holds {cache_layers})")
-    return layers, [cache_layers.index(x) for x in layers]
+    return layers, layer_positions(cache, layers)
 
 
 def _sum_rows(cache: ActivationCache, shas: Sequence[str], cols: list[int] | None) -> tuple[np.ndarray | None, int]:
@@ -161,18 +160,6 @@ def load_stats(path: str | os.PathLike[str]) -> EmotionStats:
     )
 
 
-def training_problems(emotion: str, pos_n: int, neg_n: int, split: str = "train") -> list[str]:
-    """Why an emotion with ``pos_n`` positives and ``neg_n`` negatives in ``split`` cannot give a direction.
-
-    The one rule every path uses (example sets, the seed script, the readout): empty when it can.
-    """
-    missing = " and ".join(w for w, n in (("positive", pos_n), ("negative", neg_n)) if n == 0)
-    if not missing:
-        return []
-    return [f"emotion {emotion!r}: no {missing} examples in the {split} split "
-            f"({pos_n} positives, {neg_n} negatives)"]
-
-
 def _check_counts(emotion: str, pos_n: int, neg_n: int, split: str = "train") -> None:
     problems = training_problems(emotion, pos_n, neg_n, split)
     if problems:
@@ -264,8 +251,6 @@ def projection_calibration(
     threshold_method}`` as :func:`amygdala_dagster.evaluation.metrics.calibration`
     computes it; without a threshold when a class is empty.
     """
-    from amygdala_dagster.evaluation.metrics import calibration
-
     layers, cols = layer_columns(cache, layers)
     unit = np.asarray(unit_vectors, dtype=np.float64)
     out: dict[int, dict[str, Any]] = {}
@@ -347,9 +332,6 @@ class TrainedReadout:
     def hidden_size(self) -> int:
         return int(next(iter(self.vectors.values())).shape[1])
 
-
-# The earlier name, kept so callers written against it keep working.
-ReadoutVectors = TrainedReadout
 
 
 def readout_from_directions(
@@ -438,7 +420,6 @@ def train_readout(
 
 __all__ = [
     "EmotionStats",
-    "ReadoutVectors",
     "TrainedReadout",
     "TrainingDataError",
     "directions_from_stats",

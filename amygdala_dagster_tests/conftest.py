@@ -2,6 +2,7 @@
 
 # --- memory-graph server fixtures (sources/server helper) -------------------------------
 import json as _json
+import logging as _logging
 import os as _os
 import socket as _socket
 import subprocess as _subprocess
@@ -107,3 +108,30 @@ def graph_server(tmp_path_factory):
     yield start
     for server in started:
         server.stop()
+
+
+# --- weight reads, counted through the DEBUG line models.load_model logs for each ----------
+class WeightReads(_logging.Handler):
+    """Counts the model weight reads of this process (``count``) while the fixture is active."""
+
+    def __init__(self) -> None:
+        super().__init__(_logging.DEBUG)
+        self.count = 0
+
+    def emit(self, record: _logging.LogRecord) -> None:
+        if ": weights read from " in record.getMessage():
+            self.count += 1
+
+
+@_pytest.fixture
+def weight_reads():
+    """A :class:`WeightReads` attached to ``amygdala_dagster.models`` for the test."""
+    logger = _logging.getLogger("amygdala_dagster.models")
+    handler, level = WeightReads(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(_logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

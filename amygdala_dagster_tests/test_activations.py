@@ -11,6 +11,7 @@ from amygdala_dagster.activations import (
     ActivationEngine, ActivationOutOfMemoryError, DEFAULT_MAX_BATCH_TOKENS, EngineStats, batch_size_advice,
     padded_length, tokenizer_hash,
 )
+from amygdala_dagster.cache import ActivationCache
 from amygdala_dagster.layers import resolve_layers
 from amygdala_dagster.models import LoadedModel, load_model
 from amygdala_dagster_tests.tiny_models import ARCHS, NUM_LAYERS, build_tiny_model
@@ -387,13 +388,13 @@ def test_bf16_model_gives_float32_output_close_to_fp32():
     torch.testing.assert_close(bf16, fp32, atol=0.1, rtol=0.05)
 
 
-def test_fingerprint_keys_and_sensitivity():
+def test_fingerprint_keys_and_sensitivity(tmp_path):
     loaded = _loaded("qwen3_5")
     base = ActivationEngine(loaded, [1, 2])
     assert set(base.fingerprint) >= {"model", "revision", "weights_hash", "dtype", "layers", "pooling",
                                      "max_tokens", "tokenizer_hash", "layer_path"}
     assert base.fingerprint["layers"] == [1, 2]
-    assert len(base.fingerprint_id) == 64
+    assert base.fingerprint_id == ActivationCache(tmp_path, base.fingerprint).fingerprint_id  # one id: the cache's
     again = ActivationEngine(load_model(build_tiny_model("qwen3_5"), device="cpu"), [1, 2])
     assert again.fingerprint_id == base.fingerprint_id  # stable across loads
     others = [

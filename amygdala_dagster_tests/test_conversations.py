@@ -16,7 +16,7 @@ from amygdala_dagster.manifest import load_readout, write_readout
 from amygdala_dagster.models import load_model
 from amygdala_dagster.runtime import InputRecord, ReadoutRuntime, read_inputs
 from amygdala_dagster.sample_data import conversation_snippets_path
-from amygdala_dagster.vectors import ReadoutVectors
+from amygdala_dagster.vectors import TrainedReadout
 
 EMOTIONS = ["anxiety", "awe", "calm", "clarity", "curiosity", "determination", "embarrassment", "frustration",
             "gratitude", "joy", "loneliness", "love", "pride", "sadness", "tiredness", "warmth"]
@@ -46,7 +46,7 @@ def minilm_readout(tmp_path_factory):
     rng = np.random.default_rng(0)
     other = rng.normal(size=d.shape)
     vec = np.stack([d / np.linalg.norm(d), other / np.linalg.norm(other)]).astype(np.float32)
-    ro = ReadoutVectors(concepts=["joy", "noise"], layers=[4], vectors={4: vec},
+    ro = TrainedReadout(concepts=["joy", "noise"], layers=[4], vectors={4: vec},
                         raw_norms={"joy": [1.0], "noise": [1.0]}, counts={"joy": {}, "noise": {}})
     scores = [s.raw[4] for s in ReadoutRuntime(loaded.model, loaded.tokenizer, type("R", (), {
         "concepts": ["joy", "noise"], "layers": [4], "vectors": {4: vec}, "manifest": {"concepts": ["joy", "noise"]}})()

@@ -460,7 +460,7 @@ def test_read_errors_name_the_file_line_and_key(tmp_path: Path) -> None:
     first = json.loads(good.splitlines()[0])
 
     pos.write_text(good + "{not json\n")
-    with pytest.raises(ExamplesFormatError, match=rf"positive.jsonl:{len(good.splitlines()) + 1}: invalid JSON"):
+    with pytest.raises(ExamplesFormatError, match=rf"positive.jsonl:{len(good.splitlines()) + 1}: not valid JSON"):
         read_examples_dir(out)
     pos.write_text(json.dumps({**first, "text": "  \n "}) + "\n" + good)
     with pytest.raises(ExamplesFormatError, match=rf"positive.jsonl:1: example '{first['key']}' has an empty"):

@@ -161,6 +161,7 @@ def test_cli_unreadable_source_fails_cleanly(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+@pytest.mark.slow  # a whole run
 def test_cli_over_mcp_matches_the_file_run(tmp_path: Path, graph_server) -> None:
     graph = write_graph(tmp_path / "graph.jsonl", NODES * 1)
     server = graph_server(file=graph)

@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from amygdala_dagster import models
 from amygdala_dagster.activations import ActivationEngine, FingerprintMismatchError
 from amygdala_dagster.models import load_model
 from amygdala_dagster_tests.tiny_models import ARCHS, build_tiny_model
@@ -32,17 +31,17 @@ def _layers(arch: str) -> list[int]:
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("arch", [*ARCHS, "minilm"])
-def test_weightless_fingerprint_equals_the_loaded_models(arch, dtype):
-    loads0 = models.WEIGHT_LOADS
+def test_weightless_fingerprint_equals_the_loaded_models(arch, dtype, weight_reads):
+    loads0 = weight_reads.count
     # max_tokens beyond GPT-2's / BERT's / MiniLM's learned positions: the clamp must agree too
     lazy = ActivationEngine(load_model(_source(arch), dtype=dtype, device="cpu", weights=False), _layers(arch),
                             max_tokens=4096)
-    assert models.WEIGHT_LOADS == loads0, "building a weight-less engine read the weights"
+    assert weight_reads.count == loads0, "building a weight-less engine read the weights"
     assert not lazy.weights_loaded and not lazy.loaded.weights_loaded
     assert all(p.device.type == "meta" for p in lazy.loaded.model.parameters())
 
     loaded = load_model(_source(arch), dtype=dtype, device="cpu")
-    assert models.WEIGHT_LOADS == loads0 + 1 and loaded.weights_loaded
+    assert weight_reads.count == loads0 + 1 and loaded.weights_loaded
     full = ActivationEngine(loaded, _layers(arch), max_tokens=4096)
     assert lazy.fingerprint == full.fingerprint
     assert lazy.fingerprint_id == full.fingerprint_id
@@ -50,25 +49,25 @@ def test_weightless_fingerprint_equals_the_loaded_models(arch, dtype):
         assert getattr(lazy.loaded, name) == getattr(loaded, name), name
 
 
-def test_lazy_engine_loads_the_weights_once_on_the_first_forward_with_texts():
+def test_lazy_engine_loads_the_weights_once_on_the_first_forward_with_texts(weight_reads):
     path = build_tiny_model("qwen3_5")
     loaded_cb = []
     lazy = ActivationEngine(load_model(path, device="cpu", weights=False), [1, 3], batch_size=2,
                             on_weights_loaded=loaded_cb.append)
     fingerprint = dict(lazy.fingerprint)
-    loads0 = models.WEIGHT_LOADS
+    loads0 = weight_reads.count
     assert list(lazy.forward([])) == []
     with pytest.raises(ValueError, match="empty"):
         lazy.forward(["fine", "   "])
-    assert models.WEIGHT_LOADS == loads0 and not lazy.weights_loaded and not loaded_cb
+    assert weight_reads.count == loads0 and not lazy.weights_loaded and not loaded_cb
 
     got = {i: t for idx, acts in lazy.forward(TEXTS) for i, t in zip(idx, acts)}
-    assert models.WEIGHT_LOADS == loads0 + 1 and lazy.weights_loaded
+    assert weight_reads.count == loads0 + 1 and lazy.weights_loaded
     assert len(loaded_cb) == 1 and loaded_cb[0] is lazy.loaded and loaded_cb[0].weights_loaded
     assert lazy.fingerprint == fingerprint
     assert lazy.stats.load_seconds > 0 and lazy.stats.texts == len(TEXTS)
     list(lazy.forward(TEXTS[:1]))
-    assert models.WEIGHT_LOADS == loads0 + 1 and len(loaded_cb) == 1  # loaded once, not per call
+    assert weight_reads.count == loads0 + 1 and len(loaded_cb) == 1  # loaded once, not per call
 
     full = ActivationEngine(load_model(path, device="cpu"), [1, 3], batch_size=2)
     want = {i: t for idx, acts in full.forward(TEXTS) for i, t in zip(idx, acts)}
@@ -76,14 +75,14 @@ def test_lazy_engine_loads_the_weights_once_on_the_first_forward_with_texts():
         assert torch.equal(got[i], want[i]), TEXTS[i]
 
 
-def test_engines_on_one_weightless_model_share_one_weight_load():
+def test_engines_on_one_weightless_model_share_one_weight_load(weight_reads):
     """`amygdala report --sweep-layers` builds two engines on one model: the weights are read once."""
     weightless = load_model(build_tiny_model("llama"), device="cpu", weights=False)
     first, second = ActivationEngine(weightless, [1]), ActivationEngine(weightless, [0, 1, 2, 3])
-    loads0 = models.WEIGHT_LOADS
+    loads0 = weight_reads.count
     list(first.forward(TEXTS))
     list(second.forward(TEXTS))
-    assert models.WEIGHT_LOADS == loads0 + 1
+    assert weight_reads.count == loads0 + 1
     assert first.loaded is second.loaded is weightless.with_weights()
 
 

@@ -20,7 +20,7 @@ from amygdala_dagster.manifest import (
     sha256_file,
     write_readout,
 )
-from amygdala_dagster.vectors import ReadoutVectors
+from amygdala_dagster.vectors import TrainedReadout
 
 H = 12
 LAYERS = [1, 4]
@@ -31,13 +31,13 @@ REQUIRED_FIELDS = {
 }
 
 
-def make_readout(concepts=("anger", "calm", "joy"), seed=0, layers=LAYERS, h=H) -> ReadoutVectors:
+def make_readout(concepts=("anger", "calm", "joy"), seed=0, layers=LAYERS, h=H) -> TrainedReadout:
     rng = np.random.default_rng(seed)
     vectors = {}
     for layer in layers:
         m = rng.normal(size=(len(concepts), h))
         vectors[layer] = (m / np.linalg.norm(m, axis=1, keepdims=True)).astype(np.float32)
-    return ReadoutVectors(
+    return TrainedReadout(
         concepts=list(concepts),
         layers=list(layers),
         vectors=vectors,
@@ -55,7 +55,7 @@ FIELDS = dict(model="org/model", model_revision="abc123", dtype="bfloat16", pool
               training={"estimator": "mean_difference", "texts": 42})
 
 
-def write_pair(directory: Path, readout: ReadoutVectors, **kw) -> tuple[Path, Path, dict]:
+def write_pair(directory: Path, readout: TrainedReadout, **kw) -> tuple[Path, Path, dict]:
     v, m = directory / "vectors.safetensors", directory / "manifest.json"
     manifest = write_readout(v, m, readout, **{**FIELDS, **kw})
     return v, m, manifest

@@ -16,6 +16,7 @@ import dagster as dg
 import numpy as np
 import pytest
 
+from amygdala_dagster.cli import main as cli_main
 from amygdala_dagster.manifest import load_readout
 from amygdala_dagster.pipeline import resources as R
 from amygdala_dagster.pipeline.assets import ALL_ASSETS
@@ -340,7 +341,6 @@ def test_a_graph_with_nothing_to_train_is_refused_before_a_run(tmp_path):
 
 
 def test_run_command_refuses_unwritable_outputs_and_never_passes_off_an_old_pair(tmp_path, monkeypatch, capsys):
-    from amygdala_dagster.cli import main as cli_main
 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dh"))
     blocker = tmp_path / "a-file"
@@ -364,7 +364,7 @@ def test_run_command_refuses_unwritable_outputs_and_never_passes_off_an_old_pair
 
 
 @pytest.mark.slow
-def test_manifest_carries_token_calibration_and_report_the_runtime_section(full_run):
+def test_manifest_carries_token_calibration_and_report_the_runtime_section(full_run, weight_reads):
     out = full_run["tmp"] / "out"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["format_version"] == 2
@@ -383,13 +383,10 @@ def test_manifest_carries_token_calibration_and_report_the_runtime_section(full_
     assert "Runtime: per-token readout on conversations" in (out / "report" / "evaluation.html").read_text()
     assert "runtime_conversations" in step_metadata(full_run["result"], "evaluation_report")
     # `amygdala report` rebuilds the runtime section from the per-token cache the run filled: no weights read
-    from amygdala_dagster import models
-    from amygdala_dagster.cli import main as cli_main
-
-    weights0 = models.WEIGHT_LOADS
+    weights0 = weight_reads.count
     rep = full_run["tmp"] / "rebuilt"
     assert cli_main(["report", "--output-dir", str(out), "--bootstrap", "0", "--report-dir", str(rep)]) == 0
-    assert models.WEIGHT_LOADS == weights0
+    assert weight_reads.count == weights0
     rebuilt = json.loads((rep / "evaluation.json").read_text())["conversations"]["per_emotion"]
     for e in EMOTIONS:
         assert rebuilt[e]["token_auroc"] == pytest.approx(per[e]["token_auroc"])

@@ -66,7 +66,7 @@ def test_vectors_rule():
     r = _readout()
     assert C.vectors_problems(r.concepts, r.layers, r.vectors, 8) == []
     scaled = {l: m * 2 for l, m in r.vectors.items()}
-    assert any("not 1" in p for p in C.vectors_problems(r.concepts, r.layers, scaled, 8))
+    assert any("expected unit norm" in p for p in C.vectors_problems(r.concepts, r.layers, scaled, 8))
     nan = {l: np.full_like(m, np.nan) for l, m in r.vectors.items()}
     assert any("non-finite" in p for p in C.vectors_problems(r.concepts, r.layers, nan, 8))
     assert any("shape" in p for p in C.vectors_problems(["a", "b", "c"], r.layers, r.vectors, 8))

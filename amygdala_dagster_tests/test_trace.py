@@ -11,7 +11,7 @@ import pytest
 from amygdala_dagster.cli import main
 from amygdala_dagster.manifest import write_readout
 from amygdala_dagster.trace import moving_average
-from amygdala_dagster.vectors import ReadoutVectors
+from amygdala_dagster.vectors import TrainedReadout
 
 H = 384
 LAYERS = [3, 4]
@@ -22,7 +22,7 @@ def _pair(tmp_path, n_concepts=3, token=True):
     concepts = [f"c{i:03d}" for i in range(n_concepts)]
     vectors = {l: (lambda m: (m / np.linalg.norm(m, axis=1, keepdims=True)).astype(np.float32))(
         rng.normal(size=(n_concepts, H))) for l in LAYERS}
-    ro = ReadoutVectors(concepts=concepts, layers=LAYERS, vectors=vectors,
+    ro = TrainedReadout(concepts=concepts, layers=LAYERS, vectors=vectors,
                         raw_norms={c: [1.0, 1.0] for c in concepts}, counts={c: {} for c in concepts},
                         calibration={c: {l: {"neg_mean": 0.0, "neg_std": 0.1, "threshold": 0.2} for l in LAYERS}
                                      for c in concepts})

@@ -111,6 +111,7 @@ def _reference_directions(data_dir: Path, layers: list[int], max_tokens: int = 5
     return out
 
 
+@pytest.mark.slow  # a whole run
 def test_vectors_match_independent_hidden_states_reference(tmp_path, capsys):
     data = write_training_dir(tmp_path / "data", mood_sets(long_text=True))
     out = tmp_path / "out" / "amygdala_vectors.safetensors"
@@ -154,6 +155,7 @@ def test_vectors_match_independent_hidden_states_reference(tmp_path, capsys):
     assert second["vectors_sha256"] == first["vectors_sha256"] == sha256_file(out)
 
 
+@pytest.mark.slow  # a whole run
 def test_new_emotion_forwards_only_never_seen_texts(tmp_path, capsys):
     sets = mood_sets(n_pos=4, n_neutral=4, words=4)
     cache, summary = tmp_path / "cache", tmp_path / "s.json"
@@ -364,6 +366,7 @@ def _graph_nodes() -> list[dict]:
     return nodes
 
 
+@pytest.mark.slow  # a whole run
 @pytest.mark.parametrize("graph", ["written", "sample"])
 def test_step1_then_step2_end_to_end(tmp_path, capsys, graph):
     from amygdala_dagster import extract_training_pairs

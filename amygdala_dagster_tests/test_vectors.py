@@ -10,7 +10,7 @@ from amygdala_dagster import estimators
 from amygdala_dagster.cache import ActivationCache, text_sha256
 from amygdala_dagster.estimators import DegenerateDirectionError
 from amygdala_dagster.examples import Example, ExampleSet
-from amygdala_dagster.readout import calibrated_scores, project
+from amygdala_dagster.runtime import calibrated_scores, project
 from amygdala_dagster.vectors import (
     EmotionStats,
     TrainingDataError,

@@ -22,14 +22,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from amygdala_dagster.atomic import atomic_write_text
-from amygdala_dagster.cache import ActivationCache, cache_location, default_cache_dir, ensure_cached, fingerprint_id, text_sha256
+from amygdala_dagster.cache import (
+    ActivationCache, cache_location, default_cache_dir, ensure_cached, fingerprint_id, text_sha256,
+)
 from amygdala_dagster.evaluation import (
     calibration_for_manifest, evaluate, json_clean, read_snippets, summary_markdown, sweep_layers, write_report,
 )
 from amygdala_dagster.evaluation.core import Criteria, apply_verdicts, log_unusable
 from amygdala_dagster.evaluation.conversations import best_layers, conversations_with_engine
 from amygdala_dagster.examples import ExampleSet, read_examples_dir
+from amygdala_dagster.flags import non_negative_int
 from amygdala_dagster.layers import parse_layers
 from amygdala_dagster.manifest import ReadoutFileError, load_readout
 from amygdala_dagster.publish import PublishError, open_pair, republish_manifest
@@ -52,15 +54,7 @@ class ReportInputError(ValueError):
 
 def _histograms(value: str) -> int | None:
     """``--histograms``: a count, or ``all`` (None)."""
-    if value.strip().lower() == "all":
-        return None
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'all', got {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'all', got {value!r}")
-    return n
+    return None if value.strip().lower() == "all" else non_negative_int(value)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -99,7 +93,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="estimators to compare: auto (mean_difference,lda,logistic up to 24 emotions, else "
                              "mean_difference), none, or a list (default: %(default)s)")
     parser.add_argument("--histograms", type=_histograms, default=12, metavar="N|all",
-                        help="draw the projection histogram of this many emotions, most attention first (default: %(default)s)")
+                        help="draw the projection histogram of this many emotions (a number >= 0 or all), most attention first "
+                             "(default: %(default)s)")
     parser.add_argument("--min-auroc", type=float, default=0.7, help="held-out AUROC a usable vector reaches (default: %(default)s)")
     parser.add_argument("--min-holdout-positives", type=int, default=10,
                         help="fewer held-out positives make the verdict 'weak' (default: %(default)s)")

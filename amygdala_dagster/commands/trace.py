@@ -7,13 +7,21 @@ import json
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
+from amygdala_dagster.atomic import atomic_write_text
+from amygdala_dagster.cache import is_url
+from amygdala_dagster.flags import positive_int
+from amygdala_dagster.manifest import ReadoutFileError, load_readout
+from amygdala_dagster.models import ModelLoadError, load_model
+from amygdala_dagster.runtime import InputRecord, ReadoutRuntime, read_inputs
+from amygdala_dagster.trace import build_trace, render_trace_html
+
 HELP = ("run the model over conversations or text and show, per token, the calibrated readout of every concept "
         "(DIR/trace.html with a token heatmap and per-concept traces, DIR/trace.json)")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from amygdala_dagster.flags import positive_int
-
     parser.add_argument("--manifest", required=True,
                         help="manifest.json of the readout, or an output directory / fsspec URL (s3://bucket/out) "
                              "holding the published pair")
@@ -36,16 +44,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run_trace(args: argparse.Namespace) -> dict:
     """Everything ``main`` does; returns ``{"html", "json", "trace"}`` paths and content."""
-    from tqdm import tqdm
-
-    from amygdala_dagster.atomic import atomic_write_text
-    from amygdala_dagster.manifest import ReadoutFileError, load_readout
-    from amygdala_dagster.models import load_model
-    from amygdala_dagster.runtime import InputRecord, ReadoutRuntime, read_inputs
-    from amygdala_dagster.trace import build_trace, render_trace_html
-
-    from amygdala_dagster.cache import is_url
-
     where = str(args.manifest)
     if is_url(where) or Path(where).is_dir():
         # An output directory or bucket prefix: the published pair, read through its release pointer.
@@ -101,9 +99,6 @@ def _names(names: list[str], n: int = 12) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from amygdala_dagster.manifest import ReadoutFileError
-    from amygdala_dagster.models import ModelLoadError
-
     try:
         out = run_trace(args)
     except (ReadoutFileError, ModelLoadError, ValueError) as exc:

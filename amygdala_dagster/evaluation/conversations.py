@@ -31,6 +31,7 @@ from amygdala_dagster.runtime import (
     InputRecord, ReadoutRuntime, TokenActivationCache, TokenScores, encode, manifest_skip_first_tokens,
     scores_from_hidden, token_activations,
 )
+from amygdala_dagster.token_calibration import engine_runtime_factory, engine_token_cache
 from amygdala_dagster.trace import SMOOTH_WINDOW, moving_average, thresholds, trace_record
 
 log = logging.getLogger(__name__)
@@ -152,8 +153,6 @@ def conversations_with_engine(
 ) -> dict[str, Any]:
     """:func:`evaluate_conversations` with activations from the per-token cache of ``engine``'s
     fingerprint (the engine's weights are loaded only for conversations not cached yet)."""
-    from amygdala_dagster.token_calibration import engine_runtime_factory, engine_token_cache
-
     scores = score_records(records, readout, tokenizer=engine.tokenizer, max_tokens=engine.max_tokens,
                            hidden_layers=engine.layers, runtime_factory=engine_runtime_factory(engine),
                            cache=engine_token_cache(engine, cache_root))

@@ -10,7 +10,6 @@ content of ``evaluation.json``.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import math
 import os
@@ -23,10 +22,11 @@ from typing import Any
 import numpy as np
 import sklearn
 
-from amygdala_dagster.cache import ActivationCache, ensure_cached, text_sha256
+from amygdala_dagster.cache import ActivationCache, ensure_cached, layer_positions, text_sha256
 from amygdala_dagster.estimators import DegenerateDirectionError, make_estimator, unit_direction
 from amygdala_dagster.evaluation import metrics as M
 from amygdala_dagster.examples import cooccurrence
+from amygdala_dagster.jsonio import jsonable, jsonl_values
 
 log = logging.getLogger(__name__)
 
@@ -68,50 +68,15 @@ def resolve_estimators(estimators: Sequence[str] | str | None, n_emotions: int) 
 # ----------------------------------------------------------------------------- helpers
 
 
-def _finite_or_none(x: float | None) -> float | None:
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
 def json_clean(obj: Any) -> Any:
     """``obj`` with NaN/Inf replaced by None and numpy scalars/arrays made plain (strict JSON)."""
-    if isinstance(obj, dict):
-        return {str(k): json_clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_clean(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return json_clean(obj.tolist())
-    if isinstance(obj, (np.bool_, bool)):
-        return bool(obj)
-    if isinstance(obj, (np.integer, int)):
-        return int(obj)
-    if isinstance(obj, (np.floating, float)):
-        return _finite_or_none(obj)
-    return obj
+    return jsonable(obj, nonfinite_as_null=True)
 
 
 def _sets_by_emotion(example_sets: Mapping[str, Any] | Iterable[Any]) -> dict[str, Any]:
     if isinstance(example_sets, Mapping):
         return dict(example_sets)
     return {s.emotion: s for s in example_sets}
-
-
-def _cache_layers(cache: ActivationCache) -> list[int]:
-    layers = cache.layers
-    if layers is None:
-        raise ValueError(f"activation cache {cache.directory}: its fingerprint records no 'layers'")
-    return layers
-
-
-def _layer_positions(cache_layers: Sequence[int], wanted: Sequence[int], what: str) -> list[int]:
-    missing = [l for l in wanted if l not in cache_layers]
-    if missing:
-        raise ValueError(
-            f"{what}: layer(s) {missing} are not in the activation cache (it holds layers {list(cache_layers)})"
-        )
-    return [list(cache_layers).index(l) for l in wanted]
 
 
 def _acts(cache: ActivationCache, examples: Sequence[Any]) -> np.ndarray:
@@ -243,13 +208,13 @@ def evaluate_emotion(
     emotion = example_set.emotion
     sets = {emotion: example_set}
     acts = _Activations(cache, sets)
-    return _evaluate_emotion(acts, _cache_layers(cache), example_set, readout, estimators=estimators,
+    return _evaluate_emotion(acts, cache, example_set, readout, estimators=estimators,
                              threshold_method=threshold_method, target_fpr=target_fpr, bootstrap=bootstrap,
                              bootstrap_max_n=bootstrap_max_n, logistic_C=logistic_C, seed=seed)
 
 
 def _evaluate_emotion(
-    acts: _Activations, cache_layers: Sequence[int], example_set: Any, readout: Any, *,
+    acts: _Activations, cache: ActivationCache, example_set: Any, readout: Any, *,
     estimators: Sequence[str], threshold_method: str, target_fpr: float, bootstrap: int,
     bootstrap_max_n: int, logistic_C: float, seed: int,
 ) -> dict[str, Any]:
@@ -258,7 +223,7 @@ def _evaluate_emotion(
         raise ValueError(f"emotion {emotion!r} has no readout vector (concepts: {', '.join(readout.concepts)})")
     ci = list(readout.concepts).index(emotion)
     layers = [int(l) for l in readout.layers]
-    pos_idx = _layer_positions(cache_layers, layers, f"emotion {emotion!r}")
+    pos_idx = layer_positions(cache, layers, f"emotion {emotion!r}")
 
     hp, hn = example_set.holdout_positives, example_set.holdout_negatives
     tp, tn = example_set.train_positives, example_set.train_negatives
@@ -532,23 +497,16 @@ def read_snippets(path: str | os.PathLike[str]) -> list[dict[str, str]]:
     """Conversation snippets from a JSONL file of ``{"id", "text"}`` (errors name the line)."""
     path = Path(path)
     out, seen = [], set()
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or "id" not in obj:
-                raise ValueError(f'{path}:{lineno}: expected an object with "id" and "text"')
-            if not obj["text"].strip():
-                raise ValueError(f"{path}:{lineno}: snippet {obj['id']!r} has empty text")
-            sid = str(obj["id"])
-            if sid in seen:
-                raise ValueError(f"{path}:{lineno}: duplicate snippet id {sid!r}")
-            seen.add(sid)
-            out.append({"id": sid, "text": obj["text"]})
+    for where, obj in jsonl_values(path):
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or "id" not in obj:
+            raise ValueError(f'{where}: expected an object with "id" and "text"')
+        if not obj["text"].strip():
+            raise ValueError(f"{where}: snippet {obj['id']!r} has empty text")
+        sid = str(obj["id"])
+        if sid in seen:
+            raise ValueError(f"{where}: duplicate snippet id {sid!r}")
+        seen.add(sid)
+        out.append({"id": sid, "text": obj["text"]})
     return out
 
 
@@ -579,7 +537,6 @@ def generalisation(
             "and no engine was given to forward them"
         )
     acts = cache.get([text_sha256(t) for t in texts]).astype(np.float64) if texts else None
-    cache_layers = _cache_layers(cache)
     # Each snippet's text once (rows name it by id): 200 emotions x top/bottom would repeat them.
     out: dict[str, Any] = {"n_snippets": len(snippets), "cache_stats": stats, "texts": dict(zip(ids, texts)),
                            "emotions": {}}
@@ -591,7 +548,7 @@ def generalisation(
         if acts is None:
             out["emotions"][emotion] = {"layer": layer, "top": [], "bottom": []}
             continue
-        li = _layer_positions(cache_layers, [layer], f"snippets for {emotion!r}")[0]
+        li = layer_positions(cache, [layer], f"snippets for {emotion!r}")[0]
         raw = acts[:, li, :] @ np.asarray(readout.vectors[layer][ci], dtype=np.float64)
         z = M.z_score(raw, cal["neg_mean"], cal["neg_std"]) if cal else np.full_like(raw, np.nan)
         prob = M.probability(raw, cal) if cal else np.full_like(raw, np.nan)
@@ -636,9 +593,8 @@ def sweep_layers(
     held-out AUROC (best first).
     """
     sets = _sets_by_emotion(example_sets)
-    cache_layers = _cache_layers(cache)
-    wanted = [int(l) for l in (layers if layers is not None else cache_layers)]
-    positions = _layer_positions(cache_layers, wanted, "layer sweep")
+    wanted = [int(l) for l in (layers if layers is not None else cache.layers or [])]
+    positions = layer_positions(cache, wanted, "layer sweep")
     texts, keys = [], []
     for s in sets.values():
         for e in (*s.positives, *s.negatives):
@@ -735,13 +691,12 @@ def evaluate(
     if confound_margin is not None:
         criteria = Criteria(**{**criteria.to_dict(), "confound_margin": float(confound_margin)})
     acts = _Activations(cache, {c: sets[c] for c in readout.concepts})
-    cache_layers = _cache_layers(cache)
     emotions: dict[str, Any] = {}
     # sklearn's input checks cost more than the metrics on a few hundred scores; the inputs are checked here.
     with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
         for emotion in readout.concepts:
             emotions[emotion] = _evaluate_emotion(
-                acts, cache_layers, sets[emotion], readout, estimators=estimators,
+                acts, cache, sets[emotion], readout, estimators=estimators,
                 threshold_method=threshold_method, target_fpr=target_fpr, bootstrap=bootstrap,
                 bootstrap_max_n=bootstrap_max_n, logistic_C=logistic_C, seed=seed,
             )

@@ -8,6 +8,7 @@ evaluation has no conversations.
 
 from __future__ import annotations
 
+import base64
 import html
 import io
 import math
@@ -118,8 +119,6 @@ def _intro(conv: Mapping[str, Any]) -> str:
 
 def runtime_html(evaluation: Mapping[str, Any], plots: Mapping[str, bytes]) -> str:
     """The section's HTML (empty when the evaluation has no conversations)."""
-    import base64
-
     conv = evaluation.get("conversations")
     if not conv:
         return ""

@@ -17,7 +17,7 @@ from amygdala_dagster.pipeline.assets import (
     activation_stats, evaluation_report, memory_snapshot, readout_manifest, readout_vectors, tagged_examples,
 )
 from amygdala_dagster.pipeline.assets.activations import read_stats
-from amygdala_dagster.manifest import ReadoutFileError, load_readout, sha256_file
+from amygdala_dagster.manifest import ReadoutFileError, load_readout, row_problems, sha256_file
 from amygdala_dagster.pipeline.assets.common import run_partition_keys
 from amygdala_dagster.pipeline.assets.emotions import read_examples_from
 from amygdala_dagster.pipeline.assets.graph import read_snapshot_from
@@ -28,7 +28,6 @@ from amygdala_dagster.tags import is_tag_line, parse_tags
 from amygdala_dagster.token_calibration import heldout_problems, manifest_token_calibration
 from amygdala_dagster.workflow import EVALUATION_JSON, MANIFEST_FILE, VECTORS_FILE
 
-NORM_TOLERANCE = 1e-4
 _SHOWN = 10
 
 
@@ -103,13 +102,7 @@ def vectors_problems(concepts: Sequence[str], layers: Sequence[int], vectors: Ma
         if m.ndim != 2 or m.shape[0] != len(concepts) or (hidden_size is not None and m.shape[1] != hidden_size):
             out.append(f"layer {layer}: shape {tuple(m.shape)}, expected [{len(concepts)}, {hidden_size or 'H'}]")
             continue
-        if not np.all(np.isfinite(m)):
-            out.append(f"layer {layer}: {int((~np.isfinite(m)).sum())} non-finite values")
-            continue
-        norms = np.linalg.norm(m.astype(np.float64), axis=1)
-        for c, n in zip(concepts, norms):
-            if abs(n - 1.0) > NORM_TOLERANCE:
-                out.append(f"layer {layer}, concept {c!r}: norm {n:.6f}, not 1")
+        out += row_problems(m, concepts, layer)
     return out
 
 

@@ -12,7 +12,7 @@ from amygdala_dagster.evaluation import evaluate, json_clean, read_snippets, sum
 from amygdala_dagster.evaluation.conversations import best_layers, conversations_with_engine
 from amygdala_dagster.evaluation.core import apply_verdicts, log_unusable
 from amygdala_dagster.evaluation.report import emotion_markdown, png_markdown
-from amygdala_dagster.evaluation.runtime_report import PLOT, runtime_markdown, runtime_plots
+from amygdala_dagster.evaluation.runtime_report import PLOT, runtime_markdown
 from amygdala_dagster.manifest import load_readout
 from amygdala_dagster.runtime import read_inputs
 from amygdala_dagster.pipeline.assets.common import GROUP, file_meta, json_hash, table
@@ -97,7 +97,7 @@ def evaluation_report(
             "verdicts_plot": dg.MetadataValue.md(png_markdown(plots["verdicts.png"], "AUROC against holdout size")),
             "auroc_by_layer_plot": dg.MetadataValue.md(png_markdown(plots["auroc_by_layer.png"], "AUROC by layer")),
             "crosstalk_plot": dg.MetadataValue.md(png_markdown(plots["crosstalk.png"], "cross-talk vs co-occurrence")),
-            **runtime_metadata(result),
+            **runtime_metadata(result, plots),
             **file_meta(store, REPORT_DIR),
         },
     )
@@ -118,11 +118,10 @@ def runtime_conversations(readout: Any, result: dict[str, Any], info: dict[str, 
         source=Path(path).name))
 
 
-def runtime_metadata(result: dict[str, Any]) -> dict[str, Any]:
-    """Dagster metadata of the runtime section (nothing when it was skipped)."""
+def runtime_metadata(result: dict[str, Any], plots: dict[str, bytes]) -> dict[str, Any]:
+    """Dagster metadata of the runtime section (nothing when it was skipped); ``plots``: the report's PNGs."""
     if not result.get("conversations"):
         return {}
-    plots = runtime_plots(result)
     out: dict[str, Any] = {"runtime_conversations": dg.MetadataValue.md(runtime_markdown(result))}
     if PLOT in plots:
         out["runtime_plot"] = dg.MetadataValue.md(png_markdown(plots[PLOT], "runtime: conversations"))
