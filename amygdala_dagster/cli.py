@@ -16,6 +16,8 @@ import logging
 import os
 import sys
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 COMMANDS: dict[str, str] = {
     "run": "amygdala_dagster.commands.run",
     "serve-graph": "amygdala_dagster.commands.serve_graph",
@@ -67,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx2").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
-        return int(args._main(args) or 0)
+        # Log lines go through tqdm.write, so they never land in the middle of a progress bar.
+        with logging_redirect_tqdm():
+            return int(args._main(args) or 0)
     except BrokenPipeError:
         # `amygdala inspect DIR | head`: the reader went away; no traceback (Python's documented recipe:
         # point stdout at devnull so the interpreter's final flush does not raise again).

@@ -280,16 +280,21 @@ def _is_encoder(config: Any) -> bool:
 
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
-    """Hide transformers' load report: it lists the unused LM head as UNEXPECTED, which is by design
-    here; missing decoder weights are checked and reported by us."""
+    """Hide transformers' load report (it lists the unused LM head as UNEXPECTED, which is by design
+    here; missing decoder weights are checked and reported by us) and its per-tensor progress bar,
+    which would interleave with the forward pass's own."""
     from transformers.utils import logging as hf_logging
 
     previous = hf_logging.get_verbosity()
+    bar = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(previous)
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def _load_weights(source: str, config: Any, common: dict[str, Any], torch_dtype: torch.dtype,
