@@ -22,7 +22,7 @@ from amygdala_dagster.pipeline import resources as R
 from amygdala_dagster.pipeline.assets import ALL_ASSETS
 from amygdala_dagster.pipeline.checks import ALL_CHECKS
 from amygdala_dagster.pipeline.runner import RunRefused, backfill_emotions, failures, materialize_all, step_metadata
-from amygdala_dagster.workflow import NotQualifiedError
+from amygdala_dagster.workflow import NotQualifiedError, stats_info_file
 from amygdala_dagster_tests.pipeline_graphs import small_graph, write_graph
 
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
@@ -117,6 +117,26 @@ def test_whole_graph_materialises_in_one_run_with_blocking_checks_passing(full_r
             dg.AssetRecordsFilter(asset_key=dg.AssetKey("activation_stats"), asset_partitions=[e]), limit=5
         ).records
         assert any("evaluation" in r.asset_observation.metadata for r in records), e
+
+
+@pytest.mark.slow
+def test_each_partition_of_the_one_step_carries_its_own_metadata(full_run):
+    """Per-emotion counts and hashes land on each emotion partition's materialization, not a shared copy."""
+    instance, out = full_run["instance"], full_run["tmp"] / "out"
+    seen = {}
+    for e in EMOTIONS:
+        ex = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("tagged_examples"), asset_partitions=[e]), limit=1
+        ).records[0].asset_materialization.metadata
+        st = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("activation_stats"), asset_partitions=[e]), limit=1
+        ).records[0].asset_materialization.metadata
+        info = json.loads((out / stats_info_file(e)).read_text())
+        assert st["stats_sha256"].value == info["stats_sha256"] and st["train_positives"].value == info["pos_n"]
+        assert ex["examples_sha256"].value == st["examples_sha256"].value == info["examples_sha256"]
+        assert ex["positives"].value >= st["train_positives"].value > 0 and e in ex["path"].value
+        seen[e] = info["stats_sha256"]
+    assert len(set(seen.values())) == len(EMOTIONS)
 
 
 def test_definitions_load_and_carry_policies():

@@ -9,7 +9,9 @@ import dagster as dg
 from amygdala_dagster.atomic import atomic_write_text
 from amygdala_dagster.cache import ActivationCache, ensure_cached
 from amygdala_dagster.manifest import sha256_file
-from amygdala_dagster.pipeline.assets.common import EMOTION, GPU_POOL, GROUP, combined_hash, file_meta, table
+from amygdala_dagster.pipeline.assets.common import (
+    EMOTION, GPU_POOL, GROUP, add_partition_metadata, combined_hash, file_meta, table,
+)
 from amygdala_dagster.pipeline.assets.emotions import read_examples_from, tagged_examples
 from amygdala_dagster.pipeline.assets.shards import activation_cache
 from amygdala_dagster.pipeline.k8s import gpu_op_tags
@@ -52,6 +54,7 @@ def activation_stats(
     store = storage.store()
     hashes: dict[str, str] = {}
     rows = []
+    partition_metadata: dict[str, dict] = {}
     with ActivationCache(cache_root, fingerprint) as cache:
         run = ensure_cached(engine, cache, texts, keys=keys, progress=True)
         context.log.info(
@@ -68,12 +71,11 @@ def activation_stats(
             hashes[emotion] = info["stats_sha256"]
             rows.append({"emotion": emotion, "train_positives": stats.pos_n, "train_negatives": stats.neg_n,
                          "stats_sha256": info["stats_sha256"][:16]})
-            context.add_asset_metadata(
-                {"train_positives": stats.pos_n, "train_negatives": stats.neg_n,
-                 "stats_sha256": info["stats_sha256"], "examples_sha256": info["examples_sha256"],
-                 **file_meta(store, stats_file(emotion))},
-                partition_key=emotion,
-            )
+            partition_metadata[emotion] = {
+                "train_positives": stats.pos_n, "train_negatives": stats.neg_n,
+                "stats_sha256": info["stats_sha256"], "examples_sha256": info["examples_sha256"],
+                **file_meta(store, stats_file(emotion))}
+    add_partition_metadata(context, partition_metadata)
     # The weights are read inside the first forward pass, and only if some text was not cached.
     load_seconds += engine.stats.load_seconds - loads0
     version = next(iter(hashes.values())) if len(hashes) == 1 else combined_hash(hashes)

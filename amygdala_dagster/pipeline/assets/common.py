@@ -8,7 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -85,6 +86,49 @@ def run_partition_keys(context: Any) -> list[str]:
         if start in keys and end in keys:
             return keys[keys.index(start): keys.index(end) + 1]
     return keys
+
+
+def add_partition_metadata(context: dg.AssetExecutionContext,
+                           metadata_by_partition: Mapping[str, Mapping[str, Any]]) -> None:
+    """``context.add_asset_metadata(meta, partition_key=key)`` for every partition of a multi-partition step.
+
+    Each such call checks its key against the dynamic partitions, which Dagster reads from the
+    instance every time (three queries, 20-40 ms on SQLite: 4-8 s at 200 emotions); here the
+    partitions are read once for all the calls.
+    """
+    with _dynamic_partitions_read_once(context.instance):
+        for key, metadata in metadata_by_partition.items():
+            context.add_asset_metadata(metadata, partition_key=key)
+
+
+@contextmanager
+def _dynamic_partitions_read_once(instance: Any) -> Iterator[None]:
+    """Within the block, ``instance``'s dynamic-partition lookups come from one read per definition.
+
+    Only the two public lookups of Dagster's ``DynamicPartitionsStore`` are shadowed (on this
+    object, for this block); anything else keeps reading the instance.
+    """
+    read = instance.get_dynamic_partitions
+    keys: dict[str, list[str]] = {}
+    members: dict[str, set[str]] = {}
+
+    def get_dynamic_partitions(partitions_def_name: str) -> list[str]:
+        if partitions_def_name not in keys:
+            keys[partitions_def_name] = list(read(partitions_def_name))
+            members[partitions_def_name] = set(keys[partitions_def_name])
+        return keys[partitions_def_name]
+
+    def has_dynamic_partition(partitions_def_name: str, partition_key: str) -> bool:
+        get_dynamic_partitions(partitions_def_name)
+        return partition_key in members[partitions_def_name]
+
+    instance.get_dynamic_partitions = get_dynamic_partitions
+    instance.has_dynamic_partition = has_dynamic_partition
+    try:
+        yield
+    finally:
+        del instance.get_dynamic_partitions
+        del instance.has_dynamic_partition
 
 
 def file_meta(store: Any, rel: str, prefix: str = "") -> dict[str, Any]:

@@ -13,7 +13,7 @@ from amygdala_dagster.examples import (
     ExampleSet, cooccurrence, qualifying_emotions, read_examples_dir, select_all, write_examples_dir,
 )
 from amygdala_dagster.pipeline.assets.common import (
-    EMOTION, GROUP, combined_hash, emotion_partitions, file_meta, json_hash, table,
+    EMOTION, GROUP, add_partition_metadata, combined_hash, emotion_partitions, file_meta, json_hash, table,
 )
 from amygdala_dagster.pipeline.assets.graph import memory_snapshot, read_snapshot_from
 from amygdala_dagster.pipeline.resources import ArtifactStorage, SelectionResource
@@ -112,6 +112,7 @@ def tagged_examples(
     store = storage.store()
     hashes: dict[str, str] = {}
     rows = []
+    partition_metadata: dict[str, dict] = {}
     for emotion, example_set in select_all(snapshot, context.partition_keys, params).items():
         rel = examples_dir(emotion)
         with store.local_for_write(rel) as path:
@@ -122,21 +123,19 @@ def tagged_examples(
         row = {"emotion": emotion, **counts, "examples_sha256": digest[:16],
                "problems": "; ".join(example_set.problems()) or ""}
         rows.append(row)
-        context.add_asset_metadata(
-            {
-                **{k: v for k, v in counts.items()},
-                "examples_sha256": digest,
-                "node_types_positive": example_set.node_type_mix("positive"),
-                "node_types_negative": example_set.node_type_mix("negative"),
-                **file_meta(store, rel),
-            },
-            partition_key=emotion,
-        )
+        partition_metadata[emotion] = {
+            **counts,
+            "examples_sha256": digest,
+            "node_types_positive": example_set.node_type_mix("positive"),
+            "node_types_negative": example_set.node_type_mix("negative"),
+            **file_meta(store, rel),
+        }
         if len(hashes) <= _LOGGED_EMOTIONS:
             context.log.info(
                 f"{emotion}: {counts['positives']} positives, {counts['negatives']} negatives "
                 f"({counts['holdout_positives']}/{counts['holdout_negatives']} held out)"
             )
+    add_partition_metadata(context, partition_metadata)
     if len(hashes) > _LOGGED_EMOTIONS:
         # One line, not one per emotion: each is a stored Dagster event (~50 ms on SQLite); the
         # per-emotion counts are in the step's emotions_in_step table and each partition's metadata.
