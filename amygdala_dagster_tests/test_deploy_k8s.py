@@ -4,7 +4,6 @@ instance YAML through Dagster's own config validation, and the image build where
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess

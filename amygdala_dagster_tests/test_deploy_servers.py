@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import uuid
 import warnings
 from pathlib import Path
@@ -21,7 +20,7 @@ import dagster as dg
 import pytest
 
 from amygdala_dagster import cli
-from amygdala_dagster.manifest import ReadoutFileError, load_readout, write_readout
+from amygdala_dagster.manifest import load_readout, write_readout
 from amygdala_dagster.pipeline import resources as R
 from amygdala_dagster.pipeline.assets import ALL_ASSETS
 from amygdala_dagster.pipeline.checks import ALL_CHECKS
@@ -31,6 +30,7 @@ from amygdala_dagster.publish import POINTER_FILE, publish_pair
 from amygdala_dagster_tests.pipeline_graphs import small_graph, write_graph
 from amygdala_dagster_tests.servers import postgres_url, s3_bucket, s3_endpoint  # noqa: F401 - fixtures
 from amygdala_dagster_tests.test_manifest import FIELDS, make_readout
+from amygdala_dagster_tests.test_publish import assert_readers_see_whole_pairs
 
 pytestmark = pytest.mark.slow
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
@@ -172,27 +172,7 @@ def test_bucket_reader_never_sees_a_mismatched_pair_while_publishing(s3_bucket, 
     out = f"{s3_bucket}/amygdala"
     pairs = [_pair(tmp_path, seed) for seed in (1, 2)]
     publish_pair(f"{out}/vectors.safetensors", f"{out}/manifest.json", pairs[0][0], pairs[0][1], keep=3)
-    errors: list[str] = []
-    seen: set[str] = set()
-    stop = threading.Event()
-
-    def reader() -> None:
-        while not stop.is_set():
-            try:
-                seen.add(load_readout(out).sha256)
-            except ReadoutFileError as exc:
-                errors.append(str(exc))
-
-    t = threading.Thread(target=reader)
-    t.start()
-    try:
-        for i in range(12):
-            v, m, _ = pairs[i % 2]
-            publish_pair(f"{out}/vectors.safetensors", f"{out}/manifest.json", v, m, keep=3)
-    finally:
-        stop.set()
-        t.join(timeout=120)
-    assert errors == [] and seen and seen <= {p[2] for p in pairs}
+    assert_readers_see_whole_pairs(out, f"{out}/vectors.safetensors", f"{out}/manifest.json", pairs, rounds=12)
 
 
 S3_KILL_CHILD = textwrap.dedent("""

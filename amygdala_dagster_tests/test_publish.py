@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import stat
 import subprocess
@@ -23,7 +22,6 @@ from amygdala_dagster.publish import (
     POINTER_FILE,
     PublishError,
     current_pair,
-    open_pair,
     publish_pair,
     republish_manifest,
 )
@@ -160,7 +158,13 @@ def test_reader_never_sees_a_mismatched_pair_while_releases_switch(tmp_path):
     out = tmp_path / "out"
     pairs = [pair_bytes(tmp_path, seed) for seed in (1, 2)]
     publish_pair(out / "vectors.safetensors", out / "manifest.json", pairs[0][0], pairs[0][1], keep=3)
-    shas = {p[2] for p in pairs}
+    assert_readers_see_whole_pairs(out / "vectors.safetensors", out / "vectors.safetensors",
+                                   out / "manifest.json", pairs, rounds=40)
+
+
+def assert_readers_see_whole_pairs(read_from, vectors, manifest, pairs, rounds: int) -> None:
+    """Publish ``pairs`` alternately ``rounds`` times while a thread keeps loading ``read_from``: every
+    load succeeds (no mismatched or half-written pair) and returns one of the published vectors."""
     errors: list[str] = []
     seen: set[str] = set()
     stop = threading.Event()
@@ -168,20 +172,20 @@ def test_reader_never_sees_a_mismatched_pair_while_releases_switch(tmp_path):
     def reader() -> None:
         while not stop.is_set():
             try:
-                seen.add(load_readout(out / "vectors.safetensors").sha256)
+                seen.add(load_readout(read_from).sha256)
             except ReadoutFileError as exc:
                 errors.append(str(exc))
 
     t = threading.Thread(target=reader)
     t.start()
     try:
-        for i in range(40):
+        for i in range(rounds):
             v, m, _ = pairs[i % 2]
-            publish_pair(out / "vectors.safetensors", out / "manifest.json", v, m, keep=3)
+            publish_pair(vectors, manifest, v, m, keep=3)
     finally:
         stop.set()
-        t.join(timeout=60)
-    assert errors == [] and seen <= shas and seen
+        t.join(timeout=120)
+    assert errors == [] and seen and seen <= {p[2] for p in pairs}
 
 
 KILL_CHILD = textwrap.dedent("""

@@ -24,7 +24,7 @@ from amygdala_dagster.activations import ActivationEngine
 from amygdala_dagster.evaluation.metrics import THRESHOLD_METHODS
 from amygdala_dagster.examples import SelectionParams, emotion_catalog
 from amygdala_dagster.models import LoadedModel, parse_device_map
-from amygdala_dagster.pipeline.storage import Store
+from amygdala_dagster.storage import Store
 from amygdala_dagster.sample_data import conversation_snippets_path, sample_graph_path
 from amygdala_dagster.sources import JsonlSource, McpSource, open_source
 from amygdala_dagster.workflow import EngineSettings, build_engine
