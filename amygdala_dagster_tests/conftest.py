@@ -12,6 +12,12 @@ from dataclasses import dataclass as _dataclass, field as _field
 from pathlib import Path as _Path
 
 import pytest as _pytest
+import torch as _torch
+
+# Under pytest-xdist (`pytest -n 2`) the workers share the cores: one torch thread pool each, not
+# one per core each, which would oversubscribe them.
+if _os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _torch.set_num_threads(max(1, (_os.cpu_count() or 1) // int(_os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def free_port() -> int:
