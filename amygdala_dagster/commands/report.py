@@ -87,7 +87,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", type=int, default=200,
                         help="bootstrap resamples for AUROC CIs, 0 = none (default: %(default)s, as in amygdala run, "
                              "so that a rebuilt report shows the run's intervals)")
-    parser.add_argument("--confound-margin", type=float, default=0.0,
+    parser.add_argument("--confound-margin", type=float, default=Criteria.confound_margin,
                         help="how much a vector's AUROC must beat the trivial baselines (default: %(default)s)")
     parser.add_argument("--estimators", default="auto",
                         help="estimators to compare: auto (mean_difference,lda,logistic up to 24 emotions, else "
@@ -95,8 +95,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--histograms", type=_histograms, default=12, metavar="N|all",
                         help="draw the projection histogram of this many emotions (a number >= 0 or all), most attention first "
                              "(default: %(default)s)")
-    parser.add_argument("--min-auroc", type=float, default=0.7, help="held-out AUROC a usable vector reaches (default: %(default)s)")
-    parser.add_argument("--min-holdout-positives", type=int, default=10,
+    parser.add_argument("--min-auroc", type=float, default=Criteria.min_auroc, help="held-out AUROC a usable vector reaches (default: %(default)s)")
+    parser.add_argument("--min-holdout-positives", type=int, default=Criteria.min_holdout_positives,
                         help="fewer held-out positives make the verdict 'weak' (default: %(default)s)")
     parser.add_argument("--logistic-c", type=float, default=1.0, help="inverse regularisation of the logistic probe")
     parser.add_argument("--sweep-layers", default=None, metavar="all|L1,L2,...",

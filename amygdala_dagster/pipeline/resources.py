@@ -21,6 +21,7 @@ import torch
 from pydantic import Field, PrivateAttr
 
 from amygdala_dagster.activations import ActivationEngine
+from amygdala_dagster.evaluation.core import Criteria
 from amygdala_dagster.evaluation.metrics import THRESHOLD_METHODS
 from amygdala_dagster.examples import SelectionParams, emotion_catalog
 from amygdala_dagster.models import LoadedModel, parse_device_map
@@ -196,14 +197,14 @@ class EvaluationResource(dg.ConfigurableResource):
     """How the readout is evaluated, and the thresholds of the evaluation checks."""
 
     bootstrap: int = Field(default=200, description="bootstrap resamples for the AUROC confidence interval (0: none)")
-    min_auroc: float = Field(default=0.7, description="held-out AUROC below which an emotion is flagged (WARN)")
-    confound_margin: float = Field(default=0.0, description="how much a vector must beat the trivial baselines by")
+    min_auroc: float = Field(default=Criteria.min_auroc, description="held-out AUROC below which an emotion is flagged (WARN)")
+    confound_margin: float = Field(default=Criteria.confound_margin, description="how much a vector must beat the trivial baselines by")
     crosstalk_cosine: float = Field(default=0.5, description="list vector pairs with at least this cosine")
-    min_holdout_positives: int = Field(default=10, description="fewer held-out positives make a verdict 'weak'")
+    min_holdout_positives: int = Field(default=Criteria.min_holdout_positives, description="fewer held-out positives make a verdict 'weak'")
     max_crosstalk_cosine: float = Field(
-        default=0.8, description="a vector this close to another emotion's (at its best layer) is 'weak'")
+        default=Criteria.max_crosstalk_cosine, description="a vector this close to another emotion's (at its best layer) is 'weak'")
     max_fire_rate_without: float = Field(
-        default=0.5, description="firing on more of the conversations without the emotion makes it 'do not use'")
+        default=Criteria.max_fire_rate_without, description="firing on more of the conversations without the emotion makes it 'do not use'")
     estimators: str = Field(
         default="auto",
         description="estimators compared with the shipped one: auto (LDA and logistic up to 24 emotions), "
@@ -250,8 +251,6 @@ class EvaluationResource(dg.ConfigurableResource):
 
     def criteria(self) -> Any:
         """The verdict criteria (:class:`amygdala_dagster.evaluation.core.Criteria`) of these settings."""
-        from amygdala_dagster.evaluation.core import Criteria
-
         return Criteria(min_auroc=float(self.min_auroc), min_holdout_positives=int(self.min_holdout_positives),
                         confound_margin=float(self.confound_margin),
                         max_crosstalk_cosine=float(self.max_crosstalk_cosine),
