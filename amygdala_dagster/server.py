@@ -100,14 +100,15 @@ class JsonlGraph:
             if not isinstance(raw, dict):
                 log.warning("%s:%d: skipped, not a JSON object", self.path, lineno)
                 continue
-            if _too_deep(raw, MAX_JSON_DEPTH):
+            # Only the protocol's fields; absent ones stay absent so the client's
+            # validation reports them exactly as it would for the file itself.
+            node = {f: raw[f] for f in NODE_FIELDS if f in raw}
+            if _too_deep(node, MAX_JSON_DEPTH):
                 # The SDK's serializer gives up on deep values, which would fail every page holding the node.
                 log.warning("%s:%d: skipped, JSON nested too deeply (more than %d levels)",
                             self.path, lineno, MAX_JSON_DEPTH)
                 continue
-            # Only the protocol's fields; absent ones stay absent so the client's
-            # validation reports them exactly as it would for the file itself.
-            nodes.append({f: raw[f] for f in NODE_FIELDS if f in raw})
+            nodes.append(node)
         version = jsonl_graph_version(data)
         log.info("loaded %d node(s) from %s (version %s)", len(nodes), self.path, version.version[:12])
         return _Loaded(stamp=stamp, version=version, nodes=nodes)

@@ -51,7 +51,8 @@ def thresholds(manifest: Mapping[str, Any], layer: int) -> tuple[str, dict[str, 
         if not cal or cal.get("threshold") is None or cal.get("neg_mean") is None:
             out[c] = None
             continue
-        out[c] = {"raw": float(cal["threshold"]), "z": float(z_score(cal["threshold"], cal["neg_mean"], cal["neg_std"])),
+        z = float(z_score(cal["threshold"], cal["neg_mean"], cal["neg_std"]))  # NaN for a zero spread
+        out[c] = {"raw": float(cal["threshold"]), "z": z if math.isfinite(z) else None,
                   "neg_mean": float(cal["neg_mean"]), "neg_std": float(cal["neg_std"])}
     return kind, out
 

@@ -10,7 +10,7 @@ import pytest
 
 from amygdala_dagster.cli import main
 from amygdala_dagster.manifest import write_readout
-from amygdala_dagster.trace import moving_average
+from amygdala_dagster.trace import moving_average, thresholds
 from amygdala_dagster.vectors import TrainedReadout
 
 H = 384
@@ -107,3 +107,13 @@ def test_format_1_manifest_traces_against_the_text_calibration(tmp_path):
 def test_moving_average():
     np.testing.assert_allclose(moving_average(np.array([1.0, 3.0, 5.0, 7.0]), 2), [1.0, 2.0, 4.0, 6.0])
     assert moving_average(np.zeros(0)).size == 0
+
+
+def test_a_calibration_without_spread_gives_no_z_threshold_and_valid_json():
+    """A token calibration from one negative has neg_std 0: its z threshold is undefined (None), not NaN
+    (which the trace's JSON, written with allow_nan=False, and the page's JSON.parse both reject)."""
+    cal = {"neg_mean": 1.0, "neg_std": 0.0, "threshold": 1.5}
+    manifest = {"concepts": ["calm"], "per_concept": {"calm": {"layers": {"3": {"token_calibration": cal}}}}}
+    kind, thr = thresholds(manifest, 3)
+    assert kind == "token" and thr["calm"]["z"] is None and thr["calm"]["raw"] == 1.5
+    json.dumps(thr, allow_nan=False)

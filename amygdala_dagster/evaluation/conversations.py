@@ -99,7 +99,8 @@ def evaluate_conversations(
     per_emotion: dict[str, Any] = {}
     thr_by_layer = {int(l): thresholds(manifest, int(l)) for l in readout.layers}
     for ci, e in enumerate(concepts):
-        layer = int((layer_for or {}).get(e) or readout.layers[-1])
+        best = (layer_for or {}).get(e)
+        layer = int(readout.layers[-1] if best is None else best)
         kind, thr = thr_by_layer[layer]
         t = thr.get(e)
         threshold = t["raw"] if t else None
