@@ -51,6 +51,7 @@ from safetensors.numpy import save as st_save
 from tqdm.auto import tqdm
 
 from amygdala_dagster.atomic import atomic_write_bytes, atomic_write_text
+from amygdala_dagster.storage import is_local
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,7 @@ def layer_positions(cache: ActivationCache, layers: Sequence[int], what: str = "
 
 def is_url(location: str | os.PathLike[str]) -> bool:
     """Whether ``location`` is an fsspec URL of a non-local filesystem (``s3://...``, ``memory://...``)."""
-    text = os.fspath(location)
-    return "://" in text and not text.startswith("file://")
+    return not is_local(location)
 
 
 def cache_location(location: str | os.PathLike[str]) -> Path | str:

@@ -41,7 +41,7 @@ from amygdala_dagster.atomic import atomic_directory, atomic_write_bytes
 from amygdala_dagster.jsonio import jsonl_objects
 from amygdala_dagster.nodes import MemoryNode
 from amygdala_dagster.snapshot import build_snapshot, snapshot_hash
-from amygdala_dagster.tags import check_emotion_name, fold_text  # noqa: F401 - check_emotion_name re-exported
+from amygdala_dagster.tags import check_emotion_name, fold_text
 
 log = logging.getLogger(__name__)
 

@@ -383,8 +383,6 @@ class McpSource:
             if isinstance(classified, _Retryable):
                 budget.failures += 1
             raise classified from None
-        finally:
-            del headers, token
 
     def _classify(self, exc: BaseException, budget: _Budget) -> BaseException:
         leaves = _leaves(exc)

@@ -46,7 +46,6 @@ from amygdala_dagster.workflow import (
 )
 from amygdala_dagster.tags import check_emotion_name
 
-log = logging.getLogger("amygdala_dagster.train_steering_vectors")
 
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 VECTORS_DTYPE_CHOICES = ("float32", "float16", "bfloat16")

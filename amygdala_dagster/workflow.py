@@ -35,14 +35,14 @@ from amygdala_dagster.cache import (
 )
 from amygdala_dagster.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
 from amygdala_dagster.examples import (
-    ExampleSet, SelectionParams, check_emotion_name, examples_hash, read_examples_dir,
+    ExampleSet, SelectionParams, check_emotion_name, examples_hash, read_examples_dir, training_problems,
 )
 from amygdala_dagster.layers import check_layer_indices, parse_layers
 from amygdala_dagster.manifest import default_manifest_path, layer_key, read_vectors_file, write_readout
 from amygdala_dagster.models import LoadedModel, load_model
 from amygdala_dagster.publish import check_publishable
 from amygdala_dagster.token_calibration import DEFAULT_TARGET_RATE, calibrate_with_engine, calibration_items
-from amygdala_dagster.vectors import EmotionStats, TrainedReadout, train_readout, training_problems
+from amygdala_dagster.vectors import EmotionStats, TrainedReadout, train_readout
 
 log = logging.getLogger(__name__)
 

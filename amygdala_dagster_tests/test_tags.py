@@ -236,11 +236,6 @@ def test_check_emotion_name_error_names_the_name_and_the_rule() -> None:
     assert check_emotion_name("  Joy ") == "joy"
 
 
-def test_examples_module_re_exports_the_same_function() -> None:
-    from amygdala_dagster import examples
-
-    assert examples.check_emotion_name is check_emotion_name
-
 
 @PROPS
 @given(st.text(max_size=12))

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from amygdala_dagster.flags import positive_int
+from amygdala_dagster.flags import open_fraction, positive_int
 from amygdala_dagster.models import ModelLoadError, parse_device_map
 from amygdala_dagster.pipeline.definitions import default_resources
 from amygdala_dagster.pipeline.resources import (
@@ -18,6 +18,7 @@ from amygdala_dagster.pipeline.resources import (
 from amygdala_dagster.pipeline.runner import dagster_home, failures, get_instance, materialize_all, step_metadata
 from amygdala_dagster.publish import POINTER_FILE
 from amygdala_dagster.sources import MemoryGraphError
+from amygdala_dagster.storage import is_local
 from amygdala_dagster.workflow import EVALUATION_HTML, MANIFEST_FILE, VECTORS_FILE, check_writable, fast_path_line
 
 HELP = "materialise the whole asset graph (snapshot -> vectors, manifest, report); runs show in `dagster dev`"
@@ -60,8 +61,6 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     """Token calibration and conversation evaluation flags (``run``, ``backfill-emotion``)."""
-    from amygdala_dagster.flags import open_fraction
-
     parser.add_argument("--token-target-rate", type=open_fraction, default=0.01,
                         help="share of calibration tokens the manifest's token threshold fires on (default: %(default)s)")
     parser.add_argument("--calibration-texts", metavar="FILE.jsonl", default=None,
@@ -93,7 +92,7 @@ def build_resources(args: argparse.Namespace) -> dict[str, Any]:
     except ValueError as exc:
         raise ValueError(f"--device-map: {exc}") from None
     out = args.output_dir or str(Path.cwd() / "amygdala_output")
-    if "://" not in out:
+    if is_local(out):
         out = str(Path(out).expanduser().resolve())
     resources["storage"] = ArtifactStorage(base_path=out)
     selection = resources["selection"]

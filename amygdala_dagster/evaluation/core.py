@@ -237,6 +237,8 @@ def _evaluate_emotion(
     p_all, n_all = project(r_hp), project(r_hn)
 
     per_layer: dict[int, dict[str, Any]] = {}
+    # A holdout lacking a class lacks it at every layer: then every layer calibrates on the train split.
+    train_p, train_n = (project(r_tp), project(r_tn)) if not (len(hp) and len(hn)) else (None, None)
     for k, layer in enumerate(layers):
         p, n = p_all[k], n_all[k]
         sep = M.separation(p, n, threshold_method=threshold_method, target_fpr=target_fpr)
@@ -246,7 +248,7 @@ def _evaluate_emotion(
         else:
             # Holdout lacks a class: calibrate on the train split (optimistic, marked as such).
             # Same rule as vectors.holdout_calibration: both classes from the train split.
-            cp, cn = project(r_tp)[k], project(r_tn)[k]
+            cp, cn = train_p[k], train_n[k]
             if len(cp) and len(cn):
                 cal = M.calibration(cp, cn, threshold_method=threshold_method, target_fpr=target_fpr)
                 cal["split"] = "train"
@@ -379,8 +381,10 @@ def _crosstalk_partners(evaluation: Mapping[str, Any], criteria: Criteria) -> di
         return out
     co = ct.get("cooccurrence")
     for i, e in enumerate(concepts):
+        if e not in out:
+            continue
         layer = evaluation["emotions"][e].get("best_layer")
-        if layer is None or e not in out:
+        if layer is None:
             continue
         row = np.array([_num(x) for x in ct["cosine"][str(layer)][i]])
         row[i] = -np.inf

@@ -7,7 +7,6 @@ rules are testable on crafted inputs; the decorated checks turn them into AssetC
 
 import json
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -21,9 +20,9 @@ from amygdala_dagster.manifest import ReadoutFileError, load_readout, row_proble
 from amygdala_dagster.pipeline.assets.common import run_partition_keys
 from amygdala_dagster.pipeline.assets.emotions import read_examples_from
 from amygdala_dagster.pipeline.assets.graph import read_snapshot_from
-from amygdala_dagster.pipeline.assets.readout_pair import load_staged_readout
+from amygdala_dagster.pipeline.assets.readout_pair import load_staged_readout, read_staged_info
 from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, SelectionResource
-from amygdala_dagster.publish import open_pair
+from amygdala_dagster.publish import current_pair, open_pair
 from amygdala_dagster.tags import is_tag_line, parse_tags
 from amygdala_dagster.token_calibration import heldout_problems, manifest_token_calibration
 from amygdala_dagster.workflow import EVALUATION_JSON, MANIFEST_FILE, VECTORS_FILE
@@ -225,7 +224,7 @@ def vectors_finite_unit_norm(storage: ArtifactStorage) -> dg.AssetCheckResult:
                 description="manifest SHA-256 matches vectors.safetensors; shapes and row order match the manifest")
 def manifest_matches_vectors(storage: ArtifactStorage) -> dg.AssetCheckResult:
     store = storage.store()
-    _readout, info = load_staged_readout(storage)
+    info = read_staged_info(storage)
     with open_pair(store.uri(VECTORS_FILE), store.uri(MANIFEST_FILE)) as files:
         return _result(manifest_problems(files.vectors, files.manifest, info["concepts"]))
 
@@ -234,8 +233,10 @@ def manifest_matches_vectors(storage: ArtifactStorage) -> dg.AssetCheckResult:
                 description="each token threshold fires on held-out calibration tokens at most twice its target rate")
 def token_threshold_heldout_rate(storage: ArtifactStorage) -> dg.AssetCheckResult:
     store = storage.store()
-    with open_pair(store.uri(VECTORS_FILE), store.uri(MANIFEST_FILE)) as files:
-        token_cal = manifest_token_calibration(json.loads(Path(files.manifest).read_text(encoding="utf-8")))
+    pair = current_pair(store.uri(""))  # only the manifest is needed: no vectors download
+    if pair is None:
+        return _result([f"no published pair under {store.uri('')}"], severity=dg.AssetCheckSeverity.WARN)
+    token_cal = manifest_token_calibration(json.loads(store.read_bytes(pair[1])))
     return _result(heldout_problems(token_cal), severity=dg.AssetCheckSeverity.WARN,
                    metadata={"max_ratio_to_target": 2.0})
 

@@ -233,8 +233,6 @@ class EvaluationResource(dg.ConfigurableResource):
     )
 
     def eval_conversations_path(self) -> str | None:
-        from amygdala_dagster.sample_data import conversation_snippets_path
-
         if self.eval_conversations and self.eval_conversations.lower() == "none":
             return None
         return self.eval_conversations or str(conversation_snippets_path())

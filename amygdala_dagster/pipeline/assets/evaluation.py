@@ -18,7 +18,7 @@ from amygdala_dagster.runtime import read_inputs
 from amygdala_dagster.pipeline.assets.common import GROUP, file_meta, json_hash, table
 from amygdala_dagster.pipeline.assets.emotions import read_examples_from
 from amygdala_dagster.pipeline.assets.graph import read_snapshot_from
-from amygdala_dagster.pipeline.assets.readout_pair import load_staged_readout, readout_manifest
+from amygdala_dagster.pipeline.assets.readout_pair import read_staged_info, readout_manifest
 from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, ModelResource
 from amygdala_dagster.workflow import MANIFEST_FILE, REPORT_DIR, VECTORS_FILE
 
@@ -43,7 +43,7 @@ def evaluation_report(
 ) -> dg.MaterializeResult:
     t0 = time.perf_counter()
     store = storage.store()
-    _staged, info = load_staged_readout(storage)
+    info = read_staged_info(storage)
     readout = load_readout(store.uri(VECTORS_FILE), store.uri(MANIFEST_FILE))
     sets = {c: read_examples_from(storage, c)[1] for c in readout.concepts}
     snapshot = read_snapshot_from(storage)

@@ -136,13 +136,20 @@ def readout_vectors(
     )
 
 
+def read_staged_info(storage: ArtifactStorage) -> dict[str, Any]:
+    """The info of the trained matrix written by ``readout_vectors`` (without reading the matrix)."""
+    store = storage.store()
+    if not store.exists(STAGED_INFO):
+        raise FileNotFoundError(f"{store.uri(STAGED_INFO)} does not exist: materialize readout_vectors first")
+    return json.loads(store.read_bytes(STAGED_INFO))
+
+
 def load_staged_readout(storage: ArtifactStorage) -> tuple[TrainedReadout, dict[str, Any]]:
     """The trained matrix written by ``readout_vectors`` and its info."""
+    info = read_staged_info(storage)
     store = storage.store()
-    for rel in (STAGED_VECTORS, STAGED_INFO):
-        if not store.exists(rel):
-            raise FileNotFoundError(f"{store.uri(rel)} does not exist: materialize readout_vectors first")
-    info = json.loads(store.read_bytes(STAGED_INFO))
+    if not store.exists(STAGED_VECTORS):
+        raise FileNotFoundError(f"{store.uri(STAGED_VECTORS)} does not exist: materialize readout_vectors first")
     with store.local_for_read(STAGED_VECTORS) as path:
         return read_staged_readout(path, info), info
 
