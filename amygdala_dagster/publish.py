@@ -162,7 +162,7 @@ def check_publishable(vectors_path: str | os.PathLike[str], manifest_path: str |
     try:
         for directory in (Path(mloc.path).parent, releases):
             step = directory
-            directory.mkdir(parents=True, exist_ok=True)
+            make_readable_dirs(directory)
         step = releases
         fd, probe = tempfile.mkstemp(prefix=".probe.", suffix=".tmp", dir=releases)
         os.close(fd)
@@ -271,6 +271,19 @@ def _prune_local(releases: Path, current: str, keep: int) -> None:
             shutil.rmtree(releases / name, ignore_errors=True)
 
 
+def make_readable_dirs(directory: Path) -> None:
+    """``mkdir -p`` whose new directories are 0755 whatever the umask: vLLM often reads the pair
+    under another uid, and a 0700 ``releases/`` would hide the 0644 files in it."""
+    missing = []
+    for d in (directory, *directory.parents):
+        if d.exists():
+            break
+        missing.append(d)
+    directory.mkdir(parents=True, exist_ok=True)
+    for d in reversed(missing):
+        os.chmod(d, DIR_MODE)
+
+
 def _publish_local(vectors: Path, manifest: Path, vdata: bytes, mdata: bytes, sha_v: str, sha_m: str,
                    rid: str, keep: int) -> Published:
     base = vectors.parent
@@ -279,9 +292,9 @@ def _publish_local(vectors: Path, manifest: Path, vdata: bytes, mdata: bytes, sh
     try:
         for directory in (base, manifest.parent):
             step_path = directory
-            directory.mkdir(parents=True, exist_ok=True)
+            make_readable_dirs(directory)
         step_path = releases
-        releases.mkdir(exist_ok=True)
+        make_readable_dirs(releases)
         _remove_leftovers(base, releases)
         for p in (vectors, manifest):
             step_path = p

@@ -53,7 +53,9 @@ def test_release_layout_links_and_modes(tmp_path):
     assert release.name.endswith(manifest["vectors_sha256"][:12])
     for f in release.iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
-    assert stat.S_IMODE(release.stat().st_mode) == 0o755
+    # every directory on the way to the files too (another uid must be able to traverse them)
+    for d in (release, out / "releases", out):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o755, d
     assert manifest["vectors_file"] == "vectors.safetensors"
     # the three ways a reader may name the pair give the same release
     for vectors in (out / "vectors.safetensors", out / "current" / "vectors.safetensors", out):
