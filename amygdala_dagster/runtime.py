@@ -34,15 +34,16 @@ from typing import Any, Union
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file as st_load_numpy
+from safetensors.numpy import load as st_load_bytes
 from safetensors.numpy import save as st_save_numpy
 
 from amygdala_dagster.atomic import atomic_write_bytes
-from amygdala_dagster.cache import fingerprint_id
+from amygdala_dagster.cache import cache_location, fingerprint_id
 from amygdala_dagster.evaluation.metrics import z_score
 from amygdala_dagster.jsonio import jsonl_objects
 from amygdala_dagster.layers import check_layer_indices, resolve_layers
 from amygdala_dagster.manifest import calibration_entry
+from amygdala_dagster.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -563,22 +564,25 @@ class TokenActivationCache:
 
     def __init__(self, root: str | Path, fingerprint: Mapping[str, Any], dtype: str = "float32") -> None:
         self.fingerprint_id = fingerprint_id(fingerprint)
-        self.directory = Path(root).expanduser() / "tokens" / self.fingerprint_id
+        # A path or an fsspec URL (s3://...), like the pooled cache beside it.
+        self.store = Store(f"{cache_location(root)}/tokens/{self.fingerprint_id}")
         self.dtype = np.float16 if dtype in ("float16", "bfloat16") else np.float32
 
-    def _path(self, key: str) -> Path:
-        return self.directory / key[:2] / f"{key}.safetensors"
+    @staticmethod
+    def _rel(key: str) -> str:
+        return f"{key[:2]}/{key}.safetensors"
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and self._path(key).is_file()
+        return isinstance(key, str) and self.store.exists(self._rel(key))
 
     def get(self, key: str) -> np.ndarray:
-        return st_load_numpy(str(self._path(key)))["h"].astype(np.float32)
+        return st_load_bytes(self.store.read_bytes(self._rel(key)))["h"].astype(np.float32)
 
     def put(self, key: str, hidden: np.ndarray) -> None:
         data = st_save_numpy({"h": np.ascontiguousarray(hidden, dtype=self.dtype)},
                              metadata={"format": TOKEN_CACHE_FORMAT})
-        atomic_write_bytes(self._path(key), data)
+        with self.store.local_for_write(self._rel(key)) as path:  # local: the file itself; remote: uploaded
+            atomic_write_bytes(path, data)
 
 
 def token_activations(

@@ -289,3 +289,23 @@ def test_run_refuses_a_missing_calibration_file_in_one_line(tmp_path, capsys):
 
     assert main(["run", "--calibration-texts", str(tmp_path / "nope.jsonl"), "--output-dir", str(tmp_path)]) == 2
     assert "--calibration-texts" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_per_token_cache_on_an_fsspec_url_stays_there(tmp_path, monkeypatch):
+    """`--cache-dir s3://...`: the per-token cache lives beside the pooled one in the store, not in a
+    local folder named after the URL (Path() folded ``memory://b`` into ``memory:/b``)."""
+    import fsspec
+
+    from amygdala_dagster.runtime import TokenActivationCache
+
+    monkeypatch.chdir(tmp_path)
+    cache = TokenActivationCache("memory://amygdala-test/cache", {"model": "m"})
+    hidden = np.arange(12, dtype=np.float32).reshape(3, 2, 2)
+    assert "ab12" not in cache
+    cache.put("ab12", hidden)
+    assert "ab12" in cache and np.array_equal(cache.get("ab12"), hidden)
+    assert fsspec.filesystem("memory").find("/amygdala-test/cache/tokens")
+    assert not list(tmp_path.iterdir())  # nothing written under the current directory
+    local = TokenActivationCache(tmp_path / "c", {"model": "m"})
+    local.put("cd34", hidden)
+    assert np.array_equal(local.get("cd34"), hidden) and list((tmp_path / "c" / "tokens").rglob("cd34.safetensors"))
