@@ -33,6 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save_torch
 
+from amygdala_dagster.atomic import sha256_file
 from amygdala_dagster.jsonio import jsonable
 from amygdala_dagster.publish import PublishError, open_pair, publish_pair
 from amygdala_dagster.storage import location
@@ -55,15 +56,6 @@ class ReadoutFileError(ValueError):
 
 def layer_key(idx: int) -> str:
     return f"layer_{int(idx)}.vectors"
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file's bytes (streamed)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _utc_now() -> str:

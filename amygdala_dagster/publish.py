@@ -52,7 +52,7 @@ from pathlib import Path
 
 from upath import UPath
 
-from amygdala_dagster.atomic import DIR_MODE, FILE_MODE, fsync_dir, write_new_file
+from amygdala_dagster.atomic import DIR_MODE, FILE_MODE, fsync_dir, sha256_file, write_new_file
 from amygdala_dagster.storage import is_local, location, refresh, uri
 
 log = logging.getLogger(__name__)
@@ -410,14 +410,6 @@ def _prune_remote(releases: UPath, current: str, keep: int) -> None:
 # ----------------------------------------------------------------------------- reading
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def split_location(
     vectors: str | os.PathLike[str], manifest: str | os.PathLike[str] | None = None
 ) -> tuple[UPath, UPath]:
@@ -478,7 +470,7 @@ def open_pair(
                 raise FileNotFoundError(f"{uri(remote)}: no such object") from None
         if pointer is not None:
             for local, key in ((lv, "vectors_sha256"), (lm, "manifest_sha256")):
-                actual = _sha256(local)
+                actual = sha256_file(local)
                 if actual != pointer[key]:
                     raise PublishError(
                         f"{where}: {local.name} has SHA-256 {actual}, the pointer expects {pointer[key]}"

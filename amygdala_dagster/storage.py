@@ -17,9 +17,7 @@ from each backend's standard environment (for S3: ``AWS_ACCESS_KEY_ID``,
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,21 +81,8 @@ class Store:
             return int(sum(self.fs.du(p.path, total=False).values()))
         return int(p.stat().st_size)
 
-    def sha256(self, rel: str) -> str:
-        h = hashlib.sha256()
-        with self.path(rel).open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
-
     def read_bytes(self, rel: str) -> bytes:
         return self.path(rel).read_bytes()
-
-    def listdir(self, rel: str) -> list[str]:
-        p = self.path(rel)
-        if not p.is_dir():
-            return []
-        return sorted(c.name for c in p.iterdir())
 
     @contextlib.contextmanager
     def local_for_write(self, rel: str) -> Iterator[Path]:
@@ -139,25 +124,3 @@ class Store:
             else:
                 self.fs.get_file(target.path, str(local))
             yield local
-
-    def put(self, local: str | os.PathLike[str], rel: str) -> None:
-        """Copy a finished local file to ``rel`` (a no-op when ``local`` already is that file)."""
-        target = self.path(rel)
-        if self.is_local:
-            if Path(local).resolve() != Path(target.path).resolve():
-                Path(target.path).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(local, target.path)
-            return
-        self.fs.makedirs(target.parent.path, exist_ok=True)
-        self.fs.put_file(str(local), target.path)
-
-    def remove(self, rel: str) -> None:
-        target = self.path(rel)
-        if self.is_local:
-            p = Path(target.path)
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            elif p.exists() or p.is_symlink():
-                p.unlink()
-        elif target.exists():
-            self.fs.rm(target.path, recursive=True)

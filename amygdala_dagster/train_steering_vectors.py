@@ -176,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         device_map=device_map,
     )
     try:
-        check_writable({"--cache-dir": settings.cache_root()},
-                       {"--output": args.output, "--manifest": args.manifest, "--json-summary": args.json_summary})
+        # train_from_examples_dir checks the cache, --output and --manifest itself
+        check_writable(files={"--json-summary": args.json_summary})
         result = train_from_examples_dir(
             args.training_data_dir, args.output, settings, manifest=args.manifest,
             shard_size=args.cache_shard_size, estimator=args.estimator, emotions=args.emotions,

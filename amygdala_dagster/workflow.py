@@ -590,7 +590,5 @@ def train_from_examples_dir(
         raise TrainingError(str(exc)) from exc
     result.skipped = list(problems.values()) + result.skipped
     result.model_load_seconds = load_seconds + engine.stats.load_seconds
-    result.model_weights_loaded = engine.weights_loaded
-    result.engine = engine_report(engine)  # the device map is known once the weights are placed
     result.seconds = time.perf_counter() - t0
     return result

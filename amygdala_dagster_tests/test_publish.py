@@ -17,7 +17,8 @@ import fsspec
 import pytest
 
 from amygdala_dagster import cli
-from amygdala_dagster.manifest import ReadoutFileError, load_readout, sha256_file, write_readout
+from amygdala_dagster.atomic import sha256_file
+from amygdala_dagster.manifest import ReadoutFileError, load_readout, write_readout
 from amygdala_dagster.publish import (
     POINTER_FILE,
     PublishError,

@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from amygdala_dagster import cli
-from amygdala_dagster.manifest import load_readout, sha256_file
+from amygdala_dagster.atomic import sha256_file
+from amygdala_dagster.manifest import load_readout
 from amygdala_dagster.train_steering_vectors import default_target_layers, main
 
 REPO = Path(__file__).resolve().parents[1]

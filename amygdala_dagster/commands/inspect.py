@@ -10,9 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from amygdala_dagster.manifest import (
-    ReadoutFileError, calibration_entry, load_readout, read_vectors_file, sha256_file,
-)
+from amygdala_dagster.atomic import sha256_file
+from amygdala_dagster.manifest import ReadoutFileError, calibration_entry, load_readout, read_vectors_file
 from amygdala_dagster.publish import PublishError, open_pair
 
 HELP = "show the concepts, layers, norms and cosines of a readout vectors file and check its manifest"

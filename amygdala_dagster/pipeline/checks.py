@@ -12,11 +12,12 @@ from typing import Any
 import dagster as dg
 import numpy as np
 
+from amygdala_dagster.atomic import sha256_file
 from amygdala_dagster.pipeline.assets import (
     activation_stats, evaluation_report, memory_snapshot, readout_manifest, readout_vectors, tagged_examples,
 )
 from amygdala_dagster.pipeline.assets.activations import read_stats
-from amygdala_dagster.manifest import ReadoutFileError, load_readout, row_problems, sha256_file
+from amygdala_dagster.manifest import ReadoutFileError, load_readout, row_problems
 from amygdala_dagster.pipeline.assets.common import run_partition_keys
 from amygdala_dagster.pipeline.assets.emotions import read_examples_from
 from amygdala_dagster.pipeline.assets.graph import read_snapshot_from

@@ -6,9 +6,9 @@ import time
 
 import dagster as dg
 
+from amygdala_dagster.atomic import sha256_file
 from amygdala_dagster.atomic import atomic_write_text
 from amygdala_dagster.cache import ActivationCache, ensure_cached
-from amygdala_dagster.manifest import sha256_file
 from amygdala_dagster.pipeline.assets.common import (
     EMOTION, GPU_POOL, GROUP, add_partition_metadata, combined_hash, file_meta, table,
 )
