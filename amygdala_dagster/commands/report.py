@@ -26,16 +26,15 @@ from amygdala_dagster.cache import (
     ActivationCache, cache_location, default_cache_dir, ensure_cached, fingerprint_id, text_sha256,
 )
 from amygdala_dagster.evaluation import (
-    calibration_for_manifest, evaluate, json_clean, read_snippets, summary_markdown, sweep_layers, write_report,
+    calibration_for_manifest, evaluate, read_snippets, summary_markdown, sweep_layers, write_report,
 )
 from amygdala_dagster.evaluation.core import Criteria, apply_verdicts, log_unusable
-from amygdala_dagster.evaluation.conversations import best_layers, conversations_with_engine
+from amygdala_dagster.evaluation.conversations import conversations_from_file
 from amygdala_dagster.examples import ExampleSet, read_examples_dir
 from amygdala_dagster.flags import non_negative_int
 from amygdala_dagster.layers import parse_layers
 from amygdala_dagster.manifest import ReadoutFileError, load_readout
 from amygdala_dagster.publish import PublishError, open_pair, republish_manifest
-from amygdala_dagster.runtime import read_inputs
 from amygdala_dagster.sample_data import conversation_snippets_path
 from amygdala_dagster.snapshot import read_snapshot
 from amygdala_dagster.storage import Store, is_local
@@ -197,13 +196,11 @@ def _conversations(args: argparse.Namespace, engines: _LazyEngine, manifest: dic
     if (spec is not None and str(spec).lower() == "none") or (spec is None and args.no_snippets):
         return None
     path = Path(spec) if spec else conversation_snippets_path()
-    records = read_inputs(path, labelled=True)
     engine = engines.get()
     if fingerprint_id(engine.fingerprint) != fingerprint_id(manifest["fingerprint"]):
         raise ReportInputError("the model loaded now does not reproduce the manifest's activation fingerprint; "
                                "pass --eval-conversations none")
-    return json_clean(conversations_with_engine(engine, cache_root, readout, records,
-                                                layer_for=best_layers(evaluation), source=path.name))
+    return conversations_from_file(engine, cache_root, readout, path, evaluation)
 
 
 # ----------------------------------------------------------------------------- main

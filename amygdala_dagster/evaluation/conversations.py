@@ -21,15 +21,18 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from amygdala_dagster.evaluation import metrics as M
+from amygdala_dagster.jsonio import jsonable
 from amygdala_dagster.runtime import (
     InputRecord, ReadoutRuntime, TokenActivationCache, TokenScores, encode, manifest_skip_first_tokens,
-    scores_from_hidden, token_activations,
+    read_inputs, scores_from_hidden, token_activations,
 )
 from amygdala_dagster.token_calibration import engine_runtime_factory, engine_token_cache
 from amygdala_dagster.trace import SMOOTH_WINDOW, moving_average, thresholds, trace_record
@@ -158,6 +161,15 @@ def conversations_with_engine(
                            hidden_layers=engine.layers, runtime_factory=engine_runtime_factory(engine),
                            cache=engine_token_cache(engine, cache_root))
     return evaluate_conversations(scores, records, readout, layer_for=layer_for, source=source)
+
+
+def conversations_from_file(engine: Any, cache_root: Any, readout: Any, path: str | os.PathLike[str],
+                            evaluation: Mapping[str, Any]) -> dict[str, Any]:
+    """The evaluation's ``conversations`` section (JSON-ready) for a labelled JSONL file, each emotion at
+    its best held-out layer in ``evaluation``."""
+    return jsonable(conversations_with_engine(
+        engine, cache_root, readout, read_inputs(path, labelled=True), layer_for=best_layers(evaluation),
+        source=Path(path).name), nonfinite_as_null=True)
 
 
 def best_layers(evaluation: Mapping[str, Any]) -> dict[str, int | None]:

@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,14 @@ class ModelResource(dg.ConfigurableResource):
                 log.info("preparing model %s (dtype %s, device %s)", self.model, self.dtype, self.device)
                 self._engine = build_engine(self.settings(), on_weights_loaded=_log_weights_loaded)
             return self._engine
+
+    def engine_for(self, fingerprint: Mapping[str, Any]) -> ActivationEngine:
+        """:meth:`engine`, refused when it would not reproduce the activations behind ``fingerprint``."""
+        engine = self.engine()
+        if engine.fingerprint != fingerprint:
+            raise ValueError("the model resource does not match the one that produced the readout; "
+                             "rematerialize activation_stats with the current model settings")
+        return engine
 
     def release(self) -> bool:
         """Drop the model so its memory (and GPU memory) is freed; True when weights were held."""

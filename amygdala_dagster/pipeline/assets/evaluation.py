@@ -2,19 +2,17 @@
 
 
 import time
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
 from amygdala_dagster.cache import ActivationCache, text_sha256
-from amygdala_dagster.evaluation import evaluate, json_clean, read_snippets, summary_markdown, write_report
-from amygdala_dagster.evaluation.conversations import best_layers, conversations_with_engine
+from amygdala_dagster.evaluation import evaluate, read_snippets, summary_markdown, write_report
+from amygdala_dagster.evaluation.conversations import conversations_from_file
 from amygdala_dagster.evaluation.core import apply_verdicts, log_unusable
 from amygdala_dagster.evaluation.report import emotion_markdown, png_markdown
 from amygdala_dagster.evaluation.runtime_report import PLOT, runtime_markdown
 from amygdala_dagster.manifest import load_readout
-from amygdala_dagster.runtime import read_inputs
 from amygdala_dagster.pipeline.assets.common import GROUP, file_meta, json_hash, table
 from amygdala_dagster.pipeline.assets.emotions import read_examples_from
 from amygdala_dagster.pipeline.assets.graph import read_snapshot_from
@@ -52,12 +50,7 @@ def evaluation_report(
     with ActivationCache(info["cache_root"], info["fingerprint"]) as cache:
         # The model is needed only for snippets not in the cache yet (normally just the first run).
         uncached = cache.missing([text_sha256(s["text"]) for s in snippets or []])
-        engine = model.engine() if uncached else None
-        if engine is not None and engine.fingerprint != info["fingerprint"]:
-            raise ValueError(
-                "the model resource does not match the one that produced the readout "
-                f"(cache {cache.directory}); rematerialize activation_stats with the current model settings"
-            )
+        engine = model.engine_for(info["fingerprint"]) if uncached else None
         result = evaluate(
             cache, sets, readout, snapshot=snapshot, snippets=snippets, engine=engine,
             bootstrap=evaluation.bootstrap, crosstalk_cosine=evaluation.crosstalk_cosine,
@@ -109,13 +102,7 @@ def runtime_conversations(readout: Any, result: dict[str, Any], info: dict[str, 
     path = evaluation.eval_conversations_path()
     if path is None:
         return None
-    engine = model.engine()
-    if engine.fingerprint != info["fingerprint"]:
-        raise ValueError("the model resource does not match the one that produced the readout; "
-                         "rematerialize activation_stats with the current model settings")
-    return json_clean(conversations_with_engine(
-        engine, info["cache_root"], readout, read_inputs(path, labelled=True), layer_for=best_layers(result),
-        source=Path(path).name))
+    return conversations_from_file(model.engine_for(info["fingerprint"]), info["cache_root"], readout, path, result)
 
 
 def runtime_metadata(result: dict[str, Any], plots: dict[str, bytes]) -> dict[str, Any]:

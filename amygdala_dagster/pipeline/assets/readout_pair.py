@@ -211,10 +211,7 @@ def readout_manifest(
 def compute_token_calibration(context: Any, readout: Any, info: dict[str, Any], storage: ArtifactStorage,
                               model: ModelResource, evaluation: EvaluationResource) -> dict[str, Any]:
     """Per-token calibration of every concept and layer (weights loaded only for uncached texts)."""
-    engine = model.engine()
-    if engine.fingerprint != info["fingerprint"]:
-        raise ValueError("the model resource does not match the one that produced the readout; "
-                         "rematerialize activation_stats with the current model settings")
+    engine = model.engine_for(info["fingerprint"])
     path = evaluation.calibration_texts
     records = read_inputs(path) if path else None
     sets = {c: read_examples_from(storage, c)[1] for c in readout.concepts} if records is None else {}
