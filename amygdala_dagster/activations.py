@@ -45,7 +45,8 @@ import torch
 
 from amygdala_dagster.cache import fingerprint_id, reject_empty_texts
 from amygdala_dagster.layers import check_layer_indices, resolve_layers
-from amygdala_dagster.models import FastPath, LoadedModel, ModelLoadError, linear_attention_fast_path
+from amygdala_dagster.fast_path import FastPath, linear_attention_fast_path
+from amygdala_dagster.models import LoadedModel, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +240,7 @@ class ActivationEngine:
         self._deepest_slot = max(range(len(self.layers)), key=lambda s: self.layers[s])
 
         #: Which path the model's linear-attention layers take (see :func:`linear_attention_fast_path`).
-        self.fast_path: FastPath = linear_attention_fast_path(loaded.model)
+        self.fast_path: FastPath = linear_attention_fast_path(loaded.model, loaded.device)
         self.tokenizer = loaded.tokenizer
         self.tokenizer_hash = tokenizer_hash(self.tokenizer)
         self._pad_id = self._prepare_tokenizer()

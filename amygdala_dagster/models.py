@@ -26,12 +26,10 @@ import atexit
 import contextlib
 import hashlib
 import importlib.util
-import inspect
 import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import threading
 from collections.abc import Mapping
@@ -539,76 +537,3 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", 
 def _map_device(value: Any) -> str:
     """A device-map value as a device string (accelerate writes GPU indices as ints)."""
     return f"cuda:{value}" if isinstance(value, int) else str(value)
-
-
-#: Module-level functions of transformers' linear-attention layers that a package can replace, and
-#: the (import name, distribution) providing the fast kernel. The gated delta rule decides the speed.
-_LINEAR_ATTENTION_KERNELS: dict[str, tuple[str, str]] = {
-    "torch_chunk_gated_delta_rule": ("fla", "flash-linear-attention"),
-    "chunk_gated_delta_rule": ("fla", "flash-linear-attention"),
-    "causal_conv1d_fn": ("causal_conv1d", "causal-conv1d"),
-}
-_DECISIVE_KERNEL = "flash-linear-attention"
-
-
-@dataclass
-class FastPath:
-    """Which path a model's linear-attention layers take: ``fast_path`` is ``yes``, ``no`` or ``not-applicable``.
-
-    ``yes``: the gated-delta-rule kernel of flash-linear-attention replaces
-    transformers' reference PyTorch loop (causal-conv1d adds a smaller gain);
-    ``no``: the reference path runs (correct, about 12x slower on a GPU for a
-    Qwen3.5-27B-class model); ``not-applicable``: no linear-attention layer.
-    """
-
-    fast_path: str
-    kernels_found: list[str] = field(default_factory=list)
-    kernels_missing: list[str] = field(default_factory=list)
-    linear_attention_layers: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"fast_path": self.fast_path, "kernels_found": list(self.kernels_found),
-                "kernels_missing": list(self.kernels_missing),
-                "linear_attention_layers": self.linear_attention_layers}
-
-
-def _kernel_in_use(fn: Any, package: str) -> bool:
-    """Whether transformers bound ``fn`` (a modeling-module function) to ``package``'s kernel.
-
-    transformers 5 decides at import time (``use_kernel_func_from_hub_with_fallback``) and keeps the
-    decision in the wrapper's closure (``is_new_implementation``); where that is not found, whether
-    the package is importable is what transformers would have looked at.
-    """
-    try:
-        nonlocals = inspect.getclosurevars(fn).nonlocals
-    except (TypeError, ValueError):
-        nonlocals = {}
-    if "is_new_implementation" in nonlocals:
-        return bool(nonlocals["is_new_implementation"])
-    return importlib.util.find_spec(package) is not None
-
-
-def linear_attention_fast_path(model: torch.nn.Module) -> FastPath:
-    """Which path ``model``'s linear-attention (gated delta rule) layers will take; works on a meta skeleton.
-
-    Looks at the modeling modules of the layers themselves (transformers
-    binds a kernel per module when it is imported), so it reports what the
-    forward pass will run, not only what is installed.
-    """
-    layers = [m for m in model.modules() if "GatedDeltaNet" in type(m).__name__]
-    if not layers:
-        return FastPath(fast_path="not-applicable")
-    found: dict[str, bool] = {}
-    for module_name in {type(m).__module__ for m in layers}:
-        modeling = sys.modules.get(module_name)
-        for func, (package, dist) in _LINEAR_ATTENTION_KERNELS.items():
-            fn = getattr(modeling, func, None)
-            if callable(fn):
-                found[dist] = found.get(dist, True) and _kernel_in_use(fn, package)
-    fast = found.get(_DECISIVE_KERNEL, False)
-    return FastPath(
-        fast_path="yes" if fast else "no",
-        kernels_found=sorted(d for d, ok in found.items() if ok),
-        kernels_missing=sorted(d for d, ok in found.items() if not ok),
-        linear_attention_layers=len(layers),
-    )

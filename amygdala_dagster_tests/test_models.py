@@ -186,16 +186,19 @@ def test_weights_fingerprint_is_stable_and_sees_changes(tmp_path):
 def test_fast_path_is_reported_and_nothing_changes_without_the_kernels():
     """Issue 12 §1: which path a hybrid linear-attention model takes; CPU without the kernels."""
     from amygdala_dagster.activations import ActivationEngine
-    from amygdala_dagster.models import linear_attention_fast_path
+    from amygdala_dagster.fast_path import linear_attention_fast_path
 
     lazy = load_model(build_tiny_model("qwen3_5"), device="cpu", weights=False)
     status = linear_attention_fast_path(lazy.model)  # known before any weight is read
     assert status.fast_path == "no" and status.linear_attention_layers == 2
     assert status.kernels_missing == ["causal-conv1d", "flash-linear-attention"] and status.kernels_found == []
+    assert any(i.endswith("torch_chunk_gated_delta_rule") for i in status.implementations)
+    assert all(p.device.type == "meta" for p in lazy.model.parameters())  # the probe ran on a copy
     engine = ActivationEngine(lazy, [1, 3])
     assert (engine.stats.fast_path, engine.stats.kernels_missing) == ("no", status.kernels_missing)
     # the engine only reports: its activations are those of the model's own forward pass
     loaded = load_model(build_tiny_model("qwen3_5"), device="cpu")
+    assert linear_attention_fast_path(loaded.model).as_dict() == status.as_dict()  # loaded: probed in place
     enc = loaded.tokenizer(["the rain was soft"], return_tensors="pt")
     with torch.inference_mode():
         ref = loaded.model(**enc, output_hidden_states=True).hidden_states[2][0].mean(0)
@@ -207,22 +210,58 @@ def test_fast_path_is_reported_and_nothing_changes_without_the_kernels():
         assert other.fast_path == "not-applicable" and other.as_dict()["linear_attention_layers"] == 0
 
 
-def test_fast_path_reads_the_kernel_transformers_bound(monkeypatch):
-    """A kernel bound by transformers' own fallback decorator is seen as the fast path."""
-    from transformers.integrations.hub_kernels import use_kernel_func_from_hub_with_fallback
+def _kernel_package_function(reference, module: str = "fla.ops.gated_delta_rule.chunk",
+                             name: str = "chunk_gated_delta_rule"):
+    """A function that lives in a kernel package's module (as fla's does) and computes ``reference``."""
+    namespace = {"__name__": module, "reference": reference}
+    exec(f"def {name}(*args, **kwargs):\n    return reference(*args, **kwargs)\n", namespace)  # noqa: S102
+    return namespace[name]
+
+
+@pytest.mark.parametrize("binding", ["module_attribute", "wrapper"])
+def test_fast_path_follows_the_implementation_the_forward_calls(monkeypatch, binding):
+    """Issue 22: the status is what the gated-delta-rule layer calls on a probe forward, however a transformers
+    release binds the kernel (a plain module attribute, or a wrapper of transformers' own around it)."""
+    import functools
+
     from transformers.models.qwen3_5 import modeling_qwen3_5
 
-    from amygdala_dagster.models import linear_attention_fast_path
+    from amygdala_dagster.fast_path import linear_attention_fast_path
 
-    def reference(x):
-        return x
-
-    # "math.sqrt" stands in for fla's chunk_gated_delta_rule: an importable package implementation
-    bound = use_kernel_func_from_hub_with_fallback("sqrt", "math")(reference)
-    monkeypatch.setattr(modeling_qwen3_5, "torch_chunk_gated_delta_rule", bound)
-    status = linear_attention_fast_path(load_model(build_tiny_model("qwen3_5"), device="cpu", weights=False).model)
+    kernel = _kernel_package_function(modeling_qwen3_5.torch_chunk_gated_delta_rule)
+    if binding == "wrapper":
+        namespace = {"__name__": "transformers.integrations.hub_kernels", "functools": functools, "impl": kernel}
+        exec("def bind(f):\n    @functools.wraps(f)\n    def wrapped(*a, **k):\n        return impl(*a, **k)\n"
+             "    return wrapped\n", namespace)  # noqa: S102
+        kernel = namespace["bind"](modeling_qwen3_5.torch_chunk_gated_delta_rule)
+    monkeypatch.setattr(modeling_qwen3_5, "torch_chunk_gated_delta_rule", kernel)
+    lazy = load_model(build_tiny_model("qwen3_5"), device="cpu", weights=False)
+    status = linear_attention_fast_path(lazy.model)
     assert status.fast_path == "yes"
     assert status.kernels_found == ["flash-linear-attention"] and status.kernels_missing == ["causal-conv1d"]
+    assert "fla.ops.gated_delta_rule.chunk.chunk_gated_delta_rule" in status.implementations
+    # the convolution's kernel too: nothing missing any more
+    conv = _kernel_package_function(modeling_qwen3_5.causal_conv1d_fn, "causal_conv1d.causal_conv1d_interface",
+                                    "causal_conv1d_fn")
+    monkeypatch.setattr(modeling_qwen3_5, "causal_conv1d_fn", conv)
+    both = linear_attention_fast_path(lazy.model)
+    assert (both.fast_path, both.kernels_found, both.kernels_missing) == (
+        "yes", ["causal-conv1d", "flash-linear-attention"], [])
+
+
+def test_fast_path_is_unknown_when_the_probe_cannot_run(monkeypatch, caplog):
+    """A layer whose probe fails is reported as unknown (and why), never guessed."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5
+
+    from amygdala_dagster.fast_path import linear_attention_fast_path
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image for this device")
+
+    monkeypatch.setattr(modeling_qwen3_5, "torch_chunk_gated_delta_rule", broken)
+    status = linear_attention_fast_path(load_model(build_tiny_model("qwen3_5"), device="cpu", weights=False).model)
+    assert (status.fast_path, status.linear_attention_layers) == ("unknown", 2)
+    assert "no kernel image for this device" in caplog.text
 
 
 # --------------------------------------------------------------------------- device maps

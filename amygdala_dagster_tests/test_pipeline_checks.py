@@ -112,6 +112,7 @@ def test_fast_path_rule_fires_only_for_cuda_on_the_reference_path():
     assert fast_path_problems({**slow, "fast_path": "not-applicable"}) == []
     assert fast_path_problems({**slow, "device": "cpu"}) == []  # the reference path is the only one on CPU
     assert fast_path_problems({}) == []
+    assert "unknown" in fast_path_problems({**slow, "fast_path": "unknown"})[0]
 
 
 def test_cpu_run_of_a_linear_attention_model_reports_no_and_passes_the_check():

@@ -10,7 +10,7 @@ token lengths are lognormal around ~200 tokens, capped at 512.
 Both layouts of that size run in the same session, one after the other: the
 Qwen3.5 hybrid (gated-delta-rule linear attention in 3 of 4 blocks; the
 engine reports whether its fast path -- flash-linear-attention -- is bound,
-see ``amygdala_dagster.models.linear_attention_fast_path``) and a Qwen3
+see ``amygdala_dagster.fast_path.linear_attention_fast_path``) and a Qwen3
 full-attention decoder of the same width, depth and MLP, as the reference.
 Without the fast path the Qwen3.5 layout only gets a short probe (its
 reference PyTorch path ran 976 tokens/s on an H200). With two GPUs or more,
@@ -251,7 +251,7 @@ def measure_layout(kind: str, shape: dict[str, Any], args, dtype, device: str, t
                    settings, t_start: float, nominal, matmul_peak, report: dict) -> dict[str, Any] | None:
     """Build ``kind`` on the device, sweep ``settings`` (a probe only when its fast path is missing), free it."""
     from amygdala_dagster.layers import parse_layers
-    from amygdala_dagster.models import linear_attention_fast_path
+    from amygdala_dagster.fast_path import linear_attention_fast_path
 
     t0 = time.perf_counter()
     try:

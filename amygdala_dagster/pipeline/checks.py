@@ -194,10 +194,14 @@ def stats_finite(context: dg.AssetCheckExecutionContext, storage: ArtifactStorag
 
 
 def fast_path_problems(metadata: Mapping[str, Any]) -> list[str]:
-    """A CUDA run of a linear-attention model that took transformers' reference path (about 12x slower)."""
+    """A CUDA run of a linear-attention model that took transformers' reference path (about 12x slower), or
+    whose path the probe could not tell."""
     device, fast = str(metadata.get("device") or ""), str(metadata.get("fast_path") or "not-applicable")
-    if not device.startswith("cuda") or fast != "no":
+    if not device.startswith("cuda") or fast not in ("no", "unknown"):
         return []
+    if fast == "unknown":
+        return [f"the linear-attention layers' path on {device} is unknown: the probe forward failed (see the "
+                "step's log)"]
     missing = str(metadata.get("kernels_missing") or "") or "?"
     return [f"the linear-attention layers ran the reference PyTorch path on {device} (kernels missing: {missing}); "
             'install the fast path on the GPU image: pip install -e ".[gpu]"']
