@@ -28,21 +28,21 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from amygdala_dagster.activations import ActivationEngine
-from amygdala_dagster.cache import (
+from amygdala_dagster.engine.activations import ActivationEngine
+from amygdala_dagster.engine.cache import (
     DEFAULT_SHARD_SIZE, ActivationCache, CacheRunStats, cache_location, default_cache_dir, ensure_cached,
     fingerprint_id,
 )
-from amygdala_dagster.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
-from amygdala_dagster.examples import (
+from amygdala_dagster.readout.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
+from amygdala_dagster.examples.selection import (
     ExampleSet, SelectionParams, check_emotion_name, examples_hash, read_examples_dir, training_problems,
 )
-from amygdala_dagster.layers import check_layer_indices, parse_layers
-from amygdala_dagster.manifest import default_manifest_path, layer_key, read_vectors_file, write_readout
-from amygdala_dagster.models import LoadedModel, load_model
-from amygdala_dagster.publish import check_publishable
-from amygdala_dagster.token_calibration import DEFAULT_TARGET_RATE, calibrate_with_engine, calibration_items
-from amygdala_dagster.vectors import EmotionStats, TrainedReadout, train_readout
+from amygdala_dagster.engine.layers import check_layer_indices, parse_layers
+from amygdala_dagster.readout.manifest import default_manifest_path, layer_key, read_vectors_file, write_readout
+from amygdala_dagster.engine.models import LoadedModel, load_model
+from amygdala_dagster.readout.publish import check_publishable
+from amygdala_dagster.readout.token_calibration import DEFAULT_TARGET_RATE, calibrate_with_engine, calibration_items
+from amygdala_dagster.readout.vectors import EmotionStats, TrainedReadout, train_readout
 
 log = logging.getLogger(__name__)
 

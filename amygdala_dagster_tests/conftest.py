@@ -85,7 +85,7 @@ def graph_server(tmp_path_factory):
         elif nodes is not None:
             write_jsonl(file, nodes)
         port = free_port()
-        cmd = [_sys.executable, "-m", "amygdala_dagster.cli", "serve-graph", "--file", str(file),
+        cmd = [_sys.executable, "-m", "amygdala_dagster.commands.cli", "serve-graph", "--file", str(file),
                "--host", "127.0.0.1", "--port", str(port)]
         env = dict(_os.environ)
         if token_env is not None:
@@ -131,8 +131,8 @@ class WeightReads(_logging.Handler):
 
 @_pytest.fixture
 def weight_reads():
-    """A :class:`WeightReads` attached to ``amygdala_dagster.models`` for the test."""
-    logger = _logging.getLogger("amygdala_dagster.models")
+    """A :class:`WeightReads` attached to ``amygdala_dagster.engine.models`` for the test."""
+    logger = _logging.getLogger("amygdala_dagster.engine.models")
     handler, level = WeightReads(), logger.level
     logger.addHandler(handler)
     logger.setLevel(_logging.DEBUG)

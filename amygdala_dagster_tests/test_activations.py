@@ -7,13 +7,13 @@ import functools
 import pytest
 import torch
 
-from amygdala_dagster.activations import (
+from amygdala_dagster.engine.activations import (
     ActivationEngine, ActivationOutOfMemoryError, DEFAULT_MAX_BATCH_TOKENS, EngineStats, batch_size_advice,
     padded_length, tokenizer_hash,
 )
-from amygdala_dagster.cache import ActivationCache
-from amygdala_dagster.layers import resolve_layers
-from amygdala_dagster.models import LoadedModel, load_model
+from amygdala_dagster.engine.cache import ActivationCache
+from amygdala_dagster.engine.layers import resolve_layers
+from amygdala_dagster.engine.models import LoadedModel, load_model
 from amygdala_dagster_tests.tiny_models import ARCHS, NUM_LAYERS, build_tiny_model
 
 ATOL = 1e-5
@@ -483,12 +483,12 @@ def test_a_small_batch_size_on_an_accelerator_is_pointed_out_once(monkeypatch, c
     loaded = _loaded("gpt2")
     texts = ["rain and wind"] * 40
     cpu = ActivationEngine(loaded, [0], batch_size=2)
-    with caplog.at_level("WARNING", logger="amygdala_dagster.activations"):
+    with caplog.at_level("WARNING", logger="amygdala_dagster.engine.activations"):
         _run(cpu, texts)
     assert "far below" not in caplog.text  # on a CPU the batch size hardly matters
     engine = ActivationEngine(loaded, [0], batch_size=2)
     monkeypatch.setattr(engine, "_accelerated", lambda: True)
-    with caplog.at_level("WARNING", logger="amygdala_dagster.activations"):
+    with caplog.at_level("WARNING", logger="amygdala_dagster.engine.activations"):
         _run(engine, texts)
         _run(engine, texts)
     assert caplog.text.count("far below") == 1

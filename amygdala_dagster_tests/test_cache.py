@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from amygdala_dagster.activations import ActivationEngine
-from amygdala_dagster.cache import ActivationCache, CacheError, ensure_cached, text_sha256
-from amygdala_dagster.models import load_model
+from amygdala_dagster.engine.activations import ActivationEngine
+from amygdala_dagster.engine.cache import ActivationCache, CacheError, ensure_cached, text_sha256
+from amygdala_dagster.engine.models import load_model
 
 FP = {"model": "synthetic", "layers": [0, 3], "pooling": "mean", "max_tokens": 64}
 
@@ -163,7 +163,7 @@ def test_shard_altered_in_place_is_recomputed_not_read(engine, tmp_path, caplog)
 
     reopened = ActivationCache(tmp_path, engine.fingerprint, shard_size=3)
     before = engine.stats.texts
-    with caplog.at_level("WARNING", logger="amygdala_dagster.cache"):
+    with caplog.at_level("WARNING", logger="amygdala_dagster.engine.cache"):
         run = ensure_cached(engine, reopened, TEXTS[:6], progress=False)
     assert run.forwarded == 3 and engine.stats.texts - before == 3
     assert "damaged" in caplog.text and "forwarded again" in caplog.text

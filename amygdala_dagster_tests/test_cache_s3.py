@@ -8,15 +8,15 @@ import pytest
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
-from amygdala_dagster.activations import ActivationEngine
-from amygdala_dagster.cache import (
+from amygdala_dagster.engine.activations import ActivationEngine
+from amygdala_dagster.engine.cache import (
     ActivationCache,
     default_cache_dir,
     ensure_cached,
     text_sha256,
 )
-from amygdala_dagster.models import load_model
-from amygdala_dagster.shards import EngineSpec, run_shards_locally
+from amygdala_dagster.engine.models import load_model
+from amygdala_dagster.engine.shards import EngineSpec, run_shards_locally
 from amygdala_dagster_tests.conftest import free_port
 from amygdala_dagster_tests.tiny_models import build_tiny_model
 
@@ -93,7 +93,7 @@ def test_damaged_object_is_set_aside_and_recomputed(s3_env, engine, caplog):
     s3_env.pipe_file(victim, bytes(data))
 
     reopened = ActivationCache(url, engine.fingerprint, shard_size=5)
-    with caplog.at_level("WARNING", logger="amygdala_dagster.cache"):
+    with caplog.at_level("WARNING", logger="amygdala_dagster.engine.cache"):
         run = ensure_cached(engine, reopened, TEXTS, progress=False)
     assert run.forwarded == 5 and "damaged" in caplog.text
     np.testing.assert_allclose(reopened.get([text_sha256(t) for t in TEXTS]), good, atol=1e-6)

@@ -11,11 +11,11 @@ from PIL import Image
 
 from amygdala_dagster.evaluation.conversations import evaluate_conversations, score_records
 from amygdala_dagster.evaluation.runtime_report import PLOT, runtime_html, runtime_markdown, runtime_plots
-from amygdala_dagster.manifest import load_readout, write_readout
-from amygdala_dagster.models import load_model
-from amygdala_dagster.runtime import InputRecord, ReadoutRuntime, read_inputs
-from amygdala_dagster.sample_data import conversation_snippets_path
-from amygdala_dagster.vectors import TrainedReadout
+from amygdala_dagster.readout.manifest import load_readout, write_readout
+from amygdala_dagster.engine.models import load_model
+from amygdala_dagster.readout.runtime import InputRecord, ReadoutRuntime, read_inputs
+from amygdala_dagster.data import conversation_snippets_path
+from amygdala_dagster.readout.vectors import TrainedReadout
 
 EMOTIONS = ["anxiety", "awe", "calm", "clarity", "curiosity", "determination", "embarrassment", "frustration",
             "gratitude", "joy", "loneliness", "love", "pride", "sadness", "tiredness", "warmth"]

@@ -19,14 +19,14 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from amygdala_dagster import cli
-from amygdala_dagster.manifest import load_readout, write_readout
+from amygdala_dagster.commands import cli
+from amygdala_dagster.readout.manifest import load_readout, write_readout
 from amygdala_dagster.pipeline import resources as R
 from amygdala_dagster.pipeline.assets import ALL_ASSETS
 from amygdala_dagster.pipeline.checks import ALL_CHECKS
 from amygdala_dagster.pipeline.runner import backfill_emotions, failures, get_instance
 from amygdala_dagster.pipeline.sensors import memory_graph_sensor
-from amygdala_dagster.publish import POINTER_FILE, publish_pair
+from amygdala_dagster.readout.publish import POINTER_FILE, publish_pair
 from amygdala_dagster_tests.pipeline_graphs import small_graph, write_graph
 from amygdala_dagster_tests.servers import postgres_url, s3_bucket, s3_endpoint  # noqa: F401 - fixtures
 from amygdala_dagster_tests.test_manifest import FIELDS, make_readout
@@ -67,7 +67,7 @@ def deploy_home(tmp_path, postgres_db, monkeypatch):
 
 def amygdala(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "amygdala_dagster.cli", *args], capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "amygdala_dagster.commands.cli", *args], capture_output=True, text=True, timeout=600,
         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}, cwd=cwd,
     )
 
@@ -178,7 +178,7 @@ def test_bucket_reader_never_sees_a_mismatched_pair_while_publishing(s3_bucket, 
 S3_KILL_CHILD = textwrap.dedent("""
     import os, signal, sys
     import s3fs.core
-    from amygdala_dagster.publish import publish_pair
+    from amygdala_dagster.readout.publish import publish_pair
     target, out, vfile, mfile = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     calls = 0
     original = s3fs.core.S3FileSystem._call_s3

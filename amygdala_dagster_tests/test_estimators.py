@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from amygdala_dagster.estimators import (
+from amygdala_dagster.readout.estimators import (
     ESTIMATORS,
     DegenerateDirectionError,
     get_estimator,

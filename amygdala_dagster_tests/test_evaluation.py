@@ -11,7 +11,7 @@ import pytest
 from scipy.stats import mannwhitneyu
 from sklearn.metrics import f1_score, roc_auc_score
 
-from amygdala_dagster.cache import ActivationCache, text_sha256
+from amygdala_dagster.engine.cache import ActivationCache, text_sha256
 from amygdala_dagster.evaluation import (
     DEFAULT_ESTIMATORS,
     auroc,
@@ -25,9 +25,9 @@ from amygdala_dagster.evaluation import (
     threshold_max_f1,
     z_score,
 )
-from amygdala_dagster.evaluation.metrics import accuracy_at, confusion_at, f1_at, separation
-from amygdala_dagster.examples import Example, ExampleSet
-from amygdala_dagster.vectors import train_readout
+from amygdala_dagster.readout.metrics import accuracy_at, confusion_at, f1_at, separation
+from amygdala_dagster.examples.selection import Example, ExampleSet
+from amygdala_dagster.readout.vectors import train_readout
 
 # ----------------------------------------------------------------------------- AUROC
 
@@ -200,7 +200,7 @@ def test_metrics_module_has_no_hand_written_ranking():
     """AUROC, ROC points, confusion counts, F1 and the threshold search come from scikit-learn."""
     import inspect
 
-    from amygdala_dagster.evaluation import metrics
+    from amygdala_dagster.readout import metrics
 
     src = inspect.getsource(metrics)
     for banned in ("argsort", "searchsorted", "average_ranks", "einsum"):

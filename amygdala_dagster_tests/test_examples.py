@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from amygdala_dagster.examples import (
+from amygdala_dagster.examples.selection import (
     Example,
     ExampleSet,
     ExamplesFormatError,
@@ -30,8 +30,8 @@ from amygdala_dagster.examples import (
     split_for_key,
     write_examples_dir,
 )
-from amygdala_dagster.nodes import MemoryNode
-from amygdala_dagster.snapshot import (
+from amygdala_dagster.graph.nodes import MemoryNode
+from amygdala_dagster.graph.snapshot import (
     SnapshotError,
     build_snapshot,
     read_snapshot,

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from amygdala_dagster import extract_training_pairs
-from amygdala_dagster.examples import split_for_key
-from amygdala_dagster.nodes import MemoryNode
-from amygdala_dagster.snapshot import build_snapshot, snapshot_hash
-from amygdala_dagster.tags import is_tag_line
+from amygdala_dagster.commands import extract_training_pairs
+from amygdala_dagster.examples.selection import split_for_key
+from amygdala_dagster.graph.nodes import MemoryNode
+from amygdala_dagster.graph.snapshot import build_snapshot, snapshot_hash
+from amygdala_dagster.graph.tags import is_tag_line
 
 # A graph small enough that the expected examples can be worked out by hand.
 RIVER = "Long walk by the river, the light was soft and golden."

@@ -7,14 +7,14 @@ import torch
 from torch import nn
 
 import transformers
-from amygdala_dagster.activations import ActivationEngine
-from amygdala_dagster.layers import (
+from amygdala_dagster.engine.activations import ActivationEngine
+from amygdala_dagster.engine.layers import (
     LayerResolutionError,
     check_layer_indices,
     parse_layers,
     resolve_layers,
 )
-from amygdala_dagster.models import load_model
+from amygdala_dagster.engine.models import load_model
 from amygdala_dagster_tests.tiny_models import ARCHS, NUM_LAYERS, build_tiny_model
 
 # Path of the blocks in the base model AutoModel gives, and in the checkpoint's own task class.

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from amygdala_dagster.activations import ActivationEngine, FingerprintMismatchError
-from amygdala_dagster.models import load_model
+from amygdala_dagster.engine.activations import ActivationEngine, FingerprintMismatchError
+from amygdala_dagster.engine.models import load_model
 from amygdala_dagster_tests.tiny_models import ARCHS, build_tiny_model
 
 TEXTS = ["The old journal entry spoke of warmth and quiet clarity.", "curious", "She laughed at the joke, then apologised."]

@@ -12,15 +12,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from amygdala_dagster import cli
-from amygdala_dagster.manifest import (
+from amygdala_dagster.commands import cli
+from amygdala_dagster.readout.manifest import (
     ReadoutFileError,
     build_manifest,
     load_readout,
     sha256_file,
     write_readout,
 )
-from amygdala_dagster.vectors import TrainedReadout
+from amygdala_dagster.readout.vectors import TrainedReadout
 
 H = 12
 LAYERS = [1, 4]
@@ -258,7 +258,7 @@ def test_inspect_into_a_closed_pipe_prints_no_traceback(tmp_path):
     import sys
 
     v, _m, _ = write_pair(tmp_path, make_readout(concepts=[f"c{i:03d}" for i in range(200)]))
-    proc = subprocess.Popen([sys.executable, "-m", "amygdala_dagster.cli", "inspect", str(v)],
+    proc = subprocess.Popen([sys.executable, "-m", "amygdala_dagster.commands.cli", "inspect", str(v)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()
     _out, err = proc.communicate(timeout=120)

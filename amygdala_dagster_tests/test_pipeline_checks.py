@@ -7,12 +7,12 @@ import json
 import numpy as np
 import polars as pl
 
-from amygdala_dagster.examples import Example, ExampleSet
-from amygdala_dagster.manifest import write_readout
-from amygdala_dagster.nodes import MemoryNode
+from amygdala_dagster.examples.selection import Example, ExampleSet
+from amygdala_dagster.readout.manifest import write_readout
+from amygdala_dagster.graph.nodes import MemoryNode
 from amygdala_dagster.pipeline import checks as C
-from amygdala_dagster.snapshot import build_snapshot
-from amygdala_dagster.vectors import EmotionStats, readout_from_directions
+from amygdala_dagster.graph.snapshot import build_snapshot
+from amygdala_dagster.readout.vectors import EmotionStats, readout_from_directions
 
 
 def ex(key, text="A calm paragraph about a long walk by the river.", split="train", score=9.0):

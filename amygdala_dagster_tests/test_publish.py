@@ -16,10 +16,10 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from amygdala_dagster import cli
-from amygdala_dagster.atomic import sha256_file
-from amygdala_dagster.manifest import ReadoutFileError, load_readout, write_readout
-from amygdala_dagster.publish import (
+from amygdala_dagster.commands import cli
+from amygdala_dagster.files.atomic import sha256_file
+from amygdala_dagster.readout.manifest import ReadoutFileError, load_readout, write_readout
+from amygdala_dagster.readout.publish import (
     POINTER_FILE,
     PublishError,
     current_pair,
@@ -122,7 +122,7 @@ def test_unwritable_output_is_one_line_and_keeps_the_old_pair(tmp_path, case):
             import resource, signal, sys
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
-            from amygdala_dagster.publish import PublishError, publish_pair
+            from amygdala_dagster.readout.publish import PublishError, publish_pair
             try:
                 publish_pair({str(out / 'vectors.safetensors')!r}, {str(out / 'manifest.json')!r},
                              open({str(tmp_path / 'scratch-2' / 'vectors.safetensors')!r}, 'rb').read(), b'{{}}')
@@ -193,7 +193,7 @@ def assert_readers_see_whole_pairs(read_from, vectors, manifest, pairs, rounds: 
 
 KILL_CHILD = textwrap.dedent("""
     import os, shutil, signal, sys
-    from amygdala_dagster.publish import publish_pair
+    from amygdala_dagster.readout.publish import publish_pair
     target, out, vfile, mfile = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     vdata, mdata = open(vfile, "rb").read(), open(mfile, "rb").read()
     calls = 0
@@ -307,7 +307,7 @@ def test_republished_manifest_keeps_the_vectors(tmp_path, bucket):
 
 
 def test_seed_script_reports_an_unwritable_output_before_any_forward_pass(tmp_path, capsys):
-    from amygdala_dagster.train_steering_vectors import main
+    from amygdala_dagster.commands.train_steering_vectors import main
     from amygdala_dagster_tests.test_train_cli import mood_sets, write_training_dir
 
     data = write_training_dir(tmp_path / "data", mood_sets(n_pos=3, n_neutral=3))

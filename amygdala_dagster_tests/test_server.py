@@ -13,9 +13,9 @@ import httpx
 import pytest
 from mcp import Client
 
-from amygdala_dagster.cli import main as amygdala
-from amygdala_dagster.sample_data import sample_graph_path
-from amygdala_dagster.sources import JsonlSource, McpSource
+from amygdala_dagster.commands.cli import main as amygdala
+from amygdala_dagster.data import sample_graph_path
+from amygdala_dagster.graph.sources import JsonlSource, McpSource
 from amygdala_dagster_tests.conftest import free_port, write_jsonl
 
 TOKEN = "srv-tok-Hk29xLq"
@@ -203,7 +203,7 @@ def test_default_file_is_the_bundled_sample(tmp_path):
     port = free_port()
     log = tmp_path / "log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "amygdala_dagster.cli", "serve-graph", "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "amygdala_dagster.commands.cli", "serve-graph", "--port", str(port)],
                                 stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
     try:
         deadline = time.monotonic() + 30
@@ -246,7 +246,7 @@ def test_non_loopback_host_is_refused_without_allow_remote(tmp_path, capsys, mon
                      "--token-env", "UNSET_REMOTE_TOKEN"])
     assert code == 2 and "UNSET_REMOTE_TOKEN is not set" in capsys.readouterr().err
     # The library entry point refuses the same way.
-    from amygdala_dagster.server import is_loopback_host, serve
+    from amygdala_dagster.graph.server import is_loopback_host, serve
 
     with pytest.raises(ValueError, match="not a loopback address"):
         serve(path, host="0.0.0.0", port=int(port))

@@ -13,8 +13,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from amygdala_dagster.cache import ActivationCache, ensure_cached, text_sha256
-from amygdala_dagster.shards import (
+from amygdala_dagster.engine.cache import ActivationCache, ensure_cached, text_sha256
+from amygdala_dagster.engine.shards import (
     EngineSpec,
     ShardError,
     forward_shard,
@@ -93,7 +93,7 @@ def test_a_shard_killed_mid_way_resumes_from_the_cache(spec, tmp_path):
     one_spec = EngineSpec(**{**json.loads(spec.to_json()), "batch_size": 1})
     texts_file = tmp_path / "texts.jsonl"
     texts_file.write_text("".join(json.dumps(t) + "\n" for t in texts), encoding="utf-8")
-    cmd = [sys.executable, "-m", "amygdala_dagster.shards", "--spec", one_spec.to_json(), "--texts",
+    cmd = [sys.executable, "-m", "amygdala_dagster.engine.shards", "--spec", one_spec.to_json(), "--texts",
            str(texts_file), "--index", "1", "--shards", "2", "--cache-dir", str(tmp_path / "c"),
            "--threads", "1", "--cache-shard-size", "4"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -15,8 +15,8 @@ import pytest
 import uvicorn
 from mcp.server.mcpserver import MCPServer
 
-from amygdala_dagster.nodes import MemoryNode
-from amygdala_dagster.sources import (
+from amygdala_dagster.graph.nodes import MemoryNode
+from amygdala_dagster.graph.sources import (
     DEFAULT_MCP_URL,
     GraphVersion,
     JsonlSource,
@@ -133,7 +133,7 @@ def test_jsonl_duplicate_key_keeps_newest_and_reports_it(tmp_path, caplog):
 
 def test_bundled_sample_reads_clean(caplog):
     """The demo prints no warning: no duplicate key, no unusable node (the behaviour is tested above)."""
-    from amygdala_dagster.sample_data import sample_graph_path
+    from amygdala_dagster.data import sample_graph_path
 
     with caplog.at_level(logging.WARNING):
         nodes, report = JsonlSource(sample_graph_path()).fetch_nodes()

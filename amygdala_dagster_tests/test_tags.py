@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from amygdala_dagster.tags import is_tag_line, parse_score, parse_tags
+from amygdala_dagster.graph.tags import is_tag_line, parse_score, parse_tags
 
 PROPS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -177,7 +177,7 @@ def test_is_tag_line() -> None:
 
 # --- Contract 1: one name function (normalise with NFKC + casefold, then validate) ----------------
 
-from amygdala_dagster.tags import MAX_NAME_LENGTH, check_emotion_name, normalize_emotion_name  # noqa: E402
+from amygdala_dagster.graph.tags import MAX_NAME_LENGTH, check_emotion_name, normalize_emotion_name  # noqa: E402
 
 
 def test_dotted_capital_i_is_a_valid_name() -> None:

@@ -8,10 +8,10 @@ import re
 import numpy as np
 import pytest
 
-from amygdala_dagster.cli import main
-from amygdala_dagster.manifest import write_readout
-from amygdala_dagster.trace import moving_average, thresholds
-from amygdala_dagster.vectors import TrainedReadout
+from amygdala_dagster.commands.cli import main
+from amygdala_dagster.readout.manifest import write_readout
+from amygdala_dagster.evaluation.trace import moving_average, thresholds
+from amygdala_dagster.readout.vectors import TrainedReadout
 
 H = 384
 LAYERS = [3, 4]

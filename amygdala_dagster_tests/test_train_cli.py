@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from amygdala_dagster import cli
-from amygdala_dagster.atomic import sha256_file
-from amygdala_dagster.manifest import load_readout
-from amygdala_dagster.train_steering_vectors import default_target_layers, main
+from amygdala_dagster.commands import cli
+from amygdala_dagster.files.atomic import sha256_file
+from amygdala_dagster.readout.manifest import load_readout
+from amygdala_dagster.commands.train_steering_vectors import default_target_layers, main
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_GRAPH = REPO / "amygdala_dagster" / "data" / "sample_graph.jsonl"
@@ -180,7 +180,7 @@ def test_new_emotion_forwards_only_never_seen_texts(tmp_path, capsys):
 
 
 def test_batch_flags_default_to_the_token_budget():
-    from amygdala_dagster.train_steering_vectors import build_parser
+    from amygdala_dagster.commands.train_steering_vectors import build_parser
 
     args = build_parser().parse_args(["--training-data-dir", "d", "--output", "v.safetensors"])
     assert args.batch_size is None and args.max_batch_tokens is None and args.device_map is None
@@ -370,7 +370,7 @@ def _graph_nodes() -> list[dict]:
 @pytest.mark.slow  # a whole run
 @pytest.mark.parametrize("graph", ["written", "sample"])
 def test_step1_then_step2_end_to_end(tmp_path, capsys, graph):
-    from amygdala_dagster import extract_training_pairs
+    from amygdala_dagster.commands import extract_training_pairs
 
     if graph == "written":
         graph_file = tmp_path / "graph.jsonl"
@@ -423,8 +423,8 @@ def test_default_target_layers():
 
 def test_unwritable_output_is_refused_before_any_forward_pass(tmp_path, capsys):
     data = tmp_path / "data"
-    from amygdala_dagster.examples import SelectionParams, run_extraction
-    from amygdala_dagster.sources import JsonlSource
+    from amygdala_dagster.examples.selection import SelectionParams, run_extraction
+    from amygdala_dagster.graph.sources import JsonlSource
     from amygdala_dagster_tests.pipeline_graphs import small_graph, write_graph
 
     nodes, _ = JsonlSource(write_graph(tmp_path / "g.jsonl", small_graph(4))).fetch_nodes()

@@ -68,7 +68,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # ============================================================================ data
 def bundled_nodes() -> list:
-    from amygdala_dagster.sources import JsonlSource
+    from amygdala_dagster.graph.sources import JsonlSource
 
     path = importlib.resources.files("amygdala_dagster") / "data" / "sample_graph.jsonl"
     nodes, _report = JsonlSource(str(path)).fetch_nodes()
@@ -77,7 +77,7 @@ def bundled_nodes() -> list:
 
 def example_sets_for(snapshot, emotions: Sequence[str] | None = None, params=None) -> dict[str, Any]:
     """Contract 2 selection for ``emotions`` (default: the qualifying ones, as extract_training_pairs)."""
-    from amygdala_dagster.examples import emotion_catalog, qualifying_emotions, select_all
+    from amygdala_dagster.examples.selection import emotion_catalog, qualifying_emotions, select_all
 
     if emotions is None:
         emotions = qualifying_emotions(emotion_catalog(snapshot, params))
@@ -91,8 +91,8 @@ def synthetic_emotion_nodes(base_nodes: Sequence, n_emotions: int, seed: int = 7
     (a positive) and always the untrained tag ``filler:1``, so every node has a
     valid tag and is a negative for the emotions it lacks.
     """
-    from amygdala_dagster.nodes import MemoryNode
-    from amygdala_dagster.tags import parse_tags
+    from amygdala_dagster.graph.nodes import MemoryNode
+    from amygdala_dagster.graph.tags import parse_tags
 
     rng = random.Random(seed)
     names = [f"syn{i:03d}" for i in range(n_emotions)]
@@ -109,8 +109,8 @@ def synthetic_graph(base_nodes: Sequence, n_nodes: int, seed: int = 11) -> list:
     """``n_nodes`` distinct nodes, each the first half of one bundled body's paragraphs plus the second
     half of another's (so lengths stay those of the bundled texts), tagged with both parents' tags
     (the maximum where both have one)."""
-    from amygdala_dagster.nodes import MemoryNode
-    from amygdala_dagster.tags import parse_tags
+    from amygdala_dagster.graph.nodes import MemoryNode
+    from amygdala_dagster.graph.tags import parse_tags
 
     parsed = [parse_tags(n.content) for n in base_nodes]
     paras = [[p for p in x.body.split("\n\n") if p.strip()] for x in parsed]
@@ -152,8 +152,8 @@ def token_lengths(tokenizer, texts: Sequence[str], max_tokens: int = 512) -> lis
 def run_ours(loaded, layers: list[int], sets: dict[str, Any], cache_root: Path, out_dir: Path, *,
              batch_size: int = 4, max_batch_tokens: int = 16384) -> tuple[Any, Any]:
     """Engine + cache + train_readout + vectors/manifest pair: what train_steering_vectors runs."""
-    from amygdala_dagster.activations import ActivationEngine
-    from amygdala_dagster.cache import ActivationCache
+    from amygdala_dagster.engine.activations import ActivationEngine
+    from amygdala_dagster.engine.cache import ActivationCache
     from amygdala_dagster.workflow import train_readout_pair
 
     engine = ActivationEngine(loaded, layers, pooling="mean", max_tokens=512, batch_size=batch_size,
@@ -267,7 +267,7 @@ def import_repeng():
 
 
 def run_repeng(loaded, layers: list[int], sets: dict[str, Any], *, batch_size: int = 4) -> dict:
-    from amygdala_dagster.layers import resolve_layers
+    from amygdala_dagster.engine.layers import resolve_layers
 
     repeng = import_repeng()
     model: Any = loaded.model
@@ -432,7 +432,7 @@ def section_add_emotion(loaded, layers, sets, args, work: Path, report: dict) ->
 
 
 def section_scale_emotions(loaded, layers, base_nodes, args, work: Path, report: dict) -> None:
-    from amygdala_dagster.snapshot import build_snapshot
+    from amygdala_dagster.graph.snapshot import build_snapshot
 
     counts = [int(x) for x in args.emotion_counts.split(",") if x]
     print(f"\n## 2a. Scaling with the number of emotions (synthetic tags over the {len(base_nodes)} bundled "
@@ -465,7 +465,7 @@ def section_scale_emotions(loaded, layers, base_nodes, args, work: Path, report:
 
 
 def section_scale_nodes(loaded, layers, base_nodes, args, work: Path, report: dict) -> None:
-    from amygdala_dagster.snapshot import build_snapshot
+    from amygdala_dagster.graph.snapshot import build_snapshot
 
     counts = [int(x) for x in args.nodes.split(",") if x]
     if not counts:
@@ -504,7 +504,7 @@ def length_sorted_batches(tokenizer, texts: Sequence[str], max_tokens: int, batc
                           max_batch_tokens: int, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The engine's batching policy (longest first, one padded length per batch, <= batch_size texts,
     <= max_batch_tokens padded)."""
-    from amygdala_dagster.activations import padded_length
+    from amygdala_dagster.engine.activations import padded_length
 
     ids = tokenizer(list(texts), truncation=True, max_length=max_tokens, add_special_tokens=True,
                     padding=False)["input_ids"]
@@ -529,7 +529,7 @@ def length_sorted_batches(tokenizer, texts: Sequence[str], max_tokens: int, batc
 
 
 def section_engine(loaded, texts: Sequence[str], args, report: dict) -> None:
-    from amygdala_dagster.activations import ActivationEngine
+    from amygdala_dagster.engine.activations import ActivationEngine
 
     L = loaded.num_layers
     fractions = (1.0, 0.75, 0.5, 0.25)
@@ -618,9 +618,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    from amygdala_dagster.layers import parse_layers
-    from amygdala_dagster.models import load_model
-    from amygdala_dagster.snapshot import build_snapshot
+    from amygdala_dagster.engine.layers import parse_layers
+    from amygdala_dagster.engine.models import load_model
+    from amygdala_dagster.graph.snapshot import build_snapshot
     from amygdala_dagster.workflow import default_target_layers
 
     t_start = time.perf_counter()

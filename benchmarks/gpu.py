@@ -10,12 +10,12 @@ token lengths are lognormal around ~200 tokens, capped at 512.
 Both layouts of that size run in the same session, one after the other: the
 Qwen3.5 hybrid (gated-delta-rule linear attention in 3 of 4 blocks; the
 engine reports whether its fast path -- flash-linear-attention -- is bound,
-see ``amygdala_dagster.fast_path.linear_attention_fast_path``) and a Qwen3
+see ``amygdala_dagster.engine.fast_path.linear_attention_fast_path``) and a Qwen3
 full-attention decoder of the same width, depth and MLP, as the reference.
 Without the fast path the Qwen3.5 layout only gets a short probe (its
 reference PyTorch path ran 976 tokens/s on an H200). With two GPUs or more,
 the best layout also runs as 2 shards, one process per GPU (texts split by
-content hash, as ``amygdala_dagster.shards`` does), against 1 GPU.
+content hash, as ``amygdala_dagster.engine.shards`` does), against 1 GPU.
 
 It reports, per (batch size, max batch tokens) setting, the engine's tokens/s
 and its model FLOPs utilisation,
@@ -28,7 +28,7 @@ against both the nominal H100/H200 SXM dense bf16 peak (989 TFLOP/s) and the
 peak of a large bf16 matmul measured here; and the budget that maximises it.
 
 Imports only torch, transformers, tokenizers and the project's engine modules
-(amygdala_dagster.models / layers / activations / cache / shards). About 5-8
+(amygdala_dagster.engine.models / layers / activations / cache / shards). About 5-8
 minutes on an H100/H200 (``--budget-s`` caps the sweep).
 
     pip install -e ".[gpu]"                        # flash-linear-attention (+ causal-conv1d where it builds)
@@ -145,7 +145,7 @@ def build_model(kind: str, shape: dict[str, Any], dtype: torch.dtype, device: st
 
 
 def wrap(model, config, tokenizer, kind: str, device: str):
-    from amygdala_dagster.models import LoadedModel
+    from amygdala_dagster.engine.models import LoadedModel
 
     param = next(model.parameters())
     return LoadedModel(
@@ -158,7 +158,7 @@ def wrap(model, config, tokenizer, kind: str, device: str):
 
 def block_params(loaded, deepest: int) -> tuple[int, int]:
     """(parameters in blocks 0..deepest, all parameters)."""
-    from amygdala_dagster.layers import resolve_layers
+    from amygdala_dagster.engine.layers import resolve_layers
 
     blocks = resolve_layers(loaded.model, loaded.num_layers).modules
     run = sum(p.numel() for b in blocks[: deepest + 1] for p in b.parameters())
@@ -194,7 +194,7 @@ def run_config(loaded, layers, texts, batch_size: int | None, max_batch_tokens: 
     ``barrier`` = (ready file, go file): after the warm-up, write the first and wait for the second, so
     shard processes time the same interval.
     """
-    from amygdala_dagster.activations import ActivationEngine
+    from amygdala_dagster.engine.activations import ActivationEngine
 
     engine = ActivationEngine(loaded, layers, pooling="mean", max_tokens=max_tokens, batch_size=batch_size,
                               max_batch_tokens=max_batch_tokens)
@@ -250,8 +250,8 @@ def fmt_bs(bs: int | None) -> str:
 def measure_layout(kind: str, shape: dict[str, Any], args, dtype, device: str, texts: list[str], tokenizer,
                    settings, t_start: float, nominal, matmul_peak, report: dict) -> dict[str, Any] | None:
     """Build ``kind`` on the device, sweep ``settings`` (a probe only when its fast path is missing), free it."""
-    from amygdala_dagster.layers import parse_layers
-    from amygdala_dagster.fast_path import linear_attention_fast_path
+    from amygdala_dagster.engine.layers import parse_layers
+    from amygdala_dagster.engine.fast_path import linear_attention_fast_path
 
     t0 = time.perf_counter()
     try:
@@ -310,8 +310,8 @@ def measure_layout(kind: str, shape: dict[str, Any], args, dtype, device: str, t
 
 def shard_worker(args) -> int:
     """One process of the multi-GPU run: build the layout on its device, forward its shard's texts."""
-    from amygdala_dagster.cache import text_sha256
-    from amygdala_dagster.shards import shard_of
+    from amygdala_dagster.engine.cache import text_sha256
+    from amygdala_dagster.engine.shards import shard_of
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32

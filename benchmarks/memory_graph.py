@@ -38,15 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import format_table, machine_info  # noqa: E402
 
-from amygdala_dagster.examples import (  # noqa: E402
+from amygdala_dagster.examples.selection import (  # noqa: E402
     SelectionParams,
     emotion_catalog,
     qualifying_emotions,
     select_all,
     select_examples,
 )
-from amygdala_dagster.snapshot import build_snapshot  # noqa: E402
-from amygdala_dagster.sources import JsonlSource, McpSource  # noqa: E402
+from amygdala_dagster.graph.snapshot import build_snapshot  # noqa: E402
+from amygdala_dagster.graph.sources import JsonlSource, McpSource  # noqa: E402
 
 WORDS = ("light window morning letter river quiet walk friend call plan code poem rain kitchen "
          "train evening thought garden book music late early long short warm cold").split()
@@ -96,7 +96,7 @@ def free_port() -> int:
 def start_server(path: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "amygdala_dagster.cli", "serve-graph", "--file", str(path), "--port", str(port)],
+        [sys.executable, "-m", "amygdala_dagster.commands.cli", "serve-graph", "--file", str(path), "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 60
@@ -113,7 +113,7 @@ def start_server(path: Path) -> tuple[subprocess.Popen, str]:
 
 def cap_stability(nodes: list[dict], extra: list[dict], emotions: list[str], cap: int) -> dict[str, int]:
     """Worst case over emotions of (earlier choices displaced) - (new eligible nodes); must be <= 0."""
-    from amygdala_dagster.nodes import MemoryNode
+    from amygdala_dagster.graph.nodes import MemoryNode
 
     params = SelectionParams(max_examples_per_emotion=cap, min_positive_score=6)
     before = select_all(build_snapshot(MemoryNode(**n) for n in nodes), emotions, params)

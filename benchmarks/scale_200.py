@@ -193,7 +193,7 @@ def main() -> int:
         env = {**os.environ, "DAGSTER_HOME": str(home), "OMP_NUM_THREADS": str(args.threads),
                "AMYGDALA_CACHE_DIR": str(work / "cache"), "PYTHONPATH": str(REPO)}
         env.pop("AMYGDALA_EMOTIONS", None)
-        cmd = [sys.executable, "-m", "amygdala_dagster.cli", "run", "--memory-file", str(graph),
+        cmd = [sys.executable, "-m", "amygdala_dagster.commands.cli", "run", "--memory-file", str(graph),
                "--output-dir", str(work / "out"), "--cache-dir", str(work / "cache")]
         load_before = os.getloadavg()[0]
         cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -2,7 +2,7 @@
 
 Every configuration forwards the same unique texts (the bundled sample graph's
 example texts, or a multiple of them with ``--copies``) into a fresh activation
-cache through :func:`amygdala_dagster.shards.run_shards_locally`, so each
+cache through :func:`amygdala_dagster.engine.shards.run_shards_locally`, so each
 process starts, loads the model once and forwards its shard, exactly as a
 shard step does. Configurations are interleaved round after round (order
 reversed every other round) so drift on a shared machine hits all alike; the
@@ -42,7 +42,7 @@ def sample_texts(copies: int) -> list[str]:
     """The unique example texts of the bundled sample (``copies`` > 1: each also with a numbered suffix)."""
     from extraction import all_examples, bundled_nodes, example_sets_for
 
-    from amygdala_dagster.snapshot import build_snapshot
+    from amygdala_dagster.graph.snapshot import build_snapshot
 
     texts = sorted({x.text for x in all_examples(example_sets_for(build_snapshot(bundled_nodes())))})
     return texts + [f"{t}\n\n(copy {k})" for k in range(1, copies) for t in texts]
@@ -58,7 +58,7 @@ def parse_configs(spec: str) -> list[tuple[int, int]]:
 
 
 def cache_digest(cache_root: Path, fingerprint: dict, shas: Sequence[str]) -> str:
-    from amygdala_dagster.cache import ActivationCache
+    from amygdala_dagster.engine.cache import ActivationCache
 
     return hashlib.sha256(ActivationCache(cache_root, fingerprint).get(list(shas)).tobytes()).hexdigest()
 
@@ -75,10 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
-    from amygdala_dagster.cache import text_sha256
-    from amygdala_dagster.models import load_model
-    from amygdala_dagster.shards import EngineSpec, run_shards_locally
-    from amygdala_dagster.train_steering_vectors import default_target_layers
+    from amygdala_dagster.engine.cache import text_sha256
+    from amygdala_dagster.engine.models import load_model
+    from amygdala_dagster.engine.shards import EngineSpec, run_shards_locally
+    from amygdala_dagster.commands.train_steering_vectors import default_target_layers
 
     model = args.model
     if args.tiny:

@@ -31,15 +31,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from amygdala_dagster.activations import ActivationEngine  # noqa: E402
-from amygdala_dagster.cache import ActivationCache, ensure_cached  # noqa: E402
-from amygdala_dagster.examples import SelectionParams, emotion_catalog, qualifying_emotions, select_all  # noqa: E402
-from amygdala_dagster.models import load_model  # noqa: E402
-from amygdala_dagster.runtime import ReadoutRuntime, read_inputs  # noqa: E402
-from amygdala_dagster.sample_data import conversation_snippets_path, sample_graph_path  # noqa: E402
-from amygdala_dagster.token_calibration import calibrate_with_engine, calibration_items  # noqa: E402
-from amygdala_dagster.trace import build_trace, render_trace_html  # noqa: E402
-from amygdala_dagster.vectors import train_readout  # noqa: E402
+from amygdala_dagster.engine.activations import ActivationEngine  # noqa: E402
+from amygdala_dagster.engine.cache import ActivationCache, ensure_cached  # noqa: E402
+from amygdala_dagster.examples.selection import SelectionParams, emotion_catalog, qualifying_emotions, select_all  # noqa: E402
+from amygdala_dagster.engine.models import load_model  # noqa: E402
+from amygdala_dagster.readout.runtime import ReadoutRuntime, read_inputs  # noqa: E402
+from amygdala_dagster.data import conversation_snippets_path, sample_graph_path  # noqa: E402
+from amygdala_dagster.readout.token_calibration import calibrate_with_engine, calibration_items  # noqa: E402
+from amygdala_dagster.evaluation.trace import build_trace, render_trace_html  # noqa: E402
+from amygdala_dagster.readout.vectors import train_readout  # noqa: E402
 
 LAYERS = [3, 4]
 BATCH = 8
@@ -126,9 +126,9 @@ def main() -> None:
 
 
 def _sample_readout(loaded):
-    from amygdala_dagster.manifest import load_readout, write_readout
-    from amygdala_dagster.snapshot import build_snapshot
-    from amygdala_dagster.sources import open_source
+    from amygdala_dagster.readout.manifest import load_readout, write_readout
+    from amygdala_dagster.graph.snapshot import build_snapshot
+    from amygdala_dagster.graph.sources import open_source
 
     snapshot = build_snapshot(open_source(memory_file=str(sample_graph_path())).fetch_nodes()[0])
     sets = select_all(snapshot, qualifying_emotions(emotion_catalog(snapshot)), SelectionParams())

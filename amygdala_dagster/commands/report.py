@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from amygdala_dagster.cache import (
+from amygdala_dagster.engine.cache import (
     ActivationCache, cache_location, default_cache_dir, ensure_cached, fingerprint_id, text_sha256,
 )
 from amygdala_dagster.evaluation import (
@@ -30,14 +30,14 @@ from amygdala_dagster.evaluation import (
 )
 from amygdala_dagster.evaluation.core import Criteria, apply_verdicts, log_unusable
 from amygdala_dagster.evaluation.conversations import conversations_from_file
-from amygdala_dagster.examples import ExampleSet, read_examples_dir
-from amygdala_dagster.flags import non_negative_int
-from amygdala_dagster.layers import parse_layers
-from amygdala_dagster.manifest import ReadoutFileError, load_readout
-from amygdala_dagster.publish import PublishError, open_pair, republish_manifest
-from amygdala_dagster.sample_data import conversation_snippets_path
-from amygdala_dagster.snapshot import read_snapshot
-from amygdala_dagster.storage import Store, is_local
+from amygdala_dagster.examples.selection import ExampleSet, read_examples_dir
+from amygdala_dagster.commands.flags import non_negative_int
+from amygdala_dagster.engine.layers import parse_layers
+from amygdala_dagster.readout.manifest import ReadoutFileError, load_readout
+from amygdala_dagster.readout.publish import PublishError, open_pair, republish_manifest
+from amygdala_dagster.data import conversation_snippets_path
+from amygdala_dagster.graph.snapshot import read_snapshot
+from amygdala_dagster.files.storage import Store, is_local
 from amygdala_dagster.workflow import (
     MANIFEST_FILE, REPORT_DIR, SNAPSHOT_FILE, STAGED_INFO, EngineSettings, SettingsError, build_engine, examples_dir,
 )

@@ -9,16 +9,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from amygdala_dagster.flags import open_fraction, positive_int
-from amygdala_dagster.models import ModelLoadError, parse_device_map
+from amygdala_dagster.commands.flags import open_fraction, positive_int
+from amygdala_dagster.engine.models import ModelLoadError, parse_device_map
 from amygdala_dagster.pipeline.definitions import default_resources
 from amygdala_dagster.pipeline.resources import (
     ArtifactStorage, EvaluationResource, MemoryGraphResource, ModelResource, SelectionResource,
 )
 from amygdala_dagster.pipeline.runner import dagster_home, failures, get_instance, materialize_all, step_metadata
-from amygdala_dagster.publish import POINTER_FILE
-from amygdala_dagster.sources import MemoryGraphError
-from amygdala_dagster.storage import is_local
+from amygdala_dagster.readout.publish import POINTER_FILE
+from amygdala_dagster.graph.sources import MemoryGraphError
+from amygdala_dagster.files.storage import is_local
 from amygdala_dagster.workflow import EVALUATION_HTML, MANIFEST_FILE, VECTORS_FILE, check_writable, fast_path_line
 
 HELP = "materialise the whole asset graph (snapshot -> vectors, manifest, report); runs show in `dagster dev`"

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from amygdala_dagster.sample_data import sample_graph_path
-from amygdala_dagster.server import JsonlGraph, check_bind, serve
+from amygdala_dagster.data import sample_graph_path
+from amygdala_dagster.graph.server import JsonlGraph, check_bind, serve
 
 HELP = "serve a JSONL memory-graph export as an MCP server (list_nodes, graph_version)"
 

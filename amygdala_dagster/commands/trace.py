@@ -9,13 +9,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from amygdala_dagster.atomic import atomic_write_text
-from amygdala_dagster.cache import is_url
-from amygdala_dagster.flags import positive_int
-from amygdala_dagster.manifest import ReadoutFileError, load_readout
-from amygdala_dagster.models import ModelLoadError, load_model
-from amygdala_dagster.runtime import InputRecord, ReadoutRuntime, read_inputs
-from amygdala_dagster.trace import build_trace, render_trace_html
+from amygdala_dagster.files.atomic import atomic_write_text
+from amygdala_dagster.engine.cache import is_url
+from amygdala_dagster.commands.flags import positive_int
+from amygdala_dagster.readout.manifest import ReadoutFileError, load_readout
+from amygdala_dagster.engine.models import ModelLoadError, load_model
+from amygdala_dagster.readout.runtime import InputRecord, ReadoutRuntime, read_inputs
+from amygdala_dagster.evaluation.trace import build_trace, render_trace_html
 
 HELP = ("run the model over conversations or text and show, per token, the calibrated readout of every concept "
         "(DIR/trace.html with a token heatmap and per-concept traces, DIR/trace.json)")

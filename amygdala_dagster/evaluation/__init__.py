@@ -1,9 +1,7 @@
 """Evaluation of readout vectors: held-out separation, calibration, layer sweep,
 estimator comparison, cross-talk, confounds, generalisation, and the report.
 
-Three modules, so each can be used without the weight of the others:
-- :mod:`.metrics`: pure numpy metrics on arrays of projections (AUROC, bootstrap
-  CI, Cohen's d, thresholds, calibration, calibrated scores);
+Stage 5, on top of the readout (the metrics themselves are :mod:`amygdala_dagster.readout.metrics`):
 - :mod:`.core`: :func:`evaluate` and friends, reading activations from the cache, and
   :func:`judge` / :func:`apply_verdicts`, the one source of per-emotion verdicts and flags;
 - :mod:`.report`: the HTML report and PNG plots (imports matplotlib, lazily).
@@ -26,7 +24,7 @@ from amygdala_dagster.evaluation.core import (
     read_snippets,
     sweep_layers,
 )
-from amygdala_dagster.evaluation.metrics import (
+from amygdala_dagster.readout.metrics import (
     accuracy_at,
     auroc,
     bootstrap_auroc_ci,

@@ -28,14 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from amygdala_dagster.evaluation import metrics as M
-from amygdala_dagster.jsonio import jsonable
-from amygdala_dagster.runtime import (
+from amygdala_dagster.readout import metrics as M
+from amygdala_dagster.files.jsonio import jsonable
+from amygdala_dagster.readout.runtime import (
     InputRecord, ReadoutRuntime, TokenActivationCache, TokenScores, encode, manifest_skip_first_tokens,
     read_inputs, scores_from_hidden, token_activations,
 )
-from amygdala_dagster.token_calibration import engine_runtime_factory, engine_token_cache
-from amygdala_dagster.trace import SMOOTH_WINDOW, moving_average, thresholds, trace_record
+from amygdala_dagster.readout.token_calibration import engine_runtime_factory, engine_token_cache
+from amygdala_dagster.evaluation.trace import SMOOTH_WINDOW, moving_average, thresholds, trace_record
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def evaluate_conversations(
     """The ``conversations`` section of the evaluation (see the module docstring), JSON-ready.
 
     ``layer_for[emotion]`` picks the layer per emotion (default: the
-    readout's last); ``traces`` holds :func:`~amygdala_dagster.trace.trace_record`
+    readout's last); ``traces`` holds :func:`~amygdala_dagster.evaluation.trace.trace_record`
     records (trimmed to their shown concepts) of the first ``n_traces``
     labelled conversations.
     """

@@ -2,7 +2,7 @@
 
 Everything here reads activations from the activation cache only; nothing
 already cached is forwarded again (conversation snippets go through
-:func:`amygdala_dagster.cache.ensure_cached` first, so only new snippets cost a
+:func:`amygdala_dagster.engine.cache.ensure_cached` first, so only new snippets cost a
 forward pass). The result of :func:`evaluate` is a JSON-ready dict: the
 content of ``evaluation.json``.
 """
@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import sklearn
 
-from amygdala_dagster.cache import ActivationCache, ensure_cached, layer_positions, text_sha256
-from amygdala_dagster.estimators import DegenerateDirectionError, make_estimator, unit_direction
-from amygdala_dagster.evaluation import metrics as M
-from amygdala_dagster.examples import cooccurrence
-from amygdala_dagster.jsonio import jsonable, jsonl_values
+from amygdala_dagster.engine.cache import ActivationCache, ensure_cached, layer_positions, text_sha256
+from amygdala_dagster.readout.estimators import DegenerateDirectionError, make_estimator, unit_direction
+from amygdala_dagster.readout import metrics as M
+from amygdala_dagster.examples.selection import cooccurrence
+from amygdala_dagster.files.jsonio import jsonable, jsonl_values
 
 log = logging.getLogger(__name__)
 

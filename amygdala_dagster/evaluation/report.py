@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from amygdala_dagster.atomic import atomic_write_bytes, atomic_write_text
+from amygdala_dagster.files.atomic import atomic_write_bytes, atomic_write_text
 from amygdala_dagster.evaluation.core import attention_order
 from amygdala_dagster.evaluation.runtime_report import runtime_html, runtime_plots
 

@@ -15,9 +15,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from amygdala_dagster.trace import CSS as TRACE_CSS
-from amygdala_dagster.trace import JS as TRACE_JS
-from amygdala_dagster.trace import conversation_html
+from amygdala_dagster.evaluation.trace import CSS as TRACE_CSS
+from amygdala_dagster.evaluation.trace import JS as TRACE_JS
+from amygdala_dagster.evaluation.trace import conversation_html
 
 PLOT = "runtime_conversations.png"
 #: Above this many emotions the plot is a scatter (one point each) instead of labelled bars.

@@ -12,20 +12,20 @@ from typing import Any
 import dagster as dg
 import numpy as np
 
-from amygdala_dagster.atomic import sha256_file
+from amygdala_dagster.files.atomic import sha256_file
 from amygdala_dagster.pipeline.assets import (
     activation_stats, evaluation_report, memory_snapshot, readout_manifest, readout_vectors, tagged_examples,
 )
 from amygdala_dagster.pipeline.assets.activations import read_stats
-from amygdala_dagster.manifest import ReadoutFileError, load_readout, row_problems
+from amygdala_dagster.readout.manifest import ReadoutFileError, load_readout, row_problems
 from amygdala_dagster.pipeline.assets.common import run_partition_keys
 from amygdala_dagster.pipeline.assets.emotions import read_examples_from
 from amygdala_dagster.pipeline.assets.graph import read_snapshot_from
 from amygdala_dagster.pipeline.assets.readout_pair import load_staged_readout, read_staged_info
 from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, SelectionResource
-from amygdala_dagster.publish import current_pair, open_pair
-from amygdala_dagster.tags import is_tag_line, parse_tags
-from amygdala_dagster.token_calibration import heldout_problems, manifest_token_calibration
+from amygdala_dagster.readout.publish import current_pair, open_pair
+from amygdala_dagster.graph.tags import is_tag_line, parse_tags
+from amygdala_dagster.readout.token_calibration import heldout_problems, manifest_token_calibration
 from amygdala_dagster.workflow import EVALUATION_JSON, MANIFEST_FILE, VECTORS_FILE
 
 _SHOWN = 10

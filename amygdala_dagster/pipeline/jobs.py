@@ -19,7 +19,7 @@ from amygdala_dagster.pipeline.assets import (
 )
 from amygdala_dagster.pipeline.assets.common import RANGE_END_TAG, RANGE_START_TAG
 from amygdala_dagster.pipeline.resources import MemoryGraphResource, SelectionResource
-from amygdala_dagster.snapshot import build_snapshot
+from amygdala_dagster.graph.snapshot import build_snapshot
 from amygdala_dagster.workflow import PartitionPlan, plan_partitions
 
 UNPARTITIONED_HEAD = [memory_snapshot.key, emotion_catalog.key]

@@ -21,14 +21,14 @@ import polars as pl
 import torch
 from pydantic import Field, PrivateAttr
 
-from amygdala_dagster.activations import ActivationEngine
+from amygdala_dagster.engine.activations import ActivationEngine
 from amygdala_dagster.evaluation.core import Criteria
-from amygdala_dagster.evaluation.metrics import THRESHOLD_METHODS
-from amygdala_dagster.examples import SelectionParams, emotion_catalog
-from amygdala_dagster.models import LoadedModel, parse_device_map
-from amygdala_dagster.storage import Store
-from amygdala_dagster.sample_data import conversation_snippets_path, sample_graph_path
-from amygdala_dagster.sources import JsonlSource, McpSource, open_source
+from amygdala_dagster.readout.metrics import THRESHOLD_METHODS
+from amygdala_dagster.examples.selection import SelectionParams, emotion_catalog
+from amygdala_dagster.engine.models import LoadedModel, parse_device_map
+from amygdala_dagster.files.storage import Store
+from amygdala_dagster.data import conversation_snippets_path, sample_graph_path
+from amygdala_dagster.graph.sources import JsonlSource, McpSource, open_source
 from amygdala_dagster.workflow import EngineSettings, build_engine
 
 log = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ import polars as pl
 from dagster._core.instance.ref import InstanceRef
 
 import amygdala_dagster
-from amygdala_dagster.atomic import atomic_write_text
-from amygdala_dagster.examples import check_emotion_name, select_all
+from amygdala_dagster.files.atomic import atomic_write_text
+from amygdala_dagster.examples.selection import check_emotion_name, select_all
 from amygdala_dagster.pipeline.assets import memory_graph
 from amygdala_dagster.pipeline.assets.common import EMOTION, GPU_POOL, emotion_partitions
 from amygdala_dagster.pipeline.assets.graph import read_snapshot_from
@@ -35,7 +35,7 @@ from amygdala_dagster.pipeline.jobs import (
     refresh_selection, refresh_tags, with_shards,
 )
 from amygdala_dagster.pipeline.sensors import DATA_VERSION_TAG
-from amygdala_dagster.sources import GraphVersion
+from amygdala_dagster.graph.sources import GraphVersion
 from amygdala_dagster.workflow import SNAPSHOT_FILE, NotQualifiedError, PartitionPlan, plan_partitions, qualification_problems
 
 log = logging.getLogger(__name__)

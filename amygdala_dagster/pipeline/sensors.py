@@ -18,7 +18,7 @@ from amygdala_dagster.pipeline.assets import memory_graph
 from amygdala_dagster.pipeline.assets.common import EMOTION, emotion_partitions
 from amygdala_dagster.pipeline.jobs import full_refresh, plan_from_graph, refresh_selection, refresh_tags
 from amygdala_dagster.pipeline.resources import MemoryGraphResource, ModelResource, SelectionResource
-from amygdala_dagster.sources import MemoryGraphError
+from amygdala_dagster.graph.sources import MemoryGraphError
 
 DATA_VERSION_TAG = "dagster/data_version"
 

@@ -6,9 +6,9 @@ import time
 
 import dagster as dg
 
-from amygdala_dagster.atomic import sha256_file
-from amygdala_dagster.atomic import atomic_write_text
-from amygdala_dagster.cache import ActivationCache, ensure_cached
+from amygdala_dagster.files.atomic import sha256_file
+from amygdala_dagster.files.atomic import atomic_write_text
+from amygdala_dagster.engine.cache import ActivationCache, ensure_cached
 from amygdala_dagster.pipeline.assets.common import (
     EMOTION, GPU_POOL, GROUP, add_partition_metadata, combined_hash, file_meta, table,
 )
@@ -16,7 +16,7 @@ from amygdala_dagster.pipeline.assets.emotions import read_examples_from, tagged
 from amygdala_dagster.pipeline.assets.shards import activation_cache
 from amygdala_dagster.pipeline.k8s import gpu_op_tags
 from amygdala_dagster.pipeline.resources import ArtifactStorage, ModelResource
-from amygdala_dagster.vectors import EmotionStats, emotion_stats, load_stats, save_stats
+from amygdala_dagster.readout.vectors import EmotionStats, emotion_stats, load_stats, save_stats
 from amygdala_dagster.workflow import collect_texts, engine_report, stats_file, stats_info, stats_info_file
 
 

@@ -8,8 +8,8 @@ import dagster as dg
 
 import polars as pl
 
-from amygdala_dagster.atomic import atomic_write_text
-from amygdala_dagster.examples import (
+from amygdala_dagster.files.atomic import atomic_write_text
+from amygdala_dagster.examples.selection import (
     ExampleSet, cooccurrence, qualifying_emotions, read_examples_dir, select_all, write_examples_dir,
 )
 from amygdala_dagster.pipeline.assets.common import (
@@ -17,7 +17,7 @@ from amygdala_dagster.pipeline.assets.common import (
 )
 from amygdala_dagster.pipeline.assets.graph import memory_snapshot, read_snapshot_from
 from amygdala_dagster.pipeline.resources import ArtifactStorage, SelectionResource
-from amygdala_dagster.snapshot import snapshot_hash
+from amygdala_dagster.graph.snapshot import snapshot_hash
 from amygdala_dagster.workflow import CATALOG_FILE, COOCCURRENCE_FILE, examples_dir
 
 #: Up to this many emotions in a step, each gets its own log line.

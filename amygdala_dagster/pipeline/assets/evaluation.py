@@ -6,13 +6,13 @@ from typing import Any
 
 import dagster as dg
 
-from amygdala_dagster.cache import ActivationCache, text_sha256
+from amygdala_dagster.engine.cache import ActivationCache, text_sha256
 from amygdala_dagster.evaluation import evaluate, read_snippets, summary_markdown, write_report
 from amygdala_dagster.evaluation.conversations import conversations_from_file
 from amygdala_dagster.evaluation.core import apply_verdicts, log_unusable
 from amygdala_dagster.evaluation.report import emotion_markdown, png_markdown
 from amygdala_dagster.evaluation.runtime_report import PLOT, runtime_markdown
-from amygdala_dagster.manifest import load_readout
+from amygdala_dagster.readout.manifest import load_readout
 from amygdala_dagster.pipeline.assets.common import GROUP, file_meta, json_hash, table
 from amygdala_dagster.pipeline.assets.emotions import read_examples_from
 from amygdala_dagster.pipeline.assets.graph import read_snapshot_from

@@ -10,7 +10,7 @@ import polars as pl
 
 from amygdala_dagster.pipeline.assets.common import GROUP, file_meta, table
 from amygdala_dagster.pipeline.resources import ArtifactStorage, MemoryGraphResource
-from amygdala_dagster.snapshot import build_snapshot, read_snapshot, snapshot_hash, write_snapshot
+from amygdala_dagster.graph.snapshot import build_snapshot, read_snapshot, snapshot_hash, write_snapshot
 from amygdala_dagster.workflow import SNAPSHOT_FILE
 
 

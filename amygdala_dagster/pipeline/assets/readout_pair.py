@@ -7,17 +7,17 @@ from typing import Any
 
 import dagster as dg
 
-from amygdala_dagster.atomic import atomic_write_bytes, atomic_write_text
-from amygdala_dagster.cache import ActivationCache
-from amygdala_dagster.manifest import vectors_bytes, write_readout
+from amygdala_dagster.files.atomic import atomic_write_bytes, atomic_write_text
+from amygdala_dagster.engine.cache import ActivationCache
+from amygdala_dagster.readout.manifest import vectors_bytes, write_readout
 from amygdala_dagster.pipeline.assets.activations import activation_stats, has_stats, read_stats, read_stats_info
 from amygdala_dagster.pipeline.assets.common import GROUP, emotion_partitions, file_meta, readout_freshness, table
 from amygdala_dagster.pipeline.assets.emotions import emotion_catalog, read_examples_from, tagged_examples
 from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, ModelResource, SelectionResource
-from amygdala_dagster.publish import current_pair
-from amygdala_dagster.runtime import read_inputs
-from amygdala_dagster.token_calibration import calibrate_with_engine, calibration_items, heldout_summary
-from amygdala_dagster.vectors import TrainedReadout, train_readout
+from amygdala_dagster.readout.publish import current_pair
+from amygdala_dagster.readout.runtime import read_inputs
+from amygdala_dagster.readout.token_calibration import calibrate_with_engine, calibration_items, heldout_summary
+from amygdala_dagster.readout.vectors import TrainedReadout, train_readout
 from amygdala_dagster.workflow import (
     MANIFEST_FILE, STAGED_INFO, STAGED_VECTORS, VECTORS_FILE, check_stats_current, drift_cosines,
     encode_staged_info, read_staged_readout, sha256_bytes, staged_info,

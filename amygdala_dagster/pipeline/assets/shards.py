@@ -4,7 +4,7 @@
 ``forward_activation_shard`` runs once per index -- each its own step, so its own process
 under the multiprocess executor or its own GPU pod under ``k8s_job_executor`` -- loads the
 model once and forwards the uncached texts whose hash falls in its shard into the shared
-activation cache (:func:`amygdala_dagster.shards.forward_shard`); ``summarise_activation_shards``
+activation cache (:func:`amygdala_dagster.engine.shards.forward_shard`); ``summarise_activation_shards``
 collects the per-shard counts. ``activation_stats`` then reads every emotion's statistics from
 the cache in one cheap step (all cached: no weights read). Only the executor differs between a
 box and Kubernetes. With one shard the runs leave this asset out and ``activation_stats``
@@ -27,8 +27,8 @@ from amygdala_dagster.pipeline.assets.common import GPU_POOL, GROUP, run_partiti
 from amygdala_dagster.pipeline.assets.emotions import read_examples_from, tagged_examples
 from amygdala_dagster.pipeline.k8s import gpu_op_tags
 from amygdala_dagster.pipeline.resources import ArtifactStorage, ModelResource
-from amygdala_dagster.shards import ShardResult, forward_shard
-from amygdala_dagster.storage import location
+from amygdala_dagster.engine.shards import ShardResult, forward_shard
+from amygdala_dagster.files.storage import location
 from amygdala_dagster.workflow import collect_texts
 
 STEP_IO = "step_io"

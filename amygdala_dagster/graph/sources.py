@@ -1,6 +1,6 @@
 """Memory-graph sources (Contract 4): an MCP server or a JSONL export.
 
-Both sources return the shared :class:`~amygdala_dagster.nodes.MemoryNode`
+Both sources return the shared :class:`~amygdala_dagster.graph.nodes.MemoryNode`
 list (validated, de-duplicated, sorted by key) and a cheap
 :class:`GraphVersion` for change detection.
 
@@ -33,8 +33,8 @@ from mcp_types import CallToolResult, Implementation, TextContent
 from pydantic import SecretStr
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
-from amygdala_dagster.jsonio import jsonl_values
-from amygdala_dagster.nodes import GraphVersion, MemoryNode, NormalizeReport, normalize_nodes
+from amygdala_dagster.files.jsonio import jsonl_values
+from amygdala_dagster.graph.nodes import GraphVersion, MemoryNode, NormalizeReport, normalize_nodes
 
 log = logging.getLogger(__name__)
 

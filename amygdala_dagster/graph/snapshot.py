@@ -18,9 +18,9 @@ from pathlib import Path
 
 import polars as pl
 
-from amygdala_dagster.atomic import atomic_write_bytes
-from amygdala_dagster.nodes import MemoryNode
-from amygdala_dagster.tags import parse_tags
+from amygdala_dagster.files.atomic import atomic_write_bytes
+from amygdala_dagster.graph.nodes import MemoryNode
+from amygdala_dagster.graph.tags import parse_tags
 
 SCORES_DTYPE = pl.List(pl.Struct({"emotion": pl.Utf8, "score": pl.Float64}))
 
@@ -49,7 +49,7 @@ def build_snapshot(nodes: Iterable[MemoryNode]) -> pl.DataFrame:
     """Parse every node's tags into one table (one row per node, sorted by key).
 
     Raises :class:`SnapshotError` on a key seen twice (sources dedupe keys via
-    :func:`amygdala_dagster.nodes.normalize_nodes`; a duplicate here is a bug upstream).
+    :func:`amygdala_dagster.graph.nodes.normalize_nodes`; a duplicate here is a bug upstream).
     """
     rows: dict[str, dict] = {}
     for node in nodes:

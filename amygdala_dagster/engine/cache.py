@@ -50,8 +50,8 @@ from safetensors import safe_open
 from safetensors.numpy import save as st_save
 from tqdm.auto import tqdm
 
-from amygdala_dagster.atomic import atomic_write_bytes, atomic_write_text
-from amygdala_dagster.storage import is_local
+from amygdala_dagster.files.atomic import atomic_write_bytes, atomic_write_text
+from amygdala_dagster.files.storage import is_local
 
 log = logging.getLogger(__name__)
 

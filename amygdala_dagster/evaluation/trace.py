@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from amygdala_dagster.evaluation.metrics import z_score
-from amygdala_dagster.manifest import calibration_entry
-from amygdala_dagster.runtime import calibrated_scores
+from amygdala_dagster.readout.metrics import z_score
+from amygdala_dagster.readout.manifest import calibration_entry
+from amygdala_dagster.readout.runtime import calibrated_scores
 
 TRACE_FORMAT = "amygdala-trace/1"
 DEFAULT_TOP_K = 5
@@ -89,7 +89,7 @@ def _rank_key(s: Mapping[str, Any]) -> tuple:
 
 def trace_record(scores: Any, layer: int, manifest: Mapping[str, Any], *, top_k: int = DEFAULT_TOP_K,
                  concepts: Sequence[str] | None = None, digits: int = 4) -> dict[str, Any]:
-    """The JSON record of one :class:`~amygdala_dagster.runtime.TokenScores` at ``layer``."""
+    """The JSON record of one :class:`~amygdala_dagster.readout.runtime.TokenScores` at ``layer``."""
     kind, thr = thresholds(manifest, layer)
     raw = scores.raw[layer]
     z = scores.calibrated[layer] if kind == "token" else _text_z(raw, manifest, layer)
@@ -294,7 +294,7 @@ def render_trace_html(trace: Mapping[str, Any], title: str = "Readout trace") ->
 
 def build_trace(scores: Sequence[Any], layer: int, manifest: Mapping[str, Any], *, top_k: int = DEFAULT_TOP_K,
                 concepts: Sequence[str] | None = None, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The ``trace.json`` content for several inputs' :class:`~amygdala_dagster.runtime.TokenScores`."""
+    """The ``trace.json`` content for several inputs' :class:`~amygdala_dagster.readout.runtime.TokenScores`."""
     kind, thr = thresholds(manifest, layer)
     skip = scores[0].skip_first_tokens if scores else None
     return {

@@ -2,14 +2,14 @@
 
 For one emotion the default direction at each hooked layer is
 ``mean(pos) - mean(neg)`` over the *train* split (Contrastive Activation
-Addition), unit-normalised by :func:`amygdala_dagster.estimators.unit_direction`.
+Addition), unit-normalised by :func:`amygdala_dagster.readout.estimators.unit_direction`.
 The mean-difference path only needs per-layer sums and counts
 (:class:`EmotionStats`), accumulated in float64 while streaming over the
 activation cache, so memory does not grow with the number of examples. Other
 estimators (``estimators.ESTIMATORS``) get the full train arrays.
 
 Examples are duck-typed: anything with ``.key``, ``.text`` and ``.split``
-(``amygdala_dagster.examples.Example``); example sets have ``.emotion``,
+(``amygdala_dagster.examples.selection.Example``); example sets have ``.emotion``,
 ``.positives`` and ``.negatives``.
 """
 
@@ -26,16 +26,16 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save as st_save
 
-from amygdala_dagster.atomic import atomic_write_bytes
-from amygdala_dagster.cache import ActivationCache, layer_positions, text_sha256
-from amygdala_dagster.estimators import (
+from amygdala_dagster.files.atomic import atomic_write_bytes
+from amygdala_dagster.engine.cache import ActivationCache, layer_positions, text_sha256
+from amygdala_dagster.readout.estimators import (
     DEFAULT_ESTIMATOR,
     DegenerateDirectionError,
     get_estimator,
     unit_direction,
 )
-from amygdala_dagster.evaluation.metrics import calibration
-from amygdala_dagster.examples import training_problems
+from amygdala_dagster.readout.metrics import calibration
+from amygdala_dagster.examples.selection import training_problems
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def emotion_stats(
     """Sums and counts of the cached activations of ``example_set``'s ``split`` examples.
 
     ``layers`` defaults to the cache's layers; a subset selects columns. Every
-    text must already be in the cache (see :func:`amygdala_dagster.cache.ensure_cached`).
+    text must already be in the cache (see :func:`amygdala_dagster.engine.cache.ensure_cached`).
     """
     layers, cols = layer_columns(cache, layers)
     pos_shas = _split_shas(example_set.positives, split)
@@ -248,7 +248,7 @@ def projection_calibration(
     """Per layer: the runtime calibration of ``split``'s projections on ``unit_vectors``.
 
     ``{split, pos_mean, pos_std, n_pos, neg_mean, neg_std, n_neg, threshold,
-    threshold_method}`` as :func:`amygdala_dagster.evaluation.metrics.calibration`
+    threshold_method}`` as :func:`amygdala_dagster.readout.metrics.calibration`
     computes it; without a threshold when a class is empty.
     """
     layers, cols = layer_columns(cache, layers)
@@ -311,7 +311,7 @@ def holdout_calibration(
 # ----------------------------------------------------------------------------- readout
 @dataclass
 class TrainedReadout:
-    """The trained matrix: all emotions' unit directions, ready for :func:`amygdala_dagster.manifest.write_readout`.
+    """The trained matrix: all emotions' unit directions, ready for :func:`amygdala_dagster.readout.manifest.write_readout`.
 
     ``vectors[layer]`` is ``[C, H]`` float32 with rows in ``concepts`` order;
     ``raw_norms[concept]`` lists the pre-normalisation norm per layer (in

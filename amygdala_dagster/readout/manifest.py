@@ -8,7 +8,7 @@ concept and layer, ``token_calibration`` (the distribution of *per-token*
 projections, what the runtime sees) beside the text-level ``calibration``;
 readers accept format 1 too (it has no ``token_calibration``).
 
-Publication (see :func:`write_readout` and :mod:`amygdala_dagster.publish`):
+Publication (see :func:`write_readout` and :mod:`amygdala_dagster.readout.publish`):
 both files are fully serialised in memory, then published together as one
 release (a versioned directory and an atomically switched ``current`` link on
 a local filesystem; immutable objects and a ``current.json`` pointer written
@@ -33,10 +33,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save_torch
 
-from amygdala_dagster.atomic import sha256_file
-from amygdala_dagster.jsonio import jsonable
-from amygdala_dagster.publish import PublishError, open_pair, publish_pair
-from amygdala_dagster.storage import location
+from amygdala_dagster.files.atomic import sha256_file
+from amygdala_dagster.files.jsonio import jsonable
+from amygdala_dagster.readout.publish import PublishError, open_pair, publish_pair
+from amygdala_dagster.files.storage import location
 
 FORMAT_VERSION = 2
 #: Manifest versions :func:`load_readout` reads (1: no ``token_calibration``).
@@ -80,7 +80,7 @@ def build_manifest(
     vectors_dtype: str = "float32",
     created_at: str | None = None,
 ) -> dict[str, Any]:
-    """The manifest dict (Contract 3) for a :class:`~amygdala_dagster.vectors.TrainedReadout`.
+    """The manifest dict (Contract 3) for a :class:`~amygdala_dagster.readout.vectors.TrainedReadout`.
 
     ``dtype`` is the dtype the model ran in when activations were captured;
     ``vectors_dtype`` the dtype of the stored vectors. ``calibration`` defaults
@@ -88,7 +88,7 @@ def build_manifest(
     counts and, per layer (key = layer index as a string), the raw
     (pre-normalisation) norm, the text-level projection calibration
     (``calibration``) and the per-token one (``token_calibration``, from
-    :func:`amygdala_dagster.token_calibration.calibrate_tokens`; null when not
+    :func:`amygdala_dagster.readout.token_calibration.calibrate_tokens`; null when not
     computed).
     """
     calibration = readout.calibration if calibration is None else calibration
@@ -191,8 +191,8 @@ def write_readout(
     ``vectors_file``/``vectors_sha256``/``vectors_dtype`` (filled in here;
     ``vectors_file`` is the vectors file's name: in a release the two files are
     siblings). The pair is published by
-    :func:`amygdala_dagster.publish.publish_pair`; an unwritable location raises
-    its one-line :class:`~amygdala_dagster.publish.PublishError` and leaves the
+    :func:`amygdala_dagster.readout.publish.publish_pair`; an unwritable location raises
+    its one-line :class:`~amygdala_dagster.readout.publish.PublishError` and leaves the
     old pair current.
     """
     vloc, mloc = location(vectors_path), location(manifest_path)
@@ -283,7 +283,7 @@ def load_readout(
     ``vectors_path`` is the vectors file, or an output directory (local or an
     fsspec URL); ``manifest_path`` defaults to ``manifest.json`` next to the
     vectors file. The pair is read through the published release
-    (:func:`amygdala_dagster.publish.open_pair`: ``current`` resolved once, or
+    (:func:`amygdala_dagster.readout.publish.open_pair`: ``current`` resolved once, or
     the ``current.json`` pointer on object storage). Checks: format_version,
     SHA-256 of the vectors file against the manifest, exactly one
     ``layer_<idx>.vectors`` per manifest layer, shapes

@@ -2,7 +2,7 @@
 
 At every forward pass (prefill and each decode step) the runtime takes the
 residual stream after each hooked decoder layer ``idx`` -- the output of block
-``idx``, found by the same :func:`amygdala_dagster.layers.resolve_layers` as
+``idx``, found by the same :func:`amygdala_dagster.engine.layers.resolve_layers` as
 training -- and projects every token on the concept rows:
 ``raw[t, c] = h_idx[t] . vectors[c]``. The calibrated score is the z-score of
 ``raw`` against the manifest's ``token_calibration`` (:func:`calibrated_scores`;
@@ -37,13 +37,13 @@ import torch
 from safetensors.numpy import load as st_load_bytes
 from safetensors.numpy import save as st_save_numpy
 
-from amygdala_dagster.atomic import atomic_write_bytes
-from amygdala_dagster.cache import cache_location, fingerprint_id
-from amygdala_dagster.evaluation.metrics import z_score
-from amygdala_dagster.jsonio import jsonl_objects
-from amygdala_dagster.layers import check_layer_indices, resolve_layers
-from amygdala_dagster.manifest import calibration_entry
-from amygdala_dagster.storage import Store
+from amygdala_dagster.files.atomic import atomic_write_bytes
+from amygdala_dagster.engine.cache import cache_location, fingerprint_id
+from amygdala_dagster.readout.metrics import z_score
+from amygdala_dagster.files.jsonio import jsonl_objects
+from amygdala_dagster.engine.layers import check_layer_indices, resolve_layers
+from amygdala_dagster.readout.manifest import calibration_entry
+from amygdala_dagster.files.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,8 @@ def _matrix(readout: Any, layer: int) -> np.ndarray:
 def project(activations: Mapping[int, Any], readout: Any) -> dict[int, torch.Tensor]:
     """Per layer ``activation [T, H] @ vectors.T`` -> ``[T, C]`` float32.
 
-    ``readout`` is a :class:`~amygdala_dagster.manifest.ReadoutPair`, a
-    :class:`~amygdala_dagster.vectors.TrainedReadout` or a plain
+    ``readout`` is a :class:`~amygdala_dagster.readout.manifest.ReadoutPair`, a
+    :class:`~amygdala_dagster.readout.vectors.TrainedReadout` or a plain
     ``{layer: [C, H]}`` mapping. Layers of ``activations`` that the readout
     does not hook are ignored.
     """
@@ -89,7 +89,7 @@ def project(activations: Mapping[int, Any], readout: Any) -> dict[int, torch.Ten
 
 def calibrated_scores(raw: Any, manifest: Mapping[str, Any], layer: int, kind: str = "text") -> np.ndarray:
     """Calibrated scores ``[..., C]`` for raw projections ``[..., C]`` at ``layer``: per concept the
-    z-score (:func:`amygdala_dagster.evaluation.metrics.z_score`) against the manifest's ``kind``
+    z-score (:func:`amygdala_dagster.readout.metrics.z_score`) against the manifest's ``kind``
     calibration (``text``: held-out mean-pooled texts; ``token``: per-token projections of the
     calibration text). NaN for a concept without that calibration."""
     raw_arr = raw.detach().cpu().double().numpy() if isinstance(raw, torch.Tensor) else np.asarray(raw, np.float64)
@@ -307,7 +307,7 @@ class TokenRow:
 class ReadoutRuntime:
     """Per-token readout on a Hugging Face model (base or ``*ForCausalLM``).
 
-    ``readout`` is a :class:`~amygdala_dagster.manifest.ReadoutPair` (vectors and
+    ``readout`` is a :class:`~amygdala_dagster.readout.manifest.ReadoutPair` (vectors and
     manifest); without it (``None``) only :meth:`hidden_states` is available.
     ``layers`` default to the readout's; ``layer_path`` overrides the block
     stack's location as ``--layer-path`` does in training.
@@ -347,7 +347,7 @@ class ReadoutRuntime:
 
     @classmethod
     def from_loaded(cls, loaded: Any, readout: Any = None, **kwargs: Any) -> ReadoutRuntime:
-        """A runtime over a :class:`~amygdala_dagster.models.LoadedModel` (with its weights)."""
+        """A runtime over a :class:`~amygdala_dagster.engine.models.LoadedModel` (with its weights)."""
         loaded = loaded.with_weights()
         return cls(loaded.model, loaded.tokenizer, readout, **kwargs)
 

@@ -43,10 +43,10 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from amygdala_dagster.cache import fingerprint_id, reject_empty_texts
-from amygdala_dagster.layers import check_layer_indices, resolve_layers
-from amygdala_dagster.fast_path import FastPath, linear_attention_fast_path
-from amygdala_dagster.models import LoadedModel, ModelLoadError
+from amygdala_dagster.engine.cache import fingerprint_id, reject_empty_texts
+from amygdala_dagster.engine.layers import check_layer_indices, resolve_layers
+from amygdala_dagster.engine.fast_path import FastPath, linear_attention_fast_path
+from amygdala_dagster.engine.models import LoadedModel, ModelLoadError
 
 log = logging.getLogger(__name__)
 

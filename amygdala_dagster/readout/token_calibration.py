@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from amygdala_dagster.manifest import calibration_entry
-from amygdala_dagster.runtime import (
+from amygdala_dagster.readout.manifest import calibration_entry
+from amygdala_dagster.readout.runtime import (
     DEFAULT_SKIP_FIRST_TOKENS, Encoded, ReadoutRuntime, TokenActivationCache, encode, scored_mask, token_activations,
 )
 
@@ -225,7 +225,7 @@ def calibration_items(
     records_name: str | None = None,
 ) -> tuple[dict[str, list[tuple[str, Any]]], dict[str, str]]:
     """``(items_by_concept, source_by_concept)``: each concept's held-out negatives (its train
-    negatives when the holdout has none), or the same ``records`` (:class:`~amygdala_dagster.runtime.InputRecord`,
+    negatives when the holdout has none), or the same ``records`` (:class:`~amygdala_dagster.readout.runtime.InputRecord`,
     from ``--calibration-texts``) for every concept."""
     if records is not None:
         items = [(r.id, r.item) for r in records]
@@ -245,7 +245,7 @@ def calibration_items(
 
 
 def engine_runtime_factory(engine: Any) -> Callable[[], ReadoutRuntime]:
-    """Builds (when called) a capture-only runtime over an :class:`~amygdala_dagster.activations.ActivationEngine`'s
+    """Builds (when called) a capture-only runtime over an :class:`~amygdala_dagster.engine.activations.ActivationEngine`'s
     model, layers, layer path and token limit; the engine's weights are loaded then, not before."""
     def build() -> ReadoutRuntime:
         loaded = engine.load_weights()

@@ -1,6 +1,6 @@
 """Training-example selection (Contract 2): which nodes are positives and negatives per emotion.
 
-Works on the snapshot table of :mod:`amygdala_dagster.snapshot`. The rules:
+Works on the snapshot table of :mod:`amygdala_dagster.graph.snapshot`. The rules:
 
 - positive: the emotion's score >= ``min_positive_score``;
 - negative: the node has at least one valid tag and mentions the emotion at
@@ -37,11 +37,11 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 
-from amygdala_dagster.atomic import atomic_directory, atomic_write_bytes
-from amygdala_dagster.jsonio import jsonl_objects
-from amygdala_dagster.nodes import MemoryNode
-from amygdala_dagster.snapshot import build_snapshot, snapshot_hash
-from amygdala_dagster.tags import check_emotion_name, fold_text
+from amygdala_dagster.files.atomic import atomic_directory, atomic_write_bytes
+from amygdala_dagster.files.jsonio import jsonl_objects
+from amygdala_dagster.graph.nodes import MemoryNode
+from amygdala_dagster.graph.snapshot import build_snapshot, snapshot_hash
+from amygdala_dagster.graph.tags import check_emotion_name, fold_text
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ def _body_mentions(folded_body: str, emotion: str) -> int:
 def mention_count(body: str, scores: Mapping[str, float], emotion: str) -> int:
     """How often a node mentions ``emotion``: 1 for a tag (any score) + whole-word occurrences in the body.
 
-    The body is folded like names (:func:`~amygdala_dagster.tags.fold_text`), so "Straße" mentions ``strasse``.
+    The body is folded like names (:func:`~amygdala_dagster.graph.tags.fold_text`), so "Straße" mentions ``strasse``.
     """
     emotion = check_emotion_name(emotion)
     return (1 if emotion in scores else 0) + _body_mentions(fold_text(body), emotion)

@@ -16,7 +16,7 @@ and ``OUT/manifest.json`` keep working, and vLLM can be pointed at
 ``OUT/current/...`` or the top-level names alike. A reader that opens the two
 names one after the other could still straddle a switch; :func:`pin_pair`
 resolves ``current`` once and reads both files from that release
-(:func:`amygdala_dagster.manifest.load_readout` does this). A crash at any
+(:func:`amygdala_dagster.readout.manifest.load_readout` does this). A crash at any
 point leaves ``current`` on the old release or the new one, never between;
 the next publication removes staging leftovers. A pair written by an older
 version as two plain files is first adopted as a release of its own, so the
@@ -52,8 +52,8 @@ from pathlib import Path
 
 from upath import UPath
 
-from amygdala_dagster.atomic import DIR_MODE, FILE_MODE, fsync_dir, sha256_file, write_new_file
-from amygdala_dagster.storage import is_local, location, refresh, uri
+from amygdala_dagster.files.atomic import DIR_MODE, FILE_MODE, fsync_dir, sha256_file, write_new_file
+from amygdala_dagster.files.storage import is_local, location, refresh, uri
 
 log = logging.getLogger(__name__)
 

@@ -4,12 +4,12 @@ A unique text belongs to shard ``shard_of(text_sha256(text), n)``: a pure
 function of its content, so every text is forwarded by exactly one of the N
 shards, whatever process, pod or machine runs them. :func:`forward_shard`
 forwards the uncached texts of one shard into the shared
-:class:`~amygdala_dagster.cache.ActivationCache` (content-addressed, immutable
+:class:`~amygdala_dagster.engine.cache.ActivationCache` (content-addressed, immutable
 shard files: concurrent writers never clobber each other); once every shard
 has finished, the per-emotion statistics are read from the cache as with one
 process. A shard killed mid-way resumes from the cache shards it already
 wrote. Because a text's padded length depends on the text alone
-(:func:`~amygdala_dagster.activations.padded_length`), the cached activations
+(:func:`~amygdala_dagster.engine.activations.padded_length`), the cached activations
 -- and so the vectors -- are the same bytes for any number of shards (on CPU;
 on GPUs as far as the kernels are batch-size invariant).
 
@@ -37,16 +37,16 @@ from typing import Any
 
 import torch
 
-from amygdala_dagster.activations import ActivationEngine
-from amygdala_dagster.cache import (
+from amygdala_dagster.engine.activations import ActivationEngine
+from amygdala_dagster.engine.cache import (
     DEFAULT_SHARD_SIZE,
     ActivationCache,
     CacheRunStats,
     ensure_cached,
     text_sha256,
 )
-from amygdala_dagster.layers import parse_layers
-from amygdala_dagster.models import load_model
+from amygdala_dagster.engine.layers import parse_layers
+from amygdala_dagster.engine.models import load_model
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +90,9 @@ class EngineSpec:
 
     ``layers``: indices (negative count from the end) or a ``"3,18,33"`` list.
     ``batch_size`` None batches by the token budget alone (see
-    :class:`~amygdala_dagster.activations.ActivationEngine`). ``device_map``
+    :class:`~amygdala_dagster.engine.activations.ActivationEngine`). ``device_map``
     spreads one model over several devices (see
-    :func:`~amygdala_dagster.models.load_model`).
+    :func:`~amygdala_dagster.engine.models.load_model`).
     """
 
     model: str
@@ -233,7 +233,7 @@ def run_shards_locally(
                 env["CUDA_VISIBLE_DEVICES"] = str(gpus[i % len(gpus)])
             result = Path(tmp) / f"result-{i}.json"
             out = open(Path(tmp) / f"log-{i}.txt", "wb")  # noqa: SIM115 - closed below
-            cmd = [python, "-m", "amygdala_dagster.shards", "--spec", spec.to_json(), "--texts", str(texts_file),
+            cmd = [python, "-m", "amygdala_dagster.engine.shards", "--spec", spec.to_json(), "--texts", str(texts_file),
                    "--index", str(i), "--shards", str(n), "--cache-dir", cache_arg, "--threads", str(per_shard),
                    "--cache-shard-size", str(cache_shard_size), "--result", str(result)]
             procs.append((i, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env), out, result))
@@ -257,7 +257,7 @@ def run_shards_locally(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """One shard process of :func:`run_shards_locally` (arguments are JSON and files, never pickles)."""
-    p = argparse.ArgumentParser(prog="python -m amygdala_dagster.shards",
+    p = argparse.ArgumentParser(prog="python -m amygdala_dagster.engine.shards",
                                 description="Forward one shard's texts into the activation cache.")
     p.add_argument("--spec", required=True, help="EngineSpec as JSON")
     p.add_argument("--texts", required=True, type=Path, help="JSONL file, one JSON string per line")
