@@ -10,7 +10,8 @@ import torch
 from safetensors import safe_open
 
 from amygdala_dagster.engine.activations import ActivationEngine
-from amygdala_dagster.engine.cache import ActivationCache, CacheError, ensure_cached, text_sha256
+from amygdala_dagster.engine.cache import ActivationCache, CacheError, text_sha256
+from amygdala_dagster.engine.forward import ensure_cached
 from amygdala_dagster.engine.models import load_model
 
 FP = {"model": "synthetic", "layers": [0, 3], "pooling": "mean", "max_tokens": 64}

@@ -9,12 +9,8 @@ pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
 from amygdala_dagster.engine.activations import ActivationEngine
-from amygdala_dagster.engine.cache import (
-    ActivationCache,
-    default_cache_dir,
-    ensure_cached,
-    text_sha256,
-)
+from amygdala_dagster.engine.cache import ActivationCache, default_cache_dir, text_sha256
+from amygdala_dagster.engine.forward import ensure_cached
 from amygdala_dagster.engine.models import load_model
 from amygdala_dagster.engine.shards import EngineSpec, run_shards_locally
 from amygdala_dagster_tests.conftest import free_port

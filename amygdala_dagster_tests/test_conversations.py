@@ -9,11 +9,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from amygdala_dagster.evaluation.conversations import evaluate_conversations, score_records
+from amygdala_dagster.engine.activations import ActivationEngine
+from amygdala_dagster.engine.cache import ActivationCache
+from amygdala_dagster.engine.forward import ensure_cached
+from amygdala_dagster.engine.token_cache import TokenCache
+from amygdala_dagster.evaluation.conversations import evaluate_conversations, sample_scores
+from amygdala_dagster.workflow import conversation_sample
 from amygdala_dagster.evaluation.runtime_report import PLOT, runtime_html, runtime_markdown, runtime_plots
 from amygdala_dagster.readout.manifest import load_readout, write_readout
 from amygdala_dagster.engine.models import load_model
-from amygdala_dagster.readout.runtime import InputRecord, ReadoutRuntime, read_inputs
+from amygdala_dagster.readout.runtime import ReadoutRuntime
+from amygdala_dagster.engine.inputs import InputRecord, read_inputs
 from amygdala_dagster.data import conversation_snippets_path
 from amygdala_dagster.readout.vectors import TrainedReadout
 
@@ -68,20 +74,18 @@ def test_conversation_metrics_and_runtime_section(minilm_readout, tmp_path):
         InputRecord("c", "Please send the quarterly invoice to accounting.", []),
         InputRecord("d", "The bus leaves at seven from platform two.", []),
     ]
-    calls = []
-
-    def factory():
-        calls.append(1)
-        return ReadoutRuntime(loaded.model, loaded.tokenizer, None, layers=[4])
-
-    scores = score_records(records, readout, tokenizer=loaded.tokenizer, max_tokens=128, hidden_layers=[4],
-                           runtime_factory=factory)
-    out = evaluate_conversations(scores, records, readout, source="test.jsonl")
+    engine = ActivationEngine(loaded, [4], max_tokens=128)
+    sample = conversation_sample(engine.tokenizer, engine.max_tokens, records, "test.jsonl")
+    tokens = TokenCache(tmp_path / "cache", engine.fingerprint, engine.loaded.dtype)
+    with ActivationCache(tmp_path / "cache", engine.fingerprint) as cache:
+        run = ensure_cached(engine, cache, [], progress=False, tokens=tokens, sequences=sample.sequences)
+    assert (run.sequences, run.sequences_forwarded, engine.stats.texts) == (4, 4, 4)  # one forward each
+    scores = sample_scores(sample, tokens, readout, [4])
+    out = evaluate_conversations(scores, [e.emotions for e in sample.entries], readout, source="test.jsonl")
     joy = out["per_emotion"]["joy"]
     assert set(joy) >= {"text_auroc", "token_auroc", "fire_rate_without", "first_fire_median", "n_with", "n_without"}
     assert joy["n_with"] == 2 and joy["n_without"] == 2
     assert joy["text_auroc"] == 1.0 and joy["token_auroc"] == 1.0
-    assert calls == [1]  # one forward pass for the four conversations (no cache given)
     thr = readout.manifest["per_concept"]["joy"]["layers"]["4"]["token_calibration"]["threshold"]
     fires = [bool((s.scored & (s.raw[4][:, 0] >= thr)).any()) for s in scores]
     assert joy["fire_rate_without"] == np.mean(fires[2:])

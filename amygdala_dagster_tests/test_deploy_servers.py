@@ -133,6 +133,7 @@ def test_sensor_tick_and_backfill_against_the_postgres_instance(deploy_home, s3_
         "storage": R.ArtifactStorage(base_path=f"{s3_bucket}/amygdala"),
         "model": R.ModelResource(cache_dir=str(tmp_path / "cache")),
         "evaluation": R.EvaluationResource(bootstrap=0, snippets_file="none"),
+        "sharding": R.ShardingResource(),
     }
     instance = get_instance()
     assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"

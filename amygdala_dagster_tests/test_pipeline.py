@@ -16,6 +16,8 @@ import dagster as dg
 import numpy as np
 import pytest
 
+from amygdala_dagster.data import conversation_snippets_path
+
 from amygdala_dagster.commands.cli import main as cli_main
 from amygdala_dagster.readout.manifest import load_readout
 from amygdala_dagster.pipeline import resources as R
@@ -32,6 +34,10 @@ BLOCKING = {"snapshot_nonempty_unique_keys", "examples_clean_and_disjoint", "exa
             "stats_finite", "vectors_finite_unit_norm", "manifest_matches_vectors"}
 
 
+#: The bundled conversation snippets, forwarded with the examples (pooled, and per token as conversations).
+N_SNIPPETS = sum(1 for line in conversation_snippets_path().read_text().splitlines() if line.strip())
+
+
 def make_resources(graph: Path, out: str, cache: Path, **selection) -> dict:
     return {
         "memory": R.MemoryGraphResource(file=str(graph)),
@@ -39,6 +45,7 @@ def make_resources(graph: Path, out: str, cache: Path, **selection) -> dict:
         "storage": R.ArtifactStorage(base_path=out),
         "selection": R.SelectionResource(min_positives=3, **selection),
         "evaluation": R.EvaluationResource(bootstrap=20),
+        "sharding": R.ShardingResource(),
     }
 
 
@@ -89,7 +96,10 @@ def test_whole_graph_materialises_in_one_run_with_blocking_checks_passing(full_r
     stats = step_metadata(result, "activation_stats")
     assert stats["model_weights_loaded"] is True
     assert run_logs(instance, result).count("released the weights of model minilm") == 1
-    assert stats["texts_forwarded"] == stats["unique_texts"] == 32 and stats["texts_cached"] == 0
+    # every example text and every bundled snippet once; the per-token samples came out of the same forwards
+    assert stats["texts_forwarded"] == stats["unique_texts"] == 32 + N_SNIPPETS and stats["texts_cached"] == 0
+    assert stats["per_token_sequences_forwarded"] == stats["per_token_sequences"] > N_SNIPPETS
+    assert stats["per_token_only_forwards"] == 0
     assert stats["device"] == "cpu" and stats["tokens"] > 0
     assert stats["tokens_per_s"] > 0 and stats["peak_memory_bytes"] > 0
     readout = load_readout(out / "vectors.safetensors", out / "manifest.json")
@@ -161,8 +171,20 @@ def test_backfill_of_new_emotion_forwards_nothing_when_texts_are_cached(full_run
     # its own run and instance; the cache of the module's run makes every text a cache hit
     own = wonder_graph_run(tmp_path, full_run["tmp"] / "cache")
     instance = own["instance"]
-    # also: the threshold rule of the manifest is configurable (here a fixed false-positive rate)
-    # ... and the token calibration can be set on runtime-like traffic (--calibration-texts)
+    result = backfill_emotions(["wonder"], own["res"], instance)
+    assert result.success, failures(result)
+    assert result.job_def.name == "emotion_backfill"
+    assert "wonder" in instance.get_dynamic_partitions("emotion")
+    stats = step_metadata(result, "activation_stats")
+    assert stats["texts_forwarded"] == 0 and stats["texts_cached"] > 0
+    assert stats["per_token_sequences_forwarded"] == 0  # the calibration sample and conversations are kept
+    # every input was cached: the fingerprint came from config + tokenizer, no weights were read
+    assert stats["model_weights_loaded"] is False
+    assert "loaded the weights" not in run_logs(instance, result)
+
+    # the threshold rule of the manifest is configurable (here a fixed false-positive rate), and the token
+    # calibration can be set on runtime-like traffic (--calibration-texts): only those new texts are forwarded,
+    # once, by the GPU step
     traffic = tmp_path / "traffic.jsonl"
     traffic.write_text("".join(json.dumps({"text": f"User: message number {i}. Assistant: reply {i}."}) + "\n"
                                for i in range(12)), encoding="utf-8")
@@ -170,16 +192,12 @@ def test_backfill_of_new_emotion_forwards_nothing_when_texts_are_cached(full_run
                                                             target_fpr=0.1, calibration_texts=str(traffic))}
     result = backfill_emotions(["wonder"], res, instance)
     assert result.success, failures(result)
-    assert result.job_def.name == "emotion_backfill"
-    assert "wonder" in instance.get_dynamic_partitions("emotion")
     stats = step_metadata(result, "activation_stats")
-    assert stats["texts_forwarded"] == 0 and stats["texts_cached"] > 0
-    # every text was cached: the fingerprint came from config + tokenizer, no weights were read
-    assert stats["model_weights_loaded"] is False
-    assert "loaded the weights" not in run_logs(instance, result)
+    assert (stats["texts_forwarded"], stats["per_token_sequences_forwarded"]) == (0, 12)
+    assert stats["model_weights_loaded"] is True and run_logs(instance, result).count("released the weights") == 1
     # the drift of every direction since the previous readout is numeric metadata
     vec = step_metadata(result, "readout_vectors")
-    assert 0.99 < vec["min_drift_cosine"] <= 1.0 + 1e-9 and vec["n_new_concepts"] == 1
+    assert 0.99 < vec["min_drift_cosine"] <= 1.0 + 1e-9 and vec["n_new_concepts"] == 0
     out = tmp_path / "out"
     readout = load_readout(out / "vectors.safetensors", out / "manifest.json")
     assert readout.concepts == EMOTIONS + ["wonder"]
@@ -314,7 +332,7 @@ def test_memory_token_from_the_documented_variables_works_in_planning_sensor_and
     assert observe_graph(instance, res).node_count == 16
     assert plan_from_graph(res["memory"], R.SelectionResource(min_positives=3), []).new
     # a sensor tick
-    with dg.build_sensor_context(instance=instance, resources={"memory": res["memory"], "model": res["model"],
+    with dg.build_sensor_context(instance=instance, resources={"memory": res["memory"], "sharding": res["sharding"],
                                                                "selection": R.SelectionResource(min_positives=3)}) as ctx:
         assert isinstance(memory_graph_sensor(ctx), dg.SensorResult)
     # a run with the resources of the code location (what the launchpad uses)
@@ -425,7 +443,7 @@ def test_two_shards_run_as_parallel_processes_and_give_the_same_vectors(full_run
     home.mkdir()
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     res = make_resources(full_run["graph"], str(tmp_path / "out"), tmp_path / "cache", max_emotions=3)
-    res["model"] = R.ModelResource(model="minilm", device="cpu", cache_dir=str(tmp_path / "cache"), shards=2)
+    res["sharding"] = R.ShardingResource(shards=2)
     with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
         instance.event_log_storage.set_concurrency_slots("gpu", 2)
         result = materialize_all(res, instance)
@@ -440,7 +458,7 @@ def test_two_shards_run_as_parallel_processes_and_give_the_same_vectors(full_run
     stats = step_metadata(result, "activation_stats")
     per_shard = [int(x) for x in str(shards["forwarded_per_shard"]).split(", ")]
     assert len(per_shard) == 2 and all(n > 0 for n in per_shard)
-    assert sum(per_shard) == shards["unique_texts"] == stats["unique_texts"] == 32  # each text once
+    assert sum(per_shard) == shards["unique_texts"] == stats["unique_texts"] == 32 + N_SNIPPETS  # each text once
     assert stats["texts_forwarded"] == 0 and stats["model_weights_loaded"] is False  # read from the cache
     one, two = full_run["tmp"] / "out" / "vectors.safetensors", tmp_path / "out" / "vectors.safetensors"
     assert sha256_file(two) == sha256_file(one)

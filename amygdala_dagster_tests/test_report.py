@@ -117,7 +117,7 @@ def test_report_shows_sweep_and_flags(tmp_path):
     readout = train_readout(sets, cache, LAYERS)
     from amygdala_dagster.evaluation import sweep_layers
 
-    sweep = sweep_layers(None, cache, sets, n_model_layers=2, progress=False)
+    sweep = sweep_layers(cache, sets, n_model_layers=2)
     assert sweep["recommended_layers"][0] == 1
     ev = evaluate(cache, sets, readout, sweep=sweep, bootstrap=0, confound_margin=1.0)  # everything flagged
     assert ev["summary"]["n_flagged"] == 2
@@ -281,7 +281,7 @@ def test_bundled_model_report_matches_independent_recomputation(tmp_path, minilm
     from sklearn.metrics import roc_auc_score
 
     from amygdala_dagster.engine.activations import ActivationEngine
-    from amygdala_dagster.engine.cache import ensure_cached
+    from amygdala_dagster.engine.forward import ensure_cached
     from amygdala_dagster.examples.selection import SelectionParams, select_examples
     from amygdala_dagster.graph.snapshot import build_snapshot
     from amygdala_dagster.graph.sources import JsonlSource
@@ -297,24 +297,26 @@ def test_bundled_model_report_matches_independent_recomputation(tmp_path, minilm
     ensure_cached(engine, cache, texts, progress=False)
     readout = train_readout(sets, cache, layers)
     snippets = [json.loads(line) for line in (DATA / "conversation_snippets.jsonl").read_text().splitlines()[:6]]
-    ev = evaluate(cache, sets, readout, snapshot=snapshot, snippets=snippets, engine=engine, bootstrap=200)
-    assert ev["generalisation"]["cache_stats"]["forwarded"] == 6
-    # Nothing already cached is forwarded again.
-    again = evaluate(cache, sets, readout, snippets=snippets, engine=engine, bootstrap=0, estimators=())
-    assert again["generalisation"]["cache_stats"]["forwarded"] == 0
+    # The evaluation reads arrays only: snippets it cannot find in the cache are named, not forwarded.
+    with pytest.raises(ValueError, match="conversation snippet"):
+        evaluate(cache, sets, readout, snippets=snippets, bootstrap=0, estimators=())
+    assert ensure_cached(engine, cache, [s["text"] for s in snippets], progress=False).forwarded == 6
+    ev = evaluate(cache, sets, readout, snapshot=snapshot, snippets=snippets, bootstrap=200)
     # Layer sweep: one pass over every layer in its own cache namespace, then nothing to forward.
     from amygdala_dagster.evaluation import calibration_for_manifest, sweep_layers
 
     sweep_engine = ActivationEngine(minilm, list(range(minilm.num_layers)), batch_size=16)
     sweep_cache = ActivationCache(tmp_path / "cache", sweep_engine.fingerprint)
-    sweep = sweep_layers(sweep_engine, sweep_cache, sets, n_model_layers=minilm.num_layers, progress=False)
+    swept = ensure_cached(sweep_engine, sweep_cache, texts, progress=False)
+    assert swept.forwarded == len(set(texts))
+    sweep = sweep_layers(sweep_cache, sets, n_model_layers=minilm.num_layers, cache_stats=swept.to_dict())
     assert sweep["cache_stats"]["forwarded"] == len(set(texts))
-    assert sweep_layers(sweep_engine, sweep_cache, sets, progress=False)["cache_stats"]["forwarded"] == 0
+    assert ensure_cached(sweep_engine, sweep_cache, texts, progress=False).forwarded == 0
     assert sweep["layers"] == list(range(6)) and len(sweep["recommended_layers"]) == 3
     for e in sets:
         for layer in layers:  # same estimator, same split: the sweep agrees with the evaluation
             assert sweep["auroc"][e][str(layer)] == pytest.approx(ev["emotions"][e]["estimators"]["mean_difference"][str(layer)], abs=1e-6)
-    ev = evaluate(cache, sets, readout, snapshot=snapshot, snippets=snippets, engine=engine, bootstrap=200, sweep=sweep)
+    ev = evaluate(cache, sets, readout, snapshot=snapshot, snippets=snippets, bootstrap=200, sweep=sweep)
     # the calibration the train command writes into the manifest is the evaluation's, number for number
     evaluated = calibration_for_manifest(ev)
     for concept, per_layer in readout.calibration.items():
@@ -363,7 +365,7 @@ def test_bundled_model_report_matches_independent_recomputation(tmp_path, minilm
 def test_report_command_rebuilds_from_artefacts_without_the_model(tmp_path, minilm, weight_reads):
     """`amygdala report` on an output directory whose texts are all cached: no model load, same numbers."""
     from amygdala_dagster.engine.activations import ActivationEngine
-    from amygdala_dagster.engine.cache import ensure_cached
+    from amygdala_dagster.engine.forward import ensure_cached
     from amygdala_dagster.commands.cli import main as cli_main
     from amygdala_dagster.examples.selection import SelectionParams, select_examples, write_examples_dir
     from amygdala_dagster.readout.manifest import load_readout, write_readout

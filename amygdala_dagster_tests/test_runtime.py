@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import shutil
 from pathlib import Path
 
@@ -15,10 +16,16 @@ from amygdala_dagster.engine.activations import ActivationEngine
 from amygdala_dagster.readout.metrics import z_score
 from amygdala_dagster.readout.manifest import calibration_entry, load_readout, write_readout
 from amygdala_dagster.engine.models import load_model
-from amygdala_dagster.readout.runtime import (
-    InputError, ReadoutRuntime, TokenActivationCache, encode, read_inputs, scored_mask,
+from amygdala_dagster.engine.activations import ActivationEngine
+from amygdala_dagster.engine.cache import ActivationCache
+from amygdala_dagster.engine.forward import ensure_cached
+from amygdala_dagster.engine.inputs import InputError, encode, read_inputs
+from amygdala_dagster.engine.token_cache import TokenCache
+from amygdala_dagster.readout.runtime import ReadoutRuntime, scored_mask
+from amygdala_dagster.readout.token_calibration import (
+    calibrate_readout, calibrate_tokens, calibration_entries, heldout_problems, text_folds,
 )
-from amygdala_dagster.readout.token_calibration import calibrate_readout, calibrate_tokens, heldout_problems, text_folds
+from amygdala_dagster.workflow import calibration_sample
 from amygdala_dagster.readout.vectors import TrainedReadout
 from amygdala_dagster_tests.tiny_models import HIDDEN, build_tiny_model
 
@@ -181,66 +188,44 @@ def test_token_threshold_fires_at_its_target_rate_on_unseen_texts():
     assert "5.0x the target" in heldout_problems({"c": {3: bad}})[0]
 
 
-def test_calibration_reads_cached_token_activations_without_a_forward(tmp_path):
-    path = build_tiny_model("qwen3")
-    loaded = load_model(path, device="cpu")
+def test_calibration_reads_stored_token_activations_without_a_model(tmp_path):
+    """The GPU step keeps the calibration sample per token; calibration projects it, no model involved, and
+    its numbers are those of the runtime's per-token scores at the scored positions."""
+    loaded = load_model(build_tiny_model("qwen3"), device="cpu")
     readout = _readout()
-    rt_calls = []
-
-    def factory():
-        rt_calls.append(1)
-        return ReadoutRuntime(loaded.model, loaded.tokenizer, None, layers=LAYERS)
-
-    cache = TokenActivationCache(tmp_path, {"model": "tiny"})
-    items = {c: [(f"k{i}", t) for i, t in enumerate(TEXTS)] for c in CONCEPTS}
-    kw = dict(hidden_layers=LAYERS, tokenizer=loaded.tokenizer, max_tokens=64, cache=cache, target_rate=0.1)
-    first = calibrate_readout(readout, items, runtime_factory=factory, **kw)
-    assert rt_calls == [1]
-
-    def no_forward():
-        raise AssertionError("forwarded although every sequence is cached")
-
-    again = calibrate_readout(readout, items, runtime_factory=no_forward, **kw)
-    assert json.dumps(again) == json.dumps(first)
+    engine = ActivationEngine(loaded, LAYERS, max_tokens=64)
+    sample = calibration_sample(engine.tokenizer, engine.max_tokens, 10_000,
+                                holdout=[(f"k{i}", t) for i, t in enumerate(TEXTS)])
+    tokens = TokenCache(tmp_path, engine.fingerprint, engine.loaded.dtype)
+    with ActivationCache(tmp_path, engine.fingerprint) as cache:
+        first_run = ensure_cached(engine, cache, TEXTS, progress=False, tokens=tokens, sequences=sample.sequences)
+        assert (first_run.forwarded, first_run.sequences_forwarded, engine.stats.texts) == (3, 3, 3)  # one each
+        again = ensure_cached(engine, cache, TEXTS, progress=False, tokens=tokens, sequences=sample.sequences)
+        assert (again.forwarded, again.sequences_forwarded, engine.stats.texts) == (0, 0, 3)
+    entries = {c: list(sample.entries) for c in CONCEPTS}
+    first = calibrate_readout(readout, entries, tokens, hidden_layers=LAYERS, target_rate=0.1)
+    assert json.dumps(calibrate_readout(readout, entries, tokens, hidden_layers=LAYERS, target_rate=0.1)) == \
+        json.dumps(first)
     entry = first["joy"][2]
-    # the statistics are those of the runtime's per-token scores at the scored positions
     rt = ReadoutRuntime(loaded.model, loaded.tokenizer, type("R", (), {
         "concepts": CONCEPTS, "layers": LAYERS, "vectors": readout.vectors, "manifest": {"concepts": CONCEPTS}})())
     vals = np.concatenate([s.raw[2][s.scored, 2] for s in rt.score_many(TEXTS)])
     assert entry["n_tokens"] == vals.size == sum(len(encode(loaded.tokenizer, t).ids) - 1 for t in TEXTS)
-    assert entry["neg_mean"] == pytest.approx(vals.mean(), abs=1e-6)
-    assert entry["threshold"] == pytest.approx(np.quantile(vals, 0.9), abs=1e-6)
+    # per-token activations are kept in 16 bits: the statistics agree to that precision
+    assert entry["neg_mean"] == pytest.approx(vals.mean(), abs=2e-3 * float(np.abs(vals).max()))
+    assert entry["threshold"] == pytest.approx(np.quantile(vals, 0.9), abs=2e-3 * float(np.abs(vals).max()))
 
 
-class _CountingTokenizer:
-    """A real tokenizer that counts how many id lists it hands out."""
-
-    def __init__(self, tokenizer):
-        self._tokenizer, self.converted = tokenizer, 0
-
-    def __getattr__(self, name):
-        return getattr(self._tokenizer, name)
-
-    def __call__(self, *args, **kwargs):
-        return self._tokenizer(*args, **kwargs)
-
-    def convert_ids_to_tokens(self, ids):
-        self.converted += 1
-        return self._tokenizer.convert_ids_to_tokens(ids)
-
-
-def test_calibration_tokenises_a_text_shared_by_concepts_once(tmp_path):
-    """200 emotions share most held-out negatives: each text is tokenised once, not once per concept."""
+def test_calibration_sample_is_bounded_by_its_token_budget(tmp_path):
     loaded = load_model(build_tiny_model("qwen3"), device="cpu")
-    converted = []
-    for concepts in (CONCEPTS[:1], CONCEPTS):
-        counting = _CountingTokenizer(loaded.tokenizer)
-        items = {c: [(f"k{i}", t) for i, t in enumerate(TEXTS)] for c in concepts}
-        calibrate_readout(_readout(), items, hidden_layers=LAYERS, tokenizer=counting, max_tokens=64,
-                          target_rate=0.1, runtime_factory=lambda: ReadoutRuntime(loaded.model, loaded.tokenizer,
-                                                                                  None, layers=LAYERS))
-        converted.append(counting.converted)
-    assert len(CONCEPTS) > 1 and converted[1] == converted[0] > 0
+    texts = [(f"k{i}", f"text number {i} about the weather and the long evening walk home") for i in range(40)]
+    full = calibration_sample(loaded.tokenizer, 64, 100_000, holdout=texts)
+    small = calibration_sample(loaded.tokenizer, 64, 60, holdout=texts)
+    assert len(full.entries) == 40 and full.left_out == 0
+    assert 0 < small.tokens <= 60 and small.left_out == 40 - len(small.entries) > 0
+    # a stable order: the small sample is the start of the full one, whatever order the candidates came in
+    again = calibration_sample(loaded.tokenizer, 64, 60, holdout=texts[::-1])
+    assert small.keys() == again.keys() == full.keys()[: len(small.entries)]
 
 
 def test_manifest_format_2_carries_token_calibration_and_format_1_still_reads(tmp_path):
@@ -275,13 +260,14 @@ def test_manifest_format_2_carries_token_calibration_and_format_1_still_reads(tm
 
 
 def test_calibration_texts_replace_the_holdout_negatives_and_say_so(tmp_path):
-    from amygdala_dagster.readout.token_calibration import calibration_items
-
+    loaded = load_model(build_tiny_model("qwen3"), device="cpu")
     p = tmp_path / "traffic.jsonl"
     p.write_text('{"text": "hello there"}\n{"messages": [{"role": "user", "content": "hi"}]}\n')
-    items, source = calibration_items({}, CONCEPTS, read_inputs(p), p.name)
+    sample = calibration_sample(loaded.tokenizer, 64, 1000, records=read_inputs(p), records_name=p.name)
+    entries, source = calibration_entries(sample, {}, CONCEPTS)
     assert source == {c: "calibration_texts:traffic.jsonl" for c in CONCEPTS}
-    assert [k for k, _ in items["joy"]] == ["1", "2"] and items["joy"][1][1][0]["role"] == "user"
+    assert [e.id for e in entries["joy"]] == ["1", "2"] and entries["joy"][0].text_sha is not None
+    assert entries["joy"][1].text_sha is None  # a conversation has no pooled row
 
 
 def test_run_refuses_a_missing_calibration_file_in_one_line(tmp_path, capsys):
@@ -296,16 +282,25 @@ def test_per_token_cache_on_an_fsspec_url_stays_there(tmp_path, monkeypatch):
     local folder named after the URL (Path() folded ``memory://b`` into ``memory:/b``)."""
     import fsspec
 
-    from amygdala_dagster.readout.runtime import TokenActivationCache
-
     monkeypatch.chdir(tmp_path)
-    cache = TokenActivationCache("memory://amygdala-test/cache", {"model": "m"})
+    cache = TokenCache("memory://amygdala-test/cache", {"model": "m"}, "bfloat16")
     hidden = np.arange(12, dtype=np.float32).reshape(3, 2, 2)
     assert "ab12" not in cache
     cache.put("ab12", hidden)
-    assert "ab12" in cache and np.array_equal(cache.get("ab12"), hidden)
+    assert "ab12" in cache and np.array_equal(cache.get("ab12"), hidden)  # small integers: exact in bf16
     assert fsspec.filesystem("memory").find("/amygdala-test/cache/tokens")
     assert not list(tmp_path.iterdir())  # nothing written under the current directory
-    local = TokenActivationCache(tmp_path / "c", {"model": "m"})
+    local = TokenCache(tmp_path / "c", {"model": "m"})
     local.put("cd34", hidden)
     assert np.array_equal(local.get("cd34"), hidden) and list((tmp_path / "c" / "tokens").rglob("cd34.safetensors"))
+
+
+def test_per_token_cache_prunes_what_no_sample_uses_once_old(tmp_path):
+    cache = TokenCache(tmp_path, {"model": "m"})
+    for key in ("aa", "bb", "cc"):
+        cache.put(key, np.ones((2, 1, 3), np.float32))
+    assert cache.prune(["aa"]) == 0  # fresh files may belong to a run still going on
+    freed = cache.prune(["aa"], now=time.time() + 2 * 86400)
+    assert freed > 0 and set(cache.keys()) == {"aa"}
+    with pytest.raises(KeyError, match="materialize activation_stats"):
+        cache.get("bb")

@@ -24,7 +24,7 @@ def tick(instance, server_url, cursor):
     resources = {
         "memory": R.MemoryGraphResource(mcp_url=server_url, retries=0, token_env=None),
         "selection": R.SelectionResource(min_positives=3),
-        "model": R.ModelResource(),
+        "sharding": R.ShardingResource(),
     }
     with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
         result = memory_graph_sensor(context)

@@ -13,7 +13,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from amygdala_dagster.engine.cache import ActivationCache, ensure_cached, text_sha256
+from amygdala_dagster.engine.cache import ActivationCache, text_sha256
+from amygdala_dagster.engine.forward import ensure_cached
 from amygdala_dagster.engine.shards import (
     EngineSpec,
     ShardError,

@@ -32,10 +32,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from amygdala_dagster.engine.activations import ActivationEngine  # noqa: E402
-from amygdala_dagster.engine.cache import ActivationCache, ensure_cached  # noqa: E402
+from amygdala_dagster.engine.cache import ActivationCache  # noqa: E402
+from amygdala_dagster.engine.forward import ensure_cached  # noqa: E402
 from amygdala_dagster.examples.selection import SelectionParams, emotion_catalog, qualifying_emotions, select_all  # noqa: E402
 from amygdala_dagster.engine.models import load_model  # noqa: E402
-from amygdala_dagster.readout.runtime import ReadoutRuntime, read_inputs  # noqa: E402
+from amygdala_dagster.readout.runtime import ReadoutRuntime
+from amygdala_dagster.engine.inputs import read_inputs# noqa: E402
 from amygdala_dagster.data import conversation_snippets_path, sample_graph_path  # noqa: E402
 from amygdala_dagster.readout.token_calibration import calibrate_with_engine, calibration_items  # noqa: E402
 from amygdala_dagster.evaluation.trace import build_trace, render_trace_html  # noqa: E402

@@ -3,9 +3,10 @@
 Reads ``vectors.safetensors`` + ``manifest.json``, the examples (the pipeline's
 ``examples/<emotion>/`` directories, or the Contract 2 directory recorded in the
 manifest as ``training.training_data_dir``), the memory snapshot when present,
-and the activation cache recorded for the readout. Activations come from the
-cache only; the model is loaded only when something is not cached yet
-(conversation snippets never seen, or a ``--sweep-layers`` pass).
+and the activation caches recorded for the readout. Activations come from the
+caches; the model is prepared (weights only when something is missing) for
+texts or conversations never forwarded, and for a ``--sweep-layers`` pass --
+this command, not the evaluation code, does any forward pass.
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from amygdala_dagster.engine.cache import (
-    ActivationCache, cache_location, default_cache_dir, ensure_cached, fingerprint_id, text_sha256,
-)
+from amygdala_dagster.engine.cache import ActivationCache, cache_location, default_cache_dir, fingerprint_id, text_sha256
+from amygdala_dagster.engine.forward import ensure_cached
 from amygdala_dagster.evaluation import (
     calibration_for_manifest, evaluate, read_snippets, summary_markdown, sweep_layers, write_report,
 )
 from amygdala_dagster.evaluation.core import Criteria, apply_verdicts, log_unusable
-from amygdala_dagster.evaluation.conversations import conversations_from_file
+from amygdala_dagster.evaluation.conversations import conversations_section
+from amygdala_dagster.engine.inputs import InputError, read_inputs
+from amygdala_dagster.engine.token_cache import TokenCache
+from amygdala_dagster.engine.token_sample import DEFAULT_SAMPLE_TOKENS
 from amygdala_dagster.examples.selection import ExampleSet, read_examples_dir
 from amygdala_dagster.commands.flags import non_negative_int
 from amygdala_dagster.engine.layers import parse_layers
@@ -39,7 +42,8 @@ from amygdala_dagster.data import conversation_snippets_path
 from amygdala_dagster.graph.snapshot import read_snapshot
 from amygdala_dagster.files.storage import Store, is_local
 from amygdala_dagster.workflow import (
-    MANIFEST_FILE, REPORT_DIR, SNAPSHOT_FILE, STAGED_INFO, EngineSettings, SettingsError, build_engine, examples_dir,
+    MANIFEST_FILE, REPORT_DIR, SNAPSHOT_FILE, STAGED_INFO, EngineSettings, SettingsError, build_engine,
+    conversation_sample, examples_dir,
 )
 
 HELP = "rebuild the evaluation report (HTML + evaluation.json) from an output directory's vectors, manifest and examples"
@@ -189,18 +193,28 @@ def _parse_sweep(spec: str, n_layers: int) -> list[int]:
     return parse_layers(spec, n_layers)
 
 
-def _conversations(args: argparse.Namespace, engines: _LazyEngine, manifest: dict[str, Any], cache_root: Path | str,
-                   readout: Any, evaluation: dict[str, Any]) -> dict[str, Any] | None:
-    """The runtime section (per-token evaluation on labelled conversations); None with ``none``."""
+def _conversations(args: argparse.Namespace, engines: _LazyEngine, cache: ActivationCache, readout: Any,
+                   evaluation: dict[str, Any]) -> dict[str, Any] | None:
+    """The runtime section (per-token evaluation on labelled conversations); None with ``none``.
+
+    The conversations' per-token activations come from the per-token cache (the run kept them); only
+    those missing are forwarded, by the manifest's model."""
     spec = getattr(args, "eval_conversations", None)
     if (spec is not None and str(spec).lower() == "none") or (spec is None and args.no_snippets):
         return None
     path = Path(spec) if spec else conversation_snippets_path()
+    try:
+        records = read_inputs(path, labelled=True)
+    except InputError as exc:
+        raise ReportInputError(f"--eval-conversations: {exc}") from None
     engine = engines.get()
-    if fingerprint_id(engine.fingerprint) != fingerprint_id(manifest["fingerprint"]):
-        raise ReportInputError("the model loaded now does not reproduce the manifest's activation fingerprint; "
+    if engine.fingerprint_id != cache.fingerprint_id:
+        raise ReportInputError("the model prepared now does not reproduce the manifest's activation fingerprint; "
                                "pass --eval-conversations none")
-    return conversations_from_file(engine, cache_root, readout, path, evaluation)
+    sample = conversation_sample(engine.tokenizer, engine.max_tokens, records, path.name, DEFAULT_SAMPLE_TOKENS)
+    tokens = TokenCache(cache.root, engine.fingerprint, engine.loaded.dtype)
+    ensure_cached(engine, cache, [], progress=True, tokens=tokens, sequences=sample.sequences)
+    return conversations_section(sample, tokens, readout, list(engine.layers), evaluation)
 
 
 # ----------------------------------------------------------------------------- main
@@ -254,10 +268,12 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
         if args.sweep_layers:
             n_layers = engines.get().loaded.num_layers
             sweep_engine = engines.get(_parse_sweep(args.sweep_layers, n_layers))
+            example_texts = [e.text for s in sets.values() for e in (*s.positives, *s.negatives)]
             with ActivationCache(cache_root, sweep_engine.fingerprint) as sweep_cache:
-                sweep = sweep_layers(sweep_engine, sweep_cache, sets, n_model_layers=n_layers)
+                swept = ensure_cached(sweep_engine, sweep_cache, example_texts, progress=True)
+                sweep = sweep_layers(sweep_cache, sets, n_model_layers=n_layers, cache_stats=swept.to_dict())
         evaluation = evaluate(
-            cache, sets, readout, snapshot=snapshot, snippets=snippets, engine=None,
+            cache, sets, readout, snapshot=snapshot, snippets=snippets,
             estimators=args.estimators, threshold_method=args.threshold_method, target_fpr=args.target_fpr,
             crosstalk_cosine=args.crosstalk_cosine, bootstrap=args.bootstrap, logistic_C=args.logistic_c, sweep=sweep,
             criteria=Criteria(min_auroc=args.min_auroc, min_holdout_positives=args.min_holdout_positives,
@@ -266,7 +282,7 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
                   "model": manifest.get("model"), "cache_dir": str(cache_root),
                   **({"snippets_file": str(args.snippets or "bundled conversation_snippets.jsonl")} if snippets else {})},
         )
-        evaluation["conversations"] = _conversations(args, engines, manifest, cache_root, readout, evaluation)
+        evaluation["conversations"] = _conversations(args, engines, cache, readout, evaluation)
         apply_verdicts(evaluation)
         log_unusable(evaluation)
     html_path, json_path, plots = write_report(evaluation, args.report_dir or output_dir / REPORT_DIR,

@@ -11,9 +11,10 @@ from typing import Any
 
 from amygdala_dagster.commands.flags import open_fraction, positive_int
 from amygdala_dagster.engine.models import ModelLoadError, parse_device_map
+from amygdala_dagster.engine.token_sample import DEFAULT_SAMPLE_TOKENS
 from amygdala_dagster.pipeline.definitions import default_resources
 from amygdala_dagster.pipeline.resources import (
-    ArtifactStorage, EvaluationResource, MemoryGraphResource, ModelResource, SelectionResource,
+    ArtifactStorage, EvaluationResource, MemoryGraphResource, ModelResource, SelectionResource, ShardingResource,
 )
 from amygdala_dagster.pipeline.runner import dagster_home, failures, get_instance, materialize_all, step_metadata
 from amygdala_dagster.readout.publish import POINTER_FILE
@@ -66,6 +67,9 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-texts", metavar="FILE.jsonl", default=None,
                         help='runtime-like text to set the token calibration on, one {"text"} or {"messages"} per '
                              "line (default: each emotion's held-out negatives)")
+    parser.add_argument("--calibration-tokens", type=positive_int, default=None, metavar="N",
+                        help="token budget of the calibration sample and of the evaluation conversations whose "
+                             f"per-token activations are kept (default: {DEFAULT_SAMPLE_TOKENS})")
     parser.add_argument("--eval-conversations", metavar="FILE.jsonl", default=None,
                         help='labelled conversations {"id", "text"|"messages", "emotions"} for the report\'s runtime '
                              'section (default: the bundled snippets; "none" skips it)')
@@ -82,11 +86,13 @@ def build_resources(args: argparse.Namespace) -> dict[str, Any]:
     # Flags override the AMYGDALA_* environment defaults only where given.
     model_flags = {"model": args.model, "layers": args.target_layers, "dtype": args.dtype,
                    "device": args.device, "batch_size": args.batch_size, "cache_dir": args.cache_dir,
-                   "device_map": args.device_map, "shards": args.shards}
+                   "device_map": args.device_map}
     resources["model"] = ModelResource(**{
         **{k: getattr(resources["model"], k) for k in ModelResource.model_fields},
         **{k: v for k, v in model_flags.items() if v is not None},
     })
+    if args.shards is not None:
+        resources["sharding"] = ShardingResource(shards=args.shards)
     try:
         parse_device_map(resources["model"].device_map)
     except ValueError as exc:
@@ -109,6 +115,7 @@ def build_resources(args: argparse.Namespace) -> dict[str, Any]:
     resources["evaluation"] = EvaluationResource(
         threshold_method=args.threshold_method, target_fpr=args.target_fpr,
         token_target_rate=args.token_target_rate,
+        **({"calibration_tokens": args.calibration_tokens} if args.calibration_tokens is not None else {}),
         calibration_texts=str(Path(args.calibration_texts).expanduser().resolve()) if args.calibration_texts else None,
         eval_conversations=(str(Path(args.eval_conversations).expanduser().resolve())
                             if args.eval_conversations and args.eval_conversations.lower() != "none"

@@ -14,7 +14,8 @@ from amygdala_dagster.engine.cache import is_url
 from amygdala_dagster.commands.flags import positive_int
 from amygdala_dagster.readout.manifest import ReadoutFileError, load_readout
 from amygdala_dagster.engine.models import ModelLoadError, load_model
-from amygdala_dagster.readout.runtime import InputRecord, ReadoutRuntime, read_inputs
+from amygdala_dagster.readout.runtime import ReadoutRuntime
+from amygdala_dagster.engine.inputs import InputRecord, read_inputs
 from amygdala_dagster.evaluation.trace import build_trace, render_trace_html
 
 HELP = ("run the model over conversations or text and show, per token, the calibrated readout of every concept "

@@ -44,6 +44,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from amygdala_dagster.engine.cache import fingerprint_id, reject_empty_texts
+from amygdala_dagster.engine.capture import run_until_captured
+from amygdala_dagster.engine.inputs import token_ids
 from amygdala_dagster.engine.layers import check_layer_indices, resolve_layers
 from amygdala_dagster.engine.fast_path import FastPath, linear_attention_fast_path
 from amygdala_dagster.engine.models import LoadedModel, ModelLoadError
@@ -63,17 +65,8 @@ BATCH_SIZE_MAX_BATCH_TOKENS = 16384
 _MEASURED_SMALL_BATCH = "5.4k"
 _MEASURED_TOKEN_BUDGET = "11.9k"
 
-#: Characters tokenised per token of ``max_tokens`` before looking further into a long text
-#: (English averages ~4 characters per token; a text denser than this is re-read with a longer prefix).
-CHARS_PER_TOKEN = 16
-#: Tokens beyond ``max_tokens`` a prefix must give before its first ``max_tokens`` are taken as the text's.
-TOKEN_MARGIN = 16
 
 _PROBE_TEXT = "Probe: the quick brown fox, 12 naïve cafés — émotions & <tags>!"
-
-
-class _StopForward(Exception):
-    """Raised from the deepest target block's hook to end the pass early."""
 
 
 class ActivationOutOfMemoryError(torch.OutOfMemoryError):
@@ -224,8 +217,6 @@ class ActivationEngine:
                                  max_batch_tokens=self.max_batch_tokens, fast_path=self.fast_path.fast_path,
                                  kernels_found=list(self.fast_path.kernels_found),
                                  kernels_missing=list(self.fast_path.kernels_missing))
-        self._mask: torch.Tensor | None = None
-        self._captured: list[torch.Tensor | None] = []
 
     # -- setup helpers -------------------------------------------------------------------------
 
@@ -342,60 +333,15 @@ class ActivationEngine:
 
     # -- forward -------------------------------------------------------------------------------
 
-    def _tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], int]:
-        """Token ids of each text, truncated to ``max_tokens``, and how many texts were truncated.
+    def tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
+        """Token ids of each text as training forwards it (see :func:`~amygdala_dagster.engine.inputs.token_ids`)
+        and whether each was cut to ``max_tokens``."""
+        return token_ids(self.tokenizer, texts, self.max_tokens)
 
-        Only a prefix of a long text is tokenised (a suffix for a tokenizer
-        that truncates on the left): ``max_tokens * CHARS_PER_TOKEN`` characters, grown (x4) for a text whose prefix does
-        not give ``max_tokens + TOKEN_MARGIN`` tokens. The margin keeps the
-        cut's effect on the last pre-token beyond the tokens kept, so the ids
-        are those of the whole text (a 5 MB node is not tokenised whole just
-        to learn that it is longer than ``max_tokens``).
-        """
-        limit = self.max_tokens
-        ids: list[list[int] | None] = [None] * len(texts)
-        truncated = 0
-        cap = limit * CHARS_PER_TOKEN
-        todo = list(range(len(texts)))
-        # A tokenizer that truncates on the left keeps the end of a text: read a suffix instead.
-        from_end = getattr(self.tokenizer, "truncation_side", "right") == "left"
-        while todo:
-            heads = [texts[i][-cap:] if from_end else texts[i][:cap] for i in todo]
-            enc = self.tokenizer(heads, truncation=True, max_length=limit, add_special_tokens=True,
-                                 padding=False, verbose=False)["input_ids"]
-            at_limit = [j for j, x in enumerate(enc) if len(x) >= limit]
-            counts: dict[int, int] = {}
-            if at_limit:
-                full = self.tokenizer([heads[j] for j in at_limit], truncation=False, add_special_tokens=True,
-                                      padding=False, verbose=False)["input_ids"]
-                counts = {j: len(x) for j, x in zip(at_limit, full)}
-            retry = []
-            for j, i in enumerate(todo):
-                cut = len(texts[i]) > cap
-                n = counts.get(j, len(enc[j]))
-                if cut and n < limit + TOKEN_MARGIN:
-                    retry.append(i)  # fewer tokens in the prefix than needed to be sure: take a longer one
-                    continue
-                ids[i] = list(enc[j])
-                truncated += int(cut or n > limit)
-            todo = retry
-            cap *= 4
-        return ids, truncated  # type: ignore[return-value]
-
-    def _hook(self, slot: int) -> Callable:
-        def hook(module, args, output):
-            hidden = output[0] if isinstance(output, (tuple, list)) else output
-            if not isinstance(hidden, torch.Tensor):
-                hidden = getattr(output, "last_hidden_state", None)
-            if not isinstance(hidden, torch.Tensor):
-                raise TypeError(f"layer output of type {type(output).__name__} holds no hidden-state tensor")
-            # With a device map the blocks sit on several devices: gather on the input device.
-            self._captured[slot] = pool_hidden(hidden, self._mask, self.pooling).to(self._input_device)
-            if slot == self._deepest_slot:
-                raise _StopForward
-        return hook
-
-    def _run_batch(self, ids: list[list[int]], batch: list[int], padded_len: int) -> torch.Tensor:
+    def _run_batch(self, ids: list[list[int]], batch: list[int], padded_len: int,
+                   keep_tokens: Sequence[bool]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Pooled float32 ``[B, L, H]`` of the batch's texts and, for the rows ``keep_tokens`` marks, the
+        per-token activations ``[T, L, H]`` (the model's dtype, padding dropped), both on the CPU."""
         input_ids = torch.full((len(batch), padded_len), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), padded_len), dtype=torch.long)
         for row, i in enumerate(batch):
@@ -404,27 +350,30 @@ class ActivationEngine:
             mask[row, :n] = 1
         input_ids = input_ids.to(self._input_device)
         mask = mask.to(self._input_device)
-        self._mask = mask
-        self._captured = [None] * len(self.layers)
-        handles = [m.register_forward_hook(self._hook(s)) for s, m in enumerate(self._modules)]
-        try:
-            with torch.inference_mode():
-                try:
-                    self.loaded.model(input_ids=input_ids, attention_mask=mask, **self._extra_kwargs)
-                except _StopForward:
-                    pass
-                if any(c is None for c in self._captured):
-                    missing = [self.layers[s] for s, c in enumerate(self._captured) if c is None]
-                    raise RuntimeError(f"{self.loaded.model_id}: the forward pass never reached layer(s) "
-                                       f"{missing} at {self.resolved_layer_path}")
-                stacked = torch.stack(self._captured, dim=1).cpu()  # type: ignore[arg-type]
-        finally:
-            for h in handles:
-                h.remove()
-            self._mask = None
-            self._captured = []
-        # A plain tensor (not an inference tensor) so callers may modify it in place.
-        return stacked.clone()
+        pooled: list[torch.Tensor | None] = [None] * len(self.layers)
+        hidden: list[torch.Tensor | None] = [None] * len(self.layers)
+        wanted = [row for row, i in enumerate(batch) if keep_tokens[i]]
+
+        def keep(slot: int, out: torch.Tensor) -> None:
+            # With a device map the blocks sit on several devices: gather on the input device.
+            pooled[slot] = pool_hidden(out, mask, self.pooling).to(self._input_device)
+            if wanted:
+                hidden[slot] = out[wanted].to("cpu")
+
+        run_until_captured(self.loaded.model, self._modules, keep, self._deepest_slot,
+                           input_ids=input_ids, attention_mask=mask, **self._extra_kwargs)
+        if any(c is None for c in pooled):
+            missing = [self.layers[s] for s, c in enumerate(pooled) if c is None]
+            raise RuntimeError(f"{self.loaded.model_id}: the forward pass never reached layer(s) "
+                               f"{missing} at {self.resolved_layer_path}")
+        # Plain tensors (not inference tensors) so callers may modify them in place.
+        stacked = torch.stack(pooled, dim=1).cpu().clone()  # type: ignore[arg-type]
+        tokens: dict[int, torch.Tensor] = {}
+        if wanted:
+            per_token = torch.stack(hidden, dim=2)  # type: ignore[arg-type]  # [B', T, L, H]
+            for j, row in enumerate(wanted):
+                tokens[batch[row]] = per_token[j, : len(ids[batch[row]])].clone()
+        return stacked, tokens
 
     def forward(self, texts: Sequence[str], progress: Callable[[int, int], None] | None = None,
                 keys: Sequence[str] | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
@@ -441,15 +390,37 @@ class ActivationEngine:
         reject_empty_texts(texts, keys)
         if not texts:
             return iter(())
-        ids, truncated = self._tokenize(texts)
-        self.load_weights()
-        if truncated:
-            log.info("%d of %d texts truncated to %d tokens", truncated, len(texts), self.max_tokens)
-        self.stats.truncated += truncated
-        return self._batches(ids, progress)
+        ids, truncated = self.tokenize(texts)
+        self.note_truncated(sum(truncated), len(texts))
+        return ((batch, pooled) for batch, pooled, _ in self.forward_ids(ids, progress=progress))
 
-    def _batches(self, ids: list[list[int]], progress: Callable[[int, int], None] | None
-                 ) -> Iterator[tuple[list[int], torch.Tensor]]:
+    def note_truncated(self, n: int, total: int) -> None:
+        """Count (and log) ``n`` of ``total`` texts cut to ``max_tokens``."""
+        if n:
+            log.info("%d of %d texts truncated to %d tokens", n, total, self.max_tokens)
+        self.stats.truncated += int(n)
+
+    def forward_ids(self, ids: Sequence[Sequence[int]], per_token: Sequence[bool] | None = None,
+                    progress: Callable[[int, int], None] | None = None,
+                    ) -> Iterator[tuple[list[int], torch.Tensor, dict[int, torch.Tensor]]]:
+        """Forward token sequences (as :meth:`tokenize` gives them); per batch yield ``(indices, pooled
+        float32 [B, L, H], {index: per-token activations [T, L, H]})``, the per-token ones (in the model's
+        dtype) for the sequences ``per_token`` marks: pooled and per-token data of a text come out of one
+        forward pass. The weights are loaded here when the engine has none yet."""
+        ids = [list(x) for x in ids]
+        if not ids:
+            return iter(())
+        empty = [i for i, x in enumerate(ids) if not x]
+        if empty:
+            raise ValueError(f"sequence #{empty[0]} has no token; nothing to forward through the model")
+        keep = [False] * len(ids) if per_token is None else [bool(x) for x in per_token]
+        if len(keep) != len(ids):
+            raise ValueError(f"{len(keep)} per-token flags for {len(ids)} sequences")
+        self.load_weights()
+        return self._batches(ids, keep, progress)
+
+    def _batches(self, ids: list[list[int]], keep: list[bool], progress: Callable[[int, int], None] | None
+                 ) -> Iterator[tuple[list[int], torch.Tensor, dict[int, torch.Tensor]]]:
         n = len(ids)
         plen = [padded_length(len(x), self.max_tokens) for x in ids]
         order = sorted(range(n), key=lambda i: (-plen[i], -len(ids[i]), i))
@@ -481,7 +452,7 @@ class ActivationEngine:
             start = time.perf_counter()
             oom = False
             try:
-                pooled = self._run_batch(ids, batch, padded)
+                pooled, tokens = self._run_batch(ids, batch, padded, keep)
             except torch.OutOfMemoryError as exc:
                 if size == 1:
                     raise ActivationOutOfMemoryError(
@@ -514,4 +485,4 @@ class ActivationEngine:
             st.peak_memory_bytes = max(st.peak_memory_bytes, int(peak))
             if progress is not None:
                 progress(done_texts, done_tokens)
-            yield list(batch), pooled
+            yield list(batch), pooled, tokens

@@ -25,7 +25,7 @@ its texts are forwarded again, never read as silently wrong vectors. Never
 pickle: safetensors and JSON only.
 
 A text is forwarded through the model at most once per fingerprint;
-:func:`ensure_cached` forwards only the texts the cache does not hold yet.
+:func:`amygdala_dagster.engine.forward.ensure_cached` forwards only the texts the cache does not hold yet.
 """
 
 from __future__ import annotations
@@ -36,11 +36,9 @@ import json
 import logging
 import os
 import struct
-import sys
-import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +46,6 @@ import fsspec
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save as st_save
-from tqdm.auto import tqdm
 
 from amygdala_dagster.files.atomic import atomic_write_bytes, atomic_write_text
 from amygdala_dagster.files.storage import is_local
@@ -587,106 +584,3 @@ class ActivationCache:
             raise ValueError("chunk_size must be >= 1")
         for start in range(0, len(shas), chunk_size):
             yield self.get(shas[start : start + chunk_size])
-
-
-@dataclass
-class CacheRunStats:
-    """What one :func:`ensure_cached` call did."""
-
-    texts_total: int
-    unique_texts: int
-    forwarded: int
-    cached: int
-    tokens: int
-    truncated: int
-    seconds: float
-    tokens_per_s: float
-    peak_memory_bytes: int | None
-    device: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _stat(engine: Any, name: str, default: Any = 0) -> Any:
-    stats = getattr(engine, "stats", None)
-    return getattr(stats, name, default) if stats is not None else default
-
-
-def ensure_cached(
-    engine: Any,
-    cache: ActivationCache,
-    texts: Sequence[str],
-    *,
-    keys: Sequence[str] | None = None,
-    progress: bool = True,
-) -> CacheRunStats:
-    """Make sure every text in ``texts`` has its pooled activations in ``cache``.
-
-    Texts are deduplicated by SHA-256 and only those the cache lacks are
-    forwarded through ``engine.forward``; results are added as they stream out
-    and shards are written as they fill, so memory stays around one shard and a
-    killed run resumes from the shards already written. Shards holding the
-    texts are checked against their checksums first; a damaged one is set
-    aside with a warning and its texts forwarded again. ``keys`` (parallel to
-    ``texts``) name the examples in errors; an empty text is refused.
-    """
-    if keys is not None and len(keys) != len(texts):
-        raise ValueError(f"ensure_cached: {len(keys)} keys for {len(texts)} texts")
-    reject_empty_texts(texts, keys)
-    shas = [text_sha256(t) for t in texts]
-    first: dict[str, int] = {}
-    for i, sha in enumerate(shas):
-        first.setdefault(sha, i)
-    cache.refresh()  # shards written by other processes since the cache was opened
-    # Checked before deciding what to forward: a damaged shard's texts are forwarded again.
-    cache.verify(list(first))
-    todo = cache.missing(list(first))
-    todo_texts = [texts[first[s]] for s in todo]
-    todo_keys = [keys[first[s]] for s in todo] if keys is not None else None
-
-    tokens0 = int(_stat(engine, "tokens", 0) or 0)
-    trunc0 = int(_stat(engine, "truncated", 0) or 0)
-    # A lazy engine loads its weights inside forward(); that time is not forwarding time.
-    load0 = float(_stat(engine, "load_seconds", 0.0) or 0.0)
-    t0 = time.perf_counter()
-    bar = None
-    if progress and todo:
-        bar = tqdm(total=len(todo), unit="text", desc="forward", file=sys.stderr, dynamic_ncols=True)
-    try:
-        if todo:
-            for indices, acts in engine.forward(todo_texts, keys=todo_keys):
-                idx = [int(i) for i in indices]
-                cache.add([todo[i] for i in idx], acts)
-                if bar is not None:
-                    bar.update(len(idx))
-                    elapsed = max(time.perf_counter() - t0, 1e-9)
-                    tok = int(_stat(engine, "tokens", 0) or 0) - tokens0
-                    bar.set_postfix(tok_s=f"{tok / elapsed:,.0f}", refresh=False)
-    finally:
-        # Whatever was forwarded before an error is kept: the next run resumes from it.
-        cache.flush()
-        if bar is not None:
-            bar.close()
-    load_seconds = float(_stat(engine, "load_seconds", 0.0) or 0.0) - load0
-    seconds = max(time.perf_counter() - t0 - load_seconds, 0.0) if todo else 0.0
-    tokens = int(_stat(engine, "tokens", 0) or 0) - tokens0
-    stats = CacheRunStats(
-        texts_total=len(texts),
-        unique_texts=len(first),
-        forwarded=len(todo),
-        cached=len(first) - len(todo),
-        tokens=tokens,
-        truncated=int(_stat(engine, "truncated", 0) or 0) - trunc0,
-        seconds=round(seconds, 3),
-        tokens_per_s=round(tokens / seconds, 1) if seconds > 0 else 0.0,
-        peak_memory_bytes=_stat(engine, "peak_memory_bytes", None),
-        device=str(_stat(engine, "device", "") or ""),
-    )
-    log.info(
-        "activations: %d texts (%d unique): %d forwarded, %d from cache; %d tokens (%d truncated) in %.1fs "
-        "(%.0f tokens/s) on %s",
-        stats.texts_total, stats.unique_texts, stats.forwarded, stats.cached, stats.tokens,
-        stats.truncated, stats.seconds, stats.tokens_per_s, stats.device or "?",
-    )
-    return stats

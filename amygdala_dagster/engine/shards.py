@@ -38,15 +38,11 @@ from typing import Any
 import torch
 
 from amygdala_dagster.engine.activations import ActivationEngine
-from amygdala_dagster.engine.cache import (
-    DEFAULT_SHARD_SIZE,
-    ActivationCache,
-    CacheRunStats,
-    ensure_cached,
-    text_sha256,
-)
+from amygdala_dagster.engine.cache import DEFAULT_SHARD_SIZE, ActivationCache, text_sha256
+from amygdala_dagster.engine.forward import CacheRunStats, TokenSequence, ensure_cached
 from amygdala_dagster.engine.layers import parse_layers
 from amygdala_dagster.engine.models import load_model
+from amygdala_dagster.engine.token_cache import TokenCache
 
 log = logging.getLogger(__name__)
 
@@ -165,25 +161,31 @@ def forward_shard(
     index: int,
     n: int,
     keys: Sequence[str] | None = None,
+    sequences: Sequence[TokenSequence] = (),
     progress: bool = True,
     cache_shard_size: int = DEFAULT_SHARD_SIZE,
 ) -> ShardResult:
-    """Forward the uncached texts of shard ``index`` of ``n`` into the activation cache under ``cache_root``.
+    """Forward the uncached inputs of shard ``index`` of ``n`` into the caches under ``cache_root``.
 
     ``texts`` is the whole run's list (duplicates allowed); only the distinct
     texts whose hash falls in this shard are looked at, and of those only
     the ones the cache lacks are forwarded (a shard killed earlier resumes).
-    ``n == 1`` is the unsharded run. The caller reads the statistics from the
-    cache once every shard is done.
+    The per-token ``sequences`` are split the same way (a plain text's by its
+    text hash, so its pooled row and its per-token activations stay in one
+    shard and one forward). ``n == 1`` is the unsharded run. The caller reads
+    the statistics from the cache once every shard is done.
     """
     _check_index(index, n)
     if keys is not None and len(keys) != len(texts):
         raise ValueError(f"forward_shard: {len(keys)} keys for {len(texts)} texts")
     started = time.time()
     mine = shard_texts(texts, index, n)
+    my_sequences = [s for s in sequences if shard_of(s.text_sha or s.key, n) == index]
+    tokens = TokenCache(cache_root, engine.fingerprint, engine.loaded.dtype)
     with ActivationCache(cache_root, engine.fingerprint, shard_size=cache_shard_size) as cache:
         stats = ensure_cached(engine, cache, [texts[i] for i in mine],
-                              keys=[keys[i] for i in mine] if keys is not None else None, progress=progress)
+                              keys=[keys[i] for i in mine] if keys is not None else None, progress=progress,
+                              tokens=tokens, sequences=my_sequences)
     return ShardResult(index=int(index), shards=int(n), shard_texts=len(mine), stats=stats,
                        started_at=started, finished_at=time.time())
 

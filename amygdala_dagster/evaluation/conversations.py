@@ -21,20 +21,16 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from amygdala_dagster.readout import metrics as M
 from amygdala_dagster.files.jsonio import jsonable
-from amygdala_dagster.readout.runtime import (
-    InputRecord, ReadoutRuntime, TokenActivationCache, TokenScores, encode, manifest_skip_first_tokens,
-    read_inputs, scores_from_hidden, token_activations,
-)
-from amygdala_dagster.readout.token_calibration import engine_runtime_factory, engine_token_cache
+from amygdala_dagster.engine.token_sample import TokenSample
+from amygdala_dagster.readout.runtime import TokenScores, manifest_skip_first_tokens, scores_from_hidden
+from amygdala_dagster.readout.token_calibration import TokenSource
 from amygdala_dagster.evaluation.trace import SMOOTH_WINDOW, moving_average, thresholds, trace_record
 
 log = logging.getLogger(__name__)
@@ -43,18 +39,12 @@ log = logging.getLogger(__name__)
 N_TRACES = 3
 
 
-def score_records(
-    records: Sequence[InputRecord], readout: Any, *, tokenizer: Any, max_tokens: int | None,
-    hidden_layers: Sequence[int], runtime_factory: Callable[[], ReadoutRuntime],
-    cache: TokenActivationCache | None = None,
-) -> list[TokenScores]:
-    """Per-token scores of every record (activations from ``cache`` where present, else forwarded)."""
-    encoded = [encode(tokenizer, r.item, max_tokens) for r in records]
+def sample_scores(sample: TokenSample, tokens: TokenSource, readout: Any,
+                  hidden_layers: Sequence[int]) -> list[TokenScores]:
+    """Per-token scores of every conversation of ``sample``, from their stored per-token activations."""
     skip = manifest_skip_first_tokens(readout.manifest)
-    out: list[TokenScores | None] = [None] * len(records)
-    for i, hidden in token_activations(encoded, cache, runtime_factory):
-        out[i] = scores_from_hidden(encoded[i], hidden, readout, hidden_layers, skip, records[i].id)
-    return out  # type: ignore[return-value]
+    return [scores_from_hidden(e.encoded(), tokens.get(e.key), readout, hidden_layers, skip, e.id)
+            for e in sample.entries]
 
 
 def _text_score(s: TokenScores, layer: int, ci: int, pooling: str) -> float:
@@ -83,7 +73,7 @@ def _finite(x: float) -> float | None:
 
 
 def evaluate_conversations(
-    scores: Sequence[TokenScores], records: Sequence[InputRecord], readout: Any, *,
+    scores: Sequence[TokenScores], labelled: Sequence[Sequence[str] | None], readout: Any, *,
     layer_for: Mapping[str, int | None] | None = None, window: int = SMOOTH_WINDOW, n_traces: int = N_TRACES,
     source: str | None = None,
 ) -> dict[str, Any]:
@@ -97,7 +87,7 @@ def evaluate_conversations(
     manifest = readout.manifest
     pooling = str(manifest.get("pooling") or "mean")
     concepts = list(readout.concepts)
-    labels = [set(r.emotions or ()) for r in records]
+    labels = [set(x or ()) for x in labelled]
     unknown = sorted(set().union(*labels) - set(concepts)) if labels else []
     per_emotion: dict[str, Any] = {}
     thr_by_layer = {int(l): thresholds(manifest, int(l)) for l in readout.layers}
@@ -138,7 +128,7 @@ def evaluate_conversations(
     mean = lambda key: _finite(np.mean([v[key] for v in per_emotion.values() if v[key] is not None]))  # noqa: E731
     return {
         "source": source,
-        "n_conversations": len(records),
+        "n_conversations": len(labelled),
         "window": int(window),
         "skip_first_tokens": manifest_skip_first_tokens(manifest),
         "unknown_labels": unknown,
@@ -151,25 +141,15 @@ def evaluate_conversations(
     }
 
 
-def conversations_with_engine(
-    engine: Any, cache_root: Any, readout: Any, records: Sequence[InputRecord], *,
-    layer_for: Mapping[str, int | None] | None = None, source: str | None = None,
-) -> dict[str, Any]:
-    """:func:`evaluate_conversations` with activations from the per-token cache of ``engine``'s
-    fingerprint (the engine's weights are loaded only for conversations not cached yet)."""
-    scores = score_records(records, readout, tokenizer=engine.tokenizer, max_tokens=engine.max_tokens,
-                           hidden_layers=engine.layers, runtime_factory=engine_runtime_factory(engine),
-                           cache=engine_token_cache(engine, cache_root))
-    return evaluate_conversations(scores, records, readout, layer_for=layer_for, source=source)
-
-
-def conversations_from_file(engine: Any, cache_root: Any, readout: Any, path: str | os.PathLike[str],
-                            evaluation: Mapping[str, Any]) -> dict[str, Any]:
-    """The evaluation's ``conversations`` section (JSON-ready) for a labelled JSONL file, each emotion at
-    its best held-out layer in ``evaluation``."""
-    return jsonable(conversations_with_engine(
-        engine, cache_root, readout, read_inputs(path, labelled=True), layer_for=best_layers(evaluation),
-        source=Path(path).name), nonfinite_as_null=True)
+def conversations_section(sample: TokenSample, tokens: TokenSource, readout: Any, hidden_layers: Sequence[int],
+                          evaluation: Mapping[str, Any]) -> dict[str, Any]:
+    """The evaluation's ``conversations`` section (JSON-ready) for the labelled conversations of ``sample``,
+    each emotion at its best held-out layer in ``evaluation``."""
+    scores = sample_scores(sample, tokens, readout, hidden_layers)
+    section = evaluate_conversations(scores, [e.emotions for e in sample.entries], readout,
+                                     layer_for=best_layers(evaluation), source=sample.source.partition(":")[2] or None)
+    section["sample"] = sample.summary()
+    return jsonable(section, nonfinite_as_null=True)
 
 
 def best_layers(evaluation: Mapping[str, Any]) -> dict[str, int | None]:

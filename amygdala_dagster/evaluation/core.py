@@ -1,10 +1,10 @@
 """Evaluation of readout vectors: does each vector read what it claims?
 
-Everything here reads activations from the activation cache only; nothing
-already cached is forwarded again (conversation snippets go through
-:func:`amygdala_dagster.engine.cache.ensure_cached` first, so only new snippets cost a
-forward pass). The result of :func:`evaluate` is a JSON-ready dict: the
-content of ``evaluation.json``.
+Everything here works on arrays: pooled activations read from the activation
+cache (which the GPU step filled, conversation snippets included) and the
+per-token scores of :mod:`.conversations`. Nothing here loads a model. The
+result of :func:`evaluate` is a JSON-ready dict: the content of
+``evaluation.json``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import sklearn
 
-from amygdala_dagster.engine.cache import ActivationCache, ensure_cached, layer_positions, text_sha256
+from amygdala_dagster.engine.cache import ActivationCache, layer_positions, text_sha256
 from amygdala_dagster.readout.estimators import DegenerateDirectionError, make_estimator, unit_direction
 from amygdala_dagster.readout import metrics as M
 from amygdala_dagster.examples.selection import cooccurrence
@@ -521,29 +521,25 @@ def generalisation(
     layer_for: Mapping[str, int | None],
     calibration_for: Mapping[str, Mapping[int, dict | None]],
     *,
-    engine: Any = None,
     top_k: int = 5,
 ) -> dict[str, Any]:
     """Top and bottom snippets per emotion by calibrated score at the emotion's chosen layer.
 
-    ``{"n_snippets", "cache_stats", "texts": {id: text}, "emotions": {emotion: {"layer", "top",
-    "bottom", "fraction_above_threshold"}}}``; the rows of ``top``/``bottom`` name snippets by id.
+    ``{"n_snippets", "texts": {id: text}, "emotions": {emotion: {"layer", "top", "bottom",
+    "fraction_above_threshold"}}}``; the rows of ``top``/``bottom`` name snippets by id. Every snippet
+    must be in the cache (the GPU step forwards them with the examples).
     """
     texts = [s["text"] for s in snippets]
     ids = [str(s["id"]) for s in snippets]
-    stats = None
-    if engine is not None:
-        stats = ensure_cached(engine, cache, texts, keys=ids, progress=False).to_dict()
     missing = [i for i, t in zip(ids, texts) if text_sha256(t) not in cache]
     if missing:
         raise ValueError(
             f"{len(missing)} conversation snippet(s) (first {missing[0]!r}) are not in the activation cache "
-            "and no engine was given to forward them"
+            f"{cache.directory}: forward them first (materialize activation_stats)"
         )
     acts = cache.get([text_sha256(t) for t in texts]).astype(np.float64) if texts else None
     # Each snippet's text once (rows name it by id): 200 emotions x top/bottom would repeat them.
-    out: dict[str, Any] = {"n_snippets": len(snippets), "cache_stats": stats, "texts": dict(zip(ids, texts)),
-                           "emotions": {}}
+    out: dict[str, Any] = {"n_snippets": len(snippets), "texts": dict(zip(ids, texts)), "emotions": {}}
     for ci, emotion in enumerate(readout.concepts):
         layer = layer_for.get(emotion)
         if layer is None:
@@ -577,7 +573,6 @@ def generalisation(
 
 
 def sweep_layers(
-    engine: Any,
     cache: ActivationCache,
     example_sets: Mapping[str, Any] | Iterable[Any],
     *,
@@ -585,26 +580,20 @@ def sweep_layers(
     estimator: str = "mean_difference",
     n_recommend: int = 3,
     n_model_layers: int | None = None,
-    progress: bool = True,
+    cache_stats: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Held-out AUROC of every emotion at every layer, from one pass of the model.
+    """Held-out AUROC of every emotion at every layer sweeping ``cache``'s layers.
 
-    ``engine`` hooks every layer to sweep and ``cache`` is the cache for its
-    fingerprint (a namespace of its own). All texts of all emotions are cached
-    in one :func:`ensure_cached` call, then each emotion's direction is fitted
-    on its train split at each layer and scored on its holdout.
+    ``cache`` holds the activations of every example text at every layer to
+    sweep (an engine hooking them all filled it: a fingerprint of its own).
+    Each emotion's direction is fitted on its train split at each layer and
+    scored on its holdout.
     ``recommended_layers`` are the ``n_recommend`` layers with the highest mean
     held-out AUROC (best first).
     """
     sets = _sets_by_emotion(example_sets)
     wanted = [int(l) for l in (layers if layers is not None else cache.layers or [])]
     positions = layer_positions(cache, wanted, "layer sweep")
-    texts, keys = [], []
-    for s in sets.values():
-        for e in (*s.positives, *s.negatives):
-            texts.append(e.text)
-            keys.append(e.key)
-    stats = ensure_cached(engine, cache, texts, keys=keys, progress=progress) if engine is not None else None
     est = make_estimator(estimator)
     table: dict[str, dict[str, float | None]] = {}
     for emotion, s in sets.items():
@@ -635,7 +624,7 @@ def sweep_layers(
         "recommended_layers": ranked[:n_recommend],
         "n_model_layers": n_model_layers,
         "cache_fingerprint_id": cache.fingerprint_id,
-        "cache_stats": stats.to_dict() if stats is not None else None,
+        "cache_stats": dict(cache_stats) if cache_stats is not None else None,
     }
     if n_model_layers:
         out["depth_fraction"] = {str(l): (l + 1) / n_model_layers for l in wanted}
@@ -652,7 +641,6 @@ def evaluate(
     *,
     snapshot: Any = None,
     snippets: Sequence[Mapping[str, str]] | str | os.PathLike[str] | None = None,
-    engine: Any = None,
     estimators: Sequence[str] | str | None = "auto",
     threshold_method: str = "max_f1",
     target_fpr: float = 0.05,
@@ -673,8 +661,7 @@ def evaluate(
     ``example_sets``: ``{emotion: ExampleSet}`` (or an iterable of them); every
     concept of ``readout`` must have one. ``snapshot`` (the memory snapshot
     table) adds the tags' co-occurrence beside the cross-talk; ``snippets``
-    (records or a JSONL path) adds the generalisation section, forwarding only
-    uncached snippets through ``engine``. ``sweep`` is a :func:`sweep_layers`
+    (records or a JSONL path, all in ``cache``) adds the generalisation section. ``sweep`` is a :func:`sweep_layers`
     result to include. ``meta`` is copied into the result as ``meta``.
     ``estimators``: see :func:`resolve_estimators`. ``criteria`` decide the
     verdicts (:func:`judge`; ``confound_margin``, when given, overrides
@@ -757,7 +744,7 @@ def evaluate(
         layer_for = {e: emotions[e]["best_layer"] for e in emotions}
         cal_for = {e: {int(l): v["calibration"] for l, v in emotions[e]["layers"].items()} for e in emotions}
         result["generalisation"] = generalisation(
-            cache, readout, snippets, layer_for, cal_for, engine=engine, top_k=top_k
+            cache, readout, snippets, layer_for, cal_for, top_k=top_k
         )
     return apply_verdicts(json_clean(result), criteria)
 

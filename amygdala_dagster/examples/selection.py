@@ -397,6 +397,16 @@ def _select(
     )
 
 
+def holdout_texts(snapshot: pl.DataFrame, params: SelectionParams | None = None) -> list[tuple[str, str]]:
+    """``(key, text)`` of every body that can be a held-out example of some emotion: at least one valid
+    tag and ``min_content_chars``, in the holdout split (one per distinct body, the key that stands for
+    it). Each emotion's held-out negatives are among these."""
+    params = params or SelectionParams()
+    return [(r.key, r.body) for r in _rows(snapshot)
+            if r.scores and len(r.body) >= params.min_content_chars
+            and split_for_key(r.key, params.holdout_fraction) == "holdout"]
+
+
 def select_examples(snapshot: pl.DataFrame, emotion: str, params: SelectionParams | None = None) -> ExampleSet:
     """The positives and negatives for one emotion (Contract 2), each list sorted by key."""
     return select_all(snapshot, [emotion], params)[emotion]

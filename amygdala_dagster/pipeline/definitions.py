@@ -21,7 +21,8 @@ from amygdala_dagster.pipeline.checks import ALL_CHECKS
 from amygdala_dagster.pipeline.jobs import JOBS, LOGGERS
 from amygdala_dagster.pipeline.k8s import deployment_executor
 from amygdala_dagster.pipeline.resources import (
-    ArtifactStorage, EvaluationResource, MemoryGraphResource, ModelResource, SelectionResource, default_output_dir,
+    ArtifactStorage, EvaluationResource, MemoryGraphResource, ModelResource, SelectionResource, ShardingResource,
+    default_output_dir,
 )
 from amygdala_dagster.pipeline.sensors import memory_graph_sensor
 
@@ -36,13 +37,15 @@ def default_resources() -> dict[str, Any]:
     model_kwargs = {k: v for k, v in {
         "model": _env("AMYGDALA_MODEL"), "device": _env("AMYGDALA_DEVICE"), "dtype": _env("AMYGDALA_DTYPE"),
         "layers": _env("AMYGDALA_TARGET_LAYERS"), "cache_dir": _env("AMYGDALA_CACHE_DIR"),
-        "device_map": _env("AMYGDALA_DEVICE_MAP"), "shards": _env("AMYGDALA_SHARDS"),
+        "device_map": _env("AMYGDALA_DEVICE_MAP"),
     }.items() if v is not None}
+    shards = _env("AMYGDALA_SHARDS")
     return {
         # The token is read from $AMYGDALA_MEMORY_TOKEN (token_env) when the graph is contacted, in
         # whichever process does it (CLI, sensor, run worker): only the variable's name is config.
         "memory": MemoryGraphResource(mcp_url=_env("AMYGDALA_MEMORY_MCP_URL"), file=_env("AMYGDALA_MEMORY_FILE")),
         "model": ModelResource(**model_kwargs),
+        "sharding": ShardingResource(**({"shards": shards} if shards is not None else {})),
         "storage": ArtifactStorage(base_path=default_output_dir()),
         "selection": SelectionResource(
             curated=[e.strip() for e in (_env("AMYGDALA_EMOTIONS") or "").split(",") if e.strip()]

@@ -22,6 +22,7 @@ import torch
 from pydantic import Field, PrivateAttr
 
 from amygdala_dagster.engine.activations import ActivationEngine
+from amygdala_dagster.engine.token_sample import DEFAULT_SAMPLE_TOKENS
 from amygdala_dagster.evaluation.core import Criteria
 from amygdala_dagster.readout.metrics import THRESHOLD_METHODS
 from amygdala_dagster.examples.selection import SelectionParams, emotion_catalog
@@ -144,10 +145,6 @@ class ModelResource(dg.ConfigurableResource):
     device_map: str | None = Field(
         default=None,
         description='spread one model over the GPUs of a box: "auto" or a JSON {module: device} map (needs accelerate)')
-    shards: int = Field(
-        default=1, ge=1,
-        description="split the forward work into this many parallel steps by text hash (one process, or one GPU "
-                    "pod on Kubernetes, each); 1: one step")
 
     _engine: ActivationEngine | None = PrivateAttr(default=None)
 
@@ -172,14 +169,6 @@ class ModelResource(dg.ConfigurableResource):
                 self._engine = build_engine(self.settings(), on_weights_loaded=_log_weights_loaded)
             return self._engine
 
-    def engine_for(self, fingerprint: Mapping[str, Any]) -> ActivationEngine:
-        """:meth:`engine`, refused when it would not reproduce the activations behind ``fingerprint``."""
-        engine = self.engine()
-        if engine.fingerprint != fingerprint:
-            raise ValueError("the model resource does not match the one that produced the readout; "
-                             "rematerialize activation_stats with the current model settings")
-        return engine
-
     def release(self) -> bool:
         """Drop the model so its memory (and GPU memory) is freed; True when weights were held."""
         with _LOAD_LOCK:
@@ -200,6 +189,14 @@ class ModelResource(dg.ConfigurableResource):
 
 def _log_weights_loaded(loaded: LoadedModel) -> None:
     log.info("loaded the weights of %s on %s", loaded.model_id, loaded.device)
+
+
+class ShardingResource(dg.ConfigurableResource):
+    """How many parallel GPU steps share the forward work (one process, or one GPU pod on Kubernetes, each)."""
+
+    shards: int = Field(
+        default=1, ge=1,
+        description="split the forward work into this many parallel steps by text hash; 1: one step")
 
 
 class EvaluationResource(dg.ConfigurableResource):
@@ -231,6 +228,10 @@ class EvaluationResource(dg.ConfigurableResource):
     )
 
     token_target_rate: float = Field(default=0.01, description="share of calibration tokens the token threshold fires on")
+    calibration_tokens: int = Field(
+        default=DEFAULT_SAMPLE_TOKENS, ge=1,
+        description="token budget of the calibration sample (and of the evaluation conversations) whose per-token "
+                    "activations the GPU step keeps")
     calibration_texts: str | None = Field(
         default=None,
         description="JSONL of {text} or {messages} to set the token calibration on (default: held-out negatives)",

@@ -144,7 +144,7 @@ def _pool_hint(instance: dg.DagsterInstance, shards: int) -> None:
 def _execute(job_name: str, resources: Mapping[str, Any], instance: dg.DagsterInstance,
              selection: Sequence[dg.AssetKey], tags: Mapping[str, str], raise_on_error: bool,
              quiet_errors: bool = True) -> RunResult:
-    shards = int(resources["model"].shards)
+    shards = int(resources["sharding"].shards)
     if shards > 1:
         # N shard steps in parallel: the multiprocess executor (or the deployment's, e.g. one pod per step)
         # runs each step in its own process, which rebuilds the job from the code location by name.
@@ -204,7 +204,7 @@ def materialize_all(resources: Mapping[str, Any], instance: dg.DagsterInstance,
     _apply_plan(instance, plan, existing)
     log.info("emotions: %s", ", ".join(plan.partitions))
     return _execute(REFRESH_JOB, resources, instance,
-                    refresh_selection(plan.partitions, int(resources["model"].shards)),
+                    refresh_selection(plan.partitions, int(resources["sharding"].shards)),
                     refresh_tags(plan.partitions), raise_on_error)
 
 
@@ -240,7 +240,7 @@ def backfill_emotions(names: Sequence[str], resources: Mapping[str, Any], instan
     keys = emotion_partitions(instance)
     pos = sorted(keys.index(n) for n in names)
     span = keys[pos[0]: pos[-1] + 1]
-    chosen = with_shards(list(PARTITIONED), int(resources["model"].shards)) + list(ALL_EMOTION_TAIL)
+    chosen = with_shards(list(PARTITIONED), int(resources["sharding"].shards)) + list(ALL_EMOTION_TAIL)
     if not has_snapshot:
         chosen = list(UNPARTITIONED_HEAD) + chosen
     return _execute(BACKFILL_JOB, resources, instance, chosen,

@@ -17,7 +17,7 @@ import dagster as dg
 from amygdala_dagster.pipeline.assets import memory_graph
 from amygdala_dagster.pipeline.assets.common import EMOTION, emotion_partitions
 from amygdala_dagster.pipeline.jobs import full_refresh, plan_from_graph, refresh_selection, refresh_tags
-from amygdala_dagster.pipeline.resources import MemoryGraphResource, ModelResource, SelectionResource
+from amygdala_dagster.pipeline.resources import MemoryGraphResource, ShardingResource, SelectionResource
 from amygdala_dagster.graph.sources import MemoryGraphError
 
 DATA_VERSION_TAG = "dagster/data_version"
@@ -40,7 +40,7 @@ def sensor_interval_seconds() -> int:
 )
 def memory_graph_sensor(
     context: dg.SensorEvaluationContext, memory: MemoryGraphResource, selection: SelectionResource,
-    model: ModelResource,
+    sharding: ShardingResource,
 ) -> dg.SensorResult | dg.SkipReason:
     try:
         version = memory.source().graph_version()
@@ -68,7 +68,7 @@ def memory_graph_sensor(
         run_requests=[
             dg.RunRequest(
                 run_key=f"memory-graph-{version.version}",
-                asset_selection=refresh_selection(plan.partitions, int(model.shards)),
+                asset_selection=refresh_selection(plan.partitions, int(sharding.shards)),
                 tags={**refresh_tags(plan.partitions), "amygdala/graph_version": version.version},
             )
         ],

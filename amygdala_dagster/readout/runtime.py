@@ -13,48 +13,35 @@ projection itself).
 or a conversation (messages go through the tokenizer's chat template when it
 has one) and, one row per new token, while the model generates. It is the
 executable specification of what the ReadoutManager computes and a way to use
-the vectors without the vLLM build. :class:`TokenActivationCache` keeps the
-per-token activations of calibration and evaluation texts (content-addressed
-by token ids, per activation fingerprint), so new vectors are calibrated
-without a forward pass.
+the vectors without the vLLM build. :func:`scores_from_hidden` gives the same
+scores from per-token activations read earlier (the per-token cache of the
+calibration sample and the evaluation conversations), without a model.
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
-from safetensors.numpy import load as st_load_bytes
-from safetensors.numpy import save as st_save_numpy
 
-from amygdala_dagster.files.atomic import atomic_write_bytes
-from amygdala_dagster.engine.cache import cache_location, fingerprint_id
-from amygdala_dagster.readout.metrics import z_score
-from amygdala_dagster.files.jsonio import jsonl_objects
+from amygdala_dagster.engine.capture import capture, run_until_captured
+from amygdala_dagster.engine.inputs import Encoded, Item, encode, special_ids
 from amygdala_dagster.engine.layers import check_layer_indices, resolve_layers
 from amygdala_dagster.readout.manifest import calibration_entry
-from amygdala_dagster.files.storage import Store
+from amygdala_dagster.readout.metrics import z_score
 
 log = logging.getLogger(__name__)
 
 #: Positions left out of token calibration and firing, besides special tokens (see token_calibration.py).
 DEFAULT_SKIP_FIRST_TOKENS = 1
 
-Message = Mapping[str, str]
-#: A text, or a conversation as chat messages ``[{"role", "content"}, ...]``.
-Item = Union[str, Sequence[Message]]
-
-TOKEN_CACHE_FORMAT = "amygdala-token-activations/1"
 
 
 # ----------------------------------------------------------------------------- projection
@@ -104,165 +91,16 @@ def calibrated_scores(raw: Any, manifest: Mapping[str, Any], layer: int, kind: s
     return out
 
 
-class InputError(ValueError):
-    """An input file or record that cannot be used; the message names the file and line."""
-
-
-# ----------------------------------------------------------------------------- inputs
-@dataclass
-class InputRecord:
-    """One line of an input JSONL file: a text or a conversation, optionally labelled."""
-
-    id: str
-    item: Item
-    emotions: list[str] | None = None
-
-    @property
-    def text(self) -> str:
-        """The text, or the conversation's contents joined by newlines (for display)."""
-        if isinstance(self.item, str):
-            return self.item
-        return "\n".join(f"{m['role']}: {m['content']}" for m in self.item)
-
-
-def _parse_messages(value: Any, where: str) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise InputError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}} objects')
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise InputError(f'{where}: message {i} is not an object with string "role" and "content"')
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
-
-
-def read_inputs(path: str | Path, *, labelled: bool = False) -> list[InputRecord]:
-    """Records of a JSONL file: one ``{"text": ...}`` or ``{"messages": [...]}`` per line.
-
-    ``id`` is optional (default: the line number) but must be unique. With
-    ``labelled`` every line needs ``"emotions": [names]`` (may be empty).
-    Errors name the file and line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    records: list[InputRecord] = []
-    seen: set[str] = set()
-    for where, obj in jsonl_objects(path, InputError):
-        if isinstance(obj.get("text"), str) == ("messages" in obj):
-            raise InputError(f'{where}: give exactly one of "text" (a string) or "messages"')
-        item: Item = obj["text"] if "text" in obj else _parse_messages(obj["messages"], where)
-        if isinstance(item, str) and not item.strip():
-            raise InputError(f"{where}: empty text")
-        rid = str(obj.get("id", where.rpartition(":")[2]))  # default: the line number
-        if rid in seen:
-            raise InputError(f"{where}: duplicate id {rid!r}")
-        seen.add(rid)
-        emotions = obj.get("emotions")
-        if labelled and not (isinstance(emotions, list) and all(isinstance(e, str) for e in emotions)):
-            raise InputError(f'{where}: expected "emotions": a list of emotion names')
-        records.append(InputRecord(rid, item, list(emotions) if emotions is not None else None))
-    if not records:
-        raise InputError(f"{path}: no records")
-    return records
-
-
-# ----------------------------------------------------------------------------- tokenisation
-@dataclass
-class Encoded:
-    """Token ids of one input, which of them are special tokens, and their strings."""
-
-    ids: list[int]
-    special: list[bool]
-    tokens: list[str]
-    #: Each token's piece of the text, with the whitespace before it (special tokens: their name).
-    pieces: list[str] = field(default_factory=list)
-
-    @property
-    def key(self) -> str:
-        """Content address of the token sequence (the token-activation cache key)."""
-        return hashlib.sha256(json.dumps(self.ids, separators=(",", ":")).encode()).hexdigest()
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-def special_ids(tokenizer: Any) -> set[int]:
-    """Ids of the tokenizer's special tokens, including special added tokens (chat markers)."""
-    ids = set(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
-    for idx, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
-        if getattr(added, "special", False):
-            ids.add(int(idx))
-    return ids
-
-
-def _tokenize(tokenizer: Any, text: str, add_special_tokens: bool, max_tokens: int | None) -> tuple[list[int], list]:
-    kw = dict(add_special_tokens=add_special_tokens, truncation=max_tokens is not None, max_length=max_tokens,
-              verbose=False)
-    try:
-        enc = tokenizer(text, return_offsets_mapping=True, **kw)
-        return list(enc["input_ids"]), list(enc["offset_mapping"])
-    except (NotImplementedError, TypeError, ValueError):  # slow tokenizers have no offsets
-        return list(tokenizer(text, **kw)["input_ids"]), []
-
-
-def _pieces(tokenizer: Any, text: str, ids: list[int], offsets: list, special: list[bool]) -> list[str]:
-    """The text each token covers, with the gap before it, so that the pieces read as the text."""
-    tokens = tokenizer.convert_ids_to_tokens(ids)
-    if len(offsets) != len(ids):
-        return [tokens[i] if special[i] else tokenizer.decode([t]) for i, t in enumerate(ids)]
-    out, cursor = [], 0
-    for i, (start, end) in enumerate(offsets):
-        if special[i] or end <= start:
-            out.append(tokens[i] if special[i] else "")
-            continue
-        out.append(text[cursor:end] if start >= cursor else text[start:end])
-        cursor = max(cursor, end)
-    return out
-
-
-def encode(tokenizer: Any, item: Item, max_tokens: int | None = None, *,
-           add_generation_prompt: bool = False, specials: set[int] | None = None) -> Encoded:
-    """Tokenise a text as training does (``add_special_tokens=True``) or a conversation through the
-    tokenizer's chat template (plain ``role: content`` lines when it has none); truncate to ``max_tokens``."""
-    if isinstance(item, str):
-        text, add_special = item, True
-    else:
-        messages = [dict(m) for m in item]
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-            add_special = False  # the template places the special tokens itself
-        else:
-            text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
-            text += "\nassistant:" if add_generation_prompt else ""
-            add_special = True
-    ids, offsets = _tokenize(tokenizer, text, add_special, max_tokens)
-    ids = [int(i) for i in ids]
-    specials = special_ids(tokenizer) if specials is None else specials
-    special = [i in specials for i in ids]
-    return Encoded(ids=ids, special=special, tokens=list(tokenizer.convert_ids_to_tokens(ids)),
-                   pieces=_pieces(tokenizer, text, ids, offsets, special))
-
-
-def scored_mask(encoded: Encoded, skip_first_tokens: int) -> np.ndarray:
+def scored_positions(special: Sequence[bool], skip_first_tokens: int) -> np.ndarray:
     """Positions a runtime threshold applies to: not a special token and not among the first ``skip_first_tokens``."""
-    mask = ~np.asarray(encoded.special, dtype=bool)
+    mask = ~np.asarray(special, dtype=bool)
     mask[: max(int(skip_first_tokens), 0)] = False
     return mask
 
 
-# ----------------------------------------------------------------------------- capture
-class _Stop(Exception):
-    """Raised from the deepest hooked block to end a scoring pass early."""
-
-
-def _block_output(output: Any) -> torch.Tensor:
-    hidden = output[0] if isinstance(output, (tuple, list)) else output
-    if not isinstance(hidden, torch.Tensor):
-        hidden = getattr(output, "last_hidden_state", None)
-    if not isinstance(hidden, torch.Tensor):
-        raise TypeError(f"layer output of type {type(output).__name__} holds no hidden-state tensor")
-    return hidden
+def scored_mask(encoded: Encoded, skip_first_tokens: int) -> np.ndarray:
+    """:func:`scored_positions` of an encoded input."""
+    return scored_positions(encoded.special, skip_first_tokens)
 
 
 def _num_layers(model: torch.nn.Module) -> int:
@@ -383,30 +221,17 @@ class ReadoutRuntime:
             input_ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
             mask[row, : len(x)] = 1
         captured: list[torch.Tensor | None] = [None] * len(self._modules)
+
+        def keep(slot: int, hidden: torch.Tensor) -> None:
+            captured[slot] = hidden.detach().float().cpu()
+
         deepest = max(range(len(self.layers)), key=lambda s: self.layers[s])
-
-        def hook(slot: int) -> Callable:
-            def fn(module: Any, args: Any, output: Any) -> None:
-                captured[slot] = _block_output(output).detach().float().cpu()
-                if slot == deepest:
-                    raise _Stop
-            return fn
-
-        handles = [m.register_forward_hook(hook(s)) for s, m in enumerate(self._modules)]
-        try:
-            with torch.inference_mode():
-                try:
-                    self.model(input_ids=input_ids.to(self._device), attention_mask=mask.to(self._device),
-                               **self._forward_kwargs)
-                except _Stop:
-                    pass
-        finally:
-            for h in handles:
-                h.remove()
+        run_until_captured(self.model, self._modules, keep, deepest, input_ids=input_ids.to(self._device),
+                           attention_mask=mask.to(self._device), **self._forward_kwargs)
         if any(c is None for c in captured):
             raise RuntimeError(f"the forward pass never reached layer(s) "
                                f"{[self.layers[s] for s, c in enumerate(captured) if c is None]}")
-        return torch.stack(captured, dim=2).numpy()  # [B, T, L, H]
+        return torch.stack(captured, dim=2).numpy()  # type: ignore[arg-type]  # [B, T, L, H]
 
     def scores_from_hidden(self, encoded: Encoded, hidden: np.ndarray, id: str | None = None) -> TokenScores:
         """Project ``hidden`` ``[T, L, H]`` (as :meth:`hidden_states` gives) on the readout's rows."""
@@ -456,18 +281,16 @@ class ReadoutRuntime:
         def pre_hook(module: Any, args: Any, kwargs: Any) -> None:
             step["ids"] = kwargs.get("input_ids", args[0] if args else None)
 
-        def hook(slot: int) -> Callable:
-            def fn(module: Any, args: Any, output: Any) -> None:
-                captured[slot] = _block_output(output)[0, -1].detach().float().cpu()
-                if all(c is not None for c in captured):
-                    ids = step["ids"]
-                    n = step["n"]
-                    step["n"] += 1
-                    if n > 0:  # the prefill pass reads the prompt; later passes read one new token each
-                        token_id = int(ids[0, -1])
-                        rows.put(self._row(prompt_len + n - 1, token_id, list(captured)))
-                    captured[:] = [None] * len(captured)
-            return fn
+        def keep(slot: int, hidden: torch.Tensor) -> None:
+            captured[slot] = hidden[0, -1].detach().float().cpu()
+            if all(c is not None for c in captured):
+                ids = step["ids"]
+                n = step["n"]
+                step["n"] += 1
+                if n > 0:  # the prefill pass reads the prompt; later passes read one new token each
+                    token_id = int(ids[0, -1])
+                    rows.put(self._row(prompt_len + n - 1, token_id, list(captured)))
+                captured[:] = [None] * len(captured)
 
         class _Cancel(StoppingCriteria):
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kw: Any) -> torch.Tensor:
@@ -492,23 +315,24 @@ class ReadoutRuntime:
             finally:
                 rows.put(done)
 
-        handles = [m.register_forward_hook(hook(s)) for s, m in enumerate(self._modules)]
-        handles.append(self.model.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        pre = self.model.register_forward_pre_hook(pre_hook, with_kwargs=True)
         worker = threading.Thread(target=work, name="amygdala-generate", daemon=True)
-        worker.start()
         try:
-            while True:
-                got = rows.get()
-                if got is done:
-                    break
-                if isinstance(got, BaseException):
-                    raise got
-                yield got
+            with capture(self._modules, keep):
+                worker.start()
+                try:
+                    while True:
+                        got = rows.get()
+                        if got is done:
+                            break
+                        if isinstance(got, BaseException):
+                            raise got
+                        yield got
+                finally:
+                    stop.set()
+                    worker.join()
         finally:
-            stop.set()
-            worker.join()
-            for h in handles:
-                h.remove()
+            pre.remove()
 
     def _row(self, position: int, token_id: int, per_layer: list[torch.Tensor]) -> TokenRow:
         raw = {layer: t.numpy()[0] for layer, t in
@@ -550,87 +374,8 @@ def manifest_skip_first_tokens(manifest: Mapping[str, Any] | None) -> int:
     return DEFAULT_SKIP_FIRST_TOKENS
 
 
-# ----------------------------------------------------------------------------- token cache
-class TokenActivationCache:
-    """Per-token activations ``[T, L, H]`` of token sequences, per activation fingerprint.
-
-    One safetensors file per sequence under
-    ``root/tokens/<fingerprint id>/<key[:2]>/<key>.safetensors`` (key =
-    :attr:`Encoded.key`): float32 for a float32 model, float16 for a 16-bit
-    one (read back as float32). Kept for the texts the
-    calibration and the conversation evaluation read, so a new or retrained
-    vector is calibrated without a forward pass.
-    """
-
-    def __init__(self, root: str | Path, fingerprint: Mapping[str, Any], dtype: str = "float32") -> None:
-        self.fingerprint_id = fingerprint_id(fingerprint)
-        # A path or an fsspec URL (s3://...), like the pooled cache beside it.
-        self.store = Store(f"{cache_location(root)}/tokens/{self.fingerprint_id}")
-        self.dtype = np.float16 if dtype in ("float16", "bfloat16") else np.float32
-
-    @staticmethod
-    def _rel(key: str) -> str:
-        return f"{key[:2]}/{key}.safetensors"
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and self.store.exists(self._rel(key))
-
-    def get(self, key: str) -> np.ndarray:
-        return st_load_bytes(self.store.read_bytes(self._rel(key)))["h"].astype(np.float32)
-
-    def put(self, key: str, hidden: np.ndarray) -> None:
-        data = st_save_numpy({"h": np.ascontiguousarray(hidden, dtype=self.dtype)},
-                             metadata={"format": TOKEN_CACHE_FORMAT})
-        with self.store.local_for_write(self._rel(key)) as path:  # local: the file itself; remote: uploaded
-            atomic_write_bytes(path, data)
-
-
-def token_activations(
-    encoded: Sequence[Encoded],
-    cache: TokenActivationCache | None,
-    runtime_factory: Callable[[], ReadoutRuntime],
-    *,
-    progress: Callable[[int, int], None] | None = None,
-) -> Iterator[tuple[int, np.ndarray]]:
-    """``(index, [T, L, H])`` per encoded input: from ``cache`` where present, else forwarded through
-    the runtime ``runtime_factory()`` builds (called at most once, and only when something is missing)
-    and stored. ``progress(done, total)`` after each input."""
-    total = len(encoded)
-    done = 0
-    missing: list[int] = []
-    for i, enc in enumerate(encoded):
-        if cache is not None and enc.key in cache:
-            done += 1
-            if progress:
-                progress(done, total)
-            yield i, cache.get(enc.key)
-        else:
-            missing.append(i)
-    if not missing:
-        return
-    unique: dict[str, int] = {}
-    for i in missing:
-        unique.setdefault(encoded[i].key, i)
-    runtime = runtime_factory()
-    log.info("forwarding %d token sequences for per-token activations", len(unique))
-    firsts = list(unique.values())
-    by_key: dict[str, list[int]] = {}
-    for i in missing:
-        by_key.setdefault(encoded[i].key, []).append(i)
-    for j, hidden in runtime.hidden_states([encoded[i] for i in firsts]):
-        key = encoded[firsts[j]].key
-        if cache is not None:
-            cache.put(key, hidden)
-        for i in by_key[key]:
-            done += 1
-            if progress:
-                progress(done, total)
-            yield i, hidden
-
-
 __all__ = [
-    "DEFAULT_SKIP_FIRST_TOKENS", "Encoded", "InputError", "InputRecord", "Item", "ReadoutRuntime",
-    "TokenActivationCache", "TokenRow", "TokenScores", "encode", "manifest_skip_first_tokens", "read_inputs",
-    "scored_mask", "scores_from_hidden", "special_ids", "token_activations",
+    "DEFAULT_SKIP_FIRST_TOKENS", "ReadoutRuntime", "TokenRow", "TokenScores", "calibrated_scores",
+    "manifest_skip_first_tokens", "project", "scored_mask", "scored_positions", "scores_from_hidden",
 ]
 

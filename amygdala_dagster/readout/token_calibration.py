@@ -20,17 +20,15 @@ calibration never saw.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
+from amygdala_dagster.engine.token_sample import SampleEntry, TokenSample
 from amygdala_dagster.readout.manifest import calibration_entry
-from amygdala_dagster.readout.runtime import (
-    DEFAULT_SKIP_FIRST_TOKENS, Encoded, ReadoutRuntime, TokenActivationCache, encode, scored_mask, token_activations,
-)
+from amygdala_dagster.readout.runtime import DEFAULT_SKIP_FIRST_TOKENS, scored_positions
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +38,8 @@ QUANTILES = ("0.5", "0.9", "0.99", "0.999")
 #: A concept's held-out check is meaningful when it expects at least this many firing tokens.
 MIN_EXPECTED_FIRES = 10
 SOURCE_HOLDOUT = "holdout_negatives"
+#: The calibration sample's source when it holds the graph's held-out texts (each concept uses its negatives).
+SOURCE_HOLDOUT_TEXTS = "holdout_texts"
 
 
 def text_folds(keys: Sequence[str], n_folds: int = DEFAULT_FOLDS) -> np.ndarray:
@@ -113,30 +113,30 @@ def calibrate_tokens(
     return out
 
 
+class TokenSource(Protocol):
+    """Where per-token activations ``[T, L, H]`` are read by sequence key (a :class:`~amygdala_dagster.engine.token_cache.TokenCache`)."""
+
+    def get(self, key: str) -> np.ndarray: ...
+
+
 def calibrate_readout(
     readout: Any,
-    items_by_concept: Mapping[str, Sequence[tuple[str, Any]]],
+    entries_by_concept: Mapping[str, Sequence[SampleEntry]],
+    tokens: TokenSource,
     *,
     hidden_layers: Sequence[int],
-    tokenizer: Any,
-    max_tokens: int | None,
-    runtime_factory: Callable[[], ReadoutRuntime],
-    cache: TokenActivationCache | None = None,
     source: str | Mapping[str, str] = SOURCE_HOLDOUT,
     skip_first_tokens: int = DEFAULT_SKIP_FIRST_TOKENS,
     target_rate: float = DEFAULT_TARGET_RATE,
     n_folds: int = DEFAULT_FOLDS,
-    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, dict[int, dict[str, Any] | None]]:
     """``{concept: {layer: token_calibration}}`` for every concept and layer of ``readout``.
 
-    ``items_by_concept[c]`` lists ``(key, text or messages)`` of concept
-    ``c``'s calibration texts; ``hidden_layers`` the layers (in order) of
-    the runtime's / cache's per-token activations. Each distinct token sequence is read once
-    (from ``cache``, else forwarded by the runtime ``runtime_factory()``
-    builds -- only when something is missing) and projected on the rows of
-    the concepts that use it. ``source`` (one string, or one per concept)
-    is recorded in each entry.
+    ``entries_by_concept[c]`` lists concept ``c``'s calibration inputs (entries of the calibration
+    :class:`~amygdala_dagster.engine.token_sample.TokenSample`); their per-token activations (layers
+    ``hidden_layers``, in order) are read from ``tokens`` once per distinct sequence and projected on
+    the rows of the concepts that use it -- no model involved. ``source`` (one string, or one per
+    concept) is recorded in each entry.
     """
     concepts = list(readout.concepts)
     layers = [int(x) for x in readout.layers]
@@ -144,43 +144,38 @@ def calibrate_readout(
     missing_layers = [x for x in layers if x not in hidden_layers]
     if missing_layers:
         raise ValueError(f"the activations hold layers {hidden_layers}, not the readout's {missing_layers}")
-    encoded: list[Encoded] = []
-    index: dict[str, int] = {}
-    users: dict[int, list[tuple[int, str]]] = {}
-    by_item: dict[str, Encoded] = {}  # concepts share most calibration texts: each is tokenised once
+    users: dict[str, list[int]] = {}
+    entry_of: dict[str, SampleEntry] = {}
     for ci, concept in enumerate(concepts):
-        for key, item in items_by_concept.get(concept, ()):
-            item_key = item if isinstance(item, str) else json.dumps(item, sort_keys=True)
-            enc = by_item.get(item_key)
-            if enc is None:
-                enc = by_item[item_key] = encode(tokenizer, item, max_tokens)
-            slot = index.setdefault(enc.key, len(encoded))
-            if slot == len(encoded):
-                encoded.append(enc)
-            users.setdefault(slot, []).append((ci, key))
+        for entry in entries_by_concept.get(concept, ()):
+            users.setdefault(entry.key, []).append(ci)
+            entry_of.setdefault(entry.key, entry)
     per: dict[tuple[int, int], list[np.ndarray]] = {}
     keys: dict[int, list[str]] = {}
+    cut: dict[int, int] = {}
     rows = {layer: np.asarray(readout.vectors[layer], np.float64) for layer in layers}
     positions = [hidden_layers.index(layer) for layer in layers]
-    for slot, hidden in token_activations(encoded, cache, runtime_factory, progress=progress):
-        mask = scored_mask(encoded[slot], skip_first_tokens)
-        h = hidden[mask]  # [T', L, H]
-        cis = [ci for ci, _ in users[slot]]
+    for key, cis in users.items():
+        entry = entry_of[key]
+        hidden = tokens.get(key)
+        h = hidden[scored_positions(entry.special, skip_first_tokens)]  # [T', L, H]
         for li, layer in enumerate(layers):
             proj = h[:, positions[li], :].astype(np.float64) @ rows[layer][cis].T
             for j, ci in enumerate(cis):
                 per.setdefault((ci, li), []).append(proj[:, j])
-        for ci, key in users[slot]:
-            keys.setdefault(ci, []).append(key)
+        for ci in cis:
+            keys.setdefault(ci, []).append(entry.id)
+            cut[ci] = cut.get(ci, 0) + int(entry.truncated)
     out: dict[str, dict[int, dict[str, Any] | None]] = {}
     for ci, concept in enumerate(concepts):
         src = source if isinstance(source, str) else source.get(concept, SOURCE_HOLDOUT)
-        out[concept] = {
-            layer: calibrate_tokens(per.get((ci, li), []), keys.get(ci, []), source=src,
-                                    skip_first_tokens=skip_first_tokens, target_rate=target_rate,
-                                    n_folds=n_folds)
-            for li, layer in enumerate(layers)
-        }
+        out[concept] = {}
+        for li, layer in enumerate(layers):
+            cal = calibrate_tokens(per.get((ci, li), []), keys.get(ci, []), source=src,
+                                   skip_first_tokens=skip_first_tokens, target_rate=target_rate, n_folds=n_folds)
+            if cal is not None:
+                cal["n_truncated_texts"] = cut.get(ci, 0)
+            out[concept][layer] = cal
     return out
 
 
@@ -220,54 +215,19 @@ def heldout_problems(token_cal: Mapping[str, Mapping[Any, Mapping[str, Any] | No
     return out
 
 
-def calibration_items(
-    example_sets: Mapping[str, Any], concepts: Sequence[str], records: Sequence[Any] | None = None,
-    records_name: str | None = None,
-) -> tuple[dict[str, list[tuple[str, Any]]], dict[str, str]]:
-    """``(items_by_concept, source_by_concept)``: each concept's held-out negatives (its train
-    negatives when the holdout has none), or the same ``records`` (:class:`~amygdala_dagster.readout.runtime.InputRecord`,
-    from ``--calibration-texts``) for every concept."""
-    if records is not None:
-        items = [(r.id, r.item) for r in records]
-        source = f"calibration_texts:{records_name}" if records_name else "calibration_texts"
-        return {c: items for c in concepts}, {c: source for c in concepts}
-    items_by: dict[str, list[tuple[str, Any]]] = {}
-    source_by: dict[str, str] = {}
+def calibration_entries(sample: TokenSample, example_sets: Mapping[str, Any], concepts: Sequence[str]
+                        ) -> tuple[dict[str, list[SampleEntry]], dict[str, str]]:
+    """``(entries_by_concept, source_by_concept)`` from the calibration sample: every entry for every concept
+    when it holds ``--calibration-texts`` records, else each concept's held-out negatives among the
+    sample's held-out texts (a concept with none in the sample gets no token calibration, with a warning)."""
+    if sample.source != SOURCE_HOLDOUT_TEXTS:
+        return {c: list(sample.entries) for c in concepts}, {c: sample.source for c in concepts}
+    by_id = {e.id: e for e in sample.entries}
+    entries: dict[str, list[SampleEntry]] = {}
     for c in concepts:
-        s = example_sets[c]
-        negs, source = s.holdout_negatives, SOURCE_HOLDOUT
-        if not negs:
-            log.warning("%s: no held-out negatives; token calibration on its train negatives", c)
-            negs, source = s.train_negatives, "train_negatives"
-        items_by[c] = [(e.key, e.text) for e in negs]
-        source_by[c] = source
-    return items_by, source_by
-
-
-def engine_runtime_factory(engine: Any) -> Callable[[], ReadoutRuntime]:
-    """Builds (when called) a capture-only runtime over an :class:`~amygdala_dagster.engine.activations.ActivationEngine`'s
-    model, layers, layer path and token limit; the engine's weights are loaded then, not before."""
-    def build() -> ReadoutRuntime:
-        loaded = engine.load_weights()
-        return ReadoutRuntime(loaded.model, engine.tokenizer, None, layers=list(engine.layers),
-                              layer_path=engine.resolved_layer_path, max_tokens=engine.max_tokens,
-                              batch_size=engine.batch_size, max_batch_tokens=engine.max_batch_tokens)
-    return build
-
-
-def engine_token_cache(engine: Any, cache_root: Any) -> TokenActivationCache:
-    """The per-token activation cache for ``engine``'s fingerprint under ``cache_root``."""
-    return TokenActivationCache(cache_root, engine.fingerprint, engine.loaded.dtype)
-
-
-def calibrate_with_engine(
-    engine: Any, cache_root: Any, readout: Any, items_by_concept: Mapping[str, Sequence[tuple[str, Any]]],
-    source: str | Mapping[str, str], **kwargs: Any,
-) -> dict[str, dict[int, dict[str, Any] | None]]:
-    """:func:`calibrate_readout` with the engine's tokenizer, token limit and model (weights loaded only
-    for sequences not in the per-token cache under ``cache_root``)."""
-    return calibrate_readout(
-        readout, items_by_concept, hidden_layers=engine.layers, tokenizer=engine.tokenizer,
-        max_tokens=engine.max_tokens, runtime_factory=engine_runtime_factory(engine),
-        cache=engine_token_cache(engine, cache_root), source=source, **kwargs,
-    )
+        wanted = [by_id[ex.key] for ex in example_sets[c].holdout_negatives if ex.key in by_id]
+        if not wanted:
+            log.warning("%s: none of its held-out negatives is in the calibration sample (%d texts); no token "
+                        "calibration (raise --calibration-tokens or give --calibration-texts)", c, len(by_id))
+        entries[c] = wanted
+    return entries, {c: SOURCE_HOLDOUT for c in concepts}

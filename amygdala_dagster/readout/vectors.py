@@ -106,7 +106,7 @@ def emotion_stats(
     """Sums and counts of the cached activations of ``example_set``'s ``split`` examples.
 
     ``layers`` defaults to the cache's layers; a subset selects columns. Every
-    text must already be in the cache (see :func:`amygdala_dagster.engine.cache.ensure_cached`).
+    text must already be in the cache (see :func:`amygdala_dagster.engine.forward.ensure_cached`).
     """
     layers, cols = layer_columns(cache, layers)
     pos_shas = _split_shas(example_set.positives, split)

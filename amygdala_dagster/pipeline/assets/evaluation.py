@@ -6,9 +6,9 @@ from typing import Any
 
 import dagster as dg
 
-from amygdala_dagster.engine.cache import ActivationCache, text_sha256
+from amygdala_dagster.engine.cache import ActivationCache
 from amygdala_dagster.evaluation import evaluate, read_snippets, summary_markdown, write_report
-from amygdala_dagster.evaluation.conversations import conversations_from_file
+from amygdala_dagster.evaluation.conversations import conversations_section
 from amygdala_dagster.evaluation.core import apply_verdicts, log_unusable
 from amygdala_dagster.evaluation.report import emotion_markdown, png_markdown
 from amygdala_dagster.evaluation.runtime_report import PLOT, runtime_markdown
@@ -16,9 +16,9 @@ from amygdala_dagster.readout.manifest import load_readout
 from amygdala_dagster.pipeline.assets.common import GROUP, file_meta, json_hash, table
 from amygdala_dagster.pipeline.assets.emotions import read_examples_from
 from amygdala_dagster.pipeline.assets.graph import read_snapshot_from
-from amygdala_dagster.pipeline.assets.readout_pair import read_staged_info, readout_manifest
-from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, ModelResource
-from amygdala_dagster.workflow import MANIFEST_FILE, REPORT_DIR, VECTORS_FILE
+from amygdala_dagster.pipeline.assets.readout_pair import read_samples, read_staged_info, readout_manifest
+from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource
+from amygdala_dagster.workflow import MANIFEST_FILE, REPORT_DIR, VECTORS_FILE, StoredSamples
 
 
 @dg.asset(
@@ -37,7 +37,6 @@ def evaluation_report(
     context: dg.AssetExecutionContext,
     storage: ArtifactStorage,
     evaluation: EvaluationResource,
-    model: ModelResource,
 ) -> dg.MaterializeResult:
     t0 = time.perf_counter()
     store = storage.store()
@@ -48,16 +47,13 @@ def evaluation_report(
     snippets_path = evaluation.snippets_path()
     snippets = read_snippets(snippets_path) if snippets_path else None
     with ActivationCache(info["cache_root"], info["fingerprint"]) as cache:
-        # The model is needed only for snippets not in the cache yet (normally just the first run).
-        uncached = cache.missing([text_sha256(s["text"]) for s in snippets or []])
-        engine = model.engine_for(info["fingerprint"]) if uncached else None
         result = evaluate(
-            cache, sets, readout, snapshot=snapshot, snippets=snippets, engine=engine,
+            cache, sets, readout, snapshot=snapshot, snippets=snippets,
             bootstrap=evaluation.bootstrap, crosstalk_cosine=evaluation.crosstalk_cosine,
             estimators=evaluation.estimators, criteria=evaluation.criteria(), **evaluation.threshold(),
             meta={"vectors_sha256": readout.sha256, "dagster_run_id": context.run.run_id},
         )
-    result["conversations"] = runtime_conversations(readout, result, info, evaluation, model)
+    result["conversations"] = runtime_conversations(readout, result, read_samples(storage, info["fingerprint"]))
     apply_verdicts(result)
     log_unusable(result)
     with store.local_for_write(REPORT_DIR) as out:
@@ -96,13 +92,12 @@ def evaluation_report(
     )
 
 
-def runtime_conversations(readout: Any, result: dict[str, Any], info: dict[str, Any],
-                          evaluation: EvaluationResource, model: ModelResource) -> dict[str, Any] | None:
-    """The report's runtime section: per-token evaluation on the labelled conversations (None: skipped)."""
-    path = evaluation.eval_conversations_path()
-    if path is None:
+def runtime_conversations(readout: Any, result: dict[str, Any], samples: StoredSamples) -> dict[str, Any] | None:
+    """The report's runtime section: the readout per token on the labelled conversations the GPU step kept
+    (None: no evaluation conversations)."""
+    if samples.conversations is None:
         return None
-    return conversations_from_file(model.engine_for(info["fingerprint"]), info["cache_root"], readout, path, result)
+    return conversations_section(samples.conversations, samples.tokens, readout, samples.layers, result)
 
 
 def runtime_metadata(result: dict[str, Any], plots: dict[str, bytes]) -> dict[str, Any]:

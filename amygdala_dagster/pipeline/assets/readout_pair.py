@@ -2,7 +2,6 @@
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -13,14 +12,13 @@ from amygdala_dagster.readout.manifest import vectors_bytes, write_readout
 from amygdala_dagster.pipeline.assets.activations import activation_stats, has_stats, read_stats, read_stats_info
 from amygdala_dagster.pipeline.assets.common import GROUP, emotion_partitions, file_meta, readout_freshness, table
 from amygdala_dagster.pipeline.assets.emotions import emotion_catalog, read_examples_from, tagged_examples
-from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, ModelResource, SelectionResource
+from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, SelectionResource
 from amygdala_dagster.readout.publish import current_pair
-from amygdala_dagster.readout.runtime import read_inputs
-from amygdala_dagster.readout.token_calibration import calibrate_with_engine, calibration_items, heldout_summary
+from amygdala_dagster.readout.token_calibration import calibrate_readout, calibration_entries, heldout_summary
 from amygdala_dagster.readout.vectors import TrainedReadout, train_readout
 from amygdala_dagster.workflow import (
-    MANIFEST_FILE, STAGED_INFO, STAGED_VECTORS, VECTORS_FILE, check_stats_current, drift_cosines,
-    encode_staged_info, read_staged_readout, sha256_bytes, staged_info,
+    MANIFEST_FILE, STAGED_INFO, STAGED_VECTORS, TOKEN_SAMPLES_FILE, VECTORS_FILE, StoredSamples, check_stats_current,
+    drift_cosines, encode_staged_info, read_staged_readout, sha256_bytes, staged_info,
 )
 
 
@@ -169,10 +167,10 @@ def load_staged_readout(storage: ArtifactStorage) -> tuple[TrainedReadout, dict[
 )
 def readout_manifest(
     context: dg.AssetExecutionContext, storage: ArtifactStorage, selection: SelectionResource,
-    model: ModelResource, evaluation: EvaluationResource,
+    evaluation: EvaluationResource,
 ) -> dg.MaterializeResult:
     readout, info = load_staged_readout(storage)
-    token_cal = compute_token_calibration(context, readout, info, storage, model, evaluation)
+    token_cal = compute_token_calibration(context, readout, info, storage, evaluation)
     fp = info["fingerprint"]
     training = {
         "pipeline": "amygdala_dagster.pipeline",
@@ -208,17 +206,30 @@ def readout_manifest(
     )
 
 
+def read_samples(storage: ArtifactStorage, fingerprint: dict[str, Any]) -> StoredSamples:
+    """The per-token samples the GPU step kept, checked to come from the model behind ``fingerprint``."""
+    store = storage.store()
+    if not store.exists(TOKEN_SAMPLES_FILE):
+        raise FileNotFoundError(f"{store.uri(TOKEN_SAMPLES_FILE)} does not exist: materialize activation_stats first")
+    samples = StoredSamples.from_json(store.read_bytes(TOKEN_SAMPLES_FILE).decode("utf-8"))
+    if samples.fingerprint != fingerprint:
+        raise ValueError(f"{store.uri(TOKEN_SAMPLES_FILE)} comes from other model settings than the readout's "
+                         "statistics: rematerialize activation_stats")
+    return samples
+
+
 def compute_token_calibration(context: Any, readout: Any, info: dict[str, Any], storage: ArtifactStorage,
-                              model: ModelResource, evaluation: EvaluationResource) -> dict[str, Any]:
-    """Per-token calibration of every concept and layer (weights loaded only for uncached texts)."""
-    engine = model.engine_for(info["fingerprint"])
-    path = evaluation.calibration_texts
-    records = read_inputs(path) if path else None
-    sets = {c: read_examples_from(storage, c)[1] for c in readout.concepts} if records is None else {}
-    items, source = calibration_items(sets, readout.concepts, records, Path(path).name if path else None)
+                              evaluation: EvaluationResource) -> dict[str, Any]:
+    """Per-token calibration of every concept and layer, from the per-token activations the GPU step kept."""
+    samples = read_samples(storage, info["fingerprint"])
+    sets = {c: read_examples_from(storage, c)[1] for c in readout.concepts}
+    entries, source = calibration_entries(samples.calibration, sets, readout.concepts)
     t0 = time.perf_counter()
-    cal = calibrate_with_engine(engine, info["cache_root"], readout, items, source,
-                                target_rate=float(evaluation.token_target_rate))
-    context.log.info(f"token calibration of {len(readout.concepts)} concepts on "
-                     f"{', '.join(sorted(set(source.values())))} in {time.perf_counter() - t0:.1f}s")
+    cal = calibrate_readout(readout, entries, samples.tokens, hidden_layers=samples.layers, source=source,
+                            target_rate=float(evaluation.token_target_rate))
+    summary = samples.calibration.summary()
+    cut = f", {summary['truncated']} cut to the token limit" if summary["truncated"] else ""
+    context.log.info(f"token calibration of {len(readout.concepts)} concepts on {summary['texts']} texts of "
+                     f"{', '.join(sorted(set(source.values())))} ({summary['tokens']} tokens{cut}) "
+                     f"in {time.perf_counter() - t0:.1f}s")
     return cal

@@ -1,12 +1,13 @@
 """The forward work as N parallel shard steps: ``activation_cache``, a graph-backed asset that fans out.
 
-``plan_activation_shards`` yields one dynamic output per shard index (``model.shards``);
-``forward_activation_shard`` runs once per index -- each its own step, so its own process
-under the multiprocess executor or its own GPU pod under ``k8s_job_executor`` -- loads the
-model once and forwards the uncached texts whose hash falls in its shard into the shared
-activation cache (:func:`amygdala_dagster.engine.shards.forward_shard`); ``summarise_activation_shards``
-collects the per-shard counts. ``activation_stats`` then reads every emotion's statistics from
-the cache in one cheap step (all cached: no weights read). Only the executor differs between a
+``plan_activation_shards`` yields one dynamic output per shard index (``sharding.shards``; it
+needs no model); ``forward_activation_shard`` runs once per index -- each its own step, so its own
+process under the multiprocess executor or its own GPU pod under ``k8s_job_executor`` -- loads the
+model once and forwards the uncached inputs whose hash falls in its shard (pooled texts and the
+per-token samples, chosen the same way by every shard) into the shared caches
+(:func:`amygdala_dagster.engine.shards.forward_shard`); ``summarise_activation_shards`` collects the
+per-shard counts. ``activation_stats`` then reads every emotion's statistics from the cache in one
+cheap step (all cached: no weights read). Only the executor differs between a
 box and Kubernetes. With one shard the runs leave this asset out and ``activation_stats``
 forwards the texts itself, in one step, as it always did.
 
@@ -23,13 +24,15 @@ from typing import Any
 import dagster as dg
 import torch
 
-from amygdala_dagster.pipeline.assets.common import GPU_POOL, GROUP, run_partition_keys, table
-from amygdala_dagster.pipeline.assets.emotions import read_examples_from, tagged_examples
-from amygdala_dagster.pipeline.k8s import gpu_op_tags
-from amygdala_dagster.pipeline.resources import ArtifactStorage, ModelResource
 from amygdala_dagster.engine.shards import ShardResult, forward_shard
 from amygdala_dagster.files.storage import location
-from amygdala_dagster.workflow import collect_texts
+from amygdala_dagster.pipeline.assets.common import GPU_POOL, GROUP, run_partition_keys, table
+from amygdala_dagster.pipeline.assets.emotions import read_examples_from, tagged_examples
+from amygdala_dagster.pipeline.assets.inputs import run_inputs
+from amygdala_dagster.pipeline.k8s import gpu_op_tags
+from amygdala_dagster.pipeline.resources import (
+    ArtifactStorage, EvaluationResource, ModelResource, SelectionResource, ShardingResource,
+)
 
 STEP_IO = "step_io"
 
@@ -54,9 +57,9 @@ def json_step_io_manager(init_context: dg.InitResourceContext) -> JsonStepIOMana
 
 
 @dg.op(ins={"examples": dg.In(dg.Nothing)}, out=dg.DynamicOut(int, io_manager_key=STEP_IO),
-       description="one dynamic output per shard index (model.shards)")
-def plan_activation_shards(context: dg.OpExecutionContext, model: ModelResource):
-    n = int(model.shards)
+       description="one dynamic output per shard index (sharding.shards)")
+def plan_activation_shards(context: dg.OpExecutionContext, sharding: ShardingResource):
+    n = int(sharding.shards)
     context.log.info(f"forward work split into {n} shard(s) by text hash")
     for i in range(n):
         yield dg.DynamicOutput(i, mapping_key=f"shard_{i}")
@@ -65,14 +68,17 @@ def plan_activation_shards(context: dg.OpExecutionContext, model: ModelResource)
 @dg.op(pool=GPU_POOL, tags=gpu_op_tags(), out=dg.Out(dict, io_manager_key=STEP_IO),
        description="forward the uncached texts of one shard into the activation cache (loads the model once)")
 def forward_activation_shard(context: dg.OpExecutionContext, model: ModelResource, storage: ArtifactStorage,
-                             index: int) -> dict:
-    n = int(model.shards)
+                             selection: SelectionResource, evaluation: EvaluationResource,
+                             sharding: ShardingResource, index: int) -> dict:
+    n = int(sharding.shards)
     emotions = run_partition_keys(context)
-    texts, keys = collect_texts({e: read_examples_from(storage, e)[1] for e in emotions})
     engine = model.engine()
+    texts, keys, samples = run_inputs({e: read_examples_from(storage, e)[1] for e in emotions}, storage,
+                                      selection, evaluation, engine.tokenizer, engine.max_tokens)
     if n > 1 and str(engine.stats.device).startswith("cpu"):
         torch.set_num_threads(max(1, torch.get_num_threads() // n))  # the box's threads split between shards
-    result = forward_shard(engine, model.cache_root(), texts, index=index, n=n, keys=keys)
+    result = forward_shard(engine, model.cache_root(), texts, index=index, n=n, keys=keys,
+                           sequences=samples.sequences())
     s = result.stats
     context.log.info(f"shard {index}/{n}: {result.shard_texts} unique texts, {s.forwarded} forwarded, "
                      f"{s.cached} from cache, {s.tokens} tokens on {s.device}")
@@ -108,7 +114,7 @@ def summarise_activation_shards(context: dg.OpExecutionContext, results: list[di
     code_version="1",
     resource_defs={STEP_IO: json_step_io_manager},
     description=(
-        "The activation cache filled for the run's emotions by N parallel shard steps (model.shards; one "
+        "The activation cache filled for the run's emotions by N parallel shard steps (sharding.shards; one "
         "process, or one GPU pod on Kubernetes, each). Every unique text is forwarded by exactly one shard. "
         "Runs with one shard leave this out: activation_stats forwards the texts itself."
     ),
