@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 
@@ -10,6 +11,7 @@ import pytest
 
 from amygdala_dagster.commands.cli import main
 from amygdala_dagster.readout.manifest import write_readout
+from amygdala_dagster.evaluation.html import BIDI_CONTROLS, bidi_marker
 from amygdala_dagster.evaluation.trace import moving_average, thresholds
 from amygdala_dagster.readout.vectors import TrainedReadout
 
@@ -117,3 +119,32 @@ def test_a_calibration_without_spread_gives_no_z_threshold_and_valid_json():
     kind, thr = thresholds(manifest, 3)
     assert kind == "token" and thr["calm"]["z"] is None and thr["calm"]["raw"] == 1.5
     json.dumps(thr, allow_nan=False)
+
+
+BIDI = "\u202e\u2066"  # RIGHT-TO-LEFT OVERRIDE, LEFT-TO-RIGHT ISOLATE
+
+
+def test_bidi_controls_in_a_text_are_shown_as_markers_and_kept_in_the_json(tmp_path):
+    """Reproduction: a U+202E in a token piece went raw into trace.html and reversed the tokens after it."""
+    m, _ = _pair(tmp_path)
+    out = tmp_path / "trace"
+    text = "pay the invoice to \u202eevil corp\u202c now, \u2066said\u2069 nobody"
+    assert main(["trace", "--manifest", str(m), "--text", text, "--output-dir", str(out), "--device", "cpu"]) == 0
+    conv = json.loads((out / "trace.json").read_text(encoding="utf-8"))["conversations"][0]
+    pieces = [t for t, s in zip(conv["tokens"], conv["special"]) if not s]
+    assert "".join(pieces) == text  # the JSON keeps the true text, controls included
+    page = (out / "trace.html").read_text(encoding="utf-8")
+    assert not any(ch in page for ch in BIDI_CONTROLS)
+    assert 'title="U+202E RIGHT-TO-LEFT OVERRIDE">⟨U+202E⟩</span>' in page
+    # Each token span reads as its piece, with a marker where a control was.
+    body = page[page.index('<div class="tokens"'):]
+    body = body[: body.index("</div>")]
+    shown = re.findall(r'<span data-i="(\d+)" class="[^"]*" title="[^"]*">((?:[^<]|<span class="bidi"[^>]*>[^<]*</span>)*)</span>',
+                       body)
+    assert len(shown) == len(conv["tokens"])
+    for i, content in shown:
+        expected = conv["tokens"][int(i)]
+        for ch in BIDI_CONTROLS:
+            expected = expected.replace(ch, bidi_marker(ch))
+        assert html.unescape(re.sub(r"<[^>]+>", "", content)) == expected
+    assert any(BIDI[0] in t for t in conv["tokens"]) and any(BIDI[1] in t for t in conv["tokens"])
