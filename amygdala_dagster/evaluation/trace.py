@@ -188,6 +188,7 @@ def conversation_view(record: Mapping[str, Any], thr: Mapping[str, Mapping[str, 
             "thrRaw": {c: (thr[c]["raw"] if thr.get(c) else None) for c in top}}
     return {"uid": uid, "title": title or record["id"], "heading": heading, "n_tokens": len(record["tokens"]),
             "n_scored": sum(record["scored"]), "layer": record["layer"], "fired": list(record["fired"]),
+            "truncated": record.get("truncated"),
             "top": top, "rows": rows, "tokens": tokens, "plots": plots, "data": data}
 
 
@@ -201,6 +202,7 @@ def trace_page_view(trace: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "model": trace.get("model"), "layer": trace["layer"], "n_concepts": len(trace["concepts"]),
         "n_inputs": len(trace["conversations"]),
+        "n_truncated": sum(1 for conv in trace["conversations"] if conv.get("truncated")),
         "calibration": "per-token" if trace["calibration"] == "token"
         else "text-level (format 1 manifest: no token calibration)",
         "skip_first_tokens": trace.get("skip_first_tokens"),
@@ -217,11 +219,21 @@ def render_trace_html(trace: Mapping[str, Any], title: str = "Readout trace") ->
 
 def build_trace(scores: Sequence[Any], layer: int, manifest: Mapping[str, Any], *, top_k: int = DEFAULT_TOP_K,
                 concepts: Sequence[str] | None = None, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The ``trace.json`` content for several inputs' :class:`~amygdala_dagster.readout.runtime.TokenScores`."""
+    """The ``trace.json`` content for several inputs' :class:`~amygdala_dagster.readout.runtime.TokenScores`:
+    each input's :func:`trace_record` plus ``truncated`` (:func:`truncation`)."""
     kind, thr = thresholds(manifest, layer)
     skip = scores[0].skip_first_tokens if scores else None
     return {
         "format": TRACE_FORMAT, **dict(meta or {}), "layer": int(layer), "calibration": kind,
         "skip_first_tokens": skip, "concepts": list(manifest["concepts"]), "thresholds": thr,
-        "conversations": [trace_record(s, layer, manifest, top_k=top_k, concepts=concepts) for s in scores],
+        "conversations": [{**trace_record(s, layer, manifest, top_k=top_k, concepts=concepts),
+                           "truncated": truncation(s.encoded)} for s in scores],
     }
+
+
+def truncation(encoded: Any) -> dict[str, int] | None:
+    """``{"tokens_total", "tokens_kept"}`` when ``max_tokens`` cut an input's
+    :class:`~amygdala_dagster.readout.runtime.Encoded` (the trace shows only the kept tokens), else None."""
+    if not encoded.truncated:
+        return None
+    return {"tokens_total": int(encoded.n_tokens_total), "tokens_kept": len(encoded.ids)}

@@ -177,6 +177,13 @@ class Encoded:
     tokens: list[str]
     #: Each token's piece of the text, with the whitespace before it (special tokens: their name).
     pieces: list[str] = field(default_factory=list)
+    #: Tokens of the whole input, before the cut to ``max_tokens`` (None: not counted).
+    n_tokens_total: int | None = None
+
+    @property
+    def truncated(self) -> bool:
+        """Whether ``max_tokens`` cut the input (``ids`` hold only part of it)."""
+        return self.n_tokens_total is not None and self.n_tokens_total > len(self.ids)
 
     @property
     def key(self) -> str:
@@ -196,14 +203,33 @@ def special_ids(tokenizer: Any) -> set[int]:
     return ids
 
 
-def _tokenize(tokenizer: Any, text: str, add_special_tokens: bool, max_tokens: int | None) -> tuple[list[int], list]:
+def _tokenize(tokenizer: Any, text: str, add_special_tokens: bool,
+              max_tokens: int | None) -> tuple[list[int], list, int]:
+    """Token ids cut to ``max_tokens`` as the tokenizer truncates, their offsets (empty when the tokenizer
+    gives none) and how many tokens the whole text has.
+
+    A fast tokenizer tokenises the whole text before it truncates and keeps
+    what it cut in ``Encoding.overflowing`` (chunks of the same length, each
+    with the special tokens added again): the count comes from there, without
+    tokenising the text a second time.
+    """
     kw = dict(add_special_tokens=add_special_tokens, truncation=max_tokens is not None, max_length=max_tokens,
               verbose=False)
     try:
         enc = tokenizer(text, return_offsets_mapping=True, **kw)
-        return list(enc["input_ids"]), list(enc["offset_mapping"])
+        ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
     except (NotImplementedError, TypeError, ValueError):  # slow tokenizers have no offsets
-        return list(tokenizer(text, **kw)["input_ids"]), []
+        enc = tokenizer(text, **kw)
+        ids, offsets = list(enc["input_ids"]), []
+    total = len(ids)
+    if max_tokens is not None and len(ids) >= max_tokens:
+        encodings = getattr(enc, "encodings", None)
+        if encodings:
+            added = tokenizer.num_special_tokens_to_add(pair=False) if add_special_tokens else 0
+            total += sum(len(o.ids) - added for o in encodings[0].overflowing)
+        else:  # no record of the cut: count the whole text
+            total = len(tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"])
+    return ids, offsets, total
 
 
 def _pieces(tokenizer: Any, text: str, ids: list[int], offsets: list, special: list[bool]) -> list[str]:
@@ -224,7 +250,8 @@ def _pieces(tokenizer: Any, text: str, ids: list[int], offsets: list, special: l
 def encode(tokenizer: Any, item: Item, max_tokens: int | None = None, *,
            add_generation_prompt: bool = False, specials: set[int] | None = None) -> Encoded:
     """Tokenise a text as training does (``add_special_tokens=True``) or a conversation through the
-    tokenizer's chat template (plain ``role: content`` lines when it has none); truncate to ``max_tokens``."""
+    tokenizer's chat template (plain ``role: content`` lines when it has none); truncate to ``max_tokens``
+    (:attr:`Encoded.n_tokens_total` keeps the whole input's count)."""
     if isinstance(item, str):
         text, add_special = item, True
     else:
@@ -236,12 +263,12 @@ def encode(tokenizer: Any, item: Item, max_tokens: int | None = None, *,
             text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
             text += "\nassistant:" if add_generation_prompt else ""
             add_special = True
-    ids, offsets = _tokenize(tokenizer, text, add_special, max_tokens)
+    ids, offsets, total = _tokenize(tokenizer, text, add_special, max_tokens)
     ids = [int(i) for i in ids]
     specials = special_ids(tokenizer) if specials is None else specials
     special = [i in specials for i in ids]
     return Encoded(ids=ids, special=special, tokens=list(tokenizer.convert_ids_to_tokens(ids)),
-                   pieces=_pieces(tokenizer, text, ids, offsets, special))
+                   pieces=_pieces(tokenizer, text, ids, offsets, special), n_tokens_total=total)
 
 
 def scored_mask(encoded: Encoded, skip_first_tokens: int) -> np.ndarray:
