@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -100,6 +101,13 @@ def test_conversation_metrics_and_runtime_section(minilm_readout, tmp_path):
     assert "Runtime: per-token readout on conversations" in page and page.count('<section class="conv">') == 2
     assert "| joy | 4 | 2 | 2 | 1.00 | 1.00 |" in runtime_markdown(ev)
     assert runtime_html({}, {}) == "" and runtime_plots({}) == {} and runtime_markdown({}) == ""
+    # A bidirectional control in a conversation's text or id is shown as a marker, never raw.
+    rec = ev["conversations"]["traces"][0]
+    rec["id"], rec["tokens"][1] = "a\u202eb", "\u2066" + rec["tokens"][1]
+    page = runtime_html(ev, plots)
+    assert "\u202e" not in page and "\u2066" not in page
+    text = re.sub(r"<[^>]+>", "", page)
+    assert "a⟨U+202E⟩b (labelled: joy)" in text and "⟨U+2066⟩" in text
 
 
 def test_runtime_plot_stays_a_readable_size_at_200_emotions():

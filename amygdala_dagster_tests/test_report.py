@@ -112,6 +112,28 @@ def test_report_renders_synthetic(tmp_path):
     write_report(ev, tmp_path / "report")
 
 
+def test_bidi_controls_in_snippets_and_meta_are_inert_in_the_report(tmp_path):
+    """A snippet or a meta value with U+202E / U+2066 shows markers, never the raw control, in the report."""
+    from amygdala_dagster.evaluation.html import BIDI_CONTROLS
+
+    cache, sets, _ = _synthetic(tmp_path, n=20)
+    readout = train_readout(sets, cache, LAYERS)
+    snippets = [{"id": f"s\u2066{i}", "text": f"snippet {i} \u202egnitirw\u202c plain"} for i in range(4)]
+    cache.add([text_sha256(s["text"]) for s in snippets], np.random.default_rng(0).normal(size=(4, len(LAYERS), 16)))
+    ev = evaluate(cache, sets, readout, snippets=snippets, bootstrap=0, top_k=2, meta={"note": "a\u202eb"})
+    html_path, json_path, _ = write_report(ev, tmp_path / "r")
+    doc = html_path.read_text(encoding="utf-8")
+    assert not any(ch in doc for ch in BIDI_CONTROLS)
+    assert "⟨U+202E⟩gnitirw⟨U+202C⟩" in _page_text(doc) and "note: a⟨U+202E⟩b" in _page_text(doc)
+    assert "\u202e" in json_path.read_text(encoding="utf-8")  # evaluation.json keeps the true text
+
+
+def _page_text(doc: str) -> str:
+    parser = _Collector()
+    parser.feed(doc)
+    return "".join(parser.text)
+
+
 def test_report_shows_sweep_and_flags(tmp_path):
     cache, sets, _ = _synthetic(tmp_path, n=16)
     readout = train_readout(sets, cache, LAYERS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 
@@ -10,6 +11,7 @@ import pytest
 
 from amygdala_dagster.commands.cli import main
 from amygdala_dagster.readout.manifest import write_readout
+from amygdala_dagster.evaluation.html import BIDI_CONTROLS, bidi_marker
 from amygdala_dagster.evaluation.trace import moving_average, thresholds
 from amygdala_dagster.readout.vectors import TrainedReadout
 
@@ -117,3 +119,79 @@ def test_a_calibration_without_spread_gives_no_z_threshold_and_valid_json():
     kind, thr = thresholds(manifest, 3)
     assert kind == "token" and thr["calm"]["z"] is None and thr["calm"]["raw"] == 1.5
     json.dumps(thr, allow_nan=False)
+
+
+BIDI = "\u202e\u2066"  # RIGHT-TO-LEFT OVERRIDE, LEFT-TO-RIGHT ISOLATE
+
+
+def test_bidi_controls_in_a_text_are_shown_as_markers_and_kept_in_the_json(tmp_path):
+    """Reproduction: a U+202E in a token piece went raw into trace.html and reversed the tokens after it."""
+    m, _ = _pair(tmp_path)
+    out = tmp_path / "trace"
+    text = "pay the invoice to \u202eevil corp\u202c now, \u2066said\u2069 nobody"
+    assert main(["trace", "--manifest", str(m), "--text", text, "--output-dir", str(out), "--device", "cpu"]) == 0
+    conv = json.loads((out / "trace.json").read_text(encoding="utf-8"))["conversations"][0]
+    pieces = [t for t, s in zip(conv["tokens"], conv["special"]) if not s]
+    assert "".join(pieces) == text  # the JSON keeps the true text, controls included
+    page = (out / "trace.html").read_text(encoding="utf-8")
+    assert not any(ch in page for ch in BIDI_CONTROLS)
+    assert 'title="U+202E RIGHT-TO-LEFT OVERRIDE">⟨U+202E⟩</span>' in page
+    # Each token span reads as its piece, with a marker where a control was.
+    body = page[page.index('<div class="tokens"'):]
+    body = body[: body.index("</div>")]
+    shown = re.findall(r'<span data-i="(\d+)" class="[^"]*" title="[^"]*">((?:[^<]|<span class="bidi"[^>]*>[^<]*</span>)*)</span>',
+                       body)
+    assert len(shown) == len(conv["tokens"])
+    for i, content in shown:
+        expected = conv["tokens"][int(i)]
+        for ch in BIDI_CONTROLS:
+            expected = expected.replace(ch, bidi_marker(ch))
+        assert html.unescape(re.sub(r"<[^>]+>", "", content)) == expected
+    assert any(BIDI[0] in t for t in conv["tokens"]) and any(BIDI[1] in t for t in conv["tokens"])
+
+
+def _long_text(n_chars: int = 200_000) -> str:
+    words = "the build failed again and I am so grateful for the help yesterday thank you".split()
+    rng = np.random.default_rng(1)
+    return " ".join(words[i] for i in rng.integers(0, len(words), n_chars // 3))[:n_chars]
+
+
+def test_a_trace_says_when_max_tokens_cut_an_input(tmp_path, capsys):
+    """Reproduction: a 200 kB text showed its first tokens (max_tokens 128 here) and nothing said so."""
+    from amygdala_dagster.engine.models import load_model
+
+    m, _ = _pair(tmp_path)
+    text = _long_text()
+    inp = tmp_path / "long.jsonl"
+    inp.write_text(json.dumps({"id": "long", "text": text}) + "\n"
+                   + json.dumps({"id": "short", "text": "The rain was soft."}) + "\n")
+    out = tmp_path / "trace"
+    assert main(["trace", "--manifest", str(m), "--input", str(inp), "--output-dir", str(out), "--device", "cpu"]) == 0
+    total = len(load_model("minilm", device="cpu").tokenizer(text, verbose=False)["input_ids"])
+    assert total > 30_000
+    long, short = json.loads((out / "trace.json").read_text())["conversations"]
+    assert long["truncated"] == {"tokens_total": total, "tokens_kept": 128} and len(long["tokens"]) == 128
+    assert short["truncated"] is None
+    page = html.unescape((out / "trace.html").read_text())
+    assert page.count("Cut to the readout's max_tokens") == 1
+    assert f"128 of the input's {total} tokens are shown" in page
+    assert page.index("Cut to the readout") < page.index("<h2>short</h2>")  # in the long input's section
+    captured = capsys.readouterr()
+    assert f"long: 128 of {total} tokens (cut)" in captured.out
+    assert re.search(r"^short: \d+ tokens; fired", captured.out, re.M)
+    assert "1 of 2 input(s) cut to the readout's max_tokens (128 tokens)" in captured.err
+    assert f"longest: {total} tokens" in captured.err
+
+
+@pytest.mark.parametrize("max_tokens", [8, 16, 400])
+def test_encode_counts_the_whole_input_and_cuts_as_the_tokenizer_truncates(tmp_path, max_tokens):
+    from amygdala_dagster.readout.runtime import encode
+    from amygdala_dagster_tests.tiny_models import build_tokenizer
+
+    tok = build_tokenizer(tmp_path)  # prepends <s>: one special token per chunk of the cut
+    for item in (_long_text(2_000), [{"role": "user", "content": _long_text(1_000)}]):
+        enc = encode(tok, item, max_tokens)
+        text = item if isinstance(item, str) else f"user: {item[0]['content']}"
+        whole = tok(text, verbose=False)["input_ids"]
+        assert enc.n_tokens_total == len(whole) and enc.truncated == (len(whole) > max_tokens)
+        assert enc.ids == tok(text, truncation=True, max_length=max_tokens, verbose=False)["input_ids"]

@@ -107,9 +107,16 @@ def main(args: argparse.Namespace) -> int:
         return 2
     convs = out["trace"]["conversations"]
     for conv in convs[:_LISTED_INPUTS]:
-        print(f"{conv['id']}: {len(conv['tokens'])} tokens; fired: {_names(conv['fired']) or 'none'}")
+        cut = conv.get("truncated")
+        shown = f"{cut['tokens_kept']} of {cut['tokens_total']} tokens (cut)" if cut else f"{len(conv['tokens'])} tokens"
+        print(f"{conv['id']}: {shown}; fired: {_names(conv['fired']) or 'none'}")
     if len(convs) > _LISTED_INPUTS:
         print(f"... {len(convs) - _LISTED_INPUTS} more inputs (all of them on the page)")
+    cut = [c["truncated"] for c in convs if c.get("truncated")]
+    if cut:
+        print(f"amygdala trace: {len(cut)} of {len(convs)} input(s) cut to the readout's max_tokens "
+              f"({max(c['tokens_kept'] for c in cut)} tokens); the rest of them is not traced "
+              f"(longest: {max(c['tokens_total'] for c in cut)} tokens)", file=sys.stderr)
     print(f"trace: {out['html']}")
     print(f"numbers: {out['json']}")
     return 0

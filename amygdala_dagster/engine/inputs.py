@@ -110,6 +110,8 @@ class Encoded:
     pieces: list[str] = field(default_factory=list)
     #: Whether the input was cut to ``max_tokens``.
     truncated: bool = False
+    #: Tokens of the whole input, before the cut to ``max_tokens`` (None: not counted).
+    n_tokens_total: int | None = None
 
     @property
     def key(self) -> str:
@@ -183,14 +185,33 @@ def render(tokenizer: Any, item: Item, *, add_generation_prompt: bool = False) -
     return text + ("\nassistant:" if add_generation_prompt else ""), True
 
 
-def _tokenize(tokenizer: Any, text: str, add_special_tokens: bool, max_tokens: int | None) -> tuple[list[int], list]:
+def _tokenize(tokenizer: Any, text: str, add_special_tokens: bool,
+              max_tokens: int | None) -> tuple[list[int], list, int]:
+    """Token ids cut to ``max_tokens`` as the tokenizer truncates, their offsets (empty when the tokenizer
+    gives none) and how many tokens the whole text has.
+
+    A fast tokenizer tokenises the whole text before it truncates and keeps
+    what it cut in ``Encoding.overflowing`` (chunks of the same length, each
+    with the special tokens added again): the count comes from there, without
+    tokenising the text a second time.
+    """
     kw = dict(add_special_tokens=add_special_tokens, truncation=max_tokens is not None, max_length=max_tokens,
               verbose=False)
     try:
         enc = tokenizer(text, return_offsets_mapping=True, **kw)
-        return list(enc["input_ids"]), list(enc["offset_mapping"])
+        ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
     except (NotImplementedError, TypeError, ValueError):  # slow tokenizers have no offsets
-        return list(tokenizer(text, **kw)["input_ids"]), []
+        enc = tokenizer(text, **kw)
+        ids, offsets = list(enc["input_ids"]), []
+    total = len(ids)
+    if max_tokens is not None and len(ids) >= max_tokens:
+        encodings = getattr(enc, "encodings", None)
+        if encodings:
+            added = tokenizer.num_special_tokens_to_add(pair=False) if add_special_tokens else 0
+            total += sum(len(o.ids) - added for o in encodings[0].overflowing)
+        else:  # no record of the cut: count the whole text
+            total = len(tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"])
+    return ids, offsets, total
 
 
 def _pieces(tokenizer: Any, text: str, ids: list[int], offsets: list, special: list[bool]) -> list[str]:
@@ -212,21 +233,16 @@ def encode(tokenizer: Any, item: Item, max_tokens: int | None = None, *,
            add_generation_prompt: bool = False, specials: set[int] | None = None, pieces: bool = True) -> Encoded:
     """Tokenise a text as training does (special tokens added) or a conversation through the tokenizer's
     chat template (see :func:`render`); cut to ``max_tokens``. ``pieces=False`` skips the display strings
-    (and tokenises only a prefix of a long input, as :func:`token_ids`)."""
+    (and tokenises only a prefix of a long input, as :func:`token_ids`); with them,
+    :attr:`Encoded.n_tokens_total` keeps the whole input's count."""
     text, add_special = render(tokenizer, item, add_generation_prompt=add_generation_prompt)
     specials = special_ids(tokenizer) if specials is None else specials
     if not pieces and max_tokens is not None:
         (ids,), (cut,) = token_ids(tokenizer, [text], max_tokens, add_special_tokens=add_special)
         return Encoded(ids=ids, special=[i in specials for i in ids], tokens=[], truncated=cut)
-    ids, offsets = _tokenize(tokenizer, text, add_special, max_tokens)
+    ids, offsets, total = _tokenize(tokenizer, text, add_special, max_tokens)
     ids = [int(i) for i in ids]
     special = [i in specials for i in ids]
-    cut = max_tokens is not None and len(ids) >= max_tokens and _ends_before(text, offsets, special)
     return Encoded(ids=ids, special=special, tokens=list(tokenizer.convert_ids_to_tokens(ids)),
-                   pieces=_pieces(tokenizer, text, ids, offsets, special), truncated=cut)
-
-
-def _ends_before(text: str, offsets: list, special: list[bool]) -> bool:
-    """Whether the kept tokens stop before the end of ``text`` (no offsets: assume they do)."""
-    ends = [end for (_, end), sp in zip(offsets, special) if not sp]
-    return not ends or max(ends) < len(text.rstrip())
+                   pieces=_pieces(tokenizer, text, ids, offsets, special), truncated=total > len(ids),
+                   n_tokens_total=total)

@@ -33,6 +33,8 @@ class SampleEntry:
     key: str
     special: list[bool]
     truncated: bool = False
+    #: Tokens of the whole input when it was cut (counted for display entries).
+    tokens_total: int | None = None
     text_sha: str | None = None
     emotions: list[str] | None = None
     #: For display (evaluation conversations): token ids, token strings and each token's piece of the text.
@@ -46,7 +48,8 @@ class SampleEntry:
     def encoded(self) -> Encoded:
         """The entry as the runtime's :class:`~amygdala_dagster.engine.inputs.Encoded`."""
         return Encoded(ids=list(self.ids or []), special=list(self.special), tokens=list(self.tokens or []),
-                       pieces=list(self.pieces or []), truncated=self.truncated)
+                       pieces=list(self.pieces or []), truncated=self.truncated,
+                       n_tokens_total=self.tokens_total if self.tokens_total is not None else len(self.special))
 
 
 @dataclass
@@ -117,6 +120,7 @@ def select_sample(tokenizer: Any, max_tokens: int, candidates: Sequence[tuple[st
         sample.sequences.append(seq)
         sample.entries.append(SampleEntry(
             id=str(rid), key=seq.key, special=list(enc.special), truncated=enc.truncated, text_sha=seq.text_sha,
+            tokens_total=enc.n_tokens_total if enc.truncated else None,
             emotions=list(labels[rid]) if labels is not None and rid in labels else None,
             ids=list(enc.ids) if display else None, tokens=list(enc.tokens) if display else None,
             pieces=list(enc.pieces) if display else None))

@@ -4,7 +4,9 @@ estimator comparison, cross-talk, confounds, generalisation, and the report.
 Stage 5, on top of the readout (the metrics themselves are :mod:`amygdala_dagster.readout.metrics`):
 - :mod:`.core`: :func:`evaluate` and friends, reading activations from the cache, and
   :func:`judge` / :func:`apply_verdicts`, the one source of per-emotion verdicts and flags;
-- :mod:`.report`: the HTML report and PNG plots (imports matplotlib, lazily).
+- :mod:`.report`: the HTML report and PNG plots (imports matplotlib, lazily);
+- :mod:`.trace`: per-token trace records and the trace page;
+- :mod:`.html`: the one Jinja2 environment both pages render through (templates in ``templates/``).
 """
 
 from amygdala_dagster.evaluation.core import (

@@ -1,13 +1,13 @@
 """The evaluation report: one self-contained HTML file (PNG plots embedded) plus evaluation.json.
 
+The page is ``templates/report.html.j2`` (rendered by :mod:`.html`); this module builds what it shows.
+
 Plots are drawn with matplotlib's object API on an Agg canvas (no pyplot, no
 global backend state), so this is safe inside a Dagster process or a thread.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import json
 import math
@@ -22,7 +22,8 @@ import polars as pl
 
 from amygdala_dagster.files.atomic import atomic_write_bytes, atomic_write_text
 from amygdala_dagster.evaluation.core import attention_order
-from amygdala_dagster.evaluation.runtime_report import runtime_html, runtime_plots
+from amygdala_dagster.evaluation.html import number, png_data_uri, render
+from amygdala_dagster.evaluation.runtime_report import runtime_plots, runtime_view
 
 _DPI = 90
 
@@ -247,18 +248,13 @@ def all_plots(evaluation: Mapping[str, Any], histograms: int | None = None) -> d
 
 def png_markdown(png: bytes, alt: str) -> str:
     """An inline Markdown image (data URI) for Dagster metadata."""
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"
+    return f"![{alt}]({png_data_uri(png)})"
 
 
 # ----------------------------------------------------------------------------- text
 
 
-def _f(x: Any, digits: int = 3) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}" if math.isfinite(x) else "–"
-    return str(x)
+_f = number
 
 
 def _ci(entry: Mapping[str, Any]) -> str:
@@ -351,54 +347,31 @@ def emotion_markdown(evaluation: Mapping[str, Any], emotion: str) -> str:
 
 # ----------------------------------------------------------------------------- HTML
 
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
-table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:0.85em}
-th,td{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:top}
-th{background:#f3f3f3} td.n,th.n{text-align:right;white-space:nowrap}
-img{max-width:100%} section{margin-bottom:2em} h2{border-bottom:1px solid #ddd}
-.v-use{background:#e6f4e6} .v-weak{background:#fff3d6} .v-do_not_use{background:#fbe3e3}
-.counts span{display:inline-block;padding:2px 10px;margin-right:6px;border-radius:3px;font-weight:bold}
-details{border:1px solid #ddd;border-radius:3px;margin:4px 0;padding:2px 8px}
-details[open]{padding-bottom:8px} summary{cursor:pointer}
-td.snip{max-width:560px} .note{color:#666;font-size:0.85em}
-"""
-
 _NUMERIC = re.compile(r"^(–|-?[\d.,]+(e-?\d+)?%?( \[[\d., -]+\])?|[\d]+/[\d]+)$")
 
 
-def _e(x: Any) -> str:
-    return html.escape(str(x), quote=True)
-
-
-def _img(png: bytes, alt: str) -> str:
-    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
-
-
-def _table(head: Sequence[str], rows: Sequence[Sequence[Any]], *, row_class: Sequence[str] | None = None,
-           cell_class: Mapping[int, str] | None = None) -> str:
-    """An HTML table; a column whose cells are all numbers is right-aligned, every other left-aligned.
-    ``cell_class`` adds a class to one column's cells (e.g. ``snip``)."""
+def table_view(head: Sequence[str], rows: Sequence[Sequence[Any]], *, row_class: Sequence[str] | None = None,
+               cell_class: Mapping[int, str] | None = None) -> dict[str, Any]:
+    """A table for the ``table`` macro of ``_report.html.j2``: a column whose cells are all numbers is
+    right-aligned (class ``n``), every other left-aligned. ``cell_class`` adds a class to one column's
+    cells (e.g. ``snip``)."""
     cell_class = dict(cell_class or {})
     numeric = [bool(rows) and all(_NUMERIC.match(str(r[i])) for r in rows) for i in range(len(head))]
 
-    def attr(i: int, extra: str = "") -> str:
-        cls = " ".join(c for c in ("n" if numeric[i] else "", extra) if c)
-        return f' class="{cls}"' if cls else ""
+    def cls(i: int, extra: str = "") -> str:
+        return " ".join(c for c in ("n" if numeric[i] else "", extra) if c)
 
-    out = ["<table><tr>" + "".join(f"<th{attr(i)}>{_e(h)}</th>" for i, h in enumerate(head)) + "</tr>"]
-    for k, r in enumerate(rows):
-        tr = f'<tr class="{_e(row_class[k])}">' if row_class else "<tr>"
-        out.append(tr + "".join(f"<td{attr(i, cell_class.get(i, ''))}>{_e(c)}</td>" for i, c in enumerate(r)) + "</tr>")
-    out.append("</table>")
-    return "\n".join(out)
+    return {"head": [{"text": str(h), "cls": cls(i)} for i, h in enumerate(head)],
+            "rows": [{"cls": row_class[k] if row_class else "",
+                      "cells": [{"text": str(c), "cls": cls(i, cell_class.get(i, ""))} for i, c in enumerate(r)]}
+                     for k, r in enumerate(rows)]}
 
 
 def _clip(text: str, n: int = 300) -> str:
     return text[:n] + ("…" if len(text) > n else "")
 
 
-def _layer_table(ev: Mapping[str, Any], emotion: str) -> str:
+def _layer_table(ev: Mapping[str, Any], emotion: str) -> dict[str, Any]:
     res = ev["emotions"][emotion]
     head = ["layer", "AUROC", "95% CI", "Cohen's d", "accuracy", "F1", "threshold", "pos mean", "pos sd",
             "neg mean", "neg sd", "n pos", "n neg", "calibrated on"]
@@ -411,150 +384,113 @@ def _layer_table(ev: Mapping[str, Any], emotion: str) -> str:
                      _f(x.get("cohens_d"), 2), _f(x.get("accuracy")), _f(x.get("f1")), _f(cal.get("threshold")),
                      _f(cal.get("pos_mean")), _f(cal.get("pos_std")), _f(cal.get("neg_mean")), _f(cal.get("neg_std")),
                      x.get("n_pos"), x.get("n_neg"), cal.get("split", "–")])
-    return _table(head, body)
+    return table_view(head, body)
 
 
-def _projection_summary(ev: Mapping[str, Any], emotion: str) -> str:
+def _projection_summary(ev: Mapping[str, Any], emotion: str) -> dict[str, Any] | None:
     """Quartiles of the held-out projections at the best layer (in place of a histogram)."""
     res = ev["emotions"][emotion]
     layer = res["best_layer"] if res["best_layer"] is not None else ev["layers"][-1]
     proj = (res.get("projections") or {}).get(str(layer))
     if not proj:
-        return ""
+        return None
     rows = []
     for label in ("positive", "negative"):
         x = np.array([_nan(v) for v in proj[label]], dtype=np.float64)
         q = np.quantile(x, [0, 0.25, 0.5, 0.75, 1]) if len(x) else [math.nan] * 5
         rows.append([label + "s", len(x), *[_f(float(v)) for v in q]])
-    return (f"<p>Held-out projections at layer {_e(layer)} (no histogram drawn for this emotion; "
-            "<code>amygdala report --histograms all</code> draws every one):</p>"
-            + _table(["", "n", "min", "25%", "median", "75%", "max"], rows))
+    return {"layer": layer, "table": table_view(["", "n", "min", "25%", "median", "75%", "max"], rows)}
 
 
-def _emotion_detail(ev: Mapping[str, Any], emotion: str, plots: Mapping[str, bytes]) -> str:
+def emotion_view(ev: Mapping[str, Any], emotion: str, plots: Mapping[str, bytes]) -> dict[str, Any]:
+    """One emotion's folded detail, for the ``emotion_detail`` macro of ``_report.html.j2``."""
     res = ev["emotions"][emotion]
     verdict = ev["verdicts"][emotion]
-    auc = res.get("best_auroc")
-    parts = [f'<details class="v-{_e(verdict["verdict"])}" id="e-{_e(emotion)}"><summary><b>{_e(emotion)}</b> — '
-             f'{_e(VERDICT_LABEL[verdict["verdict"]])}, AUROC {_e(_f(auc))} (layer {_e(_f(res["best_layer"]))})</summary>']
-    parts.append("<ul>" + "".join(f"<li>{_e(r)}</li>" for r in verdict["reasons"]) + "</ul>")
-    parts.append(_layer_table(ev, emotion))
     hist = plots.get(f"hist_{emotion}.png")
-    parts.append(_img(hist, f"projection histogram {emotion}") if hist else _projection_summary(ev, emotion))
     c = res["confounds"]
     mix = lambda d: ", ".join(f"{k}:{v}" for k, v in d.items()) or "–"  # noqa: E731
-    parts.append(_table(
+    confounds = table_view(
         ["", "node types", "median length", "trivial baseline AUROC"],
         [["positives", mix(c["node_type_mix"]["positive"]), _f(c["text_length"]["positive"]["median"], 0),
           f"length {_f(c['baseline_auroc']['length'])}"],
          ["negatives", mix(c["node_type_mix"]["negative"]), _f(c["text_length"]["negative"]["median"], 0),
-          f"node type {_f(c['baseline_auroc']['node_type'])}"]]))
+          f"node type {_f(c['baseline_auroc']['node_type'])}"]])
     names = list(ev["settings"]["estimators"])
-    if len(names) > 1:
-        parts.append(_table(["estimator", *[f"layer {l}" for l in ev["layers"]]],
-                            [[n, *[_f(res["estimators"][n].get(str(l))) for l in ev["layers"]]] for n in names]))
+    estimators = table_view(["estimator", *[f"layer {l}" for l in ev["layers"]]],
+                            [[n, *[_f(res["estimators"][n].get(str(l))) for l in ev["layers"]]] for n in names]) \
+        if len(names) > 1 else None
     texts = (ev.get("generalisation") or {}).get("texts", {})
     gen = (ev.get("generalisation") or {}).get("emotions", {}).get(emotion)
+    snippets = None
     if gen and gen["top"]:
-        parts.append(f"<p>Conversation snippets at layer {_e(gen['layer'])}; above threshold: "
-                     f"{_e(_f(gen.get('fraction_above_threshold'), 2))}</p>")
-        for label, items in (("highest", gen["top"]), ("lowest", gen["bottom"])):
-            parts.append(_table([label, "z", "probability", "raw", "text"], [
+        snippets = {"layer": gen["layer"], "fraction": gen.get("fraction_above_threshold"), "tables": [
+            table_view([label, "z", "probability", "raw", "text"], [
                 [t["id"], _f(t["z"], 2), _f(t["probability"], 2), _f(t["raw"]), _clip(texts.get(t["id"], ""))]
-                for t in items], cell_class={4: "snip"}))
-    parts.append("</details>")
-    return "\n".join(parts)
+                for t in items], cell_class={4: "snip"})
+            for label, items in (("highest", gen["top"]), ("lowest", gen["bottom"]))]}
+    return {"emotion": emotion, "verdict": verdict["verdict"], "label": VERDICT_LABEL[verdict["verdict"]],
+            "auroc": res.get("best_auroc"), "layer": res["best_layer"], "reasons": list(verdict["reasons"]),
+            "layers": _layer_table(ev, emotion), "histogram": hist,
+            "projections": None if hist else _projection_summary(ev, emotion), "confounds": confounds,
+            "estimators": estimators, "snippets": snippets}
 
 
-def render_html(evaluation: Mapping[str, Any], plots: Mapping[str, bytes], title: str = "Readout evaluation") -> str:
-    """The report as one HTML string; every text is escaped, every plot embedded.
-
-    Summary and the per-emotion verdicts first (most attention first), then each
-    emotion's detail folded in a ``<details>``, then layers, cross-talk and estimators.
-    """
+def report_view(evaluation: Mapping[str, Any], plots: Mapping[str, bytes]) -> dict[str, Any]:
+    """What the report shows, for ``report.html.j2``: summary and the per-emotion verdicts first (most
+    attention first), then each emotion's detail, then layers, cross-talk and estimators."""
     ev = evaluation
     s = ev["summary"]
-    parts = [f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{_e(title)}</title><style>{_CSS}</style></head><body>",
-             f"<h1>{_e(title)}</h1>"]
-    meta = ev.get("meta") or {}
-    info = [("created", ev.get("created_at")), *((k, v) for k, v in meta.items() if not isinstance(v, (dict, list)))]
-    parts.append('<p class="note">' + " · ".join(f"{_e(k)}: {_e(v)}" for k, v in info) + "</p>")
     st = ev["settings"]
     crit = st.get("criteria") or {}
-    c = s["verdict_counts"]
-    parts.append("<section><h2>Which vectors can I trust?</h2>")
-    parts.append('<p class="counts">' + "".join(
-        f'<span class="v-{v}">{_e(VERDICT_LABEL[v])}: {c[v]}</span>' for v in ("use", "weak", "do_not_use")) + "</p>")
-    parts.append(f"<p>{_e(_counts_line(ev))}</p>")
-    parts.append(f'<p class="note">use: held-out AUROC ≥ {_e(crit.get("min_auroc"))}, better than the trivial length and '
-                 f'node-type baselines, at least {_e(crit.get("min_holdout_positives"))} held-out positives, interval above '
-                 f'the minimum, no vector within cosine {_e(crit.get("max_crosstalk_cosine"))} of another'
-                 + (", and, on labelled conversations, AUROC above the minimum and firing on at most "
-                    f'{_e(crit.get("max_fire_rate_without"))} of conversations without the emotion' if ev.get("conversations") else "")
-                 + f". Threshold rule {_e(st['threshold_method'])}"
-                 + (f" (target FPR {_e(st['target_fpr'])})" if st["threshold_method"] == "fixed_fpr" else "")
-                 + f"; {_e(st['bootstrap'])} bootstrap resamples.</p>")
-    parts.append(_img(plots["verdicts.png"], "AUROC against holdout size, by verdict"))
+    meta = ev.get("meta") or {}
     order = list(ev["verdicts"])
     rows = [_row(ev, e) for e in order]
-    if rows:
-        parts.append(_table(list(rows[0]), [list(r.values()) for r in rows],
-                            row_class=[f"v-{ev['verdicts'][e]['verdict']}" for e in order]))
-    parts.append("</section>")
-
-    parts.append("<section><h2>Per emotion</h2><p class=\"note\">Most attention first; open one for its "
-                 "layers, calibration, projections, trivial baselines and conversation snippets.</p>")
-    parts += [_emotion_detail(ev, e, plots) for e in order]
-    parts.append("</section>")
-
-    parts.append("<section><h2>Layers</h2>")
-    parts.append("<p>Mean held-out AUROC by layer: " + _e(", ".join(
-        f"{l}: {_f(v)}" for l, v in s["mean_auroc_by_layer"].items())) + "</p>")
-    parts.append(f"<p><b>Recommended layers</b>: {_e(', '.join(map(str, s['recommended_layers'])) or '–')}</p>")
-    parts.append(_img(plots["auroc_by_layer.png"], "AUROC by layer"))
     sweep = ev.get("layer_sweep")
+    sweep_view = None
     if sweep:
-        parts.append("<h3>Layer sweep</h3>")
-        parts.append(f"<p>{len(sweep['layers'])} layers, estimator {_e(sweep['estimator'])}; recommended: "
-                     f"{_e(', '.join(map(str, sweep['recommended_layers'])))}"
-                     + (f" of {_e(sweep['n_model_layers'])} layers" if sweep.get("n_model_layers") else "") + "</p>")
-        head = ["emotion", *[str(l) for l in sweep["layers"]]]
         body = [[e, *[_f(row.get(str(l))) for l in sweep["layers"]]] for e, row in sweep["auroc"].items()]
         body.append(["mean", *[_f(sweep["mean_auroc"].get(str(l))) for l in sweep["layers"]]])
         if sweep.get("depth_fraction"):
             body.append(["depth", *[f"{sweep['depth_fraction'][str(l)]:.0%}" for l in sweep["layers"]]])
-        parts.append("<details><summary>per emotion and layer</summary>" + _table(head, body) + "</details>")
-    parts.append("</section>")
-
+        sweep_view = {"n_layers": len(sweep["layers"]), "estimator": sweep["estimator"],
+                      "recommended": ", ".join(map(str, sweep["recommended_layers"])),
+                      "n_model_layers": sweep.get("n_model_layers"),
+                      "table": table_view(["emotion", *[str(l) for l in sweep["layers"]]], body)}
     ct = ev["crosstalk"]
-    parts.append("<section><h2>Cross-talk</h2>")
-    parts.append(_img(plots["crosstalk.png"], "cross-talk and co-occurrence"))
-    if ct["pairs"]:
-        table = _table(["a", "b", "layer", "cosine", "co-occurrence"], [
-            [p["a"], p["b"], p["layer"], _f(p["cosine"]), _f(p["cooccurrence"])] for p in ct["pairs"]])
-        parts.append(f"<details{' open' if len(ct['pairs']) <= 20 else ''}><summary>{len(ct['pairs'])} pair(s) of "
-                     f"vectors with cosine ≥ {_e(ct['threshold'])}</summary>{table}</details>")
-    else:
-        parts.append(f"<p>No pair of vectors has cosine ≥ {_e(ct['threshold'])}.</p>")
-    parts.append("</section>")
-
     names = list(st["estimators"])
-    if len(names) > 1:
-        parts.append("<section><h2>Estimators compared (held-out AUROC, fitted on train)</h2>")
-        parts.append(_table(["estimator", "mean held-out AUROC"],
-                            [[n, _f(s["mean_auroc_by_estimator"].get(n))] for n in names]))
-        parts.append(_img(plots["estimators.png"], "estimators compared"))
-        parts.append("</section>")
-    else:
-        parts.append('<p class="note">Estimator comparison (LDA, logistic probe) not run at this number of emotions; '
-                     "<code>amygdala report --estimators mean_difference,lda,logistic</code> runs it.</p>")
-    gen = ev.get("generalisation")
-    if gen:
-        parts.append(f'<p class="note">Conversation snippets: {_e(gen["n_snippets"])} scored; each emotion\'s highest '
-                     "and lowest are in its detail above.</p>")
-    parts.append(runtime_html(ev, plots))
-    parts.append("</body></html>\n")
-    return "\n".join(parts)
+    return {
+        "info": [("created", ev.get("created_at")),
+                 *((k, v) for k, v in meta.items() if not isinstance(v, (dict, list)))],
+        "counts": [(v, VERDICT_LABEL[v], s["verdict_counts"][v]) for v in ("use", "weak", "do_not_use")],
+        "counts_line": _counts_line(ev),
+        "criteria": {k: crit.get(k) for k in ("min_auroc", "min_holdout_positives", "max_crosstalk_cosine",
+                                              "max_fire_rate_without")},
+        "has_conversations": bool(ev.get("conversations")),
+        "threshold_method": st["threshold_method"], "fixed_fpr": st["threshold_method"] == "fixed_fpr",
+        "target_fpr": st.get("target_fpr"), "bootstrap": st["bootstrap"],
+        "plots": plots,
+        "verdict_table": table_view(list(rows[0]), [list(r.values()) for r in rows],
+                                    row_class=[f"v-{ev['verdicts'][e]['verdict']}" for e in order]) if rows else None,
+        "details": [emotion_view(ev, e, plots) for e in order],
+        "mean_by_layer": ", ".join(f"{l}: {_f(v)}" for l, v in s["mean_auroc_by_layer"].items()),
+        "recommended_layers": ", ".join(map(str, s["recommended_layers"])) or "–",
+        "sweep": sweep_view,
+        "crosstalk": {"threshold": ct["threshold"], "n_pairs": len(ct["pairs"]), "open": len(ct["pairs"]) <= 20,
+                      "pairs": table_view(["a", "b", "layer", "cosine", "co-occurrence"], [
+                          [p["a"], p["b"], p["layer"], _f(p["cosine"]), _f(p["cooccurrence"])] for p in ct["pairs"]])
+                      if ct["pairs"] else None},
+        "estimators": table_view(["estimator", "mean held-out AUROC"],
+                                 [[n, _f(s["mean_auroc_by_estimator"].get(n))] for n in names])
+        if len(names) > 1 else None,
+        "has_generalisation": bool(ev.get("generalisation")),
+        "n_snippets": (ev.get("generalisation") or {}).get("n_snippets"),
+    }
+
+
+def render_html(evaluation: Mapping[str, Any], plots: Mapping[str, bytes], title: str = "Readout evaluation") -> str:
+    """The report as one HTML string (``templates/report.html.j2``); every text is escaped, every plot embedded."""
+    return render("report.html.j2", title=title, r=report_view(evaluation, plots),
+                  runtime=runtime_view(evaluation, plots))
 
 
 def write_projections(evaluation: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:

@@ -1,23 +1,21 @@
 """The report's runtime section: how the readout behaves per token on labelled conversations.
 
-HTML and Markdown fragments plus PNG plots from ``evaluation["conversations"]``
-(:func:`amygdala_dagster.evaluation.conversations.evaluate_conversations`);
-the report embeds them with one call each, and shows nothing when the
-evaluation has no conversations.
+The section's data (rendered by ``templates/_runtime.html.j2``), Markdown and
+PNG plots from ``evaluation["conversations"]``
+(:func:`amygdala_dagster.evaluation.conversations.evaluate_conversations`); the
+report embeds them with one call each, and shows nothing when the evaluation
+has no conversations.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import math
 from collections.abc import Mapping
 from typing import Any
 
-from amygdala_dagster.evaluation.trace import CSS as TRACE_CSS
-from amygdala_dagster.evaluation.trace import JS as TRACE_JS
-from amygdala_dagster.evaluation.trace import conversation_html
+from amygdala_dagster.evaluation.html import render_macro
+from amygdala_dagster.evaluation.trace import conversation_view
 
 PLOT = "runtime_conversations.png"
 #: Above this many emotions the plot is a scatter (one point each) instead of labelled bars.
@@ -26,10 +24,6 @@ MAX_BARS = 40
 
 def _fmt(x: Any, digits: int = 2) -> str:
     return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
-
-
-def _e(x: Any) -> str:
-    return html.escape(str(x), quote=True)
 
 
 def runtime_plots(evaluation: Mapping[str, Any]) -> dict[str, bytes]:
@@ -117,27 +111,27 @@ def _intro(conv: Mapping[str, Any]) -> str:
             f"mean firing rate without the emotion {_fmt(s.get('mean_fire_rate_without'))}.")
 
 
-def runtime_html(evaluation: Mapping[str, Any], plots: Mapping[str, bytes]) -> str:
-    """The section's HTML (empty when the evaluation has no conversations)."""
+def runtime_view(evaluation: Mapping[str, Any], plots: Mapping[str, bytes]) -> dict[str, Any] | None:
+    """What the section shows, for the ``runtime_section`` macro of ``_runtime.html.j2`` (None when the
+    evaluation has no conversations)."""
     conv = evaluation.get("conversations")
     if not conv:
-        return ""
-    parts = [f"<style>{TRACE_CSS}</style><script>{TRACE_JS}</script>",
-             "<section><h2>Runtime: per-token readout on conversations</h2>", f"<p>{_e(_intro(conv))}</p>"]
-    if conv.get("unknown_labels"):
-        parts.append(f"<p>Labels without a vector (ignored): {_e(', '.join(conv['unknown_labels']))}</p>")
-    parts.append("<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in _HEAD) + "</tr>" + "".join(
-        "<tr>" + "".join(f"<td>{_e(c)}</td>" for c in r) + "</tr>" for r in _rows(conv)) + "</table>")
-    if PLOT in plots:
-        parts.append(f'<img alt="runtime conversations" src="data:image/png;base64,'
-                     f'{base64.b64encode(plots[PLOT]).decode()}">')
+        return None
+    traces = []
     for i, rec in enumerate(conv.get("traces") or []):
         thr = (conv.get("thresholds") or {}).get(str(rec["layer"]), {})
-        parts.append(conversation_html(rec, thr, f"rt{i}",
-                                       title=f"{rec['id']} (labelled: {', '.join(rec.get('labels') or []) or 'none'})",
-                                       heading="h3"))
-    parts.append("</section>")
-    return "\n".join(parts)
+        traces.append(conversation_view(
+            rec, thr, f"rt{i}", title=f"{rec['id']} (labelled: {', '.join(rec.get('labels') or []) or 'none'})",
+            heading="h3"))
+    return {"intro": _intro(conv), "unknown_labels": list(conv.get("unknown_labels") or []), "head": _HEAD,
+            "rows": _rows(conv), "plot": plots.get(PLOT), "traces": traces}
+
+
+def runtime_html(evaluation: Mapping[str, Any], plots: Mapping[str, bytes]) -> str:
+    """The section's HTML fragment (empty when the evaluation has no conversations); the page holding it
+    needs conversation.css and conversation.js, which the report's head carries."""
+    view = runtime_view(evaluation, plots)
+    return render_macro("_runtime.html.j2", "runtime_section", view) if view else ""
 
 
 def runtime_markdown(evaluation: Mapping[str, Any]) -> str:

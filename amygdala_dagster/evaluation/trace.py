@@ -10,14 +10,13 @@ so that it stays legible with hundreds of concepts.
 
 from __future__ import annotations
 
-import html
-import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from amygdala_dagster.evaluation.html import number, render
 from amygdala_dagster.readout.metrics import z_score
 from amygdala_dagster.readout.manifest import calibration_entry
 from amygdala_dagster.readout.runtime import calibrated_scores
@@ -130,60 +129,12 @@ def _text_z(raw: np.ndarray, manifest: Mapping[str, Any], layer: int) -> np.ndar
 
 
 # ----------------------------------------------------------------------------- HTML
-PAGE_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1200px}
-h1{font-size:22px}
-"""
-
-#: Styles of a conversation section (scoped to its classes; embeddable in another page).
-CSS = """
-.conv h2,.conv h3{font-size:17px;margin:28px 0 6px;border-top:1px solid #ddd;padding-top:14px}
-.meta{color:#555;font-size:13px}.legend span{padding:1px 6px;margin-right:4px;border-radius:3px}
-table.sum{border-collapse:collapse;font-size:13px;margin:6px 0}table.sum td,table.sum th{padding:2px 10px;
-border-bottom:1px solid #eee;text-align:right}table.sum td:first-child,table.sum th:first-child{text-align:left}
-.fired{color:#b00;font-weight:600}.tokens{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:14px;
-line-height:1.9;white-space:pre-wrap;border:1px solid #eee;padding:10px;border-radius:4px;background:#fff}
-.tokens span{border-radius:2px}.tokens span.sp{color:#999;font-size:11px}.tokens span.un{color:#888}
-.tokens span.hit{outline:1.5px solid #900}.ctl{font-size:13px;margin:8px 0}
-.plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:6px}
-.plots svg{background:#fafafa;border:1px solid #eee}.note{font-size:12px;color:#666}
-"""
-
-JS = """
-function amyColor(z, thr){
-  if(z===null||thr===null) return 'transparent';
-  var f=Math.max(0,Math.min(1.5,z/Math.max(thr,1e-6)));
-  if(z<=0) return 'transparent';
-  var a=Math.min(0.85,0.08+0.5*f); var r=f>=1?'200,0,0':'255,120,0';
-  return 'rgba('+r+','+a.toFixed(3)+')';
-}
-function amyPaint(id){
-  var d=JSON.parse(document.getElementById('data-'+id).textContent);
-  var sel=document.getElementById('sel-'+id); var c=sel.value;
-  var spans=document.querySelectorAll('#tok-'+id+' span[data-i]');
-  spans.forEach(function(s){var i=+s.dataset.i; var z=d.z[c][i]; var ok=d.scored[i];
-    s.style.background=ok?amyColor(z,d.thr[c]):'transparent';
-    s.classList.toggle('hit', ok&&d.raw[c][i]!==null&&d.thrRaw[c]!==null&&d.raw[c][i]>=d.thrRaw[c]);});
-}
-document.addEventListener('DOMContentLoaded',function(){
-  document.querySelectorAll('select[data-conv]').forEach(function(s){amyPaint(s.dataset.conv);
-    s.addEventListener('change',function(){amyPaint(s.dataset.conv);});});
-});
-"""
-
 _PALETTE = ["#c0392b", "#2471a3", "#229954", "#8e44ad", "#d68910", "#17a589", "#7f8c8d", "#a04000"]
 
 
-def _e(x: Any) -> str:
-    return html.escape(str(x), quote=True)
-
-
-def _f(x: Any, digits: int = 2) -> str:
-    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
-
-
-def _svg(z: Sequence[float | None], scored: Sequence[bool], thr: float | None, name: str, color: str,
-         fired: Sequence[int]) -> str:
+def plot_view(z: Sequence[float | None], scored: Sequence[bool], thr: float | None, name: str, color: str,
+              fired: Sequence[int]) -> dict[str, Any]:
+    """Geometry of one concept's SVG line plot (calibrated z over token position), for ``_conversation.html.j2``."""
     w, h, pad, top = 360, 120, 26, 22  # the title sits above the plotted range, never over the line
     pts = [(i, v) for i, (v, ok) in enumerate(zip(z, scored)) if ok and v is not None]
     n = max(len(z) - 1, 1)
@@ -197,108 +148,92 @@ def _svg(z: Sequence[float | None], scored: Sequence[bool], thr: float | None, n
     def y(v: float) -> float:
         return top + (h - top - 18) * (hi - v) / (hi - lo)
 
-    parts = [f'<svg width="{w}" height="{h}" role="img" aria-label="{_e(name)} over token position">',
-             f'<text x="{pad}" y="14" font-size="11" fill="#333">{_e(name)} (calibrated z)</text>',
-             f'<line x1="{pad}" x2="{w - 6}" y1="{y(0):.1f}" y2="{y(0):.1f}" stroke="#ccc"/>']
-    if thr is not None:
-        parts.append(f'<line x1="{pad}" x2="{w - 6}" y1="{y(thr):.1f}" y2="{y(thr):.1f}" stroke="#b00" '
-                     f'stroke-dasharray="4 3"><title>threshold z={thr:.2f}</title></line>')
-    if pts:
-        poly = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in pts)
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.3" points="{poly}"/>')
-    for i in fired[:200]:
-        v = z[i]
-        if v is not None:
-            parts.append(f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="2.2" fill="#b00"/>')
-    parts.append(f'<text x="{pad}" y="{h - 4}" font-size="10" fill="#666">0</text>'
-                 f'<text x="{w - 30}" y="{h - 4}" font-size="10" fill="#666">{len(z) - 1}</text>'
-                 f'<text x="2" y="{y(hi) + 8:.1f}" font-size="9" fill="#666">{hi:.1f}</text>'
-                 f'<text x="2" y="{y(lo):.1f}" font-size="9" fill="#666">{lo:.1f}</text></svg>')
-    return "".join(parts)
+    return {
+        "w": w, "h": h, "pad": pad, "right": w - 6, "name": name, "color": color, "y_zero": f"{y(0):.1f}",
+        "threshold": {"y": f"{y(thr):.1f}", "z": f"{thr:.2f}"} if thr is not None else None,
+        "points": " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in pts),
+        "dots": [(f"{x(i):.1f}", f"{y(z[i]):.1f}") for i in fired[:200] if z[i] is not None],
+        "last": len(z) - 1, "hi": f"{hi:.1f}", "lo": f"{lo:.1f}", "y_hi_label": f"{y(hi) + 8:.1f}",
+        "y_lo": f"{y(lo):.1f}",
+    }
 
 
-def conversation_html(record: Mapping[str, Any], thr: Mapping[str, Mapping[str, float] | None], uid: str,
-                      title: str | None = None, heading: str = "h2") -> str:
-    """One conversation's section: fired-concepts summary, token heatmap (hover: numbers), per-concept plots."""
+def conversation_view(record: Mapping[str, Any], thr: Mapping[str, Mapping[str, float] | None], uid: str,
+                      title: str | None = None, heading: str = "h2") -> dict[str, Any]:
+    """What one conversation's section shows (fired-concepts summary, token heatmap with a tooltip per
+    token, per-concept plots), for the ``conversation`` macro of ``_conversation.html.j2``."""
     top = list(record["top"])
     summ = record["summary"]
-    out = [f'<section class="conv"><{heading}>{_e(title or record["id"])}</{heading}>']
-    n_scored = sum(record["scored"])
-    fired = record["fired"]
-    out.append(f'<p class="meta">{len(record["tokens"])} tokens ({n_scored} scored) · layer {record["layer"]} · '
-               f'{len(fired)} concept(s) fired'
-               + (f": {_e(', '.join(fired[:30]))}{' …' if len(fired) > 30 else ''}" if fired else "") + "</p>")
-    rows = ['<table class="sum"><tr><th>concept</th><th>fired</th><th>first at token</th><th>tokens above</th>'
-            '<th>longest run</th><th>max z</th><th>max smoothed z</th><th>threshold z</th></tr>']
+    rows = []
     for c in top:
-        s = summ[c]
-        t = thr.get(c)
-        rows.append(f'<tr><td>{_e(c)}</td><td class="{"fired" if s["fired"] else ""}">{"yes" if s["fired"] else "no"}'
-                    f'</td><td>{_e(s["first"] if s["first"] is not None else "–")}</td><td>{s["n_fired"]}</td>'
-                    f'<td>{s["longest_run"]}</td><td>{_f(s["max_z"])}</td><td>{_f(s["max_smoothed_z"])}</td>'
-                    f'<td>{_f(t["z"] if t else None)}</td></tr>')
-    rows.append("</table>")
-    out += rows
-    options = "".join(f'<option value="{_e(c)}">{_e(c)}</option>' for c in top)
-    out.append(f'<div class="ctl">colour tokens by <select id="sel-{uid}" data-conv="{uid}">{options}</select> '
-               '<span class="note">orange: above 0, red: at or above the token threshold (outlined); '
-               'grey: special or skipped positions, not scored. Hover a token for its numbers.</span></div>')
-    spans = []
+        s, t = summ[c], thr.get(c)
+        rows.append({"concept": c, "fired": s["fired"], "first": s["first"], "n_fired": s["n_fired"],
+                     "longest_run": s["longest_run"], "max_z": s["max_z"], "max_smoothed_z": s["max_smoothed_z"],
+                     "threshold_z": t["z"] if t else None})
+    tokens = []
     for i, piece in enumerate(record["tokens"]):
         tip = [f"#{i} {piece!r}" + ("" if record["scored"][i] else " (not scored)")]
-        for c in top:
-            z, r = record["z"][c][i], record["raw"][c][i]
-            tip.append(f"{c}: z={_f(z)} raw={_f(r, 3)}")
+        tip += [f"{c}: z={number(record['z'][c][i], 2)} raw={number(record['raw'][c][i], 3)}" for c in top]
         cls = "sp" if record["special"][i] else ("un" if not record["scored"][i] else "")
-        spans.append(f'<span data-i="{i}" class="{cls}" title="{_e(chr(10).join(tip))}">{_e(piece)}</span>')
-    out.append(f'<div class="tokens" id="tok-{uid}">{"".join(spans)}</div>')
-    out.append('<div class="plots">')
+        tokens.append({"piece": piece, "cls": cls, "tip": "\n".join(tip)})
+    plots = []
     for k, c in enumerate(top):
         t = thr.get(c)
         hits = [i for i, (r, ok) in enumerate(zip(record["raw"][c], record["scored"]))
                 if ok and t and r is not None and r >= t["raw"]]
-        out.append(_svg(record["z"][c], record["scored"], t["z"] if t else None, c, _PALETTE[k % len(_PALETTE)], hits))
-    out.append("</div>")
+        plots.append(plot_view(record["z"][c], record["scored"], t["z"] if t else None, c,
+                               _PALETTE[k % len(_PALETTE)], hits))
     data = {"z": {c: record["z"][c] for c in top}, "raw": {c: record["raw"][c] for c in top},
             "scored": record["scored"], "thr": {c: (thr[c]["z"] if thr.get(c) else None) for c in top},
             "thrRaw": {c: (thr[c]["raw"] if thr.get(c) else None) for c in top}}
-    payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
-    out.append(f'<script type="application/json" id="data-{uid}">{payload}</script></section>')
-    return "\n".join(out)
+    return {"uid": uid, "title": title or record["id"], "heading": heading, "n_tokens": len(record["tokens"]),
+            "n_scored": sum(record["scored"]), "layer": record["layer"], "fired": list(record["fired"]),
+            "truncated": record.get("truncated"),
+            "top": top, "rows": rows, "tokens": tokens, "plots": plots, "data": data}
 
 
-def render_trace_html(trace: Mapping[str, Any], title: str = "Readout trace") -> str:
-    """The whole page for a :func:`build_trace` result (self-contained: inline CSS, JS, SVG)."""
+def trace_page_view(trace: Mapping[str, Any]) -> dict[str, Any]:
+    """What the trace page shows for a :func:`build_trace` result, for ``trace.html.j2``."""
     thr = trace["thresholds"]
-    kind = trace["calibration"]
-    parts = [f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{_e(title)}</title>'
-             f"<style>{PAGE_CSS}{CSS}</style><script>{JS}</script></head><body><h1>{_e(title)}</h1>"]
-    parts.append(f'<p class="meta">model {_e(trace.get("model"))} · layer {_e(trace["layer"])} · '
-                 f'{len(trace["concepts"])} concepts · {len(trace["conversations"])} input(s) · scores calibrated on '
-                 f'the {"per-token" if kind == "token" else "text-level (format 1 manifest: no token calibration)"} '
-                 f'calibration · first {_e(trace.get("skip_first_tokens"))} position(s) and special tokens not scored'
-                 f'</p>')
     fired_counts: dict[str, int] = {}
     for conv in trace["conversations"]:
         for c in conv["fired"]:
             fired_counts[c] = fired_counts.get(c, 0) + 1
-    if fired_counts:
-        top = sorted(fired_counts.items(), key=lambda kv: (-kv[1], kv[0]))[:40]
-        parts.append('<p class="meta">inputs in which each concept fired: '
-                     + ", ".join(f"{_e(c)} {n}" for c, n in top) + (" …" if len(fired_counts) > 40 else "") + "</p>")
-    for i, conv in enumerate(trace["conversations"]):
-        parts.append(conversation_html(conv, thr, f"c{i}"))
-    parts.append("</body></html>\n")
-    return "\n".join(parts)
+    return {
+        "model": trace.get("model"), "layer": trace["layer"], "n_concepts": len(trace["concepts"]),
+        "n_inputs": len(trace["conversations"]),
+        "n_truncated": sum(1 for conv in trace["conversations"] if conv.get("truncated")),
+        "calibration": "per-token" if trace["calibration"] == "token"
+        else "text-level (format 1 manifest: no token calibration)",
+        "skip_first_tokens": trace.get("skip_first_tokens"),
+        "fired_counts": sorted(fired_counts.items(), key=lambda kv: (-kv[1], kv[0]))[:40],
+        "more_fired": len(fired_counts) > 40,
+        "conversations": [conversation_view(conv, thr, f"c{i}") for i, conv in enumerate(trace["conversations"])],
+    }
+
+
+def render_trace_html(trace: Mapping[str, Any], title: str = "Readout trace") -> str:
+    """The whole page for a :func:`build_trace` result (self-contained: inline CSS, JS, SVG)."""
+    return render("trace.html.j2", title=title, page=trace_page_view(trace))
 
 
 def build_trace(scores: Sequence[Any], layer: int, manifest: Mapping[str, Any], *, top_k: int = DEFAULT_TOP_K,
                 concepts: Sequence[str] | None = None, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The ``trace.json`` content for several inputs' :class:`~amygdala_dagster.readout.runtime.TokenScores`."""
+    """The ``trace.json`` content for several inputs' :class:`~amygdala_dagster.readout.runtime.TokenScores`:
+    each input's :func:`trace_record` plus ``truncated`` (:func:`truncation`)."""
     kind, thr = thresholds(manifest, layer)
     skip = scores[0].skip_first_tokens if scores else None
     return {
         "format": TRACE_FORMAT, **dict(meta or {}), "layer": int(layer), "calibration": kind,
         "skip_first_tokens": skip, "concepts": list(manifest["concepts"]), "thresholds": thr,
-        "conversations": [trace_record(s, layer, manifest, top_k=top_k, concepts=concepts) for s in scores],
+        "conversations": [{**trace_record(s, layer, manifest, top_k=top_k, concepts=concepts),
+                           "truncated": truncation(s.encoded)} for s in scores],
     }
+
+
+def truncation(encoded: Any) -> dict[str, int] | None:
+    """``{"tokens_total", "tokens_kept"}`` when ``max_tokens`` cut an input's
+    :class:`~amygdala_dagster.readout.runtime.Encoded` (the trace shows only the kept tokens), else None."""
+    if not encoded.truncated:
+        return None
+    return {"tokens_total": int(encoded.n_tokens_total), "tokens_kept": len(encoded.ids)}
