@@ -252,3 +252,17 @@ def test_non_loopback_host_is_refused_without_allow_remote(tmp_path, capsys, mon
         serve(path, host="0.0.0.0", port=int(port))
     assert all(is_loopback_host(h) for h in ("127.0.0.1", "127.8.0.1", "::1", "localhost", "LOCALHOST", "[::1]"))
     assert not any(is_loopback_host(h) for h in ("0.0.0.0", "", "::", "10.0.0.1", "example.com", "localhost.evil"))
+
+
+def test_bearer_scheme_is_case_insensitive(graph_server):
+    """Reliability round 2 #8: 'Authorization: bearer <token>' was refused; the scheme is case-insensitive."""
+    server = graph_server([node(1)], token_env="SERVE_GRAPH_TEST_TOKEN", token=TOKEN)
+    params = {"name": "graph_version", "arguments": {}}
+    for scheme in ("bearer", "BEARER", "Bearer", "bEaReR"):
+        ok = rpc(server.url, "tools/call", params, headers={"Authorization": f"{scheme} {TOKEN}"})
+        assert ok.status_code == 200 and ok.json()["result"]["structuredContent"]["node_count"] == 1, scheme
+    for given in (f"bearer {TOKEN}x", f"Basic {TOKEN}", TOKEN, f"bearer{TOKEN}", "bearer", ""):
+        refused = rpc(server.url, "tools/call", params, headers={"Authorization": given})
+        assert refused.status_code == 401, given
+    assert TOKEN not in server.output()
+

@@ -171,28 +171,39 @@ def build_mcp_server(path: str | os.PathLike[str]) -> MCPServer:
     return server
 
 
+async def _send_json(send: Send, status: int, body: dict[str, str],
+                     headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    data = json.dumps(body).encode()
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"application/json"), *headers, (b"content-length", str(len(data)).encode())],
+    })
+    await send({"type": "http.response.body", "body": data})
+
+
 class _BearerAuth:
-    """Rejects HTTP requests whose ``Authorization`` is not ``Bearer <token>`` with 401."""
+    """Rejects HTTP requests whose ``Authorization`` is not ``Bearer <token>`` with 401.
+
+    The scheme is matched case-insensitively (RFC 9110 section 11.1: ``bearer``
+    and ``BEARER`` are the same scheme); the token is compared in constant time.
+    """
 
     def __init__(self, app: ASGIApp, token: str):
         self.app = app
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
+
+    def _authorized(self, given: bytes) -> bool:
+        scheme, _, credentials = given.strip().partition(b" ")
+        ok_scheme = scheme.lower() == b"bearer"
+        return hmac.compare_digest(credentials.strip(), self._expected) and ok_scheme
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self._expected):
-                body = json.dumps({"error": "unauthorized", "detail": "missing or wrong bearer token"}).encode()
-                await send({
-                    "type": "http.response.start",
-                    "status": 401,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"www-authenticate", b'Bearer realm="amygdala-memory-graph"'),
-                        (b"content-length", str(len(body)).encode()),
-                    ],
-                })
-                await send({"type": "http.response.body", "body": body})
+            if not self._authorized(given):
+                await _send_json(send, 401, {"error": "unauthorized", "detail": "missing or wrong bearer token"},
+                                 ((b"www-authenticate", b'Bearer realm="amygdala-memory-graph"'),))
                 return
         await self.app(scope, receive, send)
 
