@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from amygdala_dagster.commands.flags import open_fraction, positive_int
+from amygdala_dagster.commands.inputs import check_jsonl_input
 from amygdala_dagster.engine.models import ModelLoadError, parse_device_map
 from amygdala_dagster.pipeline.definitions import default_resources
 from amygdala_dagster.pipeline.resources import (
@@ -102,19 +103,28 @@ def build_resources(args: argparse.Namespace) -> dict[str, Any]:
         "curated": curated,
         **({"min_positives": args.min_positives} if args.min_positives is not None else {}),
     })
-    for flag in ("calibration_texts", "eval_conversations"):
-        path = getattr(args, flag, None)
-        if path and path.lower() != "none" and not Path(path).expanduser().is_file():
-            raise ValueError(f"--{flag.replace('_', '-')} {path}: no such file")
+    calibration, conversations = check_input_files(args)
     resources["evaluation"] = EvaluationResource(
         threshold_method=args.threshold_method, target_fpr=args.target_fpr,
         token_target_rate=args.token_target_rate,
-        calibration_texts=str(Path(args.calibration_texts).expanduser().resolve()) if args.calibration_texts else None,
-        eval_conversations=(str(Path(args.eval_conversations).expanduser().resolve())
-                            if args.eval_conversations and args.eval_conversations.lower() != "none"
-                            else args.eval_conversations),
+        calibration_texts=str(calibration.resolve()) if calibration else None,
+        eval_conversations=str(conversations.resolve()) if conversations else args.eval_conversations,
     )
     return resources
+
+
+def check_input_files(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
+    """``--calibration-texts`` and ``--eval-conversations`` read with the reader the run uses, before any work.
+
+    ``InputError`` (a ``ValueError``) names the flag, the file and the line; an
+    empty or blank file is refused. The paths, None where not given (or ``none``).
+    """
+    calibration = getattr(args, "calibration_texts", None)
+    conversations = getattr(args, "eval_conversations", None)
+    if conversations and conversations.lower() == "none":
+        conversations = None
+    return (check_jsonl_input("--calibration-texts", calibration) if calibration else None,
+            check_jsonl_input("--eval-conversations", conversations, labelled=True) if conversations else None)
 
 
 def check_outputs(resources: dict[str, Any]) -> None:
