@@ -63,14 +63,15 @@ class GraphServer:
 def graph_server(tmp_path_factory):
     """Factory starting the real ``amygdala serve-graph`` on a free 127.0.0.1 port.
 
-    ``graph_server(nodes=None, *, file=None, token_env=None, token=None, startup_timeout=30.0) -> GraphServer``
+    ``graph_server(nodes=None, *, file=None, token_env=None, token=None, args=(), startup_timeout=30.0) -> GraphServer``
 
     - ``nodes``: a list of node dicts (or raw line strings) written as JSONL to a new file;
     - ``file``: an existing JSONL file to serve instead (edit it to change the graph:
       the server re-reads it when its size/mtime change); with neither, an empty graph;
     - ``token_env`` + ``token``: the server gets ``--token-env token_env`` with that
       variable set to ``token`` in its environment only, and requires
-      ``Authorization: Bearer <token>``.
+      ``Authorization: Bearer <token>``;
+    - ``args``: further ``serve-graph`` flags (``["--max-request-bytes", "64KiB"]``).
 
     Returns a :class:`GraphServer` with ``.url`` (``http://127.0.0.1:PORT/mcp``),
     ``.file``, ``.port``, ``.stop()`` and ``.output()``. Waits (bounded) until the port
@@ -78,7 +79,7 @@ def graph_server(tmp_path_factory):
     """
     started: list[GraphServer] = []
 
-    def start(nodes=None, *, file=None, token_env=None, token=None, startup_timeout=30.0) -> GraphServer:
+    def start(nodes=None, *, file=None, token_env=None, token=None, args=(), startup_timeout=30.0) -> GraphServer:
         workdir = tmp_path_factory.mktemp("graph_server")
         if file is None:
             file = write_jsonl(workdir / "graph.jsonl", nodes or [])
@@ -86,7 +87,7 @@ def graph_server(tmp_path_factory):
             write_jsonl(file, nodes)
         port = free_port()
         cmd = [_sys.executable, "-m", "amygdala_dagster.commands.cli", "serve-graph", "--file", str(file),
-               "--host", "127.0.0.1", "--port", str(port)]
+               "--host", "127.0.0.1", "--port", str(port), *args]
         env = dict(_os.environ)
         if token_env is not None:
             cmd += ["--token-env", token_env]

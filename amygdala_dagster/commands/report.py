@@ -35,6 +35,7 @@ from amygdala_dagster.engine.token_cache import TokenCache
 from amygdala_dagster.engine.token_sample import DEFAULT_SAMPLE_TOKENS
 from amygdala_dagster.examples.selection import ExampleSet, read_examples_dir
 from amygdala_dagster.commands.flags import non_negative_int
+from amygdala_dagster.commands.inputs import check_jsonl_input
 from amygdala_dagster.engine.layers import parse_layers
 from amygdala_dagster.readout.manifest import ReadoutFileError, load_readout
 from amygdala_dagster.readout.publish import PublishError, open_pair, republish_manifest
@@ -335,8 +336,17 @@ def local_output_dir(spec: str | Path, write_back: bool) -> Iterator[tuple[Path,
             republish_manifest(store.uri(""), None, (local / "manifest.json").read_bytes())
 
 
+def check_inputs(args: argparse.Namespace) -> None:
+    """``--eval-conversations`` read with the reader the report uses, before anything is read or written
+    (``InputError`` naming the flag, the file and the line)."""
+    spec = getattr(args, "eval_conversations", None)
+    if spec and str(spec).lower() != "none":
+        check_jsonl_input("--eval-conversations", spec, labelled=True)
+
+
 def main(args: argparse.Namespace) -> int:
     try:
+        check_inputs(args)
         with local_output_dir(args.output_dir, args.write_calibration) as (local, shown):
             out = build_report(argparse.Namespace(**{**vars(args), "output_dir": local}))
             html, numbers = (out["html"], out["json"]) if args.report_dir else (

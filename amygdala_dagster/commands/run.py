@@ -6,10 +6,12 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from amygdala_dagster.commands.flags import open_fraction, positive_int
+from amygdala_dagster.commands.inputs import check_jsonl_input
 from amygdala_dagster.engine.models import ModelLoadError, parse_device_map
 from amygdala_dagster.engine.token_sample import DEFAULT_SAMPLE_TOKENS
 from amygdala_dagster.pipeline.definitions import default_resources
@@ -17,7 +19,7 @@ from amygdala_dagster.pipeline.resources import (
     ArtifactStorage, EvaluationResource, MemoryGraphResource, ModelResource, SelectionResource, ShardingResource,
 )
 from amygdala_dagster.pipeline.runner import dagster_home, failures, get_instance, materialize_all, step_metadata
-from amygdala_dagster.readout.publish import POINTER_FILE
+from amygdala_dagster.readout.publish import POINTER_FILE, current_pair
 from amygdala_dagster.graph.sources import MemoryGraphError
 from amygdala_dagster.files.storage import is_local
 from amygdala_dagster.workflow import EVALUATION_HTML, MANIFEST_FILE, VECTORS_FILE, check_writable, fast_path_line
@@ -108,20 +110,29 @@ def build_resources(args: argparse.Namespace) -> dict[str, Any]:
         "curated": curated,
         **({"min_positives": args.min_positives} if args.min_positives is not None else {}),
     })
-    for flag in ("calibration_texts", "eval_conversations"):
-        path = getattr(args, flag, None)
-        if path and path.lower() != "none" and not Path(path).expanduser().is_file():
-            raise ValueError(f"--{flag.replace('_', '-')} {path}: no such file")
+    calibration, conversations = check_input_files(args)
     resources["evaluation"] = EvaluationResource(
         threshold_method=args.threshold_method, target_fpr=args.target_fpr,
         token_target_rate=args.token_target_rate,
         **({"calibration_tokens": args.calibration_tokens} if args.calibration_tokens is not None else {}),
-        calibration_texts=str(Path(args.calibration_texts).expanduser().resolve()) if args.calibration_texts else None,
-        eval_conversations=(str(Path(args.eval_conversations).expanduser().resolve())
-                            if args.eval_conversations and args.eval_conversations.lower() != "none"
-                            else args.eval_conversations),
+        calibration_texts=str(calibration.resolve()) if calibration else None,
+        eval_conversations=str(conversations.resolve()) if conversations else args.eval_conversations,
     )
     return resources
+
+
+def check_input_files(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
+    """``--calibration-texts`` and ``--eval-conversations`` read with the reader the run uses, before any work.
+
+    ``InputError`` (a ``ValueError``) names the flag, the file and the line; an
+    empty or blank file is refused. The paths, None where not given (or ``none``).
+    """
+    calibration = getattr(args, "calibration_texts", None)
+    conversations = getattr(args, "eval_conversations", None)
+    if conversations and conversations.lower() == "none":
+        conversations = None
+    return (check_jsonl_input("--calibration-texts", calibration) if calibration else None,
+            check_jsonl_input("--eval-conversations", conversations, labelled=True) if conversations else None)
 
 
 def check_outputs(resources: dict[str, Any]) -> None:
@@ -131,15 +142,63 @@ def check_outputs(resources: dict[str, Any]) -> None:
                     "DAGSTER_HOME": dagster_home()})
 
 
-def _pair_created_at(store: Any) -> str | None:
+@dataclass(frozen=True)
+class PublishedPair:
+    """The pair an output directory serves: the release ``current`` points at and its manifest's ``created_at``.
+
+    ``release`` is None for a pair of plain files (the layout before releases);
+    ``unreadable`` says why the directory could not be read (then nothing is claimed).
+    """
+
+    release: str | None = None
+    created_at: str | None = None
+    unreadable: str | None = None
+
+    def describe(self) -> str:
+        when = f"from {self.created_at or 'an unknown time'}"
+        return f"{when} (release {self.release})" if self.release else when
+
+
+def published_pair(store: Any) -> PublishedPair | None:
+    """What ``store`` publishes now (see :class:`PublishedPair`); None when it holds no pair."""
     try:
-        return json.loads(store.read_bytes(MANIFEST_FILE)).get("created_at")
-    except (OSError, ValueError):
-        return None
+        current = current_pair(store.uri(""))
+        manifest = current[1] if current else MANIFEST_FILE
+        release = PurePosixPath(current[0]).parent.name if current else None
+        if current is None and not store.exists(MANIFEST_FILE):
+            return None
+        try:
+            created_at = json.loads(store.read_bytes(manifest)).get("created_at")
+        except ValueError:
+            created_at = None
+        return PublishedPair(release=release, created_at=created_at if isinstance(created_at, str) else None)
+    except (OSError, ValueError) as exc:  # PublishError (a bad pointer) is an OSError
+        return PublishedPair(unreadable=str(exc) or type(exc).__name__)
 
 
-def report_result(result: Any, resources: dict[str, Any], what: str, pair_before: str | None = None) -> int:
-    """Print where the outputs went, or each failure's cause once; the exit status."""
+def pair_lines(store: Any, before: PublishedPair | None, after: PublishedPair | None) -> list[str]:
+    """What a failed or refused command did to the published pair, from the pair before and after it."""
+    names = f"{store.uri(VECTORS_FILE)} and {store.uri(MANIFEST_FILE)}"
+    for state in (before, after):
+        if state is not None and state.unreadable:
+            return [f"cannot tell whether {names} changed ({state.unreadable}); look at {store.uri('')}"]
+    if after == before:
+        if after is None:
+            return ["no vectors or manifest were published"]
+        return [f"{names} were NOT updated: they are still the pair {after.describe()}"]
+    if after is None:
+        return [f"no vectors or manifest are published in {store.uri('')} now"
+                + (f" (there were, {before.describe()})" if before else "")]
+    return [f"{names} WERE updated before the failure: they are the new pair {after.describe()}"
+            + (f", which replaced the pair {before.describe()}" if before else ""),
+            "the run failed after publishing them: what the failed steps (above) write is not up to date"]
+
+
+def report_result(result: Any, resources: dict[str, Any], what: str, pair_before: PublishedPair | None = None) -> int:
+    """Print where the outputs went, or each failure's cause once, and what is published now; the exit status.
+
+    ``pair_before``: :func:`published_pair` before the run, compared with the pair after it.
+    """
     store = resources["storage"].store()
     stats = step_metadata(result, "activation_stats")
     if stats:
@@ -164,9 +223,8 @@ def report_result(result: Any, resources: dict[str, Any], what: str, pair_before
         for p in problems[1:]:
             print(f"  also: {p}", file=sys.stderr)
         print(f"  full log and tracebacks: {where}", file=sys.stderr)
-        if pair_before is not None:
-            print(f"  {store.uri(VECTORS_FILE)} and {store.uri(MANIFEST_FILE)} were NOT updated "
-                  f"(they are from {pair_before})", file=sys.stderr)
+        for line in pair_lines(store, pair_before, published_pair(store)):
+            print(f"  {line}", file=sys.stderr)
         return 1
     print(where)
     print(f"output directory: {store.uri('')}")
@@ -183,19 +241,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def execute(what: str, args: argparse.Namespace, launch: Any) -> int:
     """Shared by ``run`` and ``backfill-emotion``: resources, checks, the run, the summary."""
     resources: dict[str, Any] | None = None
+    started = False
+    pair_before: PublishedPair | None = None
     try:
         resources = build_resources(args)
         check_outputs(resources)
-        pair_before = _pair_created_at(resources["storage"].store())
+        pair_before = published_pair(resources["storage"].store())
+        started = True
         with get_instance() as instance:
             result = launch(resources, instance)
             return report_result(result, resources, what, pair_before)
     except (MemoryGraphError, ModelLoadError, OSError, ValueError) as exc:
         print(f"amygdala {what}: {exc}", file=sys.stderr)
-        pair = _pair_created_at(resources["storage"].store()) if resources is not None else None
-        if pair is not None:
-            print(f"  nothing was trained; the vectors and manifest in the output directory are from {pair}, "
-                  "not from this run", file=sys.stderr)
+        if resources is not None:
+            store = resources["storage"].store()
+            pair = published_pair(store)
+            if started and pair != pair_before:  # refused late, after something was published: say so
+                for line in pair_lines(store, pair_before, pair):
+                    print(f"  {line}", file=sys.stderr)
+            elif pair is not None and not pair.unreadable:
+                print(f"  nothing was trained; the vectors and manifest in the output directory are "
+                      f"{pair.describe()}, not from this run", file=sys.stderr)
         return 2
 
 

@@ -6,8 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from amygdala_dagster.commands.flags import byte_size
 from amygdala_dagster.data import sample_graph_path
-from amygdala_dagster.graph.server import JsonlGraph, check_bind, serve
+from amygdala_dagster.graph.server import (
+    DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_MAX_REQUEST_BYTES, JsonlGraph, RequestLimits, check_bind, serve,
+)
 
 HELP = "serve a JSONL memory-graph export as an MCP server (list_nodes, graph_version)"
 
@@ -24,11 +27,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=7777, help="port to bind (default: %(default)s)")
     parser.add_argument(
         "--token-env", metavar="NAME", default=None,
-        help="require 'Authorization: Bearer <token>', the token read from this environment variable",
+        help="require 'Authorization: Bearer <token>', the token read from this environment variable "
+             "(without it any process on this machine can read the graph)",
     )
     parser.add_argument(
         "--allow-remote", action="store_true",
         help="allow a --host that is not a loopback address (other machines can connect); requires --token-env",
+    )
+    parser.add_argument(
+        "--max-request-bytes", metavar="SIZE", type=byte_size, default=DEFAULT_MAX_REQUEST_BYTES,
+        help="largest request body accepted, bytes or 512KiB/4MiB; larger ones get 413 (default: %(default)s, 1 MiB)",
+    )
+    parser.add_argument(
+        "--max-inflight-bytes", metavar="SIZE", type=byte_size, default=DEFAULT_MAX_INFLIGHT_BYTES,
+        help="request bytes served at once; a request beyond gets 503 with Retry-After (default: %(default)s, 16 MiB)",
     )
 
 
@@ -43,6 +55,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         check_bind(args.host, args.token_env, args.allow_remote)
+        limits = RequestLimits(max_request_bytes=args.max_request_bytes, max_inflight_bytes=args.max_inflight_bytes)
     except ValueError as exc:
         print(f"amygdala serve-graph: {exc}", file=sys.stderr)
         return 2
@@ -57,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         return serve(path, host=args.host, port=args.port, token_env=args.token_env,
-                     allow_remote=args.allow_remote, on_ready=ready)
+                     allow_remote=args.allow_remote, on_ready=ready, limits=limits)
     except ValueError as exc:
         print(f"amygdala serve-graph: {exc}", file=sys.stderr)
         return 2

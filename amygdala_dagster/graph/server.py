@@ -5,11 +5,24 @@ streamable HTTP at ``/mcp``, stateless with plain JSON responses. The file is
 re-read whenever its size or modification time changes, so editing the export
 changes what the server answers without a restart; a cursor issued before the
 change is then refused as stale, so no read mixes two versions (Contract 4).
+
+Memory is bounded per request and in total (:class:`RequestLimits`): a body
+over ``max_request_bytes`` is answered 413, and a request that would take the
+bodies of the requests in flight over ``max_inflight_bytes`` is answered 503
+with ``Retry-After``. Each accepted byte becomes several objects inside the
+SDK (the parsed message, the arguments, the answer), so without the caps 100
+parallel 3.9 MB requests took the process from 85 MB to 1-1.9 GB. glibc
+keeps freed heap memory mapped, so after a burst of large requests the server
+returns it with ``malloc_trim`` once nothing is in flight
+(``benchmarks/serve_graph_memory.py`` measures both).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import gc
 import hmac
 import ipaddress
 import json
@@ -17,6 +30,7 @@ import logging
 import os
 import re
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +49,16 @@ log = logging.getLogger(__name__)
 NODE_FIELDS = ("key", "node_type", "content", "created_at", "updated_at")
 MAX_PAGE_SIZE = 1000
 MAX_JSON_DEPTH = 64
+#: Default cap on one request body (the protocol's requests are well under 1 KB).
+DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
+#: Default cap on the bodies of all requests in flight together.
+DEFAULT_MAX_INFLIGHT_BYTES = 16 * 1024 * 1024
+#: After this many request bytes since the last trim, freed heap memory is returned once idle.
+TRIM_AFTER_BYTES = 1024 * 1024
+#: Seconds between the end of such a request and the trim (at most one trim per interval).
+TRIM_DELAY_S = 0.5
+#: Characters of a client's cursor repeated in an error message.
+_SHOWN_CURSOR_CHARS = 40
 
 
 def _too_deep(value: Any, limit: int) -> bool:
@@ -122,13 +146,20 @@ def _make_cursor(version: GraphVersion, offset: int) -> str:
     return f"{version.version[:16]}-{offset}"
 
 
+def _shown(cursor: str) -> str:
+    """``cursor`` for an error message: its repr, cut short (a client's megabytes are not echoed back)."""
+    if len(cursor) <= _SHOWN_CURSOR_CHARS:
+        return repr(cursor)
+    return f"{cursor[:_SHOWN_CURSOR_CHARS]!r}... ({len(cursor)} characters)"
+
+
 def _parse_cursor(cursor: str | None, current: GraphVersion) -> int:
     """The offset a cursor points at; ToolError for a foreign cursor or one issued for another version."""
     if cursor is None or cursor == "":
         return 0
     m = _CURSOR.match(cursor)
     if m is None:
-        raise ToolError(f"invalid cursor {cursor!r}: pass back a next_cursor this server returned")
+        raise ToolError(f"invalid cursor {_shown(cursor)}: pass back a next_cursor this server returned")
     if m.group(1) != current.version[:16]:
         raise ToolError(
             f"{STALE_CURSOR}: the graph changed since this cursor was issued (version {m.group(1)} is now "
@@ -171,42 +202,207 @@ def build_mcp_server(path: str | os.PathLike[str]) -> MCPServer:
     return server
 
 
+async def _send_json(send: Send, status: int, body: dict[str, str],
+                     headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    data = json.dumps(body).encode()
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"application/json"), *headers, (b"content-length", str(len(data)).encode())],
+    })
+    await send({"type": "http.response.body", "body": data})
+
+
 class _BearerAuth:
-    """Rejects HTTP requests whose ``Authorization`` is not ``Bearer <token>`` with 401."""
+    """Rejects HTTP requests whose ``Authorization`` is not ``Bearer <token>`` with 401.
+
+    The scheme is matched case-insensitively (RFC 9110 section 11.1: ``bearer``
+    and ``BEARER`` are the same scheme); the token is compared in constant time.
+    """
 
     def __init__(self, app: ASGIApp, token: str):
         self.app = app
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
+
+    def _authorized(self, given: bytes) -> bool:
+        scheme, _, credentials = given.strip().partition(b" ")
+        ok_scheme = scheme.lower() == b"bearer"
+        return hmac.compare_digest(credentials.strip(), self._expected) and ok_scheme
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self._expected):
-                body = json.dumps({"error": "unauthorized", "detail": "missing or wrong bearer token"}).encode()
-                await send({
-                    "type": "http.response.start",
-                    "status": 401,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"www-authenticate", b'Bearer realm="amygdala-memory-graph"'),
-                        (b"content-length", str(len(body)).encode()),
-                    ],
-                })
-                await send({"type": "http.response.body", "body": body})
+            if not self._authorized(given):
+                await _send_json(send, 401, {"error": "unauthorized", "detail": "missing or wrong bearer token"},
+                                 ((b"www-authenticate", b'Bearer realm="amygdala-memory-graph"'),))
                 return
         await self.app(scope, receive, send)
 
 
-def build_app(path: str | os.PathLike[str], token: str | None = None, host: str = "127.0.0.1") -> ASGIApp:
+@dataclass(frozen=True)
+class RequestLimits:
+    """Bounds on the request bytes the server holds (see the module docstring).
+
+    ``max_request_bytes``: one request body, larger ones get 413.
+    ``max_inflight_bytes``: the bodies of all requests being served together;
+    a request that would go over gets 503 with ``Retry-After: retry_after_s``.
+    ``trim``: return freed heap memory to the system (glibc ``malloc_trim``)
+    when nothing is in flight, after at least ``TRIM_AFTER_BYTES`` of requests.
+    """
+
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
+    retry_after_s: int = 1
+    trim: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_request_bytes < 1:
+            raise ValueError(f"--max-request-bytes must be at least 1, got {self.max_request_bytes}")
+        if self.max_inflight_bytes < self.max_request_bytes:
+            raise ValueError(
+                f"--max-inflight-bytes {self.max_inflight_bytes} is below --max-request-bytes "
+                f"{self.max_request_bytes}: a request of the allowed size could never be served"
+            )
+
+
+def _malloc_trim() -> Callable[[], object] | None:
+    """glibc's ``malloc_trim(0)`` (returns free heap pages of every arena to the system), or None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim  # absent from musl
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return lambda: trim(0)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers") or []:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None  # the HTTP parser refuses such a request before it gets here
+    return None
+
+
+class _RequestLimits:
+    """Caps one request body (413) and the bodies in flight together (503 + ``Retry-After``).
+
+    The body is read here, counted as it arrives, and handed to the app as one
+    message; its bytes stay reserved until the app has answered. Runs on the
+    event loop, so the counter needs no lock.
+    """
+
+    def __init__(self, app: ASGIApp, limits: RequestLimits):
+        self.app = app
+        self.limits = limits
+        self._inflight = 0
+        self._since_trim = 0
+        self._trim = _malloc_trim() if limits.trim else None
+        self._trim_timer: asyncio.TimerHandle | None = None
+
+    async def _too_large(self, send: Send, size: str) -> None:
+        await _send_json(send, 413, {
+            "error": "request too large",
+            "detail": f"the request body is {size}; this server accepts at most "
+                      f"{self.limits.max_request_bytes} bytes per request (serve-graph --max-request-bytes)",
+        })
+
+    async def _busy(self, send: Send) -> None:
+        await _send_json(send, 503, {
+            "error": "busy",
+            "detail": f"requests in flight hold {self._inflight} of the {self.limits.max_inflight_bytes} "
+                      "request bytes this server serves at once (serve-graph --max-inflight-bytes); retry later",
+        }, ((b"retry-after", str(self.limits.retry_after_s).encode()),))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit, budget = self.limits.max_request_bytes, self.limits.max_inflight_bytes
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            await self._too_large(send, f"{declared} bytes")
+            return
+        if declared is not None and self._inflight + declared > budget:
+            await self._busy(send)
+            return
+        reserved = declared or 0
+        self._inflight += reserved
+        try:
+            chunks: list[bytes] = []
+            received = 0
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunk = message.get("body", b"")
+                received += len(chunk)
+                if received > limit:  # a body without Content-Length, or one longer than declared
+                    chunks.clear()
+                    await self._too_large(send, f"more than {limit} bytes")
+                    return
+                if received > reserved:
+                    if self._inflight + received - reserved > budget:
+                        chunks.clear()
+                        await self._busy(send)
+                        return
+                    self._inflight += received - reserved
+                    reserved = received
+                if chunk:
+                    chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+            body: bytes | None = b"".join(chunks)
+            chunks.clear()
+
+            async def replay() -> Any:
+                # The body once, then the server's own messages (a disconnect); no reference to it is kept.
+                nonlocal body
+                if body is not None:
+                    message, body = {"type": "http.request", "body": body, "more_body": False}, None
+                    return message
+                return await receive()
+
+            await self.app(scope, replay, send)
+        finally:
+            self._inflight -= reserved
+            self._since_trim += reserved
+            if self._trim is not None and self._since_trim >= TRIM_AFTER_BYTES and self._trim_timer is None:
+                self._trim_timer = asyncio.get_running_loop().call_later(TRIM_DELAY_S, self._idle_trim)
+
+    def _idle_trim(self) -> None:
+        """Once nothing is in flight: collect the garbage (cycles such as exceptions' frames hold request data)
+        and return the freed heap to the system. Runs on the event loop, at most every ``TRIM_DELAY_S``."""
+        self._trim_timer = None
+        if self._inflight > 0:
+            self._trim_timer = asyncio.get_running_loop().call_later(TRIM_DELAY_S, self._idle_trim)
+            return
+        self._since_trim = 0
+        gc.collect()
+        if self._trim is not None:
+            self._trim()
+
+
+def build_app(path: str | os.PathLike[str], token: str | None = None, host: str = "127.0.0.1",
+              limits: RequestLimits | None = RequestLimits()) -> ASGIApp:
     """The ASGI app serving the JSONL export at ``path`` on ``/mcp``.
 
-    With ``token``, every HTTP request must carry ``Authorization: Bearer <token>``.
-    ``host`` is the bind address: on a loopback address the SDK's DNS-rebinding
-    protection stays on and accepts ``127.0.0.1``/``localhost`` Host headers.
+    With ``token``, every HTTP request must carry ``Authorization: Bearer <token>``
+    (checked first: a refused request's body is never read). ``host`` is the bind
+    address: on a loopback address the SDK's DNS-rebinding protection stays on
+    and accepts ``127.0.0.1``/``localhost`` Host headers. ``limits`` bounds the
+    request bytes held (None: unbounded, for comparison only).
     """
     app: ASGIApp = build_mcp_server(path).streamable_http_app(
         streamable_http_path="/mcp", stateless_http=True, json_response=True, host=host
     )
+    if limits is not None:
+        app = _RequestLimits(app, limits)
     return _BearerAuth(app, token) if token else app
 
 
@@ -254,6 +450,7 @@ def serve(
     *,
     allow_remote: bool = False,
     on_ready: Callable[[str], None] | None = None,
+    limits: RequestLimits | None = RequestLimits(),
 ) -> int:
     """Serve the JSONL export at ``path`` until interrupted; returns an exit status.
 
@@ -261,12 +458,13 @@ def serve(
     clients must send; it must be set when given (``ValueError`` otherwise).
     A non-loopback ``host`` needs ``allow_remote`` and a token (see :func:`check_bind`).
     ``port=0`` picks a free port. ``on_ready(url)`` is called once the server
-    accepts connections. A port that cannot be bound raises ``OSError``.
+    accepts connections. ``limits`` bounds the request bytes held (see
+    :class:`RequestLimits`). A port that cannot be bound raises ``OSError``.
     """
     token = check_bind(host, token_env, allow_remote)
     if not is_loopback_host(host):
         log.warning("serving %s on %s, reachable from other machines (bearer token required)", path, host)
-    app = build_app(path, token=token, host=host)
+    app = build_app(path, token=token, host=host, limits=limits)
     # Bind here rather than in uvicorn, which exits the process on a bind failure.
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -277,6 +475,8 @@ def serve(
         sock.close()
         raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     port = sock.getsockname()[1]
+    if token is None:
+        log.info("no --token-env: any process on this machine can read the graph through %s:%s", host, port)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     url_host = f"[{host}]" if ":" in host else host
