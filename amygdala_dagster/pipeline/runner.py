@@ -36,7 +36,9 @@ from amygdala_dagster.pipeline.jobs import (
 )
 from amygdala_dagster.pipeline.sensors import DATA_VERSION_TAG
 from amygdala_dagster.graph.sources import GraphVersion
-from amygdala_dagster.workflow import SNAPSHOT_FILE, NotQualifiedError, PartitionPlan, plan_partitions, qualification_problems
+from amygdala_dagster.workflow import (
+    SNAPSHOT_FILE, NotQualifiedError, PartitionPlan, collect_texts, plan_partitions, qualification_problems,
+)
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +165,28 @@ def _execute(job_name: str, resources: Mapping[str, Any], instance: dg.DagsterIn
     )
 
 
+def clamp_shards(resources: Mapping[str, Any], snapshot: pl.DataFrame,
+                 partitions: Sequence[str]) -> dict[str, Any]:
+    """``resources`` with ``model.shards`` lowered to the run's unique texts, when it asks for more.
+
+    A shard step without a text is a process (a GPU pod on Kubernetes) started for nothing; the
+    settings already bound ``shards`` by :data:`~amygdala_dagster.settings.MAX_SHARDS`. Logged when lowered.
+    """
+    model = resources["model"]
+    shards = int(model.shards)
+    if shards <= 1 or not partitions:
+        return dict(resources)
+    texts, _keys = collect_texts(select_all(snapshot, list(partitions), resources["selection"].params()))
+    unique = len(set(texts))
+    if unique >= shards:
+        return dict(resources)
+    n = max(1, unique)
+    log.warning("%d shards asked for, but the run has %d unique text(s) to forward: running %d shard(s)",
+                shards, unique, n)
+    fields = {k: getattr(model, k) for k in type(model).model_fields}
+    return {**resources, "model": type(model)(**{**fields, "shards": n})}
+
+
 def _no_emotion_message(catalog: pl.DataFrame, min_positives: int, source: str) -> str:
     if catalog.height == 0:
         return f"no node of the memory graph {source} carries a valid tag line: nothing to train"
@@ -203,6 +227,7 @@ def materialize_all(resources: Mapping[str, Any], instance: dg.DagsterInstance,
         raise RunRefused(_no_emotion_message(catalog, int(selection.min_positives), memory.description))
     _apply_plan(instance, plan, existing)
     log.info("emotions: %s", ", ".join(plan.partitions))
+    resources = clamp_shards(resources, snapshot, plan.partitions)
     return _execute(REFRESH_JOB, resources, instance,
                     refresh_selection(plan.partitions, int(resources["model"].shards)),
                     refresh_tags(plan.partitions), raise_on_error)
@@ -240,6 +265,7 @@ def backfill_emotions(names: Sequence[str], resources: Mapping[str, Any], instan
     keys = emotion_partitions(instance)
     pos = sorted(keys.index(n) for n in names)
     span = keys[pos[0]: pos[-1] + 1]
+    resources = clamp_shards(resources, snapshot, span)
     chosen = with_shards(list(PARTITIONED), int(resources["model"].shards)) + list(ALL_EMOTION_TAIL)
     if not has_snapshot:
         chosen = list(UNPARTITIONED_HEAD) + chosen
