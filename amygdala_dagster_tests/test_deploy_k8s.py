@@ -91,7 +91,7 @@ CHART_KEYS = {
     "": {"dagsterWebserver", "dagster-user-deployments", "postgresql", "generatePostgresqlPasswordSecret",
          "generateCeleryConfigSecret", "rabbitmq", "redis", "flower", "ingress", "imagePullSecrets",
          "computeLogManager", "scheduler", "runLauncher", "pythonLogs", "dagsterDaemon", "busybox", "migrate",
-         "telemetry", "serviceAccount", "global", "retention", "concurrency", "additionalInstanceConfig"},
+         "telemetry", "serviceAccount", "global", "retention", "concurrency"},
     "dagsterWebserver": {"replicaCount", "image", "nameOverride", "pathPrefix", "service", "workspace", "env",
                          "envConfigMaps", "envSecrets", "deploymentLabels", "labels", "nodeSelector", "affinity",
                          "tolerations", "podSecurityContext", "securityContext", "resources", "readinessProbe",
@@ -153,6 +153,8 @@ def test_helm_values_use_the_charts_documented_keys_and_our_settings():
     assert values["runLauncher"]["type"] == "K8sRunLauncher"
     assert values["dagsterDaemon"]["enabled"] and values["dagsterDaemon"]["runCoordinator"]["type"] == "QueuedRunCoordinator"
     assert values["concurrency"]["pools"]["defaultLimit"] >= 1
+    # the driver dagster-postgres ships
+    assert values["postgresql"]["postgresqlScheme"] == "postgresql+psycopg2"
     (deployment,) = values["dagster-user-deployments"]["deployments"]
     module = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["dagster"]["module_name"]
     assert deployment["dagsterApiGrpcArgs"] == ["-m", module]
@@ -167,9 +169,11 @@ def test_helm_values_use_the_charts_documented_keys_and_our_settings():
 
 def test_deploy_instance_yaml_passes_dagsters_own_validation(tmp_path, monkeypatch):
     shutil.copy(REPO / "deploy" / "dagster.yaml", tmp_path / "dagster.yaml")
-    monkeypatch.setenv("DAGSTER_POSTGRES_URL", "postgresql+psycopg2://u@127.0.0.1:1/db")
+    monkeypatch.setenv("DAGSTER_POSTGRES_URL", "postgresql://u@127.0.0.1:1/db")
     config, _ = dagster_instance_config(str(tmp_path))
-    assert config["storage"]["postgres"]["postgres_url"] == {"env": "DAGSTER_POSTGRES_URL"}
+    storage = config["storage"]["custom"]
+    assert (storage["module"], storage["class"]) == ("amygdala_dagster.pipeline.instance", "PostgresStorage")
+    assert storage["config"]["postgres_url"] == {"env": "DAGSTER_POSTGRES_URL"}
     assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
     assert config["concurrency"]["pools"]["default_limit"] == 1
 

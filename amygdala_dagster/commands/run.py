@@ -15,6 +15,7 @@ from amygdala_dagster.pipeline.definitions import default_resources
 from amygdala_dagster.pipeline.resources import (
     ArtifactStorage, EvaluationResource, MemoryGraphResource, ModelResource, SelectionResource,
 )
+from amygdala_dagster.pipeline.instance import InstanceUnavailable
 from amygdala_dagster.pipeline.runner import dagster_home, failures, get_instance, materialize_all, step_metadata
 from amygdala_dagster.readout.publish import POINTER_FILE
 from amygdala_dagster.graph.sources import MemoryGraphError
@@ -192,6 +193,9 @@ def execute(what: str, args: argparse.Namespace, launch: Any) -> int:
         with get_instance() as instance:
             result = launch(resources, instance)
             return report_result(result, resources, what, pair_before)
+    except InstanceUnavailable as exc:  # the instance's database: an outage, not a bad input (exit 1)
+        print(f"amygdala {what}: {exc}", file=sys.stderr)
+        return 1
     except (MemoryGraphError, ModelLoadError, OSError, ValueError) as exc:
         print(f"amygdala {what}: {exc}", file=sys.stderr)
         pair = _pair_created_at(resources["storage"].store()) if resources is not None else None

@@ -20,7 +20,6 @@ from typing import Any
 
 import dagster as dg
 import polars as pl
-from dagster._core.instance.ref import InstanceRef
 
 import amygdala_dagster
 from amygdala_dagster.files.atomic import atomic_write_text
@@ -29,6 +28,7 @@ from amygdala_dagster.pipeline.assets import memory_graph
 from amygdala_dagster.pipeline.assets.common import EMOTION, GPU_POOL, emotion_partitions
 from amygdala_dagster.pipeline.assets.graph import read_snapshot_from
 from amygdala_dagster.pipeline.definitions import build_definitions
+from amygdala_dagster.pipeline.instance import open_instance
 from amygdala_dagster.pipeline.k8s import deployment_executor
 from amygdala_dagster.pipeline.jobs import (
     ALL_EMOTION_TAIL, BACKFILL_JOB, CLI_RUN_CONFIG, PARTITIONED, REFRESH_JOB, UNPARTITIONED_HEAD, graph_catalog,
@@ -88,7 +88,9 @@ def get_instance() -> dg.DagsterInstance:
     A home this creates (or the checkout's ``.dagster_home``) gets a
     ``dagster.yaml`` with the project's settings, so ``DAGSTER_HOME=<it> dagster dev``
     reads the same storage and concurrency pool as ``amygdala run``. An existing
-    home with runs but without a dagster.yaml is left as it is.
+    home with runs but without a dagster.yaml is left as it is. Raises
+    :class:`~amygdala_dagster.pipeline.instance.InstanceUnavailable` (one line) when the
+    instance cannot be opened, e.g. its PostgreSQL database is unreachable.
     """
     home = dagster_home()
     is_new = not home.exists() or not any(home.iterdir())
@@ -96,7 +98,7 @@ def get_instance() -> dg.DagsterInstance:
     config = home / "dagster.yaml"
     if not config.exists() and (is_new or not os.environ.get("DAGSTER_HOME")):
         atomic_write_text(config, instance_yaml(home.resolve()))
-    return dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home)))
+    return open_instance(str(home))
 
 
 def observe_graph(instance: dg.DagsterInstance, resources: Mapping[str, Any]) -> GraphVersion:
