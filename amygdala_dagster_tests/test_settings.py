@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -104,8 +105,9 @@ def test_blank_variables_are_unset_and_defaults_are_the_documented_ones(monkeypa
 
 def test_every_variable_of_the_readme_configuration_table_is_a_setting():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    table = readme[readme.index("## Configuration"):readme.index("### GPU boxes")]
-    documented = {v.removeprefix("AMYGDALA_").lower() for v in __import__("re").findall(r"`(AMYGDALA_[A-Z_]+)`", table)}
+    section = readme[readme.index("## Configuration"):readme.index("### GPU boxes")]
+    rows = "\n".join(line.split("|")[1] for line in section.splitlines() if line.startswith("| `AMYGDALA_"))
+    documented = {v.removeprefix("AMYGDALA_").lower() for v in re.findall(r"`(AMYGDALA_[A-Z_]+)`", rows)}
     # the token's variable is configurable (--token-env) and is read when the graph is contacted, never stored
     assert documented - {"memory_token"} == set(Settings.model_fields)
 
