@@ -38,7 +38,7 @@ from amygdala_dagster.readout.publish import PublishError, open_pair, republish_
 from amygdala_dagster.data import conversation_snippets_path
 from amygdala_dagster.graph.snapshot import read_snapshot
 from amygdala_dagster.files.storage import Store, is_local
-from amygdala_dagster.settings import current_settings, flag_type
+from amygdala_dagster.settings import current_settings
 from amygdala_dagster.workflow import (
     MANIFEST_FILE, REPORT_DIR, SNAPSHOT_FILE, STAGED_INFO, EngineSettings, SettingsError, build_engine, examples_dir,
 )
@@ -104,8 +104,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="also evaluate these layers (one model pass, separate cache namespace) and recommend target layers")
     parser.add_argument("--write-calibration", action="store_true",
                         help="also write the calibration (with thresholds) into manifest.json (vectors unchanged)")
-    parser.add_argument("--device", default=None, type=flag_type("device"),
-                        help="device if the model must be loaded (default: $AMYGDALA_DEVICE or auto)")
+    parser.add_argument("--device", default=None,
+                        help="device if the model must be loaded (default: $AMYGDALA_DEVICE or auto; checked only "
+                             "when a text must be forwarded)")
     parser.add_argument("--batch-size", type=int, default=16, help="forward batch size if the model must be loaded")
 
 
