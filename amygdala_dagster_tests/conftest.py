@@ -142,3 +142,27 @@ def weight_reads():
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+# --- the releases this test run resolved to: the first lines of every pytest run (CI included), so a
+# failing run shows which release of each key package it ran on (README, "Tested versions") --------------
+KEY_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "dagster", "dagster-webserver",
+                "dagster-postgres", "dagster-k8s", "mcp", "pydantic", "pydantic-settings", "sqlalchemy",
+                "psycopg2-binary", "s3fs", "fsspec", "aiobotocore", "botocore", "boto3", "moto",
+                "universal-pathlib", "polars", "numpy", "scikit-learn", "scipy")
+
+
+def key_package_versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def one(name: str) -> str:
+        try:
+            return f"{name} {version(name)}"
+        except PackageNotFoundError:
+            return f"{name} (not installed)"
+
+    return ", ".join(one(p) for p in KEY_PACKAGES)
+
+
+def pytest_report_header(config) -> list[str]:
+    return [f"key packages: {key_package_versions()}"]

@@ -116,6 +116,10 @@ CHART_KEYS = {
                       "resources", "livenessProbe", "readinessProbe", "startupProbe", "annotations",
                       "runMonitoring", "runRetries", "sensors", "schedules"},
     "dagsterDaemon.runCoordinator": {"enabled", "type", "config"},
+    # runMonitoring / runRetries are free-form in the schema; these are the keys templates/configmap-instance.yaml reads
+    "dagsterDaemon.runMonitoring": {"enabled", "startTimeoutSeconds", "cancelTimeoutSeconds", "maxResumeRunAttempts",
+                                    "pollIntervalSeconds", "freeSlotsAfterRunEndSeconds"},
+    "dagsterDaemon.runRetries": {"enabled", "maxRetries"},
     "dagsterDaemon.runCoordinator.config": {"queuedRunCoordinator", "customRunCoordinator"},
     "dagsterDaemon.runCoordinator.config.queuedRunCoordinator": {
         "maxConcurrentRuns", "tagConcurrencyLimits", "dequeueIntervalSeconds", "dequeueNumWorkers",
@@ -124,7 +128,7 @@ CHART_KEYS = {
     "concurrency.pools": {"defaultLimit", "granularity", "opGranularityRunBuffer"},
     "telemetry": {"enabled"},
 }
-OPEN = {"service", "image", "resources", "postgresqlParams", "includeConfigInLaunchedRuns"}  # kubernetes objects
+OPEN = {"service", "image", "resources", "postgresqlParams", "includeConfigInLaunchedRuns", "additionalInstanceConfig"}  # kubernetes objects
 
 
 def _check_keys(node, path: str, seen: list[str]) -> list[str]:
@@ -153,6 +157,15 @@ def test_helm_values_use_the_charts_documented_keys_and_our_settings():
     assert values["runLauncher"]["type"] == "K8sRunLauncher"
     assert values["dagsterDaemon"]["enabled"] and values["dagsterDaemon"]["runCoordinator"]["type"] == "QueuedRunCoordinator"
     assert values["concurrency"]["pools"]["defaultLimit"] >= 1
+    # the same monitoring and retries as deploy/dagster.yaml, and the driver dagster-postgres ships
+    deploy = yaml.safe_load((REPO / "deploy" / "dagster.yaml").read_text())
+    monitoring = values["dagsterDaemon"]["runMonitoring"]
+    assert monitoring["pollIntervalSeconds"] == deploy["run_monitoring"]["poll_interval_seconds"]
+    assert monitoring["freeSlotsAfterRunEndSeconds"] == deploy["run_monitoring"]["free_slots_after_run_end_seconds"]
+    assert monitoring["maxResumeRunAttempts"] == deploy["run_monitoring"]["max_resume_run_attempts"]
+    assert not values["dagsterDaemon"]["runRetries"]["enabled"]  # else the chart writes a second run_retries
+    assert values["additionalInstanceConfig"]["run_retries"] == deploy["run_retries"]
+    assert values["postgresql"]["postgresqlScheme"] == "postgresql+psycopg2"
     (deployment,) = values["dagster-user-deployments"]["deployments"]
     module = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["dagster"]["module_name"]
     assert deployment["dagsterApiGrpcArgs"] == ["-m", module]
@@ -167,9 +180,14 @@ def test_helm_values_use_the_charts_documented_keys_and_our_settings():
 
 def test_deploy_instance_yaml_passes_dagsters_own_validation(tmp_path, monkeypatch):
     shutil.copy(REPO / "deploy" / "dagster.yaml", tmp_path / "dagster.yaml")
-    monkeypatch.setenv("DAGSTER_POSTGRES_URL", "postgresql+psycopg2://u@127.0.0.1:1/db")
+    monkeypatch.setenv("DAGSTER_POSTGRES_URL", "postgresql://u@127.0.0.1:1/db")
     config, _ = dagster_instance_config(str(tmp_path))
-    assert config["storage"]["postgres"]["postgres_url"] == {"env": "DAGSTER_POSTGRES_URL"}
+    storage = config["storage"]["custom"]
+    assert (storage["module"], storage["class"]) == ("amygdala_dagster.pipeline.instance", "PostgresStorage")
+    assert storage["config"]["postgres_url"] == {"env": "DAGSTER_POSTGRES_URL"}
+    assert config["run_monitoring"]["enabled"] and config["run_monitoring"]["max_resume_run_attempts"] == 0
+    assert config["run_monitoring"]["free_slots_after_run_end_seconds"] > 0
+    assert config["run_retries"] == {"enabled": True, "max_retries": 0, "retry_on_asset_or_op_failure": False}
     assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
     assert config["concurrency"]["pools"]["default_limit"] == 1
 

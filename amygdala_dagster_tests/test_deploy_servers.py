@@ -45,7 +45,7 @@ def postgres_db(postgres_url):
     import psycopg2
 
     name = f"t_{uuid.uuid4().hex[:10]}"
-    conn = psycopg2.connect(postgres_url.replace("+psycopg2", "").rsplit("/", 1)[0] + "/postgres")
+    conn = psycopg2.connect(postgres_url.rsplit("/", 1)[0] + "/postgres")
     try:
         conn.autocommit = True  # CREATE DATABASE refuses to run inside a transaction
         conn.cursor().execute(f"CREATE DATABASE {name}")

@@ -77,7 +77,7 @@ def test_only_the_last_releases_are_kept(tmp_path, monkeypatch):
     assert [n.rsplit("-", 1)[1] for n in names] == [s[:12] for s in shas[-3:]]
     assert load_readout(out / "vectors.safetensors").sha256 == shas[-1]
     monkeypatch.setenv("AMYGDALA_KEEP_RELEASES", "0")
-    with pytest.raises(ValueError, match="AMYGDALA_KEEP_RELEASES must be a whole number >= 1, got '0'"):
+    with pytest.raises(ValueError, match="AMYGDALA_KEEP_RELEASES must be a whole number from 1 to 1000, got '0'"):
         write_readout(out / "vectors.safetensors", out / "manifest.json", make_readout(seed=9), **FIELDS)
 
 

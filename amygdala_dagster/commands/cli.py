@@ -18,6 +18,8 @@ import sys
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from amygdala_dagster.settings import ConfigurationError, current_settings
+
 COMMANDS: dict[str, str] = {
     "run": "amygdala_dagster.commands.run",
     "serve-graph": "amygdala_dagster.commands.serve_graph",
@@ -51,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # Only the chosen command's module is imported; the others are listed by name.
     chosen = next((a for a in argv if a in COMMANDS), None)
+    try:
+        # Every AMYGDALA_* value is checked once, before any work (and before a command module builds the
+        # code location on import): one line naming a bad one, exit 2.
+        current_settings()
+    except ConfigurationError as exc:
+        print(f"amygdala{' ' + chosen if chosen else ''}: {exc}", file=sys.stderr)
+        return 2
     for name, module_path in COMMANDS.items():
         if name == chosen:
             module = importlib.import_module(module_path)

@@ -13,13 +13,15 @@ import numpy as np
 from amygdala_dagster.files.atomic import sha256_file
 from amygdala_dagster.readout.manifest import ReadoutFileError, calibration_entry, load_readout, read_vectors_file
 from amygdala_dagster.readout.publish import PublishError, open_pair
+from amygdala_dagster.settings import current_settings
 
 HELP = "show the concepts, layers, norms and cosines of a readout vectors file and check its manifest"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("vectors", metavar="VECTORS",
-                        help="vectors.safetensors, or an output directory (a path or a URL such as s3://bucket/prefix)")
+    parser.add_argument("vectors", metavar="VECTORS", nargs="?", default=None,
+                        help="vectors.safetensors, or an output directory (a path or a URL such as s3://bucket/prefix); "
+                             "default: $AMYGDALA_OUTPUT_DIR, else ./amygdala_output")
     parser.add_argument("--manifest", default=None, metavar="FILE",
                         help="manifest.json (default: manifest.json next to VECTORS)")
     parser.add_argument("--top", type=int, default=10, metavar="N",
@@ -175,7 +177,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    report = inspect_pair(args.vectors, args.manifest, args.top)
+    report = inspect_pair(args.vectors or current_settings().output_location(), args.manifest, args.top)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

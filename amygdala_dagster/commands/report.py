@@ -42,6 +42,7 @@ from amygdala_dagster.readout.publish import PublishError, open_pair, republish_
 from amygdala_dagster.data import conversation_snippets_path
 from amygdala_dagster.graph.snapshot import read_snapshot
 from amygdala_dagster.files.storage import Store, is_local
+from amygdala_dagster.settings import current_settings
 from amygdala_dagster.workflow import (
     MANIFEST_FILE, REPORT_DIR, SNAPSHOT_FILE, STAGED_INFO, EngineSettings, SettingsError, build_engine,
     conversation_sample, examples_dir,
@@ -62,8 +63,9 @@ def _histograms(value: str) -> int | None:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output-dir", default="amygdala_output",
-                        help="directory holding the published pair (default: ./amygdala_output); "
+    parser.add_argument("--output-dir", default=None,
+                        help="directory holding the published pair (default: $AMYGDALA_OUTPUT_DIR, else "
+                             "./amygdala_output); "
                              "a URL such as s3://bucket/prefix is read and the report written back there")
     parser.add_argument("--manifest", type=Path, default=None, help="default: OUTPUT_DIR/manifest.json")
     parser.add_argument("--vectors", type=Path, default=None,
@@ -107,7 +109,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="also evaluate these layers (one model pass, separate cache namespace) and recommend target layers")
     parser.add_argument("--write-calibration", action="store_true",
                         help="also write the calibration (with thresholds) into manifest.json (vectors unchanged)")
-    parser.add_argument("--device", default="auto", help="device if the model must be loaded (default: %(default)s)")
+    parser.add_argument("--device", default=None,
+                        help="device if the model must be loaded (default: $AMYGDALA_DEVICE or auto; checked only "
+                             "when a text must be forwarded)")
     parser.add_argument("--batch-size", type=int, default=16, help="forward batch size if the model must be loaded")
 
 
@@ -345,6 +349,9 @@ def check_inputs(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    settings = current_settings()
+    args.output_dir = args.output_dir or settings.output_location()
+    args.device = args.device or settings.device
     try:
         check_inputs(args)
         with local_output_dir(args.output_dir, args.write_calibration) as (local, shown):

@@ -12,16 +12,17 @@ from typing import Any
 
 from amygdala_dagster.commands.flags import open_fraction, positive_int
 from amygdala_dagster.commands.inputs import check_jsonl_input
-from amygdala_dagster.engine.models import ModelLoadError, parse_device_map
+from amygdala_dagster.engine.models import ModelLoadError
 from amygdala_dagster.engine.token_sample import DEFAULT_SAMPLE_TOKENS
 from amygdala_dagster.pipeline.definitions import default_resources
 from amygdala_dagster.pipeline.resources import (
     ArtifactStorage, EvaluationResource, MemoryGraphResource, ModelResource, SelectionResource, ShardingResource,
 )
+from amygdala_dagster.pipeline.instance import InstanceUnavailable
 from amygdala_dagster.pipeline.runner import dagster_home, failures, get_instance, materialize_all, step_metadata
 from amygdala_dagster.readout.publish import POINTER_FILE, current_pair
 from amygdala_dagster.graph.sources import MemoryGraphError
-from amygdala_dagster.files.storage import is_local
+from amygdala_dagster.settings import MAX_SHARDS, absolute_location, current_settings, flag_type
 from amygdala_dagster.workflow import EVALUATION_HTML, MANIFEST_FILE, VECTORS_FILE, check_writable, fast_path_line
 
 HELP = "materialise the whole asset graph (snapshot -> vectors, manifest, report); runs show in `dagster dev`"
@@ -31,22 +32,28 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     """The flags shared by ``run`` and ``backfill-emotion``."""
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--memory-mcp-url", metavar="URL", default=None,
-                     help="memory graph MCP server (token from $AMYGDALA_MEMORY_TOKEN)")
+                     help="memory graph MCP server (default: $AMYGDALA_MEMORY_MCP_URL; token from "
+                          "$AMYGDALA_MEMORY_TOKEN)")
     src.add_argument("--memory-file", metavar="GRAPH.jsonl", default=None,
-                     help="JSONL export of the memory graph (default: the bundled sample graph)")
+                     help="JSONL export of the memory graph (default: $AMYGDALA_MEMORY_FILE, else the bundled "
+                          "sample graph)")
     parser.add_argument("--model", default=None,
                         help="bundled short name, checkpoint dir or hub id (default: $AMYGDALA_MODEL or minilm)")
-    parser.add_argument("--target-layers", metavar="L1,L2,...", default=None,
-                        help="hooked layer indices (default: ~60/70/80%% of the model's depth)")
+    parser.add_argument("--target-layers", metavar="L1,L2,...", default=None, type=flag_type("target_layers"),
+                        help="hooked layer indices (default: $AMYGDALA_TARGET_LAYERS, else ~60/70/80%% of the "
+                             "model's depth)")
     parser.add_argument("--dtype", default=None, choices=("auto", "bf16", "fp16", "fp32"),
                         help="default: $AMYGDALA_DTYPE or auto (bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps or auto (default: $AMYGDALA_DEVICE or auto)")
+    parser.add_argument("--device", default=None, type=flag_type("device"),
+                        help="cpu, cuda, cuda:1, mps or auto (default: $AMYGDALA_DEVICE or auto)")
     parser.add_argument("--batch-size", type=int, default=None, help="texts per forward batch (default: as many as the engine's token budget holds)")
-    parser.add_argument("--device-map", metavar="auto|JSON", default=None,
-                        help='spread one model over the GPUs of this box: "auto" or a JSON {module: device} map')
-    parser.add_argument("--shards", type=positive_int, default=None,
-                        help="split the forward work into N parallel steps by text hash (local: N processes, "
-                             "the CPU threads split between them; Kubernetes: one GPU pod each). Default: 1")
+    parser.add_argument("--device-map", metavar="auto|JSON", default=None, type=flag_type("device_map"),
+                        help='spread one model over the GPUs of this box: "auto" or a JSON {module: device} map '
+                             "(default: $AMYGDALA_DEVICE_MAP)")
+    parser.add_argument("--shards", type=flag_type("shards"), default=None,
+                        help=f"split the forward work into N parallel steps by text hash, 1 to {MAX_SHARDS} (local: "
+                             "N processes, the CPU threads split between them; Kubernetes: one GPU pod each); a run "
+                             "never uses more shards than it has unique texts. Default: $AMYGDALA_SHARDS or 1")
     parser.add_argument("--cache-dir", default=None, help="activation cache (default: $AMYGDALA_CACHE_DIR or ~/.cache/amygdala/activations)")
     parser.add_argument("--emotions", metavar="E1,E2,...", default=None,
                         help="curated emotions, always included besides the data-driven choice "
@@ -54,7 +61,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-positives", type=int, default=None,
                         help="positives an emotion needs to qualify (default: 10)")
     parser.add_argument("--output-dir", default=None,
-                        help="where artifacts go, a directory or fsspec URL (default: ./amygdala_output)")
+                        help="where artifacts go, a directory or fsspec URL (default: $AMYGDALA_OUTPUT_DIR, else "
+                             "./amygdala_output)")
     parser.add_argument("--threshold-method", choices=("max_f1", "fixed_fpr"), default="max_f1",
                         help="decision threshold written into manifest.json (default: %(default)s)")
     parser.add_argument("--target-fpr", type=float, default=0.05,
@@ -82,6 +90,7 @@ def _split_names(spec: str | None) -> list[str]:
 
 
 def build_resources(args: argparse.Namespace) -> dict[str, Any]:
+    """The resources of a run: the ``AMYGDALA_*`` defaults (:func:`default_resources`), flags over them where given."""
     resources = default_resources()
     if args.memory_mcp_url or args.memory_file:
         resources["memory"] = MemoryGraphResource(mcp_url=args.memory_mcp_url, file=args.memory_file)
@@ -95,14 +104,8 @@ def build_resources(args: argparse.Namespace) -> dict[str, Any]:
     })
     if args.shards is not None:
         resources["sharding"] = ShardingResource(shards=args.shards)
-    try:
-        parse_device_map(resources["model"].device_map)
-    except ValueError as exc:
-        raise ValueError(f"--device-map: {exc}") from None
-    out = args.output_dir or str(Path.cwd() / "amygdala_output")
-    if is_local(out):
-        out = str(Path(out).expanduser().resolve())
-    resources["storage"] = ArtifactStorage(base_path=out)
+    if args.output_dir:
+        resources["storage"] = ArtifactStorage(base_path=absolute_location(args.output_dir))
     selection = resources["selection"]
     curated = list(dict.fromkeys([*selection.curated, *_split_names(args.emotions), *getattr(args, "names", [])]))
     resources["selection"] = SelectionResource(**{
@@ -135,10 +138,17 @@ def check_input_files(args: argparse.Namespace) -> tuple[Path | None, Path | Non
             check_jsonl_input("--eval-conversations", conversations, labelled=True) if conversations else None)
 
 
-def check_outputs(resources: dict[str, Any]) -> None:
-    """Every place the run writes, checked before the graph is read or a model prepared (one line on failure)."""
-    check_writable({"--output-dir": resources["storage"].base_path,
-                    "--cache-dir": resources["model"].cache_root(),
+def check_outputs(resources: dict[str, Any], args: argparse.Namespace | None = None) -> None:
+    """Every place the run writes, checked before the graph is read or a model prepared (one line on failure,
+    naming the flag or the variable the location came from)."""
+    settings = current_settings()
+
+    def origin(flag: str, field: str) -> str:
+        given = getattr(args, field, None) if args is not None else None
+        return flag if given or not getattr(settings, field) else f"AMYGDALA_{field.upper()}"
+
+    check_writable({origin("--output-dir", "output_dir"): resources["storage"].base_path,
+                    origin("--cache-dir", "cache_dir"): resources["model"].cache_root(),
                     "DAGSTER_HOME": dagster_home()})
 
 
@@ -245,12 +255,15 @@ def execute(what: str, args: argparse.Namespace, launch: Any) -> int:
     pair_before: PublishedPair | None = None
     try:
         resources = build_resources(args)
-        check_outputs(resources)
+        check_outputs(resources, args)
         pair_before = published_pair(resources["storage"].store())
         started = True
         with get_instance() as instance:
             result = launch(resources, instance)
             return report_result(result, resources, what, pair_before)
+    except InstanceUnavailable as exc:  # the instance's database: an outage, not a bad input (exit 1)
+        print(f"amygdala {what}: {exc}", file=sys.stderr)
+        return 1
     except (MemoryGraphError, ModelLoadError, OSError, ValueError) as exc:
         print(f"amygdala {what}: {exc}", file=sys.stderr)
         if resources is not None:

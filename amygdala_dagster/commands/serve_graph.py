@@ -11,6 +11,7 @@ from amygdala_dagster.data import sample_graph_path
 from amygdala_dagster.graph.server import (
     DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_MAX_REQUEST_BYTES, JsonlGraph, RequestLimits, check_bind, serve,
 )
+from amygdala_dagster.settings import current_settings
 
 HELP = "serve a JSONL memory-graph export as an MCP server (list_nodes, graph_version)"
 
@@ -18,7 +19,7 @@ HELP = "serve a JSONL memory-graph export as an MCP server (list_nodes, graph_ve
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--file", metavar="GRAPH.jsonl", type=Path, default=None,
-        help="JSONL export to serve, one node per line (default: the bundled sample graph)",
+        help="JSONL export to serve, one node per line (default: $AMYGDALA_MEMORY_FILE, else the bundled sample graph)",
     )
     parser.add_argument(
         "--host", default="127.0.0.1",
@@ -45,9 +46,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    path: Path = args.file if args.file is not None else sample_graph_path()
+    configured = current_settings().memory_file
+    path: Path = (args.file if args.file is not None else Path(configured).expanduser() if configured
+                  else sample_graph_path())
     if not path.is_file():
-        what = "--file" if args.file is not None else "the bundled sample graph"
+        what = ("--file" if args.file is not None else "AMYGDALA_MEMORY_FILE" if configured
+                else "the bundled sample graph")
         print(f"amygdala serve-graph: {what} {path} does not exist", file=sys.stderr)
         return 2
     if not 0 <= args.port <= 65535:

@@ -17,15 +17,16 @@ from amygdala_dagster.engine.models import ModelLoadError, load_model
 from amygdala_dagster.readout.runtime import ReadoutRuntime
 from amygdala_dagster.engine.inputs import InputRecord, read_inputs
 from amygdala_dagster.evaluation.trace import build_trace, render_trace_html
+from amygdala_dagster.settings import current_settings, flag_type
 
 HELP = ("run the model over conversations or text and show, per token, the calibrated readout of every concept "
         "(DIR/trace.html with a token heatmap and per-concept traces, DIR/trace.json)")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--manifest", required=True,
+    parser.add_argument("--manifest", default=None,
                         help="manifest.json of the readout, or an output directory / fsspec URL (s3://bucket/out) "
-                             "holding the published pair")
+                             "holding the published pair (default: $AMYGDALA_OUTPUT_DIR, else ./amygdala_output)")
     parser.add_argument("--vectors", type=Path, default=None,
                         help="vectors.safetensors (default: the manifest's vectors_file, relative to the manifest)")
     parser.add_argument("--model", default=None, help="model to run (default: the manifest's model)")
@@ -37,7 +38,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concepts", default=None, metavar="A,B", help="concepts to show (default: top-k per input)")
     parser.add_argument("--top-k", type=positive_int, default=5, help="concepts shown per input (default: %(default)s)")
     parser.add_argument("--layer", type=int, default=None, help="hooked layer to show (default: the manifest's last)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default: %(default)s)")
+    parser.add_argument("--device", default=None, type=flag_type("device"),
+                        help="cpu, cuda, mps or auto (default: $AMYGDALA_DEVICE or auto)")
     parser.add_argument("--dtype", default=None, help="default: the manifest's dtype")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="inputs per forward batch (default: %(default)s)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
@@ -45,6 +47,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run_trace(args: argparse.Namespace) -> dict:
     """Everything ``main`` does; returns ``{"html", "json", "trace"}`` paths and content."""
+    settings = current_settings()
+    args.manifest = args.manifest or settings.output_location()
+    args.device = args.device or settings.device
     where = str(args.manifest)
     if is_url(where) or Path(where).is_dir():
         # An output directory or bucket prefix: the published pair, read through its release pointer.

@@ -1,17 +1,15 @@
 """The code location: ``dagster dev`` (workspace.yaml) and ``dagster asset materialize -m`` load this module.
 
-Resources default to the environment so the UI works with no configuration:
-``AMYGDALA_MEMORY_MCP_URL`` or ``AMYGDALA_MEMORY_FILE`` (default: the bundled
-sample graph), ``AMYGDALA_MODEL`` (default: bundled MiniLM), ``AMYGDALA_DEVICE``,
-``AMYGDALA_DTYPE``, ``AMYGDALA_TARGET_LAYERS``, ``AMYGDALA_DEVICE_MAP``, ``AMYGDALA_SHARDS``, ``AMYGDALA_OUTPUT_DIR`` (default
-``./amygdala_output``; any fsspec URL works), ``AMYGDALA_CACHE_DIR``,
-``AMYGDALA_EMOTIONS`` (curated emotions, comma-separated, always included). Every
+Resources default to the environment so the UI works with no configuration: every
+``AMYGDALA_*`` variable of the README's Configuration table, read once by
+:func:`amygdala_dagster.settings.current_settings` (memory graph, model, device, dtype, target
+layers, device map, shards, output directory -- any fsspec URL --, activation cache, curated
+emotions). A variable out of bounds stops the code location with one line naming it. Every
 field can also be set per run from the launchpad (``resources:`` in run config).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import dagster as dg
@@ -22,34 +20,23 @@ from amygdala_dagster.pipeline.jobs import JOBS, LOGGERS
 from amygdala_dagster.pipeline.k8s import deployment_executor
 from amygdala_dagster.pipeline.resources import (
     ArtifactStorage, EvaluationResource, MemoryGraphResource, ModelResource, SelectionResource, ShardingResource,
-    default_output_dir,
 )
 from amygdala_dagster.pipeline.sensors import memory_graph_sensor
-
-
-def _env(name: str) -> str | None:
-    value = os.environ.get(name)
-    return value if value else None
+from amygdala_dagster.settings import current_settings
 
 
 def default_resources() -> dict[str, Any]:
-    """The resources, configured from ``AMYGDALA_*`` environment variables."""
-    model_kwargs = {k: v for k, v in {
-        "model": _env("AMYGDALA_MODEL"), "device": _env("AMYGDALA_DEVICE"), "dtype": _env("AMYGDALA_DTYPE"),
-        "layers": _env("AMYGDALA_TARGET_LAYERS"), "cache_dir": _env("AMYGDALA_CACHE_DIR"),
-        "device_map": _env("AMYGDALA_DEVICE_MAP"),
-    }.items() if v is not None}
-    shards = _env("AMYGDALA_SHARDS")
+    """The resources, configured from the ``AMYGDALA_*`` environment (:class:`~amygdala_dagster.settings.Settings`)."""
+    s = current_settings()
     return {
         # The token is read from $AMYGDALA_MEMORY_TOKEN (token_env) when the graph is contacted, in
         # whichever process does it (CLI, sensor, run worker): only the variable's name is config.
-        "memory": MemoryGraphResource(mcp_url=_env("AMYGDALA_MEMORY_MCP_URL"), file=_env("AMYGDALA_MEMORY_FILE")),
-        "model": ModelResource(**model_kwargs),
-        "sharding": ShardingResource(**({"shards": shards} if shards is not None else {})),
-        "storage": ArtifactStorage(base_path=default_output_dir()),
-        "selection": SelectionResource(
-            curated=[e.strip() for e in (_env("AMYGDALA_EMOTIONS") or "").split(",") if e.strip()]
-        ),
+        "memory": MemoryGraphResource(mcp_url=s.memory_mcp_url, file=s.memory_file),
+        "model": ModelResource(model=s.model, device=s.device, dtype=s.dtype, layers=s.target_layers,
+                               cache_dir=s.cache_dir, device_map=s.device_map),
+        "sharding": ShardingResource(shards=s.shards),
+        "storage": ArtifactStorage(base_path=s.output_location()),
+        "selection": SelectionResource(curated=list(s.emotions)),
         "evaluation": EvaluationResource(),
     }
 

@@ -24,7 +24,7 @@ from amygdala_dagster.workflow import PartitionPlan, plan_partitions
 
 UNPARTITIONED_HEAD = [memory_snapshot.key, emotion_catalog.key]
 PARTITIONED = [tagged_examples.key, activation_stats.key]
-#: The shard steps' asset: in a run only when the forward work is split (model.shards > 1).
+#: The shard steps' asset: in a run only when the forward work is split (sharding.shards > 1).
 SHARDED = [activation_cache.key]
 ALL_EMOTION_TAIL = [readout_vectors.key, readout_manifest.key, evaluation_report.key]
 REFRESH_KEYS = UNPARTITIONED_HEAD + PARTITIONED + ALL_EMOTION_TAIL
@@ -33,14 +33,18 @@ JOB_KEYS = REFRESH_KEYS + SHARDED
 REFRESH_JOB = "full_refresh"
 BACKFILL_JOB = "emotion_backfill"
 KIND_TAG = "amygdala/run"
+#: Run retries (deploy/dagster.yaml: ``run_retries``, ``retry_on_asset_or_op_failure: false``): a run whose
+#: worker died is re-executed from the failure, up to this many times; the new run's forward step reads
+#: what the dead one had written to the activation cache. A step that fails on its own is not retried.
+RETRY_TAGS = {"dagster/max_retries": "2", "dagster/retry_strategy": "FROM_FAILURE"}
 
 full_refresh = dg.define_asset_job(
-    REFRESH_JOB, selection=dg.AssetSelection.assets(*JOB_KEYS), tags={KIND_TAG: "full-refresh"},
+    REFRESH_JOB, selection=dg.AssetSelection.assets(*JOB_KEYS), tags={KIND_TAG: "full-refresh", **RETRY_TAGS},
     description="The memory snapshot and everything downstream over every emotion partition, in one run "
                 "(the GPU step loads the model once). Launched by `amygdala run` and memory_graph_sensor.",
 )
 emotion_backfill = dg.define_asset_job(
-    BACKFILL_JOB, selection=dg.AssetSelection.assets(*JOB_KEYS), tags={KIND_TAG: "emotion-backfill"},
+    BACKFILL_JOB, selection=dg.AssetSelection.assets(*JOB_KEYS), tags={KIND_TAG: "emotion-backfill", **RETRY_TAGS},
     description="New emotion partitions (a partition range) and the all-emotion readout, manifest and report. "
                 "Launched by `amygdala backfill-emotion`; starts from the snapshot only when none is stored.",
 )

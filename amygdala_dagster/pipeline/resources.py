@@ -2,15 +2,14 @@
 
 All four are :class:`dagster.ConfigurableResource` so they can be set from the
 launchpad, from YAML run config and from Python. Defaults come from the
-environment (``AMYGDALA_*`` variables) so ``dagster dev`` works without any
-configuration on the bundled sample graph and MiniLM.
+environment (``AMYGDALA_*`` variables, read by :mod:`amygdala_dagster.settings`)
+so ``dagster dev`` works without any configuration on the bundled sample graph and MiniLM.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-import os
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +29,7 @@ from amygdala_dagster.engine.models import LoadedModel, parse_device_map
 from amygdala_dagster.files.storage import Store
 from amygdala_dagster.data import conversation_snippets_path, sample_graph_path
 from amygdala_dagster.graph.sources import JsonlSource, McpSource, open_source
+from amygdala_dagster.settings import MAX_SHARDS, current_settings
 from amygdala_dagster.workflow import EngineSettings, build_engine
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ _LOAD_LOCK = threading.Lock()
 
 def default_output_dir() -> str:
     """``$AMYGDALA_OUTPUT_DIR`` or ``./amygdala_output`` (under the current directory)."""
-    return os.environ.get("AMYGDALA_OUTPUT_DIR") or str(Path.cwd() / "amygdala_output")
+    return current_settings().output_location()
 
 
 class MemoryGraphResource(dg.ConfigurableResource):
@@ -52,6 +52,8 @@ class MemoryGraphResource(dg.ConfigurableResource):
     way the secret never enters run config, metadata or logs.
     """
 
+    # No environment default here (an explicit ``file`` must never lose to a URL from the environment): the
+    # code location's resource takes $AMYGDALA_MEMORY_MCP_URL / $AMYGDALA_MEMORY_FILE (definitions.default_resources).
     mcp_url: str | None = Field(default=None, description="MCP endpoint, e.g. http://localhost:7777")
     file: str | None = Field(default=None, description="JSONL export (used when mcp_url is unset)")
     token: str | None = Field(default=None, description="bearer token; give it as EnvVar('AMYGDALA_MEMORY_TOKEN')")
@@ -92,7 +94,8 @@ class SelectionResource(dg.ConfigurableResource):
     holdout_fraction: float = 0.2
     min_positives: int = Field(default=10, description="positives an emotion needs to qualify (and to pass its check)")
     max_emotions: int = 200
-    curated: list[str] = Field(default_factory=list, description="emotions always included")
+    curated: list[str] = Field(default_factory=lambda: current_settings().emotions,
+                               description="emotions always included (default $AMYGDALA_EMOTIONS)")
 
     def params(self) -> SelectionParams:
         return SelectionParams(
@@ -130,21 +133,26 @@ class ModelResource(dg.ConfigurableResource):
     loads none.
     """
 
-    model: str = Field(default="minilm", description="bundled short name, local checkpoint dir or hub id")
+    model: str = Field(default_factory=lambda: current_settings().model,
+                       description="bundled short name, local checkpoint dir or hub id (default $AMYGDALA_MODEL or minilm)")
     revision: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    layers: str | None = Field(default=None, description="comma-separated layer indices (negative = from the end); default: ~60/70/80% of depth")
+    dtype: str = Field(default_factory=lambda: current_settings().dtype, description="default $AMYGDALA_DTYPE or auto")
+    device: str = Field(default_factory=lambda: current_settings().device, description="default $AMYGDALA_DEVICE or auto")
+    layers: str | None = Field(default_factory=lambda: current_settings().target_layers,
+                               description="comma-separated layer indices (negative = from the end); default: "
+                                           "$AMYGDALA_TARGET_LAYERS, else ~60/70/80% of depth")
     pooling: str = "mean"
     batch_size: int | None = Field(default=None, description="texts per forward batch; unset: batch by the token budget")
     max_batch_tokens: int | None = Field(default=None, description="padded tokens per batch (default: the engine's budget)")
     max_tokens: int = 512
     layer_path: str | None = None
-    cache_dir: str | None = Field(default=None, description="activation cache; default $AMYGDALA_CACHE_DIR or ~/.cache/amygdala/activations")
+    cache_dir: str | None = Field(default_factory=lambda: current_settings().cache_dir,
+                                  description="activation cache; default $AMYGDALA_CACHE_DIR or ~/.cache/amygdala/activations")
     trust_remote_code: bool = False
     device_map: str | None = Field(
-        default=None,
-        description='spread one model over the GPUs of a box: "auto" or a JSON {module: device} map (needs accelerate)')
+        default_factory=lambda: current_settings().device_map,
+        description='spread one model over the GPUs of a box: "auto" or a JSON {module: device} map (needs '
+                    'accelerate; default $AMYGDALA_DEVICE_MAP)')
 
     _engine: ActivationEngine | None = PrivateAttr(default=None)
 
@@ -195,8 +203,9 @@ class ShardingResource(dg.ConfigurableResource):
     """How many parallel GPU steps share the forward work (one process, or one GPU pod on Kubernetes, each)."""
 
     shards: int = Field(
-        default=1, ge=1,
-        description="split the forward work into this many parallel steps by text hash; 1: one step")
+        default_factory=lambda: current_settings().shards, ge=1, le=MAX_SHARDS,
+        description=f"split the forward work into this many parallel steps by text hash, 1 to {MAX_SHARDS}, never "
+                    "more than the run's unique texts; 1: one step (default $AMYGDALA_SHARDS)")
 
 
 class EvaluationResource(dg.ConfigurableResource):

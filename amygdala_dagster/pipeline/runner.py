@@ -20,7 +20,6 @@ from typing import Any
 
 import dagster as dg
 import polars as pl
-from dagster._core.instance.ref import InstanceRef
 
 import amygdala_dagster
 from amygdala_dagster.files.atomic import atomic_write_text
@@ -29,6 +28,7 @@ from amygdala_dagster.pipeline.assets import memory_graph
 from amygdala_dagster.pipeline.assets.common import EMOTION, GPU_POOL, emotion_partitions
 from amygdala_dagster.pipeline.assets.graph import read_snapshot_from
 from amygdala_dagster.pipeline.definitions import build_definitions
+from amygdala_dagster.pipeline.instance import open_instance
 from amygdala_dagster.pipeline.k8s import deployment_executor
 from amygdala_dagster.pipeline.jobs import (
     ALL_EMOTION_TAIL, BACKFILL_JOB, CLI_RUN_CONFIG, PARTITIONED, REFRESH_JOB, UNPARTITIONED_HEAD, graph_catalog,
@@ -36,7 +36,9 @@ from amygdala_dagster.pipeline.jobs import (
 )
 from amygdala_dagster.pipeline.sensors import DATA_VERSION_TAG
 from amygdala_dagster.graph.sources import GraphVersion
-from amygdala_dagster.workflow import SNAPSHOT_FILE, NotQualifiedError, PartitionPlan, plan_partitions, qualification_problems
+from amygdala_dagster.workflow import (
+    SNAPSHOT_FILE, NotQualifiedError, PartitionPlan, collect_texts, plan_partitions, qualification_problems,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,9 @@ def get_instance() -> dg.DagsterInstance:
     A home this creates (or the checkout's ``.dagster_home``) gets a
     ``dagster.yaml`` with the project's settings, so ``DAGSTER_HOME=<it> dagster dev``
     reads the same storage and concurrency pool as ``amygdala run``. An existing
-    home with runs but without a dagster.yaml is left as it is.
+    home with runs but without a dagster.yaml is left as it is. Raises
+    :class:`~amygdala_dagster.pipeline.instance.InstanceUnavailable` (one line) when the
+    instance cannot be opened, e.g. its PostgreSQL database is unreachable.
     """
     home = dagster_home()
     is_new = not home.exists() or not any(home.iterdir())
@@ -94,7 +98,7 @@ def get_instance() -> dg.DagsterInstance:
     config = home / "dagster.yaml"
     if not config.exists() and (is_new or not os.environ.get("DAGSTER_HOME")):
         atomic_write_text(config, instance_yaml(home.resolve()))
-    return dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home)))
+    return open_instance(str(home))
 
 
 def observe_graph(instance: dg.DagsterInstance, resources: Mapping[str, Any]) -> GraphVersion:
@@ -163,6 +167,27 @@ def _execute(job_name: str, resources: Mapping[str, Any], instance: dg.DagsterIn
     )
 
 
+def clamp_shards(resources: Mapping[str, Any], snapshot: pl.DataFrame,
+                 partitions: Sequence[str]) -> dict[str, Any]:
+    """``resources`` with ``sharding.shards`` lowered to the run's unique example texts, when it asks for more.
+
+    A shard step without a text is a process (a GPU pod on Kubernetes) started for nothing; the
+    settings already bound ``shards`` by :data:`~amygdala_dagster.settings.MAX_SHARDS`. Logged when lowered.
+    """
+    sharding = resources["sharding"]
+    shards = int(sharding.shards)
+    if shards <= 1 or not partitions:
+        return dict(resources)
+    texts, _keys = collect_texts(select_all(snapshot, list(partitions), resources["selection"].params()))
+    unique = len(set(texts))
+    if unique >= shards:
+        return dict(resources)
+    n = max(1, unique)
+    log.warning("%d shards asked for, but the run has %d unique text(s) to forward: running %d shard(s)",
+                shards, unique, n)
+    return {**resources, "sharding": type(sharding)(shards=n)}
+
+
 def _no_emotion_message(catalog: pl.DataFrame, min_positives: int, source: str) -> str:
     if catalog.height == 0:
         return f"no node of the memory graph {source} carries a valid tag line: nothing to train"
@@ -203,6 +228,7 @@ def materialize_all(resources: Mapping[str, Any], instance: dg.DagsterInstance,
         raise RunRefused(_no_emotion_message(catalog, int(selection.min_positives), memory.description))
     _apply_plan(instance, plan, existing)
     log.info("emotions: %s", ", ".join(plan.partitions))
+    resources = clamp_shards(resources, snapshot, plan.partitions)
     return _execute(REFRESH_JOB, resources, instance,
                     refresh_selection(plan.partitions, int(resources["sharding"].shards)),
                     refresh_tags(plan.partitions), raise_on_error)
@@ -240,6 +266,7 @@ def backfill_emotions(names: Sequence[str], resources: Mapping[str, Any], instan
     keys = emotion_partitions(instance)
     pos = sorted(keys.index(n) for n in names)
     span = keys[pos[0]: pos[-1] + 1]
+    resources = clamp_shards(resources, snapshot, span)
     chosen = with_shards(list(PARTITIONED), int(resources["sharding"].shards)) + list(ALL_EMOTION_TAIL)
     if not has_snapshot:
         chosen = list(UNPARTITIONED_HEAD) + chosen

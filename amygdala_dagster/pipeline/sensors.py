@@ -10,8 +10,6 @@ asset-automation tick to be enabled.
 """
 
 
-import os
-
 import dagster as dg
 
 from amygdala_dagster.pipeline.assets import memory_graph
@@ -19,12 +17,14 @@ from amygdala_dagster.pipeline.assets.common import EMOTION, emotion_partitions
 from amygdala_dagster.pipeline.jobs import full_refresh, plan_from_graph, refresh_selection, refresh_tags
 from amygdala_dagster.pipeline.resources import MemoryGraphResource, ShardingResource, SelectionResource
 from amygdala_dagster.graph.sources import MemoryGraphError
+from amygdala_dagster.settings import current_settings
 
 DATA_VERSION_TAG = "dagster/data_version"
 
 
 def sensor_interval_seconds() -> int:
-    return int(os.environ.get("AMYGDALA_SENSOR_INTERVAL_S", "60"))
+    """``$AMYGDALA_SENSOR_INTERVAL_S`` (default 60): the sensor's minimum interval, read when the code loads."""
+    return current_settings().sensor_interval_s
 
 
 @dg.sensor(

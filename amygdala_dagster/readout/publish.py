@@ -54,6 +54,7 @@ from upath import UPath
 
 from amygdala_dagster.files.atomic import DIR_MODE, FILE_MODE, fsync_dir, sha256_file, write_new_file
 from amygdala_dagster.files.storage import is_local, location, refresh, uri
+from amygdala_dagster.settings import current_settings
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,6 @@ POINTER_FILE = "current.json"
 POINTER_FORMAT = "amygdala-release-pointer/1"
 VECTORS_NAME = "vectors.safetensors"
 MANIFEST_NAME = "manifest.json"
-KEEP_ENV = "AMYGDALA_KEEP_RELEASES"
-DEFAULT_KEEP = 5
 _STAGING = re.compile(r"^\.(?P<id>[^/]+)\.(?P<pid>\d+)\.tmp$")
 _RESERVED = {RELEASES_DIR, CURRENT_LINK, POINTER_FILE}
 
@@ -86,15 +85,8 @@ class Published:
 
 
 def keep_releases() -> int:
-    """``$AMYGDALA_KEEP_RELEASES`` (default 5): how many releases to keep, at least 1."""
-    raw = os.environ.get(KEEP_ENV, str(DEFAULT_KEEP))
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{KEEP_ENV} must be a whole number >= 1, got {raw!r}") from None
-    if value < 1:
-        raise ValueError(f"{KEEP_ENV} must be a whole number >= 1, got {raw!r}")
-    return value
+    """``$AMYGDALA_KEEP_RELEASES`` (default 5, from 1 to 1000): how many releases to keep (the settings object)."""
+    return current_settings().keep_releases
 
 
 def release_id(vectors_sha256: str, now: float | None = None) -> str:

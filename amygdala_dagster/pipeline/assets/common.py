@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
 import dagster as dg
+
+from amygdala_dagster.settings import current_settings
 
 EMOTION = dg.DynamicPartitionsDefinition(name="emotion")
 GROUP = "amygdala"
@@ -24,14 +25,7 @@ PARTITION_TAG = "dagster/partition"
 
 def freshness_hours() -> float:
     """``$AMYGDALA_FRESHNESS_HOURS`` (default 24): how old the readout may get before it is overdue."""
-    raw = os.environ.get("AMYGDALA_FRESHNESS_HOURS", "24")
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"AMYGDALA_FRESHNESS_HOURS must be a number of hours, got {raw!r}") from None
-    if value <= 0:
-        raise ValueError(f"AMYGDALA_FRESHNESS_HOURS must be positive, got {raw!r}")
-    return value
+    return current_settings().freshness_hours
 
 
 def readout_freshness() -> dg.FreshnessPolicy:
