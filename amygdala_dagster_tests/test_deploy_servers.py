@@ -23,7 +23,6 @@ from amygdala_dagster.commands import cli
 from amygdala_dagster.readout.manifest import load_readout, write_readout
 from amygdala_dagster.pipeline import resources as R
 from amygdala_dagster.pipeline.assets import ALL_ASSETS
-from amygdala_dagster.pipeline.checks import ALL_CHECKS
 from amygdala_dagster.pipeline.runner import backfill_emotions, failures, get_instance
 from amygdala_dagster.pipeline.sensors import memory_graph_sensor
 from amygdala_dagster.readout.publish import POINTER_FILE, publish_pair
@@ -145,7 +144,7 @@ def test_sensor_tick_and_backfill_against_the_postgres_instance(deploy_home, s3_
     for request in tick.dynamic_partitions_requests or []:
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
     request = tick.run_requests[0]
-    result = dg.materialize(ALL_ASSETS + ALL_CHECKS, instance=instance, resources=resources,
+    result = dg.materialize(ALL_ASSETS, instance=instance, resources=resources,
                             selection=request.asset_selection, tags=request.tags)
     assert result.success, failures(result)
     first = load_readout(f"{s3_bucket}/amygdala").concepts

@@ -22,7 +22,6 @@ from amygdala_dagster.commands.cli import main as cli_main
 from amygdala_dagster.readout.manifest import load_readout
 from amygdala_dagster.pipeline import resources as R
 from amygdala_dagster.pipeline.assets import ALL_ASSETS
-from amygdala_dagster.pipeline.checks import ALL_CHECKS
 from amygdala_dagster.pipeline.runner import RunRefused, backfill_emotions, failures, materialize_all, step_metadata
 from amygdala_dagster.workflow import NotQualifiedError, stats_info_file
 from amygdala_dagster_tests.pipeline_graphs import small_graph, write_graph
@@ -235,7 +234,7 @@ def test_memory_token_stays_out_of_run_config_events_and_logs(graph_server, tmp_
     else:
         res["memory"] = R.MemoryGraphResource(mcp_url=server.url, token_env="AMYGDALA_PIPELINE_TEST_TOKEN", retries=0)
     instance = dg.DagsterInstance.ephemeral()
-    result = dg.materialize(ALL_ASSETS + ALL_CHECKS, instance=instance, resources=res,
+    result = dg.materialize(ALL_ASSETS, instance=instance, resources=res,
                             selection=["memory_snapshot"], raise_on_error=False)
     assert result.success, failures(result)
     assert step_metadata(result, "memory_snapshot")["dagster/row_count"] == 16
@@ -248,7 +247,7 @@ def test_memory_token_stays_out_of_run_config_events_and_logs(graph_server, tmp_
 def test_empty_graph_fails_the_blocking_snapshot_check_and_stops_downstream(tmp_path):
     graph = write_graph(tmp_path / "empty.jsonl", [])
     res = make_resources(graph, str(tmp_path / "out"), tmp_path / "cache")
-    result = dg.materialize(ALL_ASSETS + ALL_CHECKS, instance=dg.DagsterInstance.ephemeral(), resources=res,
+    result = dg.materialize(ALL_ASSETS, instance=dg.DagsterInstance.ephemeral(), resources=res,
                             selection=["memory_snapshot", "emotion_catalog"], raise_on_error=False)
     assert check_results(result)["snapshot_nonempty_unique_keys"] is False
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
@@ -260,7 +259,7 @@ def test_artifacts_go_to_an_fsspec_url(tmp_path):
 
     graph = write_graph(tmp_path / "g.jsonl", small_graph(4))
     res = make_resources(graph, "memory://amygdala-test/out", tmp_path / "cache")
-    result = dg.materialize(ALL_ASSETS + ALL_CHECKS, instance=dg.DagsterInstance.ephemeral(), resources=res,
+    result = dg.materialize(ALL_ASSETS, instance=dg.DagsterInstance.ephemeral(), resources=res,
                             selection=["memory_snapshot", "emotion_catalog"], raise_on_error=False)
     assert result.success, failures(result)
     fs = fsspec.filesystem("memory")
@@ -336,7 +335,7 @@ def test_memory_token_from_the_documented_variables_works_in_planning_sensor_and
                                                                "selection": R.SelectionResource(min_positives=3)}) as ctx:
         assert isinstance(memory_graph_sensor(ctx), dg.SensorResult)
     # a run with the resources of the code location (what the launchpad uses)
-    result = dg.materialize(ALL_ASSETS + ALL_CHECKS, instance=instance, resources=res,
+    result = dg.materialize(ALL_ASSETS, instance=instance, resources=res,
                             selection=["memory_snapshot"], raise_on_error=False)
     assert result.success, failures(result)
     records = instance.get_records_for_run(result.run_id).records
@@ -361,7 +360,7 @@ def test_a_non_qualifying_backfill_is_refused_before_its_partition_exists_and_le
     assert set(instance.get_dynamic_partitions("emotion")) == set(EMOTIONS + ["wonder"])
     # a partition registered but never materialised does not block the all-emotion readout either
     instance.add_dynamic_partitions("emotion", ["calm"])
-    result = dg.materialize(ALL_ASSETS + ALL_CHECKS, instance=instance, resources=res,
+    result = dg.materialize(ALL_ASSETS, instance=instance, resources=res,
                             selection=["readout_vectors"], raise_on_error=False)
     assert result.success, failures(result)
     assert step_metadata(result, "readout_vectors")["left_out_partitions"] == "calm"

@@ -99,7 +99,7 @@ def test_evaluation_rules():
     assert problems == ["b: AUROC 0.550 below 0.7", "c: no held-out AUROC"]
     assert C.baseline_problems(evaluation) == ["b: no better than the length baseline", "d: close to e's vector"]
     assert C.baseline_problems({"emotions": {}, "flags": []}) == []
-    res = C._result(problems, severity=C.dg.AssetCheckSeverity.WARN)
+    res = C.check_result("separation_above_threshold", problems, severity=C.WARN)
     assert res.passed is False and res.severity == C.dg.AssetCheckSeverity.WARN
 
 

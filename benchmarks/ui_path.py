@@ -57,7 +57,7 @@ with dg.DagsterInstance.from_ref(InstanceRef.from_dir({str(home)!r})) as inst:
     runs = inst.get_runs(limit=1) if {run_id!r} is None else [inst.get_run_by_id({run_id!r})]
     run = runs[0]
     recs = inst.get_records_for_run(run.run_id).records
-    pids, loads, steps = set(), [], set()
+    pids, loads, steps, forwarded = set(), [], set(), None
     for r in recs:
         e = r.event_log_entry
         d = e.dagster_event
@@ -65,11 +65,13 @@ with dg.DagsterInstance.from_ref(InstanceRef.from_dir({str(home)!r})) as inst:
             steps.add(d.step_key); pids.add(d.pid)
         if d is not None and d.event_type_value == "ASSET_MATERIALIZATION":
             m = d.step_materialization_data.materialization
+            if "texts_forwarded" in m.metadata:
+                forwarded = m.metadata["texts_forwarded"].value
             v = m.metadata.get("model_weights_loaded")
             if v is not None and getattr(v, "value", v):
                 loads.append(d.step_key)
     print(json.dumps({{"run_id": run.run_id, "status": run.status.value, "steps": len(steps),
-                      "processes": len(pids), "weight_loads": sorted(set(loads))}}))
+                      "processes": len(pids), "weight_loads": sorted(set(loads)), "texts_forwarded": forwarded}}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ,
                          "DAGSTER_HOME": str(home)}, check=True)
@@ -137,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                 seconds, stats = fn(home, work, args.graph)
                 results[kind].append({"seconds": round(seconds, 2), **stats})
                 print(f"{kind} #{i + 1}: {seconds:.1f} s, {stats['processes']} process(es), {stats['steps']} steps, "
-                      f"weights loaded by {', '.join(stats['weight_loads']) or 'no step'}", flush=True)
+                      f"weights loaded by {', '.join(stats['weight_loads']) or 'no step'}, {stats['texts_forwarded']} texts forwarded",
+                      flush=True)
     med = {k: statistics.median(r["seconds"] for r in v) for k, v in results.items()}
     print()
     print(f"{'path':<6}{'median s':>10}{'steps':>7}{'processes':>11}  weight loads per run (steps)")

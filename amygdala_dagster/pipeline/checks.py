@@ -1,7 +1,9 @@
-"""Asset checks. Blocking where a bad result must not reach vLLM; WARN for weak evaluation results.
+"""Asset checks, run inside their asset's step (``check_specs``): blocking where a bad result must not
+reach vLLM; WARN for weak evaluation results.
 
-Each check's logic is a plain function returning the list of problems (empty = pass), so the
-rules are testable on crafted inputs; the decorated checks turn them into AssetCheckResults.
+Each check's logic is a plain function returning the list of problems (empty = pass), so the rules
+are testable on crafted inputs; :func:`check_result` turns them into the asset's AssetCheckResult.
+The specs name their asset by key, so the asset modules import this one and not the reverse.
 """
 
 
@@ -13,28 +15,59 @@ import dagster as dg
 import numpy as np
 
 from amygdala_dagster.files.atomic import sha256_file
-from amygdala_dagster.pipeline.assets import (
-    activation_stats, evaluation_report, memory_snapshot, readout_manifest, readout_vectors, tagged_examples,
-)
-from amygdala_dagster.pipeline.assets.activations import read_stats
-from amygdala_dagster.readout.manifest import ReadoutFileError, load_readout, row_problems
-from amygdala_dagster.pipeline.assets.common import run_partition_keys
-from amygdala_dagster.pipeline.assets.emotions import read_examples_from
-from amygdala_dagster.pipeline.assets.graph import read_snapshot_from
-from amygdala_dagster.pipeline.assets.readout_pair import load_staged_readout, read_staged_info
-from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, SelectionResource
-from amygdala_dagster.readout.publish import current_pair, open_pair
 from amygdala_dagster.graph.tags import is_tag_line, parse_tags
-from amygdala_dagster.readout.token_calibration import heldout_problems, manifest_token_calibration
-from amygdala_dagster.workflow import EVALUATION_JSON, MANIFEST_FILE, VECTORS_FILE
+from amygdala_dagster.readout.manifest import ReadoutFileError, load_readout, row_problems
 
 _SHOWN = 10
+ERROR, WARN = dg.AssetCheckSeverity.ERROR, dg.AssetCheckSeverity.WARN
 
 
-def _result(problems: Sequence[str], *, severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR,
-            metadata: Mapping[str, Any] | None = None) -> dg.AssetCheckResult:
+def _spec(asset: str, name: str, description: str, *, blocking: bool = False) -> dg.AssetCheckSpec:
+    return dg.AssetCheckSpec(name=name, asset=asset, blocking=blocking, description=description)
+
+
+SNAPSHOT_CHECKS = [_spec("memory_snapshot", "snapshot_nonempty_unique_keys",
+                         "the snapshot is non-empty and its keys are unique", blocking=True)]
+EXAMPLES_CHECKS = [
+    _spec("tagged_examples", "examples_clean_and_disjoint",
+          "no example text holds a tag block; train/holdout and positives/negatives are disjoint", blocking=True),
+    _spec("tagged_examples", "examples_min_positives",
+          "each emotion has at least the configured minimum of positives (selection.min_positives)", blocking=True),
+]
+STATS_CHECKS = [
+    _spec("activation_stats", "stats_finite", "activation statistics are finite and non-empty", blocking=True),
+    _spec("activation_stats", "linear_attention_fast_path",
+          "a CUDA run of a linear-attention model uses the fast kernels, not the reference path"),
+]
+VECTORS_CHECKS = [_spec("readout_vectors", "vectors_finite_unit_norm",
+                        "vectors are finite and unit-norm, one [n_concepts, hidden] matrix per layer", blocking=True)]
+MANIFEST_CHECKS = [
+    _spec("readout_manifest", "manifest_matches_vectors",
+          "manifest SHA-256 matches vectors.safetensors; shapes and row order match the manifest", blocking=True),
+    _spec("readout_manifest", "token_threshold_heldout_rate",
+          "each token threshold fires on held-out calibration tokens at most twice its target rate"),
+]
+EVALUATION_CHECKS = [
+    _spec("evaluation_report", "separation_above_threshold",
+          "every emotion separates held-out examples (AUROC >= evaluation.min_auroc) on a holdout of at least "
+          "evaluation.min_holdout_positives positives"),
+    _spec("evaluation_report", "better_than_baseline",
+          "every vector beats the trivial length / node-type baselines and is not so close to another emotion's "
+          "vector that it reads both"),
+    _spec("evaluation_report", "readout_on_conversations",
+          "on the labelled conversations, every vector separates at text and token level and does not fire on "
+          "most conversations without its emotion"),
+]
+ALL_CHECK_SPECS = [*SNAPSHOT_CHECKS, *EXAMPLES_CHECKS, *STATS_CHECKS, *VECTORS_CHECKS, *MANIFEST_CHECKS,
+                   *EVALUATION_CHECKS]
+
+
+def check_result(name: str, problems: Sequence[str], *, severity: dg.AssetCheckSeverity = ERROR,
+                 metadata: Mapping[str, Any] | None = None) -> dg.AssetCheckResult:
+    """The result of check ``name``: passed when ``problems`` is empty, else the first few problems."""
     shown = list(problems[:_SHOWN]) + ([f"... and {len(problems) - _SHOWN} more"] if len(problems) > _SHOWN else [])
     return dg.AssetCheckResult(
+        check_name=name,
         passed=not problems,
         severity=severity,
         description="; ".join(shown) if problems else "ok",
@@ -152,47 +185,6 @@ def baseline_problems(evaluation: Mapping[str, Any]) -> list[str]:
     return flag_messages(evaluation, BASELINE_FLAGS)
 
 
-def _flagged_emotions(evaluation: Mapping[str, Any], kinds: Sequence[str]) -> list[str]:
-    return list(dict.fromkeys(f["emotion"] for f in evaluation.get("flags", []) if f.get("kind") in kinds))
-
-
-# ----------------------------------------------------------------------------- checks
-@dg.asset_check(asset=memory_snapshot, blocking=True, description="the snapshot is non-empty and its keys are unique")
-def snapshot_nonempty_unique_keys(storage: ArtifactStorage) -> dg.AssetCheckResult:
-    df = read_snapshot_from(storage)
-    return _result(snapshot_problems(df), metadata={"rows": df.height})
-
-
-@dg.asset_check(asset=tagged_examples, blocking=True,
-                description="no example text holds a tag block; train/holdout and positives/negatives are disjoint")
-def examples_clean_and_disjoint(context: dg.AssetCheckExecutionContext, storage: ArtifactStorage) -> dg.AssetCheckResult:
-    problems: list[str] = []
-    keys = run_partition_keys(context)
-    for e in keys:
-        problems += examples_problems(read_examples_from(storage, e)[1])
-    return _result(problems, metadata={"emotions_checked": ", ".join(keys)})
-
-
-@dg.asset_check(asset=tagged_examples, blocking=True,
-                description="each emotion has at least the configured minimum of positives (selection.min_positives)")
-def examples_min_positives(context: dg.AssetCheckExecutionContext, storage: ArtifactStorage,
-                           selection: SelectionResource) -> dg.AssetCheckResult:
-    problems: list[str] = []
-    keys = run_partition_keys(context)
-    for e in keys:
-        problems += min_positives_problems(read_examples_from(storage, e)[1], int(selection.min_positives))
-    return _result(problems, metadata={"emotions_checked": ", ".join(keys), "minimum": int(selection.min_positives)})
-
-
-@dg.asset_check(asset=activation_stats, blocking=True, description="activation statistics are finite and non-empty")
-def stats_finite(context: dg.AssetCheckExecutionContext, storage: ArtifactStorage) -> dg.AssetCheckResult:
-    problems: list[str] = []
-    keys = run_partition_keys(context)
-    for e in keys:
-        problems += stats_problems(read_stats(storage, e))
-    return _result(problems, metadata={"emotions_checked": ", ".join(keys)})
-
-
 def fast_path_problems(metadata: Mapping[str, Any]) -> list[str]:
     """A CUDA run of a linear-attention model that took transformers' reference path (about 12x slower), or
     whose path the probe could not tell."""
@@ -207,84 +199,18 @@ def fast_path_problems(metadata: Mapping[str, Any]) -> list[str]:
             'install the fast path on the GPU image: pip install -e ".[gpu]"']
 
 
-@dg.asset_check(asset=activation_stats,
-                description="a CUDA run of a linear-attention model uses the fast kernels, not the reference path")
-def linear_attention_fast_path(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-    event = context.instance.get_latest_materialization_event(activation_stats.key)
-    meta = ({k: getattr(v, "value", v) for k, v in event.asset_materialization.metadata.items()}
-            if event is not None and event.asset_materialization is not None else {})
-    return _result(fast_path_problems(meta), severity=dg.AssetCheckSeverity.WARN,
-                   metadata={"device": str(meta.get("device", "")),
-                             "fast_path": str(meta.get("fast_path", "not-applicable"))})
+def flagged_emotions(evaluation: Mapping[str, Any], kinds: Sequence[str]) -> list[str]:
+    """The emotions named by the evaluation's flags of ``kinds``, first mention first."""
+    return list(dict.fromkeys(f["emotion"] for f in evaluation.get("flags", []) if f.get("kind") in kinds))
 
 
-@dg.asset_check(asset=readout_vectors, blocking=True,
-                description="vectors are finite and unit-norm, one [n_concepts, hidden] matrix per layer")
-def vectors_finite_unit_norm(storage: ArtifactStorage) -> dg.AssetCheckResult:
-    readout, info = load_staged_readout(storage)
-    return _result(vectors_problems(info["concepts"], info["layers"], readout.vectors, info["hidden_size"]))
-
-
-@dg.asset_check(asset=readout_manifest, blocking=True,
-                description="manifest SHA-256 matches vectors.safetensors; shapes and row order match the manifest")
-def manifest_matches_vectors(storage: ArtifactStorage) -> dg.AssetCheckResult:
-    store = storage.store()
-    info = read_staged_info(storage)
-    with open_pair(store.uri(VECTORS_FILE), store.uri(MANIFEST_FILE)) as files:
-        return _result(manifest_problems(files.vectors, files.manifest, info["concepts"]))
-
-
-@dg.asset_check(asset=readout_manifest,
-                description="each token threshold fires on held-out calibration tokens at most twice its target rate")
-def token_threshold_heldout_rate(storage: ArtifactStorage) -> dg.AssetCheckResult:
-    store = storage.store()
-    pair = current_pair(store.uri(""))  # only the manifest is needed: no vectors download
-    if pair is None:
-        return _result([f"no published pair under {store.uri('')}"], severity=dg.AssetCheckSeverity.WARN)
-    token_cal = manifest_token_calibration(json.loads(store.read_bytes(pair[1])))
-    return _result(heldout_problems(token_cal), severity=dg.AssetCheckSeverity.WARN,
-                   metadata={"max_ratio_to_target": 2.0})
-
-
-def _evaluation(storage: ArtifactStorage) -> dict[str, Any]:
-    return json.loads(storage.store().read_bytes(EVALUATION_JSON))
-
-
-@dg.asset_check(asset=evaluation_report,
-                description="every emotion separates held-out examples (AUROC >= evaluation.min_auroc) on a holdout "
-                            "of at least evaluation.min_holdout_positives positives")
-def separation_above_threshold(storage: ArtifactStorage, evaluation: EvaluationResource) -> dg.AssetCheckResult:
-    ev = _evaluation(storage)
-    flagged = _flagged_emotions(ev, SEPARATION_FLAGS)
-    return _result(separation_problems(ev), severity=dg.AssetCheckSeverity.WARN,
-                   metadata={"min_auroc": evaluation.min_auroc, "n_flagged": len(flagged),
-                             "flagged": ", ".join(flagged) or "none"})
-
-
-def _flag_check(kinds: Sequence[str], storage: ArtifactStorage) -> dg.AssetCheckResult:
-    ev = _evaluation(storage)
-    flagged = _flagged_emotions(ev, kinds)
-    return _result(flag_messages(ev, kinds), severity=dg.AssetCheckSeverity.WARN,
-                   metadata={"n_flagged": len(flagged), "flagged": ", ".join(flagged) or "none"})
-
-
-@dg.asset_check(asset=evaluation_report,
-                description="every vector beats the trivial length / node-type baselines and is not so close to "
-                            "another emotion's vector that it reads both")
-def better_than_baseline(storage: ArtifactStorage) -> dg.AssetCheckResult:
-    return _flag_check(BASELINE_FLAGS, storage)
-
-
-@dg.asset_check(asset=evaluation_report,
-                description="on the labelled conversations, every vector separates at text and token level and "
-                            "does not fire on most conversations without its emotion")
-def readout_on_conversations(storage: ArtifactStorage) -> dg.AssetCheckResult:
-    return _flag_check(CONVERSATION_FLAGS, storage)
-
-
-ALL_CHECKS = [
-    snapshot_nonempty_unique_keys, examples_clean_and_disjoint, examples_min_positives, stats_finite,
-    linear_attention_fast_path,
-    vectors_finite_unit_norm, manifest_matches_vectors, separation_above_threshold, better_than_baseline,
-    readout_on_conversations, token_threshold_heldout_rate,
-]
+def evaluation_checks(evaluation: Mapping[str, Any], min_auroc: float) -> list[dg.AssetCheckResult]:
+    """The evaluation report's three WARN checks, each showing the verdict flags of some kinds."""
+    out = []
+    for spec, kinds, extra in ((EVALUATION_CHECKS[0], SEPARATION_FLAGS, {"min_auroc": min_auroc}),
+                               (EVALUATION_CHECKS[1], BASELINE_FLAGS, {}),
+                               (EVALUATION_CHECKS[2], CONVERSATION_FLAGS, {})):
+        flagged = flagged_emotions(evaluation, kinds)
+        out.append(check_result(spec.name, flag_messages(evaluation, kinds), severity=WARN,
+                                metadata={**extra, "n_flagged": len(flagged), "flagged": ", ".join(flagged) or "none"}))
+    return out

@@ -15,8 +15,7 @@ from typing import Any
 import dagster as dg
 
 from amygdala_dagster.pipeline.assets import ALL_ASSETS
-from amygdala_dagster.pipeline.checks import ALL_CHECKS
-from amygdala_dagster.pipeline.jobs import JOBS, LOGGERS
+from amygdala_dagster.pipeline.jobs import LOCAL_EXECUTOR, LOGGERS, build_jobs
 from amygdala_dagster.pipeline.k8s import deployment_executor
 from amygdala_dagster.pipeline.resources import (
     ArtifactStorage, EvaluationResource, MemoryGraphResource, ModelResource, SelectionResource, ShardingResource,
@@ -41,16 +40,16 @@ def default_resources() -> dict[str, Any]:
     }
 
 
-def build_definitions(resources: dict[str, object] | None = None) -> dg.Definitions:
-    """The Definitions with ``resources`` overriding the environment defaults (by key)."""
+def build_definitions(resources: dict[str, object] | None = None, shards: int | None = None) -> dg.Definitions:
+    """The Definitions with ``resources`` overriding the environment defaults (by key); the jobs include the
+    shard steps when ``shards`` (default ``$AMYGDALA_SHARDS``) is above 1."""
     return dg.Definitions(
         assets=ALL_ASSETS,
-        asset_checks=ALL_CHECKS,
-        jobs=JOBS,
+        jobs=build_jobs(current_settings().shards if shards is None else shards),
         sensors=[memory_graph_sensor],
         loggers=LOGGERS,
         resources={**default_resources(), **(resources or {})},
-        executor=deployment_executor(),
+        executor=deployment_executor() or LOCAL_EXECUTOR,
     )
 
 

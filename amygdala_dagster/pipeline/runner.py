@@ -111,17 +111,10 @@ def observe_graph(instance: dg.DagsterInstance, resources: Mapping[str, Any]) ->
     return version
 
 
-def refresh_job() -> dg.JobDefinition:
-    """``full_refresh`` from the code location (reconstructed by each step process of a sharded run)."""
-    return build_definitions().resolve_job_def(REFRESH_JOB)
-
-
-def backfill_job() -> dg.JobDefinition:
-    """``emotion_backfill`` from the code location (reconstructed by each step process of a sharded run)."""
-    return build_definitions().resolve_job_def(BACKFILL_JOB)
-
-
-_RECONSTRUCTABLE = {REFRESH_JOB: refresh_job, BACKFILL_JOB: backfill_job}
+def job_for(name: str, shards: int) -> dg.JobDefinition:
+    """Job ``name`` of the code location with ``shards`` shard steps (what each step process of a multi-process
+    run rebuilds, from this module's name and the arguments: see :func:`dagster.build_reconstructable_job`)."""
+    return build_definitions(shards=shards).resolve_job_def(name)
 
 
 def resources_run_config(resources: Mapping[str, Any]) -> dict[str, Any]:
@@ -155,12 +148,13 @@ def _execute(job_name: str, resources: Mapping[str, Any], instance: dg.DagsterIn
         run_config: dict[str, Any] = {**(CLI_RUN_CONFIG if quiet_errors else {}),
                                       "resources": resources_run_config(resources)}
         if deployment_executor() is None:
-            run_config["execution"] = {"config": {"multiprocess": {"max_concurrent": max(shards, os.cpu_count() or 1)}}}
+            run_config["execution"] = {"config": {"max_concurrent": max(shards, os.cpu_count() or 1)}}
         _pool_hint(instance, shards)
-        return dg.execute_job(dg.reconstructable(_RECONSTRUCTABLE[job_name]), instance=instance,
+        job = dg.build_reconstructable_job(__name__, job_for.__name__, reconstructable_args=(job_name, shards))
+        return dg.execute_job(job, instance=instance,
                               run_config=run_config, tags=dict(tags), asset_selection=list(selection),
                               raise_on_error=raise_on_error)
-    job = build_definitions(dict(resources)).resolve_job_def(job_name)
+    job = build_definitions(dict(resources), shards=shards).resolve_job_def(job_name)
     return job.execute_in_process(
         instance=instance, asset_selection=list(selection), tags=dict(tags), raise_on_error=raise_on_error,
         run_config=CLI_RUN_CONFIG if quiet_errors else None,

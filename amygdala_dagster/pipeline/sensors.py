@@ -14,7 +14,7 @@ import dagster as dg
 
 from amygdala_dagster.pipeline.assets import memory_graph
 from amygdala_dagster.pipeline.assets.common import EMOTION, emotion_partitions
-from amygdala_dagster.pipeline.jobs import full_refresh, plan_from_graph, refresh_selection, refresh_tags
+from amygdala_dagster.pipeline.jobs import REFRESH_JOB, plan_from_graph, refresh_selection, refresh_tags
 from amygdala_dagster.pipeline.resources import MemoryGraphResource, ShardingResource, SelectionResource
 from amygdala_dagster.graph.sources import MemoryGraphError
 from amygdala_dagster.settings import current_settings
@@ -30,7 +30,7 @@ def sensor_interval_seconds() -> int:
 @dg.sensor(
     name="memory_graph_sensor",
     minimum_interval_seconds=sensor_interval_seconds(),
-    job=full_refresh,
+    job_name=REFRESH_JOB,
     default_status=dg.DefaultSensorStatus.STOPPED,
     description=(
         "Polls the memory graph's graph_version (cursor = last version seen). On a change: registers "

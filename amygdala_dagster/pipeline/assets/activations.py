@@ -17,6 +17,7 @@ from amygdala_dagster.pipeline.assets.common import (
 from amygdala_dagster.pipeline.assets.emotions import read_examples_from, tagged_examples
 from amygdala_dagster.pipeline.assets.inputs import run_inputs
 from amygdala_dagster.pipeline.assets.shards import activation_cache
+from amygdala_dagster.pipeline.checks import STATS_CHECKS, WARN, check_result, fast_path_problems, stats_problems
 from amygdala_dagster.pipeline.k8s import gpu_op_tags
 from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, ModelResource, SelectionResource
 from amygdala_dagster.readout.vectors import EmotionStats, emotion_stats, load_stats, save_stats
@@ -34,6 +35,7 @@ from amygdala_dagster.workflow import (
     op_tags=gpu_op_tags(),  # on Kubernetes: a GPU pod (the only step that forwards through the model)
     code_version="2",
     kinds={"pytorch", "safetensors"},
+    check_specs=STATS_CHECKS,
     description=(
         "Every forward pass of the run, in ONE step that loads the model once: the pooled activations of "
         "every example text and snippet (-> per-layer sums and counts of each emotion's train examples) and, "
@@ -59,6 +61,7 @@ def activation_stats(
     hashes: dict[str, str] = {}
     rows = []
     partition_metadata: dict[str, dict[str, Any]] = {}
+    problems: list[str] = []
     with ActivationCache(cache_root, fingerprint) as cache:
         run = forward_run(engine, cache, texts, keys, samples)
         context.log.info(
@@ -68,6 +71,7 @@ def activation_stats(
         )
         for emotion in emotions:
             stats = emotion_stats(cache, sets[emotion], "train")
+            problems += stats_problems(stats)
             with store.local_for_write(stats_file(emotion)) as path:
                 save_stats(path, stats)
                 info = stats_info(sets[emotion], stats, fingerprint, cache_root, sha256_file(path))
@@ -85,8 +89,14 @@ def activation_stats(
     add_partition_metadata(context, partition_metadata)
     per_token = bytes_per_token(len(engine.layers), engine.loaded.hidden_size)
     version = next(iter(hashes.values())) if len(hashes) == 1 else combined_hash(hashes)
+    engine_meta = {"device": run.device, **_engine_metadata(engine)}
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),
+        check_results=[
+            check_result(STATS_CHECKS[0].name, problems, metadata={"emotions_checked": ", ".join(emotions)}),
+            check_result(STATS_CHECKS[1].name, fast_path_problems(engine_meta), severity=WARN,
+                         metadata={"device": run.device, "fast_path": engine_meta["fast_path"]}),
+        ],
         metadata={
             "texts_total": run.texts_total,
             "unique_texts": run.unique_texts,

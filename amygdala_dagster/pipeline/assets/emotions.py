@@ -16,6 +16,7 @@ from amygdala_dagster.pipeline.assets.common import (
     EMOTION, GROUP, add_partition_metadata, combined_hash, emotion_partitions, file_meta, json_hash, table,
 )
 from amygdala_dagster.pipeline.assets.graph import memory_snapshot, read_snapshot_from
+from amygdala_dagster.pipeline.checks import EXAMPLES_CHECKS, check_result, examples_problems, min_positives_problems
 from amygdala_dagster.pipeline.resources import ArtifactStorage, SelectionResource
 from amygdala_dagster.graph.snapshot import snapshot_hash
 from amygdala_dagster.workflow import CATALOG_FILE, COOCCURRENCE_FILE, examples_dir
@@ -97,6 +98,7 @@ def read_catalog_from(storage: ArtifactStorage) -> pl.DataFrame:
     backfill_policy=dg.BackfillPolicy.single_run(),
     code_version="1",
     kinds={"json"},
+    check_specs=EXAMPLES_CHECKS,
     description=(
         "Positives, negatives and the train/holdout split of one emotion (Contract 2 directory "
         "`examples/<emotion>/`). Data version = content hash of the examples."
@@ -113,7 +115,11 @@ def tagged_examples(
     hashes: dict[str, str] = {}
     rows = []
     partition_metadata: dict[str, dict] = {}
+    clean: list[str] = []
+    enough: list[str] = []
     for emotion, example_set in select_all(snapshot, context.partition_keys, params).items():
+        clean += examples_problems(example_set)
+        enough += min_positives_problems(example_set, int(selection.min_positives))
         rel = examples_dir(emotion)
         with store.local_for_write(rel) as path:
             index = write_examples_dir(path, [example_set], params, snap_hash)
@@ -146,8 +152,14 @@ def tagged_examples(
     # with a single partition it is that emotion's examples hash, else a hash over the step's emotions
     # (each partition's own hash is in its metadata as examples_sha256).
     version = next(iter(hashes.values())) if len(hashes) == 1 else combined_hash(hashes)
+    checked = {"emotions_checked": ", ".join(hashes)}
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),
+        check_results=[
+            check_result(EXAMPLES_CHECKS[0].name, clean, metadata=checked),
+            check_result(EXAMPLES_CHECKS[1].name, enough,
+                         metadata={**checked, "minimum": int(selection.min_positives)}),
+        ],
         metadata={
             "emotions_in_step": table(rows),
             "snapshot_sha256": snap_hash,

@@ -14,6 +14,7 @@ from amygdala_dagster.evaluation.report import emotion_markdown, png_markdown
 from amygdala_dagster.evaluation.runtime_report import PLOT, runtime_markdown
 from amygdala_dagster.readout.manifest import load_readout
 from amygdala_dagster.pipeline.assets.common import GROUP, file_meta, json_hash, table
+from amygdala_dagster.pipeline.checks import EVALUATION_CHECKS, evaluation_checks
 from amygdala_dagster.pipeline.assets.emotions import read_examples_from
 from amygdala_dagster.pipeline.assets.graph import read_snapshot_from
 from amygdala_dagster.pipeline.assets.readout_pair import read_samples, read_staged_info, readout_manifest
@@ -26,6 +27,7 @@ from amygdala_dagster.workflow import MANIFEST_FILE, REPORT_DIR, VECTORS_FILE, S
     deps=[readout_manifest],
     code_version="1",
     kinds={"html", "json"},
+    check_specs=EVALUATION_CHECKS,
     description=(
         "Which vectors can be trusted: a verdict per emotion (use / weak / do not use) with its reasons, from "
         "held-out separation (AUROC with bootstrap interval, Cohen's d), trivial baselines, cross-talk and, on "
@@ -72,6 +74,7 @@ def evaluation_report(
                      f"{counts['use']} use, {counts['weak']} weak, {counts['do_not_use']} do not use")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(json_hash({k: v for k, v in result.items() if k != "created_at"})),
+        check_results=evaluation_checks(result, float(evaluation.min_auroc)),
         metadata={
             "summary": dg.MetadataValue.md(summary_markdown(result)),
             "verdicts": table(verdict_rows(result)),

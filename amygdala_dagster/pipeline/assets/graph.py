@@ -9,6 +9,7 @@ import dagster as dg
 import polars as pl
 
 from amygdala_dagster.pipeline.assets.common import GROUP, file_meta, table
+from amygdala_dagster.pipeline.checks import SNAPSHOT_CHECKS, check_result, snapshot_problems
 from amygdala_dagster.pipeline.resources import ArtifactStorage, MemoryGraphResource
 from amygdala_dagster.graph.snapshot import build_snapshot, read_snapshot, snapshot_hash, write_snapshot
 from amygdala_dagster.workflow import SNAPSHOT_FILE
@@ -31,6 +32,7 @@ def memory_graph(memory: MemoryGraphResource) -> dg.ObserveResult:
     deps=[memory_graph],
     code_version="1",
     kinds={"polars", "parquet"},
+    check_specs=SNAPSHOT_CHECKS,
     description="Every node of the memory graph with its tag lines parsed (one Parquet table).",
 )
 def memory_snapshot(
@@ -51,6 +53,7 @@ def memory_snapshot(
     context.log.info(f"snapshot: {df.height} nodes ({n_tagged} tagged), hash {digest[:12]}")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(digest),
+        check_results=[check_result(SNAPSHOT_CHECKS[0].name, snapshot_problems(df), metadata={"rows": df.height})],
         metadata={
             "dagster/row_count": df.height,
             "n_tagged": n_tagged,

@@ -13,8 +13,13 @@ from amygdala_dagster.pipeline.assets.activations import activation_stats, has_s
 from amygdala_dagster.pipeline.assets.common import GROUP, emotion_partitions, file_meta, readout_freshness, table
 from amygdala_dagster.pipeline.assets.emotions import emotion_catalog, read_examples_from, tagged_examples
 from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, SelectionResource
-from amygdala_dagster.readout.publish import current_pair
-from amygdala_dagster.readout.token_calibration import calibrate_readout, calibration_entries, heldout_summary
+from amygdala_dagster.pipeline.checks import (
+    MANIFEST_CHECKS, VECTORS_CHECKS, WARN, check_result, manifest_problems, vectors_problems,
+)
+from amygdala_dagster.readout.publish import current_pair, open_pair
+from amygdala_dagster.readout.token_calibration import (
+    calibrate_readout, calibration_entries, heldout_problems, heldout_summary,
+)
 from amygdala_dagster.readout.vectors import TrainedReadout, train_readout
 from amygdala_dagster.workflow import (
     MANIFEST_FILE, STAGED_INFO, STAGED_VECTORS, TOKEN_SAMPLES_FILE, VECTORS_FILE, StoredSamples, check_stats_current,
@@ -63,6 +68,7 @@ def _previous_readout(storage: ArtifactStorage) -> TrainedReadout | None:
     deps=[activation_stats, tagged_examples, emotion_catalog],
     code_version="1",
     kinds={"numpy", "safetensors"},
+    check_specs=VECTORS_CHECKS,
     freshness_policy=readout_freshness(),
     description=(
         "Unit mean-difference direction per emotion and hooked layer, from every emotion partition's "
@@ -114,6 +120,8 @@ def readout_vectors(
     context.log.info(f"readout: {len(readout.concepts)} concepts x {len(readout.layers)} layers, sha256 {sha[:12]}")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(sha),
+        check_results=[check_result(VECTORS_CHECKS[0].name, vectors_problems(
+            readout.concepts, readout.layers, readout.vectors, readout.hidden_size))],
         metadata={
             "n_concepts": len(readout.concepts),
             "layers": ", ".join(str(x) for x in readout.layers),
@@ -157,6 +165,7 @@ def load_staged_readout(storage: ArtifactStorage) -> tuple[TrainedReadout, dict[
     deps=[readout_vectors],
     code_version="1",
     kinds={"json"},
+    check_specs=MANIFEST_CHECKS,
     freshness_policy=readout_freshness(),
     description=(
         "The Contract 3 pair for vLLM: vectors.safetensors + manifest.json (VLLM_READOUT_VECTORS, "
@@ -189,9 +198,16 @@ def readout_manifest(
     )
     manifest = write_readout(store.uri(VECTORS_FILE), store.uri(MANIFEST_FILE), readout, **fields)
     vectors_rel, manifest_rel = current_pair(store.uri(""))
+    with open_pair(store.uri(VECTORS_FILE), store.uri(MANIFEST_FILE)) as files:  # what a reader gets now
+        pair_problems = manifest_problems(files.vectors, files.manifest, readout.concepts)
     context.log.info(f"published {store.uri(vectors_rel)} and {store.uri(manifest_rel)}")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(manifest["vectors_sha256"]),
+        check_results=[
+            check_result(MANIFEST_CHECKS[0].name, pair_problems),
+            check_result(MANIFEST_CHECKS[1].name, heldout_problems(token_cal), severity=WARN,
+                         metadata={"max_ratio_to_target": 2.0}),
+        ],
         metadata={
             "concepts": ", ".join(manifest["concepts"]),
             "layers": ", ".join(str(x) for x in manifest["layers"]),
