@@ -40,7 +40,7 @@ def gpu_limit(job) -> str | None:
 def test_only_gpu_steps_ask_for_a_gpu_in_the_pods_dagster_k8s_builds():
     job_def = build_definitions().resolve_implicit_global_asset_job_def()
     steps = {s.key: dict(s.tags) for s in create_execution_plan(job_def).steps}
-    assert GPU_STEPS <= set(steps) and len(steps) > 10
+    assert GPU_STEPS <= set(steps) and len(steps) >= 10
     for key, tags in steps.items():
         job = job_spec(tags, key)
         pod = job.spec.template.spec
@@ -50,6 +50,27 @@ def test_only_gpu_steps_ask_for_a_gpu_in_the_pods_dagster_k8s_builds():
         else:
             assert gpu_limit(job) is None, key
             assert not pod.tolerations and not pod.node_selector, key
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_only_gpu_pool_steps_need_the_model(shards):
+    """Issue "Model work once, on the GPU" §1: a step that takes the model resource (which loads weights) is in
+    the gpu pool and carries the GPU pod tags; calibration, evaluation, the report and shard planning do not
+    take it, directly or through another resource."""
+    job_def = build_definitions(shards=shards).resolve_job_def("full_refresh")
+    plan = create_execution_plan(job_def)
+    needing = set()
+    for step in plan.steps:
+        node = job_def.get_node(step.node_handle)
+        keys = set(node.definition.required_resource_keys)
+        resources = job_def.resource_defs
+        nested = {k for key in keys for k in getattr(resources.get(key), "required_resource_keys", set())}
+        if "model" in keys | nested:
+            needing.add(step.key)
+            assert node.definition.pool == "gpu", step.key
+            assert gpu_limit(job_spec(dict(step.tags), step.key)) == "1", step.key
+    expected = {"activation_stats"} | ({"activation_cache.forward_activation_shard[?]"} if shards > 1 else set())
+    assert needing == expected
 
 
 def test_gpu_placement_comes_from_the_environment():
