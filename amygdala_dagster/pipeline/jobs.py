@@ -17,7 +17,7 @@ from amygdala_dagster.pipeline.assets import (
     activation_cache, activation_stats, emotion_catalog, evaluation_report, memory_snapshot, readout_manifest, readout_vectors,
     tagged_examples,
 )
-from amygdala_dagster.pipeline.assets.common import RANGE_END_TAG, RANGE_START_TAG
+from amygdala_dagster.pipeline.assets.common import EMOTIONS_TAG, OUTPUT_TAG, RANGE_END_TAG, RANGE_START_TAG
 from amygdala_dagster.pipeline.resources import MemoryGraphResource, SelectionResource
 from amygdala_dagster.graph.snapshot import build_snapshot
 from amygdala_dagster.workflow import PartitionPlan, plan_partitions
@@ -48,6 +48,7 @@ LOCAL_EXECUTOR = dg.multiprocess_executor.configured(
 REFRESH_JOB = "full_refresh"
 BACKFILL_JOB = "emotion_backfill"
 KIND_TAG = "amygdala/run"
+
 #: Run retries (deploy/dagster.yaml: ``run_retries``, ``retry_on_asset_or_op_failure: false``): a run whose
 #: worker died is re-executed from the failure, up to this many times; the new run's forward step reads
 #: what the dead one had written to the activation cache. A step that fails on its own is not retried.
@@ -73,11 +74,17 @@ def build_jobs(shards: int = 1) -> list[dg.UnresolvedAssetJobDefinition]:
     ]
 
 
-def refresh_tags(partitions: Sequence[str]) -> dict[str, str]:
-    """Run tags selecting every emotion partition as one range (one run, one GPU step)."""
+def refresh_tags(partitions: Sequence[str], emotions: Sequence[str] | None = None,
+                 output: str | None = None) -> dict[str, str]:
+    """Run tags selecting ``partitions`` as one range (one run, one GPU step), naming the emotions the run
+    publishes (default: ``partitions``) and the output it writes."""
     if not partitions:
         return {}
-    return {RANGE_START_TAG: partitions[0], RANGE_END_TAG: partitions[-1]}
+    tags = {RANGE_START_TAG: partitions[0], RANGE_END_TAG: partitions[-1],
+            EMOTIONS_TAG: ",".join(emotions if emotions is not None else partitions)}
+    if output:
+        tags[OUTPUT_TAG] = output
+    return tags
 
 
 def with_shards(keys: Sequence[dg.AssetKey], shards: int) -> list[dg.AssetKey]:

@@ -25,14 +25,14 @@ import amygdala_dagster
 from amygdala_dagster.files.atomic import atomic_write_text
 from amygdala_dagster.examples.selection import check_emotion_name, select_all
 from amygdala_dagster.pipeline.assets import memory_graph
-from amygdala_dagster.pipeline.assets.common import EMOTION, GPU_POOL, emotion_partitions
+from amygdala_dagster.pipeline.assets.common import EMOTION, EMOTIONS_TAG, GPU_POOL, OUTPUT_TAG, emotion_partitions
 from amygdala_dagster.pipeline.assets.graph import read_snapshot_from
 from amygdala_dagster.pipeline.definitions import build_definitions
 from amygdala_dagster.pipeline.instance import open_instance
 from amygdala_dagster.pipeline.k8s import deployment_executor
 from amygdala_dagster.pipeline.jobs import (
     ALL_EMOTION_TAIL, BACKFILL_JOB, CLI_RUN_CONFIG, PARTITIONED, REFRESH_JOB, UNPARTITIONED_HEAD, graph_catalog,
-    refresh_selection, refresh_tags, with_shards,
+    KIND_TAG, refresh_selection, refresh_tags, with_shards,
 )
 from amygdala_dagster.pipeline.sensors import DATA_VERSION_TAG
 from amygdala_dagster.graph.sources import GraphVersion
@@ -191,9 +191,36 @@ def _no_emotion_message(catalog: pl.DataFrame, min_positives: int, source: str) 
             f"most any has is {best}; tag more nodes, or lower --min-positives")
 
 
+ACTIVE = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+          dg.DagsterRunStatus.STARTED]
+
+
+def active_runs(instance: dg.DagsterInstance) -> list[dg.DagsterRun]:
+    """The project's runs that are queued or going on in ``instance``."""
+    return [r for r in instance.get_runs(filters=dg.RunsFilter(statuses=ACTIVE)) if KIND_TAG in r.tags]
+
+
+def claim_output(instance: dg.DagsterInstance, storage: Any) -> str:
+    """The output's location, after checking that no other run of the instance is writing it.
+
+    Two runs writing one output at once would each publish the other's emotions; the second one is
+    refused (:class:`RunRefused`) before it changes anything.
+    """
+    output = storage.store().uri("")
+    for run in active_runs(instance):
+        if run.tags.get(OUTPUT_TAG) == output:
+            raise RunRefused(f"run {run.run_id} ({run.tags.get(KIND_TAG)}, {run.status.value.lower()}) is writing "
+                             f"{output}: wait for it to finish, or use another --output-dir")
+    return output
+
+
 def _apply_plan(instance: dg.DagsterInstance, plan: PartitionPlan, existing: Sequence[str]) -> None:
+    in_use = {e for run in active_runs(instance) for e in (run.tags.get(EMOTIONS_TAG) or "").split(",") if e}
     for e, why in plan.dropped.items():
-        if e in existing:
+        if e in existing and e in in_use:
+            log.warning("keeping emotion partition %r for the run in progress that trains it (%s); left out here",
+                        e, why)
+        elif e in existing:
             log.warning("removing emotion partition %r: %s", e, why)
             instance.delete_dynamic_partition(EMOTION.name, e)
         else:
@@ -220,12 +247,15 @@ def materialize_all(resources: Mapping[str, Any], instance: dg.DagsterInstance,
     plan = plan_partitions(catalog, existing, int(selection.min_positives), selection.curated)
     if not plan.partitions:
         raise RunRefused(_no_emotion_message(catalog, int(selection.min_positives), memory.description))
+    output = claim_output(instance, resources["storage"])
     _apply_plan(instance, plan, existing)
     log.info("emotions: %s", ", ".join(plan.partitions))
     resources = clamp_shards(resources, snapshot, plan.partitions)
+    keys = emotion_partitions(instance)  # the range runs in registration order; a kept partition may sit inside
+    inside = [e for e in keys if e in plan.partitions]
     return _execute(REFRESH_JOB, resources, instance,
                     refresh_selection(plan.partitions, int(resources["sharding"].shards)),
-                    refresh_tags(plan.partitions), raise_on_error)
+                    refresh_tags(inside, plan.partitions, output), raise_on_error)
 
 
 def backfill_emotions(names: Sequence[str], resources: Mapping[str, Any], instance: dg.DagsterInstance,
@@ -255,6 +285,7 @@ def backfill_emotions(names: Sequence[str], resources: Mapping[str, Any], instan
     existing = emotion_partitions(instance)
     plan = plan_partitions(catalog, existing, int(selection.min_positives), selection.curated)
     plan.new = [n for n in names if n not in existing]
+    output = claim_output(instance, storage)
     _apply_plan(instance, PartitionPlan(new=plan.new, dropped={e: w for e, w in plan.dropped.items()
                                                                 if e in existing}, partitions=[]), existing)
     keys = emotion_partitions(instance)
@@ -265,7 +296,8 @@ def backfill_emotions(names: Sequence[str], resources: Mapping[str, Any], instan
     if not has_snapshot:
         chosen = list(UNPARTITIONED_HEAD) + chosen
     return _execute(BACKFILL_JOB, resources, instance, chosen,
-                    {**refresh_tags(span), "amygdala/backfill": ",".join(names)}, raise_on_error)
+                    {**refresh_tags(span, [k for k in keys if k not in plan.dropped], output),
+                     "amygdala/backfill": ",".join(names)}, raise_on_error)
 
 
 def step_metadata(result: RunResult, asset: str) -> dict[str, Any]:

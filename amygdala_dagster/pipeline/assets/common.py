@@ -22,6 +22,10 @@ GPU_POOL = "gpu"
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
 PARTITION_TAG = "dagster/partition"
+#: The emotions a run trains and publishes (the readout takes them from here, not from the instance's
+#: partitions, which a concurrent run may change) and the output it writes (one run per output at a time).
+EMOTIONS_TAG = "amygdala/emotions"
+OUTPUT_TAG = "amygdala/output"
 
 def freshness_hours() -> float:
     """``$AMYGDALA_FRESHNESS_HOURS`` (default 24): how old the readout may get before it is overdue."""

@@ -10,7 +10,7 @@ from amygdala_dagster.files.atomic import atomic_write_bytes, atomic_write_text
 from amygdala_dagster.engine.cache import ActivationCache
 from amygdala_dagster.readout.manifest import vectors_bytes, write_readout
 from amygdala_dagster.pipeline.assets.activations import activation_stats, has_stats, read_stats, read_stats_info
-from amygdala_dagster.pipeline.assets.common import GROUP, emotion_partitions, file_meta, readout_freshness, table
+from amygdala_dagster.pipeline.assets.common import EMOTIONS_TAG, GROUP, emotion_partitions, file_meta, readout_freshness, table
 from amygdala_dagster.pipeline.assets.emotions import emotion_catalog, read_examples_from, tagged_examples
 from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, SelectionResource
 from amygdala_dagster.pipeline.checks import (
@@ -36,10 +36,12 @@ class ReadoutConfig(dg.Config):
 def _readout_concepts(context: Any, storage: ArtifactStorage) -> tuple[list[str], list[str]]:
     """``(concepts, leftovers)``: the emotion partitions with statistics, and those without.
 
-    A partition without statistics (e.g. left by a backfill that failed) is left
-    out with a warning: it must not block every other emotion's readout.
+    The emotions are the run's (its ``amygdala/emotions`` tag, set by the sensor and the command lines),
+    else the registered partitions (a run launched by hand). A partition without statistics (e.g. left by
+    a backfill that failed) is left out with a warning: it must not block every other emotion's readout.
     """
-    registered = sorted(emotion_partitions(context.instance))
+    named = context.run.tags.get(EMOTIONS_TAG)
+    registered = sorted(named.split(",")) if named else sorted(emotion_partitions(context.instance))
     if not registered:
         raise ValueError(
             "no emotion partitions exist: materialize emotion_catalog (it registers the qualifying emotions) "
