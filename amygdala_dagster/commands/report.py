@@ -28,7 +28,7 @@ from amygdala_dagster.engine.forward import ensure_cached
 from amygdala_dagster.evaluation import (
     calibration_for_manifest, evaluate, read_snippets, summary_markdown, sweep_layers, write_report,
 )
-from amygdala_dagster.evaluation.core import Criteria, apply_verdicts, log_unusable
+from amygdala_dagster.evaluation.verdicts import Criteria, apply_verdicts, log_unusable
 from amygdala_dagster.evaluation.conversations import conversations_section
 from amygdala_dagster.engine.inputs import InputError, read_inputs
 from amygdala_dagster.engine.token_cache import TokenCache

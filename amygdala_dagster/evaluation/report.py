@@ -21,7 +21,7 @@ import numpy as np
 import polars as pl
 
 from amygdala_dagster.files.atomic import atomic_write_bytes, atomic_write_text
-from amygdala_dagster.evaluation.core import attention_order
+from amygdala_dagster.evaluation.verdicts import attention_order
 from amygdala_dagster.evaluation.html import number, png_data_uri, render
 from amygdala_dagster.evaluation.runtime_report import runtime_plots, runtime_view
 

@@ -132,7 +132,7 @@ def manifest_problems(vectors_path: Any, manifest_path: Any, expected_concepts: 
     return out
 
 
-# The evaluation's flags (written by evaluation.core.judge into evaluation.json) are the one source of
+# The evaluation's flags (written by evaluation.verdicts.judge into evaluation.json) are the one source of
 # truth for verdicts; each check shows the flags of some kinds, and counts the emotions it names.
 SEPARATION_FLAGS = ("not_evaluable", "below_min_auroc", "small_holdout", "wide_interval")
 BASELINE_FLAGS = ("confound", "crosstalk")
