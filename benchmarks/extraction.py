@@ -154,7 +154,7 @@ def run_ours(loaded, layers: list[int], sets: dict[str, Any], cache_root: Path, 
     """Engine + cache + train_readout + vectors/manifest pair: what train_steering_vectors runs."""
     from amygdala_dagster.engine.activations import ActivationEngine
     from amygdala_dagster.engine.cache import ActivationCache
-    from amygdala_dagster.workflow import train_readout_pair
+    from amygdala_dagster.training import train_readout_pair
 
     engine = ActivationEngine(loaded, layers, pooling="mean", max_tokens=512, batch_size=batch_size,
                               max_batch_tokens=max_batch_tokens)
