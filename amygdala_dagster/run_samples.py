@@ -75,10 +75,12 @@ def calibration_sample(tokenizer: Any, max_tokens: int, budget: int = DEFAULT_SA
                        records: Sequence[InputRecord] | None = None, records_name: str | None = None,
                        holdout: Sequence[tuple[str, str]] = ()) -> TokenSample:
     """The calibration sample: ``records`` (``--calibration-texts``, in file order) or the held-out texts
-    ``(key, text)`` in a stable order (by content hash), under a ``budget`` of tokens."""
+    ``(key, text)`` in a stable order (by content hash), under a ``budget`` of tokens. A record's optional
+    ``"emotions"`` are kept: the episode rule of a concept leaves out the records labelled with it."""
     if records is not None:
         source = f"calibration_texts:{records_name}" if records_name else "calibration_texts"
-        sample = select_sample(tokenizer, max_tokens, [(r.id, r.item) for r in records], budget, source=source)
+        sample = select_sample(tokenizer, max_tokens, [(r.id, r.item) for r in records], budget, source=source,
+                               labels={r.id: r.emotions for r in records if r.emotions is not None})
     else:
         sample = select_sample(tokenizer, max_tokens, stable_order(holdout), budget, source=SOURCE_HOLDOUT_TEXTS)
     _log_sample("calibration", sample)

@@ -19,7 +19,9 @@ from amygdala_dagster.examples.selection import ExampleSet, read_examples_dir
 from amygdala_dagster.readout.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
 from amygdala_dagster.readout.manifest import default_manifest_path, write_readout
 from amygdala_dagster.readout.publish import check_publishable
-from amygdala_dagster.readout.token_calibration import DEFAULT_TARGET_RATE, calibrate_readout, calibration_entries
+from amygdala_dagster.readout.token_calibration import (
+    DEFAULT_TARGET_RATE, calibrate_episodes, calibrate_readout, calibration_entries, project_calibration,
+)
 from amygdala_dagster.readout.vectors import train_readout
 from amygdala_dagster.run_samples import RunSamples, calibration_sample, forward_run, held_out_negatives
 from amygdala_dagster.workflow import (
@@ -98,8 +100,8 @@ def train_readout_pair(
     calibration_tokens: int = DEFAULT_SAMPLE_TOKENS,
 ) -> TrainResult:
     """Forward every example text once (pooled; per token for the held-out calibration sample), train every
-    emotion, calibrate its per-token scores on its held-out negatives in the sample (Contract 3,
-    ``token_calibration``) and write the pair."""
+    emotion, calibrate its per-token scores and its episode rule on its held-out negatives in the sample
+    (Contract 3, ``token_calibration`` and ``episode``, default settings) and write the pair."""
     t0 = time.perf_counter()
     output = Path(output)
     manifest_path = Path(manifest_path) if manifest_path is not None else default_manifest_path(output)
@@ -110,9 +112,11 @@ def train_readout_pair(
     stats = forward_run(engine, cache, texts, keys, RunSamples(sample), progress=progress)
     readout = train_readout(example_sets, cache, list(engine.layers), estimator, skip_invalid=skip_invalid)
     entries, source = calibration_entries(sample, example_sets, readout.concepts)
-    token_calibration = calibrate_readout(readout, entries, TokenCache(cache.root, engine.fingerprint,
-                                                                       engine.loaded.dtype),
-                                          hidden_layers=engine.layers, source=source, target_rate=token_target_rate)
+    tokens = TokenCache(cache.root, engine.fingerprint, engine.loaded.dtype)
+    projections = project_calibration(readout, entries, tokens, hidden_layers=engine.layers)
+    token_calibration = calibrate_readout(readout, entries, tokens, hidden_layers=engine.layers, source=source,
+                                          target_rate=token_target_rate, projections=projections)
+    episode = calibrate_episodes(projections, token_calibration, source=source)
     loaded = engine.loaded
     fp = dict(engine.fingerprint)
     training = {
@@ -133,7 +137,7 @@ def train_readout_pair(
         output, manifest_path, readout, vectors_dtype=vectors_dtype, model=loaded.model_id,
         model_revision=loaded.revision, dtype=loaded.dtype, pooling=fp.get("pooling", engine.pooling),
         layer_path=engine.resolved_layer_path, fingerprint=fp, training=training, calibration=readout.calibration,
-        token_calibration=token_calibration,
+        token_calibration=token_calibration, episode=episode,
     )
     return TrainResult(
         vectors_path=output, manifest_path=manifest_path, manifest=manifest, cache_stats=stats,

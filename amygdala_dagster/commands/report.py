@@ -34,7 +34,7 @@ from amygdala_dagster.engine.inputs import InputError, read_inputs
 from amygdala_dagster.engine.token_cache import TokenCache
 from amygdala_dagster.engine.token_sample import DEFAULT_SAMPLE_TOKENS
 from amygdala_dagster.examples.selection import ExampleSet, read_examples_dir
-from amygdala_dagster.commands.flags import non_negative_int
+from amygdala_dagster.commands.flags import non_negative_int, unit_fraction
 from amygdala_dagster.commands.inputs import check_jsonl_input
 from amygdala_dagster.engine.layers import parse_layers
 from amygdala_dagster.readout.manifest import ReadoutFileError, load_readout
@@ -104,6 +104,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-auroc", type=float, default=Criteria.min_auroc, help="held-out AUROC a usable vector reaches (default: %(default)s)")
     parser.add_argument("--min-holdout-positives", type=int, default=Criteria.min_holdout_positives,
                         help="fewer held-out positives make the verdict 'weak' (default: %(default)s)")
+    parser.add_argument("--min-episode-auroc", type=float, default=Criteria.min_episode_auroc,
+                        help="the episode rule's score separating conversations with and without an emotion less "
+                             "well (AUROC) makes the verdict 'weak' (default: %(default)s)")
+    parser.add_argument("--max-episode-false-alarm-rate", type=unit_fraction, default=Criteria.max_episode_false_alarm_rate,
+                        metavar="F", help="the episode rule firing on more conversations without the emotion, beyond "
+                                          "the 95%% interval, makes the verdict 'weak' (default: the rule's own "
+                                          "false-alarm rate in the manifest)")
+    parser.add_argument("--min-episode-hit-rate", type=unit_fraction, default=Criteria.min_episode_hit_rate, metavar="F",
+                        help="the episode rule firing on fewer conversations with the emotion, beyond the 95%% "
+                             "interval, makes the verdict 'weak' (default: %(default)s)")
     parser.add_argument("--logistic-c", type=float, default=1.0, help="inverse regularisation of the logistic probe")
     parser.add_argument("--sweep-layers", default=None, metavar="all|L1,L2,...",
                         help="also evaluate these layers (one model pass, separate cache namespace) and recommend target layers")
@@ -282,7 +292,9 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
             estimators=args.estimators, threshold_method=args.threshold_method, target_fpr=args.target_fpr,
             crosstalk_cosine=args.crosstalk_cosine, bootstrap=args.bootstrap, logistic_C=args.logistic_c, sweep=sweep,
             criteria=Criteria(min_auroc=args.min_auroc, min_holdout_positives=args.min_holdout_positives,
-                              confound_margin=args.confound_margin),
+                              confound_margin=args.confound_margin, min_episode_auroc=args.min_episode_auroc,
+                              max_episode_false_alarm_rate=args.max_episode_false_alarm_rate,
+                              min_episode_hit_rate=args.min_episode_hit_rate),
             meta={"vectors_sha256": readout.sha256, "manifest": str(manifest_path),
                   "model": manifest.get("model"), "cache_dir": str(cache_root),
                   **({"snippets_file": str(args.snippets or "bundled conversation_snippets.jsonl")} if snippets else {})},

@@ -4,7 +4,8 @@
 the metadata read its result, stored in the evaluation by
 :func:`apply_verdicts`. It reads an :func:`~amygdala_dagster.evaluation.core.evaluate`
 result: held-out AUROC and interval, holdout size, trivial baselines,
-cross-talk and, when present, the runtime section on labelled conversations.
+cross-talk and, when present, the runtime section on labelled conversations
+(per token, and the episode rule).
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ class Criteria:
     confound_margin: float = 0.0
     max_crosstalk_cosine: float = 0.8
     max_fire_rate_without: float = 0.5
+    #: The episode rule on labelled conversations: its score's AUROC below this is 'weak';
+    min_episode_auroc: float = 0.7
+    #: its false-alarm rate above this (None: the rule's own target rate), beyond the 95% interval, is 'weak';
+    max_episode_false_alarm_rate: float | None = None
+    #: its hit rate below this, beyond the 95% interval, is 'weak'.
+    min_episode_hit_rate: float = 0.25
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -43,7 +50,7 @@ def _num(x: Any) -> float:
 
 #: Every kind of flag :func:`judge` raises (each is shown by one Dagster check).
 FLAG_KINDS = ("not_evaluable", "below_min_auroc", "small_holdout", "wide_interval", "confound", "crosstalk",
-              "conversation_auroc", "conversation_fires")
+              "conversation_auroc", "conversation_fires", "episode_auroc", "episode_false_alarms", "episode_hits")
 
 
 def _flag(emotion: str, kind: str, severity: str, message: str) -> dict[str, str]:
@@ -106,6 +113,36 @@ def _emotion_flags(evaluation: Mapping[str, Any], emotion: str, criteria: Criter
             flags.append(_flag(emotion, "conversation_fires", "do_not_use",
                                f"fires on {rate:.0%} of conversations without it "
                                f"(more than {criteria.max_fire_rate_without:.0%})"))
+        flags += _episode_flags(emotion, conv.get("episode") or {}, criteria)
+    return flags
+
+
+def _interval(ci: Sequence[float] | None, digits: int = 0) -> str:
+    return f" [{ci[0]:.{digits}%}, {ci[1]:.{digits}%}]" if ci else ""
+
+
+def _episode_flags(emotion: str, ep: Mapping[str, Any], criteria: Criteria) -> list[dict[str, str]]:
+    """Flags of the episode rule on labelled conversations. The rates are flagged only when their 95% interval
+    lies beyond the criterion, so that a handful of conversations cannot flag a rule by chance."""
+    flags = []
+    auc = _num(ep.get("auroc"))
+    if math.isfinite(auc) and auc < criteria.min_episode_auroc:
+        ci = ep.get("auroc_ci")
+        flags.append(_flag(emotion, "episode_auroc", "weak",
+                           f"episode rule's score has AUROC {auc:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+                           + f" on conversations, below {criteria.min_episode_auroc}"))
+    far, ci = _num(ep.get("false_alarm_rate")), ep.get("false_alarm_ci")
+    limit = criteria.max_episode_false_alarm_rate
+    limit = _num(ep.get("target_rate")) if limit is None else float(limit)
+    if math.isfinite(far) and math.isfinite(limit) and ci and ci[0] > limit:
+        flags.append(_flag(emotion, "episode_false_alarms", "weak",
+                           f"episode rule fires on {ep.get('n_fired_without')} of {ep.get('n_without')} conversations "
+                           f"without it ({far:.0%}{_interval(ci)}), above {limit:.0%}"))
+    hit, ci = _num(ep.get("hit_rate")), ep.get("hit_ci")
+    if math.isfinite(hit) and ci and ci[1] < criteria.min_episode_hit_rate:
+        flags.append(_flag(emotion, "episode_hits", "weak",
+                           f"episode rule fires on only {ep.get('n_fired_with')} of {ep.get('n_with')} conversations "
+                           f"with it ({hit:.0%}{_interval(ci)}), below {criteria.min_episode_hit_rate:.0%}"))
     return flags
 
 
@@ -151,7 +188,9 @@ def judge(evaluation: Mapping[str, Any], criteria: Criteria | None = None) -> di
     Uses held-out AUROC and interval, holdout size, the trivial baselines,
     cross-talk at the emotion's best layer, and, when present,
     ``evaluation["conversations"]["per_emotion"][emotion]`` (``text_auroc``,
-    ``token_auroc``, ``fire_rate_without``, ``n_with``, ``n_without``).
+    ``token_auroc``, ``fire_rate_without``, ``n_with``, ``n_without``, and the
+    episode rule's ``episode``: ``auroc``, ``false_alarm_rate``, ``hit_rate`` with
+    their intervals).
     Returns ``{"verdicts": {emotion: {"verdict", "reasons", "flags"}}, "flags": [...]}``.
     """
     if criteria is None:

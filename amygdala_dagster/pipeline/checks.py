@@ -25,6 +25,7 @@ from amygdala_dagster.pipeline.assets.readout_pair import load_staged_readout, r
 from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, SelectionResource
 from amygdala_dagster.readout.publish import current_pair, open_pair
 from amygdala_dagster.graph.tags import is_tag_line, parse_tags
+from amygdala_dagster.readout.episode import episode_problems, manifest_episode_rules
 from amygdala_dagster.readout.token_calibration import heldout_problems, manifest_token_calibration
 from amygdala_dagster.workflow import EVALUATION_JSON, MANIFEST_FILE, VECTORS_FILE
 
@@ -136,7 +137,8 @@ def manifest_problems(vectors_path: Any, manifest_path: Any, expected_concepts: 
 # truth for verdicts; each check shows the flags of some kinds, and counts the emotions it names.
 SEPARATION_FLAGS = ("not_evaluable", "below_min_auroc", "small_holdout", "wide_interval")
 BASELINE_FLAGS = ("confound", "crosstalk")
-CONVERSATION_FLAGS = ("conversation_auroc", "conversation_fires")
+CONVERSATION_FLAGS = ("conversation_auroc", "conversation_fires", "episode_auroc", "episode_false_alarms",
+                      "episode_hits")
 
 
 def flag_messages(evaluation: Mapping[str, Any], kinds: Sequence[str]) -> list[str]:
@@ -154,6 +156,11 @@ def baseline_problems(evaluation: Mapping[str, Any]) -> list[str]:
 
 def _flagged_emotions(evaluation: Mapping[str, Any], kinds: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(f["emotion"] for f in evaluation.get("flags", []) if f.get("kind") in kinds))
+
+
+def flags_by_kind(evaluation: Mapping[str, Any], kinds: Sequence[str]) -> dict[str, str]:
+    """Per flag kind a check shows, the emotions flagged with it (comma-separated; "none")."""
+    return {kind: ", ".join(_flagged_emotions(evaluation, [kind])) or "none" for kind in kinds}
 
 
 # ----------------------------------------------------------------------------- checks
@@ -246,6 +253,18 @@ def token_threshold_heldout_rate(storage: ArtifactStorage) -> dg.AssetCheckResul
                    metadata={"max_ratio_to_target": 2.0})
 
 
+@dg.asset_check(asset=readout_manifest,
+                description="no episode rule fires on held-out calibration episodes above its target rate beyond the "
+                            "95% interval")
+def episode_rule_heldout_rate(storage: ArtifactStorage) -> dg.AssetCheckResult:
+    store = storage.store()
+    pair = current_pair(store.uri(""))
+    if pair is None:
+        return _result([f"no published pair under {store.uri('')}"], severity=dg.AssetCheckSeverity.WARN)
+    rules = manifest_episode_rules(json.loads(store.read_bytes(pair[1])))
+    return _result(episode_problems(rules), severity=dg.AssetCheckSeverity.WARN)
+
+
 def _evaluation(storage: ArtifactStorage) -> dict[str, Any]:
     return json.loads(storage.store().read_bytes(EVALUATION_JSON))
 
@@ -265,7 +284,8 @@ def _flag_check(kinds: Sequence[str], storage: ArtifactStorage) -> dg.AssetCheck
     ev = _evaluation(storage)
     flagged = _flagged_emotions(ev, kinds)
     return _result(flag_messages(ev, kinds), severity=dg.AssetCheckSeverity.WARN,
-                   metadata={"n_flagged": len(flagged), "flagged": ", ".join(flagged) or "none"})
+                   metadata={"n_flagged": len(flagged), "flagged": ", ".join(flagged) or "none",
+                             **{f"flagged_{kind}": names for kind, names in flags_by_kind(ev, kinds).items()}})
 
 
 @dg.asset_check(asset=evaluation_report,
@@ -277,7 +297,8 @@ def better_than_baseline(storage: ArtifactStorage) -> dg.AssetCheckResult:
 
 @dg.asset_check(asset=evaluation_report,
                 description="on the labelled conversations, every vector separates at text and token level and "
-                            "does not fire on most conversations without its emotion")
+                            "does not fire on most conversations without its emotion, and its episode rule "
+                            "separates, keeps to its false-alarm rate and detects the emotion")
 def readout_on_conversations(storage: ArtifactStorage) -> dg.AssetCheckResult:
     return _flag_check(CONVERSATION_FLAGS, storage)
 
@@ -286,5 +307,5 @@ ALL_CHECKS = [
     snapshot_nonempty_unique_keys, examples_clean_and_disjoint, examples_min_positives, stats_finite,
     linear_attention_fast_path,
     vectors_finite_unit_norm, manifest_matches_vectors, separation_above_threshold, better_than_baseline,
-    readout_on_conversations, token_threshold_heldout_rate,
+    readout_on_conversations, token_threshold_heldout_rate, episode_rule_heldout_rate,
 ]
