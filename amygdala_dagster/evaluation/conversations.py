@@ -100,6 +100,7 @@ def episode_metrics(scores: Sequence[TokenScores], has: np.ndarray, layer: int, 
     return {
         "target_rate": rule.get("false_alarm_rate"), "threshold_z": rule.get("threshold_z"),
         "half_life_tokens": rule.get("half_life_tokens"), "min_tokens": rule.get("min_tokens"),
+        "source": rule.get("source"),
         "n_with": n_with, "n_without": n_without, "n_fired_with": k_with, "n_fired_without": k_without,
         "false_alarm_rate": k_without / n_without if n_without else None,
         "false_alarm_ci": M.wilson_interval(k_without, n_without),
@@ -154,9 +155,9 @@ def evaluate_conversations(
             "episode": episode_metrics(scores, has, layer, ci, calibration_entry(manifest, e, layer, "episode"),
                                        bootstrap=bootstrap, seed=seed),
         }
-    labelled = [i for i, lab in enumerate(labels) if lab & set(concepts)][:n_traces]
+    shown = [i for i, lab in enumerate(labels) if lab & set(concepts)][:n_traces]
     traces = []
-    for i in labelled:
+    for i in shown:
         layer = int(readout.layers[-1])
         shown = sorted(labels[i] & set(concepts))
         rec = trace_record(scores[i], layer, manifest, top_k=max(4, len(shown)))
@@ -174,7 +175,7 @@ def evaluate_conversations(
         return _finite(np.mean(vals)) if vals else None
     return {
         "source": source,
-        "n_conversations": len(labelled),
+        "n_conversations": len(labels),
         "window": int(window),
         "skip_first_tokens": manifest_skip_first_tokens(manifest),
         "unknown_labels": unknown,

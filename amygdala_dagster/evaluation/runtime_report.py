@@ -168,9 +168,12 @@ def _episode_intro(conv: Mapping[str, Any]) -> str:
     half = first.get("half_life_tokens")
     stat = (f"an exponentially weighted mean of the per-token projections (half-life {half:g} scored tokens)"
             if half is not None else "the cumulative mean of the per-token projections")
+    src = str(first.get("source") or "")
+    source = ("each emotion's held-out negatives of the graph" if src == "holdout_negatives"
+              else src.partition(":")[2] or src or "calibration texts")
     return (f" The episode rule reads {stat}, decides from scored token {first.get('min_tokens')} on and fires "
-            f"once the mean crosses its threshold, which was set on conversations without the emotion to fire on at "
-            f"most {_fmt(first.get('target_rate'))} of them; its score is the mean at the end of the conversation. "
+            f"once the mean crosses its threshold, which was set on episodes without the emotion ({source}) to fire "
+            f"on at most {_fmt(first.get('target_rate'))} of them; its score is the mean at the end of the conversation. "
             f"Mean false-alarm rate {_fmt(s.get('mean_episode_false_alarm_rate'))}, mean hit rate "
             f"{_fmt(s.get('mean_episode_hit_rate'))}, mean AUROC of the score {_fmt(s.get('mean_episode_auroc'))} "
             "(intervals: Wilson for the rates, bootstrap for the AUROC).")
