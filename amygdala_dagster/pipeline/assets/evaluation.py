@@ -10,7 +10,8 @@ from amygdala_dagster.engine.cache import ActivationCache
 from amygdala_dagster.evaluation import evaluate, read_snippets, summary_markdown, write_report
 from amygdala_dagster.evaluation.conversations import conversations_section
 from amygdala_dagster.evaluation.verdicts import apply_verdicts, log_unusable
-from amygdala_dagster.evaluation.report import emotion_markdown, png_markdown
+from amygdala_dagster.evaluation.plots import png_markdown
+from amygdala_dagster.evaluation.report import emotion_markdown
 from amygdala_dagster.evaluation.runtime_report import PLOT, runtime_markdown
 from amygdala_dagster.readout.manifest import load_readout
 from amygdala_dagster.pipeline.assets.common import GROUP, file_meta, json_hash, table
