@@ -15,7 +15,8 @@ from amygdala_dagster.engine.cache import DEFAULT_SHARD_SIZE, ActivationCache
 from amygdala_dagster.engine.forward import CacheRunStats
 from amygdala_dagster.engine.token_cache import TokenCache
 from amygdala_dagster.engine.token_sample import DEFAULT_SAMPLE_TOKENS
-from amygdala_dagster.examples.selection import ExampleSet, read_examples_dir
+from amygdala_dagster.examples.selection import ExampleSet
+from amygdala_dagster.examples.directory import read_examples_dir
 from amygdala_dagster.readout.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
 from amygdala_dagster.readout.manifest import default_manifest_path, write_readout
 from amygdala_dagster.readout.publish import check_publishable

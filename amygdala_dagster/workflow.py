@@ -32,9 +32,8 @@ import polars as pl
 
 from amygdala_dagster.engine.activations import ActivationEngine
 from amygdala_dagster.engine.cache import cache_location, default_cache_dir, fingerprint_id
-from amygdala_dagster.examples.selection import (
-    ExampleSet, SelectionParams, check_emotion_name, examples_hash, training_problems,
-)
+from amygdala_dagster.examples.selection import ExampleSet, SelectionParams, check_emotion_name, training_problems
+from amygdala_dagster.examples.directory import examples_hash
 from amygdala_dagster.engine.layers import check_layer_indices, parse_layers
 from amygdala_dagster.readout.manifest import layer_key, read_vectors_file
 from amygdala_dagster.engine.models import LoadedModel, load_model

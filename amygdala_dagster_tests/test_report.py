@@ -389,7 +389,8 @@ def test_report_command_rebuilds_from_artefacts_without_the_model(tmp_path, mini
     from amygdala_dagster.engine.activations import ActivationEngine
     from amygdala_dagster.engine.forward import ensure_cached
     from amygdala_dagster.commands.cli import main as cli_main
-    from amygdala_dagster.examples.selection import SelectionParams, select_examples, write_examples_dir
+    from amygdala_dagster.examples.selection import SelectionParams, select_examples
+    from amygdala_dagster.examples.directory import write_examples_dir
     from amygdala_dagster.readout.manifest import load_readout, write_readout
     from amygdala_dagster.graph.snapshot import build_snapshot
     from amygdala_dagster.graph.sources import JsonlSource

@@ -77,7 +77,8 @@ def bundled_nodes() -> list:
 
 def example_sets_for(snapshot, emotions: Sequence[str] | None = None, params=None) -> dict[str, Any]:
     """Contract 2 selection for ``emotions`` (default: the qualifying ones, as extract_training_pairs)."""
-    from amygdala_dagster.examples.selection import emotion_catalog, qualifying_emotions, select_all
+    from amygdala_dagster.examples.selection import select_all
+    from amygdala_dagster.examples.catalog import emotion_catalog, qualifying_emotions
 
     if emotions is None:
         emotions = qualifying_emotions(emotion_catalog(snapshot, params))

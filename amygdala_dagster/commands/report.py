@@ -23,6 +23,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+
 from amygdala_dagster.engine.cache import ActivationCache, cache_location, default_cache_dir, fingerprint_id, text_sha256
 from amygdala_dagster.engine.forward import ensure_cached
 from amygdala_dagster.evaluation import (
@@ -33,7 +35,9 @@ from amygdala_dagster.evaluation.conversations import conversations_section
 from amygdala_dagster.engine.inputs import InputError, read_inputs
 from amygdala_dagster.engine.token_cache import TokenCache
 from amygdala_dagster.engine.token_sample import DEFAULT_SAMPLE_TOKENS
-from amygdala_dagster.examples.selection import ExampleSet, read_examples_dir
+from amygdala_dagster.examples.selection import ExampleSet
+from amygdala_dagster.examples.catalog import catalog_summary
+from amygdala_dagster.examples.directory import read_examples_dir
 from amygdala_dagster.commands.flags import non_negative_int, unit_fraction
 from amygdala_dagster.commands.inputs import check_jsonl_input
 from amygdala_dagster.engine.layers import parse_layers
@@ -44,7 +48,7 @@ from amygdala_dagster.graph.snapshot import read_snapshot
 from amygdala_dagster.files.storage import Store, is_local
 from amygdala_dagster.settings import current_settings
 from amygdala_dagster.workflow import (
-    MANIFEST_FILE, REPORT_DIR, SNAPSHOT_FILE, STAGED_INFO, EngineSettings, SettingsError, build_engine,
+    CATALOG_FILE, MANIFEST_FILE, REPORT_DIR, SNAPSHOT_FILE, STAGED_INFO, EngineSettings, SettingsError, build_engine,
     conversation_sample, examples_dir,
 )
 
@@ -300,6 +304,9 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
                   **({"snippets_file": str(args.snippets or "bundled conversation_snippets.jsonl")} if snippets else {})},
         )
         evaluation["conversations"] = _conversations(args, engines, cache, readout, evaluation)
+        catalog_path = output_dir / CATALOG_FILE
+        evaluation["catalog"] = (catalog_summary(pl.read_parquet(catalog_path), concepts)
+                                 if catalog_path.is_file() else None)
         apply_verdicts(evaluation)
         log_unusable(evaluation)
     html_path, json_path, plots = write_report(evaluation, args.report_dir or output_dir / REPORT_DIR,
@@ -314,7 +321,7 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     return {"html": html_path, "json": json_path, "plots": plots, "evaluation": evaluation}
 
 
-REMOTE_INPUTS = ("examples", "snapshot/memory_snapshot.parquet", "readout/staged_vectors.json")
+REMOTE_INPUTS = ("examples", "snapshot/memory_snapshot.parquet", "readout/staged_vectors.json", CATALOG_FILE)
 
 
 @contextlib.contextmanager

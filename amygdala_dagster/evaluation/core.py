@@ -23,7 +23,7 @@ import sklearn
 from amygdala_dagster.engine.cache import ActivationCache, layer_positions, text_sha256
 from amygdala_dagster.readout.estimators import DegenerateDirectionError, make_estimator, unit_direction
 from amygdala_dagster.readout import metrics as M
-from amygdala_dagster.examples.selection import cooccurrence
+from amygdala_dagster.examples.catalog import cooccurrence
 from amygdala_dagster.files.jsonio import jsonable
 # The verdicts live in .verdicts and the snippet scores in .generalisation; their names stay importable from here.
 from amygdala_dagster.evaluation.generalisation import generalisation, read_snippets  # noqa: F401

@@ -49,15 +49,29 @@ def _row(evaluation: Mapping[str, Any], emotion: str) -> dict[str, str]:
     entry = res["layers"].get(str(best), {}) if best is not None else {}
     counts = res["counts"]
     base = res["confounds"]["baseline_auroc"]
+    source = ((evaluation.get("catalog") or {}).get("emotions") or {}).get(emotion, {}).get("source")
     return {
         "verdict": VERDICT_LABEL[verdict["verdict"]],
         "emotion": emotion,
+        **({"source": source} if evaluation.get("catalog") else {}),
         "best layer": _f(best),
         "AUROC [95% CI]": _f(entry.get("auroc")) + _ci(entry),
         "holdout +/-": f"{counts.get('holdout_positives', 0)}/{counts.get('holdout_negatives', 0)}",
         "baseline": _f(max((b for b in base.values() if b is not None), default=None)),
         "why": "; ".join(verdict["reasons"]),
     }
+
+
+def _sources_line(evaluation: Mapping[str, Any]) -> str | None:
+    """Where the emotions come from (the catalog's ``source``), when the evaluation has the catalog."""
+    counts = (evaluation.get("catalog") or {}).get("source_counts")
+    if not counts:
+        return None
+    return ("Where the emotions come from: " + ", ".join(f"{n} {src}" for src, n in counts.items() if n)
+            + " (tags: tagged, never by a core-personality or pattern node nor named in one; core/pattern: only "
+              "tagged on or named by such nodes; both: named or tagged by such nodes and tagged on others; curated: "
+              "named with --emotions). Those from core/pattern nodes take the max_emotions slots before the "
+              "most-tagged ones.")
 
 
 def _counts_line(evaluation: Mapping[str, Any]) -> str:
@@ -205,7 +219,9 @@ def emotion_view(ev: Mapping[str, Any], emotion: str, plots: Mapping[str, bytes]
                 [t["id"], _f(t["z"], 2), _f(t["probability"], 2), _f(t["raw"]), _clip(texts.get(t["id"], ""))]
                 for t in items], cell_class={4: "snip"})
             for label, items in (("highest", gen["top"]), ("lowest", gen["bottom"]))]}
+    source = ((ev.get("catalog") or {}).get("emotions") or {}).get(emotion)
     return {"emotion": emotion, "verdict": verdict["verdict"], "label": VERDICT_LABEL[verdict["verdict"]],
+            "source": source,
             "auroc": res.get("best_auroc"), "layer": res["best_layer"], "reasons": list(verdict["reasons"]),
             "layers": _layer_table(ev, emotion), "histogram": hist,
             "projections": None if hist else _projection_summary(ev, emotion), "confounds": confounds,
@@ -241,7 +257,10 @@ def report_view(evaluation: Mapping[str, Any], plots: Mapping[str, bytes]) -> di
         "counts": [(v, VERDICT_LABEL[v], s["verdict_counts"][v]) for v in ("use", "weak", "do_not_use")],
         "counts_line": _counts_line(ev),
         "criteria": {k: crit.get(k) for k in ("min_auroc", "min_holdout_positives", "max_crosstalk_cosine",
-                                              "max_fire_rate_without")},
+                                              "max_fire_rate_without", "min_episode_auroc",
+                                              "max_episode_false_alarm_rate", "min_episode_hit_rate")},
+        "has_episodes": any((v or {}).get("episode") for v in
+                            ((ev.get("conversations") or {}).get("per_emotion") or {}).values()),
         "has_conversations": bool(ev.get("conversations")),
         "threshold_method": st["threshold_method"], "fixed_fpr": st["threshold_method"] == "fixed_fpr",
         "target_fpr": st.get("target_fpr"), "bootstrap": st["bootstrap"],
@@ -259,6 +278,7 @@ def report_view(evaluation: Mapping[str, Any], plots: Mapping[str, bytes]) -> di
         "estimators": table_view(["estimator", "mean held-out AUROC"],
                                  [[n, _f(s["mean_auroc_by_estimator"].get(n))] for n in names])
         if len(names) > 1 else None,
+        "sources": _sources_line(ev),
         "has_generalisation": bool(ev.get("generalisation")),
         "n_snippets": (ev.get("generalisation") or {}).get("n_snippets"),
     }

@@ -42,8 +42,8 @@ def runtime_plots(evaluation: Mapping[str, Any]) -> dict[str, bytes]:
     if len(names) > MAX_BARS:
         return {PLOT: _scatter_png(plt, per, nan)}
     episodes = any(per[n].get("episode") for n in names)
-    fig, axes = plt.subplots(1, 3 if episodes else 2, figsize=(max(8.0, 0.55 * len(names) + 3) * (1.5 if episodes else 1),
-                                                               3.6), dpi=100)
+    width = max(8.0, 0.55 * len(names) + 3) * (1.5 if episodes else 1)
+    fig, axes = plt.subplots(1, 3 if episodes else 2, figsize=(width, 3.6), dpi=100)
     a1, a2 = axes[0], axes[1]
     xs = range(len(names))
     bw = 0.27 if episodes else 0.4
@@ -173,7 +173,8 @@ def _episode_intro(conv: Mapping[str, Any]) -> str:
               else src.partition(":")[2] or src or "calibration texts")
     return (f" The episode rule reads {stat}, decides from scored token {first.get('min_tokens')} on and fires "
             f"once the mean crosses its threshold, which was set on episodes without the emotion ({source}) to fire "
-            f"on at most {_fmt(first.get('target_rate'))} of them; its score is the mean at the end of the conversation. "
+            f"on at most {_fmt(first.get('target_rate'))} of them; its score is the mean at the end of the "
+            "conversation. "
             f"Mean false-alarm rate {_fmt(s.get('mean_episode_false_alarm_rate'))}, mean hit rate "
             f"{_fmt(s.get('mean_episode_hit_rate'))}, mean AUROC of the score {_fmt(s.get('mean_episode_auroc'))} "
             "(intervals: Wilson for the rates, bootstrap for the AUROC).")

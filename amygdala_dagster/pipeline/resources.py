@@ -25,7 +25,8 @@ from amygdala_dagster.engine.token_sample import DEFAULT_SAMPLE_TOKENS
 from amygdala_dagster.evaluation.verdicts import Criteria
 from amygdala_dagster.readout.episode import DEFAULT_FALSE_ALARM_RATE, DEFAULT_HALF_LIFE_TOKENS, DEFAULT_MIN_TOKENS
 from amygdala_dagster.readout.metrics import THRESHOLD_METHODS
-from amygdala_dagster.examples.selection import SelectionParams, emotion_catalog
+from amygdala_dagster.examples.selection import SelectionParams
+from amygdala_dagster.examples.catalog import DEFAULT_CORE_NODE_TYPES, emotion_catalog
 from amygdala_dagster.engine.models import LoadedModel, parse_device_map
 from amygdala_dagster.files.storage import Store
 from amygdala_dagster.data import conversation_snippets_path, sample_graph_path
@@ -97,6 +98,10 @@ class SelectionResource(dg.ConfigurableResource):
     max_emotions: int = 200
     curated: list[str] = Field(default_factory=lambda: current_settings().emotions,
                                description="emotions always included (default $AMYGDALA_EMOTIONS)")
+    core_node_types: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_CORE_NODE_TYPES),
+        description="node types (core-personality, pattern) whose tagged or named emotions are candidates beside the "
+                    "most-tagged ones, and take the max_emotions slots before them")
 
     def params(self) -> SelectionParams:
         return SelectionParams(
@@ -111,6 +116,7 @@ class SelectionResource(dg.ConfigurableResource):
         return emotion_catalog(
             snapshot, self.params(), min_positives=int(self.min_positives),
             max_emotions=int(self.max_emotions), curated=list(self.curated),
+            core_node_types=list(self.core_node_types),
         )
 
 

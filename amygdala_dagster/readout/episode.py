@@ -63,7 +63,8 @@ def decay(half_life_tokens: float | None) -> float:
     if half_life_tokens is None:
         return 1.0
     if not half_life_tokens > 0:
-        raise ValueError(f"episode half-life must be > 0 tokens (or None for the cumulative mean), got {half_life_tokens}")
+        raise ValueError(f"episode half-life must be > 0 tokens (or None for the cumulative mean), "
+                         f"got {half_life_tokens}")
     return float(2.0 ** (-1.0 / float(half_life_tokens)))
 
 
