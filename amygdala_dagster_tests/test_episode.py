@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -144,7 +145,7 @@ def test_calibrate_episode_records_its_definition_and_heldout_rate():
     assert episode_problems({"joy": {3: few}, "calm": {3: None}}) == []
 
 
-def test_episode_rules_come_from_the_stored_per_token_activations_and_leave_out_labelled_records(tmp_path):
+def test_episode_rules_come_from_the_stored_per_token_activations_and_leave_out_labelled_records(tmp_path, caplog):
     loaded = load_model(build_tiny_model("qwen3"), device="cpu")
     readout = _readout()
     engine = ActivationEngine(loaded, LAYERS, max_tokens=64)
@@ -169,6 +170,10 @@ def test_episode_rules_come_from_the_stored_per_token_activations_and_leave_out_
     rules = calibrate_episodes(proj, token_cal, source=source, half_life_tokens=8.0, min_tokens=5,
                                false_alarm_rate=0.2)
     joy, calm = rules["joy"][2], rules["calm"][2]
+    # episodes shorter than min_tokens scored tokens set no rule, and the log says why
+    with caplog.at_level(logging.WARNING):
+        none = calibrate_episodes(proj, token_cal, source=source, min_tokens=500)
+    assert none["joy"] == {1: None, 2: None} and "no episode rule" in caplog.text
     assert joy["source"] == "calibration_texts:cal.jsonl" and joy["n_labelled_left_out"] == 3
     assert (joy["n_texts"], calm["n_texts"], calm["n_labelled_left_out"]) == (9, 12, 0)
     # the rule's numbers are those of the runtime's per-token scores (16-bit activations: to that precision)

@@ -236,6 +236,10 @@ def calibrate_episodes(
             if rule is not None:
                 rule["n_labelled_left_out"] = len(entries) - len(keep)
             out[concept][layer] = rule
+        if keep and all(r is None for r in out[concept].values()):
+            log.warning("%s: none of its %d calibration episodes has %d scored tokens; no episode rule (give longer "
+                        "--calibration-texts or lower the evaluation resource's episode_min_tokens)",
+                        concept, len(keep), min_tokens)
     return out
 
 
