@@ -9,6 +9,9 @@
   the per-emotion statistics' info, with the rules that decide whether they are current;
 - :func:`check_writable`: every output location checked before any forward pass.
 
+The per-token samples of a run live in :mod:`amygdala_dagster.run_samples` (their names are importable
+from here too) and the seed's step 2, examples directory -> pair, in :mod:`amygdala_dagster.training`.
+
 Nothing here imports from :mod:`amygdala_dagster.commands` or :mod:`amygdala_dagster.pipeline`.
 """
 
@@ -19,9 +22,8 @@ import json
 import logging
 import os
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,23 +31,16 @@ import numpy as np
 import polars as pl
 
 from amygdala_dagster.engine.activations import ActivationEngine
-from amygdala_dagster.engine.cache import DEFAULT_SHARD_SIZE, ActivationCache, cache_location, default_cache_dir, fingerprint_id
-from amygdala_dagster.engine.forward import CacheRunStats, TokenSequence, ensure_cached
-from amygdala_dagster.engine.inputs import InputRecord
-from amygdala_dagster.engine.token_cache import TokenCache
-from amygdala_dagster.engine.token_sample import DEFAULT_SAMPLE_TOKENS, TokenSample, select_sample, stable_order
-from amygdala_dagster.readout.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
-from amygdala_dagster.examples.selection import (
-    ExampleSet, SelectionParams, check_emotion_name, examples_hash, read_examples_dir, training_problems,
-)
+from amygdala_dagster.engine.cache import cache_location, default_cache_dir, fingerprint_id
+from amygdala_dagster.examples.selection import ExampleSet, SelectionParams, check_emotion_name, training_problems
+from amygdala_dagster.examples.directory import examples_hash
 from amygdala_dagster.engine.layers import check_layer_indices, parse_layers
-from amygdala_dagster.readout.manifest import default_manifest_path, layer_key, read_vectors_file, write_readout
+from amygdala_dagster.readout.manifest import layer_key, read_vectors_file
 from amygdala_dagster.engine.models import LoadedModel, load_model
-from amygdala_dagster.readout.publish import check_publishable
-from amygdala_dagster.readout.token_calibration import (
-    DEFAULT_TARGET_RATE, SOURCE_HOLDOUT_TEXTS, calibrate_readout, calibration_entries,
+from amygdala_dagster.readout.vectors import EmotionStats, TrainedReadout
+from amygdala_dagster.run_samples import (  # noqa: F401  (the per-token samples were defined here)
+    RunSamples, StoredSamples, calibration_sample, conversation_sample, forward_run, held_out_negatives,
 )
-from amygdala_dagster.readout.vectors import EmotionStats, TrainedReadout, train_readout
 
 log = logging.getLogger(__name__)
 
@@ -393,105 +388,6 @@ def drift_cosines(previous: TrainedReadout | None, current: TrainedReadout) -> d
     return out
 
 
-# ----------------------------------------------------------------------------- per-token samples
-@dataclass
-class RunSamples:
-    """The inputs a run keeps per token: the calibration sample and the labelled evaluation conversations."""
-
-    calibration: TokenSample
-    conversations: TokenSample | None = None
-
-    def sequences(self) -> list[TokenSequence]:
-        return [*self.calibration.sequences, *(self.conversations.sequences if self.conversations else [])]
-
-    def keys(self) -> list[str]:
-        return [*self.calibration.keys(), *(self.conversations.keys() if self.conversations else [])]
-
-    def to_json(self, engine: ActivationEngine, cache_root: str | os.PathLike[str]) -> str:
-        """The samples file: both samples and where their per-token activations live (no model needed to read)."""
-        return json.dumps({
-            "format": "amygdala-token-samples/1", "fingerprint": dict(engine.fingerprint),
-            "fingerprint_id": engine.fingerprint_id, "dtype": engine.loaded.dtype, "cache_root": str(cache_root),
-            "layers": [int(x) for x in engine.layers],
-            "calibration": self.calibration.to_dict(),
-            "conversations": self.conversations.to_dict() if self.conversations else None,
-        }, indent=1, sort_keys=True) + "\n"
-
-
-@dataclass
-class StoredSamples:
-    """A samples file as the steps after the GPU step read it."""
-
-    calibration: TokenSample
-    conversations: TokenSample | None
-    tokens: TokenCache
-    layers: list[int]
-    fingerprint: dict[str, Any]
-
-    @classmethod
-    def from_json(cls, text: str) -> StoredSamples:
-        data = json.loads(text)
-        conv = data.get("conversations")
-        return cls(calibration=TokenSample.from_dict(data["calibration"]),
-                   conversations=TokenSample.from_dict(conv) if conv else None,
-                   tokens=TokenCache(data["cache_root"], data["fingerprint"], data["dtype"]),
-                   layers=[int(x) for x in data["layers"]], fingerprint=dict(data["fingerprint"]))
-
-
-def calibration_sample(tokenizer: Any, max_tokens: int, budget: int = DEFAULT_SAMPLE_TOKENS, *,
-                       records: Sequence[InputRecord] | None = None, records_name: str | None = None,
-                       holdout: Sequence[tuple[str, str]] = ()) -> TokenSample:
-    """The calibration sample: ``records`` (``--calibration-texts``, in file order) or the held-out texts
-    ``(key, text)`` in a stable order (by content hash), under a ``budget`` of tokens."""
-    if records is not None:
-        source = f"calibration_texts:{records_name}" if records_name else "calibration_texts"
-        sample = select_sample(tokenizer, max_tokens, [(r.id, r.item) for r in records], budget, source=source)
-    else:
-        sample = select_sample(tokenizer, max_tokens, stable_order(holdout), budget, source=SOURCE_HOLDOUT_TEXTS)
-    _log_sample("calibration", sample)
-    return sample
-
-
-def conversation_sample(tokenizer: Any, max_tokens: int, records: Sequence[InputRecord], name: str,
-                        budget: int = DEFAULT_SAMPLE_TOKENS) -> TokenSample:
-    """The labelled evaluation conversations (in file order) under a ``budget`` of tokens, kept for display."""
-    sample = select_sample(tokenizer, max_tokens, [(r.id, r.item) for r in records], budget,
-                           source=f"conversations:{name}", labels={r.id: r.emotions or [] for r in records},
-                           display=True)
-    _log_sample("evaluation conversations", sample)
-    return sample
-
-
-def _log_sample(what: str, sample: TokenSample) -> None:
-    s = sample.summary()
-    log.info("per-token sample (%s): %d of %d inputs, %d tokens (budget %d)%s%s", what, s["texts"],
-             s["candidates"], s["tokens"], s["budget"],
-             f"; {s['left_out']} left out by the budget" if s["left_out"] else "",
-             f"; {s['truncated']} cut to the token limit" if s["truncated"] else "")
-
-
-def forward_run(engine: ActivationEngine, cache: ActivationCache, texts: Sequence[str], keys: Sequence[str] | None,
-                samples: RunSamples, *, progress: bool = True) -> CacheRunStats:
-    """Every text's pooled row (into ``cache``) and the samples' per-token activations (into the per-token
-    cache beside it), each input forwarded at most once; then per-token files no sample uses any more are
-    pruned (see :meth:`~amygdala_dagster.engine.token_cache.TokenCache.prune`)."""
-    tokens = TokenCache(cache.root, engine.fingerprint, engine.loaded.dtype)
-    stats = ensure_cached(engine, cache, texts, keys=keys, progress=progress, tokens=tokens,
-                          sequences=samples.sequences())
-    tokens.prune(samples.keys())
-    return stats
-
-
-def held_out_negatives(example_sets: Mapping[str, ExampleSet]) -> list[tuple[str, str]]:
-    """``(key, text)`` of every emotion's held-out negatives, each node once: the calibration candidates
-    when only an examples directory is at hand (no snapshot)."""
-    out: dict[str, str] = {}
-    for s in example_sets.values():
-        for ex in s.holdout_negatives:
-            out.setdefault(ex.key, ex.text)
-    return list(out.items())
-
-
 # ----------------------------------------------------------------------------- writability
 class UnwritableError(OSError):
     """An output location that cannot be written; the message names it and the cause, on one line."""
@@ -526,178 +422,3 @@ def check_writable(directories: Mapping[str, str | os.PathLike[str] | None] = ()
         except OSError as exc:
             cause = exc.strerror or str(exc)
             raise UnwritableError(f"cannot write {what} {path}: {cause}") from None
-
-
-# ----------------------------------------------------------------------------- examples directory -> pair
-class TrainingError(RuntimeError):
-    """Training cannot proceed; the message names the emotion/flag/file."""
-
-
-@dataclass
-class TrainResult:
-    vectors_path: Path
-    manifest_path: Path
-    manifest: dict[str, Any]
-    cache_stats: CacheRunStats
-    concepts: list[str]
-    layers: list[int]
-    skipped: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    model_load_seconds: float = 0.0
-    model_weights_loaded: bool = False
-    cache_dir: str = ""
-    #: :func:`engine_report` of the engine that ran (fast path, kernels, device map).
-    engine: dict[str, Any] = field(default_factory=dict)
-
-    def summary(self) -> dict[str, Any]:
-        """A JSON-able summary of the run (also what ``--json-summary`` writes)."""
-        return {
-            "vectors": str(self.vectors_path),
-            "manifest": str(self.manifest_path),
-            "vectors_sha256": self.manifest["vectors_sha256"],
-            "concepts": self.concepts,
-            "layers": self.layers,
-            "skipped": self.skipped,
-            "model": self.manifest["model"],
-            "dtype": self.manifest["dtype"],
-            "cache_dir": self.cache_dir,
-            "activations": self.cache_stats.to_dict(),
-            "model_load_seconds": round(self.model_load_seconds, 3),
-            "model_weights_loaded": self.model_weights_loaded,
-            **self.engine,
-            "seconds": round(self.seconds, 3),
-        }
-
-
-def select_emotions(example_sets: Mapping[str, ExampleSet], emotions: Sequence[str] | None) -> dict[str, ExampleSet]:
-    """The named subset of ``example_sets`` (all when ``emotions`` is empty); SettingsError names unknown ones."""
-    if not emotions:
-        return dict(example_sets)
-    unknown = [e for e in emotions if e not in example_sets]
-    if unknown:
-        raise SettingsError(
-            f"--emotions: {', '.join(map(repr, unknown))} not in the training data "
-            f"(it has {', '.join(sorted(example_sets)) or 'no emotions'})"
-        )
-    return {e: example_sets[e] for e in dict.fromkeys(emotions)}
-
-
-def train_readout_pair(
-    engine: ActivationEngine,
-    example_sets: Mapping[str, ExampleSet],
-    cache: ActivationCache,
-    output: str | os.PathLike[str],
-    manifest_path: str | os.PathLike[str] | None = None,
-    *,
-    estimator: str = DEFAULT_ESTIMATOR,
-    vectors_dtype: str = "float32",
-    skip_invalid: bool = False,
-    progress: bool = True,
-    training_info: Mapping[str, Any] | None = None,
-    token_target_rate: float = DEFAULT_TARGET_RATE,
-    calibration_tokens: int = DEFAULT_SAMPLE_TOKENS,
-) -> TrainResult:
-    """Forward every example text once (pooled; per token for the held-out calibration sample), train every
-    emotion, calibrate its per-token scores on its held-out negatives in the sample (Contract 3,
-    ``token_calibration``) and write the pair."""
-    t0 = time.perf_counter()
-    output = Path(output)
-    manifest_path = Path(manifest_path) if manifest_path is not None else default_manifest_path(output)
-    check_publishable(output, manifest_path)  # before the forward passes, not after
-    texts, keys = collect_texts(example_sets)
-    sample = calibration_sample(engine.tokenizer, engine.max_tokens, calibration_tokens,
-                                holdout=held_out_negatives(example_sets))
-    stats = forward_run(engine, cache, texts, keys, RunSamples(sample), progress=progress)
-    readout = train_readout(example_sets, cache, list(engine.layers), estimator, skip_invalid=skip_invalid)
-    entries, source = calibration_entries(sample, example_sets, readout.concepts)
-    token_calibration = calibrate_readout(readout, entries, TokenCache(cache.root, engine.fingerprint,
-                                                                       engine.loaded.dtype),
-                                          hidden_layers=engine.layers, source=source, target_rate=token_target_rate)
-    loaded = engine.loaded
-    fp = dict(engine.fingerprint)
-    training = {
-        "estimator": estimator,
-        "split": "train",
-        "calibration_split": "holdout",
-        "max_tokens": fp.get("max_tokens"),
-        "texts": stats.texts_total,
-        "unique_texts": stats.unique_texts,
-        "truncated_texts_this_run": stats.truncated,
-        "cache_fingerprint_id": cache.fingerprint_id,
-        "cache_root": str(cache.root.resolve() if isinstance(cache.root, Path) else cache.root),  # lets `amygdala report` find the cached activations again
-        "weights_hash": loaded.weights_hash,
-        "tool": "amygdala_dagster.train_steering_vectors",
-    }
-    training.update(training_info or {})
-    manifest = write_readout(
-        output, manifest_path, readout, vectors_dtype=vectors_dtype, model=loaded.model_id,
-        model_revision=loaded.revision, dtype=loaded.dtype, pooling=fp.get("pooling", engine.pooling),
-        layer_path=engine.resolved_layer_path, fingerprint=fp, training=training, calibration=readout.calibration,
-        token_calibration=token_calibration,
-    )
-    return TrainResult(
-        vectors_path=output, manifest_path=manifest_path, manifest=manifest, cache_stats=stats,
-        concepts=list(readout.concepts), layers=list(readout.layers), skipped=list(readout.skipped),
-        seconds=time.perf_counter() - t0, model_weights_loaded=engine.weights_loaded, cache_dir=str(cache.directory),
-        engine=engine_report(engine),
-    )
-
-
-def train_from_examples_dir(
-    training_data_dir: str | os.PathLike[str],
-    output: str | os.PathLike[str],
-    settings: EngineSettings = EngineSettings(),
-    *,
-    manifest: str | os.PathLike[str] | None = None,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    estimator: str = DEFAULT_ESTIMATOR,
-    emotions: Sequence[str] | None = None,
-    vectors_dtype: str = "float32",
-    skip_invalid: bool = False,
-    progress: bool = True,
-) -> TrainResult:
-    """The whole of the seed's step 2 as a function (what ``train_steering_vectors`` runs).
-
-    Raises :class:`SettingsError` for options that do not fit the data or model,
-    :class:`TrainingError` for refusals (naming the emotions),
-    :class:`UnwritableError` before any forward pass when an output cannot be
-    written, and lets ``ModelLoadError`` / ``ExamplesFormatError`` through.
-    """
-    t0 = time.perf_counter()
-    if estimator not in ESTIMATORS:
-        raise SettingsError(f"--estimator: unknown estimator {estimator!r}; choose one of {', '.join(sorted(ESTIMATORS))}")
-    check_writable({"--cache-dir": settings.cache_root()}, {"--output": output, "--manifest": manifest})
-    index, sets = read_examples_dir(training_data_dir)
-    sets = select_emotions(sets, emotions)
-    if not sets:
-        raise TrainingError(f"{training_data_dir}: no emotions to train")
-    problems = untrainable(sets)
-    if problems:
-        if not skip_invalid:
-            raise TrainingError("; ".join(problems.values()) + " (use --skip-invalid to leave such emotions out)")
-        for p in problems.values():
-            log.warning("skipping %s", p)
-        sets = {k: v for k, v in sets.items() if k not in problems}
-        if not sets:
-            raise TrainingError("no trainable emotions left: " + "; ".join(problems.values()))
-    t_load = time.perf_counter()
-    engine = build_engine(settings)
-    load_seconds = time.perf_counter() - t_load
-    cache = ActivationCache(settings.cache_root(), engine.fingerprint, shard_size=shard_size)
-    examples_index = {k: v for k, v in index.items() if k not in ("emotions", "emotion_order")}
-    try:
-        result = train_readout_pair(
-            engine, sets, cache, output, manifest,
-            estimator=estimator, vectors_dtype=vectors_dtype, skip_invalid=skip_invalid, progress=progress,
-            training_info={
-                "training_data_dir": str(Path(training_data_dir).resolve()),
-                "examples_index": examples_index,
-                "skipped": list(problems.values()) if skip_invalid else [],
-            },
-        )
-    except ValueError as exc:  # DegenerateDirectionError, empty text: name the emotion/key
-        raise TrainingError(str(exc)) from exc
-    result.skipped = list(problems.values()) + result.skipped
-    result.model_load_seconds = load_seconds + engine.stats.load_seconds
-    result.seconds = time.perf_counter() - t0
-    return result

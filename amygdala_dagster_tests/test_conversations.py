@@ -92,7 +92,7 @@ def test_conversation_metrics_and_runtime_section(minilm_readout, tmp_path):
     assert joy["fire_rate_without"] == np.mean(fires[2:])
     firsts = [int(np.flatnonzero(s.scored & (s.raw[4][:, 0] >= thr))[0]) for s, f in zip(scores[:2], fires) if f]
     assert joy["first_fire_median"] == (float(np.median(firsts)) if firsts else None)
-    assert out["unknown_labels"] == ["mystery"]
+    assert out["unknown_labels"] == ["mystery"] and out["n_conversations"] == 4
     assert [t["id"] for t in out["traces"]] == ["a", "b", "c"][:len(out["traces"])] and out["traces"][0]["labels"] == ["joy"]
     ev = {"conversations": json.loads(json.dumps(out))}
     plots = runtime_plots(ev)
@@ -118,3 +118,61 @@ def test_runtime_plot_stays_a_readable_size_at_200_emotions():
     png = runtime_plots({"conversations": {"per_emotion": per}})[PLOT]
     width, height = Image.open(io.BytesIO(png)).size
     assert width <= 1200 and height <= 800, (width, height)
+
+
+def test_episode_rule_on_conversations_with_intervals_and_verdict_flags(minilm_readout, tmp_path):
+    from amygdala_dagster.evaluation.verdicts import Criteria, _episode_flags
+    from amygdala_dagster.readout.metrics import wilson_interval
+
+    loaded, readout = minilm_readout
+    manifest = json.loads(readout.manifest_path.read_text())
+    for c, thr in (("joy", 0.0), ("noise", 1e6)):
+        manifest["per_concept"][c]["layers"]["4"]["episode"] = {
+            "statistic": "ewm", "half_life_tokens": 16.0, "min_tokens": 3, "skip_first_tokens": 1,
+            "false_alarm_rate": 0.05, "threshold": thr, "threshold_z": 1.0}
+    (tmp_path / "m.json").write_text(json.dumps(manifest))
+    readout = load_readout(readout.vectors_path, tmp_path / "m.json")
+    happy = ["I am thrilled and so happy, this is wonderful news!", "Yay! We won the cup, I'm overjoyed today.",
+             "What a delightful, joyful morning with my whole family!"]
+    plain = ["Please send the quarterly invoice to accounting.", "The bus leaves at seven from platform two.",
+             "Set the timeout to thirty seconds in the config file.", "The form needs a signature on page three."]
+    records = [InputRecord(f"h{i}", t, ["joy"]) for i, t in enumerate(happy)] + \
+        [InputRecord(f"p{i}", t, []) for i, t in enumerate(plain)]
+    engine = ActivationEngine(loaded, [4], max_tokens=128)
+    sample = conversation_sample(engine.tokenizer, engine.max_tokens, records, "test.jsonl")
+    tokens = TokenCache(tmp_path / "cache", engine.fingerprint, engine.loaded.dtype)
+    with ActivationCache(tmp_path / "cache", engine.fingerprint) as cache:
+        ensure_cached(engine, cache, [], progress=False, tokens=tokens, sequences=sample.sequences)
+    scores = sample_scores(sample, tokens, readout, [4])
+    out = evaluate_conversations(scores, [e.emotions for e in sample.entries], readout, bootstrap=50)
+    ep = out["per_emotion"]["joy"]["episode"]
+    fired = [bool(s.episode[4].fired[0]) for s in scores]
+    assert (ep["n_with"], ep["n_without"]) == (3, 4)
+    assert ep["n_fired_with"] == sum(fired[:3]) and ep["n_fired_without"] == sum(fired[3:])
+    assert ep["hit_rate"] == sum(fired[:3]) / 3 and ep["false_alarm_rate"] == sum(fired[3:]) / 4
+    assert ep["false_alarm_ci"] == pytest.approx(wilson_interval(sum(fired[3:]), 4))
+    assert ep["auroc"] == 1.0 and ep["auroc_ci"] is not None and ep["target_rate"] == 0.05
+    # the score is the rule's statistic at the end of each conversation
+    ends = [float(s.episode[4].score[0]) for s in scores]
+    assert min(ends[:3]) > max(ends[3:])
+    noise = out["per_emotion"]["noise"]["episode"]
+    assert noise["n_fired_with"] == noise["n_fired_without"] == 0  # a threshold nothing reaches
+    assert out["summary"]["mean_episode_auroc"] is not None
+    ev = {"conversations": json.loads(json.dumps(out))}
+    md = runtime_markdown(ev)
+    assert "episode AUROC [95% CI]" in md and "episode false alarms [95% CI]" in md
+    assert "episode rule reads an exponentially weighted mean" in md
+    page = runtime_html(ev, runtime_plots(ev))
+    assert "episode hits [95% CI]" in page
+    # the verdict reads the rates through their intervals: 3 of 60 is not above 5%, 20 of 60 is
+    crit = Criteria()
+    base = {"target_rate": 0.05, "n_with": 10, "n_without": 60, "n_fired_with": 8, "hit_rate": 0.8,
+            "hit_ci": wilson_interval(8, 10), "auroc": 0.9}
+    quiet = dict(base, n_fired_without=3, false_alarm_rate=0.05, false_alarm_ci=wilson_interval(3, 60))
+    assert _episode_flags("joy", quiet, crit) == []
+    loud = dict(base, n_fired_without=20, false_alarm_rate=1 / 3, false_alarm_ci=wilson_interval(20, 60))
+    assert [f["kind"] for f in _episode_flags("joy", loud, crit)] == ["episode_false_alarms"]
+    deaf = dict(quiet, n_with=20, n_fired_with=0, hit_rate=0.0, hit_ci=wilson_interval(0, 20), auroc=0.6,
+                auroc_ci=[0.5, 0.7])
+    assert [f["kind"] for f in _episode_flags("joy", deaf, crit)] == ["episode_auroc", "episode_hits"]
+    assert _episode_flags("joy", deaf, Criteria(min_episode_auroc=0.5, min_episode_hit_rate=0.0)) == []

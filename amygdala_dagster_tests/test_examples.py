@@ -15,21 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from amygdala_dagster.examples.selection import (
-    Example,
-    ExampleSet,
-    ExamplesFormatError,
-    SelectionParams,
-    cooccurrence,
-    emotion_catalog,
-    examples_hash,
-    mention_count,
-    qualifying_emotions,
-    read_examples_dir,
-    run_extraction,
-    select_examples,
-    split_for_key,
-    write_examples_dir,
+    Example, ExampleSet, ExamplesFormatError, SelectionParams, mention_count, select_examples, split_for_key,
 )
+from amygdala_dagster.examples.catalog import cooccurrence, emotion_catalog, qualifying_emotions
+from amygdala_dagster.examples.directory import examples_hash, read_examples_dir, run_extraction, write_examples_dir
 from amygdala_dagster.graph.nodes import MemoryNode
 from amygdala_dagster.graph.snapshot import (
     SnapshotError,
@@ -379,6 +368,40 @@ def test_catalog_qualification_cap_and_curated(caplog: pytest.LogCaptureFixture)
     assert "wonder" in caplog.text and "fear" not in caplog.text.split("graph:")[-1]
     with pytest.raises(ValueError, match="invalid emotion name"):
         emotion_catalog(snap, curated=["../etc"])
+
+
+def test_emotions_of_core_and_pattern_nodes_are_candidates_and_take_the_slots_first() -> None:
+    nodes = []
+    for e, n in (("joy", 20), ("calm", 18), ("fear", 16), ("wonder", 12), ("hope", 11)):
+        nodes += [node(f"{e}{i:02d}", f"{e} journal entry number {i}." + FILLER, f"{e}:9") for i in range(n)]
+    nodes.append(node("core1", "At my core I meet people's questions with Wonder, whatever they ask." + FILLER,
+                      "clarity:4", node_type="core"))
+    nodes.append(node("pat1", "A pattern: on late nights the sessions turn to lists." + FILLER, "hope:6",
+                      node_type="Pattern"))
+    nodes.append(node("pat2", "Another pattern: tired evenings, short replies." + FILLER, "ennui:9",
+                      node_type="pattern"))
+    snap = build_snapshot(nodes)
+    cat = emotion_catalog(snap, min_positives=10, max_emotions=3)
+    row = {r["emotion"]: r for r in cat.to_dicts()}
+    assert row["wonder"]["source"] == "both" and row["wonder"]["n_core"] == 1  # named in a core body
+    assert row["hope"]["source"] == "both" and row["hope"]["n_core"] == 1  # carried (tagged) by a pattern node
+    assert row["ennui"]["source"] == "core/pattern" and row["ennui"]["n_positive"] == 1  # tagged only there
+    assert row["clarity"]["source"] == "core/pattern"
+    assert row["joy"]["source"] == "tags" and row["joy"]["n_core"] == 0
+    # ranked 4th and 5th by tags, wonder and hope qualify before the most-tagged others; then joy fills the
+    # last slot; ennui and clarity lack positives (the same min_positives rule for every source)
+    assert (row["wonder"]["rank"], row["hope"]["rank"]) == (4, 5)
+    assert qualifying_emotions(cat) == ["joy", "wonder", "hope"]
+    # without core node types it is the most-tagged ones, as before
+    plain = emotion_catalog(snap, min_positives=10, max_emotions=3, core_node_types=[])
+    assert qualifying_emotions(plain) == ["joy", "calm", "fear"]
+    assert set(plain["source"].to_list()) == {"tags"}
+    # curated names come first and say so; other node types can be named
+    cur = emotion_catalog(snap, min_positives=10, max_emotions=3, curated=["fear"], core_node_types=["journal"])
+    assert cur.filter(pl.col("emotion") == "fear")["source"].to_list() == ["curated"]
+    assert qualifying_emotions(cur)[:1] == ["joy"] and "fear" in qualifying_emotions(cur)
+    with pytest.raises(ValueError, match="core_node_types"):
+        emotion_catalog(snap, core_node_types="core")
 
 
 def test_cooccurrence() -> None:

@@ -79,7 +79,7 @@ def test_manifest_fields(tmp_path):
     manifest = json.loads(m.read_text())
     assert manifest == returned
     assert REQUIRED_FIELDS <= set(manifest)
-    assert manifest["format_version"] == 2
+    assert manifest["format_version"] == 3
     assert manifest["concepts"] == ["anger", "calm", "joy"] and manifest["layers"] == LAYERS
     assert manifest["hidden_size"] == H
     assert manifest["activation_site"] == "residual_stream_after_layer"
@@ -173,8 +173,8 @@ def test_refuses_invalid_pairs_saying_what_is_wrong(tmp_path):
     with pytest.raises(ReadoutFileError, match=r"non-finite values in the rows of \['anger'\]"):
         load_readout(v, m)
 
-    _rewrite(v, m, dict(good), lambda man: man.update(format_version=3))
-    with pytest.raises(ReadoutFileError, match="format_version 3"):
+    _rewrite(v, m, dict(good), lambda man: man.update(format_version=4))
+    with pytest.raises(ReadoutFileError, match="format_version 4"):
         load_readout(v, m)
 
     v.write_bytes(b"not a safetensors file")

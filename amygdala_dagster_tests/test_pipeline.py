@@ -43,7 +43,8 @@ def make_resources(graph: Path, out: str, cache: Path, **selection) -> dict:
         "model": R.ModelResource(model="minilm", device="cpu", cache_dir=str(cache)),
         "storage": R.ArtifactStorage(base_path=out),
         "selection": R.SelectionResource(min_positives=3, **selection),
-        "evaluation": R.EvaluationResource(bootstrap=20),
+        # the small graph's texts have about 15 tokens: the episode rule decides from the 4th, not the 32nd
+        "evaluation": R.EvaluationResource(bootstrap=20, episode_min_tokens=4),
         "sharding": R.ShardingResource(),
     }
 
@@ -266,6 +267,11 @@ def test_artifacts_go_to_an_fsspec_url(tmp_path):
     assert fs.exists("/amygdala-test/out/snapshot/memory_snapshot.parquet")
     assert fs.exists("/amygdala-test/out/catalog/emotion_catalog.parquet")
     fs.rm("/amygdala-test", recursive=True)
+    # the catalog says where each emotion comes from: the small graph's pattern nodes carry every emotion
+    meta = step_metadata(result, "emotion_catalog")
+    assert "source" in [c.name for c in meta["emotions"].schema.columns]
+    assert meta["sources"].startswith("curated: 0, both: 3")
+    assert meta["parameters"]["core_node_types"] == ["core", "core-personality", "pattern"]
 
 
 def test_freshness_window_comes_from_the_environment(monkeypatch):
@@ -404,19 +410,28 @@ def test_run_command_refuses_unwritable_outputs_and_never_passes_off_an_old_pair
 def test_manifest_carries_token_calibration_and_report_the_runtime_section(full_run, weight_reads):
     out = full_run["tmp"] / "out"
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["format_version"] == 2
+    assert manifest["format_version"] == 3
     for concept in manifest["concepts"]:
         for layer in manifest["layers"]:
             tok = manifest["per_concept"][concept]["layers"][str(layer)]["token_calibration"]
             assert tok["source"] == "holdout_negatives" and tok["target_rate"] == 0.01
             assert tok["n_tokens"] > 0 and np.isfinite(tok["threshold"]) and tok["heldout"]["n_tokens"] > 0
             assert set(tok["quantiles"]) == {"0.5", "0.9", "0.99", "0.999"}
-    assert "token_threshold_heldout_rate" in check_results(full_run["result"])
+            ep = manifest["per_concept"][concept]["layers"][str(layer)]["episode"]
+            assert ep["source"] == "holdout_negatives" and ep["false_alarm_rate"] == 0.05
+            assert (ep["half_life_tokens"], ep["min_tokens"], ep["statistic"]) == (128.0, 4, "ewm")
+            assert ep["n_texts"] >= 2 and np.isfinite(ep["threshold"]) and ep["heldout"]["n_texts"] == ep["n_texts"]
+    checks = check_results(full_run["result"])
+    assert "token_threshold_heldout_rate" in checks and "episode_rule_heldout_rate" in checks
     meta = step_metadata(full_run["result"], "readout_manifest")
-    assert "token_calibration" in meta
+    assert "token_calibration" in meta and "episode_rules" in meta
     evaluation = json.loads((out / "report" / "evaluation.json").read_text())
     per = evaluation["conversations"]["per_emotion"]
     assert set(EMOTIONS) <= set(per) and per["frustration"]["n_with"] == 5
+    ep = per["frustration"]["episode"]
+    assert ep["n_with"] == 5 and ep["target_rate"] == 0.05 and 0 <= ep["false_alarm_rate"] <= 1
+    assert ep["auroc_ci"] is not None and len(ep["hit_ci"]) == 2
+    assert evaluation["catalog"]["emotions"]["frustration"]["source"] in ("tags", "both", "core/pattern")
     assert "Runtime: per-token readout on conversations" in (out / "report" / "evaluation.html").read_text()
     assert "runtime_conversations" in step_metadata(full_run["result"], "evaluation_report")
     # `amygdala report` rebuilds the runtime section from the per-token cache the run filled: no weights read
@@ -427,6 +442,8 @@ def test_manifest_carries_token_calibration_and_report_the_runtime_section(full_
     rebuilt = json.loads((rep / "evaluation.json").read_text())["conversations"]["per_emotion"]
     for e in EMOTIONS:
         assert rebuilt[e]["token_auroc"] == pytest.approx(per[e]["token_auroc"])
+        assert rebuilt[e]["episode"]["false_alarm_rate"] == pytest.approx(per[e]["episode"]["false_alarm_rate"])
+    assert json.loads((rep / "evaluation.json").read_text())["catalog"] == evaluation["catalog"]
 
 
 @pytest.mark.slow

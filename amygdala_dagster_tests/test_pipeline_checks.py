@@ -99,6 +99,16 @@ def test_evaluation_rules():
     assert problems == ["b: AUROC 0.550 below 0.7", "c: no held-out AUROC"]
     assert C.baseline_problems(evaluation) == ["b: no better than the length baseline", "d: close to e's vector"]
     assert C.baseline_problems({"emotions": {}, "flags": []}) == []
+    evaluation["flags"] += [
+        {"emotion": "b", "kind": "episode_hits", "severity": "weak", "message": "b: episode rule fires on only 0 of 9"},
+        {"emotion": "e", "kind": "episode_false_alarms", "severity": "weak", "message": "e: episode rule fires on 20"},
+        {"emotion": "e", "kind": "conversation_auroc", "severity": "weak", "message": "e: text-level AUROC"},
+    ]
+    assert C.flags_by_kind(evaluation, C.CONVERSATION_FLAGS) == {
+        "conversation_auroc": "e", "conversation_fires": "none", "episode_auroc": "none",
+        "episode_false_alarms": "e", "episode_hits": "b"}
+    assert C.flag_messages(evaluation, C.CONVERSATION_FLAGS) == [
+        "b: episode rule fires on only 0 of 9", "e: episode rule fires on 20", "e: text-level AUROC"]
     res = C.check_result("separation_above_threshold", problems, severity=C.WARN)
     assert res.passed is False and res.severity == C.dg.AssetCheckSeverity.WARN
 

@@ -223,6 +223,38 @@ def test_conversation_numbers_change_the_verdict(tmp_path):
     assert list(ev["verdicts"])[0] == "calm"  # most attention first
 
 
+def test_episode_numbers_change_the_verdict_and_the_report_shows_sources(tmp_path):
+    from amygdala_dagster.readout.metrics import wilson_interval
+
+    cache, sets, _ = _synthetic(tmp_path, n=60)
+    readout = train_readout(sets, cache, LAYERS)
+    ev = evaluate(cache, sets, readout, bootstrap=0, criteria=Criteria(min_holdout_positives=1))
+    good = {"layer": LAYERS[0], "text_auroc": 0.9, "token_auroc": 0.9, "fire_rate_without": 0.1, "fire_rate_with": 0.7,
+            "first_fire_median": 5.0, "n_with": 20, "n_without": 60}
+    episode = {"target_rate": 0.05, "n_with": 20, "n_without": 60, "auroc": 0.9, "auroc_ci": [0.8, 0.95],
+               "n_fired_with": 12, "hit_rate": 0.6, "hit_ci": wilson_interval(12, 20),
+               "n_fired_without": 3, "false_alarm_rate": 0.05, "false_alarm_ci": wilson_interval(3, 60)}
+    ev["conversations"] = {"per_emotion": {
+        "joy": {**good, "episode": dict(episode, n_fired_without=15, false_alarm_rate=0.25,
+                                        false_alarm_ci=wilson_interval(15, 60))},
+        "calm": {**good, "episode": episode},
+    }, "n_conversations": 80, "window": 5, "skip_first_tokens": 1, "summary": {}, "traces": []}
+    apply_verdicts(ev)
+    assert ev["verdicts"]["joy"]["verdict"] == "weak" and ev["verdicts"]["joy"]["flags"] == ["episode_false_alarms"]
+    assert "episode rule fires on 15 of 60 conversations without it (25% [16%, 37%]), above 5%" in \
+        ev["verdicts"]["joy"]["reasons"][0]
+    assert ev["verdicts"]["calm"]["verdict"] == "use"
+    ev["catalog"] = {"emotions": {"joy": {"source": "both", "n_core": 2, "n_tagged": 30, "rank": 1},
+                                  "calm": {"source": "tags", "n_core": 0, "n_tagged": 20, "rank": 2}},
+                     "source_counts": {"curated": 0, "both": 1, "core/pattern": 0, "tags": 1}}
+    html_path, _json, _pngs = write_report(ev, tmp_path / "report")
+    text = _page_text(html_path.read_text(encoding="utf-8"))
+    assert "Where the emotions come from: 1 both, 1 tags" in text
+    assert "from both (2 core/pattern node(s)), rank 1 by tags" in text
+    assert "the episode rule's score AUROC ≥ 0.7" in text
+    assert "| verdict | emotion | source |" in summary_markdown(ev)
+
+
 def test_crosstalk_with_another_vector_is_a_reason(tmp_path):
     cache, sets, _ = _synthetic(tmp_path, n=40)
     readout = train_readout(sets, cache, LAYERS)
@@ -389,7 +421,8 @@ def test_report_command_rebuilds_from_artefacts_without_the_model(tmp_path, mini
     from amygdala_dagster.engine.activations import ActivationEngine
     from amygdala_dagster.engine.forward import ensure_cached
     from amygdala_dagster.commands.cli import main as cli_main
-    from amygdala_dagster.examples.selection import SelectionParams, select_examples, write_examples_dir
+    from amygdala_dagster.examples.selection import SelectionParams, select_examples
+    from amygdala_dagster.examples.directory import write_examples_dir
     from amygdala_dagster.readout.manifest import load_readout, write_readout
     from amygdala_dagster.graph.snapshot import build_snapshot
     from amygdala_dagster.graph.sources import JsonlSource

@@ -228,21 +228,29 @@ def test_calibration_sample_is_bounded_by_its_token_budget(tmp_path):
     assert small.keys() == again.keys() == full.keys()[: len(small.entries)]
 
 
-def test_manifest_format_2_carries_token_calibration_and_format_1_still_reads(tmp_path):
+def test_manifest_format_3_carries_token_calibration_and_formats_1_and_2_still_read(tmp_path):
     from amygdala_dagster.commands.inspect import format_report, inspect_pair
 
     readout = _pair(tmp_path)
     m = readout.manifest
-    assert m["format_version"] == 2
+    assert m["format_version"] == 3
     shown = inspect_pair(readout.vectors_path, readout.manifest_path)
     assert shown["ok"] and shown["token_calibration"]["1"]["n_concepts"] == 3
-    assert "manifest: format 2; token calibration: per layer below\n  layer 1: 3 concepts" in format_report(shown)
+    assert "manifest: format 3; token calibration: per layer below\n  layer 1: 3 concepts" in format_report(shown)
     for c in CONCEPTS:
         for layer in LAYERS:
             entry = m["per_concept"][c]["layers"][str(layer)]
-            assert set(entry) >= {"calibration", "token_calibration"}
+            assert set(entry) >= {"calibration", "token_calibration", "episode"}
             assert calibration_entry(m, c, layer, "token")["threshold"] == entry["token_calibration"]["threshold"]
     old = json.loads(readout.manifest_path.read_text())
+    old["format_version"] = 2
+    for per in old["per_concept"].values():
+        for entry in per["layers"].values():
+            del entry["episode"]
+    readout.manifest_path.write_text(json.dumps(old))
+    v2 = load_readout(readout.vectors_path, readout.manifest_path)
+    assert calibration_entry(v2.manifest, "joy", 1, "episode") is None
+    assert "episode rule: none" in format_report(inspect_pair(readout.vectors_path, readout.manifest_path))
     old["format_version"] = 1
     for per in old["per_concept"].values():
         for entry in per["layers"].values():

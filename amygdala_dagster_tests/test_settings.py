@@ -76,7 +76,8 @@ def test_shards_out_of_bounds_from_the_environment_is_one_line_not_a_pydantic_tr
 @pytest.mark.parametrize("command", ["run", "backfill-emotion"])
 @pytest.mark.parametrize("flag, value", [("--shards", "1000"), ("--shards", "0"), ("--shards", "x"),
                                          ("--device", "gpu0"), ("--target-layers", "a,b"),
-                                         ("--device-map", "everywhere")])
+                                         ("--device-map", "everywhere"), ("--episode-false-alarm-rate", "0"),
+                                         ("--episode-false-alarm-rate", "1.5")])
 def test_a_flag_out_of_bounds_is_refused_by_argparse_with_exit_2(command, flag, value, capsys):
     with pytest.raises(SystemExit) as exc:
         cli_main([*COMMANDS[command], flag, value])
@@ -166,6 +167,18 @@ def test_flags_win_over_the_environment(monkeypatch, tmp_path):
     res = launched.value.resources
     assert res["storage"].base_path == str(tmp_path / "flag-out") and res["sharding"].shards == 2
     assert res["memory"].file == "g.jsonl" and res["memory"].mcp_url is None
+
+
+def test_the_episode_false_alarm_rate_goes_through_the_evaluation_resource(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(run_cmd, "materialize_all", _stub_launch)
+    with pytest.raises(Launched) as launched:
+        cli_main(["run", "--episode-false-alarm-rate", "0.1"])
+    evaluation = launched.value.resources["evaluation"]
+    assert evaluation.episode_settings() == {"false_alarm_rate": 0.1, "half_life_tokens": 128.0, "min_tokens": 32}
+    with pytest.raises(Launched) as launched:
+        cli_main(["run"])
+    assert launched.value.resources["evaluation"].episode_false_alarm_rate == 0.05
 
 
 @pytest.mark.parametrize("command", ["run", "backfill-emotion"])

@@ -195,3 +195,55 @@ def test_encode_counts_the_whole_input_and_cuts_as_the_tokenizer_truncates(tmp_p
         whole = tok(text, verbose=False)["input_ids"]
         assert enc.n_tokens_total == len(whole) and enc.truncated == (len(whole) > max_tokens)
         assert enc.ids == tok(text, truncation=True, max_length=max_tokens, verbose=False)["input_ids"]
+
+
+def test_trace_gives_the_episode_rule_per_conversation_and_concept(tmp_path, capsys):
+    from amygdala_dagster.readout.episode import statistic
+
+    m, concepts = _pair(tmp_path)
+    manifest = json.loads(m.read_text())
+    for i, c in enumerate(concepts):  # c000 always fires, c001 never, c002 at a threshold of 0
+        for layer in LAYERS:
+            manifest["per_concept"][c]["layers"][str(layer)]["episode"] = {
+                "statistic": "ewm", "half_life_tokens": 8.0, "min_tokens": 4, "skip_first_tokens": 1,
+                "false_alarm_rate": 0.05, "threshold": [-100.0, 100.0, 0.0][i], "threshold_z": [-2000.0, 2000.0, 0.0][i]}
+    m.write_text(json.dumps(manifest))
+    out = tmp_path / "trace"
+    assert main(["trace", "--manifest", str(m), "--input", str(_inputs(tmp_path)), "--output-dir", str(out),
+                 "--device", "cpu"]) == 0
+    trace = json.loads((out / "trace.json").read_text())
+    assert trace["episode_rules"]["c001"]["threshold"] == 100.0
+    for conv in trace["conversations"]:
+        scored = np.array(conv["scored"])
+        for c in concepts:
+            ep = conv["episode"][c]
+            assert set(ep) >= {"score", "fired", "first"}
+            raw = np.array(conv["raw"][c], dtype=float)[scored]
+            stat = statistic(raw, 8.0)
+            assert ep["score"] == pytest.approx(stat[-1], abs=1e-3)  # the statistic at the end of the text
+            thr = trace["episode_rules"][c]["threshold"]
+            deciding = stat[3:] >= thr
+            assert ep["fired"] == bool(deciding.any())
+            if ep["fired"]:
+                assert ep["first"] == int(np.flatnonzero(scored)[3 + int(np.argmax(deciding))])
+            assert len(conv["episode_z"][c]) == len(conv["tokens"])
+        assert conv["episode"]["c000"]["fired"] and conv["episode"]["c000"]["first"] == int(np.flatnonzero(scored)[3])
+        assert not conv["episode"]["c001"]["fired"]
+        assert conv["episode_fired"] == [c for c in concepts if conv["episode"][c]["fired"]]
+        fired = conv["episode_fired"]
+        assert set(conv["top"][:len(fired)]) == set(fired)  # the concepts whose rule fired come first
+    page = (out / "trace.html").read_text()
+    assert "episode rule fired for" in page and "first fired at token" in page and "episode statistic" in page
+    assert "episode rule fired: c000" in capsys.readouterr().out
+
+
+def test_a_format_2_manifest_traces_without_an_episode_rule(tmp_path):
+    m, concepts = _pair(tmp_path)
+    out = tmp_path / "trace"
+    assert main(["trace", "--manifest", str(m), "--text", "The rain stopped at last.", "--output-dir", str(out),
+                 "--device", "cpu"]) == 0
+    trace = json.loads((out / "trace.json").read_text())
+    conv = trace["conversations"][0]
+    assert conv["episode"] == {c: None for c in concepts} and conv["episode_z"] is None
+    assert trace["episode_rules"] == {c: None for c in concepts}
+    assert "episode rule" not in (out / "trace.html").read_text()

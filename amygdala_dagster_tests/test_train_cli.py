@@ -423,7 +423,8 @@ def test_default_target_layers():
 
 def test_unwritable_output_is_refused_before_any_forward_pass(tmp_path, capsys):
     data = tmp_path / "data"
-    from amygdala_dagster.examples.selection import SelectionParams, run_extraction
+    from amygdala_dagster.examples.selection import SelectionParams
+    from amygdala_dagster.examples.directory import run_extraction
     from amygdala_dagster.graph.sources import JsonlSource
     from amygdala_dagster_tests.pipeline_graphs import small_graph, write_graph
 

@@ -77,7 +77,8 @@ def bundled_nodes() -> list:
 
 def example_sets_for(snapshot, emotions: Sequence[str] | None = None, params=None) -> dict[str, Any]:
     """Contract 2 selection for ``emotions`` (default: the qualifying ones, as extract_training_pairs)."""
-    from amygdala_dagster.examples.selection import emotion_catalog, qualifying_emotions, select_all
+    from amygdala_dagster.examples.selection import select_all
+    from amygdala_dagster.examples.catalog import emotion_catalog, qualifying_emotions
 
     if emotions is None:
         emotions = qualifying_emotions(emotion_catalog(snapshot, params))
@@ -154,7 +155,7 @@ def run_ours(loaded, layers: list[int], sets: dict[str, Any], cache_root: Path, 
     """Engine + cache + train_readout + vectors/manifest pair: what train_steering_vectors runs."""
     from amygdala_dagster.engine.activations import ActivationEngine
     from amygdala_dagster.engine.cache import ActivationCache
-    from amygdala_dagster.workflow import train_readout_pair
+    from amygdala_dagster.training import train_readout_pair
 
     engine = ActivationEngine(loaded, layers, pooling="mean", max_tokens=512, batch_size=batch_size,
                               max_batch_tokens=max_batch_tokens)

@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from amygdala_dagster.engine.activations import ActivationEngine  # noqa: E402
 from amygdala_dagster.engine.cache import ActivationCache  # noqa: E402
 from amygdala_dagster.engine.forward import ensure_cached  # noqa: E402
-from amygdala_dagster.examples.selection import SelectionParams, emotion_catalog, qualifying_emotions, select_all  # noqa: E402
+from amygdala_dagster.examples.selection import SelectionParams, select_all  # noqa: E402
+from amygdala_dagster.examples.catalog import emotion_catalog, qualifying_emotions  # noqa: E402
 from amygdala_dagster.engine.models import load_model  # noqa: E402
 from amygdala_dagster.readout.runtime import ReadoutRuntime
 from amygdala_dagster.engine.inputs import read_inputs# noqa: E402

@@ -42,6 +42,10 @@ def fraction(text: str) -> float:
     return _float_in(text, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 
 
+def unit_fraction(text: str) -> float:
+    return _float_in(text, lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
+
+
 def open_fraction(text: str) -> float:
     return _float_in(text, lambda v: 0 < v < 1, "a fraction in (0, 1)")
 

@@ -91,6 +91,7 @@ def _inspect_files(vectors: Path, manifest_path: Path, top: int) -> dict[str, An
         report["created_at"] = manifest_data.get("created_at")
         report["format_version"] = manifest_data.get("format_version")
         report["token_calibration"] = token_calibration_summary(manifest_data)
+        report["episode"] = episode_rule_summary(manifest_data)
     layers: list[dict[str, Any]] = []
     for key in sorted(tensors, key=lambda k: (len(k), k)):
         arr = tensors[key]
@@ -133,6 +134,27 @@ def token_calibration_summary(manifest: dict[str, Any]) -> dict[str, Any] | None
 _LISTED = 40  # concept names printed; 200 on one line are a wall of text
 
 
+def episode_rule_summary(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """Per layer: how many concepts carry an episode rule, its statistic, target false-alarm rate and the
+    range of held-out false-alarm rates (None before format 3)."""
+    try:
+        concepts, layers = list(manifest["concepts"]), [int(x) for x in manifest["layers"]]
+    except (KeyError, TypeError, ValueError):
+        return None
+    out: dict[str, Any] = {}
+    for layer in layers:
+        have = [e for e in (calibration_entry(manifest, c, layer, "episode") for c in concepts) if e]
+        rates = [e["heldout"]["false_alarm_rate"] for e in have if e.get("heldout")]
+        out[str(layer)] = {
+            "n_concepts": len(have), "sources": sorted({str(e.get("source")) for e in have}),
+            "half_lives": sorted({e.get("half_life_tokens") for e in have}, key=str),
+            "min_tokens": sorted({e.get("min_tokens") for e in have}, key=str),
+            "target_rates": sorted({e.get("false_alarm_rate") for e in have}, key=str),
+            "heldout_min": min(rates) if rates else None, "heldout_max": max(rates) if rates else None,
+        }
+    return out if any(v["n_concepts"] for v in out.values()) else None
+
+
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"vectors:  {report['vectors']}"]
     if "sha256" not in report:  # nothing was read: the error is all there is to say
@@ -154,6 +176,14 @@ def format_report(report: dict[str, Any]) -> str:
                          f"{', '.join(map(str, v['target_rates']))}"
                          + (f", held-out firing {v['heldout_ratio_min']:.2f}-{v['heldout_ratio_max']:.2f}x target"
                             if v["heldout_ratio_min"] is not None else ""))
+        ep = report.get("episode")
+        lines.append("episode rule: " + ("none" if not ep else "per layer below"))
+        for l, v in (ep or {}).items():
+            lines.append(f"  layer {l}: {v['n_concepts']} concepts, {', '.join(v['sources'])}, half-life "
+                         f"{', '.join(map(str, v['half_lives']))} tokens, decides from scored token "
+                         f"{', '.join(map(str, v['min_tokens']))}, target {', '.join(map(str, v['target_rates']))}"
+                         + (f", held-out false alarms {v['heldout_min']:.1%}-{v['heldout_max']:.1%}"
+                            if v["heldout_min"] is not None else ""))
     concepts = report.get("concepts", [])
     shown = concepts if len(concepts) <= _LISTED else concepts[:_LISTED] + [f"... {len(concepts) - _LISTED} more (--json lists all)"]
     lines.append(f"concepts: {len(concepts)}: {', '.join(shown)}")

@@ -23,18 +23,22 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+
 from amygdala_dagster.engine.cache import ActivationCache, cache_location, default_cache_dir, fingerprint_id, text_sha256
 from amygdala_dagster.engine.forward import ensure_cached
 from amygdala_dagster.evaluation import (
     calibration_for_manifest, evaluate, read_snippets, summary_markdown, sweep_layers, write_report,
 )
-from amygdala_dagster.evaluation.core import Criteria, apply_verdicts, log_unusable
+from amygdala_dagster.evaluation.verdicts import Criteria, apply_verdicts, log_unusable
 from amygdala_dagster.evaluation.conversations import conversations_section
 from amygdala_dagster.engine.inputs import InputError, read_inputs
 from amygdala_dagster.engine.token_cache import TokenCache
 from amygdala_dagster.engine.token_sample import DEFAULT_SAMPLE_TOKENS
-from amygdala_dagster.examples.selection import ExampleSet, read_examples_dir
-from amygdala_dagster.commands.flags import non_negative_int
+from amygdala_dagster.examples.selection import ExampleSet
+from amygdala_dagster.examples.catalog import catalog_summary
+from amygdala_dagster.examples.directory import read_examples_dir
+from amygdala_dagster.commands.flags import non_negative_int, unit_fraction
 from amygdala_dagster.commands.inputs import check_jsonl_input
 from amygdala_dagster.engine.layers import parse_layers
 from amygdala_dagster.readout.manifest import ReadoutFileError, load_readout
@@ -44,7 +48,7 @@ from amygdala_dagster.graph.snapshot import read_snapshot
 from amygdala_dagster.files.storage import Store, is_local
 from amygdala_dagster.settings import current_settings
 from amygdala_dagster.workflow import (
-    MANIFEST_FILE, REPORT_DIR, SNAPSHOT_FILE, STAGED_INFO, EngineSettings, SettingsError, build_engine,
+    CATALOG_FILE, MANIFEST_FILE, REPORT_DIR, SNAPSHOT_FILE, STAGED_INFO, EngineSettings, SettingsError, build_engine,
     conversation_sample, examples_dir,
 )
 
@@ -104,6 +108,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-auroc", type=float, default=Criteria.min_auroc, help="held-out AUROC a usable vector reaches (default: %(default)s)")
     parser.add_argument("--min-holdout-positives", type=int, default=Criteria.min_holdout_positives,
                         help="fewer held-out positives make the verdict 'weak' (default: %(default)s)")
+    parser.add_argument("--min-episode-auroc", type=float, default=Criteria.min_episode_auroc,
+                        help="the episode rule's score separating conversations with and without an emotion less "
+                             "well (AUROC) makes the verdict 'weak' (default: %(default)s)")
+    parser.add_argument("--max-episode-false-alarm-rate", type=unit_fraction, default=Criteria.max_episode_false_alarm_rate,
+                        metavar="F", help="the episode rule firing on more conversations without the emotion, beyond "
+                                          "the 95%% interval, makes the verdict 'weak' (default: the rule's own "
+                                          "false-alarm rate in the manifest)")
+    parser.add_argument("--min-episode-hit-rate", type=unit_fraction, default=Criteria.min_episode_hit_rate, metavar="F",
+                        help="the episode rule firing on fewer conversations with the emotion, beyond the 95%% "
+                             "interval, makes the verdict 'weak' (default: %(default)s)")
     parser.add_argument("--logistic-c", type=float, default=1.0, help="inverse regularisation of the logistic probe")
     parser.add_argument("--sweep-layers", default=None, metavar="all|L1,L2,...",
                         help="also evaluate these layers (one model pass, separate cache namespace) and recommend target layers")
@@ -282,12 +296,17 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
             estimators=args.estimators, threshold_method=args.threshold_method, target_fpr=args.target_fpr,
             crosstalk_cosine=args.crosstalk_cosine, bootstrap=args.bootstrap, logistic_C=args.logistic_c, sweep=sweep,
             criteria=Criteria(min_auroc=args.min_auroc, min_holdout_positives=args.min_holdout_positives,
-                              confound_margin=args.confound_margin),
+                              confound_margin=args.confound_margin, min_episode_auroc=args.min_episode_auroc,
+                              max_episode_false_alarm_rate=args.max_episode_false_alarm_rate,
+                              min_episode_hit_rate=args.min_episode_hit_rate),
             meta={"vectors_sha256": readout.sha256, "manifest": str(manifest_path),
                   "model": manifest.get("model"), "cache_dir": str(cache_root),
                   **({"snippets_file": str(args.snippets or "bundled conversation_snippets.jsonl")} if snippets else {})},
         )
         evaluation["conversations"] = _conversations(args, engines, cache, readout, evaluation)
+        catalog_path = output_dir / CATALOG_FILE
+        evaluation["catalog"] = (catalog_summary(pl.read_parquet(catalog_path), concepts)
+                                 if catalog_path.is_file() else None)
         apply_verdicts(evaluation)
         log_unusable(evaluation)
     html_path, json_path, plots = write_report(evaluation, args.report_dir or output_dir / REPORT_DIR,
@@ -302,7 +321,7 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     return {"html": html_path, "json": json_path, "plots": plots, "evaluation": evaluation}
 
 
-REMOTE_INPUTS = ("examples", "snapshot/memory_snapshot.parquet", "readout/staged_vectors.json")
+REMOTE_INPUTS = ("examples", "snapshot/memory_snapshot.parquet", "readout/staged_vectors.json", CATALOG_FILE)
 
 
 @contextlib.contextmanager

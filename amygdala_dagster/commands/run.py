@@ -14,6 +14,7 @@ from amygdala_dagster.commands.flags import open_fraction, positive_int
 from amygdala_dagster.commands.inputs import check_jsonl_input
 from amygdala_dagster.engine.models import ModelLoadError
 from amygdala_dagster.engine.token_sample import DEFAULT_SAMPLE_TOKENS
+from amygdala_dagster.readout.episode import DEFAULT_FALSE_ALARM_RATE
 from amygdala_dagster.pipeline.definitions import default_resources
 from amygdala_dagster.pipeline.resources import (
     ArtifactStorage, EvaluationResource, MemoryGraphResource, ModelResource, SelectionResource, ShardingResource,
@@ -74,9 +75,14 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     """Token calibration and conversation evaluation flags (``run``, ``backfill-emotion``)."""
     parser.add_argument("--token-target-rate", type=open_fraction, default=0.01,
                         help="share of calibration tokens the manifest's token threshold fires on (default: %(default)s)")
+    parser.add_argument("--episode-false-alarm-rate", type=open_fraction, default=DEFAULT_FALSE_ALARM_RATE,
+                        metavar="F", help="share of calibration conversations without an emotion on which its episode "
+                                          "rule may fire (default: %(default)s)")
     parser.add_argument("--calibration-texts", metavar="FILE.jsonl", default=None,
-                        help='runtime-like text to set the token calibration on, one {"text"} or {"messages"} per '
-                             "line (default: each emotion's held-out negatives)")
+                        help='runtime-like text to set the token calibration and the episode rules on, one {"text"} '
+                             'or {"messages"} per line, optionally labelled with "emotions" (a record labelled with an '
+                             "emotion is left out of that emotion's episode rule); default: each emotion's held-out "
+                             "negatives")
     parser.add_argument("--calibration-tokens", type=positive_int, default=None, metavar="N",
                         help="token budget of the calibration sample and of the evaluation conversations whose "
                              f"per-token activations are kept (default: {DEFAULT_SAMPLE_TOKENS})")
@@ -116,7 +122,7 @@ def build_resources(args: argparse.Namespace) -> dict[str, Any]:
     calibration, conversations = check_input_files(args)
     resources["evaluation"] = EvaluationResource(
         threshold_method=args.threshold_method, target_fpr=args.target_fpr,
-        token_target_rate=args.token_target_rate,
+        token_target_rate=args.token_target_rate, episode_false_alarm_rate=args.episode_false_alarm_rate,
         **({"calibration_tokens": args.calibration_tokens} if args.calibration_tokens is not None else {}),
         calibration_texts=str(calibration.resolve()) if calibration else None,
         eval_conversations=str(conversations.resolve()) if conversations else args.eval_conversations,

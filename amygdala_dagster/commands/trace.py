@@ -20,7 +20,7 @@ from amygdala_dagster.evaluation.trace import build_trace, render_trace_html
 from amygdala_dagster.settings import current_settings, flag_type
 
 HELP = ("run the model over conversations or text and show, per token, the calibrated readout of every concept "
-        "(DIR/trace.html with a token heatmap and per-concept traces, DIR/trace.json)")
+        "and its episode rule (DIR/trace.html with a token heatmap and per-concept traces, DIR/trace.json)")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -114,7 +114,9 @@ def main(args: argparse.Namespace) -> int:
     for conv in convs[:_LISTED_INPUTS]:
         cut = conv.get("truncated")
         shown = f"{cut['tokens_kept']} of {cut['tokens_total']} tokens (cut)" if cut else f"{len(conv['tokens'])} tokens"
-        print(f"{conv['id']}: {shown}; fired: {_names(conv['fired']) or 'none'}")
+        episode = (f"; episode rule fired: {_names(conv['episode_fired']) or 'none'}"
+                   if conv.get("episode_z") is not None else "")
+        print(f"{conv['id']}: {shown}; fired: {_names(conv['fired']) or 'none'}{episode}")
     if len(convs) > _LISTED_INPUTS:
         print(f"... {len(convs) - _LISTED_INPUTS} more inputs (all of them on the page)")
     cut = [c["truncated"] for c in convs if c.get("truncated")]

@@ -2,8 +2,10 @@
 estimator comparison, cross-talk, confounds, generalisation, and the report.
 
 Stage 5, on top of the readout (the metrics themselves are :mod:`amygdala_dagster.readout.metrics`):
-- :mod:`.core`: :func:`evaluate` and friends, reading activations from the cache, and
-  :func:`judge` / :func:`apply_verdicts`, the one source of per-emotion verdicts and flags;
+- :mod:`.core`: :func:`evaluate` and friends, reading activations from the cache;
+- :mod:`.verdicts`: :func:`judge` / :func:`apply_verdicts`, the one source of per-emotion verdicts and flags;
+- :mod:`.generalisation`: the out-of-distribution snippets each vector scores highest and lowest;
+- :mod:`.conversations`: the runtime section, labelled conversations read per token and by the episode rule;
 - :mod:`.report`: the HTML report and PNG plots (imports matplotlib, lazily);
 - :mod:`.trace`: per-token trace records and the trace page;
 - :mod:`.html`: the one Jinja2 environment both pages render through (templates in ``templates/``).
@@ -11,21 +13,17 @@ Stage 5, on top of the readout (the metrics themselves are :mod:`amygdala_dagste
 
 from amygdala_dagster.evaluation.core import (
     DEFAULT_ESTIMATORS,
-    Criteria,
-    apply_verdicts,
-    attention_order,
-    judge,
     resolve_estimators,
     calibration_for_manifest,
     confounds,
     crosstalk,
     evaluate,
     evaluate_emotion,
-    generalisation,
     json_clean,
-    read_snippets,
     sweep_layers,
 )
+from amygdala_dagster.evaluation.generalisation import generalisation, read_snippets
+from amygdala_dagster.evaluation.verdicts import Criteria, apply_verdicts, attention_order, judge
 from amygdala_dagster.readout.metrics import (
     accuracy_at,
     auroc,

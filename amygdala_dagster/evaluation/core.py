@@ -15,8 +15,6 @@ import math
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,8 +23,13 @@ import sklearn
 from amygdala_dagster.engine.cache import ActivationCache, layer_positions, text_sha256
 from amygdala_dagster.readout.estimators import DegenerateDirectionError, make_estimator, unit_direction
 from amygdala_dagster.readout import metrics as M
-from amygdala_dagster.examples.selection import cooccurrence
-from amygdala_dagster.files.jsonio import jsonable, jsonl_values
+from amygdala_dagster.examples.catalog import cooccurrence
+from amygdala_dagster.files.jsonio import jsonable
+# The verdicts live in .verdicts and the snippet scores in .generalisation; their names stay importable from here.
+from amygdala_dagster.evaluation.generalisation import generalisation, read_snippets  # noqa: F401
+from amygdala_dagster.evaluation.verdicts import (  # noqa: F401
+    FLAG_KINDS, VERDICTS, Criteria, apply_verdicts, attention_order, judge, log_unusable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,23 +38,6 @@ DEFAULT_ESTIMATORS = ("mean_difference", "lda", "logistic")
 # With estimators="auto", LDA and logistic (the costly refits) are compared up to this many emotions;
 # beyond it only when asked for (each costs ~0.1 s per emotion and layer).
 AUTO_COMPARE_MAX_EMOTIONS = 24
-VERDICTS = ("do_not_use", "weak", "use")  # most attention first
-
-
-@dataclass(frozen=True)
-class Criteria:
-    """What makes a vector usable: the thresholds of :func:`judge` (and of the Dagster checks)."""
-
-    min_auroc: float = 0.7
-    min_holdout_positives: int = 10
-    confound_margin: float = 0.0
-    max_crosstalk_cosine: float = 0.8
-    max_fire_rate_without: float = 0.5
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 def resolve_estimators(estimators: Sequence[str] | str | None, n_emotions: int) -> tuple[str, ...]:
     """The estimators to compare: a list as given, ``"none"``, or ``"auto"``/None (all three up to
     :data:`AUTO_COMPARE_MAX_EMOTIONS` emotions, else none)."""
@@ -297,173 +283,6 @@ def _evaluate_emotion(
     }
 
 
-# ----------------------------------------------------------------------------- verdicts
-
-
-def _num(x: Any) -> float:
-    return float(x) if x is not None and math.isfinite(float(x)) else math.nan
-
-
-#: Every kind of flag :func:`judge` raises (each is shown by one Dagster check).
-FLAG_KINDS = ("not_evaluable", "below_min_auroc", "small_holdout", "wide_interval", "confound", "crosstalk",
-              "conversation_auroc", "conversation_fires")
-
-
-def _flag(emotion: str, kind: str, severity: str, message: str) -> dict[str, str]:
-    assert kind in FLAG_KINDS, kind
-    return {"emotion": emotion, "kind": kind, "severity": severity, "message": f"{emotion}: {message}"}
-
-
-def _emotion_flags(evaluation: Mapping[str, Any], emotion: str, criteria: Criteria,
-                   partners: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
-    res = evaluation["emotions"][emotion]
-    best = res.get("best_layer")
-    auc = _num(res.get("best_auroc"))
-    flags = []
-    if not math.isfinite(auc):
-        flags.append(_flag(emotion, "not_evaluable", "do_not_use",
-                           "the holdout lacks positives or negatives; no held-out AUROC"))
-        entry: Mapping[str, Any] = {}
-    else:
-        entry = res["layers"][str(best)]
-        ci = entry.get("auroc_ci")
-        ci_text = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
-        n_pos = int(entry.get("n_pos") or 0)
-        if auc < criteria.min_auroc:
-            flags.append(_flag(emotion, "below_min_auroc", "do_not_use",
-                               f"best held-out AUROC {auc:.3f}{ci_text} (layer {best}) below {criteria.min_auroc}"))
-        base = res["confounds"]["baseline_auroc"]
-        scored = {k: _num(v) for k, v in base.items() if math.isfinite(_num(v))}
-        if scored:
-            which = max(scored, key=scored.get)
-            if auc <= scored[which] + criteria.confound_margin:
-                flags.append(_flag(
-                    emotion, "confound", "do_not_use",
-                    f"best held-out AUROC {auc:.3f} (layer {best}) is no better than the trivial "
-                    f"{which.replace('_', ' ')} baseline ({scored[which]:.3f})"))
-        if n_pos < criteria.min_holdout_positives:
-            flags.append(_flag(emotion, "small_holdout", "weak",
-                               f"only {n_pos} held-out positive(s) (fewer than {criteria.min_holdout_positives}): "
-                               + (f"AUROC {auc:.3f}{ci_text} is not reliable" if auc >= criteria.min_auroc
-                                  else "the AUROC is not reliable")))
-        elif ci and auc >= criteria.min_auroc and ci[0] < criteria.min_auroc:
-            flags.append(_flag(emotion, "wide_interval", "weak",
-                               f"the 95% interval of the held-out AUROC{ci_text} reaches below {criteria.min_auroc}"))
-    for p in partners:
-        co = p.get("cooccurrence")
-        flags.append(_flag(
-            emotion, "crosstalk", "weak",
-            f"its vector is close to {p['other']}'s (cosine {p['cosine']:.2f} at layer {p['layer']}"
-            + (f"; their tags co-occur, r = {co:.2f}" if co is not None and math.isfinite(co) else "")
-            + "): it may read both"))
-    conv = ((evaluation.get("conversations") or {}).get("per_emotion") or {}).get(emotion)
-    if conv:
-        for key, label in (("text_auroc", "text-level"), ("token_auroc", "per-token")):
-            v = _num(conv.get(key))
-            if math.isfinite(v) and v < criteria.min_auroc:
-                flags.append(_flag(emotion, "conversation_auroc", "weak",
-                                   f"{label} AUROC on conversations {v:.3f} below {criteria.min_auroc} "
-                                   f"({conv.get('n_with', '?')} with / {conv.get('n_without', '?')} without)"))
-        rate = _num(conv.get("fire_rate_without"))
-        if math.isfinite(rate) and rate > criteria.max_fire_rate_without:
-            flags.append(_flag(emotion, "conversation_fires", "do_not_use",
-                               f"fires on {rate:.0%} of conversations without it "
-                               f"(more than {criteria.max_fire_rate_without:.0%})"))
-    return flags
-
-
-def _crosstalk_partners(evaluation: Mapping[str, Any], criteria: Criteria) -> dict[str, list[dict[str, Any]]]:
-    """Per emotion, the other emotions whose vector is within ``max_crosstalk_cosine`` at its best layer."""
-    ct = evaluation.get("crosstalk") or {}
-    concepts = list(ct.get("concepts") or [])
-    out: dict[str, list[dict[str, Any]]] = {e: [] for e in evaluation["emotions"]}
-    if not concepts:
-        return out
-    co = ct.get("cooccurrence")
-    for i, e in enumerate(concepts):
-        if e not in out:
-            continue
-        layer = evaluation["emotions"][e].get("best_layer")
-        if layer is None:
-            continue
-        row = np.array([_num(x) for x in ct["cosine"][str(layer)][i]])
-        row[i] = -np.inf
-        for j in np.flatnonzero(row >= criteria.max_crosstalk_cosine):
-            out[e].append({"other": concepts[j], "layer": int(layer), "cosine": float(row[j]),
-                           "cooccurrence": _num(co[i][j]) if co is not None else None})
-        out[e].sort(key=lambda p: -p["cosine"])
-    return out
-
-
-def attention_order(evaluation: Mapping[str, Any]) -> list[str]:
-    """Emotions ordered by what needs attention: verdict (do not use, weak, use), then lowest AUROC."""
-    verdicts = evaluation["verdicts"]
-
-    def key(e: str) -> tuple[int, float, str]:
-        auc = _num(evaluation["emotions"][e].get("best_auroc"))
-        return VERDICTS.index(verdicts[e]["verdict"]), auc if math.isfinite(auc) else -1.0, e
-
-    return sorted(evaluation["emotions"], key=key)
-
-
-def judge(evaluation: Mapping[str, Any], criteria: Criteria | None = None) -> dict[str, Any]:
-    """Verdict per emotion (``use`` / ``weak`` / ``do_not_use``) with its reasons, and every flag.
-
-    The one source of truth for flags: the report, the Dagster checks and the
-    metadata read its result (stored in the evaluation by :func:`apply_verdicts`).
-    Uses held-out AUROC and interval, holdout size, the trivial baselines,
-    cross-talk at the emotion's best layer, and, when present,
-    ``evaluation["conversations"]["per_emotion"][emotion]`` (``text_auroc``,
-    ``token_auroc``, ``fire_rate_without``, ``n_with``, ``n_without``).
-    Returns ``{"verdicts": {emotion: {"verdict", "reasons", "flags"}}, "flags": [...]}``.
-    """
-    if criteria is None:
-        stored = (evaluation.get("settings") or {}).get("criteria")
-        criteria = Criteria(**stored) if stored else Criteria()
-    partners = _crosstalk_partners(evaluation, criteria)
-    verdicts: dict[str, Any] = {}
-    flags_of: dict[str, list[dict[str, str]]] = {}
-    for emotion, res in evaluation["emotions"].items():
-        flags = flags_of[emotion] = _emotion_flags(evaluation, emotion, criteria, partners[emotion])
-        severities = {f["severity"] for f in flags}
-        verdict = next((v for v in VERDICTS if v in severities), "use")
-        if flags:
-            reasons = [f["message"].split(": ", 1)[1] for f in flags]
-        else:
-            entry = res["layers"][str(res["best_layer"])]
-            ci = entry.get("auroc_ci")
-            reasons = [f"held-out AUROC {res['best_auroc']:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
-                       + f" at layer {res['best_layer']} on {entry['n_pos']} positives / {entry['n_neg']} negatives"]
-        verdicts[emotion] = {"verdict": verdict, "reasons": reasons, "flags": sorted({f["kind"] for f in flags})}
-    order = attention_order({"emotions": evaluation["emotions"], "verdicts": verdicts})
-    return {"verdicts": {e: verdicts[e] for e in order}, "flags": [f for e in order for f in flags_of[e]],
-            "criteria": criteria.to_dict()}
-
-
-def apply_verdicts(evaluation: dict[str, Any], criteria: Criteria | None = None) -> dict[str, Any]:
-    """Store :func:`judge`'s verdicts, flags and their counts in ``evaluation`` (in place; returned).
-
-    Call it again after adding ``evaluation["conversations"]``.
-    """
-    j = judge(evaluation, criteria)
-    evaluation.setdefault("settings", {})["criteria"] = j["criteria"]
-    evaluation["verdicts"] = j["verdicts"]
-    evaluation["flags"] = j["flags"]
-    counts = Counter(v["verdict"] for v in j["verdicts"].values())
-    aucs = {e: _num(r.get("best_auroc")) for e, r in evaluation["emotions"].items()}
-    scored = {e: a for e, a in aucs.items() if math.isfinite(a)}
-    worst = min(scored, key=scored.get) if scored else None
-    evaluation.setdefault("summary", {}).update({
-        "verdict_counts": {v: counts.get(v, 0) for v in VERDICTS},
-        "n_flagged": sum(1 for v in j["verdicts"].values() if v["flags"]),
-        "mean_best_auroc": float(np.mean(list(scored.values()))) if scored else None,
-        "worst_best_auroc": scored[worst] if worst else None,
-        "worst_emotion": worst,
-        "n_not_evaluable": len(aucs) - len(scored),
-    })
-    return evaluation
-
-
 # ----------------------------------------------------------------------------- cross-talk
 
 
@@ -492,81 +311,6 @@ def crosstalk(readout: Any, *, snapshot: Any = None, threshold: float = 0.5) -> 
                     })
     pairs.sort(key=lambda p: (-p["cosine"], p["a"], p["b"], p["layer"]))
     return {"concepts": concepts, "threshold": threshold, "cosine": cos_by_layer, "cooccurrence": co, "pairs": pairs}
-
-
-# ----------------------------------------------------------------------------- generalisation
-
-
-def read_snippets(path: str | os.PathLike[str]) -> list[dict[str, str]]:
-    """Conversation snippets from a JSONL file of ``{"id", "text"}`` (errors name the line)."""
-    path = Path(path)
-    out, seen = [], set()
-    for where, obj in jsonl_values(path):
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or "id" not in obj:
-            raise ValueError(f'{where}: expected an object with "id" and "text"')
-        if not obj["text"].strip():
-            raise ValueError(f"{where}: snippet {obj['id']!r} has empty text")
-        sid = str(obj["id"])
-        if sid in seen:
-            raise ValueError(f"{where}: duplicate snippet id {sid!r}")
-        seen.add(sid)
-        out.append({"id": sid, "text": obj["text"]})
-    return out
-
-
-def generalisation(
-    cache: ActivationCache,
-    readout: Any,
-    snippets: Sequence[Mapping[str, str]],
-    layer_for: Mapping[str, int | None],
-    calibration_for: Mapping[str, Mapping[int, dict | None]],
-    *,
-    top_k: int = 5,
-) -> dict[str, Any]:
-    """Top and bottom snippets per emotion by calibrated score at the emotion's chosen layer.
-
-    ``{"n_snippets", "texts": {id: text}, "emotions": {emotion: {"layer", "top", "bottom",
-    "fraction_above_threshold"}}}``; the rows of ``top``/``bottom`` name snippets by id. Every snippet
-    must be in the cache (the GPU step forwards them with the examples).
-    """
-    texts = [s["text"] for s in snippets]
-    ids = [str(s["id"]) for s in snippets]
-    missing = [i for i, t in zip(ids, texts) if text_sha256(t) not in cache]
-    if missing:
-        raise ValueError(
-            f"{len(missing)} conversation snippet(s) (first {missing[0]!r}) are not in the activation cache "
-            f"{cache.directory}: forward them first (materialize activation_stats)"
-        )
-    acts = cache.get([text_sha256(t) for t in texts]).astype(np.float64) if texts else None
-    # Each snippet's text once (rows name it by id): 200 emotions x top/bottom would repeat them.
-    out: dict[str, Any] = {"n_snippets": len(snippets), "texts": dict(zip(ids, texts)), "emotions": {}}
-    for ci, emotion in enumerate(readout.concepts):
-        layer = layer_for.get(emotion)
-        if layer is None:
-            layer = int(readout.layers[-1])
-        cal = (calibration_for.get(emotion) or {}).get(layer)
-        if acts is None:
-            out["emotions"][emotion] = {"layer": layer, "top": [], "bottom": []}
-            continue
-        li = layer_positions(cache, [layer], f"snippets for {emotion!r}")[0]
-        raw = acts[:, li, :] @ np.asarray(readout.vectors[layer][ci], dtype=np.float64)
-        z = M.z_score(raw, cal["neg_mean"], cal["neg_std"]) if cal else np.full_like(raw, np.nan)
-        prob = M.probability(raw, cal) if cal else np.full_like(raw, np.nan)
-        order = np.argsort(-raw, kind="mergesort")
-
-        def row(i: int) -> dict[str, Any]:
-            return {"id": ids[i], "raw": float(raw[i]), "z": float(z[i]),
-                    "probability": float(prob[i]),
-                    "above_threshold": bool(cal and raw[i] >= cal["threshold"])}
-
-        k = min(top_k, len(order))
-        out["emotions"][emotion] = {
-            "layer": layer,
-            "top": [row(int(i)) for i in order[:k]],
-            "bottom": [row(int(i)) for i in order[::-1][:k]],
-            "fraction_above_threshold": float(np.mean(raw >= cal["threshold"])) if cal else None,
-        }
-    return out
 
 
 # ----------------------------------------------------------------------------- layer sweep
@@ -747,14 +491,6 @@ def evaluate(
             cache, readout, snippets, layer_for, cal_for, top_k=top_k
         )
     return apply_verdicts(json_clean(result), criteria)
-
-
-def log_unusable(evaluation: Mapping[str, Any]) -> None:
-    """One warning per emotion whose verdict is "do not use", with its reasons (call it once, after the
-    last :func:`apply_verdicts`, so the log says what the report and the checks say)."""
-    for emotion, v in evaluation["verdicts"].items():
-        if v["verdict"] == "do_not_use":
-            log.warning("evaluation: %s: do not use: %s", emotion, "; ".join(v["reasons"]))
 
 
 def calibration_for_manifest(evaluation: Mapping[str, Any]) -> dict[str, dict[str, dict]]:

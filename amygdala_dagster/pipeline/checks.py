@@ -46,6 +46,8 @@ MANIFEST_CHECKS = [
           "manifest SHA-256 matches vectors.safetensors; shapes and row order match the manifest", blocking=True),
     _spec("readout_manifest", "token_threshold_heldout_rate",
           "each token threshold fires on held-out calibration tokens at most twice its target rate"),
+    _spec("readout_manifest", "episode_rule_heldout_rate",
+          "no episode rule fires on held-out calibration episodes above its target rate beyond the 95% interval"),
 ]
 EVALUATION_CHECKS = [
     _spec("evaluation_report", "separation_above_threshold",
@@ -56,7 +58,8 @@ EVALUATION_CHECKS = [
           "vector that it reads both"),
     _spec("evaluation_report", "readout_on_conversations",
           "on the labelled conversations, every vector separates at text and token level and does not fire on "
-          "most conversations without its emotion"),
+          "most conversations without its emotion, and its episode rule separates, keeps to its false-alarm rate "
+          "and detects the emotion"),
 ]
 ALL_CHECK_SPECS = [*SNAPSHOT_CHECKS, *EXAMPLES_CHECKS, *STATS_CHECKS, *VECTORS_CHECKS, *MANIFEST_CHECKS,
                    *EVALUATION_CHECKS]
@@ -165,11 +168,12 @@ def manifest_problems(vectors_path: Any, manifest_path: Any, expected_concepts: 
     return out
 
 
-# The evaluation's flags (written by evaluation.core.judge into evaluation.json) are the one source of
+# The evaluation's flags (written by evaluation.verdicts.judge into evaluation.json) are the one source of
 # truth for verdicts; each check shows the flags of some kinds, and counts the emotions it names.
 SEPARATION_FLAGS = ("not_evaluable", "below_min_auroc", "small_holdout", "wide_interval")
 BASELINE_FLAGS = ("confound", "crosstalk")
-CONVERSATION_FLAGS = ("conversation_auroc", "conversation_fires")
+CONVERSATION_FLAGS = ("conversation_auroc", "conversation_fires", "episode_auroc", "episode_false_alarms",
+                      "episode_hits")
 
 
 def flag_messages(evaluation: Mapping[str, Any], kinds: Sequence[str]) -> list[str]:
@@ -204,6 +208,11 @@ def flagged_emotions(evaluation: Mapping[str, Any], kinds: Sequence[str]) -> lis
     return list(dict.fromkeys(f["emotion"] for f in evaluation.get("flags", []) if f.get("kind") in kinds))
 
 
+def flags_by_kind(evaluation: Mapping[str, Any], kinds: Sequence[str]) -> dict[str, str]:
+    """Per flag kind a check shows, the emotions flagged with it (comma-separated; "none")."""
+    return {kind: ", ".join(flagged_emotions(evaluation, [kind])) or "none" for kind in kinds}
+
+
 def evaluation_checks(evaluation: Mapping[str, Any], min_auroc: float) -> list[dg.AssetCheckResult]:
     """The evaluation report's three WARN checks, each showing the verdict flags of some kinds."""
     out = []
@@ -211,6 +220,8 @@ def evaluation_checks(evaluation: Mapping[str, Any], min_auroc: float) -> list[d
                                (EVALUATION_CHECKS[1], BASELINE_FLAGS, {}),
                                (EVALUATION_CHECKS[2], CONVERSATION_FLAGS, {})):
         flagged = flagged_emotions(evaluation, kinds)
+        by_kind = {f"flagged_{kind}": names for kind, names in flags_by_kind(evaluation, kinds).items()}
         out.append(check_result(spec.name, flag_messages(evaluation, kinds), severity=WARN,
-                                metadata={**extra, "n_flagged": len(flagged), "flagged": ", ".join(flagged) or "none"}))
+                                metadata={**extra, "n_flagged": len(flagged), "flagged": ", ".join(flagged) or "none",
+                                          **by_kind}))
     return out

@@ -22,9 +22,11 @@ from pydantic import Field, PrivateAttr
 
 from amygdala_dagster.engine.activations import ActivationEngine
 from amygdala_dagster.engine.token_sample import DEFAULT_SAMPLE_TOKENS
-from amygdala_dagster.evaluation.core import Criteria
+from amygdala_dagster.evaluation.verdicts import Criteria
+from amygdala_dagster.readout.episode import DEFAULT_FALSE_ALARM_RATE, DEFAULT_HALF_LIFE_TOKENS, DEFAULT_MIN_TOKENS
 from amygdala_dagster.readout.metrics import THRESHOLD_METHODS
-from amygdala_dagster.examples.selection import SelectionParams, emotion_catalog
+from amygdala_dagster.examples.selection import SelectionParams
+from amygdala_dagster.examples.catalog import DEFAULT_CORE_NODE_TYPES, emotion_catalog
 from amygdala_dagster.engine.models import LoadedModel, parse_device_map
 from amygdala_dagster.files.storage import Store
 from amygdala_dagster.data import conversation_snippets_path, sample_graph_path
@@ -96,6 +98,10 @@ class SelectionResource(dg.ConfigurableResource):
     max_emotions: int = 200
     curated: list[str] = Field(default_factory=lambda: current_settings().emotions,
                                description="emotions always included (default $AMYGDALA_EMOTIONS)")
+    core_node_types: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_CORE_NODE_TYPES),
+        description="node types (core-personality, pattern) whose tagged or named emotions are candidates beside the "
+                    "most-tagged ones, and take the max_emotions slots before them")
 
     def params(self) -> SelectionParams:
         return SelectionParams(
@@ -110,6 +116,7 @@ class SelectionResource(dg.ConfigurableResource):
         return emotion_catalog(
             snapshot, self.params(), min_positives=int(self.min_positives),
             max_emotions=int(self.max_emotions), curated=list(self.curated),
+            core_node_types=list(self.core_node_types),
         )
 
 
@@ -220,6 +227,16 @@ class EvaluationResource(dg.ConfigurableResource):
         default=Criteria.max_crosstalk_cosine, description="a vector this close to another emotion's (at its best layer) is 'weak'")
     max_fire_rate_without: float = Field(
         default=Criteria.max_fire_rate_without, description="firing on more of the conversations without the emotion makes it 'do not use'")
+    min_episode_auroc: float = Field(
+        default=Criteria.min_episode_auroc, description="a lower AUROC of the episode rule's score on conversations makes it 'weak'")
+    max_episode_false_alarm_rate: float | None = Field(
+        default=Criteria.max_episode_false_alarm_rate,
+        description="the episode rule firing on more of the conversations without the emotion (beyond the 95% "
+                    "interval) makes it 'weak'; unset: the rule's own false-alarm rate")
+    min_episode_hit_rate: float = Field(
+        default=Criteria.min_episode_hit_rate,
+        description="the episode rule firing on fewer of the conversations with the emotion (beyond the 95% "
+                    "interval) makes it 'weak'")
     estimators: str = Field(
         default="auto",
         description="estimators compared with the shipped one: auto (LDA and logistic up to 24 emotions), "
@@ -237,6 +254,14 @@ class EvaluationResource(dg.ConfigurableResource):
     )
 
     token_target_rate: float = Field(default=0.01, description="share of calibration tokens the token threshold fires on")
+    episode_false_alarm_rate: float = Field(
+        default=DEFAULT_FALSE_ALARM_RATE, gt=0.0, lt=1.0,
+        description="share of calibration episodes without an emotion on which its episode rule may fire")
+    episode_half_life_tokens: float | None = Field(
+        default=DEFAULT_HALF_LIFE_TOKENS, gt=0.0,
+        description="half-life in scored tokens of the episode rule's weighted mean (null: the cumulative mean)")
+    episode_min_tokens: int = Field(default=DEFAULT_MIN_TOKENS, ge=1,
+                                    description="scored tokens the episode rule reads before it decides")
     calibration_tokens: int = Field(
         default=DEFAULT_SAMPLE_TOKENS, ge=1,
         description="token budget of the calibration sample (and of the evaluation conversations) whose per-token "
@@ -267,11 +292,21 @@ class EvaluationResource(dg.ConfigurableResource):
         return {"threshold_method": self.threshold_method, "target_fpr": float(self.target_fpr)}
 
     def criteria(self) -> Any:
-        """The verdict criteria (:class:`amygdala_dagster.evaluation.core.Criteria`) of these settings."""
+        """The verdict criteria (:class:`amygdala_dagster.evaluation.verdicts.Criteria`) of these settings."""
         return Criteria(min_auroc=float(self.min_auroc), min_holdout_positives=int(self.min_holdout_positives),
                         confound_margin=float(self.confound_margin),
                         max_crosstalk_cosine=float(self.max_crosstalk_cosine),
-                        max_fire_rate_without=float(self.max_fire_rate_without))
+                        max_fire_rate_without=float(self.max_fire_rate_without),
+                        min_episode_auroc=float(self.min_episode_auroc),
+                        max_episode_false_alarm_rate=None if self.max_episode_false_alarm_rate is None
+                        else float(self.max_episode_false_alarm_rate),
+                        min_episode_hit_rate=float(self.min_episode_hit_rate))
+
+    def episode_settings(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`amygdala_dagster.readout.token_calibration.calibrate_episodes`."""
+        return {"false_alarm_rate": float(self.episode_false_alarm_rate),
+                "half_life_tokens": None if self.episode_half_life_tokens is None else float(self.episode_half_life_tokens),
+                "min_tokens": int(self.episode_min_tokens)}
 
     def snippets_path(self) -> str | None:
         if self.snippets_file and self.snippets_file.lower() == "none":

@@ -3,10 +3,12 @@
 ``vectors.safetensors`` holds ``layer_<idx>.vectors`` of shape
 ``[n_concepts, hidden_size]`` (float32 unless asked), rows in the manifest's
 ``concepts`` order, each of unit L2 norm. ``manifest.json`` describes them
-(format_version 2) and carries the vectors file's SHA-256. Format 2 adds, per
+(format_version 3) and carries the vectors file's SHA-256. Format 2 added, per
 concept and layer, ``token_calibration`` (the distribution of *per-token*
 projections, what the runtime sees) beside the text-level ``calibration``;
-readers accept format 1 too (it has no ``token_calibration``).
+format 3 adds ``episode``, the conversation-level rule
+(:mod:`amygdala_dagster.readout.episode`). Readers accept formats 1 and 2 too
+(without those entries).
 
 Publication (see :func:`write_readout` and :mod:`amygdala_dagster.readout.publish`):
 both files are fully serialised in memory, then published together as one
@@ -38,11 +40,12 @@ from amygdala_dagster.files.jsonio import jsonable
 from amygdala_dagster.readout.publish import PublishError, open_pair, publish_pair
 from amygdala_dagster.files.storage import location
 
-FORMAT_VERSION = 2
-#: Manifest versions :func:`load_readout` reads (1: no ``token_calibration``).
-READABLE_FORMAT_VERSIONS = (1, 2)
-#: Per concept and layer, the manifest's calibration entries: text level (mean-pooled texts) and per token.
-CALIBRATION_KINDS = {"text": "calibration", "token": "token_calibration"}
+FORMAT_VERSION = 3
+#: Manifest versions :func:`load_readout` reads (1: no ``token_calibration``; 2: no ``episode``).
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
+#: Per concept and layer, the manifest's calibration entries: text level (mean-pooled texts), per token, and
+#: the conversation-level (episode) rule.
+CALIBRATION_KINDS = {"text": "calibration", "token": "token_calibration", "episode": "episode"}
 ACTIVATION_SITE = "residual_stream_after_layer"
 VECTORS_FORMAT = "amygdala-readout-vectors/1"
 METADATA_KEY = "amygdala_readout"
@@ -76,6 +79,7 @@ def build_manifest(
     calibration: Mapping[str, Mapping[int, Mapping[str, Any]]] | None,
     vectors_file: str,
     token_calibration: Mapping[str, Mapping[Any, Mapping[str, Any] | None]] | None = None,
+    episode: Mapping[str, Mapping[Any, Mapping[str, Any] | None]] | None = None,
     vectors_sha256: str,
     vectors_dtype: str = "float32",
     created_at: str | None = None,
@@ -88,8 +92,9 @@ def build_manifest(
     counts and, per layer (key = layer index as a string), the raw
     (pre-normalisation) norm, the text-level projection calibration
     (``calibration``) and the per-token one (``token_calibration``, from
-    :func:`amygdala_dagster.readout.token_calibration.calibrate_tokens`; null when not
-    computed).
+    :func:`amygdala_dagster.readout.token_calibration.calibrate_tokens`) and the episode rule
+    (``episode``, from :func:`amygdala_dagster.readout.episode.calibrate_episode`); null when not
+    computed.
     """
     calibration = readout.calibration if calibration is None else calibration
     concepts = list(readout.concepts)
@@ -107,6 +112,9 @@ def build_manifest(
             tok = (token_calibration or {}).get(c, {})
             tok = tok.get(layer, tok.get(str(layer)))
             entry["token_calibration"] = dict(tok) if tok is not None else None
+            ep = (episode or {}).get(c, {})
+            ep = ep.get(layer, ep.get(str(layer)))
+            entry["episode"] = dict(ep) if ep is not None else None
             layer_entries[str(layer)] = entry
         per_concept[c] = {"training": dict(readout.counts.get(c, {})), "layers": layer_entries}
     manifest = {
@@ -211,8 +219,8 @@ def write_readout(
 
 def calibration_entry(manifest: Mapping[str, Any], concept: str, layer: int, kind: str = "text"
                       ) -> dict[str, Any] | None:
-    """The ``kind`` (``text`` or ``token``) calibration of ``concept`` at ``layer``; None when absent
-    (``token`` is absent from every format-1 manifest)."""
+    """The ``kind`` (``text``, ``token`` or ``episode``) calibration of ``concept`` at ``layer``; None when
+    absent (``token`` is absent from every format-1 manifest, ``episode`` from formats 1 and 2)."""
     if kind not in CALIBRATION_KINDS:
         raise ValueError(f"calibration kind {kind!r}: choose one of {', '.join(CALIBRATION_KINDS)}")
     per = (manifest.get("per_concept") or {}).get(concept) or {}

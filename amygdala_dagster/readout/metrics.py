@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
-from scipy.stats import bootstrap, mannwhitneyu
+from scipy.stats import bootstrap, mannwhitneyu, norm
 from sklearn.metrics import (
     accuracy_score, auc, confusion_matrix, confusion_matrix_at_thresholds, f1_score,
 )
@@ -313,3 +313,19 @@ def summarise_lengths(lengths: np.ndarray | list[int]) -> dict:
         "p75": float(q[3]),
         "max": float(q[4]),
     }
+
+
+def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float] | None:
+    """Wilson score interval of a rate ``k / n`` (None for ``n == 0``).
+
+    Used for the conversation-level firing rates rather than a bootstrap: a
+    percentile bootstrap of 0 fires in 50 conversations is [0, 0], a certainty
+    that 50 conversations do not give.
+    """
+    if n <= 0:
+        return None
+    z = float(norm.ppf(0.5 + level / 2))
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))

@@ -11,7 +11,9 @@ projection itself).
 
 :class:`ReadoutRuntime` attaches to a model and gives these scores for a text
 or a conversation (messages go through the tokenizer's chat template when it
-has one) and, one row per new token, while the model generates. It is the
+has one) and, one row per new token, while the model generates, with the
+episode rule (:mod:`amygdala_dagster.readout.episode`) applied token by token
+over the prompt and the generated tokens. It is the
 executable specification of what the ReadoutManager computes and a way to use
 the vectors without the vLLM build. :func:`scores_from_hidden` gives the same
 scores from per-token activations read earlier (the per-token cache of the
@@ -34,6 +36,7 @@ import torch
 from amygdala_dagster.engine.capture import capture, run_until_captured
 from amygdala_dagster.engine.inputs import Encoded, Item, encode, special_ids
 from amygdala_dagster.engine.layers import check_layer_indices, resolve_layers
+from amygdala_dagster.readout.episode import EpisodeTrace, EpisodeTracker, episode_traces
 from amygdala_dagster.readout.manifest import calibration_entry
 from amygdala_dagster.readout.metrics import z_score
 
@@ -123,6 +126,8 @@ class TokenScores:
     calibrated: dict[int, np.ndarray]
     skip_first_tokens: int
     id: str | None = None
+    #: The episode rule over the input, per layer whose concepts have one (manifests of format 3).
+    episode: dict[int, EpisodeTrace] = field(default_factory=dict)
 
     @property
     def scored(self) -> np.ndarray:
@@ -132,13 +137,22 @@ class TokenScores:
 
 @dataclass
 class TokenRow:
-    """The readout of one generated token: ``raw[layer]`` and ``calibrated[layer]`` are ``[C]``."""
+    """The readout of one generated token: ``raw[layer]`` and ``calibrated[layer]`` are ``[C]``.
+
+    ``episode[layer]`` is the episode rule's statistic after this token (the prompt and every token
+    generated so far), ``episode_active[layer]`` whether the rule is active at it and
+    ``episode_fired[layer]`` whether it has fired at any token so far, prompt included (``[C]`` each;
+    empty for a manifest without episode rules).
+    """
 
     position: int
     token_id: int
     token: str
     raw: dict[int, np.ndarray]
     calibrated: dict[int, np.ndarray]
+    episode: dict[int, np.ndarray] = field(default_factory=dict)
+    episode_active: dict[int, np.ndarray] = field(default_factory=dict)
+    episode_fired: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -263,6 +277,11 @@ class ReadoutRuntime:
         token, which generation never feeds back, gets one extra
         single-token step on the returned KV cache. Closing the generator
         stops generation at the next step.
+
+        The episode rule runs over the prompt (from the prefill pass, every
+        position) and then over each new token, its state carried from step
+        to step: a row's ``episode_fired`` says whether the rule has fired
+        anywhere in the conversation so far.
         """
         self._need_readout()
         if not hasattr(self.model, "generate"):
@@ -277,19 +296,29 @@ class ReadoutRuntime:
         done = object()
         step = {"n": 0, "ids": None}
         captured: list[torch.Tensor | None] = [None] * len(self._modules)
+        tracker = EpisodeTracker(self.readout.manifest, self.layers)
+        skip = int(self.skip_first_tokens)
 
         def pre_hook(module: Any, args: Any, kwargs: Any) -> None:
             step["ids"] = kwargs.get("input_ids", args[0] if args else None)
 
         def keep(slot: int, hidden: torch.Tensor) -> None:
-            captured[slot] = hidden[0, -1].detach().float().cpu()
+            # The prefill pass reads the whole prompt (every position feeds the episode rule); later
+            # passes read one new token each.
+            captured[slot] = hidden[0].detach().float().cpu() if step["n"] == 0 else \
+                hidden[0, -1:].detach().float().cpu()
             if all(c is not None for c in captured):
                 ids = step["ids"]
                 n = step["n"]
                 step["n"] += 1
-                if n > 0:  # the prefill pass reads the prompt; later passes read one new token each
+                if n == 0:
+                    raw = project({layer: captured[s] for s, layer in enumerate(self.layers)}, self.readout)
+                    tracker.update({l: r.numpy() for l, r in raw.items()}, scored_positions(enc.special, skip))
+                else:
                     token_id = int(ids[0, -1])
-                    rows.put(self._row(prompt_len + n - 1, token_id, list(captured)))
+                    position = prompt_len + n - 1
+                    scored = token_id not in self._specials and position >= skip
+                    rows.put(self._row(position, token_id, list(captured), tracker, scored))
                 captured[:] = [None] * len(captured)
 
         class _Cancel(StoppingCriteria):
@@ -334,12 +363,17 @@ class ReadoutRuntime:
         finally:
             pre.remove()
 
-    def _row(self, position: int, token_id: int, per_layer: list[torch.Tensor]) -> TokenRow:
+    def _row(self, position: int, token_id: int, per_layer: list[torch.Tensor], tracker: EpisodeTracker,
+             scored: bool) -> TokenRow:
         raw = {layer: t.numpy()[0] for layer, t in
-               project({layer: per_layer[s][None] for s, layer in enumerate(self.layers)}, self.readout).items()}
+               project({layer: per_layer[s] for s, layer in enumerate(self.layers)}, self.readout).items()}
+        episode = tracker.update({l: r[None] for l, r in raw.items()}, [scored])
         return TokenRow(
             position=position, token_id=token_id, token=self.tokenizer.convert_ids_to_tokens(token_id), raw=raw,
             calibrated={layer: calibrated_scores(r, self.readout.manifest, layer, "token") for layer, r in raw.items()},
+            episode={l: stat[0] for l, (stat, _) in episode.items()},
+            episode_active={l: act[0] for l, (_, act) in episode.items()},
+            episode_fired={l: tracker.states[l].fired.copy() for l in episode},
         )
 
     def _need_readout(self) -> None:
@@ -361,6 +395,7 @@ def scores_from_hidden(encoded: Encoded, hidden: np.ndarray, readout: Any, hidde
         encoded=encoded, concepts=list(readout.concepts), layers=layers, raw=raw,
         calibrated={layer: calibrated_scores(r, readout.manifest, layer, "token") for layer, r in raw.items()},
         skip_first_tokens=skip, id=id,
+        episode=episode_traces(raw, scored_mask(encoded, skip), readout.manifest),
     )
 
 

@@ -15,19 +15,29 @@ checked on tokens not used to set it by cross-fitting over texts (folds by
 content hash; each fold measured against the threshold set on the others):
 ``heldout.fire_rate`` is the rate a user should expect on text the
 calibration never saw.
+
+The same projections (:func:`project_calibration`, read once) set each
+concept's episode rule (:func:`calibrate_episodes`, see
+:mod:`amygdala_dagster.readout.episode`) on the calibration texts without the
+concept: its held-out negatives, or the ``--calibration-texts`` records not
+labelled with it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from amygdala_dagster.engine.token_sample import SampleEntry, TokenSample
+from amygdala_dagster.readout.episode import (
+    DEFAULT_FALSE_ALARM_RATE, DEFAULT_HALF_LIFE_TOKENS, DEFAULT_MIN_TOKENS, calibrate_episode,
+)
 from amygdala_dagster.readout.manifest import calibration_entry
+from amygdala_dagster.readout.folds import text_folds
 from amygdala_dagster.readout.runtime import DEFAULT_SKIP_FIRST_TOKENS, scored_positions
 
 log = logging.getLogger(__name__)
@@ -40,17 +50,6 @@ MIN_EXPECTED_FIRES = 10
 SOURCE_HOLDOUT = "holdout_negatives"
 #: The calibration sample's source when it holds the graph's held-out texts (each concept uses its negatives).
 SOURCE_HOLDOUT_TEXTS = "holdout_texts"
-
-
-def text_folds(keys: Sequence[str], n_folds: int = DEFAULT_FOLDS) -> np.ndarray:
-    """A fold number per text (by content key): stable (independent of order and of the other texts'
-    presence only through the ranking), as equal in size as possible; fewer folds than texts never."""
-    n = len(keys)
-    order = np.argsort([hashlib.sha256(f"token-calibration\0{k}".encode()).hexdigest() for k in keys],
-                       kind="stable")
-    folds = np.zeros(n, dtype=int)
-    folds[order] = np.arange(n) % max(min(int(n_folds), n), 1)
-    return folds
 
 
 def _threshold(x: np.ndarray, target_rate: float) -> float:
@@ -119,6 +118,60 @@ class TokenSource(Protocol):
     def get(self, key: str) -> np.ndarray: ...
 
 
+@dataclass
+class CalibrationProjections:
+    """Per concept and layer, the projections of each calibration text's scored tokens (read once, shared by
+    the token calibration and the episode rule): ``per[(ci, li)][j]`` belongs to ``entries[ci][j]``, whose
+    cross-fitting fold is set by ``fold_keys[ci][j]`` (copies of one token sequence share a fold)."""
+
+    concepts: list[str]
+    layers: list[int]
+    skip_first_tokens: int
+    per: dict[tuple[int, int], list[np.ndarray]] = field(default_factory=dict)
+    entries: dict[int, list[SampleEntry]] = field(default_factory=dict)
+    fold_keys: dict[int, list[str]] = field(default_factory=dict)
+
+
+def project_calibration(
+    readout: Any, entries_by_concept: Mapping[str, Sequence[SampleEntry]], tokens: TokenSource, *,
+    hidden_layers: Sequence[int], skip_first_tokens: int = DEFAULT_SKIP_FIRST_TOKENS,
+) -> CalibrationProjections:
+    """The calibration texts' per-token projections: each distinct sequence's activations (layers
+    ``hidden_layers``, in order) are read from ``tokens`` once and projected on the rows of the concepts
+    that use it -- no model involved."""
+    concepts = list(readout.concepts)
+    layers = [int(x) for x in readout.layers]
+    hidden_layers = [int(x) for x in hidden_layers]
+    missing_layers = [x for x in layers if x not in hidden_layers]
+    if missing_layers:
+        raise ValueError(f"the activations hold layers {hidden_layers}, not the readout's {missing_layers}")
+    uses: dict[str, list[tuple[int, SampleEntry]]] = {}
+    for ci, concept in enumerate(concepts):
+        for entry in entries_by_concept.get(concept, ()):
+            uses.setdefault(entry.key, []).append((ci, entry))
+    out = CalibrationProjections(concepts, layers, int(skip_first_tokens))
+    rows = {layer: np.asarray(readout.vectors[layer], np.float64) for layer in layers}
+    positions = [hidden_layers.index(layer) for layer in layers]
+    for key, used in uses.items():
+        first = used[0][1]
+        hidden = tokens.get(key)
+        h = hidden[scored_positions(first.special, skip_first_tokens)]  # [T', L, H]
+        cis = sorted({ci for ci, _ in used})
+        column = {ci: j for j, ci in enumerate(cis)}
+        for li, layer in enumerate(layers):
+            proj = h[:, positions[li], :].astype(np.float64) @ rows[layer][cis].T
+            for ci, _ in used:
+                out.per.setdefault((ci, li), []).append(proj[:, column[ci]])
+        for ci, entry in used:  # each record keeps its own labels; copies of a sequence share a fold
+            out.entries.setdefault(ci, []).append(entry)
+            out.fold_keys.setdefault(ci, []).append(first.id)
+    return out
+
+
+def _source(source: str | Mapping[str, str], concept: str) -> str:
+    return source if isinstance(source, str) else source.get(concept, SOURCE_HOLDOUT)
+
+
 def calibrate_readout(
     readout: Any,
     entries_by_concept: Mapping[str, Sequence[SampleEntry]],
@@ -129,53 +182,64 @@ def calibrate_readout(
     skip_first_tokens: int = DEFAULT_SKIP_FIRST_TOKENS,
     target_rate: float = DEFAULT_TARGET_RATE,
     n_folds: int = DEFAULT_FOLDS,
+    projections: CalibrationProjections | None = None,
 ) -> dict[str, dict[int, dict[str, Any] | None]]:
     """``{concept: {layer: token_calibration}}`` for every concept and layer of ``readout``.
 
     ``entries_by_concept[c]`` lists concept ``c``'s calibration inputs (entries of the calibration
-    :class:`~amygdala_dagster.engine.token_sample.TokenSample`); their per-token activations (layers
-    ``hidden_layers``, in order) are read from ``tokens`` once per distinct sequence and projected on
-    the rows of the concepts that use it -- no model involved. ``source`` (one string, or one per
-    concept) is recorded in each entry.
+    :class:`~amygdala_dagster.engine.token_sample.TokenSample`), projected by :func:`project_calibration`
+    (or given as ``projections``). ``source`` (one string, or one per concept) is recorded in each entry.
     """
-    concepts = list(readout.concepts)
-    layers = [int(x) for x in readout.layers]
-    hidden_layers = [int(x) for x in hidden_layers]
-    missing_layers = [x for x in layers if x not in hidden_layers]
-    if missing_layers:
-        raise ValueError(f"the activations hold layers {hidden_layers}, not the readout's {missing_layers}")
-    users: dict[str, list[int]] = {}
-    entry_of: dict[str, SampleEntry] = {}
-    for ci, concept in enumerate(concepts):
-        for entry in entries_by_concept.get(concept, ()):
-            users.setdefault(entry.key, []).append(ci)
-            entry_of.setdefault(entry.key, entry)
-    per: dict[tuple[int, int], list[np.ndarray]] = {}
-    keys: dict[int, list[str]] = {}
-    cut: dict[int, int] = {}
-    rows = {layer: np.asarray(readout.vectors[layer], np.float64) for layer in layers}
-    positions = [hidden_layers.index(layer) for layer in layers]
-    for key, cis in users.items():
-        entry = entry_of[key]
-        hidden = tokens.get(key)
-        h = hidden[scored_positions(entry.special, skip_first_tokens)]  # [T', L, H]
-        for li, layer in enumerate(layers):
-            proj = h[:, positions[li], :].astype(np.float64) @ rows[layer][cis].T
-            for j, ci in enumerate(cis):
-                per.setdefault((ci, li), []).append(proj[:, j])
-        for ci in cis:
-            keys.setdefault(ci, []).append(entry.id)
-            cut[ci] = cut.get(ci, 0) + int(entry.truncated)
+    if projections is None:
+        projections = project_calibration(readout, entries_by_concept, tokens, hidden_layers=hidden_layers,
+                                          skip_first_tokens=skip_first_tokens)
     out: dict[str, dict[int, dict[str, Any] | None]] = {}
-    for ci, concept in enumerate(concepts):
-        src = source if isinstance(source, str) else source.get(concept, SOURCE_HOLDOUT)
+    for ci, concept in enumerate(projections.concepts):
+        entries = projections.entries.get(ci, [])
         out[concept] = {}
-        for li, layer in enumerate(layers):
-            cal = calibrate_tokens(per.get((ci, li), []), keys.get(ci, []), source=src,
-                                   skip_first_tokens=skip_first_tokens, target_rate=target_rate, n_folds=n_folds)
+        for li, layer in enumerate(projections.layers):
+            cal = calibrate_tokens(projections.per.get((ci, li), []), projections.fold_keys.get(ci, []),
+                                   source=_source(source, concept), skip_first_tokens=projections.skip_first_tokens,
+                                   target_rate=target_rate, n_folds=n_folds)
             if cal is not None:
-                cal["n_truncated_texts"] = cut.get(ci, 0)
+                cal["n_truncated_texts"] = sum(int(e.truncated) for e in entries)
             out[concept][layer] = cal
+    return out
+
+
+def calibrate_episodes(
+    projections: CalibrationProjections,
+    token_calibration: Mapping[str, Mapping[int, Mapping[str, Any] | None]] | None = None,
+    *,
+    source: str | Mapping[str, str] = SOURCE_HOLDOUT,
+    half_life_tokens: float | None = DEFAULT_HALF_LIFE_TOKENS,
+    min_tokens: int = DEFAULT_MIN_TOKENS,
+    false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
+    n_folds: int = DEFAULT_FOLDS,
+) -> dict[str, dict[int, dict[str, Any] | None]]:
+    """``{concept: {layer: episode}}``: each concept's episode rule on its calibration texts that are not
+    labelled with it (a ``--calibration-texts`` record with ``"emotions"`` naming the concept is an episode
+    *with* it; records without labels count as episodes without every concept)."""
+    out: dict[str, dict[int, dict[str, Any] | None]] = {}
+    for ci, concept in enumerate(projections.concepts):
+        entries = projections.entries.get(ci, [])
+        fold_keys = projections.fold_keys.get(ci, [])
+        keep = [j for j, e in enumerate(entries) if concept not in (e.emotions or ())]
+        out[concept] = {}
+        for li, layer in enumerate(projections.layers):
+            values = projections.per.get((ci, li), [])
+            rule = calibrate_episode(
+                [values[j] for j in keep], [fold_keys[j] for j in keep], source=_source(source, concept),
+                skip_first_tokens=projections.skip_first_tokens, half_life_tokens=half_life_tokens,
+                min_tokens=min_tokens, false_alarm_rate=false_alarm_rate, n_folds=n_folds,
+                token_calibration=(token_calibration or {}).get(concept, {}).get(layer))
+            if rule is not None:
+                rule["n_labelled_left_out"] = len(entries) - len(keep)
+            out[concept][layer] = rule
+        if keep and all(r is None for r in out[concept].values()):
+            log.warning("%s: none of its %d calibration episodes has %d scored tokens; no episode rule (give longer "
+                        "--calibration-texts or lower the evaluation resource's episode_min_tokens)",
+                        concept, len(keep), min_tokens)
     return out
 
 

@@ -9,9 +9,9 @@ import dagster as dg
 import polars as pl
 
 from amygdala_dagster.files.atomic import atomic_write_text
-from amygdala_dagster.examples.selection import (
-    ExampleSet, cooccurrence, qualifying_emotions, read_examples_dir, select_all, write_examples_dir,
-)
+from amygdala_dagster.examples.selection import ExampleSet, select_all
+from amygdala_dagster.examples.catalog import SOURCES, cooccurrence, qualifying_emotions
+from amygdala_dagster.examples.directory import read_examples_dir, write_examples_dir
 from amygdala_dagster.pipeline.assets.common import (
     EMOTION, GROUP, add_partition_metadata, combined_hash, emotion_partitions, file_meta, json_hash, table,
 )
@@ -32,7 +32,8 @@ _LOGGED_EMOTIONS = 20
     kinds={"polars", "parquet"},
     description=(
         "Per-emotion counts (tagged, eligible positives/negatives), rank, co-occurrence and which "
-        "emotions qualify. Newly qualifying emotions are registered as `emotion` partitions."
+        "emotions qualify, with where each comes from (source: tags, core/pattern nodes, both, curated). "
+        "Newly qualifying emotions are registered as `emotion` partitions."
     ),
 )
 def emotion_catalog(
@@ -68,14 +69,16 @@ def emotion_catalog(
             "n_qualifying": len(qualifying),
             "qualifying": ", ".join(qualifying),
             "new_partitions": ", ".join(new) or "none",
-            "emotions": table(rows, ["rank", "emotion", "n_tagged", "n_positive", "n_negative", "mean_score",
-                                     "curated", "qualifies"]),
+            "emotions": table(rows, ["rank", "emotion", "source", "n_tagged", "n_core", "n_positive", "n_negative",
+                                     "mean_score", "qualifies"]),
+            "sources": ", ".join(f"{src}: {sum(1 for r in rows if r['source'] == src and r['qualifies'])}"
+                                 for src in SOURCES),
             "top_cooccurrence": dg.MetadataValue.md(
                 "| a | b | pearson |\n|---|---|---|\n" + "".join(f"| {a} | {b} | {r:.2f} |\n" for a, b, r in pairs)
             ),
             "parameters": selection.params().to_dict() | {
                 "min_positives": selection.min_positives, "max_emotions": selection.max_emotions,
-                "curated": list(selection.curated),
+                "curated": list(selection.curated), "core_node_types": list(selection.core_node_types),
             },
             "seconds": round(time.perf_counter() - t0, 3),
             **file_meta(store, CATALOG_FILE),

@@ -9,13 +9,15 @@ import dagster as dg
 from amygdala_dagster.engine.cache import ActivationCache
 from amygdala_dagster.evaluation import evaluate, read_snippets, summary_markdown, write_report
 from amygdala_dagster.evaluation.conversations import conversations_section
-from amygdala_dagster.evaluation.core import apply_verdicts, log_unusable
-from amygdala_dagster.evaluation.report import emotion_markdown, png_markdown
+from amygdala_dagster.evaluation.verdicts import apply_verdicts, log_unusable
+from amygdala_dagster.evaluation.plots import png_markdown
+from amygdala_dagster.evaluation.report import emotion_markdown
 from amygdala_dagster.evaluation.runtime_report import PLOT, runtime_markdown
 from amygdala_dagster.readout.manifest import load_readout
 from amygdala_dagster.pipeline.assets.common import GROUP, file_meta, json_hash, table
+from amygdala_dagster.examples.catalog import catalog_summary
+from amygdala_dagster.pipeline.assets.emotions import read_catalog_from, read_examples_from
 from amygdala_dagster.pipeline.checks import EVALUATION_CHECKS, evaluation_checks
-from amygdala_dagster.pipeline.assets.emotions import read_examples_from
 from amygdala_dagster.pipeline.assets.graph import read_snapshot_from
 from amygdala_dagster.pipeline.assets.readout_pair import read_samples, read_staged_info, readout_manifest
 from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource
@@ -56,6 +58,7 @@ def evaluation_report(
             meta={"vectors_sha256": readout.sha256, "dagster_run_id": context.run.run_id},
         )
     result["conversations"] = runtime_conversations(readout, result, read_samples(storage, info["fingerprint"]))
+    result["catalog"] = report_catalog(storage, readout.concepts)
     apply_verdicts(result)
     log_unusable(result)
     with store.local_for_write(REPORT_DIR) as out:
@@ -103,6 +106,15 @@ def runtime_conversations(readout: Any, result: dict[str, Any], samples: StoredS
     return conversations_section(samples.conversations, samples.tokens, readout, samples.layers, result)
 
 
+def report_catalog(storage: ArtifactStorage, concepts: list[str]) -> dict[str, Any] | None:
+    """Where each emotion of the readout comes from (the catalog's source), for the report; None without a
+    catalog (a storage that never ran emotion_catalog)."""
+    try:
+        return catalog_summary(read_catalog_from(storage), concepts)
+    except FileNotFoundError:
+        return None
+
+
 def runtime_metadata(result: dict[str, Any], plots: dict[str, bytes]) -> dict[str, Any]:
     """Dagster metadata of the runtime section (nothing when it was skipped); ``plots``: the report's PNGs."""
     if not result.get("conversations"):
@@ -126,7 +138,9 @@ def verdict_rows(result: dict) -> list[dict]:
         entry = r["layers"].get(str(r["best_layer"]), {}) if r["best_layer"] is not None else {}
         ci = entry.get("auroc_ci") or (None, None)
         rows.append({
-            "emotion": e, "verdict": v["verdict"], "best_layer": r["best_layer"],
+            "emotion": e, "verdict": v["verdict"],
+            "source": ((result.get("catalog") or {}).get("emotions") or {}).get(e, {}).get("source"),
+            "best_layer": r["best_layer"],
             "auroc": None if r["best_auroc"] is None else _round(r["best_auroc"], 3),
             "ci_low": None if ci[0] is None else _round(ci[0], 3), "ci_high": None if ci[1] is None else _round(ci[1], 3),
             "holdout_pos": entry.get("n_pos"), "holdout_neg": entry.get("n_neg"),

@@ -4,7 +4,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from amygdala_dagster.engine.inputs import read_inputs
-from amygdala_dagster.evaluation.core import read_snippets
+from amygdala_dagster.evaluation.generalisation import read_snippets
 from amygdala_dagster.examples.selection import ExampleSet, holdout_texts
 from amygdala_dagster.pipeline.assets.graph import read_snapshot_from
 from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, SelectionResource

@@ -16,9 +16,11 @@ from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResou
 from amygdala_dagster.pipeline.checks import (
     MANIFEST_CHECKS, VECTORS_CHECKS, WARN, check_result, manifest_problems, vectors_problems,
 )
+from amygdala_dagster.readout.episode import episode_problems, episode_summary
 from amygdala_dagster.readout.publish import current_pair, open_pair
 from amygdala_dagster.readout.token_calibration import (
-    calibrate_readout, calibration_entries, heldout_problems, heldout_summary,
+    calibrate_episodes, calibrate_readout, calibration_entries, heldout_problems, heldout_summary,
+    project_calibration,
 )
 from amygdala_dagster.readout.vectors import TrainedReadout, train_readout
 from amygdala_dagster.workflow import (
@@ -172,8 +174,9 @@ def load_staged_readout(storage: ArtifactStorage) -> tuple[TrainedReadout, dict[
     description=(
         "The Contract 3 pair for vLLM: vectors.safetensors + manifest.json (VLLM_READOUT_VECTORS, "
         "VLLM_READOUT_MANIFEST), published as one release (a new directory under releases/, then the "
-        "current link switched atomically). The manifest (format 2) carries the vectors' SHA-256 and, per concept and layer, the "
-        "text-level calibration and the per-token one (token threshold and its held-out firing rate)."
+        "current link switched atomically). The manifest (format 3) carries the vectors' SHA-256 and, per concept and layer, the "
+        "text-level calibration, the per-token one (token threshold and its held-out firing rate) and the episode rule "
+        "(conversation-level threshold and its held-out false-alarm rate)."
     ),
 )
 def readout_manifest(
@@ -181,7 +184,7 @@ def readout_manifest(
     evaluation: EvaluationResource,
 ) -> dg.MaterializeResult:
     readout, info = load_staged_readout(storage)
-    token_cal = compute_token_calibration(context, readout, info, storage, evaluation)
+    token_cal, episode = compute_token_calibration(context, readout, info, storage, evaluation)
     fp = info["fingerprint"]
     training = {
         "pipeline": "amygdala_dagster.pipeline",
@@ -196,7 +199,7 @@ def readout_manifest(
     fields = dict(
         model=fp.get("model"), model_revision=fp.get("revision"), dtype=fp.get("dtype"),
         pooling=fp.get("pooling"), layer_path=fp.get("layer_path"), fingerprint=fp, training=training,
-        token_calibration=token_cal,
+        token_calibration=token_cal, episode=episode,
     )
     manifest = write_readout(store.uri(VECTORS_FILE), store.uri(MANIFEST_FILE), readout, **fields)
     vectors_rel, manifest_rel = current_pair(store.uri(""))
@@ -209,6 +212,7 @@ def readout_manifest(
             check_result(MANIFEST_CHECKS[0].name, pair_problems),
             check_result(MANIFEST_CHECKS[1].name, heldout_problems(token_cal), severity=WARN,
                          metadata={"max_ratio_to_target": 2.0}),
+            check_result(MANIFEST_CHECKS[2].name, episode_problems(episode), severity=WARN),
         ],
         metadata={
             "concepts": ", ".join(manifest["concepts"]),
@@ -218,6 +222,7 @@ def readout_manifest(
             "dtype": str(manifest["dtype"]),
             "vectors_sha256": manifest["vectors_sha256"],
             "token_calibration": table(heldout_summary(token_cal)),
+            "episode_rules": table(episode_summary(episode)),
             **file_meta(store, vectors_rel, "vectors_"),
             **file_meta(store, manifest_rel, "manifest_"),
         },
@@ -237,17 +242,22 @@ def read_samples(storage: ArtifactStorage, fingerprint: dict[str, Any]) -> Store
 
 
 def compute_token_calibration(context: Any, readout: Any, info: dict[str, Any], storage: ArtifactStorage,
-                              evaluation: EvaluationResource) -> dict[str, Any]:
-    """Per-token calibration of every concept and layer, from the per-token activations the GPU step kept."""
+                              evaluation: EvaluationResource) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Per-token calibration and episode rule of every concept and layer, from the per-token activations the
+    GPU step kept (read and projected once for both)."""
     samples = read_samples(storage, info["fingerprint"])
     sets = {c: read_examples_from(storage, c)[1] for c in readout.concepts}
     entries, source = calibration_entries(samples.calibration, sets, readout.concepts)
     t0 = time.perf_counter()
+    projections = project_calibration(readout, entries, samples.tokens, hidden_layers=samples.layers)
     cal = calibrate_readout(readout, entries, samples.tokens, hidden_layers=samples.layers, source=source,
-                            target_rate=float(evaluation.token_target_rate))
+                            target_rate=float(evaluation.token_target_rate), projections=projections)
+    episode = calibrate_episodes(projections, cal, source=source, **evaluation.episode_settings())
     summary = samples.calibration.summary()
     cut = f", {summary['truncated']} cut to the token limit" if summary["truncated"] else ""
-    context.log.info(f"token calibration of {len(readout.concepts)} concepts on {summary['texts']} texts of "
-                     f"{', '.join(sorted(set(source.values())))} ({summary['tokens']} tokens{cut}) "
-                     f"in {time.perf_counter() - t0:.1f}s")
-    return cal
+    context.log.info(f"token calibration and episode rules of {len(readout.concepts)} concepts on "
+                     f"{summary['texts']} texts of {', '.join(sorted(set(source.values())))} ({summary['tokens']} "
+                     f"tokens{cut}) in {time.perf_counter() - t0:.1f}s")
+    for line in episode_problems(episode):
+        context.log.warning(line)
+    return cal, episode
