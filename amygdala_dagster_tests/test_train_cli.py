@@ -402,8 +402,8 @@ def test_step1_then_step2_end_to_end(tmp_path, capsys, graph):
         assert readout.concepts == ["anger", "grief", "joy"]
     assert readout.layers == default_target_layers(6) == [3, 4]
     assert "forwarded" in stdout and str(out) in stdout
-    # Contract 3: the seed script's manifest carries the per-token calibration too (format 2)
-    assert readout.manifest["format_version"] == 2
+    # Contract 3: the seed script's manifest carries the per-token calibration and episode rules too (format 3)
+    assert readout.manifest["format_version"] == 3
     for concept in readout.concepts:
         for layer in readout.layers:
             tok = readout.manifest["per_concept"][concept]["layers"][str(layer)]["token_calibration"]
