@@ -171,6 +171,10 @@ def test_backfill_of_new_emotion_forwards_nothing_when_texts_are_cached(full_run
     # its own run and instance; the cache of the module's run makes every text a cache hit
     own = wonder_graph_run(tmp_path, full_run["tmp"] / "cache")
     instance = own["instance"]
+    # a warm rerun of the whole graph: every input (examples, snippets, per-token samples) is cached
+    warm = step_metadata(own["result"], "activation_stats")
+    assert (warm["texts_forwarded"], warm["per_token_sequences_forwarded"]) == (0, 0)
+    assert warm["model_weights_loaded"] is False
     result = backfill_emotions(["wonder"], own["res"], instance)
     assert result.success, failures(result)
     assert result.job_def.name == "emotion_backfill"

@@ -20,6 +20,7 @@ sample graph.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -122,6 +123,8 @@ def run_ui(home: Path, work: Path, graph: Path | None) -> tuple[float, dict[str,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--graph", type=Path, default=None, help="memory graph JSONL (default: the bundled sample)")
+    p.add_argument("--nodes", type=int, default=None,
+                   help="instead, a synthetic graph of N nodes recombined from the bundled ones (extraction.py's)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -133,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         home = work / "home"
         home.mkdir()
+        if args.nodes:
+            sys.path.insert(0, str(REPO / "benchmarks"))
+            from extraction import bundled_nodes, synthetic_graph
+
+            args.graph = work / "graph.jsonl"
+            args.graph.write_text("".join(json.dumps(dataclasses.asdict(n)) + "\n" for n in synthetic_graph(bundled_nodes(),
+                                                                                              args.nodes)))
         (home / "dagster.yaml").write_text(instance_yaml(home))
         for i in range(args.repeat):
             for kind, fn in (("cli", run_cli), ("ui", run_ui)):  # cli first: it registers the partitions
