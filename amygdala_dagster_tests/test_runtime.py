@@ -312,3 +312,27 @@ def test_per_token_cache_prunes_what_no_sample_uses_once_old(tmp_path):
     assert freed > 0 and set(cache.keys()) == {"aa"}
     with pytest.raises(KeyError, match="materialize activation_stats"):
         cache.get("bb")
+
+
+def test_a_long_calibration_text_is_cut_and_the_cut_is_counted(tmp_path, caplog):
+    """Issue "Reliability round 2" §4: a 5 MB calibration text was cut to the token limit without a word; the
+    sample, the log line and every token_calibration entry now say how many texts were cut."""
+    import logging
+
+    loaded = load_model(build_tiny_model("qwen3"), device="cpu")
+    engine = ActivationEngine(loaded, LAYERS, max_tokens=64)
+    huge = "The evening was calm and the rain kept falling. " * 100_000  # ~5 MB
+    p = tmp_path / "traffic.jsonl"
+    p.write_text(json.dumps({"text": huge}) + "\n" + json.dumps({"text": TEXTS[0]}) + "\n")
+    with caplog.at_level(logging.INFO, logger="amygdala_dagster"):
+        sample = calibration_sample(engine.tokenizer, engine.max_tokens, 10_000, records=read_inputs(p),
+                                    records_name=p.name)
+    assert [e.truncated for e in sample.entries] == [True, False] and sample.summary()["truncated"] == 1
+    assert "1 cut to the token limit" in caplog.text
+    tokens = TokenCache(tmp_path / "cache", engine.fingerprint, engine.loaded.dtype)
+    with ActivationCache(tmp_path / "cache", engine.fingerprint) as cache:
+        ensure_cached(engine, cache, [], progress=False, tokens=tokens, sequences=sample.sequences)
+    entries, source = calibration_entries(sample, {}, CONCEPTS)
+    cal = calibrate_readout(_readout(), entries, tokens, hidden_layers=LAYERS, source=source, target_rate=0.1)
+    assert {cal[c][layer]["n_truncated_texts"] for c in CONCEPTS for layer in LAYERS} == {1}
+    assert len(sample.entries[0]) == 64  # what the runtime reads of it: the first max_tokens tokens
