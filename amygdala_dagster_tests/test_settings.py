@@ -1,4 +1,4 @@
-"""The AMYGDALA_* environment, read in one place (amygdala_dagster.settings): every command honours every
+"""The AMYGDALA_* environment, read in one place (amygdala_dagster.workflow.settings): every command honours every
 variable of the README's Configuration table where no flag is given, and a value out of bounds is one line
 naming the variable (exit 2), never a validation traceback."""
 
@@ -17,7 +17,7 @@ import pytest
 from amygdala_dagster.commands import backfill_emotion as backfill_cmd
 from amygdala_dagster.commands import run as run_cmd
 from amygdala_dagster.commands.cli import main as cli_main
-from amygdala_dagster.settings import MAX_SHARDS, ConfigurationError, Settings, current_settings
+from amygdala_dagster.workflow.settings import MAX_SHARDS, ConfigurationError, Settings, current_settings
 from amygdala_dagster_tests.pipeline_graphs import small_graph, write_graph
 from amygdala_dagster_tests.test_manifest import FIELDS, make_readout
 

@@ -191,7 +191,7 @@ def test_batch_flags_default_to_the_token_budget():
 
 def test_cache_dir_urls_keep_their_double_slash(monkeypatch):
     from amygdala_dagster.pipeline.resources import ModelResource
-    from amygdala_dagster.workflow import EngineSettings
+    from amygdala_dagster.workflow.engine_settings import EngineSettings
 
     assert EngineSettings(cache_dir="s3://bucket/cache").cache_root() == "s3://bucket/cache"
     assert ModelResource(cache_dir="s3://bucket/cache").cache_root() == "s3://bucket/cache"

@@ -155,7 +155,7 @@ def run_ours(loaded, layers: list[int], sets: dict[str, Any], cache_root: Path, 
     """Engine + cache + train_readout + vectors/manifest pair: what train_steering_vectors runs."""
     from amygdala_dagster.engine.activations import ActivationEngine
     from amygdala_dagster.engine.cache import ActivationCache
-    from amygdala_dagster.training import train_readout_pair
+    from amygdala_dagster.workflow.training import train_readout_pair
 
     engine = ActivationEngine(loaded, layers, pooling="mean", max_tokens=512, batch_size=batch_size,
                               max_batch_tokens=max_batch_tokens)
@@ -622,7 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from amygdala_dagster.engine.layers import parse_layers
     from amygdala_dagster.engine.models import load_model
     from amygdala_dagster.graph.snapshot import build_snapshot
-    from amygdala_dagster.workflow import default_target_layers
+    from amygdala_dagster.workflow.engine_settings import default_target_layers
 
     t_start = time.perf_counter()
     info = machine_info()

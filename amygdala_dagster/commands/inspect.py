@@ -13,7 +13,7 @@ import numpy as np
 from amygdala_dagster.files.atomic import sha256_file
 from amygdala_dagster.readout.manifest import ReadoutFileError, calibration_entry, load_readout, read_vectors_file
 from amygdala_dagster.readout.publish import PublishError, open_pair
-from amygdala_dagster.settings import current_settings
+from amygdala_dagster.workflow.settings import current_settings
 
 HELP = "show the concepts, layers, norms and cosines of a readout vectors file and check its manifest"
 

@@ -46,8 +46,8 @@ from amygdala_dagster.readout.publish import PublishError, open_pair, republish_
 from amygdala_dagster.data import conversation_snippets_path
 from amygdala_dagster.graph.snapshot import read_snapshot
 from amygdala_dagster.files.storage import Store, is_local
-from amygdala_dagster.settings import current_settings
-from amygdala_dagster.workflow import (
+from amygdala_dagster.workflow.settings import current_settings
+from amygdala_dagster.workflow.engine_settings import (
     CATALOG_FILE, MANIFEST_FILE, REPORT_DIR, SNAPSHOT_FILE, STAGED_INFO, EngineSettings, SettingsError, build_engine,
     conversation_sample, examples_dir,
 )

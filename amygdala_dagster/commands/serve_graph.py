@@ -11,7 +11,7 @@ from amygdala_dagster.data import sample_graph_path
 from amygdala_dagster.graph.server import (
     DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_MAX_REQUEST_BYTES, JsonlGraph, RequestLimits, check_bind, serve,
 )
-from amygdala_dagster.settings import current_settings
+from amygdala_dagster.workflow.settings import current_settings
 
 HELP = "serve a JSONL memory-graph export as an MCP server (list_nodes, graph_version)"
 

@@ -17,7 +17,7 @@ from amygdala_dagster.engine.models import ModelLoadError, load_model
 from amygdala_dagster.readout.runtime import ReadoutRuntime
 from amygdala_dagster.engine.inputs import InputRecord, read_inputs
 from amygdala_dagster.evaluation.trace import build_trace, render_trace_html
-from amygdala_dagster.settings import current_settings, flag_type
+from amygdala_dagster.workflow.settings import current_settings, flag_type
 
 HELP = ("run the model over conversations or text and show, per token, the calibrated readout of every concept "
         "and its episode rule (DIR/trace.html with a token heatmap and per-concept traces, DIR/trace.json)")

@@ -17,8 +17,8 @@ text has to be forwarded: a repeated run on cached texts loads none.
         --dtype bf16 --batch-size 4
 
 This module is the command line only; the work is
-:func:`amygdala_dagster.training.train_from_examples_dir` (and
-:func:`~amygdala_dagster.training.train_readout_pair` given an engine).
+:func:`amygdala_dagster.workflow.training.train_from_examples_dir` (and
+:func:`~amygdala_dagster.workflow.training.train_readout_pair` given an engine).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from amygdala_dagster.commands.flags import positive_int
 from amygdala_dagster.engine.layers import parse_layers
 from amygdala_dagster.engine.models import ModelLoadError, parse_device_map
 from amygdala_dagster.readout.publish import PublishError
-from amygdala_dagster.training import TrainingError, TrainResult, train_from_examples_dir
-from amygdala_dagster.workflow import (
+from amygdala_dagster.workflow.training import TrainingError, TrainResult, train_from_examples_dir
+from amygdala_dagster.workflow.engine_settings import (
     DEFAULT_MODEL, EngineSettings, SettingsError, UnwritableError, check_writable, default_target_layers,
     fast_path_line,
 )

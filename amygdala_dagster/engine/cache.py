@@ -48,7 +48,7 @@ from safetensors import safe_open
 from safetensors.numpy import save as st_save
 
 from amygdala_dagster.files.atomic import atomic_write_bytes, atomic_write_text
-from amygdala_dagster.settings import current_settings
+from amygdala_dagster.workflow.settings import current_settings
 from amygdala_dagster.files.storage import is_local
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def cache_location(location: str | os.PathLike[str]) -> Path | str:
 
 def default_cache_dir() -> Path | str:
     """``$AMYGDALA_CACHE_DIR`` (a path, or an fsspec URL returned as given) or ``~/.cache/amygdala/activations``
-    (read through :func:`amygdala_dagster.settings.current_settings`)."""
+    (read through :func:`amygdala_dagster.workflow.settings.current_settings`)."""
     return current_settings().cache_location()
 
 

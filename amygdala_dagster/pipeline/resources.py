@@ -2,7 +2,7 @@
 
 All four are :class:`dagster.ConfigurableResource` so they can be set from the
 launchpad, from YAML run config and from Python. Defaults come from the
-environment (``AMYGDALA_*`` variables, read by :mod:`amygdala_dagster.settings`)
+environment (``AMYGDALA_*`` variables, read by :mod:`amygdala_dagster.workflow.settings`)
 so ``dagster dev`` works without any configuration on the bundled sample graph and MiniLM.
 """
 
@@ -31,8 +31,8 @@ from amygdala_dagster.engine.models import LoadedModel, parse_device_map
 from amygdala_dagster.files.storage import Store
 from amygdala_dagster.data import conversation_snippets_path, sample_graph_path
 from amygdala_dagster.graph.sources import JsonlSource, McpSource, open_source
-from amygdala_dagster.settings import MAX_SHARDS, current_settings
-from amygdala_dagster.workflow import EngineSettings, build_engine
+from amygdala_dagster.workflow.settings import MAX_SHARDS, current_settings
+from amygdala_dagster.workflow.engine_settings import EngineSettings, build_engine
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from amygdala_dagster.pipeline.jobs import (
 )
 from amygdala_dagster.pipeline.sensors import DATA_VERSION_TAG
 from amygdala_dagster.graph.sources import GraphVersion
-from amygdala_dagster.workflow import (
+from amygdala_dagster.workflow.engine_settings import (
     SNAPSHOT_FILE, NotQualifiedError, PartitionPlan, collect_texts, plan_partitions, qualification_problems,
 )
 
@@ -166,7 +166,7 @@ def clamp_shards(resources: Mapping[str, Any], snapshot: pl.DataFrame,
     """``resources`` with ``sharding.shards`` lowered to the run's unique example texts, when it asks for more.
 
     A shard step without a text is a process (a GPU pod on Kubernetes) started for nothing; the
-    settings already bound ``shards`` by :data:`~amygdala_dagster.settings.MAX_SHARDS`. Logged when lowered.
+    settings already bound ``shards`` by :data:`~amygdala_dagster.workflow.settings.MAX_SHARDS`. Logged when lowered.
     """
     sharding = resources["sharding"]
     shards = int(sharding.shards)
@@ -234,7 +234,7 @@ def materialize_all(resources: Mapping[str, Any], instance: dg.DagsterInstance,
     """One ``full_refresh`` run: the snapshot, every qualifying emotion, the readout and report.
 
     Registered emotions that can no longer pass the blocking checks lose their
-    partition (see :func:`~amygdala_dagster.workflow.plan_partitions`). Raises
+    partition (see :func:`~amygdala_dagster.workflow.engine_settings.plan_partitions`). Raises
     :class:`RunRefused` when no emotion can be trained.
     """
     memory, selection = resources["memory"], resources["selection"]

@@ -54,7 +54,7 @@ from upath import UPath
 
 from amygdala_dagster.files.atomic import DIR_MODE, FILE_MODE, fsync_dir, sha256_file, write_new_file
 from amygdala_dagster.files.storage import is_local, location, refresh, uri
-from amygdala_dagster.settings import current_settings
+from amygdala_dagster.workflow.settings import current_settings
 
 log = logging.getLogger(__name__)
 

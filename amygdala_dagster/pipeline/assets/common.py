@@ -1,6 +1,6 @@
 """Shared pieces of the asset modules: the emotion partitions, freshness, metadata helpers.
 
-The file layout is :mod:`amygdala_dagster.workflow`'s.
+The file layout is :mod:`amygdala_dagster.workflow.engine_settings`'s.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import dagster as dg
 
-from amygdala_dagster.settings import current_settings
+from amygdala_dagster.workflow.settings import current_settings
 
 EMOTION = dg.DynamicPartitionsDefinition(name="emotion")
 GROUP = "amygdala"

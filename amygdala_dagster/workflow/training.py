@@ -24,8 +24,8 @@ from amygdala_dagster.readout.token_calibration import (
     DEFAULT_TARGET_RATE, calibrate_episodes, calibrate_readout, calibration_entries, project_calibration,
 )
 from amygdala_dagster.readout.vectors import train_readout
-from amygdala_dagster.run_samples import RunSamples, calibration_sample, forward_run, held_out_negatives
-from amygdala_dagster.workflow import (
+from amygdala_dagster.workflow.samples import RunSamples, calibration_sample, forward_run, held_out_negatives
+from amygdala_dagster.workflow.engine_settings import (
     EngineSettings, SettingsError, build_engine, check_writable, collect_texts, engine_report, untrainable,
 )
 

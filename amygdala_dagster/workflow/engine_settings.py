@@ -9,8 +9,8 @@
   the per-emotion statistics' info, with the rules that decide whether they are current;
 - :func:`check_writable`: every output location checked before any forward pass.
 
-The per-token samples of a run live in :mod:`amygdala_dagster.run_samples` (their names are importable
-from here too) and the seed's step 2, examples directory -> pair, in :mod:`amygdala_dagster.training`.
+The per-token samples of a run live in :mod:`amygdala_dagster.workflow.samples` (their names are importable
+from here too) and the seed's step 2, examples directory -> pair, in :mod:`amygdala_dagster.workflow.training`.
 
 Nothing here imports from :mod:`amygdala_dagster.commands` or :mod:`amygdala_dagster.pipeline`.
 """
@@ -38,7 +38,7 @@ from amygdala_dagster.engine.layers import check_layer_indices, parse_layers
 from amygdala_dagster.readout.manifest import layer_key, read_vectors_file
 from amygdala_dagster.engine.models import LoadedModel, load_model
 from amygdala_dagster.readout.vectors import EmotionStats, TrainedReadout
-from amygdala_dagster.run_samples import (  # noqa: F401  (the per-token samples were defined here)
+from amygdala_dagster.workflow.samples import (  # noqa: F401  (the per-token samples were defined here)
     RunSamples, StoredSamples, calibration_sample, conversation_sample, forward_run, held_out_negatives,
 )
 
