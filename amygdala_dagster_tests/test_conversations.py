@@ -15,7 +15,7 @@ from amygdala_dagster.engine.cache import ActivationCache
 from amygdala_dagster.engine.forward import ensure_cached
 from amygdala_dagster.engine.token_cache import TokenCache
 from amygdala_dagster.evaluation.conversations import evaluate_conversations, sample_scores
-from amygdala_dagster.workflow.engine_settings import conversation_sample
+from amygdala_dagster.workflow.samples import conversation_sample
 from amygdala_dagster.evaluation.runtime_report import PLOT, runtime_html, runtime_markdown, runtime_plots
 from amygdala_dagster.readout.manifest import load_readout, write_readout
 from amygdala_dagster.engine.models import load_model

@@ -27,7 +27,7 @@ from amygdala_dagster.readout.token_calibration import (
     calibrate_episodes, calibrate_readout, calibration_entries, project_calibration,
 )
 from amygdala_dagster.readout.vectors import TrainedReadout
-from amygdala_dagster.workflow.engine_settings import calibration_sample
+from amygdala_dagster.workflow.samples import calibration_sample
 from amygdala_dagster_tests.tiny_models import HIDDEN, build_tiny_model
 
 LAYERS = [1, 2]

@@ -23,7 +23,8 @@ from amygdala_dagster.readout.manifest import load_readout
 from amygdala_dagster.pipeline import resources as R
 from amygdala_dagster.pipeline.assets import ALL_ASSETS
 from amygdala_dagster.pipeline.runner import RunRefused, backfill_emotions, failures, materialize_all, step_metadata
-from amygdala_dagster.workflow.engine_settings import NotQualifiedError, stats_info_file
+from amygdala_dagster.workflow.layout import stats_info_file
+from amygdala_dagster.workflow.partitions import NotQualifiedError
 from amygdala_dagster_tests.pipeline_graphs import small_graph, write_graph
 
 warnings.filterwarnings("ignore", category=dg.BetaWarning)

@@ -25,7 +25,7 @@ from amygdala_dagster.readout.runtime import ReadoutRuntime, scored_mask
 from amygdala_dagster.readout.token_calibration import (
     calibrate_readout, calibrate_tokens, calibration_entries, heldout_problems, text_folds,
 )
-from amygdala_dagster.workflow.engine_settings import calibration_sample
+from amygdala_dagster.workflow.samples import calibration_sample
 from amygdala_dagster.readout.vectors import TrainedReadout
 from amygdala_dagster_tests.tiny_models import HIDDEN, build_tiny_model
 

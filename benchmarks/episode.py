@@ -143,7 +143,7 @@ def projections(out: Path) -> tuple[dict, list[str]]:
     per-token activations: the calibration half and the evaluated half."""
     from amygdala_dagster.evaluation.conversations import sample_scores
     from amygdala_dagster.readout.manifest import load_readout
-    from amygdala_dagster.workflow.engine_settings import StoredSamples
+    from amygdala_dagster.workflow.samples import StoredSamples
 
     readout = load_readout(out)
     ev = json.loads((out / "report" / "evaluation.json").read_text())

@@ -47,10 +47,11 @@ from amygdala_dagster.data import conversation_snippets_path
 from amygdala_dagster.graph.snapshot import read_snapshot
 from amygdala_dagster.files.storage import Store, is_local
 from amygdala_dagster.workflow.settings import current_settings
-from amygdala_dagster.workflow.engine_settings import (
-    CATALOG_FILE, MANIFEST_FILE, REPORT_DIR, SNAPSHOT_FILE, STAGED_INFO, EngineSettings, SettingsError, build_engine,
-    conversation_sample, examples_dir,
+from amygdala_dagster.workflow.engine_settings import EngineSettings, SettingsError, build_engine
+from amygdala_dagster.workflow.layout import (
+    CATALOG_FILE, MANIFEST_FILE, REPORT_DIR, SNAPSHOT_FILE, STAGED_INFO, examples_dir,
 )
+from amygdala_dagster.workflow.samples import conversation_sample
 
 HELP = "rebuild the evaluation report (HTML + evaluation.json) from an output directory's vectors, manifest and examples"
 

@@ -24,7 +24,8 @@ from amygdala_dagster.pipeline.runner import dagster_home, failures, get_instanc
 from amygdala_dagster.readout.publish import POINTER_FILE, current_pair
 from amygdala_dagster.graph.sources import MemoryGraphError
 from amygdala_dagster.workflow.settings import MAX_SHARDS, absolute_location, current_settings, flag_type
-from amygdala_dagster.workflow.engine_settings import EVALUATION_HTML, MANIFEST_FILE, VECTORS_FILE, check_writable, fast_path_line
+from amygdala_dagster.workflow.engine_settings import fast_path_line
+from amygdala_dagster.workflow.layout import EVALUATION_HTML, MANIFEST_FILE, VECTORS_FILE, check_writable
 
 HELP = "materialise the whole asset graph (snapshot -> vectors, manifest, report); runs show in `dagster dev`"
 

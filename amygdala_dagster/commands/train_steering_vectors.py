@@ -42,9 +42,9 @@ from amygdala_dagster.engine.models import ModelLoadError, parse_device_map
 from amygdala_dagster.readout.publish import PublishError
 from amygdala_dagster.workflow.training import TrainingError, TrainResult, train_from_examples_dir
 from amygdala_dagster.workflow.engine_settings import (
-    DEFAULT_MODEL, EngineSettings, SettingsError, UnwritableError, check_writable, default_target_layers,
-    fast_path_line,
+    DEFAULT_MODEL, EngineSettings, SettingsError, default_target_layers, fast_path_line,
 )
+from amygdala_dagster.workflow.layout import UnwritableError, check_writable
 from amygdala_dagster.graph.tags import check_emotion_name
 
 

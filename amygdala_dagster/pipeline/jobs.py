@@ -20,7 +20,7 @@ from amygdala_dagster.pipeline.assets import (
 from amygdala_dagster.pipeline.assets.common import EMOTIONS_TAG, OUTPUT_TAG, RANGE_END_TAG, RANGE_START_TAG
 from amygdala_dagster.pipeline.resources import MemoryGraphResource, SelectionResource
 from amygdala_dagster.graph.snapshot import build_snapshot
-from amygdala_dagster.workflow.engine_settings import PartitionPlan, plan_partitions
+from amygdala_dagster.workflow.partitions import PartitionPlan, plan_partitions
 
 UNPARTITIONED_HEAD = [memory_snapshot.key, emotion_catalog.key]
 PARTITIONED = [tagged_examples.key, activation_stats.key]
@@ -108,7 +108,7 @@ def graph_catalog(memory: MemoryGraphResource, selection: SelectionResource) -> 
 
 def plan_from_graph(memory: MemoryGraphResource, selection: SelectionResource,
                     existing: Sequence[str]) -> PartitionPlan:
-    """:func:`~amygdala_dagster.workflow.engine_settings.plan_partitions` for the graph as it is now."""
+    """:func:`~amygdala_dagster.workflow.partitions.plan_partitions` for the graph as it is now."""
     _snapshot, catalog = graph_catalog(memory, selection)
     return plan_partitions(catalog, existing, int(selection.min_positives), selection.curated)
 

@@ -36,8 +36,9 @@ from amygdala_dagster.pipeline.jobs import (
 )
 from amygdala_dagster.pipeline.sensors import DATA_VERSION_TAG
 from amygdala_dagster.graph.sources import GraphVersion
-from amygdala_dagster.workflow.engine_settings import (
-    SNAPSHOT_FILE, NotQualifiedError, PartitionPlan, collect_texts, plan_partitions, qualification_problems,
+from amygdala_dagster.workflow.layout import SNAPSHOT_FILE
+from amygdala_dagster.workflow.partitions import (
+    NotQualifiedError, PartitionPlan, collect_texts, plan_partitions, qualification_problems,
 )
 
 log = logging.getLogger(__name__)
@@ -234,7 +235,7 @@ def materialize_all(resources: Mapping[str, Any], instance: dg.DagsterInstance,
     """One ``full_refresh`` run: the snapshot, every qualifying emotion, the readout and report.
 
     Registered emotions that can no longer pass the blocking checks lose their
-    partition (see :func:`~amygdala_dagster.workflow.engine_settings.plan_partitions`). Raises
+    partition (see :func:`~amygdala_dagster.workflow.partitions.plan_partitions`). Raises
     :class:`RunRefused` when no emotion can be trained.
     """
     memory, selection = resources["memory"], resources["selection"]

@@ -25,9 +25,9 @@ from amygdala_dagster.readout.token_calibration import (
 )
 from amygdala_dagster.readout.vectors import train_readout
 from amygdala_dagster.workflow.samples import RunSamples, calibration_sample, forward_run, held_out_negatives
-from amygdala_dagster.workflow.engine_settings import (
-    EngineSettings, SettingsError, build_engine, check_writable, collect_texts, engine_report, untrainable,
-)
+from amygdala_dagster.workflow.engine_settings import EngineSettings, SettingsError, build_engine, engine_report
+from amygdala_dagster.workflow.layout import check_writable
+from amygdala_dagster.workflow.partitions import collect_texts, untrainable
 
 log = logging.getLogger(__name__)
 

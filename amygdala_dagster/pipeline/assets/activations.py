@@ -21,9 +21,10 @@ from amygdala_dagster.pipeline.checks import STATS_CHECKS, WARN, check_result, f
 from amygdala_dagster.pipeline.k8s import gpu_op_tags
 from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, ModelResource, SelectionResource
 from amygdala_dagster.readout.vectors import EmotionStats, emotion_stats, load_stats, save_stats
-from amygdala_dagster.workflow.engine_settings import (
-    TOKEN_SAMPLES_FILE, engine_report, forward_run, stats_file, stats_info, stats_info_file,
-)
+from amygdala_dagster.workflow.engine_settings import engine_report
+from amygdala_dagster.workflow.layout import TOKEN_SAMPLES_FILE, stats_file, stats_info_file
+from amygdala_dagster.workflow.samples import forward_run
+from amygdala_dagster.workflow.staging import stats_info
 
 
 @dg.asset(

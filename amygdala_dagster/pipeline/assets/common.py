@@ -1,6 +1,6 @@
 """Shared pieces of the asset modules: the emotion partitions, freshness, metadata helpers.
 
-The file layout is :mod:`amygdala_dagster.workflow.engine_settings`'s.
+The file layout is :mod:`amygdala_dagster.workflow.layout`'s.
 """
 
 from __future__ import annotations

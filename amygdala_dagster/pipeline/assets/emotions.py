@@ -19,7 +19,7 @@ from amygdala_dagster.pipeline.assets.graph import memory_snapshot, read_snapsho
 from amygdala_dagster.pipeline.checks import EXAMPLES_CHECKS, check_result, examples_problems, min_positives_problems
 from amygdala_dagster.pipeline.resources import ArtifactStorage, SelectionResource
 from amygdala_dagster.graph.snapshot import snapshot_hash
-from amygdala_dagster.workflow.engine_settings import CATALOG_FILE, COOCCURRENCE_FILE, examples_dir
+from amygdala_dagster.workflow.layout import CATALOG_FILE, COOCCURRENCE_FILE, examples_dir
 
 #: Up to this many emotions in a step, each gets its own log line.
 _LOGGED_EMOTIONS = 20

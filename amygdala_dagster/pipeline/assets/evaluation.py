@@ -21,7 +21,8 @@ from amygdala_dagster.pipeline.checks import EVALUATION_CHECKS, evaluation_check
 from amygdala_dagster.pipeline.assets.graph import read_snapshot_from
 from amygdala_dagster.pipeline.assets.readout_pair import read_samples, read_staged_info, readout_manifest
 from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource
-from amygdala_dagster.workflow.engine_settings import MANIFEST_FILE, REPORT_DIR, VECTORS_FILE, StoredSamples
+from amygdala_dagster.workflow.layout import MANIFEST_FILE, REPORT_DIR, VECTORS_FILE
+from amygdala_dagster.workflow.samples import StoredSamples
 
 
 @dg.asset(

@@ -23,9 +23,12 @@ from amygdala_dagster.readout.token_calibration import (
     project_calibration,
 )
 from amygdala_dagster.readout.vectors import TrainedReadout, train_readout
-from amygdala_dagster.workflow.engine_settings import (
-    MANIFEST_FILE, STAGED_INFO, STAGED_VECTORS, TOKEN_SAMPLES_FILE, VECTORS_FILE, StoredSamples, check_stats_current,
-    drift_cosines, encode_staged_info, read_staged_readout, sha256_bytes, staged_info,
+from amygdala_dagster.workflow.layout import (
+    MANIFEST_FILE, STAGED_INFO, STAGED_VECTORS, TOKEN_SAMPLES_FILE, VECTORS_FILE,
+)
+from amygdala_dagster.workflow.samples import StoredSamples
+from amygdala_dagster.workflow.staging import (
+    check_stats_current, drift_cosines, encode_staged_info, read_staged_readout, sha256_bytes, staged_info,
 )
 
 
