@@ -10,7 +10,8 @@ import torch
 from safetensors import safe_open
 
 from amygdala_dagster.engine.activations import ActivationEngine
-from amygdala_dagster.engine.cache import ActivationCache, CacheError, text_sha256
+from amygdala_dagster.engine.cache import ActivationCache, text_sha256
+from amygdala_dagster.engine.shard_store import CacheError
 from amygdala_dagster.engine.forward import ensure_cached
 from amygdala_dagster.engine.models import load_model
 

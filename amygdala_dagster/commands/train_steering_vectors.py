@@ -33,7 +33,8 @@ from transformers.utils import logging as hf_logging
 
 from amygdala_dagster.engine.activations import ActivationOutOfMemoryError
 from amygdala_dagster.files.atomic import atomic_write_text
-from amygdala_dagster.engine.cache import DEFAULT_SHARD_SIZE, CacheError
+from amygdala_dagster.engine.cache import DEFAULT_SHARD_SIZE
+from amygdala_dagster.engine.shard_store import CacheError
 from amygdala_dagster.readout.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
 from amygdala_dagster.examples.selection import ExamplesFormatError
 from amygdala_dagster.commands.flags import positive_int
