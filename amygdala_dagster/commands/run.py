@@ -12,7 +12,7 @@ from typing import Any
 
 from amygdala_dagster.commands.flags import open_fraction, positive_int
 from amygdala_dagster.commands.inputs import check_jsonl_input
-from amygdala_dagster.engine.models import ModelLoadError
+from amygdala_dagster.engine.checkpoints import ModelLoadError
 from amygdala_dagster.engine.token_sample import DEFAULT_SAMPLE_TOKENS
 from amygdala_dagster.readout.episode import DEFAULT_FALSE_ALARM_RATE
 from amygdala_dagster.pipeline.definitions import default_resources

@@ -13,7 +13,8 @@ from amygdala_dagster.files.atomic import atomic_write_text
 from amygdala_dagster.engine.cache import is_url
 from amygdala_dagster.commands.flags import positive_int
 from amygdala_dagster.readout.manifest import ReadoutFileError, load_readout
-from amygdala_dagster.engine.models import ModelLoadError, load_model
+from amygdala_dagster.engine.checkpoints import ModelLoadError
+from amygdala_dagster.engine.models import load_model
 from amygdala_dagster.readout.runtime import ReadoutRuntime
 from amygdala_dagster.engine.inputs import InputRecord, read_inputs
 from amygdala_dagster.evaluation.trace import build_trace, render_trace_html

@@ -39,7 +39,8 @@ from amygdala_dagster.readout.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
 from amygdala_dagster.examples.selection import ExamplesFormatError
 from amygdala_dagster.commands.flags import positive_int
 from amygdala_dagster.engine.layers import parse_layers
-from amygdala_dagster.engine.models import ModelLoadError, parse_device_map
+from amygdala_dagster.engine.checkpoints import ModelLoadError
+from amygdala_dagster.engine.placement import parse_device_map
 from amygdala_dagster.readout.publish import PublishError
 from amygdala_dagster.workflow.training import TrainingError, TrainResult, train_from_examples_dir
 from amygdala_dagster.workflow.engine_settings import (

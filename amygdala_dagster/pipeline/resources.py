@@ -27,7 +27,8 @@ from amygdala_dagster.readout.episode import DEFAULT_FALSE_ALARM_RATE, DEFAULT_H
 from amygdala_dagster.readout.metrics import THRESHOLD_METHODS
 from amygdala_dagster.examples.selection import SelectionParams
 from amygdala_dagster.examples.catalog import DEFAULT_CORE_NODE_TYPES, emotion_catalog
-from amygdala_dagster.engine.models import LoadedModel, parse_device_map
+from amygdala_dagster.engine.models import LoadedModel
+from amygdala_dagster.engine.placement import parse_device_map
 from amygdala_dagster.files.storage import Store
 from amygdala_dagster.data import conversation_snippets_path, sample_graph_path
 from amygdala_dagster.graph.sources import JsonlSource, McpSource, open_source

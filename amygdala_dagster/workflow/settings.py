@@ -99,7 +99,7 @@ class Settings(BaseSettings):
     def _device_map(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
             return None
-        from amygdala_dagster.engine.models import parse_device_map  # torch: only when a map is given
+        from amygdala_dagster.engine.placement import parse_device_map  # torch: only when a map is given
 
         parse_device_map(value)
         return value.strip()
