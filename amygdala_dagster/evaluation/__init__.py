@@ -15,13 +15,13 @@ from amygdala_dagster.evaluation.core import (
     DEFAULT_ESTIMATORS,
     resolve_estimators,
     calibration_for_manifest,
-    confounds,
     crosstalk,
     evaluate,
     evaluate_emotion,
     json_clean,
-    sweep_layers,
 )
+from amygdala_dagster.evaluation.confounds import confounds
+from amygdala_dagster.evaluation.layer_sweep import sweep_layers
 from amygdala_dagster.evaluation.generalisation import generalisation, read_snippets
 from amygdala_dagster.evaluation.verdicts import Criteria, apply_verdicts, attention_order, judge
 from amygdala_dagster.readout.metrics import (

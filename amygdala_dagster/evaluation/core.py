@@ -4,7 +4,8 @@ Everything here works on arrays: pooled activations read from the activation
 cache (which the GPU step filled, conversation snippets included) and the
 per-token scores of :mod:`.conversations`. Nothing here loads a model. The
 result of :func:`evaluate` is a JSON-ready dict: the content of
-``evaluation.json``.
+``evaluation.json``. Its parts: the trivial baselines of :mod:`.confounds`, the verdicts of
+:mod:`.verdicts`, the snippet scores of :mod:`.generalisation`; :mod:`.layer_sweep` sweeps layers.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import datetime as _dt
 import logging
 import math
 import os
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -21,6 +21,8 @@ import numpy as np
 import sklearn
 
 from amygdala_dagster.engine.cache import ActivationCache, layer_positions, text_sha256
+from amygdala_dagster.evaluation.confounds import confounds
+from amygdala_dagster.examples.selection import sets_by_emotion
 from amygdala_dagster.readout.estimators import DegenerateDirectionError, make_estimator, unit_direction
 from amygdala_dagster.readout import metrics as M
 from amygdala_dagster.examples.catalog import cooccurrence
@@ -59,89 +61,12 @@ def json_clean(obj: Any) -> Any:
     return jsonable(obj, nonfinite_as_null=True)
 
 
-def _sets_by_emotion(example_sets: Mapping[str, Any] | Iterable[Any]) -> dict[str, Any]:
-    if isinstance(example_sets, Mapping):
-        return dict(example_sets)
-    return {s.emotion: s for s in example_sets}
-
-
-def _acts(cache: ActivationCache, examples: Sequence[Any]) -> np.ndarray:
-    """``[N, L, H]`` float64 activations of ``examples`` from the cache (KeyError names the example)."""
-    if not examples:
-        shape = cache.shape or (0, 0)
-        return np.zeros((0, *shape), dtype=np.float64)
-    shas = [text_sha256(e.text) for e in examples]
-    try:
-        return cache.get(shas).astype(np.float64)
-    except KeyError:
-        for e, sha in zip(examples, shas):
-            if sha not in cache:
-                raise KeyError(
-                    f"example {e.key!r}: its text is not in the activation cache {cache.directory}; "
-                    "run the activation step first"
-                ) from None
-        raise
-
-
 def _best_layer(aurocs: Mapping[int, float | None]) -> int | None:
     best, best_auc = None, -math.inf
     for layer, auc in aurocs.items():
         if auc is not None and math.isfinite(auc) and auc > best_auc:
             best, best_auc = layer, auc
     return best
-
-
-# ----------------------------------------------------------------------------- confounds
-
-
-def _oriented_length_auroc(train_pos: Sequence[Any], train_neg: Sequence[Any],
-                           hold_pos: Sequence[Any], hold_neg: Sequence[Any]) -> float:
-    """Held-out AUROC of "text length" as a classifier, its sign chosen on the train split."""
-    hp = np.array([len(e.text) for e in hold_pos], dtype=np.float64)
-    hn = np.array([len(e.text) for e in hold_neg], dtype=np.float64)
-    a = M.auroc(hp, hn)
-    if not math.isfinite(a):
-        return a
-    if train_pos and train_neg:
-        tp = np.mean([len(e.text) for e in train_pos])
-        tn = np.mean([len(e.text) for e in train_neg])
-        return a if tp >= tn else 1.0 - a
-    return max(a, 1.0 - a)  # no train split to orient by: the baseline gets the benefit of the doubt
-
-
-def _node_type_auroc(train_pos: Sequence[Any], train_neg: Sequence[Any],
-                     hold_pos: Sequence[Any], hold_neg: Sequence[Any]) -> float:
-    """Held-out AUROC of "node type" as a classifier: each type scores its train positive rate."""
-    fit_pos, fit_neg = (train_pos, train_neg) if train_pos and train_neg else (hold_pos, hold_neg)
-    cp = Counter(e.node_type for e in fit_pos)
-    cn = Counter(e.node_type for e in fit_neg)
-    prior = len(fit_pos) / max(len(fit_pos) + len(fit_neg), 1)
-
-    def rate(t: str) -> float:
-        n = cp[t] + cn[t]
-        return cp[t] / n if n else prior
-
-    return M.auroc([rate(e.node_type) for e in hold_pos], [rate(e.node_type) for e in hold_neg])
-
-
-def confounds(example_set: Any) -> dict[str, Any]:
-    """Node-type mix and text lengths of positives vs negatives, and trivial-baseline AUROCs."""
-    tp, tn = example_set.train_positives, example_set.train_negatives
-    hp, hn = example_set.holdout_positives, example_set.holdout_negatives
-    return {
-        "node_type_mix": {
-            "positive": dict(sorted(Counter(e.node_type for e in example_set.positives).items())),
-            "negative": dict(sorted(Counter(e.node_type for e in example_set.negatives).items())),
-        },
-        "text_length": {
-            "positive": M.summarise_lengths([len(e.text) for e in example_set.positives]),
-            "negative": M.summarise_lengths([len(e.text) for e in example_set.negatives]),
-        },
-        "baseline_auroc": {
-            "length": _oriented_length_auroc(tp, tn, hp, hn),
-            "node_type": _node_type_auroc(tp, tn, hp, hn),
-        },
-    }
 
 
 # ----------------------------------------------------------------------------- per emotion
@@ -313,68 +238,6 @@ def crosstalk(readout: Any, *, snapshot: Any = None, threshold: float = 0.5) -> 
     return {"concepts": concepts, "threshold": threshold, "cosine": cos_by_layer, "cooccurrence": co, "pairs": pairs}
 
 
-# ----------------------------------------------------------------------------- layer sweep
-
-
-def sweep_layers(
-    cache: ActivationCache,
-    example_sets: Mapping[str, Any] | Iterable[Any],
-    *,
-    layers: Sequence[int] | None = None,
-    estimator: str = "mean_difference",
-    n_recommend: int = 3,
-    n_model_layers: int | None = None,
-    cache_stats: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Held-out AUROC of every emotion at every layer sweeping ``cache``'s layers.
-
-    ``cache`` holds the activations of every example text at every layer to
-    sweep (an engine hooking them all filled it: a fingerprint of its own).
-    Each emotion's direction is fitted on its train split at each layer and
-    scored on its holdout.
-    ``recommended_layers`` are the ``n_recommend`` layers with the highest mean
-    held-out AUROC (best first).
-    """
-    sets = _sets_by_emotion(example_sets)
-    wanted = [int(l) for l in (layers if layers is not None else cache.layers or [])]
-    positions = layer_positions(cache, wanted, "layer sweep")
-    est = make_estimator(estimator)
-    table: dict[str, dict[str, float | None]] = {}
-    for emotion, s in sets.items():
-        a_tp, a_tn = _acts(cache, s.train_positives), _acts(cache, s.train_negatives)
-        a_hp, a_hn = _acts(cache, s.holdout_positives), _acts(cache, s.holdout_negatives)
-        row: dict[str, float | None] = {}
-        for layer, li in zip(wanted, positions):
-            auc = None
-            if len(a_tp) and len(a_tn) and len(a_hp) and len(a_hn):
-                try:
-                    u, _ = unit_direction(est(a_tp[:, li, :], a_tn[:, li, :]), f"{emotion} layer {layer}")
-                    auc = M.auroc(a_hp[:, li, :] @ u, a_hn[:, li, :] @ u)
-                except DegenerateDirectionError as exc:
-                    log.warning("layer sweep: %s", exc)
-            row[str(layer)] = auc
-        table[emotion] = row
-    mean_auc: dict[str, float | None] = {}
-    for layer in wanted:
-        vals = [table[e][str(layer)] for e in table if table[e][str(layer)] is not None]
-        mean_auc[str(layer)] = float(np.mean(vals)) if vals else None
-    ranked = sorted((l for l in wanted if mean_auc[str(l)] is not None),
-                    key=lambda l: (-mean_auc[str(l)], l))
-    out = {
-        "layers": wanted,
-        "estimator": estimator,
-        "auroc": table,
-        "mean_auroc": mean_auc,
-        "recommended_layers": ranked[:n_recommend],
-        "n_model_layers": n_model_layers,
-        "cache_fingerprint_id": cache.fingerprint_id,
-        "cache_stats": dict(cache_stats) if cache_stats is not None else None,
-    }
-    if n_model_layers:
-        out["depth_fraction"] = {str(l): (l + 1) / n_model_layers for l in wanted}
-    return out
-
-
 # ----------------------------------------------------------------------------- everything
 
 
@@ -417,7 +280,7 @@ def evaluate(
     """
     if threshold_method not in M.THRESHOLD_METHODS:
         raise ValueError(f"unknown threshold method {threshold_method!r}; choose one of {', '.join(M.THRESHOLD_METHODS)}")
-    sets = _sets_by_emotion(example_sets)
+    sets = sets_by_emotion(example_sets)
     missing = [c for c in readout.concepts if c not in sets]
     if missing:
         raise ValueError(f"no examples for concept(s) {', '.join(missing)}; pass the examples the vectors came from")

@@ -191,6 +191,13 @@ class ExampleSet:
         return training_problems(self.emotion, counts["train_positives"], counts["train_negatives"])
 
 
+def sets_by_emotion(example_sets: Mapping[str, ExampleSet] | Iterable[ExampleSet]) -> dict[str, ExampleSet]:
+    """``{emotion: ExampleSet}`` from such a mapping or from an iterable of sets."""
+    if isinstance(example_sets, Mapping):
+        return dict(example_sets)
+    return {s.emotion: s for s in example_sets}
+
+
 def split_for_key(key: str, holdout_fraction: float) -> Split:
     """``"holdout"`` for about ``holdout_fraction`` of keys, decided by the key alone."""
     if not is_number(holdout_fraction) or not 0 <= holdout_fraction < 1:
