@@ -15,7 +15,8 @@ from mcp import Client
 
 from amygdala_dagster.commands.cli import main as amygdala
 from amygdala_dagster.data import sample_graph_path
-from amygdala_dagster.graph.sources import JsonlSource, McpSource
+from amygdala_dagster.graph.mcp_source import McpSource
+from amygdala_dagster.graph.sources import JsonlSource
 from amygdala_dagster_tests.conftest import free_port, write_jsonl
 
 TOKEN = "srv-tok-Hk29xLq"

@@ -16,15 +16,9 @@ import uvicorn
 from mcp.server.mcpserver import MCPServer
 
 from amygdala_dagster.graph.nodes import MemoryNode
-from amygdala_dagster.graph.sources import (
-    DEFAULT_MCP_URL,
-    GraphVersion,
-    JsonlSource,
-    McpSource,
-    MemoryGraphError,
-    normalize_mcp_url,
-    open_source,
-)
+from amygdala_dagster.graph.mcp_source import DEFAULT_MCP_URL, McpSource, normalize_mcp_url
+from amygdala_dagster.graph.nodes import GraphVersion, MemoryGraphError
+from amygdala_dagster.graph.sources import JsonlSource, open_source
 from amygdala_dagster_tests.conftest import free_port, write_jsonl
 
 TOKEN = "tok-5ecret-Q9zV"

@@ -23,7 +23,8 @@ from tqdm import tqdm
 from amygdala_dagster.examples.selection import ExamplesFormatError, SelectionParams, check_emotion_name
 from amygdala_dagster.examples.directory import run_extraction
 from amygdala_dagster.commands.flags import fraction, non_negative_int, positive_int, score
-from amygdala_dagster.graph.sources import MemoryGraphError, open_source
+from amygdala_dagster.graph.nodes import MemoryGraphError
+from amygdala_dagster.graph.sources import open_source
 
 log = logging.getLogger("amygdala_dagster.extract_training_pairs")
 

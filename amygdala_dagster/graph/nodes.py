@@ -1,13 +1,19 @@
-"""The memory-graph node record (Contract 4) and its normalisation."""
+"""The memory-graph node record (Contract 4) and its normalisation, and what every source shares (its error, progress)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]
+
+
+class MemoryGraphError(RuntimeError):
+    """The memory graph could not be read; the message names the URL or file and what failed."""
 
 
 class GraphVersion(NamedTuple):

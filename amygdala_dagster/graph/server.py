@@ -42,7 +42,9 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from amygdala_dagster.graph.sources import STALE_CURSOR, GraphVersion, jsonl_graph_version
+from amygdala_dagster.graph.mcp_source import STALE_CURSOR
+from amygdala_dagster.graph.nodes import GraphVersion
+from amygdala_dagster.graph.sources import jsonl_graph_version
 
 log = logging.getLogger(__name__)
 

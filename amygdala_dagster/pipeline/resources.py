@@ -31,7 +31,8 @@ from amygdala_dagster.engine.models import LoadedModel
 from amygdala_dagster.engine.placement import parse_device_map
 from amygdala_dagster.files.storage import Store
 from amygdala_dagster.data import conversation_snippets_path, sample_graph_path
-from amygdala_dagster.graph.sources import JsonlSource, McpSource, open_source
+from amygdala_dagster.graph.mcp_source import McpSource
+from amygdala_dagster.graph.sources import JsonlSource, open_source
 from amygdala_dagster.workflow.settings import MAX_SHARDS, current_settings
 from amygdala_dagster.workflow.engine_settings import EngineSettings, build_engine
 

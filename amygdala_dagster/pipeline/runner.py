@@ -35,7 +35,7 @@ from amygdala_dagster.pipeline.jobs import (
     KIND_TAG, refresh_selection, refresh_tags, with_shards,
 )
 from amygdala_dagster.pipeline.sensors import DATA_VERSION_TAG
-from amygdala_dagster.graph.sources import GraphVersion
+from amygdala_dagster.graph.nodes import GraphVersion
 from amygdala_dagster.workflow.layout import SNAPSHOT_FILE
 from amygdala_dagster.workflow.partitions import (
     NotQualifiedError, PartitionPlan, collect_texts, plan_partitions, qualification_problems,
