@@ -19,13 +19,8 @@ import pytest
 from amygdala_dagster.commands import cli
 from amygdala_dagster.files.atomic import sha256_file
 from amygdala_dagster.readout.manifest import ReadoutFileError, load_readout, write_readout
-from amygdala_dagster.readout.publish import (
-    POINTER_FILE,
-    PublishError,
-    current_pair,
-    publish_pair,
-    republish_manifest,
-)
+from amygdala_dagster.readout.publish import publish_pair, republish_manifest
+from amygdala_dagster.readout.releases import POINTER_FILE, PublishError, current_pair
 from amygdala_dagster_tests.test_manifest import FIELDS, make_readout
 
 REPO = Path(__file__).resolve().parent.parent

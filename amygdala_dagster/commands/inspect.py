@@ -12,7 +12,7 @@ import numpy as np
 
 from amygdala_dagster.files.atomic import sha256_file
 from amygdala_dagster.readout.manifest import ReadoutFileError, calibration_entry, load_readout, read_vectors_file
-from amygdala_dagster.readout.publish import PublishError, open_pair
+from amygdala_dagster.readout.releases import PublishError, open_pair
 from amygdala_dagster.workflow.settings import current_settings
 
 HELP = "show the concepts, layers, norms and cosines of a readout vectors file and check its manifest"
@@ -46,7 +46,7 @@ def top_pairs(concepts: list[str], cos: np.ndarray, n: int) -> list[tuple[str, s
 def inspect_pair(vectors: str | Path, manifest: str | Path | None, top: int = 10) -> dict[str, Any]:
     """The inspection report; ``report["ok"]`` is False (with ``error``) for an invalid pair.
 
-    The pair is read as published (:func:`amygdala_dagster.readout.publish.open_pair`):
+    The pair is read as published (:func:`amygdala_dagster.readout.releases.open_pair`):
     one release through ``current`` locally, the ``current.json`` pointer on object storage.
     """
     try:

@@ -42,7 +42,8 @@ from amygdala_dagster.commands.flags import non_negative_int, unit_fraction
 from amygdala_dagster.commands.inputs import check_jsonl_input
 from amygdala_dagster.engine.layers import parse_layers
 from amygdala_dagster.readout.manifest import ReadoutFileError, load_readout
-from amygdala_dagster.readout.publish import PublishError, open_pair, republish_manifest
+from amygdala_dagster.readout.publish import republish_manifest
+from amygdala_dagster.readout.releases import PublishError, open_pair
 from amygdala_dagster.data import conversation_snippets_path
 from amygdala_dagster.graph.snapshot import read_snapshot
 from amygdala_dagster.files.storage import Store, is_local

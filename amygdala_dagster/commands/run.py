@@ -21,7 +21,7 @@ from amygdala_dagster.pipeline.resources import (
 )
 from amygdala_dagster.pipeline.instance import InstanceUnavailable
 from amygdala_dagster.pipeline.runner import dagster_home, failures, get_instance, materialize_all, step_metadata
-from amygdala_dagster.readout.publish import POINTER_FILE, current_pair
+from amygdala_dagster.readout.releases import POINTER_FILE, current_pair
 from amygdala_dagster.graph.nodes import MemoryGraphError
 from amygdala_dagster.workflow.settings import MAX_SHARDS, absolute_location, current_settings, flag_type
 from amygdala_dagster.workflow.engine_settings import fast_path_line

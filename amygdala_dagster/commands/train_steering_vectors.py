@@ -41,7 +41,7 @@ from amygdala_dagster.commands.flags import positive_int
 from amygdala_dagster.engine.layers import parse_layers
 from amygdala_dagster.engine.checkpoints import ModelLoadError
 from amygdala_dagster.engine.placement import parse_device_map
-from amygdala_dagster.readout.publish import PublishError
+from amygdala_dagster.readout.releases import PublishError
 from amygdala_dagster.workflow.training import TrainingError, TrainResult, train_from_examples_dir
 from amygdala_dagster.workflow.engine_settings import (
     DEFAULT_MODEL, EngineSettings, SettingsError, default_target_layers, fast_path_line,

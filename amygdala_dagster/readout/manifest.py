@@ -37,7 +37,8 @@ from safetensors.torch import save as st_save_torch
 
 from amygdala_dagster.files.atomic import sha256_file
 from amygdala_dagster.files.jsonio import jsonable
-from amygdala_dagster.readout.publish import PublishError, open_pair, publish_pair
+from amygdala_dagster.readout.publish import publish_pair
+from amygdala_dagster.readout.releases import PublishError, open_pair
 from amygdala_dagster.files.storage import location
 
 FORMAT_VERSION = 3
@@ -291,7 +292,7 @@ def load_readout(
     ``vectors_path`` is the vectors file, or an output directory (local or an
     fsspec URL); ``manifest_path`` defaults to ``manifest.json`` next to the
     vectors file. The pair is read through the published release
-    (:func:`amygdala_dagster.readout.publish.open_pair`: ``current`` resolved once, or
+    (:func:`amygdala_dagster.readout.releases.open_pair`: ``current`` resolved once, or
     the ``current.json`` pointer on object storage). Checks: format_version,
     SHA-256 of the vectors file against the manifest, exactly one
     ``layer_<idx>.vectors`` per manifest layer, shapes

@@ -17,7 +17,7 @@ from amygdala_dagster.pipeline.checks import (
     MANIFEST_CHECKS, VECTORS_CHECKS, WARN, check_result, manifest_problems, vectors_problems,
 )
 from amygdala_dagster.readout.episode import episode_problems, episode_summary
-from amygdala_dagster.readout.publish import current_pair, open_pair
+from amygdala_dagster.readout.releases import current_pair, open_pair
 from amygdala_dagster.readout.token_calibration import (
     calibrate_episodes, calibrate_readout, calibration_entries, heldout_problems, heldout_summary,
     project_calibration,
