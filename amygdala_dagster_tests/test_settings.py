@@ -253,14 +253,14 @@ def test_serve_graph_serves_the_memory_file_of_the_environment(monkeypatch, tmp_
 
 
 def test_keep_releases_and_cache_dir_come_from_the_settings(monkeypatch, tmp_path):
-    from amygdala_dagster.engine.cache import default_cache_dir
-    from amygdala_dagster.readout.publish import keep_releases
+    from amygdala_dagster.workflow.engine_settings import EngineSettings
 
     monkeypatch.setenv("AMYGDALA_KEEP_RELEASES", "2")
     monkeypatch.setenv("AMYGDALA_CACHE_DIR", "s3://bucket/cache")
-    assert keep_releases() == 2 and default_cache_dir() == "s3://bucket/cache"
+    assert current_settings().keep_releases == 2 and EngineSettings().cache_root() == "s3://bucket/cache"
     monkeypatch.setenv("AMYGDALA_CACHE_DIR", "~/c")
-    assert default_cache_dir() == Path.home() / "c"
+    assert EngineSettings().cache_root() == Path.home() / "c"
+    assert EngineSettings(cache_dir="/elsewhere").cache_root() == Path("/elsewhere")
 
 
 def test_the_resources_defaults_read_the_settings(monkeypatch, tmp_path):

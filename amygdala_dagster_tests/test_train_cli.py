@@ -157,7 +157,8 @@ def test_vectors_match_independent_hidden_states_reference(tmp_path, capsys):
 
 
 @pytest.mark.slow  # a whole run
-def test_new_emotion_forwards_only_never_seen_texts(tmp_path, capsys):
+def test_new_emotion_forwards_only_never_seen_texts(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("AMYGDALA_KEEP_RELEASES", "2")  # three publications below, the last two kept
     sets = mood_sets(n_pos=4, n_neutral=4, words=4)
     cache, summary = tmp_path / "cache", tmp_path / "s.json"
     grief_keys = {k for k, _, _ in sets["grief"][0]}
@@ -177,6 +178,7 @@ def test_new_emotion_forwards_only_never_seen_texts(tmp_path, capsys):
     code, _, err = run_main(["--training-data-dir", three, "--emotions", "grief"] + base[2:], capsys)
     assert code == 0 and json.loads(summary.read_text())["activations"]["forwarded"] == 0
     assert load_readout(tmp_path / "o" / "v.safetensors").concepts == ["grief"]
+    assert len(list((tmp_path / "o" / "releases").iterdir())) == 2
 
 
 def test_batch_flags_default_to_the_token_budget():

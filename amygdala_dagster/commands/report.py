@@ -25,7 +25,7 @@ from typing import Any
 
 import polars as pl
 
-from amygdala_dagster.engine.cache import ActivationCache, cache_location, default_cache_dir, fingerprint_id, text_sha256
+from amygdala_dagster.engine.cache import ActivationCache, cache_location, fingerprint_id, text_sha256
 from amygdala_dagster.engine.forward import ensure_cached
 from amygdala_dagster.evaluation import (
     calibration_for_manifest, evaluate, read_snippets, summary_markdown, sweep_layers, write_report,
@@ -152,7 +152,7 @@ def resolve_cache_root(args: argparse.Namespace, manifest: dict[str, Any], outpu
     for candidate in (training.get("cache_root"), _staged_info(output_dir).get("cache_root")):
         if candidate:
             return cache_location(candidate)
-    return default_cache_dir()
+    return current_settings().cache_location()
 
 
 def load_example_sets(args: argparse.Namespace, manifest: dict[str, Any], output_dir: Path,
@@ -319,7 +319,8 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
             for layer, entry in per_layer.items():
                 manifest["per_concept"][concept]["layers"][layer]["calibration"] = entry
         text = json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-        republish_manifest(vectors_path, manifest_path, text.encode("utf-8"))  # a new release, same vectors
+        republish_manifest(vectors_path, manifest_path, text.encode("utf-8"),  # a new release, same vectors
+                           keep=current_settings().keep_releases)
     return {"html": html_path, "json": json_path, "plots": plots, "evaluation": evaluation}
 
 
@@ -358,7 +359,8 @@ def local_output_dir(spec: str | Path, write_back: bool) -> Iterator[tuple[Path,
             with store.local_for_write("report") as target:
                 shutil.copytree(local / "report", target)
         if write_back:
-            republish_manifest(store.uri(""), None, (local / "manifest.json").read_bytes())
+            republish_manifest(store.uri(""), None, (local / "manifest.json").read_bytes(),
+                               keep=current_settings().keep_releases)
 
 
 def check_inputs(args: argparse.Namespace) -> None:

@@ -44,7 +44,6 @@ from amygdala_dagster.engine.shard_store import (
     DAMAGED_PREFIX, CacheError, DamagedShardError, FsspecShardStore, LocalShardStore, decode_shard, encode_shard,
 )
 from amygdala_dagster.files.storage import is_local
-from amygdala_dagster.workflow.settings import current_settings
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +85,6 @@ def cache_location(location: str | os.PathLike[str]) -> Path | str:
     if is_url(text):
         return text
     return Path(text.removeprefix("file://")).expanduser()
-
-
-def default_cache_dir() -> Path | str:
-    """``$AMYGDALA_CACHE_DIR`` (a path, or an fsspec URL returned as given) or ``~/.cache/amygdala/activations``
-    (read through :func:`amygdala_dagster.workflow.settings.current_settings`)."""
-    return current_settings().cache_location()
 
 
 def reject_empty_texts(texts: Sequence[str], keys: Sequence[str] | None = None) -> None:

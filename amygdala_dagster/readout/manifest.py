@@ -37,7 +37,7 @@ from safetensors.torch import save as st_save_torch
 
 from amygdala_dagster.files.atomic import sha256_file
 from amygdala_dagster.files.jsonio import jsonable
-from amygdala_dagster.readout.publish import publish_pair
+from amygdala_dagster.readout.publish import DEFAULT_KEEP_RELEASES, publish_pair
 from amygdala_dagster.readout.releases import PublishError, open_pair
 from amygdala_dagster.files.storage import location
 
@@ -191,6 +191,7 @@ def write_readout(
     readout: Any,
     *,
     vectors_dtype: str = "float32",
+    keep_releases: int = DEFAULT_KEEP_RELEASES,
     **manifest_fields: Any,
 ) -> dict[str, Any]:
     """Write the Contract 3 pair and return the manifest written.
@@ -200,9 +201,9 @@ def write_readout(
     ``vectors_file``/``vectors_sha256``/``vectors_dtype`` (filled in here;
     ``vectors_file`` is the vectors file's name: in a release the two files are
     siblings). The pair is published by
-    :func:`amygdala_dagster.readout.publish.publish_pair`; an unwritable location raises
-    its one-line :class:`~amygdala_dagster.readout.publish.PublishError` and leaves the
-    old pair current.
+    :func:`amygdala_dagster.readout.publish.publish_pair`, which keeps the last ``keep_releases``
+    releases; an unwritable location raises its one-line
+    :class:`~amygdala_dagster.readout.releases.PublishError` and leaves the old pair current.
     """
     vloc, mloc = location(vectors_path), location(manifest_path)
     if str(vloc) == str(mloc):
@@ -214,7 +215,7 @@ def write_readout(
         readout, vectors_file=vloc.name, vectors_sha256=sha, vectors_dtype=vectors_dtype, **manifest_fields
     )
     text = json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    publish_pair(vloc, mloc, data, text.encode("utf-8"))
+    publish_pair(vloc, mloc, data, text.encode("utf-8"), keep=keep_releases)
     return manifest
 
 

@@ -21,7 +21,7 @@ point leaves ``current`` on the old release or the new one, never between;
 the next publication removes staging leftovers. A pair written by an older
 version as two plain files is first adopted as a release of its own, so the
 switch to links is consistent too. Only the last ``keep`` releases are kept
-(``$AMYGDALA_KEEP_RELEASES``, default 5), never the current one.
+(default 5; the workflow and the commands pass ``$AMYGDALA_KEEP_RELEASES``), never the current one.
 
 **Object storage** (no rename, no links; ``s3://``, ``gs://`` ...)::
 
@@ -56,10 +56,11 @@ from amygdala_dagster.files.storage import is_local, location, refresh, uri
 from amygdala_dagster.readout.releases import (
     CURRENT_LINK, POINTER_FILE, POINTER_FORMAT, RELEASES_DIR, PublishError, open_pair, split_location,
 )
-from amygdala_dagster.workflow.settings import current_settings
 
 log = logging.getLogger(__name__)
 
+#: Releases kept by a publication unless told otherwise (the current one is never removed).
+DEFAULT_KEEP_RELEASES = 5
 _STAGING = re.compile(r"^\.(?P<id>[^/]+)\.(?P<pid>\d+)\.tmp$")
 _RESERVED = {RELEASES_DIR, CURRENT_LINK, POINTER_FILE}
 
@@ -74,11 +75,6 @@ class Published:
     manifest: str
     vectors_sha256: str
     manifest_sha256: str
-
-
-def keep_releases() -> int:
-    """``$AMYGDALA_KEEP_RELEASES`` (default 5, from 1 to 1000): how many releases to keep (the settings object)."""
-    return current_settings().keep_releases
 
 
 def release_id(vectors_sha256: str, now: float | None = None) -> str:
@@ -108,14 +104,14 @@ def publish_pair(
     vectors_data: bytes,
     manifest_data: bytes,
     *,
-    keep: int | None = None,
+    keep: int = DEFAULT_KEEP_RELEASES,
 ) -> Published:
     """Publish ``vectors_data`` + ``manifest_data`` under the two names as one release (see the module doc).
 
     Raises :class:`PublishError` (one line: path and cause) if the location is
     not writable; the previously published pair is then still the current one.
     """
-    keep = keep_releases() if keep is None else int(keep)
+    keep = int(keep)
     vloc, mloc = location(vectors_path), location(manifest_path)
     _check_names(vloc.name, mloc.name)
     sha_v = hashlib.sha256(vectors_data).hexdigest()
@@ -350,10 +346,12 @@ def _prune_remote(releases: UPath, current: str, keep: int) -> None:
 
 
 def republish_manifest(
-    vectors: str | os.PathLike[str], manifest: str | os.PathLike[str] | None, manifest_data: bytes
+    vectors: str | os.PathLike[str], manifest: str | os.PathLike[str] | None, manifest_data: bytes, *,
+    keep: int = DEFAULT_KEEP_RELEASES,
 ) -> Published:
-    """A new release holding the current vectors unchanged and ``manifest_data`` (e.g. added calibration)."""
+    """A new release holding the current vectors unchanged and ``manifest_data`` (e.g. added calibration);
+    the last ``keep`` releases are kept."""
     with open_pair(vectors, manifest) as files:
         vectors_data = files.vectors.read_bytes()
     v, m = split_location(vectors, manifest)
-    return publish_pair(v, m, vectors_data, manifest_data)
+    return publish_pair(v, m, vectors_data, manifest_data, keep=keep)

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from amygdala_dagster.engine.activations import ActivationEngine
-from amygdala_dagster.engine.cache import cache_location, default_cache_dir
+from amygdala_dagster.engine.cache import cache_location
 from amygdala_dagster.engine.layers import check_layer_indices, parse_layers
 from amygdala_dagster.engine.models import LoadedModel, load_model
+from amygdala_dagster.workflow.settings import current_settings
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class EngineSettings:
 
         An fsspec URL (``s3://bucket/cache``) is returned as given: ``Path`` would fold its ``//``.
         """
-        return cache_location(self.cache_dir) if self.cache_dir else default_cache_dir()
+        return cache_location(self.cache_dir) if self.cache_dir else current_settings().cache_location()
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any], **overrides: Any) -> EngineSettings:

@@ -24,6 +24,7 @@ from amygdala_dagster.readout.token_calibration import (
     DEFAULT_TARGET_RATE, calibrate_episodes, calibrate_readout, calibration_entries, project_calibration,
 )
 from amygdala_dagster.readout.vectors import train_readout
+from amygdala_dagster.workflow.settings import current_settings
 from amygdala_dagster.workflow.samples import RunSamples, calibration_sample, forward_run, held_out_negatives
 from amygdala_dagster.workflow.engine_settings import EngineSettings, SettingsError, build_engine, engine_report
 from amygdala_dagster.workflow.layout import check_writable
@@ -138,7 +139,7 @@ def train_readout_pair(
         output, manifest_path, readout, vectors_dtype=vectors_dtype, model=loaded.model_id,
         model_revision=loaded.revision, dtype=loaded.dtype, pooling=fp.get("pooling", engine.pooling),
         layer_path=engine.resolved_layer_path, fingerprint=fp, training=training, calibration=readout.calibration,
-        token_calibration=token_calibration, episode=episode,
+        token_calibration=token_calibration, episode=episode, keep_releases=current_settings().keep_releases,
     )
     return TrainResult(
         vectors_path=output, manifest_path=manifest_path, manifest=manifest, cache_stats=stats,

@@ -27,6 +27,7 @@ from amygdala_dagster.workflow.layout import (
     MANIFEST_FILE, STAGED_INFO, STAGED_VECTORS, TOKEN_SAMPLES_FILE, VECTORS_FILE,
 )
 from amygdala_dagster.workflow.samples import StoredSamples
+from amygdala_dagster.workflow.settings import current_settings
 from amygdala_dagster.workflow.staging import (
     check_stats_current, drift_cosines, encode_staged_info, read_staged_readout, sha256_bytes, staged_info,
 )
@@ -204,7 +205,8 @@ def readout_manifest(
         pooling=fp.get("pooling"), layer_path=fp.get("layer_path"), fingerprint=fp, training=training,
         token_calibration=token_cal, episode=episode,
     )
-    manifest = write_readout(store.uri(VECTORS_FILE), store.uri(MANIFEST_FILE), readout, **fields)
+    manifest = write_readout(store.uri(VECTORS_FILE), store.uri(MANIFEST_FILE), readout,
+                             keep_releases=current_settings().keep_releases, **fields)
     vectors_rel, manifest_rel = current_pair(store.uri(""))
     with open_pair(store.uri(VECTORS_FILE), store.uri(MANIFEST_FILE)) as files:  # what a reader gets now
         pair_problems = manifest_problems(files.vectors, files.manifest, readout.concepts)
