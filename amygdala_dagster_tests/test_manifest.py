@@ -13,13 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from amygdala_dagster.commands import cli
-from amygdala_dagster.readout.manifest import (
-    ReadoutFileError,
-    build_manifest,
-    load_readout,
-    sha256_file,
-    write_readout,
-)
+from amygdala_dagster.files.atomic import sha256_file
+from amygdala_dagster.readout.manifest import ReadoutFileError, build_manifest, load_readout, write_readout
 from amygdala_dagster.readout.vectors import TrainedReadout
 
 H = 12

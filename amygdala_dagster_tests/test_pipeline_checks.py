@@ -140,7 +140,7 @@ def test_cpu_run_of_a_linear_attention_model_reports_no_and_passes_the_check():
 
 
 def test_every_flag_kind_is_shown_by_exactly_one_check():
-    from amygdala_dagster.evaluation.core import FLAG_KINDS
+    from amygdala_dagster.evaluation.verdicts import FLAG_KINDS
 
     shown = [*C.SEPARATION_FLAGS, *C.BASELINE_FLAGS, *C.CONVERSATION_FLAGS]
     assert sorted(shown) == sorted(FLAG_KINDS) and len(set(shown)) == len(shown)

@@ -14,7 +14,9 @@ import pytest
 from PIL import Image
 
 from amygdala_dagster.engine.cache import ActivationCache, text_sha256
-from amygdala_dagster.evaluation import Criteria, apply_verdicts, evaluate, summary_markdown, write_report
+from amygdala_dagster.evaluation.core import evaluate
+from amygdala_dagster.evaluation.report import summary_markdown, write_report
+from amygdala_dagster.evaluation.verdicts import Criteria, apply_verdicts
 from amygdala_dagster.evaluation.report import emotion_markdown
 from amygdala_dagster.examples.selection import Example, ExampleSet
 from amygdala_dagster.pipeline import checks as C
@@ -137,7 +139,7 @@ def _page_text(doc: str) -> str:
 def test_report_shows_sweep_and_flags(tmp_path):
     cache, sets, _ = _synthetic(tmp_path, n=16)
     readout = train_readout(sets, cache, LAYERS)
-    from amygdala_dagster.evaluation import sweep_layers
+    from amygdala_dagster.evaluation.layer_sweep import sweep_layers
 
     sweep = sweep_layers(cache, sets, n_model_layers=2)
     assert sweep["recommended_layers"][0] == 1
@@ -357,7 +359,8 @@ def test_bundled_model_report_matches_independent_recomputation(tmp_path, minilm
     assert ensure_cached(engine, cache, [s["text"] for s in snippets], progress=False).forwarded == 6
     ev = evaluate(cache, sets, readout, snapshot=snapshot, snippets=snippets, bootstrap=200)
     # Layer sweep: one pass over every layer in its own cache namespace, then nothing to forward.
-    from amygdala_dagster.evaluation import calibration_for_manifest, sweep_layers
+    from amygdala_dagster.evaluation.core import calibration_for_manifest
+    from amygdala_dagster.evaluation.layer_sweep import sweep_layers
 
     sweep_engine = ActivationEngine(minilm, list(range(minilm.num_layers)), batch_size=16)
     sweep_cache = ActivationCache(tmp_path / "cache", sweep_engine.fingerprint)

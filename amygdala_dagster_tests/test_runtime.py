@@ -22,8 +22,9 @@ from amygdala_dagster.engine.forward import ensure_cached
 from amygdala_dagster.engine.inputs import InputError, encode, read_inputs
 from amygdala_dagster.engine.token_cache import TokenCache
 from amygdala_dagster.readout.runtime import ReadoutRuntime, scored_mask
+from amygdala_dagster.readout.folds import text_folds
 from amygdala_dagster.readout.token_calibration import (
-    calibrate_readout, calibrate_tokens, calibration_entries, heldout_problems, text_folds,
+    calibrate_readout, calibrate_tokens, calibration_entries, heldout_problems,
 )
 from amygdala_dagster.workflow.samples import calibration_sample
 from amygdala_dagster.readout.vectors import TrainedReadout

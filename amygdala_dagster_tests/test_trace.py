@@ -185,7 +185,7 @@ def test_a_trace_says_when_max_tokens_cut_an_input(tmp_path, capsys):
 
 @pytest.mark.parametrize("max_tokens", [8, 16, 400])
 def test_encode_counts_the_whole_input_and_cuts_as_the_tokenizer_truncates(tmp_path, max_tokens):
-    from amygdala_dagster.readout.runtime import encode
+    from amygdala_dagster.engine.inputs import encode
     from amygdala_dagster_tests.tiny_models import build_tokenizer
 
     tok = build_tokenizer(tmp_path)  # prepends <s>: one special token per chunk of the cut

@@ -23,7 +23,8 @@ import torch
 from amygdala_dagster.commands import cli
 from amygdala_dagster.files.atomic import sha256_file
 from amygdala_dagster.readout.manifest import load_readout
-from amygdala_dagster.commands.train_steering_vectors import default_target_layers, main
+from amygdala_dagster.commands.train_steering_vectors import main
+from amygdala_dagster.workflow.engine_settings import default_target_layers
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_GRAPH = REPO / "amygdala_dagster" / "data" / "sample_graph.jsonl"

@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from amygdala_dagster.engine.cache import text_sha256
     from amygdala_dagster.engine.models import load_model
     from amygdala_dagster.engine.shards import EngineSpec, run_shards_locally
-    from amygdala_dagster.commands.train_steering_vectors import default_target_layers
+    from amygdala_dagster.workflow.engine_settings import default_target_layers
 
     model = args.model
     if args.tiny:

@@ -27,9 +27,10 @@ import polars as pl
 
 from amygdala_dagster.engine.cache import ActivationCache, cache_location, fingerprint_id, text_sha256
 from amygdala_dagster.engine.forward import ensure_cached
-from amygdala_dagster.evaluation import (
-    calibration_for_manifest, evaluate, read_snippets, summary_markdown, sweep_layers, write_report,
-)
+from amygdala_dagster.evaluation.core import calibration_for_manifest, evaluate
+from amygdala_dagster.evaluation.generalisation import read_snippets
+from amygdala_dagster.evaluation.layer_sweep import sweep_layers
+from amygdala_dagster.evaluation.report import summary_markdown, write_report
 from amygdala_dagster.evaluation.verdicts import Criteria, apply_verdicts, log_unusable
 from amygdala_dagster.evaluation.conversations import conversations_section
 from amygdala_dagster.engine.inputs import InputError, read_inputs

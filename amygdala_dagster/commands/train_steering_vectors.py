@@ -43,9 +43,7 @@ from amygdala_dagster.engine.checkpoints import ModelLoadError
 from amygdala_dagster.engine.placement import parse_device_map
 from amygdala_dagster.readout.releases import PublishError
 from amygdala_dagster.workflow.training import TrainingError, TrainResult, train_from_examples_dir
-from amygdala_dagster.workflow.engine_settings import (
-    DEFAULT_MODEL, EngineSettings, SettingsError, default_target_layers, fast_path_line,
-)
+from amygdala_dagster.workflow.engine_settings import DEFAULT_MODEL, EngineSettings, SettingsError, fast_path_line
 from amygdala_dagster.workflow.layout import UnwritableError, check_writable
 from amygdala_dagster.graph.tags import check_emotion_name
 
@@ -53,10 +51,6 @@ from amygdala_dagster.graph.tags import check_emotion_name
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 VECTORS_DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 POOLING_CHOICES = ("mean", "last")
-
-__all__ = ["TrainResult", "build_parser", "default_target_layers", "format_summary", "main",
-           "train_from_examples_dir"]
-
 
 # ----------------------------------------------------------------------------- command line
 def _layers_flag(text: str) -> str:

@@ -27,11 +27,8 @@ from amygdala_dagster.readout.estimators import DegenerateDirectionError, make_e
 from amygdala_dagster.readout import metrics as M
 from amygdala_dagster.examples.catalog import cooccurrence
 from amygdala_dagster.files.jsonio import jsonable
-# The verdicts live in .verdicts and the snippet scores in .generalisation; their names stay importable from here.
-from amygdala_dagster.evaluation.generalisation import generalisation, read_snippets  # noqa: F401
-from amygdala_dagster.evaluation.verdicts import (  # noqa: F401
-    FLAG_KINDS, VERDICTS, Criteria, apply_verdicts, attention_order, judge, log_unusable,
-)
+from amygdala_dagster.evaluation.generalisation import generalisation, read_snippets
+from amygdala_dagster.evaluation.verdicts import Criteria, apply_verdicts
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +111,7 @@ def evaluate_emotion(
 
     The same numbers as its entry in :func:`evaluate` (which evaluates every
     emotion from one read of the cache); verdicts need every emotion (cross-talk),
-    so they come from :func:`judge`.
+    so they come from :func:`~amygdala_dagster.evaluation.verdicts.judge`.
     """
     emotion = example_set.emotion
     sets = {emotion: example_set}
@@ -271,7 +268,7 @@ def evaluate(
     (records or a JSONL path, all in ``cache``) adds the generalisation section. ``sweep`` is a :func:`sweep_layers`
     result to include. ``meta`` is copied into the result as ``meta``.
     ``estimators``: see :func:`resolve_estimators`. ``criteria`` decide the
-    verdicts (:func:`judge`; ``confound_margin``, when given, overrides
+    verdicts (:func:`~amygdala_dagster.evaluation.verdicts.judge`; ``confound_margin``, when given, overrides
     ``criteria.confound_margin``). ``conversations`` (with ``per_emotion``) is
     stored as ``conversations`` and taken into account by the verdicts.
     Each emotion's held-out ``projections`` are in the result for the plots;

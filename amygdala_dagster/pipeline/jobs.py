@@ -13,10 +13,12 @@ from collections.abc import Sequence
 import dagster as dg
 import polars as pl
 
-from amygdala_dagster.pipeline.assets import (
-    activation_cache, activation_stats, emotion_catalog, evaluation_report, memory_snapshot, readout_manifest, readout_vectors,
-    tagged_examples,
-)
+from amygdala_dagster.pipeline.assets.activations import activation_stats
+from amygdala_dagster.pipeline.assets.emotions import emotion_catalog, tagged_examples
+from amygdala_dagster.pipeline.assets.evaluation import evaluation_report
+from amygdala_dagster.pipeline.assets.graph import memory_snapshot
+from amygdala_dagster.pipeline.assets.readout_pair import readout_manifest, readout_vectors
+from amygdala_dagster.pipeline.assets.shards import activation_cache
 from amygdala_dagster.pipeline.assets.common import EMOTIONS_TAG, OUTPUT_TAG, RANGE_END_TAG, RANGE_START_TAG
 from amygdala_dagster.pipeline.resources import MemoryGraphResource, SelectionResource
 from amygdala_dagster.graph.snapshot import build_snapshot

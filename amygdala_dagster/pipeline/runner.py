@@ -23,8 +23,9 @@ import polars as pl
 
 import amygdala_dagster
 from amygdala_dagster.files.atomic import atomic_write_text
-from amygdala_dagster.examples.selection import check_emotion_name, select_all
-from amygdala_dagster.pipeline.assets import memory_graph
+from amygdala_dagster.examples.selection import select_all
+from amygdala_dagster.graph.tags import check_emotion_name
+from amygdala_dagster.pipeline.assets.graph import memory_graph
 from amygdala_dagster.pipeline.assets.common import EMOTION, EMOTIONS_TAG, GPU_POOL, OUTPUT_TAG, emotion_partitions
 from amygdala_dagster.pipeline.assets.graph import read_snapshot_from
 from amygdala_dagster.pipeline.definitions import build_definitions

@@ -12,7 +12,7 @@ asset-automation tick to be enabled.
 
 import dagster as dg
 
-from amygdala_dagster.pipeline.assets import memory_graph
+from amygdala_dagster.pipeline.assets.graph import memory_graph
 from amygdala_dagster.pipeline.assets.common import EMOTION, emotion_partitions
 from amygdala_dagster.pipeline.jobs import REFRESH_JOB, plan_from_graph, refresh_selection, refresh_tags
 from amygdala_dagster.pipeline.resources import MemoryGraphResource, ShardingResource, SelectionResource

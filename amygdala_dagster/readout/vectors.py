@@ -431,6 +431,5 @@ __all__ = [
     "save_stats",
     "train_directions",
     "train_readout",
-    "training_problems",
     "layer_columns",
 ]

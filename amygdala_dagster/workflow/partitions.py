@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from amygdala_dagster.examples.selection import ExampleSet, SelectionParams, check_emotion_name, training_problems
+from amygdala_dagster.examples.selection import ExampleSet, SelectionParams, training_problems
+from amygdala_dagster.graph.tags import check_emotion_name
 
 # ----------------------------------------------------------------------------- texts and trainability
 def collect_texts(example_sets: Mapping[str, ExampleSet]) -> tuple[list[str], list[str]]:

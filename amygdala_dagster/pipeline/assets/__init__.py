@@ -11,8 +11,3 @@ ALL_ASSETS = [
     memory_graph, memory_snapshot, emotion_catalog, tagged_examples, activation_cache, activation_stats,
     readout_vectors, readout_manifest, evaluation_report,
 ]
-
-__all__ = [
-    "ALL_ASSETS", "activation_cache", "activation_stats", "emotion_catalog", "evaluation_report", "memory_graph",
-    "memory_snapshot", "readout_manifest", "readout_vectors", "tagged_examples",
-]

@@ -7,7 +7,9 @@ from typing import Any
 import dagster as dg
 
 from amygdala_dagster.engine.cache import ActivationCache
-from amygdala_dagster.evaluation import evaluate, read_snippets, summary_markdown, write_report
+from amygdala_dagster.evaluation.core import evaluate
+from amygdala_dagster.evaluation.generalisation import read_snippets
+from amygdala_dagster.evaluation.report import summary_markdown, write_report
 from amygdala_dagster.evaluation.conversations import conversations_section
 from amygdala_dagster.evaluation.verdicts import apply_verdicts, log_unusable
 from amygdala_dagster.evaluation.plots import png_markdown

@@ -19,8 +19,7 @@ from amygdala_dagster.pipeline.checks import (
 from amygdala_dagster.readout.episode import episode_problems, episode_summary
 from amygdala_dagster.readout.releases import current_pair, open_pair
 from amygdala_dagster.readout.token_calibration import (
-    calibrate_episodes, calibrate_readout, calibration_entries, heldout_problems, heldout_summary,
-    project_calibration,
+    calibrate_episodes, calibrate_readout, calibration_entries, heldout_problems, heldout_summary, project_calibration,
 )
 from amygdala_dagster.readout.vectors import TrainedReadout, train_readout
 from amygdala_dagster.workflow.layout import (
