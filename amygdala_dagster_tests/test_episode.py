@@ -56,10 +56,10 @@ def _rule(threshold: float, half_life: float | None = 4.0, min_tokens: int = 3) 
 
 def _pair(tmp_path: Path, thresholds: dict[str, float], half_life: float | None = 4.0):
     ro = _readout()
-    tc = {c: {l: {"source": "t", "skip_first_tokens": 1, "n_texts": 3, "n_tokens": 30, "neg_mean": 0.0,
-                  "neg_std": 1.0, "quantiles": {}, "target_rate": 0.01, "threshold": 2.0} for l in LAYERS}
+    tc = {c: {layer: {"source": "t", "skip_first_tokens": 1, "n_texts": 3, "n_tokens": 30, "neg_mean": 0.0,
+                  "neg_std": 1.0, "quantiles": {}, "target_rate": 0.01, "threshold": 2.0} for layer in LAYERS}
           for c in CONCEPTS}
-    ep = {c: {l: _rule(t, half_life) for l in LAYERS} for c, t in thresholds.items()}
+    ep = {c: {layer: _rule(t, half_life) for layer in LAYERS} for c, t in thresholds.items()}
     v, m = tmp_path / "vectors.safetensors", tmp_path / "manifest.json"
     write_readout(v, m, ro, model="tiny", model_revision=None, dtype="float32", pooling="mean", layer_path=None,
                   fingerprint=None, training={}, calibration=None, token_calibration=tc, episode=ep)

@@ -142,7 +142,7 @@ def _rewrite(v: Path, m: Path, tensors: dict, edit_manifest=None) -> None:
 def test_refuses_invalid_pairs_saying_what_is_wrong(tmp_path):
     ro = make_readout()
     v, m, _ = write_pair(tmp_path, ro)
-    good = {f"layer_{l}.vectors": torch.from_numpy(ro.vectors[l]) for l in LAYERS}
+    good = {f"layer_{layer}.vectors": torch.from_numpy(ro.vectors[layer]) for layer in LAYERS}
 
     _rewrite(v, m, {"layer_1.vectors": good["layer_1.vectors"]})
     with pytest.raises(ReadoutFileError, match=r"missing \['layer_4.vectors'\]"):

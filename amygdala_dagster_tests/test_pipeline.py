@@ -402,7 +402,7 @@ def test_run_command_refuses_unwritable_outputs_and_never_passes_off_an_old_pair
     rc = cli_main(["run", "--memory-file", str(few), "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache")])
     err = capsys.readouterr().err
     assert rc == 2
-    lines = [l for l in err.splitlines() if not l.startswith("20")]  # log lines carry a timestamp
+    lines = [layer for layer in err.splitlines() if not layer.startswith("20")]  # log lines carry a timestamp
     assert lines[0].startswith("amygdala run: no emotion qualifies")
     assert "from 2020-01-01T00:00:00Z, not from this run" in lines[1]
 

@@ -65,9 +65,9 @@ def _readout(rows=2, hidden=8):
 def test_vectors_rule():
     r = _readout()
     assert C.vectors_problems(r.concepts, r.layers, r.vectors, 8) == []
-    scaled = {l: m * 2 for l, m in r.vectors.items()}
+    scaled = {layer: m * 2 for layer, m in r.vectors.items()}
     assert any("expected unit norm" in p for p in C.vectors_problems(r.concepts, r.layers, scaled, 8))
-    nan = {l: np.full_like(m, np.nan) for l, m in r.vectors.items()}
+    nan = {layer: np.full_like(m, np.nan) for layer, m in r.vectors.items()}
     assert any("non-finite" in p for p in C.vectors_problems(r.concepts, r.layers, nan, 8))
     assert any("shape" in p for p in C.vectors_problems(["a", "b", "c"], r.layers, r.vectors, 8))
 

@@ -321,14 +321,14 @@ def _independent_pooled(model_dir: str, texts: list[str], layers: list[int]) -> 
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out: dict[int, list[np.ndarray]] = {l: [] for l in layers}
+    out: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
     with torch.no_grad():
         for t in texts:
             enc = tok(t, return_tensors="pt", truncation=True, max_length=512)
             hs = model(**enc, output_hidden_states=True).hidden_states
-            for l in layers:
-                out[l].append(hs[l + 1][0].double().mean(0).numpy())
-    return {l: np.stack(v) for l, v in out.items()}
+            for layer in layers:
+                out[layer].append(hs[layer + 1][0].double().mean(0).numpy())
+    return {layer: np.stack(v) for layer, v in out.items()}
 
 
 @pytest.mark.slow  # a whole run

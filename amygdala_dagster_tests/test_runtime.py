@@ -57,7 +57,7 @@ def _token_cal(mean: float, std: float) -> dict:
 
 def _pair(tmp_path: Path, h: int = HIDDEN, layers=LAYERS, token_calibration=None):
     ro = _readout(h, layers)
-    tc = token_calibration or {c: {l: _token_cal(0.1 * i, 0.5 + i) for l in layers} for i, c in enumerate(CONCEPTS)}
+    tc = token_calibration or {c: {layer: _token_cal(0.1 * i, 0.5 + i) for layer in layers} for i, c in enumerate(CONCEPTS)}
     v, m = tmp_path / "vectors.safetensors", tmp_path / "manifest.json"
     write_readout(v, m, ro, model="tiny", model_revision=None, dtype="float32", pooling="mean", layer_path=None,
                   fingerprint=None, training={}, calibration=None, token_calibration=tc)

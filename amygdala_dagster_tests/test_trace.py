@@ -22,14 +22,14 @@ LAYERS = [3, 4]
 def _pair(tmp_path, n_concepts=3, token=True):
     rng = np.random.default_rng(0)
     concepts = [f"c{i:03d}" for i in range(n_concepts)]
-    vectors = {l: (lambda m: (m / np.linalg.norm(m, axis=1, keepdims=True)).astype(np.float32))(
-        rng.normal(size=(n_concepts, H))) for l in LAYERS}
+    vectors = {layer: (lambda m: (m / np.linalg.norm(m, axis=1, keepdims=True)).astype(np.float32))(
+        rng.normal(size=(n_concepts, H))) for layer in LAYERS}
     ro = TrainedReadout(concepts=concepts, layers=LAYERS, vectors=vectors,
                         raw_norms={c: [1.0, 1.0] for c in concepts}, counts={c: {} for c in concepts},
-                        calibration={c: {l: {"neg_mean": 0.0, "neg_std": 0.1, "threshold": 0.2} for l in LAYERS}
+                        calibration={c: {layer: {"neg_mean": 0.0, "neg_std": 0.1, "threshold": 0.2} for layer in LAYERS}
                                      for c in concepts})
-    tc = {c: {l: {"source": "test", "skip_first_tokens": 1, "n_texts": 1, "n_tokens": 1, "neg_mean": 0.0,
-                  "neg_std": 0.05, "quantiles": {}, "target_rate": 0.01, "threshold": 0.1} for l in LAYERS}
+    tc = {c: {layer: {"source": "test", "skip_first_tokens": 1, "n_texts": 1, "n_tokens": 1, "neg_mean": 0.0,
+                  "neg_std": 0.05, "quantiles": {}, "target_rate": 0.01, "threshold": 0.1} for layer in LAYERS}
           for c in concepts} if token else None
     v, m = tmp_path / "vectors.safetensors", tmp_path / "manifest.json"
     write_readout(v, m, ro, model="minilm", model_revision=None, dtype="float32", pooling="mean", layer_path=None,

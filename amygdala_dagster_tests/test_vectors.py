@@ -232,7 +232,7 @@ def test_projection_and_calibrated_scores(world):
     np.testing.assert_allclose(out[5].numpy(), tokens.numpy() @ ro.vectors[5].T, atol=1e-5)
     manifest = {
         "concepts": ro.concepts,
-        "per_concept": {c: {"layers": {str(l): {"calibration": ro.calibration[c][l]} for l in LAYERS}}
+        "per_concept": {c: {"layers": {str(layer): {"calibration": ro.calibration[c][layer]} for layer in LAYERS}}
                         for c in ro.concepts},
     }
     z = calibrated_scores(out[5], manifest, 5)

@@ -87,7 +87,7 @@ def _body(content: str) -> str:
 def generate_graph(path: Path, *, n_nodes: int, n_emotions: int, min_high: int, seed: int) -> dict[str, Any]:
     """Write the synthetic graph as JSONL; returns its shape (tag counts, clusters)."""
     rng = random.Random(seed)
-    sample = [json.loads(l) for l in SAMPLE.read_text(encoding="utf-8").splitlines() if l.strip()]
+    sample = [json.loads(layer) for layer in SAMPLE.read_text(encoding="utf-8").splitlines() if layer.strip()]
     by_emotion: dict[str, list[str]] = defaultdict(list)
     all_sentences: list[str] = []
     for node in sample:

@@ -171,15 +171,15 @@ def format_report(report: dict[str, Any]) -> str:
         tok = report.get("token_calibration")
         lines.append(f"manifest: format {report['format_version']}; token calibration: "
                      + ("none (thresholds are text-level only)" if not tok else "per layer below"))
-        for l, v in (tok or {}).items():  # one line per layer: they read as a column
-            lines.append(f"  layer {l}: {v['n_concepts']} concepts, {', '.join(v['sources'])}, target "
+        for layer, v in (tok or {}).items():  # one line per layer: they read as a column
+            lines.append(f"  layer {layer}: {v['n_concepts']} concepts, {', '.join(v['sources'])}, target "
                          f"{', '.join(map(str, v['target_rates']))}"
                          + (f", held-out firing {v['heldout_ratio_min']:.2f}-{v['heldout_ratio_max']:.2f}x target"
                             if v["heldout_ratio_min"] is not None else ""))
         ep = report.get("episode")
         lines.append("episode rule: " + ("none" if not ep else "per layer below"))
-        for l, v in (ep or {}).items():
-            lines.append(f"  layer {l}: {v['n_concepts']} concepts, {', '.join(v['sources'])}, half-life "
+        for layer, v in (ep or {}).items():
+            lines.append(f"  layer {layer}: {v['n_concepts']} concepts, {', '.join(v['sources'])}, half-life "
                          f"{', '.join(map(str, v['half_lives']))} tokens, decides from scored token "
                          f"{', '.join(map(str, v['min_tokens']))}, target {', '.join(map(str, v['target_rates']))}"
                          + (f", held-out false alarms {v['heldout_min']:.1%}-{v['heldout_max']:.1%}"

@@ -128,7 +128,7 @@ def evaluate_conversations(
     labels = [set(x or ()) for x in labelled]
     unknown = sorted(set().union(*labels) - set(concepts)) if labels else []
     per_emotion: dict[str, Any] = {}
-    thr_by_layer = {int(l): thresholds(manifest, int(l)) for l in readout.layers}
+    thr_by_layer = {int(layer): thresholds(manifest, int(layer)) for layer in readout.layers}
     for ci, e in enumerate(concepts):
         best = (layer_for or {}).get(e)
         layer = int(readout.layers[-1] if best is None else best)
@@ -185,8 +185,8 @@ def evaluate_conversations(
                     "mean_fire_rate_without": mean("fire_rate_without") if per_emotion else None,
                     "mean_episode_false_alarm_rate": ep_mean("false_alarm_rate"),
                     "mean_episode_hit_rate": ep_mean("hit_rate"), "mean_episode_auroc": ep_mean("auroc")},
-        "thresholds": {str(l): thr_by_layer[int(l)][1] for l in readout.layers},
-        "episode_rules": {str(l): episode_rules(manifest, int(l)) for l in readout.layers},
+        "thresholds": {str(layer): thr_by_layer[int(layer)][1] for layer in readout.layers},
+        "episode_rules": {str(layer): episode_rules(manifest, int(layer)) for layer in readout.layers},
         "traces": traces,
     }
 

@@ -130,14 +130,14 @@ def _evaluate_emotion(
     if emotion not in readout.concepts:
         raise ValueError(f"emotion {emotion!r} has no readout vector (concepts: {', '.join(readout.concepts)})")
     ci = list(readout.concepts).index(emotion)
-    layers = [int(l) for l in readout.layers]
+    layers = [int(layer) for layer in readout.layers]
     pos_idx = layer_positions(cache, layers, f"emotion {emotion!r}")
 
     hp, hn = example_set.holdout_positives, example_set.holdout_negatives
     tp, tn = example_set.train_positives, example_set.train_negatives
     r_hp, r_hn, r_tp, r_tn = (acts.rows(x) for x in (hp, hn, tp, tn))
     # [L, H] shipped vectors of this emotion, and the projections of its held-out texts: [L, n].
-    v = np.stack([np.asarray(readout.vectors[l][ci], dtype=np.float64) for l in layers])
+    v = np.stack([np.asarray(readout.vectors[layer][ci], dtype=np.float64) for layer in layers])
 
     def project(rows: np.ndarray) -> np.ndarray:
         return np.einsum("nlh,lh->ln", acts.data[rows][:, pos_idx, :].astype(np.float64), v)
@@ -185,22 +185,22 @@ def _evaluate_emotion(
                     log.warning("estimator comparison: %s", exc)
             compared[name][layer] = auc
 
-    aurocs = {l: per_layer[l]["auroc"] for l in layers}
+    aurocs = {layer: per_layer[layer]["auroc"] for layer in layers}
     best = _best_layer(aurocs)
     conf = confounds(example_set)
     conf["vector_auroc"] = aurocs[best] if best is not None else math.nan
     return {
         "emotion": emotion,
         "counts": example_set.counts(),
-        "layers": {str(l): per_layer[l] for l in layers},
+        "layers": {str(layer): per_layer[layer] for layer in layers},
         "best_layer": best,
         "best_auroc": conf["vector_auroc"],
-        "estimators": {name: {str(l): v for l, v in d.items()} for name, d in compared.items()},
+        "estimators": {name: {str(layer): v for layer, v in d.items()} for name, d in compared.items()},
         "confounds": conf,
         "projections": {
-            str(l): {"positive": p_all[k].tolist(), "negative": n_all[k].tolist(),
+            str(layer): {"positive": p_all[k].tolist(), "negative": n_all[k].tolist(),
                      "positive_keys": [e.key for e in hp], "negative_keys": [e.key for e in hn]}
-            for k, l in enumerate(layers)
+            for k, layer in enumerate(layers)
         },
     }
 
@@ -296,7 +296,7 @@ def evaluate(
                 bootstrap_max_n=bootstrap_max_n, logistic_C=logistic_C, seed=seed,
             )
 
-    layers = [int(l) for l in readout.layers]
+    layers = [int(layer) for layer in readout.layers]
     mean_auc = {}
     for layer in layers:
         vals = [emotions[e]["layers"][str(layer)]["auroc"] for e in emotions]
@@ -304,7 +304,7 @@ def evaluate(
         mean_auc[str(layer)] = float(np.mean(vals)) if vals else None
     est_mean = {}
     for name in estimators:
-        vals = [emotions[e]["estimators"][name][str(l)] for e in emotions for l in layers]
+        vals = [emotions[e]["estimators"][name][str(layer)] for e in emotions for layer in layers]
         vals = [v for v in vals if v is not None and math.isfinite(v)]
         est_mean[name] = float(np.mean(vals)) if vals else None
 
@@ -333,8 +333,8 @@ def evaluate(
             "best_layer": {e: emotions[e]["best_layer"] for e in emotions},
             "best_auroc": {e: emotions[e]["best_auroc"] for e in emotions},
             "recommended_layers": (list(sweep["recommended_layers"]) if sweep else
-                                   sorted((l for l in layers if mean_auc[str(l)] is not None),
-                                          key=lambda l: (-mean_auc[str(l)], l))[:3]),
+                                   sorted((layer for layer in layers if mean_auc[str(layer)] is not None),
+                                          key=lambda layer: (-mean_auc[str(layer)], layer))[:3]),
         },
         "crosstalk": crosstalk(readout, snapshot=snapshot, threshold=crosstalk_cosine),
         "layer_sweep": dict(sweep) if sweep else None,
@@ -346,7 +346,7 @@ def evaluate(
             result["meta"].setdefault("snippets_file", str(snippets))
             snippets = read_snippets(snippets)
         layer_for = {e: emotions[e]["best_layer"] for e in emotions}
-        cal_for = {e: {int(l): v["calibration"] for l, v in emotions[e]["layers"].items()} for e in emotions}
+        cal_for = {e: {int(layer): v["calibration"] for layer, v in emotions[e]["layers"].items()} for e in emotions}
         result["generalisation"] = generalisation(
             cache, readout, snippets, layer_for, cal_for, top_k=top_k
         )

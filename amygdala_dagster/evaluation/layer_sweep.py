@@ -54,7 +54,7 @@ def sweep_layers(
     held-out AUROC (best first).
     """
     sets = sets_by_emotion(example_sets)
-    wanted = [int(l) for l in (layers if layers is not None else cache.layers or [])]
+    wanted = [int(layer) for layer in (layers if layers is not None else cache.layers or [])]
     positions = layer_positions(cache, wanted, "layer sweep")
     est = make_estimator(estimator)
     table: dict[str, dict[str, float | None]] = {}
@@ -76,8 +76,8 @@ def sweep_layers(
     for layer in wanted:
         vals = [table[e][str(layer)] for e in table if table[e][str(layer)] is not None]
         mean_auc[str(layer)] = float(np.mean(vals)) if vals else None
-    ranked = sorted((l for l in wanted if mean_auc[str(l)] is not None),
-                    key=lambda l: (-mean_auc[str(l)], l))
+    ranked = sorted((layer for layer in wanted if mean_auc[str(layer)] is not None),
+                    key=lambda layer: (-mean_auc[str(layer)], layer))
     out = {
         "layers": wanted,
         "estimator": estimator,
@@ -89,5 +89,5 @@ def sweep_layers(
         "cache_stats": dict(cache_stats) if cache_stats is not None else None,
     }
     if n_model_layers:
-        out["depth_fraction"] = {str(l): (l + 1) / n_model_layers for l in wanted}
+        out["depth_fraction"] = {str(layer): (layer + 1) / n_model_layers for layer in wanted}
     return out

@@ -45,22 +45,22 @@ def report_layer(evaluation: Mapping[str, Any]) -> int:
     """The layer the cross-talk figure shows: the best shipped layer by mean held-out AUROC."""
     means = evaluation["summary"]["mean_auroc_by_layer"]
     layers = evaluation["layers"]
-    scored = [l for l in layers if means.get(str(l)) is not None]
-    return max(scored, key=lambda l: (means[str(l)], -l)) if scored else layers[-1]
+    scored = [layer for layer in layers if means.get(str(layer)) is not None]
+    return max(scored, key=lambda layer: (means[str(layer)], -layer)) if scored else layers[-1]
 
 
 def plot_auroc_by_layer(evaluation: Mapping[str, Any]) -> bytes:
     """Held-out AUROC by layer, one line per emotion (the sweep's layers when a sweep ran)."""
     sweep = evaluation.get("layer_sweep")
     if sweep:
-        layers = [int(l) for l in sweep["layers"]]
-        table = {e: [_nan(row.get(str(l))) for l in layers] for e, row in sweep["auroc"].items()}
-        mean = [_nan(sweep["mean_auroc"].get(str(l))) for l in layers]
+        layers = [int(layer) for layer in sweep["layers"]]
+        table = {e: [_nan(row.get(str(layer))) for layer in layers] for e, row in sweep["auroc"].items()}
+        mean = [_nan(sweep["mean_auroc"].get(str(layer))) for layer in layers]
         title = f"Held-out AUROC by layer (sweep, {sweep['estimator']})"
     else:
-        layers = [int(l) for l in evaluation["layers"]]
-        table = {e: [_nan(r["layers"][str(l)]["auroc"]) for l in layers] for e, r in evaluation["emotions"].items()}
-        mean = [_nan(evaluation["summary"]["mean_auroc_by_layer"].get(str(l))) for l in layers]
+        layers = [int(layer) for layer in evaluation["layers"]]
+        table = {e: [_nan(r["layers"][str(layer)]["auroc"]) for layer in layers] for e, r in evaluation["emotions"].items()}
+        mean = [_nan(evaluation["summary"]["mean_auroc_by_layer"].get(str(layer))) for layer in layers]
         title = "Held-out AUROC by layer (shipped vectors)"
     fig = _figure(7.5, 4.2)
     ax = fig.add_subplot(1, 1, 1)

@@ -100,7 +100,7 @@ def summary_markdown(evaluation: Mapping[str, Any], max_rows: int = 50) -> str:
         blocks.append("\n".join(table))
     s = evaluation["summary"]
     blocks.append("Mean held-out AUROC by layer: " + ", ".join(
-        f"{l}: {_f(v)}" for l, v in s["mean_auroc_by_layer"].items()))
+        f"{layer}: {_f(v)}" for layer, v in s["mean_auroc_by_layer"].items()))
     if s.get("mean_auroc_by_estimator") and len(s["mean_auroc_by_estimator"]) > 1:
         blocks.append("Mean held-out AUROC by estimator: " + ", ".join(
             f"{k}: {_f(v)}" for k, v in s["mean_auroc_by_estimator"].items()))
@@ -207,8 +207,8 @@ def emotion_view(ev: Mapping[str, Any], emotion: str, plots: Mapping[str, bytes]
          ["negatives", mix(c["node_type_mix"]["negative"]), _f(c["text_length"]["negative"]["median"], 0),
           f"node type {_f(c['baseline_auroc']['node_type'])}"]])
     names = list(ev["settings"]["estimators"])
-    estimators = table_view(["estimator", *[f"layer {l}" for l in ev["layers"]]],
-                            [[n, *[_f(res["estimators"][n].get(str(l))) for l in ev["layers"]]] for n in names]) \
+    estimators = table_view(["estimator", *[f"layer {layer}" for layer in ev["layers"]]],
+                            [[n, *[_f(res["estimators"][n].get(str(layer))) for layer in ev["layers"]]] for n in names]) \
         if len(names) > 1 else None
     texts = (ev.get("generalisation") or {}).get("texts", {})
     gen = (ev.get("generalisation") or {}).get("emotions", {}).get(emotion)
@@ -241,14 +241,14 @@ def report_view(evaluation: Mapping[str, Any], plots: Mapping[str, bytes]) -> di
     sweep = ev.get("layer_sweep")
     sweep_view = None
     if sweep:
-        body = [[e, *[_f(row.get(str(l))) for l in sweep["layers"]]] for e, row in sweep["auroc"].items()]
-        body.append(["mean", *[_f(sweep["mean_auroc"].get(str(l))) for l in sweep["layers"]]])
+        body = [[e, *[_f(row.get(str(layer))) for layer in sweep["layers"]]] for e, row in sweep["auroc"].items()]
+        body.append(["mean", *[_f(sweep["mean_auroc"].get(str(layer))) for layer in sweep["layers"]]])
         if sweep.get("depth_fraction"):
-            body.append(["depth", *[f"{sweep['depth_fraction'][str(l)]:.0%}" for l in sweep["layers"]]])
+            body.append(["depth", *[f"{sweep['depth_fraction'][str(layer)]:.0%}" for layer in sweep["layers"]]])
         sweep_view = {"n_layers": len(sweep["layers"]), "estimator": sweep["estimator"],
                       "recommended": ", ".join(map(str, sweep["recommended_layers"])),
                       "n_model_layers": sweep.get("n_model_layers"),
-                      "table": table_view(["emotion", *[str(l) for l in sweep["layers"]]], body)}
+                      "table": table_view(["emotion", *[str(layer) for layer in sweep["layers"]]], body)}
     ct = ev["crosstalk"]
     names = list(st["estimators"])
     return {
@@ -268,7 +268,7 @@ def report_view(evaluation: Mapping[str, Any], plots: Mapping[str, bytes]) -> di
         "verdict_table": table_view(list(rows[0]), [list(r.values()) for r in rows],
                                     row_class=[f"v-{ev['verdicts'][e]['verdict']}" for e in order]) if rows else None,
         "details": [emotion_view(ev, e, plots) for e in order],
-        "mean_by_layer": ", ".join(f"{l}: {_f(v)}" for l, v in s["mean_auroc_by_layer"].items()),
+        "mean_by_layer": ", ".join(f"{layer}: {_f(v)}" for layer, v in s["mean_auroc_by_layer"].items()),
         "recommended_layers": ", ".join(map(str, s["recommended_layers"])) or "–",
         "sweep": sweep_view,
         "crosstalk": {"threshold": ct["threshold"], "n_pairs": len(ct["pairs"]), "open": len(ct["pairs"]) <= 20,

@@ -129,7 +129,7 @@ def vectors_problems(concepts: Sequence[str], layers: Sequence[int], vectors: Ma
                      hidden_size: int | None = None) -> list[str]:
     """Every layer's matrix is [len(concepts), H], finite, with unit-norm rows."""
     out = []
-    if sorted(int(l) for l in vectors) != sorted(int(l) for l in layers):
+    if sorted(int(layer) for layer in vectors) != sorted(int(layer) for layer in layers):
         out.append(f"vector layers {sorted(vectors)} differ from the listed layers {list(layers)}")
     for layer in layers:
         m = vectors.get(int(layer))

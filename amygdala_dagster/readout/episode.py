@@ -264,17 +264,17 @@ class EpisodeTracker:
     """:class:`EpisodeState` of every hooked layer of a readout, for one conversation as it streams."""
 
     def __init__(self, manifest: Mapping[str, Any], layers: Sequence[int]) -> None:
-        self.states = {int(l): s for l in layers if (s := EpisodeState.from_manifest(manifest, int(l))) is not None}
+        self.states = {int(layer): s for layer in layers if (s := EpisodeState.from_manifest(manifest, int(layer))) is not None}
 
     def update(self, raw: Mapping[int, np.ndarray], scored: Sequence[bool]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """``{layer: (stat [T, C], active [T, C])}`` for the next tokens' raw projections ``{layer: [T, C]}``."""
-        return {l: s.update(raw[l], scored) for l, s in self.states.items() if l in raw}
+        return {layer: s.update(raw[layer], scored) for layer, s in self.states.items() if layer in raw}
 
 
 # ----------------------------------------------------------------------------- reading and summaries
 def manifest_episode_rules(manifest: Mapping[str, Any]) -> dict[str, dict[int, dict[str, Any] | None]]:
     """``{concept: {layer: episode entry}}`` as a manifest stores it (None before format 3)."""
-    return {c: {int(l): calibration_entry(manifest, c, int(l), "episode") for l in manifest["layers"]}
+    return {c: {int(layer): calibration_entry(manifest, c, int(layer), "episode") for layer in manifest["layers"]}
             for c in manifest["concepts"]}
 
 

@@ -313,7 +313,7 @@ class ReadoutRuntime:
                 step["n"] += 1
                 if n == 0:
                     raw = project({layer: captured[s] for s, layer in enumerate(self.layers)}, self.readout)
-                    tracker.update({l: r.numpy() for l, r in raw.items()}, scored_positions(enc.special, skip))
+                    tracker.update({layer: r.numpy() for layer, r in raw.items()}, scored_positions(enc.special, skip))
                 else:
                     token_id = int(ids[0, -1])
                     position = prompt_len + n - 1
@@ -367,13 +367,13 @@ class ReadoutRuntime:
              scored: bool) -> TokenRow:
         raw = {layer: t.numpy()[0] for layer, t in
                project({layer: per_layer[s] for s, layer in enumerate(self.layers)}, self.readout).items()}
-        episode = tracker.update({l: r[None] for l, r in raw.items()}, [scored])
+        episode = tracker.update({layer: r[None] for layer, r in raw.items()}, [scored])
         return TokenRow(
             position=position, token_id=token_id, token=self.tokenizer.convert_ids_to_tokens(token_id), raw=raw,
             calibrated={layer: calibrated_scores(r, self.readout.manifest, layer, "token") for layer, r in raw.items()},
-            episode={l: stat[0] for l, (stat, _) in episode.items()},
-            episode_active={l: act[0] for l, (_, act) in episode.items()},
-            episode_fired={l: tracker.states[l].fired.copy() for l in episode},
+            episode={layer: stat[0] for layer, (stat, _) in episode.items()},
+            episode_active={layer: act[0] for layer, (_, act) in episode.items()},
+            episode_fired={layer: tracker.states[layer].fired.copy() for layer in episode},
         )
 
     def _need_readout(self) -> None:

@@ -245,7 +245,7 @@ def calibrate_episodes(
 
 def manifest_token_calibration(manifest: Mapping[str, Any]) -> dict[str, dict[int, dict[str, Any] | None]]:
     """``{concept: {layer: token_calibration}}`` as a manifest stores it (None entries for format 1)."""
-    return {c: {int(l): calibration_entry(manifest, c, int(l), "token") for l in manifest["layers"]}
+    return {c: {int(layer): calibration_entry(manifest, c, int(layer), "token") for layer in manifest["layers"]}
             for c in manifest["concepts"]}
 
 

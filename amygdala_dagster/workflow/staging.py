@@ -85,7 +85,7 @@ def encode_staged_info(info: Mapping[str, Any]) -> str:
 def read_staged_readout(vectors_path: str | os.PathLike[str], info: Mapping[str, Any]) -> TrainedReadout:
     """The :class:`TrainedReadout` from the staged vectors file and its info."""
     tensors, _meta, _dtype = read_vectors_file(vectors_path)
-    vectors = {int(l): np.ascontiguousarray(tensors[layer_key(int(l))], dtype=np.float32) for l in info["layers"]}
+    vectors = {int(layer): np.ascontiguousarray(tensors[layer_key(int(layer))], dtype=np.float32) for layer in info["layers"]}
     return TrainedReadout(
         concepts=list(info["concepts"]), layers=[int(x) for x in info["layers"]], vectors=vectors,
         raw_norms=info["raw_norms"], counts=info["counts"],
@@ -105,7 +105,7 @@ def drift_cosines(previous: TrainedReadout | None, current: TrainedReadout) -> d
     """
     if previous is None:
         return {}
-    shared = [l for l in current.layers if l in previous.layers]
+    shared = [layer for layer in current.layers if layer in previous.layers]
     out = {}
     for concept in current.concepts:
         if concept not in previous.concepts or not shared:
