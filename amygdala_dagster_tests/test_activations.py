@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from amygdala_dagster.engine.activations import (
-    ActivationEngine, ActivationOutOfMemoryError, DEFAULT_MAX_BATCH_TOKENS, EngineStats, batch_size_advice,
-    padded_length, tokenizer_hash,
+    DEFAULT_MAX_BATCH_TOKENS,
+    ActivationEngine,
+    ActivationOutOfMemoryError,
+    EngineStats,
+    batch_size_advice,
+    padded_length,
+    tokenizer_hash,
 )
 from amygdala_dagster.engine.cache import ActivationCache
 from amygdala_dagster.engine.layers import resolve_layers
@@ -30,7 +35,7 @@ TEXTS = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _loaded(arch: str, dtype: str = "fp32") -> LoadedModel:
     return load_model(build_tiny_model(arch), dtype=dtype, device="cpu")
 
@@ -288,7 +293,7 @@ def test_token_budget_and_longest_first_batches():
     rec = _ShapeRecorder(loaded.model)
     batches = []
     try:
-        for idxs, pooled in engine.forward(texts):
+        for idxs, _pooled in engine.forward(texts):
             batches.append(idxs)
     finally:
         rec.close()

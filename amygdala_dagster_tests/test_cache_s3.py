@@ -5,17 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
-
 from amygdala_dagster.engine.activations import ActivationEngine
 from amygdala_dagster.engine.cache import ActivationCache, text_sha256
 from amygdala_dagster.engine.forward import ensure_cached
 from amygdala_dagster.engine.models import load_model
 from amygdala_dagster.engine.shards import EngineSpec, run_shards_locally
+from amygdala_dagster.workflow.engine_settings import EngineSettings
 from amygdala_dagster_tests.conftest import free_port
 from amygdala_dagster_tests.tiny_models import build_tiny_model
-from amygdala_dagster.workflow.engine_settings import EngineSettings
+
+pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
 
 TEXTS = [f"Journal entry {i}: the evening was {w} and I wrote about it at length." for i, w in
          enumerate(["calm", "tense", "bright", "grey", "warm", "cold", "slow", "fast", "quiet", "loud"])]

@@ -10,19 +10,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from amygdala_dagster.data import conversation_snippets_path
 from amygdala_dagster.engine.activations import ActivationEngine
 from amygdala_dagster.engine.cache import ActivationCache
 from amygdala_dagster.engine.forward import ensure_cached
+from amygdala_dagster.engine.inputs import InputRecord, read_inputs
+from amygdala_dagster.engine.models import load_model
 from amygdala_dagster.engine.token_cache import TokenCache
 from amygdala_dagster.evaluation.conversations import evaluate_conversations, sample_scores
-from amygdala_dagster.workflow.samples import conversation_sample
 from amygdala_dagster.evaluation.runtime_report import PLOT, runtime_html, runtime_markdown, runtime_plots
 from amygdala_dagster.readout.manifest import load_readout, write_readout
-from amygdala_dagster.engine.models import load_model
 from amygdala_dagster.readout.runtime import ReadoutRuntime
-from amygdala_dagster.engine.inputs import InputRecord, read_inputs
-from amygdala_dagster.data import conversation_snippets_path
 from amygdala_dagster.readout.vectors import TrainedReadout
+from amygdala_dagster.workflow.samples import conversation_sample
 
 EMOTIONS = ["anxiety", "awe", "calm", "clarity", "curiosity", "determination", "embarrassment", "frustration",
             "gratitude", "joy", "loneliness", "love", "pride", "sadness", "tiredness", "warmth"]

@@ -19,12 +19,21 @@ from amygdala_dagster.engine.inputs import read_inputs
 from amygdala_dagster.engine.models import load_model
 from amygdala_dagster.engine.token_cache import TokenCache
 from amygdala_dagster.readout.episode import (
-    EpisodeState, calibrate_episode, conformal_threshold, decay, episode_problems, peak, statistic,
+    EpisodeState,
+    calibrate_episode,
+    conformal_threshold,
+    decay,
+    episode_problems,
+    peak,
+    statistic,
 )
 from amygdala_dagster.readout.manifest import calibration_entry, load_readout, write_readout
 from amygdala_dagster.readout.runtime import ReadoutRuntime, scored_mask
 from amygdala_dagster.readout.token_calibration import (
-    calibrate_episodes, calibrate_readout, calibration_entries, project_calibration,
+    calibrate_episodes,
+    calibrate_readout,
+    calibration_entries,
+    project_calibration,
 )
 from amygdala_dagster.readout.vectors import TrainedReadout
 from amygdala_dagster.workflow.samples import calibration_sample

@@ -14,11 +14,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from amygdala_dagster.examples.selection import (
-    Example, ExampleSet, ExamplesFormatError, SelectionParams, mention_count, select_examples, split_for_key,
-)
 from amygdala_dagster.examples.catalog import cooccurrence, emotion_catalog, qualifying_emotions
 from amygdala_dagster.examples.directory import examples_hash, read_examples_dir, run_extraction, write_examples_dir
+from amygdala_dagster.examples.selection import (
+    Example,
+    ExampleSet,
+    ExamplesFormatError,
+    SelectionParams,
+    mention_count,
+    select_examples,
+    split_for_key,
+)
 from amygdala_dagster.graph.nodes import MemoryNode
 from amygdala_dagster.graph.snapshot import (
     SnapshotError,

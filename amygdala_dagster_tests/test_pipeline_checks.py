@@ -8,10 +8,10 @@ import numpy as np
 import polars as pl
 
 from amygdala_dagster.examples.selection import Example, ExampleSet
-from amygdala_dagster.readout.manifest import write_readout
 from amygdala_dagster.graph.nodes import MemoryNode
-from amygdala_dagster.pipeline import checks as C
 from amygdala_dagster.graph.snapshot import build_snapshot
+from amygdala_dagster.pipeline import checks as C
+from amygdala_dagster.readout.manifest import write_readout
 from amygdala_dagster.readout.vectors import EmotionStats, readout_from_directions
 
 

@@ -15,9 +15,8 @@ from PIL import Image
 
 from amygdala_dagster.engine.cache import ActivationCache, text_sha256
 from amygdala_dagster.evaluation.core import evaluate
-from amygdala_dagster.evaluation.report import summary_markdown, write_report
+from amygdala_dagster.evaluation.report import emotion_markdown, summary_markdown, write_report
 from amygdala_dagster.evaluation.verdicts import Criteria, apply_verdicts
-from amygdala_dagster.evaluation.report import emotion_markdown
 from amygdala_dagster.examples.selection import Example, ExampleSet
 from amygdala_dagster.pipeline import checks as C
 from amygdala_dagster.readout.vectors import train_readout
@@ -81,7 +80,7 @@ def _check_report(html_path: Path, json_path: Path, pngs: dict[str, Path], emoti
         assert src.startswith("data:image/png;base64,")
         w, h = _decode_png(base64.b64decode(src.split(",", 1)[1]))
         assert w > 100 and h > 100
-    for name, p in pngs.items():
+    for p in pngs.values():
         _decode_png(p.read_bytes())
     text = "".join(parser.text)
     for e in emotions:
@@ -421,14 +420,14 @@ def test_bundled_model_report_matches_independent_recomputation(tmp_path, minilm
 @pytest.mark.slow  # a whole run
 def test_report_command_rebuilds_from_artefacts_without_the_model(tmp_path, minilm, weight_reads):
     """`amygdala report` on an output directory whose texts are all cached: no model load, same numbers."""
+    from amygdala_dagster.commands.cli import main as cli_main
     from amygdala_dagster.engine.activations import ActivationEngine
     from amygdala_dagster.engine.forward import ensure_cached
-    from amygdala_dagster.commands.cli import main as cli_main
-    from amygdala_dagster.examples.selection import SelectionParams, select_examples
     from amygdala_dagster.examples.directory import write_examples_dir
-    from amygdala_dagster.readout.manifest import load_readout, write_readout
+    from amygdala_dagster.examples.selection import SelectionParams, select_examples
     from amygdala_dagster.graph.snapshot import build_snapshot
     from amygdala_dagster.graph.sources import JsonlSource
+    from amygdala_dagster.readout.manifest import load_readout, write_readout
 
     nodes, _ = JsonlSource(DATA / "sample_graph.jsonl").fetch_nodes()
     snapshot = build_snapshot(nodes)

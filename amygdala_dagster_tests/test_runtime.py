@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import time
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,21 +13,23 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from amygdala_dagster.engine.activations import ActivationEngine
-from amygdala_dagster.readout.metrics import z_score
-from amygdala_dagster.readout.manifest import calibration_entry, load_readout, write_readout
-from amygdala_dagster.engine.models import load_model
-from amygdala_dagster.engine.activations import ActivationEngine
 from amygdala_dagster.engine.cache import ActivationCache
 from amygdala_dagster.engine.forward import ensure_cached
 from amygdala_dagster.engine.inputs import InputError, encode, read_inputs
+from amygdala_dagster.engine.models import load_model
 from amygdala_dagster.engine.token_cache import TokenCache
-from amygdala_dagster.readout.runtime import ReadoutRuntime, scored_mask
 from amygdala_dagster.readout.folds import text_folds
+from amygdala_dagster.readout.manifest import calibration_entry, load_readout, write_readout
+from amygdala_dagster.readout.metrics import z_score
+from amygdala_dagster.readout.runtime import ReadoutRuntime, scored_mask
 from amygdala_dagster.readout.token_calibration import (
-    calibrate_readout, calibrate_tokens, calibration_entries, heldout_problems,
+    calibrate_readout,
+    calibrate_tokens,
+    calibration_entries,
+    heldout_problems,
 )
-from amygdala_dagster.workflow.samples import calibration_sample
 from amygdala_dagster.readout.vectors import TrainedReadout
+from amygdala_dagster.workflow.samples import calibration_sample
 from amygdala_dagster_tests.tiny_models import HIDDEN, build_tiny_model
 
 LAYERS = [1, 2]

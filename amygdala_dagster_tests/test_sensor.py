@@ -14,7 +14,6 @@ from amygdala_dagster.pipeline.jobs import REFRESH_KEYS
 from amygdala_dagster.pipeline.sensors import memory_graph_sensor
 from amygdala_dagster_tests.pipeline_graphs import new_emotion_nodes, small_graph, write_graph
 
-
 pytestmark = pytest.mark.slow  # a real server, polled / a webserver started
 
 warnings.filterwarnings("ignore", category=dg.BetaWarning)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from amygdala_dagster.commands.cli import main
-from amygdala_dagster.readout.manifest import write_readout
 from amygdala_dagster.evaluation.html import BIDI_CONTROLS, bidi_marker
 from amygdala_dagster.evaluation.trace import moving_average, thresholds
+from amygdala_dagster.readout.manifest import write_readout
 from amygdala_dagster.readout.vectors import TrainedReadout
 
 H = 384

@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from amygdala_dagster.commands import cli
+from amygdala_dagster.commands.train_steering_vectors import main
 from amygdala_dagster.files.atomic import sha256_file
 from amygdala_dagster.readout.manifest import load_readout
-from amygdala_dagster.commands.train_steering_vectors import main
 from amygdala_dagster.workflow.engine_settings import default_target_layers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -426,8 +426,8 @@ def test_default_target_layers():
 
 def test_unwritable_output_is_refused_before_any_forward_pass(tmp_path, capsys):
     data = tmp_path / "data"
-    from amygdala_dagster.examples.selection import SelectionParams
     from amygdala_dagster.examples.directory import run_extraction
+    from amygdala_dagster.examples.selection import SelectionParams
     from amygdala_dagster.graph.sources import JsonlSource
     from amygdala_dagster_tests.pipeline_graphs import small_graph, write_graph
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from amygdala_dagster.readout import estimators
 from amygdala_dagster.engine.cache import ActivationCache, text_sha256
-from amygdala_dagster.readout.estimators import DegenerateDirectionError
 from amygdala_dagster.examples.selection import Example, ExampleSet
+from amygdala_dagster.readout import estimators
+from amygdala_dagster.readout.estimators import DegenerateDirectionError
 from amygdala_dagster.readout.runtime import calibrated_scores, project
 from amygdala_dagster.readout.vectors import (
     EmotionStats,

@@ -40,8 +40,9 @@ import sys
 import tempfile
 import time
 import types
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # the peers' progress bars would swamp the tables
 
@@ -49,15 +50,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from _common import (  # noqa: E402
     Measure,
     PeakRSS,
     format_table,
     machine_info,
     measured,
-    median_measure,
     median,
+    median_measure,
     mib,
 )
 
@@ -77,8 +77,8 @@ def bundled_nodes() -> list:
 
 def example_sets_for(snapshot, emotions: Sequence[str] | None = None, params=None) -> dict[str, Any]:
     """Contract 2 selection for ``emotions`` (default: the qualifying ones, as extract_training_pairs)."""
-    from amygdala_dagster.examples.selection import select_all
     from amygdala_dagster.examples.catalog import emotion_catalog, qualifying_emotions
+    from amygdala_dagster.examples.selection import select_all
 
     if emotions is None:
         emotions = qualifying_emotions(emotion_catalog(snapshot, params))

@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from amygdala_dagster.data import conversation_snippets_path  # noqa: E402
+from amygdala_dagster.engine.inputs import read_inputs  # noqa: E402
 from amygdala_dagster.engine.models import load_model  # noqa: E402
 from amygdala_dagster.readout.runtime import ReadoutRuntime
-from amygdala_dagster.engine.inputs import read_inputs# noqa: E402
-from amygdala_dagster.data import conversation_snippets_path  # noqa: E402
 
 
 def measure(source: str, layers: list[int], texts: list, positions: int = 4) -> list[dict]:

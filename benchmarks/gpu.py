@@ -55,7 +55,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-
 from _common import format_table, machine_info  # noqa: E402
 
 NOMINAL_PEAK = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -250,8 +249,8 @@ def fmt_bs(bs: int | None) -> str:
 def measure_layout(kind: str, shape: dict[str, Any], args, dtype, device: str, texts: list[str], tokenizer,
                    settings, t_start: float, nominal, matmul_peak, report: dict) -> dict[str, Any] | None:
     """Build ``kind`` on the device, sweep ``settings`` (a probe only when its fast path is missing), free it."""
-    from amygdala_dagster.engine.layers import parse_layers
     from amygdala_dagster.engine.fast_path import linear_attention_fast_path
+    from amygdala_dagster.engine.layers import parse_layers
 
     t0 = time.perf_counter()
     try:

@@ -38,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import format_table, machine_info  # noqa: E402
 
-from amygdala_dagster.examples.selection import SelectionParams, select_all, select_examples  # noqa: E402
 from amygdala_dagster.examples.catalog import emotion_catalog, qualifying_emotions  # noqa: E402
-from amygdala_dagster.graph.snapshot import build_snapshot  # noqa: E402
+from amygdala_dagster.examples.selection import SelectionParams, select_all, select_examples  # noqa: E402
 from amygdala_dagster.graph.mcp_source import McpSource  # noqa: E402
+from amygdala_dagster.graph.snapshot import build_snapshot  # noqa: E402
 from amygdala_dagster.graph.sources import JsonlSource  # noqa: E402
 
 WORDS = ("light window morning letter river quiet walk friend call plan code poem rain kitchen "

@@ -33,22 +33,25 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from amygdala_dagster.data import conversation_snippets_path, sample_graph_path  # noqa: E402
 from amygdala_dagster.engine.activations import ActivationEngine  # noqa: E402
 from amygdala_dagster.engine.cache import ActivationCache  # noqa: E402
 from amygdala_dagster.engine.forward import ensure_cached  # noqa: E402
-from amygdala_dagster.examples.selection import SelectionParams, select_all  # noqa: E402
-from amygdala_dagster.examples.catalog import emotion_catalog, qualifying_emotions  # noqa: E402
-from amygdala_dagster.engine.models import load_model  # noqa: E402
-from amygdala_dagster.readout.runtime import ReadoutRuntime  # noqa: E402
 from amygdala_dagster.engine.inputs import read_inputs  # noqa: E402
+from amygdala_dagster.engine.models import load_model  # noqa: E402
 from amygdala_dagster.engine.token_cache import TokenCache  # noqa: E402
-from amygdala_dagster.data import conversation_snippets_path, sample_graph_path  # noqa: E402
-from amygdala_dagster.readout.token_calibration import calibrate_readout, calibration_entries  # noqa: E402
-from amygdala_dagster.workflow.samples import (  # noqa: E402
-    RunSamples, calibration_sample, forward_run, held_out_negatives,
-)
 from amygdala_dagster.evaluation.trace import build_trace, render_trace_html  # noqa: E402
+from amygdala_dagster.examples.catalog import emotion_catalog, qualifying_emotions  # noqa: E402
+from amygdala_dagster.examples.selection import SelectionParams, select_all  # noqa: E402
+from amygdala_dagster.readout.runtime import ReadoutRuntime  # noqa: E402
+from amygdala_dagster.readout.token_calibration import calibrate_readout, calibration_entries  # noqa: E402
 from amygdala_dagster.readout.vectors import train_readout  # noqa: E402
+from amygdala_dagster.workflow.samples import (  # noqa: E402
+    RunSamples,
+    calibration_sample,
+    forward_run,
+    held_out_negatives,
+)
 
 LAYERS = [3, 4]
 BATCH = 8
@@ -144,9 +147,9 @@ def token_calibration(engine, cache, sets, readout):
 
 
 def _sample_readout(loaded):
-    from amygdala_dagster.readout.manifest import load_readout, write_readout
     from amygdala_dagster.graph.snapshot import build_snapshot
     from amygdala_dagster.graph.sources import open_source
+    from amygdala_dagster.readout.manifest import load_readout, write_readout
 
     snapshot = build_snapshot(open_source(memory_file=str(sample_graph_path())).fetch_nodes()[0])
     sets = select_all(snapshot, qualifying_emotions(emotion_catalog(snapshot)), SelectionParams())

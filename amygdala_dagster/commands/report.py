@@ -25,35 +25,40 @@ from typing import Any
 
 import polars as pl
 
+from amygdala_dagster.commands.flags import non_negative_int, unit_fraction
+from amygdala_dagster.commands.inputs import check_jsonl_input
+from amygdala_dagster.data import conversation_snippets_path
 from amygdala_dagster.engine.cache import ActivationCache, cache_location, fingerprint_id, text_sha256
 from amygdala_dagster.engine.forward import ensure_cached
+from amygdala_dagster.engine.inputs import InputError, read_inputs
+from amygdala_dagster.engine.layers import parse_layers
+from amygdala_dagster.engine.token_cache import TokenCache
+from amygdala_dagster.engine.token_sample import DEFAULT_SAMPLE_TOKENS
+from amygdala_dagster.evaluation.conversations import conversations_section
 from amygdala_dagster.evaluation.core import calibration_for_manifest, evaluate
 from amygdala_dagster.evaluation.generalisation import read_snippets
 from amygdala_dagster.evaluation.layer_sweep import sweep_layers
 from amygdala_dagster.evaluation.report import summary_markdown, write_report
 from amygdala_dagster.evaluation.verdicts import Criteria, apply_verdicts, log_unusable
-from amygdala_dagster.evaluation.conversations import conversations_section
-from amygdala_dagster.engine.inputs import InputError, read_inputs
-from amygdala_dagster.engine.token_cache import TokenCache
-from amygdala_dagster.engine.token_sample import DEFAULT_SAMPLE_TOKENS
-from amygdala_dagster.examples.selection import ExampleSet
 from amygdala_dagster.examples.catalog import catalog_summary
 from amygdala_dagster.examples.directory import read_examples_dir
-from amygdala_dagster.commands.flags import non_negative_int, unit_fraction
-from amygdala_dagster.commands.inputs import check_jsonl_input
-from amygdala_dagster.engine.layers import parse_layers
+from amygdala_dagster.examples.selection import ExampleSet
+from amygdala_dagster.files.storage import Store, is_local
+from amygdala_dagster.graph.snapshot import read_snapshot
 from amygdala_dagster.readout.manifest import ReadoutFileError, load_readout
 from amygdala_dagster.readout.publish import republish_manifest
 from amygdala_dagster.readout.releases import PublishError, open_pair
-from amygdala_dagster.data import conversation_snippets_path
-from amygdala_dagster.graph.snapshot import read_snapshot
-from amygdala_dagster.files.storage import Store, is_local
-from amygdala_dagster.workflow.settings import current_settings
 from amygdala_dagster.workflow.engine_settings import EngineSettings, SettingsError, build_engine
 from amygdala_dagster.workflow.layout import (
-    CATALOG_FILE, MANIFEST_FILE, REPORT_DIR, SNAPSHOT_FILE, STAGED_INFO, examples_dir,
+    CATALOG_FILE,
+    MANIFEST_FILE,
+    REPORT_DIR,
+    SNAPSHOT_FILE,
+    STAGED_INFO,
+    examples_dir,
 )
 from amygdala_dagster.workflow.samples import conversation_sample
+from amygdala_dagster.workflow.settings import current_settings
 
 HELP = "rebuild the evaluation report (HTML + evaluation.json) from an output directory's vectors, manifest and examples"
 

@@ -14,18 +14,23 @@ from amygdala_dagster.commands.flags import open_fraction, positive_int
 from amygdala_dagster.commands.inputs import check_jsonl_input
 from amygdala_dagster.engine.checkpoints import ModelLoadError
 from amygdala_dagster.engine.token_sample import DEFAULT_SAMPLE_TOKENS
-from amygdala_dagster.readout.episode import DEFAULT_FALSE_ALARM_RATE
-from amygdala_dagster.pipeline.definitions import default_resources
-from amygdala_dagster.pipeline.resources import (
-    ArtifactStorage, EvaluationResource, MemoryGraphResource, ModelResource, SelectionResource, ShardingResource,
-)
-from amygdala_dagster.pipeline.instance import InstanceUnavailable
-from amygdala_dagster.pipeline.runner import dagster_home, failures, get_instance, materialize_all, step_metadata
-from amygdala_dagster.readout.releases import POINTER_FILE, current_pair
 from amygdala_dagster.graph.nodes import MemoryGraphError
-from amygdala_dagster.workflow.settings import MAX_SHARDS, absolute_location, current_settings, flag_type
+from amygdala_dagster.pipeline.definitions import default_resources
+from amygdala_dagster.pipeline.instance import InstanceUnavailable
+from amygdala_dagster.pipeline.resources import (
+    ArtifactStorage,
+    EvaluationResource,
+    MemoryGraphResource,
+    ModelResource,
+    SelectionResource,
+    ShardingResource,
+)
+from amygdala_dagster.pipeline.runner import dagster_home, failures, get_instance, materialize_all, step_metadata
+from amygdala_dagster.readout.episode import DEFAULT_FALSE_ALARM_RATE
+from amygdala_dagster.readout.releases import POINTER_FILE, current_pair
 from amygdala_dagster.workflow.engine_settings import fast_path_line
 from amygdala_dagster.workflow.layout import EVALUATION_HTML, MANIFEST_FILE, VECTORS_FILE, check_writable
+from amygdala_dagster.workflow.settings import MAX_SHARDS, absolute_location, current_settings, flag_type
 
 HELP = "materialise the whole asset graph (snapshot -> vectors, manifest, report); runs show in `dagster dev`"
 

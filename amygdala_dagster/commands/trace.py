@@ -9,15 +9,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from amygdala_dagster.files.atomic import atomic_write_text
-from amygdala_dagster.engine.cache import is_url
 from amygdala_dagster.commands.flags import positive_int
-from amygdala_dagster.readout.manifest import ReadoutFileError, load_readout
+from amygdala_dagster.engine.cache import is_url
 from amygdala_dagster.engine.checkpoints import ModelLoadError
-from amygdala_dagster.engine.models import load_model
-from amygdala_dagster.readout.runtime import ReadoutRuntime
 from amygdala_dagster.engine.inputs import InputRecord, read_inputs
+from amygdala_dagster.engine.models import load_model
 from amygdala_dagster.evaluation.trace import build_trace, render_trace_html
+from amygdala_dagster.files.atomic import atomic_write_text
+from amygdala_dagster.readout.manifest import ReadoutFileError, load_readout
+from amygdala_dagster.readout.runtime import ReadoutRuntime
 from amygdala_dagster.workflow.settings import current_settings, flag_type
 
 HELP = ("run the model over conversations or text and show, per token, the calibrated readout of every concept "

@@ -31,22 +31,21 @@ from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
-from amygdala_dagster.engine.activations import ActivationOutOfMemoryError
-from amygdala_dagster.files.atomic import atomic_write_text
-from amygdala_dagster.engine.cache import DEFAULT_SHARD_SIZE
-from amygdala_dagster.engine.shard_store import CacheError
-from amygdala_dagster.readout.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
-from amygdala_dagster.examples.selection import ExamplesFormatError
 from amygdala_dagster.commands.flags import positive_int
-from amygdala_dagster.engine.layers import parse_layers
+from amygdala_dagster.engine.activations import ActivationOutOfMemoryError
+from amygdala_dagster.engine.cache import DEFAULT_SHARD_SIZE
 from amygdala_dagster.engine.checkpoints import ModelLoadError
+from amygdala_dagster.engine.layers import parse_layers
 from amygdala_dagster.engine.placement import parse_device_map
+from amygdala_dagster.engine.shard_store import CacheError
+from amygdala_dagster.examples.selection import ExamplesFormatError
+from amygdala_dagster.files.atomic import atomic_write_text
+from amygdala_dagster.graph.tags import check_emotion_name
+from amygdala_dagster.readout.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
 from amygdala_dagster.readout.releases import PublishError
-from amygdala_dagster.workflow.training import TrainingError, TrainResult, train_from_examples_dir
 from amygdala_dagster.workflow.engine_settings import DEFAULT_MODEL, EngineSettings, SettingsError, fast_path_line
 from amygdala_dagster.workflow.layout import UnwritableError, check_writable
-from amygdala_dagster.graph.tags import check_emotion_name
-
+from amygdala_dagster.workflow.training import TrainingError, TrainResult, train_from_examples_dir
 
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 VECTORS_DTYPE_CHOICES = ("float32", "float16", "bfloat16")

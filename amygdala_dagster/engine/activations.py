@@ -38,17 +38,17 @@ import resource
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Sequence
 
 import torch
 
 from amygdala_dagster.engine.cache import fingerprint_id, reject_empty_texts
 from amygdala_dagster.engine.capture import run_until_captured
+from amygdala_dagster.engine.checkpoints import ModelLoadError
+from amygdala_dagster.engine.fast_path import FastPath, linear_attention_fast_path
 from amygdala_dagster.engine.inputs import token_ids
 from amygdala_dagster.engine.layers import check_layer_indices, resolve_layers
-from amygdala_dagster.engine.fast_path import FastPath, linear_attention_fast_path
-from amygdala_dagster.engine.checkpoints import ModelLoadError
 from amygdala_dagster.engine.models import LoadedModel
 
 log = logging.getLogger(__name__)

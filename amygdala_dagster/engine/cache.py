@@ -41,7 +41,13 @@ from typing import Any
 import numpy as np
 
 from amygdala_dagster.engine.shard_store import (
-    DAMAGED_PREFIX, CacheError, DamagedShardError, FsspecShardStore, LocalShardStore, decode_shard, encode_shard,
+    DAMAGED_PREFIX,
+    CacheError,
+    DamagedShardError,
+    FsspecShardStore,
+    LocalShardStore,
+    decode_shard,
+    encode_shard,
 )
 from amygdala_dagster.files.storage import is_local
 

@@ -61,7 +61,7 @@ class _LazyBundled(dict):
         return isinstance(key, str) and key.lower() in self._resolvers
 
     def get(self, key: str, default: Any = None) -> Any:
-        return self[key] if key in self else default
+        return self[key] if key in self else default  # noqa: SIM401 - this is get itself
 
     def keys(self):  # type: ignore[override]
         self._fill()

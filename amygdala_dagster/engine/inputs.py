@@ -20,13 +20,13 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from amygdala_dagster.files.jsonio import jsonl_objects
 
 Message = Mapping[str, str]
 #: A text, or a conversation as chat messages ``[{"role", "content"}, ...]``.
-Item = Union[str, Sequence[Message]]
+Item = str | Sequence[Message]
 
 #: Characters tokenised per token of ``max_tokens`` before looking further into a long text
 #: (English averages ~4 characters per token; a text denser than this is re-read with a longer prefix).

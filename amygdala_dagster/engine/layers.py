@@ -7,8 +7,8 @@ residual stream after that block (Hugging Face ``hidden_states[idx + 1]``).
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from torch import nn
 

@@ -35,7 +35,12 @@ from typing import Any
 import torch
 
 from amygdala_dagster.engine.checkpoints import (
-    BUNDLED_MODEL_IDS, ModelLoadError, hub_offline, resolve_model_path, snapshot_dir, weights_fingerprint,
+    BUNDLED_MODEL_IDS,
+    ModelLoadError,
+    hub_offline,
+    resolve_model_path,
+    snapshot_dir,
+    weights_fingerprint,
 )
 from amygdala_dagster.engine.placement import map_device, map_offloads_to_disk, offload_folder
 

@@ -34,13 +34,13 @@ from typing import Any
 
 import numpy as np
 
+from amygdala_dagster.engine.token_sample import TokenSample
+from amygdala_dagster.evaluation.trace import SMOOTH_WINDOW, episode_rules, moving_average, thresholds, trace_record
+from amygdala_dagster.files.jsonio import jsonable
 from amygdala_dagster.readout import metrics as M
 from amygdala_dagster.readout.manifest import calibration_entry
-from amygdala_dagster.files.jsonio import jsonable
-from amygdala_dagster.engine.token_sample import TokenSample
 from amygdala_dagster.readout.runtime import TokenScores, manifest_skip_first_tokens, scores_from_hidden
 from amygdala_dagster.readout.token_calibration import TokenSource
-from amygdala_dagster.evaluation.trace import SMOOTH_WINDOW, episode_rules, moving_average, thresholds, trace_record
 
 log = logging.getLogger(__name__)
 

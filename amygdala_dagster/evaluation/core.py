@@ -22,13 +22,13 @@ import sklearn
 
 from amygdala_dagster.engine.cache import ActivationCache, layer_positions, text_sha256
 from amygdala_dagster.evaluation.confounds import confounds
-from amygdala_dagster.examples.selection import sets_by_emotion
-from amygdala_dagster.readout.estimators import DegenerateDirectionError, make_estimator, unit_direction
-from amygdala_dagster.readout import metrics as M
-from amygdala_dagster.examples.catalog import cooccurrence
-from amygdala_dagster.files.jsonio import jsonable
 from amygdala_dagster.evaluation.generalisation import generalisation, read_snippets
 from amygdala_dagster.evaluation.verdicts import Criteria, apply_verdicts
+from amygdala_dagster.examples.catalog import cooccurrence
+from amygdala_dagster.examples.selection import sets_by_emotion
+from amygdala_dagster.files.jsonio import jsonable
+from amygdala_dagster.readout import metrics as M
+from amygdala_dagster.readout.estimators import DegenerateDirectionError, make_estimator, unit_direction
 
 log = logging.getLogger(__name__)
 

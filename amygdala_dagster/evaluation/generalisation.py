@@ -70,17 +70,18 @@ def generalisation(
         z = M.z_score(raw, cal["neg_mean"], cal["neg_std"]) if cal else np.full_like(raw, np.nan)
         prob = M.probability(raw, cal) if cal else np.full_like(raw, np.nan)
         order = np.argsort(-raw, kind="mergesort")
-
-        def row(i: int) -> dict[str, Any]:
-            return {"id": ids[i], "raw": float(raw[i]), "z": float(z[i]),
-                    "probability": float(prob[i]),
-                    "above_threshold": bool(cal and raw[i] >= cal["threshold"])}
-
         k = min(top_k, len(order))
         out["emotions"][emotion] = {
             "layer": layer,
-            "top": [row(int(i)) for i in order[:k]],
-            "bottom": [row(int(i)) for i in order[::-1][:k]],
+            "top": [_snippet_row(ids, raw, z, prob, cal, int(i)) for i in order[:k]],
+            "bottom": [_snippet_row(ids, raw, z, prob, cal, int(i)) for i in order[::-1][:k]],
             "fraction_above_threshold": float(np.mean(raw >= cal["threshold"])) if cal else None,
         }
     return out
+
+
+def _snippet_row(ids: Sequence[str], raw: np.ndarray, z: np.ndarray, prob: np.ndarray,
+                 cal: Mapping[str, Any] | None, i: int) -> dict[str, Any]:
+    """Snippet ``i``'s scores for one emotion: raw projection, z-score, probability, above the threshold."""
+    return {"id": ids[i], "raw": float(raw[i]), "z": float(z[i]), "probability": float(prob[i]),
+            "above_threshold": bool(cal and raw[i] >= cal["threshold"])}

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from amygdala_dagster.files.atomic import atomic_write_bytes, atomic_write_text
 from amygdala_dagster.evaluation.html import number, render
 from amygdala_dagster.evaluation.plots import all_plots
 from amygdala_dagster.evaluation.runtime_report import runtime_view
+from amygdala_dagster.files.atomic import atomic_write_bytes, atomic_write_text
 
 # ----------------------------------------------------------------------------- text
 

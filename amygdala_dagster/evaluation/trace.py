@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from amygdala_dagster.evaluation.html import number, render
-from amygdala_dagster.readout.metrics import z_score
 from amygdala_dagster.readout.manifest import calibration_entry
+from amygdala_dagster.readout.metrics import z_score
 from amygdala_dagster.readout.runtime import calibrated_scores
 
 TRACE_FORMAT = "amygdala-trace/1"

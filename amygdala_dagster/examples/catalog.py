@@ -35,7 +35,12 @@ import numpy as np
 import polars as pl
 
 from amygdala_dagster.examples.selection import (
-    BodyRow, SelectionParams, body_mentions, body_rows, eligible_rows, is_int,
+    BodyRow,
+    SelectionParams,
+    body_mentions,
+    body_rows,
+    eligible_rows,
+    is_int,
 )
 from amygdala_dagster.graph.tags import check_emotion_name
 

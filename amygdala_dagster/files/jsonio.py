@@ -6,6 +6,7 @@ import json
 import math
 import os
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,7 +42,7 @@ def jsonl_values(path: str | os.PathLike[str], error: type[Exception] = ValueErr
     the file and line.
     """
     if data is None:
-        data = open(path, "rb").read()
+        data = Path(path).read_bytes()
     for lineno, line in enumerate(data.splitlines(), start=1):
         if not line.strip():
             continue

@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -27,7 +28,17 @@ from mcp_types import CallToolResult, Implementation, TextContent
 from pydantic import SecretStr
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
-from amygdala_dagster.graph.nodes import GraphVersion, MemoryGraphError, MemoryNode, NormalizeReport, Progress, normalize_nodes
+if sys.version_info < (3, 11):  # the built-in from 3.11; anyio depends on the backport before it
+    from exceptiongroup import BaseExceptionGroup
+
+from amygdala_dagster.graph.nodes import (
+    GraphVersion,
+    MemoryGraphError,
+    MemoryNode,
+    NormalizeReport,
+    Progress,
+    normalize_nodes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +193,7 @@ class McpSource:
         for restart in range(self.max_restarts + 1):
             read = _Read()
             try:
-                await self._with_session(lambda client: self._pages(client, read, progress), budget)
+                await self._with_session(lambda client, read=read: self._pages(client, read, progress), budget)
                 return read.raws, read.version
             except _GraphChanged as exc:
                 if restart == self.max_restarts:

@@ -16,7 +16,14 @@ from typing import Any
 
 from amygdala_dagster.files.jsonio import jsonl_values
 from amygdala_dagster.graph.mcp_source import DEFAULT_MCP_URL, McpSource
-from amygdala_dagster.graph.nodes import GraphVersion, MemoryGraphError, MemoryNode, NormalizeReport, Progress, normalize_nodes
+from amygdala_dagster.graph.nodes import (
+    GraphVersion,
+    MemoryGraphError,
+    MemoryNode,
+    NormalizeReport,
+    Progress,
+    normalize_nodes,
+)
 
 
 def jsonl_graph_version(data: bytes) -> GraphVersion:

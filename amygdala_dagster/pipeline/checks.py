@@ -9,6 +9,7 @@ The specs name their asset by key, so the asset modules import this one and not 
 
 import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -145,7 +146,7 @@ def vectors_problems(concepts: Sequence[str], layers: Sequence[int], vectors: Ma
 def manifest_problems(vectors_path: Any, manifest_path: Any, expected_concepts: Sequence[str] | None = None) -> list[str]:
     """The manifest's SHA-256 matches the vectors file; shapes, norms and row order match the manifest."""
     try:
-        manifest = json.loads(open(manifest_path, encoding="utf-8").read())
+        manifest = json.loads(Path(manifest_path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         return [f"{manifest_path}: unreadable manifest ({exc})"]
     out = []

@@ -18,7 +18,12 @@ from amygdala_dagster.pipeline.assets import ALL_ASSETS
 from amygdala_dagster.pipeline.jobs import LOCAL_EXECUTOR, LOGGERS, build_jobs
 from amygdala_dagster.pipeline.k8s import deployment_executor
 from amygdala_dagster.pipeline.resources import (
-    ArtifactStorage, EvaluationResource, MemoryGraphResource, ModelResource, SelectionResource, ShardingResource,
+    ArtifactStorage,
+    EvaluationResource,
+    MemoryGraphResource,
+    ModelResource,
+    SelectionResource,
+    ShardingResource,
 )
 from amygdala_dagster.pipeline.sensors import memory_graph_sensor
 from amygdala_dagster.workflow.settings import current_settings

@@ -13,15 +13,15 @@ from collections.abc import Sequence
 import dagster as dg
 import polars as pl
 
+from amygdala_dagster.graph.snapshot import build_snapshot
 from amygdala_dagster.pipeline.assets.activations import activation_stats
+from amygdala_dagster.pipeline.assets.common import EMOTIONS_TAG, OUTPUT_TAG, RANGE_END_TAG, RANGE_START_TAG
 from amygdala_dagster.pipeline.assets.emotions import emotion_catalog, tagged_examples
 from amygdala_dagster.pipeline.assets.evaluation import evaluation_report
 from amygdala_dagster.pipeline.assets.graph import memory_snapshot
 from amygdala_dagster.pipeline.assets.readout_pair import readout_manifest, readout_vectors
 from amygdala_dagster.pipeline.assets.shards import activation_cache
-from amygdala_dagster.pipeline.assets.common import EMOTIONS_TAG, OUTPUT_TAG, RANGE_END_TAG, RANGE_START_TAG
 from amygdala_dagster.pipeline.resources import MemoryGraphResource, SelectionResource
-from amygdala_dagster.graph.snapshot import build_snapshot
 from amygdala_dagster.workflow.partitions import PartitionPlan, plan_partitions
 
 UNPARTITIONED_HEAD = [memory_snapshot.key, emotion_catalog.key]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import logging
 import threading
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,21 +19,21 @@ import polars as pl
 import torch
 from pydantic import Field, PrivateAttr
 
+from amygdala_dagster.data import conversation_snippets_path, sample_graph_path
 from amygdala_dagster.engine.activations import ActivationEngine
-from amygdala_dagster.engine.token_sample import DEFAULT_SAMPLE_TOKENS
-from amygdala_dagster.evaluation.verdicts import Criteria
-from amygdala_dagster.readout.episode import DEFAULT_FALSE_ALARM_RATE, DEFAULT_HALF_LIFE_TOKENS, DEFAULT_MIN_TOKENS
-from amygdala_dagster.readout.metrics import THRESHOLD_METHODS
-from amygdala_dagster.examples.selection import SelectionParams
-from amygdala_dagster.examples.catalog import DEFAULT_CORE_NODE_TYPES, emotion_catalog
 from amygdala_dagster.engine.models import LoadedModel
 from amygdala_dagster.engine.placement import parse_device_map
+from amygdala_dagster.engine.token_sample import DEFAULT_SAMPLE_TOKENS
+from amygdala_dagster.evaluation.verdicts import Criteria
+from amygdala_dagster.examples.catalog import DEFAULT_CORE_NODE_TYPES, emotion_catalog
+from amygdala_dagster.examples.selection import SelectionParams
 from amygdala_dagster.files.storage import Store
-from amygdala_dagster.data import conversation_snippets_path, sample_graph_path
 from amygdala_dagster.graph.mcp_source import McpSource
 from amygdala_dagster.graph.sources import JsonlSource, open_source
-from amygdala_dagster.workflow.settings import MAX_SHARDS, current_settings
+from amygdala_dagster.readout.episode import DEFAULT_FALSE_ALARM_RATE, DEFAULT_HALF_LIFE_TOKENS, DEFAULT_MIN_TOKENS
+from amygdala_dagster.readout.metrics import THRESHOLD_METHODS
 from amygdala_dagster.workflow.engine_settings import EngineSettings, build_engine
+from amygdala_dagster.workflow.settings import MAX_SHARDS, current_settings
 
 log = logging.getLogger(__name__)
 

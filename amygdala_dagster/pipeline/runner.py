@@ -22,24 +22,36 @@ import dagster as dg
 import polars as pl
 
 import amygdala_dagster
-from amygdala_dagster.files.atomic import atomic_write_text
 from amygdala_dagster.examples.selection import select_all
+from amygdala_dagster.files.atomic import atomic_write_text
+from amygdala_dagster.graph.nodes import GraphVersion
 from amygdala_dagster.graph.tags import check_emotion_name
-from amygdala_dagster.pipeline.assets.graph import memory_graph
 from amygdala_dagster.pipeline.assets.common import EMOTION, EMOTIONS_TAG, GPU_POOL, OUTPUT_TAG, emotion_partitions
-from amygdala_dagster.pipeline.assets.graph import read_snapshot_from
+from amygdala_dagster.pipeline.assets.graph import memory_graph, read_snapshot_from
 from amygdala_dagster.pipeline.definitions import build_definitions
 from amygdala_dagster.pipeline.instance import open_instance
-from amygdala_dagster.pipeline.k8s import deployment_executor
 from amygdala_dagster.pipeline.jobs import (
-    ALL_EMOTION_TAIL, BACKFILL_JOB, CLI_RUN_CONFIG, PARTITIONED, REFRESH_JOB, UNPARTITIONED_HEAD, graph_catalog,
-    KIND_TAG, refresh_selection, refresh_tags, with_shards,
+    ALL_EMOTION_TAIL,
+    BACKFILL_JOB,
+    CLI_RUN_CONFIG,
+    KIND_TAG,
+    PARTITIONED,
+    REFRESH_JOB,
+    UNPARTITIONED_HEAD,
+    graph_catalog,
+    refresh_selection,
+    refresh_tags,
+    with_shards,
 )
+from amygdala_dagster.pipeline.k8s import deployment_executor
 from amygdala_dagster.pipeline.sensors import DATA_VERSION_TAG
-from amygdala_dagster.graph.nodes import GraphVersion
 from amygdala_dagster.workflow.layout import SNAPSHOT_FILE
 from amygdala_dagster.workflow.partitions import (
-    NotQualifiedError, PartitionPlan, collect_texts, plan_partitions, qualification_problems,
+    NotQualifiedError,
+    PartitionPlan,
+    collect_texts,
+    plan_partitions,
+    qualification_problems,
 )
 
 log = logging.getLogger(__name__)

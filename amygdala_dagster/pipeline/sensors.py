@@ -12,11 +12,11 @@ asset-automation tick to be enabled.
 
 import dagster as dg
 
-from amygdala_dagster.pipeline.assets.graph import memory_graph
-from amygdala_dagster.pipeline.assets.common import EMOTION, emotion_partitions
-from amygdala_dagster.pipeline.jobs import REFRESH_JOB, plan_from_graph, refresh_selection, refresh_tags
-from amygdala_dagster.pipeline.resources import MemoryGraphResource, ShardingResource, SelectionResource
 from amygdala_dagster.graph.nodes import MemoryGraphError
+from amygdala_dagster.pipeline.assets.common import EMOTION, emotion_partitions
+from amygdala_dagster.pipeline.assets.graph import memory_graph
+from amygdala_dagster.pipeline.jobs import REFRESH_JOB, plan_from_graph, refresh_selection, refresh_tags
+from amygdala_dagster.pipeline.resources import MemoryGraphResource, SelectionResource, ShardingResource
 from amygdala_dagster.workflow.settings import current_settings
 
 DATA_VERSION_TAG = "dagster/data_version"

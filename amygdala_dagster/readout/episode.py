@@ -46,8 +46,8 @@ from typing import Any
 import numpy as np
 from scipy.signal import lfilter
 
-from amygdala_dagster.readout.manifest import calibration_entry
 from amygdala_dagster.readout.folds import text_folds
+from amygdala_dagster.readout.manifest import calibration_entry
 from amygdala_dagster.readout.metrics import wilson_interval
 
 #: The chosen statistic (benchmarks/episode.py measured EWM half-lives, windowed and cumulative means).
@@ -74,10 +74,7 @@ def statistic(x: np.ndarray, half_life_tokens: float | None) -> np.ndarray:
     if x.shape[0] == 0:
         return x.copy()
     w = decay(half_life_tokens)
-    if w == 1.0:
-        num = np.cumsum(x, axis=0)
-    else:
-        num = lfilter([1.0], [1.0, -w], x, axis=0)
+    num = np.cumsum(x, axis=0) if w == 1.0 else lfilter([1.0], [1.0, -w], x, axis=0)
     n = np.arange(1, x.shape[0] + 1, dtype=np.float64)
     den = n if w == 1.0 else (1.0 - w ** n) / (1.0 - w)  # the sum of w**k for k < n
     return num / den.reshape((-1,) + (1,) * (x.ndim - 1))

@@ -37,9 +37,9 @@ from safetensors.torch import save as st_save_torch
 
 from amygdala_dagster.files.atomic import sha256_file
 from amygdala_dagster.files.jsonio import jsonable
+from amygdala_dagster.files.storage import location
 from amygdala_dagster.readout.publish import DEFAULT_KEEP_RELEASES, publish_pair
 from amygdala_dagster.readout.releases import PublishError, open_pair
-from amygdala_dagster.files.storage import location
 
 FORMAT_VERSION = 3
 #: Manifest versions :func:`load_readout` reads (1: no ``token_calibration``; 2: no ``episode``).
@@ -268,7 +268,7 @@ def read_vectors_file(vectors_path: str | os.PathLike[str]) -> tuple[dict[str, n
             meta = dict(f.metadata() or {})
             tensors = {}
             dtypes = set()
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 - a safetensors file, not a dict: keys() is how it lists them
                 t = f.get_tensor(key)
                 dtypes.add(str(t.dtype).removeprefix("torch."))
                 tensors[key] = t.float().numpy()

@@ -16,7 +16,11 @@ from collections.abc import Mapping
 import numpy as np
 from scipy.stats import bootstrap, mannwhitneyu, norm
 from sklearn.metrics import (
-    accuracy_score, auc, confusion_matrix, confusion_matrix_at_thresholds, f1_score,
+    accuracy_score,
+    auc,
+    confusion_matrix,
+    confusion_matrix_at_thresholds,
+    f1_score,
 )
 
 THRESHOLD_METHODS = ("max_f1", "fixed_fpr")

@@ -54,7 +54,13 @@ from upath import UPath
 from amygdala_dagster.files.atomic import DIR_MODE, FILE_MODE, fsync_dir, write_new_file
 from amygdala_dagster.files.storage import is_local, location, refresh, uri
 from amygdala_dagster.readout.releases import (
-    CURRENT_LINK, POINTER_FILE, POINTER_FORMAT, RELEASES_DIR, PublishError, open_pair, split_location,
+    CURRENT_LINK,
+    POINTER_FILE,
+    POINTER_FORMAT,
+    RELEASES_DIR,
+    PublishError,
+    open_pair,
+    split_location,
 )
 
 log = logging.getLogger(__name__)

@@ -34,10 +34,13 @@ import numpy as np
 
 from amygdala_dagster.engine.token_sample import SampleEntry, TokenSample
 from amygdala_dagster.readout.episode import (
-    DEFAULT_FALSE_ALARM_RATE, DEFAULT_HALF_LIFE_TOKENS, DEFAULT_MIN_TOKENS, calibrate_episode,
+    DEFAULT_FALSE_ALARM_RATE,
+    DEFAULT_HALF_LIFE_TOKENS,
+    DEFAULT_MIN_TOKENS,
+    calibrate_episode,
 )
-from amygdala_dagster.readout.manifest import calibration_entry
 from amygdala_dagster.readout.folds import text_folds
+from amygdala_dagster.readout.manifest import calibration_entry
 from amygdala_dagster.readout.runtime import DEFAULT_SKIP_FIRST_TOKENS, scored_positions
 
 log = logging.getLogger(__name__)

@@ -26,8 +26,9 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save as st_save
 
-from amygdala_dagster.files.atomic import atomic_write_bytes
 from amygdala_dagster.engine.cache import ActivationCache, layer_positions, text_sha256
+from amygdala_dagster.examples.selection import training_problems
+from amygdala_dagster.files.atomic import atomic_write_bytes
 from amygdala_dagster.readout.estimators import (
     DEFAULT_ESTIMATOR,
     DegenerateDirectionError,
@@ -35,7 +36,6 @@ from amygdala_dagster.readout.estimators import (
     unit_direction,
 )
 from amygdala_dagster.readout.metrics import calibration
-from amygdala_dagster.examples.selection import training_problems
 
 log = logging.getLogger(__name__)
 

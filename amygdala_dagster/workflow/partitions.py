@@ -10,6 +10,7 @@ import polars as pl
 from amygdala_dagster.examples.selection import ExampleSet, SelectionParams, training_problems
 from amygdala_dagster.graph.tags import check_emotion_name
 
+
 # ----------------------------------------------------------------------------- texts and trainability
 def collect_texts(example_sets: Mapping[str, ExampleSet]) -> tuple[list[str], list[str]]:
     """Every example text of every emotion (both splits, duplicates kept) and a key naming each."""

@@ -21,6 +21,7 @@ from amygdala_dagster.examples.selection import ExampleSet
 from amygdala_dagster.readout.manifest import layer_key, read_vectors_file
 from amygdala_dagster.readout.vectors import EmotionStats, TrainedReadout
 
+
 # ----------------------------------------------------------------------------- statistics and staleness
 def stats_info(example_set: ExampleSet, stats: EmotionStats, fingerprint: Mapping[str, Any],
                cache_root: str | os.PathLike[str], stats_sha256: str) -> dict[str, Any]:

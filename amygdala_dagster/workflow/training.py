@@ -15,20 +15,24 @@ from amygdala_dagster.engine.cache import DEFAULT_SHARD_SIZE, ActivationCache
 from amygdala_dagster.engine.forward import CacheRunStats
 from amygdala_dagster.engine.token_cache import TokenCache
 from amygdala_dagster.engine.token_sample import DEFAULT_SAMPLE_TOKENS
-from amygdala_dagster.examples.selection import ExampleSet
 from amygdala_dagster.examples.directory import read_examples_dir
+from amygdala_dagster.examples.selection import ExampleSet
 from amygdala_dagster.readout.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
 from amygdala_dagster.readout.manifest import default_manifest_path, write_readout
 from amygdala_dagster.readout.publish import check_publishable
 from amygdala_dagster.readout.token_calibration import (
-    DEFAULT_TARGET_RATE, calibrate_episodes, calibrate_readout, calibration_entries, project_calibration,
+    DEFAULT_TARGET_RATE,
+    calibrate_episodes,
+    calibrate_readout,
+    calibration_entries,
+    project_calibration,
 )
 from amygdala_dagster.readout.vectors import train_readout
-from amygdala_dagster.workflow.settings import current_settings
-from amygdala_dagster.workflow.samples import RunSamples, calibration_sample, forward_run, held_out_negatives
 from amygdala_dagster.workflow.engine_settings import EngineSettings, SettingsError, build_engine, engine_report
 from amygdala_dagster.workflow.layout import check_writable
 from amygdala_dagster.workflow.partitions import collect_texts, untrainable
+from amygdala_dagster.workflow.samples import RunSamples, calibration_sample, forward_run, held_out_negatives
+from amygdala_dagster.workflow.settings import current_settings
 
 log = logging.getLogger(__name__)
 

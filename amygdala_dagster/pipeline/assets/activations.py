@@ -12,7 +12,13 @@ from amygdala_dagster.engine.cache import ActivationCache
 from amygdala_dagster.engine.token_cache import bytes_per_token
 from amygdala_dagster.files.atomic import atomic_write_text, sha256_file
 from amygdala_dagster.pipeline.assets.common import (
-    EMOTION, GPU_POOL, GROUP, add_partition_metadata, combined_hash, file_meta, table,
+    EMOTION,
+    GPU_POOL,
+    GROUP,
+    add_partition_metadata,
+    combined_hash,
+    file_meta,
+    table,
 )
 from amygdala_dagster.pipeline.assets.emotions import read_examples_from, tagged_examples
 from amygdala_dagster.pipeline.assets.inputs import run_inputs

@@ -7,22 +7,21 @@ from typing import Any
 import dagster as dg
 
 from amygdala_dagster.engine.cache import ActivationCache
+from amygdala_dagster.evaluation.conversations import conversations_section
 from amygdala_dagster.evaluation.core import evaluate
 from amygdala_dagster.evaluation.generalisation import read_snippets
-from amygdala_dagster.evaluation.report import summary_markdown, write_report
-from amygdala_dagster.evaluation.conversations import conversations_section
-from amygdala_dagster.evaluation.verdicts import apply_verdicts, log_unusable
 from amygdala_dagster.evaluation.plots import png_markdown
-from amygdala_dagster.evaluation.report import emotion_markdown
+from amygdala_dagster.evaluation.report import emotion_markdown, summary_markdown, write_report
 from amygdala_dagster.evaluation.runtime_report import PLOT, runtime_markdown
-from amygdala_dagster.readout.manifest import load_readout
-from amygdala_dagster.pipeline.assets.common import GROUP, file_meta, json_hash, table
+from amygdala_dagster.evaluation.verdicts import apply_verdicts, log_unusable
 from amygdala_dagster.examples.catalog import catalog_summary
+from amygdala_dagster.pipeline.assets.common import GROUP, file_meta, json_hash, table
 from amygdala_dagster.pipeline.assets.emotions import read_catalog_from, read_examples_from
-from amygdala_dagster.pipeline.checks import EVALUATION_CHECKS, evaluation_checks
 from amygdala_dagster.pipeline.assets.graph import read_snapshot_from
 from amygdala_dagster.pipeline.assets.readout_pair import read_samples, read_staged_info, readout_manifest
+from amygdala_dagster.pipeline.checks import EVALUATION_CHECKS, evaluation_checks
 from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource
+from amygdala_dagster.readout.manifest import load_readout
 from amygdala_dagster.workflow.layout import MANIFEST_FILE, REPORT_DIR, VECTORS_FILE
 from amygdala_dagster.workflow.samples import StoredSamples
 

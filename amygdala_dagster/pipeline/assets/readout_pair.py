@@ -6,29 +6,55 @@ from typing import Any
 
 import dagster as dg
 
-from amygdala_dagster.files.atomic import atomic_write_bytes, atomic_write_text
 from amygdala_dagster.engine.cache import ActivationCache
-from amygdala_dagster.readout.manifest import vectors_bytes, write_readout
+from amygdala_dagster.files.atomic import atomic_write_bytes, atomic_write_text
 from amygdala_dagster.pipeline.assets.activations import activation_stats, has_stats, read_stats, read_stats_info
-from amygdala_dagster.pipeline.assets.common import EMOTIONS_TAG, GROUP, emotion_partitions, file_meta, readout_freshness, table
-from amygdala_dagster.pipeline.assets.emotions import emotion_catalog, read_examples_from, tagged_examples
-from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, SelectionResource
-from amygdala_dagster.pipeline.checks import (
-    MANIFEST_CHECKS, VECTORS_CHECKS, WARN, check_result, manifest_problems, vectors_problems,
+from amygdala_dagster.pipeline.assets.common import (
+    EMOTIONS_TAG,
+    GROUP,
+    emotion_partitions,
+    file_meta,
+    readout_freshness,
+    table,
 )
+from amygdala_dagster.pipeline.assets.emotions import emotion_catalog, read_examples_from, tagged_examples
+from amygdala_dagster.pipeline.checks import (
+    MANIFEST_CHECKS,
+    VECTORS_CHECKS,
+    WARN,
+    check_result,
+    manifest_problems,
+    vectors_problems,
+)
+from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, SelectionResource
 from amygdala_dagster.readout.episode import episode_problems, episode_summary
+from amygdala_dagster.readout.manifest import vectors_bytes, write_readout
 from amygdala_dagster.readout.releases import current_pair, open_pair
 from amygdala_dagster.readout.token_calibration import (
-    calibrate_episodes, calibrate_readout, calibration_entries, heldout_problems, heldout_summary, project_calibration,
+    calibrate_episodes,
+    calibrate_readout,
+    calibration_entries,
+    heldout_problems,
+    heldout_summary,
+    project_calibration,
 )
 from amygdala_dagster.readout.vectors import TrainedReadout, train_readout
 from amygdala_dagster.workflow.layout import (
-    MANIFEST_FILE, STAGED_INFO, STAGED_VECTORS, TOKEN_SAMPLES_FILE, VECTORS_FILE,
+    MANIFEST_FILE,
+    STAGED_INFO,
+    STAGED_VECTORS,
+    TOKEN_SAMPLES_FILE,
+    VECTORS_FILE,
 )
 from amygdala_dagster.workflow.samples import StoredSamples
 from amygdala_dagster.workflow.settings import current_settings
 from amygdala_dagster.workflow.staging import (
-    check_stats_current, drift_cosines, encode_staged_info, read_staged_readout, sha256_bytes, staged_info,
+    check_stats_current,
+    drift_cosines,
+    encode_staged_info,
+    read_staged_readout,
+    sha256_bytes,
+    staged_info,
 )
 
 

@@ -31,7 +31,11 @@ from amygdala_dagster.pipeline.assets.emotions import read_examples_from, tagged
 from amygdala_dagster.pipeline.assets.inputs import run_inputs
 from amygdala_dagster.pipeline.k8s import gpu_op_tags
 from amygdala_dagster.pipeline.resources import (
-    ArtifactStorage, EvaluationResource, ModelResource, SelectionResource, ShardingResource,
+    ArtifactStorage,
+    EvaluationResource,
+    ModelResource,
+    SelectionResource,
+    ShardingResource,
 )
 
 STEP_IO = "step_io"
