@@ -258,7 +258,8 @@ def test_long_text_is_tokenised_from_a_prefix_with_the_same_ids(model):
         engine.tokenizer = recorder._tok
     for text, got in zip(texts, ids):
         assert got == list(loaded.tokenizer(text, truncation=True, max_length=64)["input_ids"]), text[:40]
-    expected = sum(len(loaded.tokenizer(t)["input_ids"]) > 64 for t in texts)  # WordPiece: a 100+ char word is one [UNK]
+    # WordPiece: a 100+ char word is one [UNK]
+    expected = sum(len(loaded.tokenizer(t)["input_ids"]) > 64 for t in texts)
     assert sum(truncated) == expected >= 4
     assert recorder.longest < len(_LONG_TEXTS["prose"])  # a text dense in tokens is never read whole
 

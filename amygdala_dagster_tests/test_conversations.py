@@ -93,7 +93,8 @@ def test_conversation_metrics_and_runtime_section(minilm_readout, tmp_path):
     firsts = [int(np.flatnonzero(s.scored & (s.raw[4][:, 0] >= thr))[0]) for s, f in zip(scores[:2], fires) if f]
     assert joy["first_fire_median"] == (float(np.median(firsts)) if firsts else None)
     assert out["unknown_labels"] == ["mystery"] and out["n_conversations"] == 4
-    assert [t["id"] for t in out["traces"]] == ["a", "b", "c"][:len(out["traces"])] and out["traces"][0]["labels"] == ["joy"]
+    assert [t["id"] for t in out["traces"]] == ["a", "b", "c"][:len(out["traces"])] \
+        and out["traces"][0]["labels"] == ["joy"]
     ev = {"conversations": json.loads(json.dumps(out))}
     plots = runtime_plots(ev)
     assert plots[PLOT][:8] == b"\x89PNG\r\n\x1a\n"

@@ -83,7 +83,8 @@ def _exe(name: str) -> str:
 
 
 def node(key: str, body: str, tags: str) -> dict:
-    return {"key": key, "node_type": "journal", "content": f"{body}\n\n{tags}", "created_at": STAMP, "updated_at": STAMP}
+    return {"key": key, "node_type": "journal", "content": f"{body}\n\n{tags}",
+            "created_at": STAMP, "updated_at": STAMP}
 
 
 def nostalgia_nodes(n: int = 12) -> list[dict]:

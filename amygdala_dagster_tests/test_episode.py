@@ -1,4 +1,4 @@
-"""The episode rule (Contract 3 ``episode``): its statistic, its calibration, and the runtime applying it token by token."""
+"""The episode rule (Contract 3 ``episode``): its statistic, its calibration, and the runtime applying it per token."""
 
 from __future__ import annotations
 
@@ -222,7 +222,8 @@ def test_generation_carries_the_episode_state_from_the_prompt_through_every_step
     scores = rt.score(TEXTS[0])
     for layer in LAYERS:
         ep = scores.episode[layer]
-        ref = EpisodeState.from_manifest(readout.manifest, layer).trace(scores.raw[layer], scored_mask(scores.encoded, 1))
+        ref = EpisodeState.from_manifest(readout.manifest, layer).trace(
+            scores.raw[layer], scored_mask(scores.encoded, 1))
         np.testing.assert_allclose(ep.stat, ref.stat, equal_nan=True)
         assert ep.fired[0] and not ep.fired[1]
 

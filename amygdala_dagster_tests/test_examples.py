@@ -353,7 +353,8 @@ def test_determinism_byte_identical_directories(tmp_path: Path) -> None:
 def test_catalog_qualification_cap_and_curated(caplog: pytest.LogCaptureFixture) -> None:
     nodes = []
     for emotion, n_pos in (("joy", 12), ("calm", 11), ("awe", 10), ("fear", 3)):
-        nodes += [node(f"{emotion}{i:02d}", f"{emotion} text number {i}" + FILLER, f"{emotion}:9") for i in range(n_pos)]
+        nodes += [node(f"{emotion}{i:02d}", f"{emotion} text number {i}" + FILLER, f"{emotion}:9")
+                  for i in range(n_pos)]
     nodes += [node(f"lo{i}", f"low scored text {i}" + FILLER, "hope:2") for i in range(20)]
     snap = build_snapshot(nodes)
     cat = emotion_catalog(snap, SelectionParams(), min_positives=10, max_emotions=200)

@@ -337,8 +337,9 @@ def test_memory_token_from_the_documented_variables_works_in_planning_sensor_and
     assert observe_graph(instance, res).node_count == 16
     assert plan_from_graph(res["memory"], R.SelectionResource(min_positives=3), []).new
     # a sensor tick
-    with dg.build_sensor_context(instance=instance, resources={"memory": res["memory"], "sharding": res["sharding"],
-                                                               "selection": R.SelectionResource(min_positives=3)}) as ctx:
+    sensor_resources = {"memory": res["memory"], "sharding": res["sharding"],
+                        "selection": R.SelectionResource(min_positives=3)}
+    with dg.build_sensor_context(instance=instance, resources=sensor_resources) as ctx:
         assert isinstance(memory_graph_sensor(ctx), dg.SensorResult)
     # a run with the resources of the code location (what the launchpad uses)
     result = dg.materialize(ALL_ASSETS, instance=instance, resources=res,

@@ -89,8 +89,10 @@ def test_evaluation_rules():
     """The checks show the evaluation's own flags (one source of truth), by kind."""
     evaluation = {
         "flags": [
-            {"emotion": "b", "kind": "below_min_auroc", "severity": "do_not_use", "message": "b: AUROC 0.550 below 0.7"},
-            {"emotion": "b", "kind": "confound", "severity": "do_not_use", "message": "b: no better than the length baseline"},
+            {"emotion": "b", "kind": "below_min_auroc", "severity": "do_not_use",
+             "message": "b: AUROC 0.550 below 0.7"},
+            {"emotion": "b", "kind": "confound", "severity": "do_not_use",
+             "message": "b: no better than the length baseline"},
             {"emotion": "c", "kind": "not_evaluable", "severity": "do_not_use", "message": "c: no held-out AUROC"},
             {"emotion": "d", "kind": "crosstalk", "severity": "weak", "message": "d: close to e's vector"},
         ],

@@ -259,7 +259,8 @@ def test_episode_numbers_change_the_verdict_and_the_report_shows_sources(tmp_pat
 def test_crosstalk_with_another_vector_is_a_reason(tmp_path):
     cache, sets, _ = _synthetic(tmp_path, n=40)
     readout = train_readout(sets, cache, LAYERS)
-    ev = evaluate(cache, sets, readout, bootstrap=0, criteria=Criteria(min_holdout_positives=1, max_crosstalk_cosine=-1.0))
+    ev = evaluate(cache, sets, readout, bootstrap=0,
+                  criteria=Criteria(min_holdout_positives=1, max_crosstalk_cosine=-1.0))
     assert all("crosstalk" in v["flags"] for v in ev["verdicts"].values())
     assert "its vector is close to calm's" in " ".join(ev["verdicts"]["joy"]["reasons"])
 
@@ -371,7 +372,8 @@ def test_bundled_model_report_matches_independent_recomputation(tmp_path, minilm
     assert sweep["layers"] == list(range(6)) and len(sweep["recommended_layers"]) == 3
     for e in sets:
         for layer in layers:  # same estimator, same split: the sweep agrees with the evaluation
-            assert sweep["auroc"][e][str(layer)] == pytest.approx(ev["emotions"][e]["estimators"]["mean_difference"][str(layer)], abs=1e-6)
+            assert sweep["auroc"][e][str(layer)] == \
+                pytest.approx(ev["emotions"][e]["estimators"]["mean_difference"][str(layer)], abs=1e-6)
     ev = evaluate(cache, sets, readout, snapshot=snapshot, snippets=snippets, bootstrap=200, sweep=sweep)
     # the calibration the train command writes into the manifest is the evaluation's, number for number
     evaluated = calibration_for_manifest(ev)
@@ -439,7 +441,8 @@ def test_report_command_rebuilds_from_artefacts_without_the_model(tmp_path, mini
     cache_root = tmp_path / "cache"
     cache = ActivationCache(cache_root, engine.fingerprint)
     snippets_file = tmp_path / "snippets.jsonl"
-    snippets_file.write_text("".join(line + "\n" for line in (DATA / "conversation_snippets.jsonl").read_text().splitlines()[:4]))
+    snippets_file.write_text(
+        "".join(line + "\n" for line in (DATA / "conversation_snippets.jsonl").read_text().splitlines()[:4]))
     texts = [x.text for s in sets.values() for x in (*s.positives, *s.negatives)]
     texts += [json.loads(line)["text"] for line in snippets_file.read_text().splitlines()]
     ensure_cached(engine, cache, texts, progress=False)

@@ -59,7 +59,8 @@ def _token_cal(mean: float, std: float) -> dict:
 
 def _pair(tmp_path: Path, h: int = HIDDEN, layers=LAYERS, token_calibration=None):
     ro = _readout(h, layers)
-    tc = token_calibration or {c: {layer: _token_cal(0.1 * i, 0.5 + i) for layer in layers} for i, c in enumerate(CONCEPTS)}
+    tc = token_calibration or (
+        {c: {layer: _token_cal(0.1 * i, 0.5 + i) for layer in layers} for i, c in enumerate(CONCEPTS)})
     v, m = tmp_path / "vectors.safetensors", tmp_path / "manifest.json"
     write_readout(v, m, ro, model="tiny", model_revision=None, dtype="float32", pooling="mean", layer_path=None,
                   fingerprint=None, training={}, calibration=None, token_calibration=tc)
@@ -97,7 +98,8 @@ def test_generation_rows_equal_the_offline_projection(arch, tmp_path):
             np.testing.assert_allclose(r.raw[layer], offline, atol=1e-5)
             for c, concept in enumerate(CONCEPTS):
                 cal = calibration_entry(readout.manifest, concept, layer, "token")
-                assert r.calibrated[layer][c] == pytest.approx(float(z_score(r.raw[layer][c], cal["neg_mean"], cal["neg_std"])))
+                assert r.calibrated[layer][c] == \
+                    pytest.approx(float(z_score(r.raw[layer][c], cal["neg_mean"], cal["neg_std"])))
     # the prompt's rows come from the prefill, as scoring the prompt gives them
     prefill = rt.score_many([TEXTS[0]])[0]
     for layer in LAYERS:

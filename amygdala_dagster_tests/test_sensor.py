@@ -97,7 +97,8 @@ def test_sensor_runs_once_per_graph_change_adds_partitions_and_survives_outage(g
         fewer = tick(instance, server.url, edit.cursor)
     assert isinstance(fewer, dg.SensorResult) and len(fewer.run_requests) == 1
     assert "joy" not in instance.get_dynamic_partitions("emotion")
-    assert fewer.run_requests[0].tags["dagster/asset_partition_range_end"] == instance.get_dynamic_partitions("emotion")[-1]
+    assert fewer.run_requests[0].tags["dagster/asset_partition_range_end"] == \
+        instance.get_dynamic_partitions("emotion")[-1]
 
     # server down: a skipped tick with a clear message, no exception, cursor kept
     server.stop()

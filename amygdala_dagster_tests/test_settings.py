@@ -70,7 +70,8 @@ def test_shards_out_of_bounds_from_the_environment_is_one_line_not_a_pydantic_tr
     proc = subprocess.run([sys.executable, "-m", "amygdala_dagster.commands.cli", "run"], capture_output=True,
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"amygdala run: AMYGDALA_SHARDS must be a whole number from 1 to {MAX_SHARDS}, got {value!r}"
+    assert proc.stderr.strip() == \
+        f"amygdala run: AMYGDALA_SHARDS must be a whole number from 1 to {MAX_SHARDS}, got {value!r}"
 
 
 @pytest.mark.parametrize("command", ["run", "backfill-emotion"])
@@ -147,7 +148,8 @@ def test_run_and_backfill_take_every_variable_where_no_flag_is_given(variable, c
     value, (resource, field), expected = RUN_VARIABLES[variable]
     monkeypatch.setenv(variable, value.format(tmp=tmp_path))
     monkeypatch.setattr(run_cmd, "materialize_all", _stub_launch)
-    monkeypatch.setattr(backfill_cmd, "backfill_emotions", lambda names, resources, instance: _stub_launch(resources, instance))
+    monkeypatch.setattr(backfill_cmd, "backfill_emotions",
+                        lambda names, resources, instance: _stub_launch(resources, instance))
     with pytest.raises(Launched) as launched:
         cli_main(COMMANDS[command])
     got = getattr(launched.value.resources[resource], field)

@@ -337,7 +337,8 @@ def test_mcp_read_restarts_for_a_server_whose_cursors_ignore_changes():
         if calls["list"] == 2:
             del data[0]  # the graph changes between the first and second page
         start = int(cursor or 0)
-        return {"nodes": data[start:start + limit], "next_cursor": str(start + limit) if start + limit < len(data) else None}
+        return {"nodes": data[start:start + limit],
+                "next_cursor": str(start + limit) if start + limit < len(data) else None}
 
     @server.tool()
     def graph_version() -> dict:

@@ -102,7 +102,8 @@ def test_format_1_manifest_traces_against_the_text_calibration(tmp_path):
     man["format_version"] = 1
     m.write_text(json.dumps(man))
     out = tmp_path / "trace"
-    assert main(["trace", "--manifest", str(m), "--text", "hello there", "--output-dir", str(out), "--device", "cpu"]) == 0
+    assert main(["trace", "--manifest", str(m), "--text", "hello there",
+                 "--output-dir", str(out), "--device", "cpu"]) == 0
     assert json.loads((out / "trace.json").read_text())["calibration"] == "text"
 
 
@@ -139,8 +140,8 @@ def test_bidi_controls_in_a_text_are_shown_as_markers_and_kept_in_the_json(tmp_p
     # Each token span reads as its piece, with a marker where a control was.
     body = page[page.index('<div class="tokens"'):]
     body = body[: body.index("</div>")]
-    shown = re.findall(r'<span data-i="(\d+)" class="[^"]*" title="[^"]*">((?:[^<]|<span class="bidi"[^>]*>[^<]*</span>)*)</span>',
-                       body)
+    shown = re.findall(r'<span data-i="(\d+)" class="[^"]*" title="[^"]*">'
+                       r'((?:[^<]|<span class="bidi"[^>]*>[^<]*</span>)*)</span>', body)
     assert len(shown) == len(conv["tokens"])
     for i, content in shown:
         expected = conv["tokens"][int(i)]
@@ -206,7 +207,8 @@ def test_trace_gives_the_episode_rule_per_conversation_and_concept(tmp_path, cap
         for layer in LAYERS:
             manifest["per_concept"][c]["layers"][str(layer)]["episode"] = {
                 "statistic": "ewm", "half_life_tokens": 8.0, "min_tokens": 4, "skip_first_tokens": 1,
-                "false_alarm_rate": 0.05, "threshold": [-100.0, 100.0, 0.0][i], "threshold_z": [-2000.0, 2000.0, 0.0][i]}
+                "false_alarm_rate": 0.05, "threshold": [-100.0, 100.0, 0.0][i],
+                "threshold_z": [-2000.0, 2000.0, 0.0][i]}
     m.write_text(json.dumps(manifest))
     out = tmp_path / "trace"
     assert main(["trace", "--manifest", str(m), "--input", str(_inputs(tmp_path)), "--output-dir", str(out),

@@ -35,7 +35,8 @@ def _examples(prefix: str, n: int, holdout_every: int = 4) -> list[Example]:
     ]
 
 
-def _fill(cache: ActivationCache, examples: list[Example], shift: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def _fill(cache: ActivationCache, examples: list[Example],
+          shift: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
     acts = rng.normal(size=(len(examples), len(LAYERS), H)).astype(np.float32) + shift.astype(np.float32)
     cache.add([text_sha256(e.text) for e in examples], acts)
     return {e.key: a for e, a in zip(examples, acts)}

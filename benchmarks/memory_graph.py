@@ -92,7 +92,8 @@ def free_port() -> int:
 def start_server(path: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "amygdala_dagster.commands.cli", "serve-graph", "--file", str(path), "--port", str(port)],
+        [sys.executable, "-m", "amygdala_dagster.commands.cli", "serve-graph",
+         "--file", str(path), "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 60

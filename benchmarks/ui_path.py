@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                 seconds, stats = fn(home, work, args.graph)
                 results[kind].append({"seconds": round(seconds, 2), **stats})
                 print(f"{kind} #{i + 1}: {seconds:.1f} s, {stats['processes']} process(es), {stats['steps']} steps, "
-                      f"weights loaded by {', '.join(stats['weight_loads']) or 'no step'}, {stats['texts_forwarded']} texts forwarded",
+                      f"weights loaded by {', '.join(stats['weight_loads']) or 'no step'}, "
+                      f"{stats['texts_forwarded']} texts forwarded",
                       flush=True)
     med = {k: statistics.median(r["seconds"] for r in v) for k, v in results.items()}
     print()

@@ -20,8 +20,8 @@ HELP = "show the concepts, layers, norms and cosines of a readout vectors file a
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("vectors", metavar="VECTORS", nargs="?", default=None,
-                        help="vectors.safetensors, or an output directory (a path or a URL such as s3://bucket/prefix); "
-                             "default: $AMYGDALA_OUTPUT_DIR, else ./amygdala_output")
+                        help="vectors.safetensors, or an output directory (a path or a URL such as "
+                             "s3://bucket/prefix); default: $AMYGDALA_OUTPUT_DIR, else ./amygdala_output")
     parser.add_argument("--manifest", default=None, metavar="FILE",
                         help="manifest.json (default: manifest.json next to VECTORS)")
     parser.add_argument("--top", type=int, default=10, metavar="N",
@@ -185,7 +185,8 @@ def format_report(report: dict[str, Any]) -> str:
                          + (f", held-out false alarms {v['heldout_min']:.1%}-{v['heldout_max']:.1%}"
                             if v["heldout_min"] is not None else ""))
     concepts = report.get("concepts", [])
-    shown = concepts if len(concepts) <= _LISTED else concepts[:_LISTED] + [f"... {len(concepts) - _LISTED} more (--json lists all)"]
+    shown = (concepts if len(concepts) <= _LISTED
+             else concepts[:_LISTED] + [f"... {len(concepts) - _LISTED} more (--json lists all)"])
     lines.append(f"concepts: {len(concepts)}: {', '.join(shown)}")
     for entry in report.get("layers", []):
         shape = "x".join(map(str, entry["shape"]))

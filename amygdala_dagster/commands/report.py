@@ -60,7 +60,8 @@ from amygdala_dagster.workflow.layout import (
 from amygdala_dagster.workflow.samples import conversation_sample
 from amygdala_dagster.workflow.settings import current_settings
 
-HELP = "rebuild the evaluation report (HTML + evaluation.json) from an output directory's vectors, manifest and examples"
+HELP = ("rebuild the evaluation report (HTML + evaluation.json) from an output directory's vectors, manifest and "
+        "examples")
 
 log = logging.getLogger("amygdala.report")
 
@@ -86,20 +87,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="Contract 2 examples directory (default: OUTPUT_DIR/examples/<emotion>/ or the "
                              "manifest's training.training_data_dir)")
     parser.add_argument("--cache-dir", default=None,
-                        help="activation cache root, a directory or fsspec URL (default: the one recorded for the readout, else "
-                             "$AMYGDALA_CACHE_DIR or ~/.cache/amygdala/activations)")
+                        help="activation cache root, a directory or fsspec URL (default: the one recorded for the "
+                             "readout, else $AMYGDALA_CACHE_DIR or ~/.cache/amygdala/activations)")
     parser.add_argument("--snapshot", type=Path, default=None,
-                        help="memory snapshot Parquet for tag co-occurrence (default: OUTPUT_DIR/snapshot/memory_snapshot.parquet if present)")
+                        help="memory snapshot Parquet for tag co-occurrence "
+                             "(default: OUTPUT_DIR/snapshot/memory_snapshot.parquet if present)")
     parser.add_argument("--snippets", type=Path, default=None,
                         help="JSONL of {id, text} conversation snippets (default: the bundled sample)")
     parser.add_argument("--no-snippets", action="store_true", help="skip the generalisation section")
     parser.add_argument("--eval-conversations", default=None, metavar="FILE.jsonl",
                         help='labelled conversations {"id", "text"|"messages", "emotions"} for the runtime section '
                              '(default: the bundled snippets unless --no-snippets; "none" skips it)')
-    parser.add_argument("--report-dir", type=Path, default=None, help="where the report goes (default: OUTPUT_DIR/report)")
+    parser.add_argument("--report-dir", type=Path, default=None,
+                        help="where the report goes (default: OUTPUT_DIR/report)")
     parser.add_argument("--threshold-method", choices=("max_f1", "fixed_fpr"), default="max_f1",
                         help="decision threshold rule (default: %(default)s)")
-    parser.add_argument("--target-fpr", type=float, default=0.05, help="false-positive rate for fixed_fpr (default: %(default)s)")
+    parser.add_argument("--target-fpr", type=float, default=0.05,
+                        help="false-positive rate for fixed_fpr (default: %(default)s)")
     parser.add_argument("--crosstalk-cosine", type=float, default=0.5,
                         help="list vector pairs with cosine at least this (default: %(default)s)")
     parser.add_argument("--bootstrap", type=int, default=200,
@@ -111,24 +115,28 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="estimators to compare: auto (mean_difference,lda,logistic up to 24 emotions, else "
                              "mean_difference), none, or a list (default: %(default)s)")
     parser.add_argument("--histograms", type=_histograms, default=12, metavar="N|all",
-                        help="draw the projection histogram of this many emotions (a number >= 0 or all), most attention first "
-                             "(default: %(default)s)")
-    parser.add_argument("--min-auroc", type=float, default=Criteria.min_auroc, help="held-out AUROC a usable vector reaches (default: %(default)s)")
+                        help="draw the projection histogram of this many emotions (a number >= 0 or all), most "
+                             "attention first (default: %(default)s)")
+    parser.add_argument("--min-auroc", type=float, default=Criteria.min_auroc,
+                        help="held-out AUROC a usable vector reaches (default: %(default)s)")
     parser.add_argument("--min-holdout-positives", type=int, default=Criteria.min_holdout_positives,
                         help="fewer held-out positives make the verdict 'weak' (default: %(default)s)")
     parser.add_argument("--min-episode-auroc", type=float, default=Criteria.min_episode_auroc,
                         help="the episode rule's score separating conversations with and without an emotion less "
                              "well (AUROC) makes the verdict 'weak' (default: %(default)s)")
-    parser.add_argument("--max-episode-false-alarm-rate", type=unit_fraction, default=Criteria.max_episode_false_alarm_rate,
-                        metavar="F", help="the episode rule firing on more conversations without the emotion, beyond "
-                                          "the 95%% interval, makes the verdict 'weak' (default: the rule's own "
-                                          "false-alarm rate in the manifest)")
-    parser.add_argument("--min-episode-hit-rate", type=unit_fraction, default=Criteria.min_episode_hit_rate, metavar="F",
+    parser.add_argument("--max-episode-false-alarm-rate", type=unit_fraction,
+                        default=Criteria.max_episode_false_alarm_rate, metavar="F",
+                        help="the episode rule firing on more conversations without the emotion, beyond "
+                             "the 95%% interval, makes the verdict 'weak' (default: the rule's own "
+                             "false-alarm rate in the manifest)")
+    parser.add_argument("--min-episode-hit-rate", type=unit_fraction, default=Criteria.min_episode_hit_rate,
+                        metavar="F",
                         help="the episode rule firing on fewer conversations with the emotion, beyond the 95%% "
                              "interval, makes the verdict 'weak' (default: %(default)s)")
     parser.add_argument("--logistic-c", type=float, default=1.0, help="inverse regularisation of the logistic probe")
     parser.add_argument("--sweep-layers", default=None, metavar="all|L1,L2,...",
-                        help="also evaluate these layers (one model pass, separate cache namespace) and recommend target layers")
+                        help="also evaluate these layers (one model pass, separate cache namespace) and recommend "
+                             "target layers")
     parser.add_argument("--write-calibration", action="store_true",
                         help="also write the calibration (with thresholds) into manifest.json (vectors unchanged)")
     parser.add_argument("--device", default=None,
@@ -252,7 +260,8 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     output_dir = args.output_dir.expanduser()
     manifest_path = args.manifest or output_dir / MANIFEST_FILE
     if not manifest_path.is_file():
-        raise ReportInputError(f"{manifest_path}: no manifest; run `amygdala run` (or train) first, or pass --output-dir")
+        raise ReportInputError(
+            f"{manifest_path}: no manifest; run `amygdala run` (or train) first, or pass --output-dir")
     named = json.loads(manifest_path.read_text(encoding="utf-8")).get("vectors_file", "vectors.safetensors")
     vectors_path = args.vectors or (manifest_path.parent / named)
     readout = load_readout(vectors_path, manifest_path)  # both files of one published release
@@ -309,7 +318,8 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
                               min_episode_hit_rate=args.min_episode_hit_rate),
             meta={"vectors_sha256": readout.sha256, "manifest": str(manifest_path),
                   "model": manifest.get("model"), "cache_dir": str(cache_root),
-                  **({"snippets_file": str(args.snippets or "bundled conversation_snippets.jsonl")} if snippets else {})},
+                  **({"snippets_file": str(args.snippets or "bundled conversation_snippets.jsonl")}
+                     if snippets else {})},
         )
         evaluation["conversations"] = _conversations(args, engines, cache, readout, evaluation)
         catalog_path = output_dir / CATALOG_FILE

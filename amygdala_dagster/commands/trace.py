@@ -42,7 +42,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, type=flag_type("device"),
                         help="cpu, cuda, mps or auto (default: $AMYGDALA_DEVICE or auto)")
     parser.add_argument("--dtype", default=None, help="default: the manifest's dtype")
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="inputs per forward batch (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=8,
+                        help="inputs per forward batch (default: %(default)s)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
 
 
@@ -114,7 +115,8 @@ def main(args: argparse.Namespace) -> int:
     convs = out["trace"]["conversations"]
     for conv in convs[:_LISTED_INPUTS]:
         cut = conv.get("truncated")
-        shown = f"{cut['tokens_kept']} of {cut['tokens_total']} tokens (cut)" if cut else f"{len(conv['tokens'])} tokens"
+        shown = (f"{cut['tokens_kept']} of {cut['tokens_total']} tokens (cut)" if cut
+                 else f"{len(conv['tokens'])} tokens")
         episode = (f"; episode rule fired: {_names(conv['episode_fired']) or 'none'}"
                    if conv.get("episode_z") is not None else "")
         print(f"{conv['id']}: {shown}; fired: {_names(conv['fired']) or 'none'}{episode}")

@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-map", default=None, metavar="auto|JSON",
                    help='spread one model over several GPUs: "auto" or a JSON {module: device} map (needs accelerate)')
     p.add_argument("--cache-dir", default=None, metavar="DIR|URL",
-                   help="activation cache, a directory or fsspec URL such as s3://bucket/cache (default $AMYGDALA_CACHE_DIR or ~/.cache/amygdala/activations)")
+                   help="activation cache, a directory or fsspec URL such as s3://bucket/cache "
+                        "(default $AMYGDALA_CACHE_DIR or ~/.cache/amygdala/activations)")
     p.add_argument("--cache-shard-size", type=positive_int, default=DEFAULT_SHARD_SIZE, metavar="N",
                    help="texts per cache shard (a killed run resumes from complete shards)")
     p.add_argument("--estimator", default=DEFAULT_ESTIMATOR,

@@ -276,7 +276,8 @@ def evaluate(
     ``evaluation.json`` (Parquet) rather than in it.
     """
     if threshold_method not in M.THRESHOLD_METHODS:
-        raise ValueError(f"unknown threshold method {threshold_method!r}; choose one of {', '.join(M.THRESHOLD_METHODS)}")
+        raise ValueError(f"unknown threshold method {threshold_method!r}; "
+                         f"choose one of {', '.join(M.THRESHOLD_METHODS)}")
     sets = sets_by_emotion(example_sets)
     missing = [c for c in readout.concepts if c not in sets]
     if missing:

@@ -59,7 +59,8 @@ def plot_auroc_by_layer(evaluation: Mapping[str, Any]) -> bytes:
         title = f"Held-out AUROC by layer (sweep, {sweep['estimator']})"
     else:
         layers = [int(layer) for layer in evaluation["layers"]]
-        table = {e: [_nan(r["layers"][str(layer)]["auroc"]) for layer in layers] for e, r in evaluation["emotions"].items()}
+        table = {e: [_nan(r["layers"][str(layer)]["auroc"]) for layer in layers]
+                 for e, r in evaluation["emotions"].items()}
         mean = [_nan(evaluation["summary"]["mean_auroc_by_layer"].get(str(layer))) for layer in layers]
         title = "Held-out AUROC by layer (shipped vectors)"
     fig = _figure(7.5, 4.2)
@@ -106,14 +107,16 @@ def plot_crosstalk(evaluation: Mapping[str, Any], layer: int | None = None) -> b
     ct = evaluation["crosstalk"]
     layer = report_layer(evaluation) if layer is None else int(layer)
     labels = ct["concepts"]
-    cos = np.array([[_nan(x) for x in row] for row in ct["cosine"][str(layer)]], dtype=np.float64).reshape(len(labels), len(labels))
+    cos = np.array([[_nan(x) for x in row] for row in ct["cosine"][str(layer)]],
+                   dtype=np.float64).reshape(len(labels), len(labels))
     has_co = ct.get("cooccurrence") is not None
     side = max(3.5, min(0.32 * len(labels) + 2.0, 9.0))
     fig = _figure(side * (2 if has_co else 1) + 0.5, side)
     ax = fig.add_subplot(1, 2 if has_co else 1, 1)
     _heat(ax, cos, labels, f"vector cosine, layer {layer}", -1.0, 1.0, fig)
     if has_co:
-        co = np.array([[_nan(x) for x in row] for row in ct["cooccurrence"]], dtype=np.float64).reshape(len(labels), len(labels))
+        co = np.array([[_nan(x) for x in row] for row in ct["cooccurrence"]],
+                      dtype=np.float64).reshape(len(labels), len(labels))
         _heat(fig.add_subplot(1, 2, 2), co, labels, "tag co-occurrence (score correlation)", -1.0, 1.0, fig)
     return _png(fig)
 

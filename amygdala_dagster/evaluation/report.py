@@ -79,7 +79,8 @@ def _counts_line(evaluation: Mapping[str, Any]) -> str:
     c = s["verdict_counts"]
     worst = s.get("worst_emotion")
     return (f"{len(evaluation['emotions'])} emotions: {c['use']} use, {c['weak']} weak, {c['do_not_use']} do not use. "
-            f"Held-out AUROC at the best layer: mean {_f(s.get('mean_best_auroc'))}, worst {_f(s.get('worst_best_auroc'))}"
+            f"Held-out AUROC at the best layer: mean {_f(s.get('mean_best_auroc'))}, "
+            f"worst {_f(s.get('worst_best_auroc'))}"
             + (f" ({worst})" if worst else "")
             + (f"; {s['n_not_evaluable']} not evaluable" if s.get("n_not_evaluable") else "") + ".")
 
@@ -95,8 +96,9 @@ def summary_markdown(evaluation: Mapping[str, Any], max_rows: int = 50) -> str:
         table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         table += ["| " + " | ".join(r[h].replace("|", "\\|") for h in head) + " |" for r in rows]
         if len(order) > max_rows:
+            worst_shown = VERDICT_LABEL[evaluation["verdicts"][order[max_rows]]["verdict"]]
             table.append(f"\n(+{len(order) - max_rows} more emotions, each with verdict "
-                         f"{VERDICT_LABEL[evaluation['verdicts'][order[max_rows]]['verdict']]} or better; see the report)")
+                         f"{worst_shown} or better; see the report)")
         blocks.append("\n".join(table))
     s = evaluation["summary"]
     blocks.append("Mean held-out AUROC by layer: " + ", ".join(
@@ -119,7 +121,8 @@ def emotion_markdown(evaluation: Mapping[str, Any], emotion: str) -> str:
     verdict = evaluation["verdicts"][emotion]
     lines = [f"**{emotion}**: {VERDICT_LABEL[verdict['verdict']]} (best layer {_f(res['best_layer'])})", ""]
     lines += [f"- {r}" for r in verdict["reasons"]] + [""]
-    lines += ["| layer | AUROC | Cohen's d | accuracy | threshold | pos mean±sd | neg mean±sd |", "|---|---|---|---|---|---|---|"]
+    lines += ["| layer | AUROC | Cohen's d | accuracy | threshold | pos mean±sd | neg mean±sd |",
+              "|---|---|---|---|---|---|---|"]
     for layer in evaluation["layers"]:
         e = res["layers"][str(layer)]
         cal = e.get("calibration") or {}
@@ -207,9 +210,10 @@ def emotion_view(ev: Mapping[str, Any], emotion: str, plots: Mapping[str, bytes]
          ["negatives", mix(c["node_type_mix"]["negative"]), _f(c["text_length"]["negative"]["median"], 0),
           f"node type {_f(c['baseline_auroc']['node_type'])}"]])
     names = list(ev["settings"]["estimators"])
-    estimators = table_view(["estimator", *[f"layer {layer}" for layer in ev["layers"]]],
-                            [[n, *[_f(res["estimators"][n].get(str(layer))) for layer in ev["layers"]]] for n in names]) \
-        if len(names) > 1 else None
+    estimators = table_view(
+        ["estimator", *[f"layer {layer}" for layer in ev["layers"]]],
+        [[n, *[_f(res["estimators"][n].get(str(layer))) for layer in ev["layers"]]] for n in names],
+    ) if len(names) > 1 else None
     texts = (ev.get("generalisation") or {}).get("texts", {})
     gen = (ev.get("generalisation") or {}).get("emotions", {}).get(emotion)
     snippets = None

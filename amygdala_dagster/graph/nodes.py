@@ -1,4 +1,4 @@
-"""The memory-graph node record (Contract 4) and its normalisation, and what every source shares (its error, progress)."""
+"""The memory-graph node record (Contract 4), its normalisation, and what every source shares (error, progress)."""
 
 from __future__ import annotations
 

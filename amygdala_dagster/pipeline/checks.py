@@ -143,7 +143,8 @@ def vectors_problems(concepts: Sequence[str], layers: Sequence[int], vectors: Ma
     return out
 
 
-def manifest_problems(vectors_path: Any, manifest_path: Any, expected_concepts: Sequence[str] | None = None) -> list[str]:
+def manifest_problems(vectors_path: Any, manifest_path: Any,
+                      expected_concepts: Sequence[str] | None = None) -> list[str]:
     """The manifest's SHA-256 matches the vectors file; shapes, norms and row order match the manifest."""
     try:
         manifest = json.loads(Path(manifest_path).read_text(encoding="utf-8"))

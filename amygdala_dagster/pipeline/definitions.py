@@ -30,7 +30,10 @@ from amygdala_dagster.workflow.settings import current_settings
 
 
 def default_resources() -> dict[str, Any]:
-    """The resources, configured from the ``AMYGDALA_*`` environment (:class:`~amygdala_dagster.workflow.settings.Settings`)."""
+    """The resources, configured from the ``AMYGDALA_*`` environment.
+
+    See :class:`~amygdala_dagster.workflow.settings.Settings`.
+    """
     s = current_settings()
     return {
         # The token is read from $AMYGDALA_MEMORY_TOKEN (token_env) when the graph is contacted, in

@@ -122,7 +122,8 @@ def plan_from_graph(memory: MemoryGraphResource, selection: SelectionResource,
                                 description="False: leave ERROR events (failures, tracebacks) to the caller, "
                                             "which prints each cause once"),
     },
-    description="Plain console lines for `amygdala run` / `backfill-emotion` (progress; failures summarised by the command).",
+    description="Plain console lines for `amygdala run` / `backfill-emotion` "
+                "(progress; failures summarised by the command).",
 )
 def cli_console(init_context: dg.InitLoggerContext) -> logging.Logger:
     config = init_context.logger_config

@@ -261,7 +261,8 @@ class EpisodeTracker:
     """:class:`EpisodeState` of every hooked layer of a readout, for one conversation as it streams."""
 
     def __init__(self, manifest: Mapping[str, Any], layers: Sequence[int]) -> None:
-        self.states = {int(layer): s for layer in layers if (s := EpisodeState.from_manifest(manifest, int(layer))) is not None}
+        self.states = {int(layer): s for layer in layers
+                       if (s := EpisodeState.from_manifest(manifest, int(layer))) is not None}
 
     def update(self, raw: Mapping[int, np.ndarray], scored: Sequence[bool]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """``{layer: (stat [T, C], active [T, C])}`` for the next tokens' raw projections ``{layer: [T, C]}``."""

@@ -160,7 +160,8 @@ def vectors_bytes(readout: Any, vectors_dtype: str = "float32") -> bytes:
         if arr.shape[1] != hidden:
             raise ReadoutFileError(f"layer {layer}: hidden size {arr.shape[1]} != {hidden}")
         _check_rows(arr, concepts, layer, _NORM_TOL["float32"])
-        tensors[layer_key(layer)] = torch.from_numpy(np.ascontiguousarray(arr)).to(_TORCH_DTYPES[vectors_dtype]).contiguous()
+        tensors[layer_key(layer)] = (torch.from_numpy(np.ascontiguousarray(arr))
+                                     .to(_TORCH_DTYPES[vectors_dtype]).contiguous())
     # One metadata entry: safetensors orders several entries differently from run to
     # run, and the same vectors must give the same bytes (and SHA-256).
     info = {"format": VECTORS_FORMAT, "concepts": concepts, "layers": [int(x) for x in readout.layers]}
@@ -303,7 +304,8 @@ def load_readout(
         with open_pair(vectors_path, manifest_path) as files:
             readout = _load_pair(files.vectors, files.manifest)
             if files.source_vectors != str(files.vectors):  # downloaded: name the objects, not temp copies
-                readout.vectors_path, readout.manifest_path = location(files.source_vectors), location(files.source_manifest)
+                readout.vectors_path = location(files.source_vectors)
+                readout.manifest_path = location(files.source_manifest)
             return readout
     except (PublishError, FileNotFoundError) as exc:
         raise ReadoutFileError(str(exc)) from exc

@@ -116,7 +116,10 @@ def calibrate_tokens(
 
 
 class TokenSource(Protocol):
-    """Where per-token activations ``[T, L, H]`` are read by sequence key (a :class:`~amygdala_dagster.engine.token_cache.TokenCache`)."""
+    """Where per-token activations ``[T, L, H]`` are read by sequence key.
+
+    The run's is a :class:`~amygdala_dagster.engine.token_cache.TokenCache`.
+    """
 
     def get(self, key: str) -> np.ndarray: ...
 

@@ -311,7 +311,9 @@ def holdout_calibration(
 # ----------------------------------------------------------------------------- readout
 @dataclass
 class TrainedReadout:
-    """The trained matrix: all emotions' unit directions, ready for :func:`amygdala_dagster.readout.manifest.write_readout`.
+    """The trained matrix: all emotions' unit directions.
+
+    Ready for :func:`amygdala_dagster.readout.manifest.write_readout`.
 
     ``vectors[layer]`` is ``[C, H]`` float32 with rows in ``concepts`` order;
     ``raw_norms[concept]`` lists the pre-normalisation norm per layer (in

@@ -86,7 +86,8 @@ def encode_staged_info(info: Mapping[str, Any]) -> str:
 def read_staged_readout(vectors_path: str | os.PathLike[str], info: Mapping[str, Any]) -> TrainedReadout:
     """The :class:`TrainedReadout` from the staged vectors file and its info."""
     tensors, _meta, _dtype = read_vectors_file(vectors_path)
-    vectors = {int(layer): np.ascontiguousarray(tensors[layer_key(int(layer))], dtype=np.float32) for layer in info["layers"]}
+    vectors = {int(layer): np.ascontiguousarray(tensors[layer_key(int(layer))], dtype=np.float32)
+               for layer in info["layers"]}
     return TrainedReadout(
         concepts=list(info["concepts"]), layers=[int(x) for x in info["layers"]], vectors=vectors,
         raw_norms=info["raw_norms"], counts=info["counts"],

@@ -134,7 +134,8 @@ def train_readout_pair(
         "unique_texts": stats.unique_texts,
         "truncated_texts_this_run": stats.truncated,
         "cache_fingerprint_id": cache.fingerprint_id,
-        "cache_root": str(cache.root.resolve() if isinstance(cache.root, Path) else cache.root),  # lets `amygdala report` find the cached activations again
+        # lets `amygdala report` find the cached activations again
+        "cache_root": str(cache.root.resolve() if isinstance(cache.root, Path) else cache.root),
         "weights_hash": loaded.weights_hash,
         "tool": "amygdala_dagster.train_steering_vectors",
     }
@@ -175,7 +176,8 @@ def train_from_examples_dir(
     """
     t0 = time.perf_counter()
     if estimator not in ESTIMATORS:
-        raise SettingsError(f"--estimator: unknown estimator {estimator!r}; choose one of {', '.join(sorted(ESTIMATORS))}")
+        raise SettingsError(f"--estimator: unknown estimator {estimator!r}; "
+                            f"choose one of {', '.join(sorted(ESTIMATORS))}")
     check_writable({"--cache-dir": settings.cache_root()}, {"--output": output, "--manifest": manifest})
     index, sets = read_examples_dir(training_data_dir)
     sets = select_emotions(sets, emotions)

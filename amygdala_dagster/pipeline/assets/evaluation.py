@@ -73,7 +73,8 @@ def evaluation_report(
         meta = {"evaluation": dg.MetadataValue.md(emotion_markdown(result, e)),
                 "verdict": result["verdicts"][e]["verdict"], "vectors_sha256": readout.sha256}
         if f"hist_{e}.png" in plots:
-            meta["projection_histogram"] = dg.MetadataValue.md(png_markdown(plots[f"hist_{e}.png"], f"{e} held-out projections"))
+            meta["projection_histogram"] = dg.MetadataValue.md(
+                png_markdown(plots[f"hist_{e}.png"], f"{e} held-out projections"))
         context.log_event(dg.AssetObservation(asset_key=dg.AssetKey("activation_stats"), partition=e, metadata=meta))
     context.log.info(f"evaluation report: {store.uri(REPORT_DIR + '/' + html_path.name)}; "
                      f"{counts['use']} use, {counts['weak']} weak, {counts['do_not_use']} do not use")
@@ -144,7 +145,8 @@ def verdict_rows(result: dict) -> list[dict]:
             "source": ((result.get("catalog") or {}).get("emotions") or {}).get(e, {}).get("source"),
             "best_layer": r["best_layer"],
             "auroc": None if r["best_auroc"] is None else _round(r["best_auroc"], 3),
-            "ci_low": None if ci[0] is None else _round(ci[0], 3), "ci_high": None if ci[1] is None else _round(ci[1], 3),
+            "ci_low": None if ci[0] is None else _round(ci[0], 3),
+            "ci_high": None if ci[1] is None else _round(ci[1], 3),
             "holdout_pos": entry.get("n_pos"), "holdout_neg": entry.get("n_neg"),
             # Short flag names: a sentence per reason makes every row of the UI's narrow table dozens of
             # lines tall. The sentences are in `summary` (and the HTML report).

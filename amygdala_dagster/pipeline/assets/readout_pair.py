@@ -1,4 +1,7 @@
-"""All emotions' readout vectors (the staged trained matrix) and the Contract 3 pair (vectors.safetensors + manifest.json)."""
+"""All emotions' readout vectors (the staged trained matrix) and the Contract 3 pair.
+
+The pair is ``vectors.safetensors`` + ``manifest.json``.
+"""
 
 import json
 import time
@@ -203,9 +206,9 @@ def load_staged_readout(storage: ArtifactStorage) -> tuple[TrainedReadout, dict[
     description=(
         "The Contract 3 pair for vLLM: vectors.safetensors + manifest.json (VLLM_READOUT_VECTORS, "
         "VLLM_READOUT_MANIFEST), published as one release (a new directory under releases/, then the "
-        "current link switched atomically). The manifest (format 3) carries the vectors' SHA-256 and, per concept and layer, the "
-        "text-level calibration, the per-token one (token threshold and its held-out firing rate) and the episode rule "
-        "(conversation-level threshold and its held-out false-alarm rate)."
+        "current link switched atomically). The manifest (format 3) carries the vectors' SHA-256 and, per concept "
+        "and layer, the text-level calibration, the per-token one (token threshold and its held-out firing rate) "
+        "and the episode rule (conversation-level threshold and its held-out false-alarm rate)."
     ),
 )
 def readout_manifest(
