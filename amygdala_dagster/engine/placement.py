@@ -38,7 +38,7 @@ def parse_device_map(value: str | Mapping[str, Any] | None) -> str | dict[str, A
     return parsed
 
 
-def map_offloads_to_disk(device_map: str | dict[str, Any]) -> bool:
+def map_offloads_to_disk(device_map: str | Mapping[str, Any]) -> bool:
     return isinstance(device_map, dict) and "disk" in {str(v) for v in device_map.values()}
 
 
@@ -48,6 +48,6 @@ def offload_folder() -> str:
     return folder
 
 
-def map_device(value: Any) -> str:
+def map_device(value: object) -> str:
     """A device-map value as a device string (accelerate writes GPU indices as ints)."""
     return f"cuda:{value}" if isinstance(value, int) else str(value)

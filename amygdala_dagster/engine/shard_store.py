@@ -80,7 +80,7 @@ def _parse_header(prefix: bytes, name: str) -> _Header | int:
     """The shard header from the file's first bytes, or how many bytes are needed when ``prefix`` is short."""
     if len(prefix) < 8:
         return 8
-    (n,) = struct.unpack("<Q", prefix[:8])
+    n: int = struct.unpack("<Q", prefix[:8])[0]
     if n > 256 * 1024 * 1024:
         raise ValueError(f"header length {n} is not plausible")
     if len(prefix) < 8 + n:
@@ -164,7 +164,8 @@ class LocalShardStore:
 
     def read_rows(self, name: str, lo: int, hi: int) -> np.ndarray:
         with safe_open(str(self.directory / name), framework="numpy") as f:
-            return f.get_slice(TENSOR_NAME)[lo:hi]
+            rows: np.ndarray = f.get_slice(TENSOR_NAME)[lo:hi]
+            return rows
 
     def write(self, name: str, payload: bytes) -> None:
         atomic_write_bytes(self.directory / name, payload)
@@ -192,7 +193,8 @@ class FsspecShardStore:
 
     def read_text(self, name: str) -> str | None:
         try:
-            return self.fs.cat_file(self._path(name)).decode("utf-8")
+            data: bytes = self.fs.cat_file(self._path(name))
+            return data.decode("utf-8")
         except FileNotFoundError:
             return None
 
@@ -219,7 +221,8 @@ class FsspecShardStore:
         return need
 
     def read_all(self, name: str) -> bytes:
-        return self.fs.cat_file(self._path(name))
+        data: bytes = self.fs.cat_file(self._path(name))
+        return data
 
     def remember(self, name: str, rows: np.ndarray) -> None:
         self._decoded[name] = rows

@@ -13,11 +13,12 @@ from typing import Any
 
 import numpy as np
 
+from amygdala_dagster.examples.selection import Example, ExampleSet
 from amygdala_dagster.readout import metrics as M
 
 
-def _oriented_length_auroc(train_pos: Sequence[Any], train_neg: Sequence[Any],
-                           hold_pos: Sequence[Any], hold_neg: Sequence[Any]) -> float:
+def _oriented_length_auroc(train_pos: Sequence[Example], train_neg: Sequence[Example],
+                           hold_pos: Sequence[Example], hold_neg: Sequence[Example]) -> float:
     """Held-out AUROC of "text length" as a classifier, its sign chosen on the train split."""
     hp = np.array([len(e.text) for e in hold_pos], dtype=np.float64)
     hn = np.array([len(e.text) for e in hold_neg], dtype=np.float64)
@@ -31,8 +32,8 @@ def _oriented_length_auroc(train_pos: Sequence[Any], train_neg: Sequence[Any],
     return max(a, 1.0 - a)  # no train split to orient by: the baseline gets the benefit of the doubt
 
 
-def _node_type_auroc(train_pos: Sequence[Any], train_neg: Sequence[Any],
-                     hold_pos: Sequence[Any], hold_neg: Sequence[Any]) -> float:
+def _node_type_auroc(train_pos: Sequence[Example], train_neg: Sequence[Example],
+                     hold_pos: Sequence[Example], hold_neg: Sequence[Example]) -> float:
     """Held-out AUROC of "node type" as a classifier: each type scores its train positive rate."""
     fit_pos, fit_neg = (train_pos, train_neg) if train_pos and train_neg else (hold_pos, hold_neg)
     cp = Counter(e.node_type for e in fit_pos)
@@ -46,7 +47,7 @@ def _node_type_auroc(train_pos: Sequence[Any], train_neg: Sequence[Any],
     return M.auroc([rate(e.node_type) for e in hold_pos], [rate(e.node_type) for e in hold_neg])
 
 
-def confounds(example_set: Any) -> dict[str, Any]:
+def confounds(example_set: ExampleSet) -> dict[str, Any]:
     """Node-type mix and text lengths of positives vs negatives, and trivial-baseline AUROCs."""
     tp, tn = example_set.train_positives, example_set.train_negatives
     hp, hn = example_set.holdout_positives, example_set.holdout_negatives

@@ -15,9 +15,10 @@ import logging
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+import polars as pl
 import sklearn
 
 from amygdala_dagster.engine.cache import ActivationCache, layer_positions, text_sha256
@@ -25,10 +26,11 @@ from amygdala_dagster.evaluation.confounds import confounds
 from amygdala_dagster.evaluation.generalisation import generalisation, read_snippets
 from amygdala_dagster.evaluation.verdicts import Criteria, apply_verdicts
 from amygdala_dagster.examples.catalog import cooccurrence
-from amygdala_dagster.examples.selection import sets_by_emotion
+from amygdala_dagster.examples.selection import Example, ExampleSet, sets_by_emotion
 from amygdala_dagster.files.jsonio import jsonable
 from amygdala_dagster.readout import metrics as M
 from amygdala_dagster.readout.estimators import DegenerateDirectionError, make_estimator, unit_direction
+from amygdala_dagster.readout.manifest import ReadoutMatrix
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +92,14 @@ class _Activations:
         shape = cache.shape or (0, 0)
         self.data = cache.get(list(self.row)) if self.row else np.zeros((0, *shape), dtype=np.float32)
 
-    def rows(self, examples: Sequence[Any]) -> np.ndarray:
+    def rows(self, examples: Sequence[Example]) -> np.ndarray:
         return np.fromiter((self.row[text_sha256(e.text)] for e in examples), dtype=np.int64, count=len(examples))
 
 
 def evaluate_emotion(
     cache: ActivationCache,
-    example_set: Any,
-    readout: Any,
+    example_set: ExampleSet,
+    readout: ReadoutMatrix,
     *,
     estimators: Sequence[str] = DEFAULT_ESTIMATORS,
     threshold_method: str = "max_f1",
@@ -122,7 +124,7 @@ def evaluate_emotion(
 
 
 def _evaluate_emotion(
-    acts: _Activations, cache: ActivationCache, example_set: Any, readout: Any, *,
+    acts: _Activations, cache: ActivationCache, example_set: ExampleSet, readout: ReadoutMatrix, *,
     estimators: Sequence[str], threshold_method: str, target_fpr: float, bootstrap: int,
     bootstrap_max_n: int, logistic_C: float, seed: int,
 ) -> dict[str, Any]:
@@ -140,7 +142,7 @@ def _evaluate_emotion(
     v = np.stack([np.asarray(readout.vectors[layer][ci], dtype=np.float64) for layer in layers])
 
     def project(rows: np.ndarray) -> np.ndarray:
-        return np.einsum("nlh,lh->ln", acts.data[rows][:, pos_idx, :].astype(np.float64), v)
+        return cast(np.ndarray, np.einsum("nlh,lh->ln", acts.data[rows][:, pos_idx, :].astype(np.float64), v))
 
     p_all, n_all = project(r_hp), project(r_hn)
 
@@ -156,6 +158,7 @@ def _evaluate_emotion(
         else:
             # Holdout lacks a class: calibrate on the train split (optimistic, marked as such).
             # Same rule as vectors.holdout_calibration: both classes from the train split.
+            assert train_p is not None and train_n is not None  # set above when the holdout lacks a class
             cp, cn = train_p[k], train_n[k]
             if len(cp) and len(cn):
                 cal = M.calibration(cp, cn, threshold_method=threshold_method, target_fpr=target_fpr)
@@ -166,7 +169,7 @@ def _evaluate_emotion(
         # One resampling for all layers of the emotion (scipy's vectorised bootstrap).
         cis = M.bootstrap_auroc_ci(p_all, n_all, n_boot=bootstrap, seed=seed)
         for k, layer in enumerate(layers if cis is not None else []):
-            per_layer[layer]["auroc_ci"] = (float(cis[k][0]), float(cis[k][1]))
+            per_layer[layer]["auroc_ci"] = (float(cast(np.ndarray, cis)[k][0]), float(cast(np.ndarray, cis)[k][1]))
 
     # Estimators side by side: fit on train, score the holdout.
     compared: dict[str, dict[int, float | None]] = {}
@@ -208,7 +211,8 @@ def _evaluate_emotion(
 # ----------------------------------------------------------------------------- cross-talk
 
 
-def crosstalk(readout: Any, *, snapshot: Any = None, threshold: float = 0.5) -> dict[str, Any]:
+def crosstalk(readout: ReadoutMatrix, *, snapshot: pl.DataFrame | None = None,
+              threshold: float = 0.5) -> dict[str, Any]:
     """Cosine similarity between emotion vectors per layer, beside the tags' co-occurrence."""
     concepts = list(readout.concepts)
     cos_by_layer: dict[str, list[list[float]]] = {}
@@ -222,13 +226,13 @@ def crosstalk(readout: Any, *, snapshot: Any = None, threshold: float = 0.5) -> 
     if snapshot is not None:
         _, corr = cooccurrence(snapshot, concepts)
         co = np.round(corr, 4).tolist()
-    pairs = []
-    for layer, mat in cos_by_layer.items():
+    pairs: list[dict[str, Any]] = []
+    for layer_name, mat in cos_by_layer.items():
         for i in range(len(concepts)):
             for j in range(i + 1, len(concepts)):
                 if mat[i][j] >= threshold:
                     pairs.append({
-                        "a": concepts[i], "b": concepts[j], "layer": int(layer), "cosine": mat[i][j],
+                        "a": concepts[i], "b": concepts[j], "layer": int(layer_name), "cosine": mat[i][j],
                         "cooccurrence": co[i][j] if co is not None else None,
                     })
     pairs.sort(key=lambda p: (-p["cosine"], p["a"], p["b"], p["layer"]))
@@ -240,10 +244,10 @@ def crosstalk(readout: Any, *, snapshot: Any = None, threshold: float = 0.5) -> 
 
 def evaluate(
     cache: ActivationCache,
-    example_sets: Mapping[str, Any] | Iterable[Any],
-    readout: Any,
+    example_sets: Mapping[str, ExampleSet] | Iterable[ExampleSet],
+    readout: ReadoutMatrix,
     *,
-    snapshot: Any = None,
+    snapshot: pl.DataFrame | None = None,
     snippets: Sequence[Mapping[str, str]] | str | os.PathLike[str] | None = None,
     estimators: Sequence[str] | str | None = "auto",
     threshold_method: str = "max_f1",
@@ -335,7 +339,7 @@ def evaluate(
             "best_auroc": {e: emotions[e]["best_auroc"] for e in emotions},
             "recommended_layers": (list(sweep["recommended_layers"]) if sweep else
                                    sorted((layer for layer in layers if mean_auc[str(layer)] is not None),
-                                          key=lambda layer: (-mean_auc[str(layer)], layer))[:3]),
+                                          key=lambda layer: (-cast(float, mean_auc[str(layer)]), layer))[:3]),
         },
         "crosstalk": crosstalk(readout, snapshot=snapshot, threshold=crosstalk_cosine),
         "layer_sweep": dict(sweep) if sweep else None,
@@ -354,14 +358,14 @@ def evaluate(
     return apply_verdicts(json_clean(result), criteria)
 
 
-def calibration_for_manifest(evaluation: Mapping[str, Any]) -> dict[str, dict[str, dict]]:
+def calibration_for_manifest(evaluation: Mapping[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
     """``{concept: {str(layer): calibration dict}}`` from an :func:`evaluate` result.
 
     Each calibration dict holds ``pos_mean, pos_std, neg_mean, neg_std, n_pos,
     n_neg, threshold, threshold_method`` (+ ``target_fpr``), ``split`` and the
     held-out ``auroc``. Raises ValueError naming a concept/layer that has none.
     """
-    out: dict[str, dict[str, dict]] = {}
+    out: dict[str, dict[str, dict[str, Any]]] = {}
     for concept in evaluation["concepts"]:
         per = {}
         for layer in evaluation["layers"]:

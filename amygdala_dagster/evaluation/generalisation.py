@@ -12,6 +12,7 @@ import numpy as np
 from amygdala_dagster.engine.cache import ActivationCache, layer_positions, text_sha256
 from amygdala_dagster.files.jsonio import jsonl_values
 from amygdala_dagster.readout import metrics as M
+from amygdala_dagster.readout.manifest import ReadoutMatrix
 
 
 def read_snippets(path: str | os.PathLike[str]) -> list[dict[str, str]]:
@@ -33,10 +34,10 @@ def read_snippets(path: str | os.PathLike[str]) -> list[dict[str, str]]:
 
 def generalisation(
     cache: ActivationCache,
-    readout: Any,
+    readout: ReadoutMatrix,
     snippets: Sequence[Mapping[str, str]],
     layer_for: Mapping[str, int | None],
-    calibration_for: Mapping[str, Mapping[int, dict | None]],
+    calibration_for: Mapping[str, Mapping[int, Mapping[str, Any] | None]],
     *,
     top_k: int = 5,
 ) -> dict[str, Any]:

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from amygdala_dagster.engine.cache import ActivationCache, layer_positions, text_sha256
-from amygdala_dagster.examples.selection import sets_by_emotion
+from amygdala_dagster.examples.selection import Example, ExampleSet, sets_by_emotion
 from amygdala_dagster.readout import metrics as M
 from amygdala_dagster.readout.estimators import DegenerateDirectionError, make_estimator, unit_direction
 
 log = logging.getLogger(__name__)
 
 
-def _acts(cache: ActivationCache, examples: Sequence[Any]) -> np.ndarray:
+def _acts(cache: ActivationCache, examples: Sequence[Example]) -> np.ndarray:
     """``[N, L, H]`` float64 activations of ``examples`` from the cache (KeyError names the example)."""
     if not examples:
         shape = cache.shape or (0, 0)
@@ -36,7 +36,7 @@ def _acts(cache: ActivationCache, examples: Sequence[Any]) -> np.ndarray:
 
 def sweep_layers(
     cache: ActivationCache,
-    example_sets: Mapping[str, Any] | Iterable[Any],
+    example_sets: Mapping[str, ExampleSet] | Iterable[ExampleSet],
     *,
     layers: Sequence[int] | None = None,
     estimator: str = "mean_difference",
@@ -74,10 +74,10 @@ def sweep_layers(
         table[emotion] = row
     mean_auc: dict[str, float | None] = {}
     for layer in wanted:
-        vals = [table[e][str(layer)] for e in table if table[e][str(layer)] is not None]
+        vals = [v for e in table if (v := table[e][str(layer)]) is not None]
         mean_auc[str(layer)] = float(np.mean(vals)) if vals else None
     ranked = sorted((layer for layer in wanted if mean_auc[str(layer)] is not None),
-                    key=lambda layer: (-mean_auc[str(layer)], layer))
+                    key=lambda layer: (-cast(float, mean_auc[str(layer)]), layer))
     out = {
         "layers": wanted,
         "estimator": estimator,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -14,13 +14,17 @@ from amygdala_dagster.evaluation.html import png_data_uri
 from amygdala_dagster.evaluation.runtime_report import runtime_plots
 from amygdala_dagster.evaluation.verdicts import attention_order
 
+if TYPE_CHECKING:  # matplotlib itself is imported when a figure is drawn
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
 _DPI = 90
 
 
 # ----------------------------------------------------------------------------- plotting
 
 
-def _figure(w: float, h: float):  # noqa: ANN202 - matplotlib types
+def _figure(w: float, h: float) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -29,7 +33,7 @@ def _figure(w: float, h: float):  # noqa: ANN202 - matplotlib types
     return fig
 
 
-def _png(fig, tight: bool = True) -> bytes:  # noqa: ANN001
+def _png(fig: Figure, tight: bool = True) -> bytes:
     buf = io.BytesIO()
     if tight:  # a layout pass costs about one extra draw; the small per-emotion figures use fixed margins
         fig.tight_layout()
@@ -46,7 +50,7 @@ def report_layer(evaluation: Mapping[str, Any]) -> int:
     means = evaluation["summary"]["mean_auroc_by_layer"]
     layers = evaluation["layers"]
     scored = [layer for layer in layers if means.get(str(layer)) is not None]
-    return max(scored, key=lambda layer: (means[str(layer)], -layer)) if scored else layers[-1]
+    return cast(int, max(scored, key=lambda layer: (means[str(layer)], -layer)) if scored else layers[-1])
 
 
 def plot_auroc_by_layer(evaluation: Mapping[str, Any]) -> bytes:
@@ -85,7 +89,8 @@ def plot_auroc_by_layer(evaluation: Mapping[str, Any]) -> bytes:
     return _png(fig)
 
 
-def _heat(ax, mat: np.ndarray, labels: Sequence[str], title: str, vmin: float, vmax: float, fig) -> None:  # noqa: ANN001
+def _heat(ax: Axes, mat: np.ndarray, labels: Sequence[str], title: str, vmin: float, vmax: float,
+          fig: Figure) -> None:
     im = ax.imshow(mat, cmap="RdBu_r", vmin=vmin, vmax=vmax)
     small = len(labels) <= 30
     ax.set_xticks(range(len(labels)) if small else [])
@@ -135,7 +140,7 @@ def plot_histogram(evaluation: Mapping[str, Any], emotion: str, layer: int | Non
     fig.subplots_adjust(left=0.12, right=0.97, top=0.9, bottom=0.16)
     ax = fig.add_subplot(1, 1, 1)
     both = np.concatenate([pos, neg])
-    bins = np.histogram_bin_edges(both, bins=min(30, max(5, len(both) // 3))) if len(both) else 10
+    bins: Any = np.histogram_bin_edges(both, bins=min(30, max(5, len(both) // 3))) if len(both) else 10
     if len(neg):
         ax.hist(neg, bins=bins, alpha=0.55, color="tab:blue", label=f"negatives (n={len(neg)})")
     if len(pos):

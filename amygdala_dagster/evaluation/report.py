@@ -202,7 +202,9 @@ def emotion_view(ev: Mapping[str, Any], emotion: str, plots: Mapping[str, bytes]
     verdict = ev["verdicts"][emotion]
     hist = plots.get(f"hist_{emotion}.png")
     c = res["confounds"]
-    mix = lambda d: ", ".join(f"{k}:{v}" for k, v in d.items()) or "–"  # noqa: E731
+    def mix(d: Mapping[str, int]) -> str:
+        return ", ".join(f"{k}:{v}" for k, v in d.items()) or "–"
+
     confounds = table_view(
         ["", "node types", "median length", "trivial baseline AUROC"],
         [["positives", mix(c["node_type_mix"]["positive"]), _f(c["text_length"]["positive"]["median"], 0),

@@ -118,7 +118,8 @@ def write_examples_dir(
         index_bytes = (json.dumps(index, ensure_ascii=False, sort_keys=True, indent=2) + "\n").encode("utf-8")
         # Written last: a directory with an index.json is a complete one.
         atomic_write_bytes(tmp / "index.json", index_bytes)
-    return json.loads(index_bytes)
+    written: dict[str, Any] = json.loads(index_bytes)
+    return written
 
 
 def _read_jsonl(path: Path) -> list[Example]:

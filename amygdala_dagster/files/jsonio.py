@@ -60,7 +60,8 @@ def jsonl_values(path: str | os.PathLike[str], error: type[Exception] = ValueErr
         yield where, value
 
 
-def jsonl_objects(path: str | os.PathLike[str], error: type[Exception] = ValueError) -> Iterator[tuple[str, dict]]:
+def jsonl_objects(path: str | os.PathLike[str], error: type[Exception] = ValueError
+                  ) -> Iterator[tuple[str, dict[str, Any]]]:
     """:func:`jsonl_values` of a file whose every line must be a JSON object."""
     for where, value in jsonl_values(path, error):
         if not isinstance(value, dict):

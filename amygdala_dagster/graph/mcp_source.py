@@ -10,11 +10,12 @@ retries with backoff (tenacity) and one graph version per read (Contract 4).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -181,10 +182,11 @@ class McpSource:
         return nodes, report
 
     def graph_version(self) -> GraphVersion:
-        async def once(client: Client) -> GraphVersion:
+        async def once(client: _CountingClient) -> GraphVersion:
             return await self._version(client)
 
-        return _run_sync(self._with_session, once, _Budget())
+        version: GraphVersion = _run_sync(self._with_session, once, _Budget())
+        return version
 
     # -- the read -----------------------------------------------------------------------
 
@@ -193,7 +195,8 @@ class McpSource:
         for restart in range(self.max_restarts + 1):
             read = _Read()
             try:
-                await self._with_session(lambda client, read=read: self._pages(client, read, progress), budget)
+                await self._with_session(functools.partial(self._pages, read=read, progress=progress), budget)
+                assert read.version is not None  # _pages read it first
                 return read.raws, read.version
             except _GraphChanged as exc:
                 if restart == self.max_restarts:
@@ -205,7 +208,7 @@ class McpSource:
                             self.url, exc, restart + 1, self.max_restarts)
         raise AssertionError("unreachable")
 
-    async def _pages(self, client: Client, read: _Read, progress: Progress | None) -> None:
+    async def _pages(self, client: _CountingClient, read: _Read, progress: Progress | None) -> None:
         """Continue ``read`` (its state survives a reconnect) until the last page and a version check."""
         if read.version is None:
             read.version = await self._version(client)
@@ -252,7 +255,7 @@ class McpSource:
         if now != read.version:
             raise _GraphChanged.between(read.version, now)
 
-    async def _version(self, client: Client) -> GraphVersion:
+    async def _version(self, client: _CountingClient) -> GraphVersion:
         result = await self._call(client, self.version_tool, {}, "")
         version = result.get("version") if isinstance(result, dict) else None
         count = result.get("node_count") if isinstance(result, dict) else None
@@ -263,7 +266,7 @@ class McpSource:
             )
         return GraphVersion(version, count)
 
-    async def _call(self, client: Client, name: str, arguments: dict[str, Any], where: str) -> Any:
+    async def _call(self, client: _CountingClient, name: str, arguments: dict[str, Any], where: str) -> Any:
         """The tool's result: ``structuredContent``, else the JSON of its first text item."""
         what = f"tool {name}" + (f" ({where})" if where else "")
         result = await client.call_tool(name, arguments, what)
@@ -284,11 +287,11 @@ class McpSource:
 
     # -- sessions and retries -------------------------------------------------------------
 
-    async def _with_session(self, work: Callable[[Client], Awaitable[_T]], budget: _Budget) -> _T:
+    async def _with_session(self, work: Callable[[_CountingClient], Awaitable[_T]], budget: _Budget) -> _T:
         """``work(client)`` in an MCP session, reconnecting and retrying transient failures."""
 
         def wait(state: RetryCallState) -> float:
-            return self.backoff * 2 ** (budget.failures - 1)
+            return float(self.backoff * 2 ** (budget.failures - 1))
 
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
@@ -310,7 +313,7 @@ class McpSource:
             raise MemoryGraphError(f"{exc.what} {self.url} after {budget.failures} attempts: {exc.detail}") from None
         raise AssertionError("unreachable")
 
-    async def _session_once(self, work: Callable[[Client], Awaitable[_T]], budget: _Budget) -> _T:
+    async def _session_once(self, work: Callable[[_CountingClient], Awaitable[_T]], budget: _Budget) -> _T:
         headers = {}
         token = self.bearer_token()
         if token:
@@ -325,7 +328,7 @@ class McpSource:
                                     client_info=CLIENT_INFO) as client:
                 budget.current = "the MCP handshake"
                 counting = _CountingClient(client, budget)
-                return await work(counting)  # type: ignore[arg-type]
+                return await work(counting)
         except (MemoryGraphError, _GraphChanged):
             raise
         except BaseException as exc:  # the transport raises exception groups
@@ -418,7 +421,7 @@ class _CountingClient:
         return result
 
 
-def _run_sync(fn: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+def _run_sync(fn: Callable[..., Coroutine[Any, Any, _T]], *args: Any) -> _T:
     """Run the coroutine function ``fn(*args)`` to completion from synchronous code.
 
     With no event loop running in this thread (a CLI, a Dagster op) ``asyncio.run``;
@@ -429,7 +432,8 @@ def _run_sync(fn: Callable[..., Awaitable[_T]], *args: Any) -> _T:
     except RuntimeError:
         return asyncio.run(fn(*args))
     with anyio.from_thread.start_blocking_portal() as portal:
-        return portal.call(fn, *args)
+        result: _T = portal.call(fn, *args)
+        return result
 
 
 def _short(value: Any, limit: int = 200) -> str:

@@ -9,7 +9,8 @@ from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int], None]
+#: Told the number of nodes read so far (its result is ignored).
+Progress = Callable[[int], object]
 
 
 class MemoryGraphError(RuntimeError):
@@ -60,7 +61,7 @@ def _scalar(raw: Mapping[str, Any], name: str, numbers: bool) -> str | None:
     raise TypeError(f"{name!r} is {type(value).__name__}, not a string")
 
 
-def node_from_mapping(raw: Any) -> MemoryNode | str:
+def node_from_mapping(raw: object) -> MemoryNode | str:
     """A :class:`MemoryNode` from a raw mapping, or the reason it is unusable."""
     if not isinstance(raw, Mapping):
         return f"not an object ({type(raw).__name__})"

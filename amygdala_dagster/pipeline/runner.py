@@ -26,7 +26,13 @@ from amygdala_dagster.examples.selection import select_all
 from amygdala_dagster.files.atomic import atomic_write_text
 from amygdala_dagster.graph.nodes import GraphVersion
 from amygdala_dagster.graph.tags import check_emotion_name
-from amygdala_dagster.pipeline.assets.common import EMOTION, EMOTIONS_TAG, GPU_POOL, OUTPUT_TAG, emotion_partitions
+from amygdala_dagster.pipeline.assets.common import (
+    EMOTION_PARTITIONS,
+    EMOTIONS_TAG,
+    GPU_POOL,
+    OUTPUT_TAG,
+    emotion_partitions,
+)
 from amygdala_dagster.pipeline.assets.graph import memory_graph, read_snapshot_from
 from amygdala_dagster.pipeline.definitions import build_definitions
 from amygdala_dagster.pipeline.instance import open_instance
@@ -164,8 +170,10 @@ def _execute(job_name: str, resources: Mapping[str, Any], instance: dg.DagsterIn
         if deployment_executor() is None:
             run_config["execution"] = {"config": {"max_concurrent": max(shards, os.cpu_count() or 1)}}
         _pool_hint(instance, shards)
-        job = dg.build_reconstructable_job(__name__, job_for.__name__, reconstructable_args=(job_name, shards))
-        return dg.execute_job(job, instance=instance,
+        # dagster annotates reconstructable_args as a 1-tuple; it takes any tuple of the function's arguments
+        recon = dg.build_reconstructable_job(__name__, job_for.__name__,
+                                             reconstructable_args=(job_name, shards))  # type: ignore[arg-type]
+        return dg.execute_job(recon, instance=instance,
                               run_config=run_config, tags=dict(tags), asset_selection=list(selection),
                               raise_on_error=raise_on_error)
     job = build_definitions(dict(resources), shards=shards).resolve_job_def(job_name)
@@ -236,11 +244,11 @@ def _apply_plan(instance: dg.DagsterInstance, plan: PartitionPlan, existing: Seq
                         e, why)
         elif e in existing:
             log.warning("removing emotion partition %r: %s", e, why)
-            instance.delete_dynamic_partition(EMOTION.name, e)
+            instance.delete_dynamic_partition(EMOTION_PARTITIONS, e)
         else:
             log.warning("leaving out emotion %r: %s", e, why)
     if plan.new:
-        instance.add_dynamic_partitions(EMOTION.name, plan.new)
+        instance.add_dynamic_partitions(EMOTION_PARTITIONS, plan.new)
 
 
 def materialize_all(resources: Mapping[str, Any], instance: dg.DagsterInstance,
@@ -328,13 +336,14 @@ def failures(result: RunResult) -> list[str]:
     out = []
     for event in result.all_events:
         if event.event_type_value == "STEP_FAILURE":
-            err = event.event_specific_data.error
+            failure: Any = event.event_specific_data  # StepFailureData: Dagster types the payload as a union
+            err = failure.error
             while err is not None and err.cause is not None:
                 err = err.cause
             message = err.message.strip().splitlines()[-1] if err and err.message.strip() else "failed"
             out.append(f"{event.step_key}: {message}")
         elif event.event_type_value == "ASSET_CHECK_EVALUATION":
-            d = event.event_specific_data
+            d: Any = event.event_specific_data  # AssetCheckEvaluation
             if not d.passed:
                 out.append(f"check {d.check_name} ({d.severity.value}): {d.description}")
     return out

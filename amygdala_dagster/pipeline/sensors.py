@@ -58,7 +58,7 @@ def memory_graph_sensor(
         f"new emotion partitions: {', '.join(plan.new) or 'none'}; "
         f"dropped: {'; '.join(f'{e} ({why})' for e, why in plan.dropped.items()) or 'none'}"
     )
-    requests = []
+    requests: list[dg.AddDynamicPartitionsRequest | dg.DeleteDynamicPartitionsRequest] = []
     removed = [e for e in plan.dropped if e in existing]
     if removed:
         requests.append(EMOTION.build_delete_request(removed))

@@ -52,7 +52,7 @@ from pathlib import Path
 from upath import UPath
 
 from amygdala_dagster.files.atomic import DIR_MODE, FILE_MODE, fsync_dir, write_new_file
-from amygdala_dagster.files.storage import is_local, location, refresh, uri
+from amygdala_dagster.files.storage import Location, is_local, location, refresh, uri
 from amygdala_dagster.readout.releases import (
     CURRENT_LINK,
     POINTER_FILE,
@@ -105,8 +105,8 @@ def _check_names(vectors_name: str, manifest_name: str) -> None:
 
 
 def publish_pair(
-    vectors_path: str | os.PathLike[str],
-    manifest_path: str | os.PathLike[str],
+    vectors_path: Location,
+    manifest_path: Location,
     vectors_data: bytes,
     manifest_data: bytes,
     *,
@@ -132,7 +132,7 @@ def publish_pair(
     return _publish_remote(vloc, mloc, vectors_data, manifest_data, sha_v, sha_m, rid, keep)
 
 
-def check_publishable(vectors_path: str | os.PathLike[str], manifest_path: str | os.PathLike[str]) -> None:
+def check_publishable(vectors_path: Location, manifest_path: Location) -> None:
     """Fail early (:class:`PublishError`, one line) if the pair could not be published there.
 
     Local: creates the directories and a probe file in ``releases/`` (removed
@@ -352,7 +352,7 @@ def _prune_remote(releases: UPath, current: str, keep: int) -> None:
 
 
 def republish_manifest(
-    vectors: str | os.PathLike[str], manifest: str | os.PathLike[str] | None, manifest_data: bytes, *,
+    vectors: Location, manifest: Location | None, manifest_data: bytes, *,
     keep: int = DEFAULT_KEEP_RELEASES,
 ) -> Published:
     """A new release holding the current vectors unchanged and ``manifest_data`` (e.g. added calibration);

@@ -15,11 +15,12 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from upath import UPath
 
 from amygdala_dagster.files.atomic import sha256_file
-from amygdala_dagster.files.storage import is_local, location, refresh, uri
+from amygdala_dagster.files.storage import Location, is_local, location, refresh, uri
 
 RELEASES_DIR = "releases"
 CURRENT_LINK = "current"
@@ -61,7 +62,7 @@ def pin_pair(vectors: str | os.PathLike[str], manifest: str | os.PathLike[str]) 
     return release / a[1], release / b[1]
 
 
-def read_pointer(base: UPath) -> dict | None:
+def read_pointer(base: UPath) -> dict[str, Any] | None:
     path = base / POINTER_FILE
     try:
         data = path.read_bytes()
@@ -77,7 +78,7 @@ def read_pointer(base: UPath) -> dict | None:
 
 
 def split_location(
-    vectors: str | os.PathLike[str], manifest: str | os.PathLike[str] | None = None
+    vectors: Location, manifest: Location | None = None
 ) -> tuple[UPath, UPath]:
     """The vectors and manifest locations a user means by ``vectors`` (a file, an output directory,
     ``current.json`` or ``current/``) and an optional ``manifest`` (default: ``manifest.json`` beside)."""
@@ -102,7 +103,7 @@ class PairFiles:
 
 @contextlib.contextmanager
 def open_pair(
-    vectors: str | os.PathLike[str], manifest: str | os.PathLike[str] | None = None
+    vectors: Location, manifest: Location | None = None
 ) -> Iterator[PairFiles]:
     """Local files of one consistent pair, and where they came from.
 
@@ -145,7 +146,7 @@ def open_pair(
 
 
 def current_pair(
-    base: str | os.PathLike[str], vectors_name: str = VECTORS_NAME, manifest_name: str = MANIFEST_NAME
+    base: Location, vectors_name: str = VECTORS_NAME, manifest_name: str = MANIFEST_NAME
 ) -> tuple[str, str] | None:
     """Paths (relative to ``base``) of the current release's two files, or None before the first publication.
 

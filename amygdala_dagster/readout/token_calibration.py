@@ -40,7 +40,7 @@ from amygdala_dagster.readout.episode import (
     calibrate_episode,
 )
 from amygdala_dagster.readout.folds import text_folds
-from amygdala_dagster.readout.manifest import calibration_entry
+from amygdala_dagster.readout.manifest import ReadoutMatrix, calibration_entry
 from amygdala_dagster.readout.runtime import DEFAULT_SKIP_FIRST_TOKENS, scored_positions
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class CalibrationProjections:
 
 
 def project_calibration(
-    readout: Any, entries_by_concept: Mapping[str, Sequence[SampleEntry]], tokens: TokenSource, *,
+    readout: ReadoutMatrix, entries_by_concept: Mapping[str, Sequence[SampleEntry]], tokens: TokenSource, *,
     hidden_layers: Sequence[int], skip_first_tokens: int = DEFAULT_SKIP_FIRST_TOKENS,
 ) -> CalibrationProjections:
     """The calibration texts' per-token projections: each distinct sequence's activations (layers
@@ -179,7 +179,7 @@ def _source(source: str | Mapping[str, str], concept: str) -> str:
 
 
 def calibrate_readout(
-    readout: Any,
+    readout: ReadoutMatrix,
     entries_by_concept: Mapping[str, Sequence[SampleEntry]],
     tokens: TokenSource,
     *,

@@ -113,10 +113,9 @@ def build_engine(settings: EngineSettings, *, loaded: LoadedModel | None = None,
     """
     if loaded is None:
         try:
-            extra = {"device_map": settings.device_map} if settings.device_map is not None else {}
             loaded = load_model(settings.model, dtype=settings.dtype, device=settings.device,
                                 revision=settings.revision, trust_remote_code=settings.trust_remote_code,
-                                weights=False, **extra)
+                                weights=False, device_map=settings.device_map)
         except ValueError as exc:  # device or dtype not usable here (ModelLoadError is not a ValueError)
             raise SettingsError(str(exc)) from None
     layers = resolve_target_layers(settings.layers, loaded.num_layers, loaded.model_id)

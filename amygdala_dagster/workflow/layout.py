@@ -45,8 +45,8 @@ class UnwritableError(OSError):
     """An output location that cannot be written; the message names it and the cause, on one line."""
 
 
-def check_writable(directories: Mapping[str, str | os.PathLike[str] | None] = (),
-                   files: Mapping[str, str | os.PathLike[str] | None] = ()) -> None:
+def check_writable(directories: Mapping[str, str | os.PathLike[str] | None] | None = None,
+                   files: Mapping[str, str | os.PathLike[str] | None] | None = None) -> None:
     """Fail early, naming the location and the cause, when an output cannot be written.
 
     ``directories`` (``{"--output-dir": path}``) are created if missing and a
@@ -54,8 +54,8 @@ def check_writable(directories: Mapping[str, str | os.PathLike[str] | None] = ()
     parent directory, and an existing path must be a writable regular file. A
     ``None`` path or a URL (``s3://...``) is skipped.
     """
-    files = dict(files)
-    for what, raw in {**dict(directories), **files}.items():
+    files = dict(files or {})
+    for what, raw in {**dict(directories or {}), **files}.items():
         if raw is None or "://" in str(raw):
             continue
         path = Path(raw).expanduser()

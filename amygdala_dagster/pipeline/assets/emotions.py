@@ -14,6 +14,7 @@ from amygdala_dagster.files.atomic import atomic_write_text
 from amygdala_dagster.graph.snapshot import snapshot_hash
 from amygdala_dagster.pipeline.assets.common import (
     EMOTION,
+    EMOTION_PARTITIONS,
     GROUP,
     add_partition_metadata,
     combined_hash,
@@ -60,7 +61,7 @@ def emotion_catalog(
     existing = set(emotion_partitions(context.instance))
     new = [e for e in qualifying if e not in existing]
     if new:
-        context.instance.add_dynamic_partitions(EMOTION.name, new)
+        context.instance.add_dynamic_partitions(EMOTION_PARTITIONS, new)
         context.log.info(f"new emotion partitions: {', '.join(new)}")
     rows = catalog.sort("rank").to_dicts()
     pairs = sorted(

@@ -235,7 +235,9 @@ def readout_manifest(
     )
     manifest = write_readout(store.uri(VECTORS_FILE), store.uri(MANIFEST_FILE), readout,
                              keep_releases=current_settings().keep_releases, **fields)
-    vectors_rel, manifest_rel = current_pair(store.uri(""))
+    published = current_pair(store.uri(""))
+    assert published is not None  # write_readout has just switched current to the new release
+    vectors_rel, manifest_rel = published
     with open_pair(store.uri(VECTORS_FILE), store.uri(MANIFEST_FILE)) as files:  # what a reader gets now
         pair_problems = manifest_problems(files.vectors, files.manifest, readout.concepts)
     context.log.info(f"published {store.uri(vectors_rel)} and {store.uri(manifest_rel)}")
