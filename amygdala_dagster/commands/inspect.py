@@ -111,13 +111,21 @@ def _inspect_files(vectors: Path, manifest_path: Path, top: int) -> dict[str, An
     return report
 
 
+def _concepts_and_layers(manifest: dict[str, Any]) -> tuple[list[str], list[int]] | None:
+    """The manifest's concepts and layers, or None when it lists them badly (the summaries then say nothing)."""
+    try:
+        return list(manifest["concepts"]), [int(x) for x in manifest["layers"]]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def token_calibration_summary(manifest: dict[str, Any]) -> dict[str, Any] | None:
     """Per layer: how many concepts carry a token calibration, its source, target rate and the range of
     held-out firing rates relative to the target (None for a format-1 manifest)."""
-    try:
-        concepts, layers = list(manifest["concepts"]), [int(x) for x in manifest["layers"]]
-    except (KeyError, TypeError, ValueError):
+    listed = _concepts_and_layers(manifest)
+    if listed is None:
         return None
+    concepts, layers = listed
     out: dict[str, Any] = {}
     for layer in layers:
         cals = [calibration_entry(manifest, c, layer, "token") for c in concepts]
@@ -137,10 +145,10 @@ _LISTED = 40  # concept names printed; 200 on one line are a wall of text
 def episode_rule_summary(manifest: dict[str, Any]) -> dict[str, Any] | None:
     """Per layer: how many concepts carry an episode rule, its statistic, target false-alarm rate and the
     range of held-out false-alarm rates (None before format 3)."""
-    try:
-        concepts, layers = list(manifest["concepts"]), [int(x) for x in manifest["layers"]]
-    except (KeyError, TypeError, ValueError):
+    listed = _concepts_and_layers(manifest)
+    if listed is None:
         return None
+    concepts, layers = listed
     out: dict[str, Any] = {}
     for layer in layers:
         have = [e for e in (calibration_entry(manifest, c, layer, "episode") for c in concepts) if e]

@@ -271,12 +271,6 @@ class EpisodeTracker:
 
 
 # ----------------------------------------------------------------------------- reading and summaries
-def manifest_episode_rules(manifest: Mapping[str, Any]) -> dict[str, dict[int, dict[str, Any] | None]]:
-    """``{concept: {layer: episode entry}}`` as a manifest stores it (None before format 3)."""
-    return {c: {int(layer): calibration_entry(manifest, c, int(layer), "episode") for layer in manifest["layers"]}
-            for c in manifest["concepts"]}
-
-
 def episode_summary(rules: Mapping[str, Mapping[Any, Mapping[str, Any] | None]]) -> list[dict[str, Any]]:
     """One row per concept and layer: the rule's threshold and its false-alarm rate on held-out episodes."""
     rows = []

@@ -40,7 +40,7 @@ from amygdala_dagster.readout.episode import (
     calibrate_episode,
 )
 from amygdala_dagster.readout.folds import text_folds
-from amygdala_dagster.readout.manifest import ReadoutMatrix, calibration_entry
+from amygdala_dagster.readout.manifest import ReadoutMatrix
 from amygdala_dagster.readout.runtime import DEFAULT_SKIP_FIRST_TOKENS, scored_positions
 
 log = logging.getLogger(__name__)
@@ -247,12 +247,6 @@ def calibrate_episodes(
                         "--calibration-texts or lower the evaluation resource's episode_min_tokens)",
                         concept, len(keep), min_tokens)
     return out
-
-
-def manifest_token_calibration(manifest: Mapping[str, Any]) -> dict[str, dict[int, dict[str, Any] | None]]:
-    """``{concept: {layer: token_calibration}}`` as a manifest stores it (None entries for format 1)."""
-    return {c: {int(layer): calibration_entry(manifest, c, int(layer), "token") for layer in manifest["layers"]}
-            for c in manifest["concepts"]}
 
 
 def heldout_summary(token_cal: Mapping[str, Mapping[Any, Mapping[str, Any] | None]]) -> list[dict[str, Any]]:
