@@ -1,4 +1,7 @@
-"""Seed step 2 (``python -m amygdala_dagster.train_steering_vectors``): see :mod:`amygdala_dagster.commands.train_steering_vectors`."""
+"""Seed step 2 (``python -m amygdala_dagster.train_steering_vectors``).
+
+See :mod:`amygdala_dagster.commands.train_steering_vectors`.
+"""
 
 from amygdala_dagster.commands.train_steering_vectors import main
 

@@ -8,7 +8,8 @@ import socket as _socket
 import subprocess as _subprocess
 import sys as _sys
 import time as _time
-from dataclasses import dataclass as _dataclass, field as _field
+from dataclasses import dataclass as _dataclass
+from dataclasses import field as _field
 from pathlib import Path as _Path
 
 import pytest as _pytest
@@ -108,7 +109,8 @@ def graph_server(tmp_path_factory):
             except OSError:
                 if _time.monotonic() > deadline:
                     server.stop()
-                    raise RuntimeError(f"serve-graph did not listen within {startup_timeout}s:\n{server.output()}")
+                    raise RuntimeError(
+                        f"serve-graph did not listen within {startup_timeout}s:\n{server.output()}") from None
                 _time.sleep(0.05)
         return server
 

@@ -35,7 +35,8 @@ STAMP = "2026-03-01T00:00:00Z"
 
 
 def node(key: str, node_type: str, body: str, tags: str) -> dict:
-    return {"key": key, "node_type": node_type, "content": f"{body}\n\n{tags}", "created_at": STAMP, "updated_at": STAMP}
+    return {"key": key, "node_type": node_type, "content": f"{body}\n\n{tags}",
+            "created_at": STAMP, "updated_at": STAMP}
 
 
 def small_graph(n: int = 8, *, wonder_on_curiosity: bool = False) -> list[dict]:
@@ -49,7 +50,8 @@ def small_graph(n: int = 8, *, wonder_on_curiosity: bool = False) -> list[dict]:
     for e in names:
         others = [o for o in names if o != e]
         for i in range(n):
-            body = f"{PHRASES[e][i % 4]}. Entry {i}, the {['morning', 'evening', 'night', 'noon'][i % 4]} session {i * 7 + len(e)}."
+            when = ["morning", "evening", "night", "noon"][i % 4]
+            body = f"{PHRASES[e][i % 4]}. Entry {i}, the {when} session {i * 7 + len(e)}."
             tags = f"{e}:{8 + i % 3} {others[i % 2]}:{2 + i % 2}"
             if wonder_on_curiosity and e == "curiosity":
                 tags += " wonder:9"

@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from amygdala_dagster.engine.activations import (
-    ActivationEngine, ActivationOutOfMemoryError, DEFAULT_MAX_BATCH_TOKENS, EngineStats, batch_size_advice,
-    padded_length, tokenizer_hash,
+    DEFAULT_MAX_BATCH_TOKENS,
+    ActivationEngine,
+    ActivationOutOfMemoryError,
+    EngineStats,
+    batch_size_advice,
+    padded_length,
+    tokenizer_hash,
 )
 from amygdala_dagster.engine.cache import ActivationCache
 from amygdala_dagster.engine.layers import resolve_layers
@@ -30,7 +35,7 @@ TEXTS = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _loaded(arch: str, dtype: str = "fp32") -> LoadedModel:
     return load_model(build_tiny_model(arch), dtype=dtype, device="cpu")
 
@@ -253,7 +258,8 @@ def test_long_text_is_tokenised_from_a_prefix_with_the_same_ids(model):
         engine.tokenizer = recorder._tok
     for text, got in zip(texts, ids):
         assert got == list(loaded.tokenizer(text, truncation=True, max_length=64)["input_ids"]), text[:40]
-    expected = sum(len(loaded.tokenizer(t)["input_ids"]) > 64 for t in texts)  # WordPiece: a 100+ char word is one [UNK]
+    # WordPiece: a 100+ char word is one [UNK]
+    expected = sum(len(loaded.tokenizer(t)["input_ids"]) > 64 for t in texts)
     assert sum(truncated) == expected >= 4
     assert recorder.longest < len(_LONG_TEXTS["prose"])  # a text dense in tokens is never read whole
 
@@ -288,7 +294,7 @@ def test_token_budget_and_longest_first_batches():
     rec = _ShapeRecorder(loaded.model)
     batches = []
     try:
-        for idxs, pooled in engine.forward(texts):
+        for idxs, _pooled in engine.forward(texts):
             batches.append(idxs)
     finally:
         rec.close()

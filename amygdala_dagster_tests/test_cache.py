@@ -10,9 +10,10 @@ import torch
 from safetensors import safe_open
 
 from amygdala_dagster.engine.activations import ActivationEngine
-from amygdala_dagster.engine.cache import ActivationCache, CacheError, text_sha256
+from amygdala_dagster.engine.cache import ActivationCache, text_sha256
 from amygdala_dagster.engine.forward import ensure_cached
 from amygdala_dagster.engine.models import load_model
+from amygdala_dagster.engine.shard_store import CacheError
 
 FP = {"model": "synthetic", "layers": [0, 3], "pooling": "mean", "max_tokens": 64}
 

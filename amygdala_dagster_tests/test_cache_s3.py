@@ -5,16 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
-
 from amygdala_dagster.engine.activations import ActivationEngine
-from amygdala_dagster.engine.cache import ActivationCache, default_cache_dir, text_sha256
+from amygdala_dagster.engine.cache import ActivationCache, text_sha256
 from amygdala_dagster.engine.forward import ensure_cached
 from amygdala_dagster.engine.models import load_model
 from amygdala_dagster.engine.shards import EngineSpec, run_shards_locally
+from amygdala_dagster.workflow.engine_settings import EngineSettings
 from amygdala_dagster_tests.conftest import free_port
 from amygdala_dagster_tests.tiny_models import build_tiny_model
+
+pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
 
 TEXTS = [f"Journal entry {i}: the evening was {w} and I wrote about it at length." for i, w in
          enumerate(["calm", "tense", "bright", "grey", "warm", "cold", "slow", "fast", "quiet", "loud"])]
@@ -51,9 +52,9 @@ def engine():
 
 def test_cache_dir_url_from_the_environment(monkeypatch):
     monkeypatch.setenv("AMYGDALA_CACHE_DIR", "s3://bucket/cache")
-    assert default_cache_dir() == "s3://bucket/cache"
+    assert EngineSettings().cache_root() == "s3://bucket/cache"
     monkeypatch.setenv("AMYGDALA_CACHE_DIR", "file:///tmp/x")
-    assert str(default_cache_dir()) == "/tmp/x"
+    assert str(EngineSettings().cache_root()) == "/tmp/x"
 
 
 def test_cache_on_s3_matches_a_local_cache_and_is_reused(s3_env, engine, tmp_path):

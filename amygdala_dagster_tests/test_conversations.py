@@ -10,19 +10,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from amygdala_dagster.data import conversation_snippets_path
 from amygdala_dagster.engine.activations import ActivationEngine
 from amygdala_dagster.engine.cache import ActivationCache
 from amygdala_dagster.engine.forward import ensure_cached
+from amygdala_dagster.engine.inputs import InputRecord, read_inputs
+from amygdala_dagster.engine.models import load_model
 from amygdala_dagster.engine.token_cache import TokenCache
 from amygdala_dagster.evaluation.conversations import evaluate_conversations, sample_scores
-from amygdala_dagster.workflow import conversation_sample
 from amygdala_dagster.evaluation.runtime_report import PLOT, runtime_html, runtime_markdown, runtime_plots
 from amygdala_dagster.readout.manifest import load_readout, write_readout
-from amygdala_dagster.engine.models import load_model
 from amygdala_dagster.readout.runtime import ReadoutRuntime
-from amygdala_dagster.engine.inputs import InputRecord, read_inputs
-from amygdala_dagster.data import conversation_snippets_path
 from amygdala_dagster.readout.vectors import TrainedReadout
+from amygdala_dagster.workflow.samples import conversation_sample
 
 EMOTIONS = ["anxiety", "awe", "calm", "clarity", "curiosity", "determination", "embarrassment", "frustration",
             "gratitude", "joy", "loneliness", "love", "pride", "sadness", "tiredness", "warmth"]
@@ -93,7 +93,8 @@ def test_conversation_metrics_and_runtime_section(minilm_readout, tmp_path):
     firsts = [int(np.flatnonzero(s.scored & (s.raw[4][:, 0] >= thr))[0]) for s, f in zip(scores[:2], fires) if f]
     assert joy["first_fire_median"] == (float(np.median(firsts)) if firsts else None)
     assert out["unknown_labels"] == ["mystery"] and out["n_conversations"] == 4
-    assert [t["id"] for t in out["traces"]] == ["a", "b", "c"][:len(out["traces"])] and out["traces"][0]["labels"] == ["joy"]
+    assert [t["id"] for t in out["traces"]] == ["a", "b", "c"][:len(out["traces"])] \
+        and out["traces"][0]["labels"] == ["joy"]
     ev = {"conversations": json.loads(json.dumps(out))}
     plots = runtime_plots(ev)
     assert plots[PLOT][:8] == b"\x89PNG\r\n\x1a\n"

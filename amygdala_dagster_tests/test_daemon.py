@@ -83,7 +83,8 @@ def _exe(name: str) -> str:
 
 
 def node(key: str, body: str, tags: str) -> dict:
-    return {"key": key, "node_type": "journal", "content": f"{body}\n\n{tags}", "created_at": STAMP, "updated_at": STAMP}
+    return {"key": key, "node_type": "journal", "content": f"{body}\n\n{tags}",
+            "created_at": STAMP, "updated_at": STAMP}
 
 
 def nostalgia_nodes(n: int = 12) -> list[dict]:
@@ -170,10 +171,8 @@ def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):

@@ -102,7 +102,8 @@ def test_a_bare_url_works_for_the_cli_the_webserver_storage_and_dagster(scheme, 
     exe = shutil.which("dagster", path=str(Path(sys.executable).parent)) or "dagster"
     info = cli("instance", "info", exe=exe, cwd=tmp_path, env={"DAGSTER_HOME": str(home)})
     assert info.returncode == 0, info.stderr[-3000:]
-    assert "run_storage: PostgresRunStorage" in info.stdout and "event_log_storage: PostgresEventLogStorage" in info.stdout
+    assert "run_storage: PostgresRunStorage" in info.stdout \
+        and "event_log_storage: PostgresEventLogStorage" in info.stdout
 
 
 def test_open_instance_maps_a_bad_yaml_to_one_line(tmp_path):

@@ -7,10 +7,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 from dagster._core.execution.api import create_execution_plan
 from dagster._core.instance.config import dagster_instance_config
@@ -40,7 +40,7 @@ def gpu_limit(job) -> str | None:
 def test_only_gpu_steps_ask_for_a_gpu_in_the_pods_dagster_k8s_builds():
     job_def = build_definitions().resolve_implicit_global_asset_job_def()
     steps = {s.key: dict(s.tags) for s in create_execution_plan(job_def).steps}
-    assert GPU_STEPS <= set(steps) and len(steps) >= 10
+    assert set(steps) >= GPU_STEPS and len(steps) >= 10
     for key, tags in steps.items():
         job = job_spec(tags, key)
         pod = job.spec.template.spec
@@ -76,14 +76,16 @@ def test_only_gpu_pool_steps_need_the_model(shards):
 def test_gpu_placement_comes_from_the_environment():
     env = {"AMYGDALA_K8S_GPUS": "2", "AMYGDALA_K8S_GPU_NODE_SELECTOR": "pool=a100, zone=eu-1",
            "AMYGDALA_K8S_GPU_MEMORY": "64Gi",
-           "AMYGDALA_K8S_GPU_TOLERATIONS": '[{"key": "gpu", "operator": "Equal", "value": "yes", "effect": "NoSchedule"}]'}
+           "AMYGDALA_K8S_GPU_TOLERATIONS":
+               '[{"key": "gpu", "operator": "Equal", "value": "yes", "effect": "NoSchedule"}]'}
     job = job_spec(gpu_op_tags(env), "activation_stats")
     container, pod = job.spec.template.spec.containers[0], job.spec.template.spec
     assert container.resources.limits == {GPU_RESOURCE: "2", "memory": "64Gi"}
     assert container.resources.requests == {"memory": "64Gi"}
     assert pod.node_selector == {"pool": "a100", "zone": "eu-1"}
     assert [(t.key, t.value) for t in pod.tolerations] == [("gpu", "yes")]
-    assert gpu_step_k8s_config({"AMYGDALA_K8S_GPU_NODE_SELECTOR": '{"a": "b"}'})["pod_spec_config"]["node_selector"] == {"a": "b"}
+    config = gpu_step_k8s_config({"AMYGDALA_K8S_GPU_NODE_SELECTOR": '{"a": "b"}'})
+    assert config["pod_spec_config"]["node_selector"] == {"a": "b"}
 
 
 @pytest.mark.parametrize("env, message", [
@@ -149,7 +151,8 @@ CHART_KEYS = {
     "concurrency.pools": {"defaultLimit", "granularity", "opGranularityRunBuffer"},
     "telemetry": {"enabled"},
 }
-OPEN = {"service", "image", "resources", "postgresqlParams", "includeConfigInLaunchedRuns", "additionalInstanceConfig"}  # kubernetes objects
+# kubernetes objects
+OPEN = {"service", "image", "resources", "postgresqlParams", "includeConfigInLaunchedRuns", "additionalInstanceConfig"}
 
 
 def _check_keys(node, path: str, seen: list[str]) -> list[str]:
@@ -176,7 +179,8 @@ def test_helm_values_use_the_charts_documented_keys_and_our_settings():
     assert {"dagster-user-deployments.deployments[]", "runLauncher.config.k8sRunLauncher",
             "dagsterDaemon.runCoordinator.config.queuedRunCoordinator", "concurrency.pools"} <= set(seen)
     assert values["runLauncher"]["type"] == "K8sRunLauncher"
-    assert values["dagsterDaemon"]["enabled"] and values["dagsterDaemon"]["runCoordinator"]["type"] == "QueuedRunCoordinator"
+    assert values["dagsterDaemon"]["enabled"] \
+        and values["dagsterDaemon"]["runCoordinator"]["type"] == "QueuedRunCoordinator"
     assert values["concurrency"]["pools"]["defaultLimit"] >= 1
     # the same monitoring and retries as deploy/dagster.yaml, and the driver dagster-postgres ships
     deploy = yaml.safe_load((REPO / "deploy" / "dagster.yaml").read_text())
@@ -223,7 +227,8 @@ def test_image_builds():
     assert build.returncode == 0, build.stderr[-3000:]
     run = subprocess.run([docker, "run", "--rm", tag, "python", "-c",
                           "import amygdala_dagster.pipeline.definitions as d, dagster_k8s, dagster_postgres, s3fs;"
-                          "print(json.dumps(sorted(d.defs.resolve_all_asset_keys())))".replace("json.", "__import__('json')."),
+                          "print(json.dumps(sorted(d.defs.resolve_all_asset_keys())))"
+                          .replace("json.", "__import__('json')."),
                           ], capture_output=True, text=True, timeout=600)
     subprocess.run([docker, "rmi", "-f", tag], capture_output=True)
     assert run.returncode == 0 and "activation_stats" in run.stdout, run.stderr[-3000:]

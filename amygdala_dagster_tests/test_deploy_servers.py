@@ -20,12 +20,13 @@ import dagster as dg
 import pytest
 
 from amygdala_dagster.commands import cli
-from amygdala_dagster.readout.manifest import load_readout, write_readout
 from amygdala_dagster.pipeline import resources as R
 from amygdala_dagster.pipeline.assets import ALL_ASSETS
 from amygdala_dagster.pipeline.runner import backfill_emotions, failures, get_instance
 from amygdala_dagster.pipeline.sensors import memory_graph_sensor
-from amygdala_dagster.readout.publish import POINTER_FILE, publish_pair
+from amygdala_dagster.readout.manifest import load_readout, write_readout
+from amygdala_dagster.readout.publish import publish_pair
+from amygdala_dagster.readout.releases import POINTER_FILE
 from amygdala_dagster_tests.pipeline_graphs import small_graph, write_graph
 from amygdala_dagster_tests.servers import postgres_url, s3_bucket, s3_endpoint  # noqa: F401 - fixtures
 from amygdala_dagster_tests.test_manifest import FIELDS, make_readout

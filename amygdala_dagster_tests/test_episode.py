@@ -1,4 +1,4 @@
-"""The episode rule (Contract 3 ``episode``): its statistic, its calibration, and the runtime applying it token by token."""
+"""The episode rule (Contract 3 ``episode``): its statistic, its calibration, and the runtime applying it per token."""
 
 from __future__ import annotations
 
@@ -19,15 +19,24 @@ from amygdala_dagster.engine.inputs import read_inputs
 from amygdala_dagster.engine.models import load_model
 from amygdala_dagster.engine.token_cache import TokenCache
 from amygdala_dagster.readout.episode import (
-    EpisodeState, calibrate_episode, conformal_threshold, decay, episode_problems, peak, statistic,
+    EpisodeState,
+    calibrate_episode,
+    conformal_threshold,
+    decay,
+    episode_problems,
+    peak,
+    statistic,
 )
 from amygdala_dagster.readout.manifest import calibration_entry, load_readout, write_readout
 from amygdala_dagster.readout.runtime import ReadoutRuntime, scored_mask
 from amygdala_dagster.readout.token_calibration import (
-    calibrate_episodes, calibrate_readout, calibration_entries, project_calibration,
+    calibrate_episodes,
+    calibrate_readout,
+    calibration_entries,
+    project_calibration,
 )
 from amygdala_dagster.readout.vectors import TrainedReadout
-from amygdala_dagster.workflow import calibration_sample
+from amygdala_dagster.workflow.samples import calibration_sample
 from amygdala_dagster_tests.tiny_models import HIDDEN, build_tiny_model
 
 LAYERS = [1, 2]
@@ -56,10 +65,10 @@ def _rule(threshold: float, half_life: float | None = 4.0, min_tokens: int = 3) 
 
 def _pair(tmp_path: Path, thresholds: dict[str, float], half_life: float | None = 4.0):
     ro = _readout()
-    tc = {c: {l: {"source": "t", "skip_first_tokens": 1, "n_texts": 3, "n_tokens": 30, "neg_mean": 0.0,
-                  "neg_std": 1.0, "quantiles": {}, "target_rate": 0.01, "threshold": 2.0} for l in LAYERS}
+    tc = {c: {layer: {"source": "t", "skip_first_tokens": 1, "n_texts": 3, "n_tokens": 30, "neg_mean": 0.0,
+                  "neg_std": 1.0, "quantiles": {}, "target_rate": 0.01, "threshold": 2.0} for layer in LAYERS}
           for c in CONCEPTS}
-    ep = {c: {l: _rule(t, half_life) for l in LAYERS} for c, t in thresholds.items()}
+    ep = {c: {layer: _rule(t, half_life) for layer in LAYERS} for c, t in thresholds.items()}
     v, m = tmp_path / "vectors.safetensors", tmp_path / "manifest.json"
     write_readout(v, m, ro, model="tiny", model_revision=None, dtype="float32", pooling="mean", layer_path=None,
                   fingerprint=None, training={}, calibration=None, token_calibration=tc, episode=ep)
@@ -213,7 +222,8 @@ def test_generation_carries_the_episode_state_from_the_prompt_through_every_step
     scores = rt.score(TEXTS[0])
     for layer in LAYERS:
         ep = scores.episode[layer]
-        ref = EpisodeState.from_manifest(readout.manifest, layer).trace(scores.raw[layer], scored_mask(scores.encoded, 1))
+        ref = EpisodeState.from_manifest(readout.manifest, layer).trace(
+            scores.raw[layer], scored_mask(scores.encoded, 1))
         np.testing.assert_allclose(ep.stat, ref.stat, equal_nan=True)
         assert ep.fired[0] and not ep.fired[1]
 

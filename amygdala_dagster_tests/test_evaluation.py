@@ -12,21 +12,22 @@ from scipy.stats import mannwhitneyu
 from sklearn.metrics import f1_score, roc_auc_score
 
 from amygdala_dagster.engine.cache import ActivationCache, text_sha256
-from amygdala_dagster.evaluation import (
-    DEFAULT_ESTIMATORS,
+from amygdala_dagster.evaluation.core import DEFAULT_ESTIMATORS, calibration_for_manifest, evaluate
+from amygdala_dagster.examples.selection import Example, ExampleSet
+from amygdala_dagster.readout.metrics import (
+    accuracy_at,
     auroc,
     bootstrap_auroc_ci,
     calibration,
-    calibration_for_manifest,
     cohens_d,
-    evaluate,
+    confusion_at,
+    f1_at,
     probability,
+    separation,
     threshold_fixed_fpr,
     threshold_max_f1,
     z_score,
 )
-from amygdala_dagster.readout.metrics import accuracy_at, confusion_at, f1_at, separation
-from amygdala_dagster.examples.selection import Example, ExampleSet
 from amygdala_dagster.readout.vectors import train_readout
 
 # ----------------------------------------------------------------------------- AUROC

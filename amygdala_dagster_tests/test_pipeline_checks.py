@@ -8,10 +8,10 @@ import numpy as np
 import polars as pl
 
 from amygdala_dagster.examples.selection import Example, ExampleSet
-from amygdala_dagster.readout.manifest import write_readout
 from amygdala_dagster.graph.nodes import MemoryNode
-from amygdala_dagster.pipeline import checks as C
 from amygdala_dagster.graph.snapshot import build_snapshot
+from amygdala_dagster.pipeline import checks as C
+from amygdala_dagster.readout.manifest import write_readout
 from amygdala_dagster.readout.vectors import EmotionStats, readout_from_directions
 
 
@@ -65,9 +65,9 @@ def _readout(rows=2, hidden=8):
 def test_vectors_rule():
     r = _readout()
     assert C.vectors_problems(r.concepts, r.layers, r.vectors, 8) == []
-    scaled = {l: m * 2 for l, m in r.vectors.items()}
+    scaled = {layer: m * 2 for layer, m in r.vectors.items()}
     assert any("expected unit norm" in p for p in C.vectors_problems(r.concepts, r.layers, scaled, 8))
-    nan = {l: np.full_like(m, np.nan) for l, m in r.vectors.items()}
+    nan = {layer: np.full_like(m, np.nan) for layer, m in r.vectors.items()}
     assert any("non-finite" in p for p in C.vectors_problems(r.concepts, r.layers, nan, 8))
     assert any("shape" in p for p in C.vectors_problems(["a", "b", "c"], r.layers, r.vectors, 8))
 
@@ -89,8 +89,10 @@ def test_evaluation_rules():
     """The checks show the evaluation's own flags (one source of truth), by kind."""
     evaluation = {
         "flags": [
-            {"emotion": "b", "kind": "below_min_auroc", "severity": "do_not_use", "message": "b: AUROC 0.550 below 0.7"},
-            {"emotion": "b", "kind": "confound", "severity": "do_not_use", "message": "b: no better than the length baseline"},
+            {"emotion": "b", "kind": "below_min_auroc", "severity": "do_not_use",
+             "message": "b: AUROC 0.550 below 0.7"},
+            {"emotion": "b", "kind": "confound", "severity": "do_not_use",
+             "message": "b: no better than the length baseline"},
             {"emotion": "c", "kind": "not_evaluable", "severity": "do_not_use", "message": "c: no held-out AUROC"},
             {"emotion": "d", "kind": "crosstalk", "severity": "weak", "message": "d: close to e's vector"},
         ],
@@ -128,7 +130,7 @@ def test_fast_path_rule_fires_only_for_cuda_on_the_reference_path():
 def test_cpu_run_of_a_linear_attention_model_reports_no_and_passes_the_check():
     from amygdala_dagster.pipeline.assets.activations import _engine_metadata
     from amygdala_dagster.pipeline.checks import fast_path_problems
-    from amygdala_dagster.workflow import EngineSettings, build_engine, fast_path_line
+    from amygdala_dagster.workflow.engine_settings import EngineSettings, build_engine, fast_path_line
     from amygdala_dagster_tests.tiny_models import build_tiny_model
 
     engine = build_engine(EngineSettings(model=build_tiny_model("qwen3_5"), device="cpu", layers="1"))
@@ -140,7 +142,7 @@ def test_cpu_run_of_a_linear_attention_model_reports_no_and_passes_the_check():
 
 
 def test_every_flag_kind_is_shown_by_exactly_one_check():
-    from amygdala_dagster.evaluation.core import FLAG_KINDS
+    from amygdala_dagster.evaluation.verdicts import FLAG_KINDS
 
     shown = [*C.SEPARATION_FLAGS, *C.BASELINE_FLAGS, *C.CONVERSATION_FLAGS]
     assert sorted(shown) == sorted(FLAG_KINDS) and len(set(shown)) == len(shown)

@@ -19,13 +19,8 @@ import pytest
 from amygdala_dagster.commands import cli
 from amygdala_dagster.files.atomic import sha256_file
 from amygdala_dagster.readout.manifest import ReadoutFileError, load_readout, write_readout
-from amygdala_dagster.readout.publish import (
-    POINTER_FILE,
-    PublishError,
-    current_pair,
-    publish_pair,
-    republish_manifest,
-)
+from amygdala_dagster.readout.publish import publish_pair, republish_manifest
+from amygdala_dagster.readout.releases import POINTER_FILE, PublishError, current_pair
 from amygdala_dagster_tests.test_manifest import FIELDS, make_readout
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,19 +61,15 @@ def test_release_layout_links_and_modes(tmp_path):
                                  f"releases/{release.name}/manifest.json")
 
 
-def test_only_the_last_releases_are_kept(tmp_path, monkeypatch):
+def test_only_the_last_releases_are_kept(tmp_path):
     out = tmp_path / "out"
-    monkeypatch.setenv("AMYGDALA_KEEP_RELEASES", "3")
     shas = []
     for seed in range(6):
         shas.append(write_readout(out / "vectors.safetensors", out / "manifest.json", make_readout(seed=seed),
-                                  **FIELDS)["vectors_sha256"])
+                                  keep_releases=3, **FIELDS)["vectors_sha256"])
     names = sorted(p.name for p in (out / "releases").iterdir())
     assert [n.rsplit("-", 1)[1] for n in names] == [s[:12] for s in shas[-3:]]
     assert load_readout(out / "vectors.safetensors").sha256 == shas[-1]
-    monkeypatch.setenv("AMYGDALA_KEEP_RELEASES", "0")
-    with pytest.raises(ValueError, match="AMYGDALA_KEEP_RELEASES must be a whole number from 1 to 1000, got '0'"):
-        write_readout(out / "vectors.safetensors", out / "manifest.json", make_readout(seed=9), **FIELDS)
 
 
 def test_a_plain_pair_of_the_older_layout_is_adopted(tmp_path):
@@ -272,13 +263,12 @@ def bucket():
     fs.rm(root.removeprefix("memory://"), recursive=True)
 
 
-def test_object_store_publication_pointer_and_readers(bucket, capsys, monkeypatch):
-    monkeypatch.setenv("AMYGDALA_KEEP_RELEASES", "2")
+def test_object_store_publication_pointer_and_readers(bucket, capsys):
     fs = fsspec.filesystem("memory")
     base = bucket.removeprefix("memory://")
     fs.pipe(f"{base}/vectors.safetensors", b"stale pair of the older layout")
     shas = [write_readout(f"{bucket}/vectors.safetensors", f"{bucket}/manifest.json", make_readout(seed=s),
-                          **FIELDS)["vectors_sha256"] for s in range(3)]
+                          keep_releases=2, **FIELDS)["vectors_sha256"] for s in range(3)]
     pointer = json.loads(fs.cat(f"{base}/{POINTER_FILE}"))
     assert pointer["vectors_sha256"] == shas[-1] and pointer["vectors"].startswith(f"releases/{pointer['release']}/")
     assert not fs.exists(f"{base}/vectors.safetensors")  # nothing stale looks current

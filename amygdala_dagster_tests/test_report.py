@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 
 from amygdala_dagster.engine.cache import ActivationCache, text_sha256
-from amygdala_dagster.evaluation import Criteria, apply_verdicts, evaluate, summary_markdown, write_report
-from amygdala_dagster.evaluation.report import emotion_markdown
+from amygdala_dagster.evaluation.core import evaluate
+from amygdala_dagster.evaluation.report import emotion_markdown, summary_markdown, write_report
+from amygdala_dagster.evaluation.verdicts import Criteria, apply_verdicts
 from amygdala_dagster.examples.selection import Example, ExampleSet
 from amygdala_dagster.pipeline import checks as C
 from amygdala_dagster.readout.vectors import train_readout
@@ -79,7 +80,7 @@ def _check_report(html_path: Path, json_path: Path, pngs: dict[str, Path], emoti
         assert src.startswith("data:image/png;base64,")
         w, h = _decode_png(base64.b64decode(src.split(",", 1)[1]))
         assert w > 100 and h > 100
-    for name, p in pngs.items():
+    for p in pngs.values():
         _decode_png(p.read_bytes())
     text = "".join(parser.text)
     for e in emotions:
@@ -137,7 +138,7 @@ def _page_text(doc: str) -> str:
 def test_report_shows_sweep_and_flags(tmp_path):
     cache, sets, _ = _synthetic(tmp_path, n=16)
     readout = train_readout(sets, cache, LAYERS)
-    from amygdala_dagster.evaluation import sweep_layers
+    from amygdala_dagster.evaluation.layer_sweep import sweep_layers
 
     sweep = sweep_layers(cache, sets, n_model_layers=2)
     assert sweep["recommended_layers"][0] == 1
@@ -258,7 +259,8 @@ def test_episode_numbers_change_the_verdict_and_the_report_shows_sources(tmp_pat
 def test_crosstalk_with_another_vector_is_a_reason(tmp_path):
     cache, sets, _ = _synthetic(tmp_path, n=40)
     readout = train_readout(sets, cache, LAYERS)
-    ev = evaluate(cache, sets, readout, bootstrap=0, criteria=Criteria(min_holdout_positives=1, max_crosstalk_cosine=-1.0))
+    ev = evaluate(cache, sets, readout, bootstrap=0,
+                  criteria=Criteria(min_holdout_positives=1, max_crosstalk_cosine=-1.0))
     assert all("crosstalk" in v["flags"] for v in ev["verdicts"].values())
     assert "its vector is close to calm's" in " ".join(ev["verdicts"]["joy"]["reasons"])
 
@@ -319,14 +321,14 @@ def _independent_pooled(model_dir: str, texts: list[str], layers: list[int]) -> 
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out: dict[int, list[np.ndarray]] = {l: [] for l in layers}
+    out: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
     with torch.no_grad():
         for t in texts:
             enc = tok(t, return_tensors="pt", truncation=True, max_length=512)
             hs = model(**enc, output_hidden_states=True).hidden_states
-            for l in layers:
-                out[l].append(hs[l + 1][0].double().mean(0).numpy())
-    return {l: np.stack(v) for l, v in out.items()}
+            for layer in layers:
+                out[layer].append(hs[layer + 1][0].double().mean(0).numpy())
+    return {layer: np.stack(v) for layer, v in out.items()}
 
 
 @pytest.mark.slow  # a whole run
@@ -357,7 +359,8 @@ def test_bundled_model_report_matches_independent_recomputation(tmp_path, minilm
     assert ensure_cached(engine, cache, [s["text"] for s in snippets], progress=False).forwarded == 6
     ev = evaluate(cache, sets, readout, snapshot=snapshot, snippets=snippets, bootstrap=200)
     # Layer sweep: one pass over every layer in its own cache namespace, then nothing to forward.
-    from amygdala_dagster.evaluation import calibration_for_manifest, sweep_layers
+    from amygdala_dagster.evaluation.core import calibration_for_manifest
+    from amygdala_dagster.evaluation.layer_sweep import sweep_layers
 
     sweep_engine = ActivationEngine(minilm, list(range(minilm.num_layers)), batch_size=16)
     sweep_cache = ActivationCache(tmp_path / "cache", sweep_engine.fingerprint)
@@ -369,7 +372,8 @@ def test_bundled_model_report_matches_independent_recomputation(tmp_path, minilm
     assert sweep["layers"] == list(range(6)) and len(sweep["recommended_layers"]) == 3
     for e in sets:
         for layer in layers:  # same estimator, same split: the sweep agrees with the evaluation
-            assert sweep["auroc"][e][str(layer)] == pytest.approx(ev["emotions"][e]["estimators"]["mean_difference"][str(layer)], abs=1e-6)
+            assert sweep["auroc"][e][str(layer)] == \
+                pytest.approx(ev["emotions"][e]["estimators"]["mean_difference"][str(layer)], abs=1e-6)
     ev = evaluate(cache, sets, readout, snapshot=snapshot, snippets=snippets, bootstrap=200, sweep=sweep)
     # the calibration the train command writes into the manifest is the evaluation's, number for number
     evaluated = calibration_for_manifest(ev)
@@ -418,14 +422,14 @@ def test_bundled_model_report_matches_independent_recomputation(tmp_path, minilm
 @pytest.mark.slow  # a whole run
 def test_report_command_rebuilds_from_artefacts_without_the_model(tmp_path, minilm, weight_reads):
     """`amygdala report` on an output directory whose texts are all cached: no model load, same numbers."""
+    from amygdala_dagster.commands.cli import main as cli_main
     from amygdala_dagster.engine.activations import ActivationEngine
     from amygdala_dagster.engine.forward import ensure_cached
-    from amygdala_dagster.commands.cli import main as cli_main
-    from amygdala_dagster.examples.selection import SelectionParams, select_examples
     from amygdala_dagster.examples.directory import write_examples_dir
-    from amygdala_dagster.readout.manifest import load_readout, write_readout
+    from amygdala_dagster.examples.selection import SelectionParams, select_examples
     from amygdala_dagster.graph.snapshot import build_snapshot
     from amygdala_dagster.graph.sources import JsonlSource
+    from amygdala_dagster.readout.manifest import load_readout, write_readout
 
     nodes, _ = JsonlSource(DATA / "sample_graph.jsonl").fetch_nodes()
     snapshot = build_snapshot(nodes)
@@ -437,7 +441,8 @@ def test_report_command_rebuilds_from_artefacts_without_the_model(tmp_path, mini
     cache_root = tmp_path / "cache"
     cache = ActivationCache(cache_root, engine.fingerprint)
     snippets_file = tmp_path / "snippets.jsonl"
-    snippets_file.write_text("".join(line + "\n" for line in (DATA / "conversation_snippets.jsonl").read_text().splitlines()[:4]))
+    snippets_file.write_text(
+        "".join(line + "\n" for line in (DATA / "conversation_snippets.jsonl").read_text().splitlines()[:4]))
     texts = [x.text for s in sets.values() for x in (*s.positives, *s.negatives)]
     texts += [json.loads(line)["text"] for line in snippets_file.read_text().splitlines()]
     ensure_cached(engine, cache, texts, progress=False)

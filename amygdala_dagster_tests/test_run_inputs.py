@@ -176,7 +176,7 @@ def test_a_failed_run_says_what_is_published_as_the_disk_has_it(tmp_path, monkey
 
 def test_the_pair_message_follows_the_release_current_points_at(tmp_path):
     """The comparison behind a failed run's message, on real publications (the slow test above runs it end to end)."""
-    from amygdala_dagster.commands.run import published_pair, pair_lines
+    from amygdala_dagster.commands.run import pair_lines, published_pair
     from amygdala_dagster.files.storage import Store
 
     out = tmp_path / "out"

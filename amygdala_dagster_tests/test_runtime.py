@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import time
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,20 +13,23 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from amygdala_dagster.engine.activations import ActivationEngine
-from amygdala_dagster.readout.metrics import z_score
-from amygdala_dagster.readout.manifest import calibration_entry, load_readout, write_readout
-from amygdala_dagster.engine.models import load_model
-from amygdala_dagster.engine.activations import ActivationEngine
 from amygdala_dagster.engine.cache import ActivationCache
 from amygdala_dagster.engine.forward import ensure_cached
 from amygdala_dagster.engine.inputs import InputError, encode, read_inputs
+from amygdala_dagster.engine.models import load_model
 from amygdala_dagster.engine.token_cache import TokenCache
+from amygdala_dagster.readout.folds import text_folds
+from amygdala_dagster.readout.manifest import calibration_entry, load_readout, write_readout
+from amygdala_dagster.readout.metrics import z_score
 from amygdala_dagster.readout.runtime import ReadoutRuntime, scored_mask
 from amygdala_dagster.readout.token_calibration import (
-    calibrate_readout, calibrate_tokens, calibration_entries, heldout_problems, text_folds,
+    calibrate_readout,
+    calibrate_tokens,
+    calibration_entries,
+    heldout_problems,
 )
-from amygdala_dagster.workflow import calibration_sample
 from amygdala_dagster.readout.vectors import TrainedReadout
+from amygdala_dagster.workflow.samples import calibration_sample
 from amygdala_dagster_tests.tiny_models import HIDDEN, build_tiny_model
 
 LAYERS = [1, 2]
@@ -56,7 +59,8 @@ def _token_cal(mean: float, std: float) -> dict:
 
 def _pair(tmp_path: Path, h: int = HIDDEN, layers=LAYERS, token_calibration=None):
     ro = _readout(h, layers)
-    tc = token_calibration or {c: {l: _token_cal(0.1 * i, 0.5 + i) for l in layers} for i, c in enumerate(CONCEPTS)}
+    tc = token_calibration or (
+        {c: {layer: _token_cal(0.1 * i, 0.5 + i) for layer in layers} for i, c in enumerate(CONCEPTS)})
     v, m = tmp_path / "vectors.safetensors", tmp_path / "manifest.json"
     write_readout(v, m, ro, model="tiny", model_revision=None, dtype="float32", pooling="mean", layer_path=None,
                   fingerprint=None, training={}, calibration=None, token_calibration=tc)
@@ -94,7 +98,8 @@ def test_generation_rows_equal_the_offline_projection(arch, tmp_path):
             np.testing.assert_allclose(r.raw[layer], offline, atol=1e-5)
             for c, concept in enumerate(CONCEPTS):
                 cal = calibration_entry(readout.manifest, concept, layer, "token")
-                assert r.calibrated[layer][c] == pytest.approx(float(z_score(r.raw[layer][c], cal["neg_mean"], cal["neg_std"])))
+                assert r.calibrated[layer][c] == \
+                    pytest.approx(float(z_score(r.raw[layer][c], cal["neg_mean"], cal["neg_std"])))
     # the prompt's rows come from the prefill, as scoring the prompt gives them
     prefill = rt.score_many([TEXTS[0]])[0]
     for layer in LAYERS:

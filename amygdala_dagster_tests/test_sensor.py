@@ -14,7 +14,6 @@ from amygdala_dagster.pipeline.jobs import REFRESH_KEYS
 from amygdala_dagster.pipeline.sensors import memory_graph_sensor
 from amygdala_dagster_tests.pipeline_graphs import new_emotion_nodes, small_graph, write_graph
 
-
 pytestmark = pytest.mark.slow  # a real server, polled / a webserver started
 
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
@@ -98,7 +97,8 @@ def test_sensor_runs_once_per_graph_change_adds_partitions_and_survives_outage(g
         fewer = tick(instance, server.url, edit.cursor)
     assert isinstance(fewer, dg.SensorResult) and len(fewer.run_requests) == 1
     assert "joy" not in instance.get_dynamic_partitions("emotion")
-    assert fewer.run_requests[0].tags["dagster/asset_partition_range_end"] == instance.get_dynamic_partitions("emotion")[-1]
+    assert fewer.run_requests[0].tags["dagster/asset_partition_range_end"] == \
+        instance.get_dynamic_partitions("emotion")[-1]
 
     # server down: a skipped tick with a clear message, no exception, cursor kept
     server.stop()

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,7 +16,8 @@ from mcp import Client
 
 from amygdala_dagster.commands.cli import main as amygdala
 from amygdala_dagster.data import sample_graph_path
-from amygdala_dagster.graph.sources import JsonlSource, McpSource
+from amygdala_dagster.graph.mcp_source import McpSource
+from amygdala_dagster.graph.sources import JsonlSource
 from amygdala_dagster_tests.conftest import free_port, write_jsonl
 
 TOKEN = "srv-tok-Hk29xLq"
@@ -190,7 +192,8 @@ def test_missing_file_exits_2(tmp_path, capsys):
 def test_token_env_not_set_exits_2(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("UNSET_GRAPH_TOKEN", raising=False)
     path = write_jsonl(tmp_path / "g.jsonl", [node(1)])
-    code = amygdala(["serve-graph", "--file", str(path), "--port", str(free_port()), "--token-env", "UNSET_GRAPH_TOKEN"])
+    code = amygdala(["serve-graph", "--file", str(path), "--port", str(free_port()),
+                     "--token-env", "UNSET_GRAPH_TOKEN"])
     assert code == 2
     assert "UNSET_GRAPH_TOKEN is not set" in capsys.readouterr().err
 
@@ -203,7 +206,8 @@ def test_default_file_is_the_bundled_sample(tmp_path):
     port = free_port()
     log = tmp_path / "log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "amygdala_dagster.commands.cli", "serve-graph", "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "amygdala_dagster.commands.cli",
+                                 "serve-graph", "--port", str(port)],
                                 stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
     try:
         deadline = time.monotonic() + 30
@@ -297,7 +301,8 @@ def test_request_body_over_the_cap_gets_413_with_its_reason(graph_server):
     fits = _rpc_bytes("tools/call", {"name": "graph_version", "arguments": {}}, pad=60_000)
     assert httpx.post(server.url, content=fits, headers=HEADERS, timeout=10).json()["result"]["structuredContent"][
         "node_count"] == 1
-    assert httpx.post(server.url, content=iter([fits[:100], fits[100:]]), headers=HEADERS, timeout=10).status_code == 200
+    assert httpx.post(server.url, content=iter([fits[:100], fits[100:]]), headers=HEADERS,
+                      timeout=10).status_code == 200
     assert McpSource(server.url).graph_version().node_count == 1
 
 
@@ -348,7 +353,7 @@ def test_inflight_cap_below_request_cap_is_refused(tmp_path, capsys):
 
 
 def _rss_mib(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status", encoding="ascii"):
+    for line in Path(f"/proc/{pid}/status").read_text(encoding="ascii").splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError(f"no VmRSS for {pid}")

@@ -1,4 +1,4 @@
-"""The AMYGDALA_* environment, read in one place (amygdala_dagster.settings): every command honours every
+"""The AMYGDALA_* environment, read in one place (amygdala_dagster.workflow.settings): every command honours every
 variable of the README's Configuration table where no flag is given, and a value out of bounds is one line
 naming the variable (exit 2), never a validation traceback."""
 
@@ -17,7 +17,7 @@ import pytest
 from amygdala_dagster.commands import backfill_emotion as backfill_cmd
 from amygdala_dagster.commands import run as run_cmd
 from amygdala_dagster.commands.cli import main as cli_main
-from amygdala_dagster.settings import MAX_SHARDS, ConfigurationError, Settings, current_settings
+from amygdala_dagster.workflow.settings import MAX_SHARDS, ConfigurationError, Settings, current_settings
 from amygdala_dagster_tests.pipeline_graphs import small_graph, write_graph
 from amygdala_dagster_tests.test_manifest import FIELDS, make_readout
 
@@ -70,7 +70,8 @@ def test_shards_out_of_bounds_from_the_environment_is_one_line_not_a_pydantic_tr
     proc = subprocess.run([sys.executable, "-m", "amygdala_dagster.commands.cli", "run"], capture_output=True,
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"amygdala run: AMYGDALA_SHARDS must be a whole number from 1 to {MAX_SHARDS}, got {value!r}"
+    assert proc.stderr.strip() == \
+        f"amygdala run: AMYGDALA_SHARDS must be a whole number from 1 to {MAX_SHARDS}, got {value!r}"
 
 
 @pytest.mark.parametrize("command", ["run", "backfill-emotion"])
@@ -147,7 +148,8 @@ def test_run_and_backfill_take_every_variable_where_no_flag_is_given(variable, c
     value, (resource, field), expected = RUN_VARIABLES[variable]
     monkeypatch.setenv(variable, value.format(tmp=tmp_path))
     monkeypatch.setattr(run_cmd, "materialize_all", _stub_launch)
-    monkeypatch.setattr(backfill_cmd, "backfill_emotions", lambda names, resources, instance: _stub_launch(resources, instance))
+    monkeypatch.setattr(backfill_cmd, "backfill_emotions",
+                        lambda names, resources, instance: _stub_launch(resources, instance))
     with pytest.raises(Launched) as launched:
         cli_main(COMMANDS[command])
     got = getattr(launched.value.resources[resource], field)
@@ -253,14 +255,14 @@ def test_serve_graph_serves_the_memory_file_of_the_environment(monkeypatch, tmp_
 
 
 def test_keep_releases_and_cache_dir_come_from_the_settings(monkeypatch, tmp_path):
-    from amygdala_dagster.engine.cache import default_cache_dir
-    from amygdala_dagster.readout.publish import keep_releases
+    from amygdala_dagster.workflow.engine_settings import EngineSettings
 
     monkeypatch.setenv("AMYGDALA_KEEP_RELEASES", "2")
     monkeypatch.setenv("AMYGDALA_CACHE_DIR", "s3://bucket/cache")
-    assert keep_releases() == 2 and default_cache_dir() == "s3://bucket/cache"
+    assert current_settings().keep_releases == 2 and EngineSettings().cache_root() == "s3://bucket/cache"
     monkeypatch.setenv("AMYGDALA_CACHE_DIR", "~/c")
-    assert default_cache_dir() == Path.home() / "c"
+    assert EngineSettings().cache_root() == Path.home() / "c"
+    assert EngineSettings(cache_dir="/elsewhere").cache_root() == Path("/elsewhere")
 
 
 def test_the_resources_defaults_read_the_settings(monkeypatch, tmp_path):

@@ -15,16 +15,9 @@ import pytest
 import uvicorn
 from mcp.server.mcpserver import MCPServer
 
-from amygdala_dagster.graph.nodes import MemoryNode
-from amygdala_dagster.graph.sources import (
-    DEFAULT_MCP_URL,
-    GraphVersion,
-    JsonlSource,
-    McpSource,
-    MemoryGraphError,
-    normalize_mcp_url,
-    open_source,
-)
+from amygdala_dagster.graph.mcp_source import DEFAULT_MCP_URL, McpSource, normalize_mcp_url
+from amygdala_dagster.graph.nodes import GraphVersion, MemoryGraphError, MemoryNode
+from amygdala_dagster.graph.sources import JsonlSource, open_source
 from amygdala_dagster_tests.conftest import free_port, write_jsonl
 
 TOKEN = "tok-5ecret-Q9zV"
@@ -289,9 +282,9 @@ def test_mcp_read_timeout_is_retried_and_reported(graph_server):
         # The first answer comes after the read timeout, the retry answers at once.
         nodes, _ = McpSource(proxy.url, read_timeout=1.0, retries=2, backoff=0.01).fetch_nodes()
         assert [n.key for n in nodes] == ["node-001"]
-    with flaky_proxy(server.url, fail_first=0, delay_first=3) as proxy:
-        with pytest.raises(MemoryGraphError, match=r"no answer from .* after 1 attempts: read timeout after 0.5s"):
-            McpSource(proxy.url, read_timeout=0.5, retries=0).graph_version()
+    with flaky_proxy(server.url, fail_first=0, delay_first=3) as proxy, \
+            pytest.raises(MemoryGraphError, match=r"no answer from .* after 1 attempts: read timeout after 0.5s"):
+        McpSource(proxy.url, read_timeout=0.5, retries=0).graph_version()
 
 
 # --- one graph version per read (Contract 4) -------------------------------------------
@@ -344,7 +337,8 @@ def test_mcp_read_restarts_for_a_server_whose_cursors_ignore_changes():
         if calls["list"] == 2:
             del data[0]  # the graph changes between the first and second page
         start = int(cursor or 0)
-        return {"nodes": data[start:start + limit], "next_cursor": str(start + limit) if start + limit < len(data) else None}
+        return {"nodes": data[start:start + limit],
+                "next_cursor": str(start + limit) if start + limit < len(data) else None}
 
     @server.tool()
     def graph_version() -> dict:
@@ -484,9 +478,8 @@ def flaky_proxy(upstream: str, *, fail_first: int, delay_first: float = 0.0) -> 
                 self.send_header("content-length", "0")
                 self.end_headers()
                 return
-            if method == "POST" and n == fail_first + 1 and delay_first:
-                if closing.wait(delay_first):
-                    return  # the test is over; nobody waits for this answer
+            if method == "POST" and n == fail_first + 1 and delay_first and closing.wait(delay_first):
+                return  # the test is over; nobody waits for this answer
             keep = ("content-type", "accept", "authorization", "mcp-session-id", "mcp-protocol-version")
             headers = {k: v for k, v in self.headers.items() if k.lower() in keep}
             up = client.request(method, upstream, content=body, headers=headers)
@@ -556,7 +549,7 @@ def raw_mcp_server(tool_result: str) -> Iterator[str]:
                 body = json.dumps({"jsonrpc": "2.0", "id": msg["id"], "error": {"code": -32601, "message": "no"}})
                 result = None
             if result is not None:
-                body = '{"jsonrpc": "2.0", "id": %s, "result": %s}' % (json.dumps(msg["id"]), result)
+                body = f'{{"jsonrpc": "2.0", "id": {json.dumps(msg["id"])}, "result": {result}}}'
             data = body.encode()
             self.send_response(200)
             self.send_header("content-type", "application/json")
@@ -579,17 +572,15 @@ def raw_mcp_server(tool_result: str) -> Iterator[str]:
 def test_mcp_client_deeply_nested_answers_are_clear_errors():
     """Issue 9: a RecursionError escaped the client's JSON handling."""
     deep = "[" * 100_000 + "]" * 100_000
-    structured = '{"content": [], "structuredContent": {"nodes": [{"key": "a", "content": "x", "created_at": %s}], ' \
-                 '"next_cursor": null}}' % deep
-    with raw_mcp_server(structured) as url:
-        with pytest.raises(MemoryGraphError) as err:
-            McpSource(url, retries=0).fetch_nodes()
+    structured = ('{"content": [], "structuredContent": {"nodes": [{"key": "a", "content": "x", "created_at": '
+                  + deep + '}], "next_cursor": null}}')
+    with raw_mcp_server(structured) as url, pytest.raises(MemoryGraphError) as err:
+        McpSource(url, retries=0).fetch_nodes()
     assert str(err.value) == (f"{url}: tool list_nodes (page 1) failed: MCP error -32700: "
                               "the answer is JSON nested too deeply")
     text = json.dumps({"content": [{"type": "text", "text": '{"nodes": ' + deep + "}"}]})
-    with raw_mcp_server(text) as url:
-        with pytest.raises(MemoryGraphError) as err:
-            McpSource(url, retries=0).fetch_nodes()
+    with raw_mcp_server(text) as url, pytest.raises(MemoryGraphError) as err:
+        McpSource(url, retries=0).fetch_nodes()
     assert str(err.value) == f"{url}: tool list_nodes (page 1) returned JSON nested too deeply"
 
 

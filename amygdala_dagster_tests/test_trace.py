@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from amygdala_dagster.commands.cli import main
-from amygdala_dagster.readout.manifest import write_readout
 from amygdala_dagster.evaluation.html import BIDI_CONTROLS, bidi_marker
 from amygdala_dagster.evaluation.trace import moving_average, thresholds
+from amygdala_dagster.readout.manifest import write_readout
 from amygdala_dagster.readout.vectors import TrainedReadout
 
 H = 384
@@ -22,14 +22,14 @@ LAYERS = [3, 4]
 def _pair(tmp_path, n_concepts=3, token=True):
     rng = np.random.default_rng(0)
     concepts = [f"c{i:03d}" for i in range(n_concepts)]
-    vectors = {l: (lambda m: (m / np.linalg.norm(m, axis=1, keepdims=True)).astype(np.float32))(
-        rng.normal(size=(n_concepts, H))) for l in LAYERS}
+    vectors = {layer: (lambda m: (m / np.linalg.norm(m, axis=1, keepdims=True)).astype(np.float32))(
+        rng.normal(size=(n_concepts, H))) for layer in LAYERS}
     ro = TrainedReadout(concepts=concepts, layers=LAYERS, vectors=vectors,
                         raw_norms={c: [1.0, 1.0] for c in concepts}, counts={c: {} for c in concepts},
-                        calibration={c: {l: {"neg_mean": 0.0, "neg_std": 0.1, "threshold": 0.2} for l in LAYERS}
+                        calibration={c: {layer: {"neg_mean": 0.0, "neg_std": 0.1, "threshold": 0.2} for layer in LAYERS}
                                      for c in concepts})
-    tc = {c: {l: {"source": "test", "skip_first_tokens": 1, "n_texts": 1, "n_tokens": 1, "neg_mean": 0.0,
-                  "neg_std": 0.05, "quantiles": {}, "target_rate": 0.01, "threshold": 0.1} for l in LAYERS}
+    tc = {c: {layer: {"source": "test", "skip_first_tokens": 1, "n_texts": 1, "n_tokens": 1, "neg_mean": 0.0,
+                  "neg_std": 0.05, "quantiles": {}, "target_rate": 0.01, "threshold": 0.1} for layer in LAYERS}
           for c in concepts} if token else None
     v, m = tmp_path / "vectors.safetensors", tmp_path / "manifest.json"
     write_readout(v, m, ro, model="minilm", model_revision=None, dtype="float32", pooling="mean", layer_path=None,
@@ -102,7 +102,8 @@ def test_format_1_manifest_traces_against_the_text_calibration(tmp_path):
     man["format_version"] = 1
     m.write_text(json.dumps(man))
     out = tmp_path / "trace"
-    assert main(["trace", "--manifest", str(m), "--text", "hello there", "--output-dir", str(out), "--device", "cpu"]) == 0
+    assert main(["trace", "--manifest", str(m), "--text", "hello there",
+                 "--output-dir", str(out), "--device", "cpu"]) == 0
     assert json.loads((out / "trace.json").read_text())["calibration"] == "text"
 
 
@@ -139,8 +140,8 @@ def test_bidi_controls_in_a_text_are_shown_as_markers_and_kept_in_the_json(tmp_p
     # Each token span reads as its piece, with a marker where a control was.
     body = page[page.index('<div class="tokens"'):]
     body = body[: body.index("</div>")]
-    shown = re.findall(r'<span data-i="(\d+)" class="[^"]*" title="[^"]*">((?:[^<]|<span class="bidi"[^>]*>[^<]*</span>)*)</span>',
-                       body)
+    shown = re.findall(r'<span data-i="(\d+)" class="[^"]*" title="[^"]*">'
+                       r'((?:[^<]|<span class="bidi"[^>]*>[^<]*</span>)*)</span>', body)
     assert len(shown) == len(conv["tokens"])
     for i, content in shown:
         expected = conv["tokens"][int(i)]
@@ -185,7 +186,7 @@ def test_a_trace_says_when_max_tokens_cut_an_input(tmp_path, capsys):
 
 @pytest.mark.parametrize("max_tokens", [8, 16, 400])
 def test_encode_counts_the_whole_input_and_cuts_as_the_tokenizer_truncates(tmp_path, max_tokens):
-    from amygdala_dagster.readout.runtime import encode
+    from amygdala_dagster.engine.inputs import encode
     from amygdala_dagster_tests.tiny_models import build_tokenizer
 
     tok = build_tokenizer(tmp_path)  # prepends <s>: one special token per chunk of the cut
@@ -206,7 +207,8 @@ def test_trace_gives_the_episode_rule_per_conversation_and_concept(tmp_path, cap
         for layer in LAYERS:
             manifest["per_concept"][c]["layers"][str(layer)]["episode"] = {
                 "statistic": "ewm", "half_life_tokens": 8.0, "min_tokens": 4, "skip_first_tokens": 1,
-                "false_alarm_rate": 0.05, "threshold": [-100.0, 100.0, 0.0][i], "threshold_z": [-2000.0, 2000.0, 0.0][i]}
+                "false_alarm_rate": 0.05, "threshold": [-100.0, 100.0, 0.0][i],
+                "threshold_z": [-2000.0, 2000.0, 0.0][i]}
     m.write_text(json.dumps(manifest))
     out = tmp_path / "trace"
     assert main(["trace", "--manifest", str(m), "--input", str(_inputs(tmp_path)), "--output-dir", str(out),

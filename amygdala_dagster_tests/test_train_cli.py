@@ -21,9 +21,10 @@ import pytest
 import torch
 
 from amygdala_dagster.commands import cli
+from amygdala_dagster.commands.train_steering_vectors import main
 from amygdala_dagster.files.atomic import sha256_file
 from amygdala_dagster.readout.manifest import load_readout
-from amygdala_dagster.commands.train_steering_vectors import default_target_layers, main
+from amygdala_dagster.workflow.engine_settings import default_target_layers
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_GRAPH = REPO / "amygdala_dagster" / "data" / "sample_graph.jsonl"
@@ -157,7 +158,8 @@ def test_vectors_match_independent_hidden_states_reference(tmp_path, capsys):
 
 
 @pytest.mark.slow  # a whole run
-def test_new_emotion_forwards_only_never_seen_texts(tmp_path, capsys):
+def test_new_emotion_forwards_only_never_seen_texts(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("AMYGDALA_KEEP_RELEASES", "2")  # three publications below, the last two kept
     sets = mood_sets(n_pos=4, n_neutral=4, words=4)
     cache, summary = tmp_path / "cache", tmp_path / "s.json"
     grief_keys = {k for k, _, _ in sets["grief"][0]}
@@ -177,6 +179,7 @@ def test_new_emotion_forwards_only_never_seen_texts(tmp_path, capsys):
     code, _, err = run_main(["--training-data-dir", three, "--emotions", "grief"] + base[2:], capsys)
     assert code == 0 and json.loads(summary.read_text())["activations"]["forwarded"] == 0
     assert load_readout(tmp_path / "o" / "v.safetensors").concepts == ["grief"]
+    assert len(list((tmp_path / "o" / "releases").iterdir())) == 2
 
 
 def test_batch_flags_default_to_the_token_budget():
@@ -191,7 +194,7 @@ def test_batch_flags_default_to_the_token_budget():
 
 def test_cache_dir_urls_keep_their_double_slash(monkeypatch):
     from amygdala_dagster.pipeline.resources import ModelResource
-    from amygdala_dagster.workflow import EngineSettings
+    from amygdala_dagster.workflow.engine_settings import EngineSettings
 
     assert EngineSettings(cache_dir="s3://bucket/cache").cache_root() == "s3://bucket/cache"
     assert ModelResource(cache_dir="s3://bucket/cache").cache_root() == "s3://bucket/cache"
@@ -423,8 +426,8 @@ def test_default_target_layers():
 
 def test_unwritable_output_is_refused_before_any_forward_pass(tmp_path, capsys):
     data = tmp_path / "data"
-    from amygdala_dagster.examples.selection import SelectionParams
     from amygdala_dagster.examples.directory import run_extraction
+    from amygdala_dagster.examples.selection import SelectionParams
     from amygdala_dagster.graph.sources import JsonlSource
     from amygdala_dagster_tests.pipeline_graphs import small_graph, write_graph
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from amygdala_dagster.readout import estimators
 from amygdala_dagster.engine.cache import ActivationCache, text_sha256
-from amygdala_dagster.readout.estimators import DegenerateDirectionError
 from amygdala_dagster.examples.selection import Example, ExampleSet
+from amygdala_dagster.readout import estimators
+from amygdala_dagster.readout.estimators import DegenerateDirectionError
 from amygdala_dagster.readout.runtime import calibrated_scores, project
 from amygdala_dagster.readout.vectors import (
     EmotionStats,
@@ -35,7 +35,8 @@ def _examples(prefix: str, n: int, holdout_every: int = 4) -> list[Example]:
     ]
 
 
-def _fill(cache: ActivationCache, examples: list[Example], shift: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def _fill(cache: ActivationCache, examples: list[Example],
+          shift: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
     acts = rng.normal(size=(len(examples), len(LAYERS), H)).astype(np.float32) + shift.astype(np.float32)
     cache.add([text_sha256(e.text) for e in examples], acts)
     return {e.key: a for e, a in zip(examples, acts)}
@@ -232,7 +233,7 @@ def test_projection_and_calibrated_scores(world):
     np.testing.assert_allclose(out[5].numpy(), tokens.numpy() @ ro.vectors[5].T, atol=1e-5)
     manifest = {
         "concepts": ro.concepts,
-        "per_concept": {c: {"layers": {str(l): {"calibration": ro.calibration[c][l]} for l in LAYERS}}
+        "per_concept": {c: {"layers": {str(layer): {"calibration": ro.calibration[c][layer]} for layer in LAYERS}}
                         for c in ro.concepts},
     }
     z = calibrated_scores(out[5], manifest, 5)

@@ -9,14 +9,12 @@ import time
 from pathlib import Path
 
 import dagster as dg
-
-from amygdala_dagster.pipeline.checks import ALL_CHECK_SPECS
-import pytest
 import httpx
+import pytest
 from dagster._core.instance.ref import InstanceRef
 
+from amygdala_dagster.pipeline.checks import ALL_CHECK_SPECS
 from amygdala_dagster_tests.conftest import free_port
-
 
 pytestmark = pytest.mark.slow  # a real server, polled / a webserver started
 

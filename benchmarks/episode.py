@@ -116,7 +116,8 @@ def per_emotion(evaluations: list[dict]) -> dict:
         out[e] = {"n_with": sum(v["n_with"] for v in vals), "n_without": sum(v["n_without"] for v in vals),
                   "false_alarms": sum(x.get("n_fired_without", 0) for x in ep),
                   "hits": sum(x.get("n_fired_with", 0) for x in ep),
-                  "episode_auroc": _mean([x.get("auroc") for x in ep]), "text_auroc": _mean([v["text_auroc"] for v in vals])}
+                  "episode_auroc": _mean([x.get("auroc") for x in ep]),
+                  "text_auroc": _mean([v["text_auroc"] for v in vals])}
     return out
 
 
@@ -143,7 +144,7 @@ def projections(out: Path) -> tuple[dict, list[str]]:
     per-token activations: the calibration half and the evaluated half."""
     from amygdala_dagster.evaluation.conversations import sample_scores
     from amygdala_dagster.readout.manifest import load_readout
-    from amygdala_dagster.workflow import StoredSamples
+    from amygdala_dagster.workflow.samples import StoredSamples
 
     readout = load_readout(out)
     ev = json.loads((out / "report" / "evaluation.json").read_text())
@@ -226,7 +227,8 @@ def main() -> None:
         print(f"| {label} | {_f(s['episode_false_alarm_rate'])} | {_f(s['episode_hit_rate'])} | "
               f"{_f(s['episode_auroc'])} | {_f(s['token_fire_rate_without'])} | {_f(s['token_auroc'])} | "
               f"{_f(s['text_auroc'])} |")
-    print("\n| emotion | with | without | false alarms | hits | episode AUROC | text AUROC |\n|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| emotion | with | without | false alarms | hits | episode AUROC | text AUROC |"
+          "\n|---|---:|---:|---:|---:|---:|---:|")
     for e, v in result["per_emotion_split"].items():
         print(f"| {e} | {v['n_with']} | {v['n_without']} | {v['false_alarms']} | {v['hits']} | "
               f"{_f(v['episode_auroc'], 2)} | {_f(v['text_auroc'], 2)} |")

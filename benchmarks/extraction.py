@@ -40,8 +40,9 @@ import sys
 import tempfile
 import time
 import types
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # the peers' progress bars would swamp the tables
 
@@ -49,15 +50,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from _common import (  # noqa: E402
     Measure,
     PeakRSS,
     format_table,
     machine_info,
     measured,
-    median_measure,
     median,
+    median_measure,
     mib,
 )
 
@@ -77,8 +77,8 @@ def bundled_nodes() -> list:
 
 def example_sets_for(snapshot, emotions: Sequence[str] | None = None, params=None) -> dict[str, Any]:
     """Contract 2 selection for ``emotions`` (default: the qualifying ones, as extract_training_pairs)."""
-    from amygdala_dagster.examples.selection import select_all
     from amygdala_dagster.examples.catalog import emotion_catalog, qualifying_emotions
+    from amygdala_dagster.examples.selection import select_all
 
     if emotions is None:
         emotions = qualifying_emotions(emotion_catalog(snapshot, params))
@@ -155,7 +155,7 @@ def run_ours(loaded, layers: list[int], sets: dict[str, Any], cache_root: Path, 
     """Engine + cache + train_readout + vectors/manifest pair: what train_steering_vectors runs."""
     from amygdala_dagster.engine.activations import ActivationEngine
     from amygdala_dagster.engine.cache import ActivationCache
-    from amygdala_dagster.training import train_readout_pair
+    from amygdala_dagster.workflow.training import train_readout_pair
 
     engine = ActivationEngine(loaded, layers, pooling="mean", max_tokens=512, batch_size=batch_size,
                               max_batch_tokens=max_batch_tokens)
@@ -277,7 +277,8 @@ def run_repeng(loaded, layers: list[int], sets: dict[str, Any], *, batch_size: i
 
         model_layer_list(model)
     except ValueError:
-        model = RepengAdapter(loaded.model, torch.nn.ModuleList(resolve_layers(loaded.model, loaded.num_layers).modules))
+        model = RepengAdapter(loaded.model,
+                              torch.nn.ModuleList(resolve_layers(loaded.model, loaded.num_layers).modules))
     out = {}
     for emotion, s in sets.items():
         data = [repeng.DatasetEntry(positive=p, negative=n) for p, n in pairs_for(s)]
@@ -426,7 +427,8 @@ def section_add_emotion(loaded, layers, sets, args, work: Path, report: dict) ->
     full = median_measure([r[0] for r in res])
     add = median_measure([r[1] for r in res])
     for m in (full, add):
-        rows.append([m.method, m.seconds, m.texts, m.tokens, mib(m.rss_delta), f"{100 * m.seconds / full.seconds:.1f}%"])
+        rows.append([m.method, m.seconds, m.texts, m.tokens,
+                     mib(m.rss_delta), f"{100 * m.seconds / full.seconds:.1f}%"])
     print(format_table(["step", "wall s (median)", "texts forwarded", "tokens", "RSS +MiB", "% of full run"], rows))
     report["add_emotion"] = {"emotion": names[-1], "full": full.__dict__, "add": add.__dict__,
                              "fraction": add.seconds / full.seconds}
@@ -586,7 +588,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="minilm", help="model (default: the bundled MiniLM)")
     p.add_argument("--layers", default=None, help="target layers (default: the train command's default)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: on a shared 2-core machine two threads collapse when another process takes a core; see RESULTS.md)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: on a shared 2-core machine two threads collapse when "
+                        "another process takes a core; see RESULTS.md)")
     p.add_argument("--batch-size", type=int, default=4, help="our engine's batch size in the end-to-end runs "
                    "(default 4, the train command's default and the naive method's)")
     p.add_argument("--repeats", type=int, default=3, help="runs of our method per comparison (median)")
@@ -622,12 +626,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from amygdala_dagster.engine.layers import parse_layers
     from amygdala_dagster.engine.models import load_model
     from amygdala_dagster.graph.snapshot import build_snapshot
-    from amygdala_dagster.workflow import default_target_layers
+    from amygdala_dagster.workflow.engine_settings import default_target_layers
 
     t_start = time.perf_counter()
     info = machine_info()
     print("# amygdala-dagster extraction benchmark\n")
-    print("command: python " + " ".join([os.path.relpath(__file__, REPO)] + list(sys.argv[1:] if argv is None else argv)))
+    command = [os.path.relpath(__file__, REPO)] + list(sys.argv[1:] if argv is None else argv)
+    print("command: python " + " ".join(command))
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
     t0 = time.perf_counter()
     with PeakRSS() as rss:

@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from amygdala_dagster.data import conversation_snippets_path  # noqa: E402
+from amygdala_dagster.engine.inputs import read_inputs  # noqa: E402
 from amygdala_dagster.engine.models import load_model  # noqa: E402
 from amygdala_dagster.readout.runtime import ReadoutRuntime
-from amygdala_dagster.engine.inputs import read_inputs# noqa: E402
-from amygdala_dagster.data import conversation_snippets_path  # noqa: E402
 
 
 def measure(source: str, layers: list[int], texts: list, positions: int = 4) -> list[dict]:
@@ -70,12 +70,14 @@ def main() -> None:
     from amygdala_dagster_tests.tiny_models import build_tiny_model
 
     models = [("minilm", [0, 3, 4, 5])] + [(build_tiny_model(a), [0, 1, 2, 3]) for a in ("qwen3", "llama", "gpt2")]
-    print("| model | layer | special positions | norm p0 | norm p1 | norm p2 | norm p3 | spread p0 | spread p1 | spread p2 |")
+    print("| model | layer | special positions | norm p0 | norm p1 | norm p2 | norm p3 | "
+          "spread p0 | spread p1 | spread p2 |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for source, layers in models:
         for r in measure(source, layers, texts):
             print(f"| {r['model']} | {r['layer']} | {r['special_at']} | {r['norm0']:.2f} | {r['norm1']:.2f} | "
-                  f"{r['norm2']:.2f} | {r['norm3']:.2f} | {r['spread0']:.2f} | {r['spread1']:.2f} | {r['spread2']:.2f} |")
+                  f"{r['norm2']:.2f} | {r['norm3']:.2f} | {r['spread0']:.2f} | {r['spread1']:.2f} | "
+                  f"{r['spread2']:.2f} |")
 
 
 if __name__ == "__main__":

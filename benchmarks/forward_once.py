@@ -83,11 +83,11 @@ def cache_bytes(cache: Path) -> dict[str, int]:
 def unique_tokens(out: Path, graph: Path, cal: Path, conv: Path) -> dict[str, int]:
     """Tokens of the distinct inputs a run needs (this checkout's tokenizer and token limit)."""
     sys.path.insert(0, str(REPO))
+    from amygdala_dagster.data import conversation_snippets_path
     from amygdala_dagster.engine.inputs import encode, read_inputs
     from amygdala_dagster.engine.models import load_model
-    from amygdala_dagster.evaluation.core import read_snippets
-    from amygdala_dagster.examples.selection import read_examples_dir
-    from amygdala_dagster.data import conversation_snippets_path
+    from amygdala_dagster.evaluation.generalisation import read_snippets
+    from amygdala_dagster.examples.directory import read_examples_dir
 
     tokenizer = load_model("minilm", device="cpu", weights=False).tokenizer
     texts: set[str] = set()

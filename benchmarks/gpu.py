@@ -55,7 +55,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-
 from _common import format_table, machine_info  # noqa: E402
 
 NOMINAL_PEAK = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -250,8 +249,8 @@ def fmt_bs(bs: int | None) -> str:
 def measure_layout(kind: str, shape: dict[str, Any], args, dtype, device: str, texts: list[str], tokenizer,
                    settings, t_start: float, nominal, matmul_peak, report: dict) -> dict[str, Any] | None:
     """Build ``kind`` on the device, sweep ``settings`` (a probe only when its fast path is missing), free it."""
-    from amygdala_dagster.engine.layers import parse_layers
     from amygdala_dagster.engine.fast_path import linear_attention_fast_path
+    from amygdala_dagster.engine.layers import parse_layers
 
     t0 = time.perf_counter()
     try:
@@ -455,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in res["results"]:
             if "skipped" in r:
                 continue
-            rows.append([kind, res["fast_path"]["fast_path"], fmt_bs(r["batch_size"]) + (" (probe)" if r.get("probe") else ""),
+            rows.append([kind, res["fast_path"]["fast_path"],
+                         fmt_bs(r["batch_size"]) + (" (probe)" if r.get("probe") else ""),
                          r["max_batch_tokens"], r["tokens"], r["seconds"], r["tokens_per_s"], r["model_tflops"],
                          None if r["mfu_nominal"] is None else f"{100 * r['mfu_nominal']:.1f}%",
                          f"{100 * r['mfu_measured_peak']:.1f}%", r["peak_gpu_gib"]])
@@ -483,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
             fast_q35 = report["layouts"].get("qwen3_5", {}).get("fast_path", {}).get("fast_path") == "yes"
             kind = "qwen3_5" if (fast_q35 or args.tiny) and "qwen3_5" in report["layouts"] else "qwen3"
             single = next((r for r in report["layouts"].get(kind, {}).get("results", [])
-                           if r.get("batch_size") is None and r.get("max_batch_tokens") == 8192 and "skipped" not in r), None)
+                           if r.get("batch_size") is None and r.get("max_batch_tokens") == 8192
+                           and "skipped" not in r), None)
             run_p = report["layouts"].get(kind, {}).get("params_in_blocks_run", 0)
             log(f"2 shards of {kind} on {devices}")
             sh = run_shards(args, kind, devices, None, 8192, single, run_p, nominal, matmul_peak)

@@ -38,10 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import format_table, machine_info  # noqa: E402
 
-from amygdala_dagster.examples.selection import SelectionParams, select_all, select_examples  # noqa: E402
 from amygdala_dagster.examples.catalog import emotion_catalog, qualifying_emotions  # noqa: E402
+from amygdala_dagster.examples.selection import SelectionParams, select_all, select_examples  # noqa: E402
+from amygdala_dagster.graph.mcp_source import McpSource  # noqa: E402
 from amygdala_dagster.graph.snapshot import build_snapshot  # noqa: E402
-from amygdala_dagster.graph.sources import JsonlSource, McpSource  # noqa: E402
+from amygdala_dagster.graph.sources import JsonlSource  # noqa: E402
 
 WORDS = ("light window morning letter river quiet walk friend call plan code poem rain kitchen "
          "train evening thought garden book music late early long short warm cold").split()
@@ -91,7 +92,8 @@ def free_port() -> int:
 def start_server(path: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "amygdala_dagster.commands.cli", "serve-graph", "--file", str(path), "--port", str(port)],
+        [sys.executable, "-m", "amygdala_dagster.commands.cli", "serve-graph",
+         "--file", str(path), "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 60

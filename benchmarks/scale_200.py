@@ -87,7 +87,7 @@ def _body(content: str) -> str:
 def generate_graph(path: Path, *, n_nodes: int, n_emotions: int, min_high: int, seed: int) -> dict[str, Any]:
     """Write the synthetic graph as JSONL; returns its shape (tag counts, clusters)."""
     rng = random.Random(seed)
-    sample = [json.loads(l) for l in SAMPLE.read_text(encoding="utf-8").splitlines() if l.strip()]
+    sample = [json.loads(layer) for layer in SAMPLE.read_text(encoding="utf-8").splitlines() if layer.strip()]
     by_emotion: dict[str, list[str]] = defaultdict(list)
     all_sentences: list[str] = []
     for node in sample:
@@ -159,7 +159,8 @@ def step_times(dagster_home: Path) -> tuple[dict[str, float], dict[str, Any]]:
                 if ev.event_type == dg.DagsterEventType.STEP_START:
                     starts[ev.step_key] = rec.timestamp
                 elif ev.event_type in (dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE):
-                    out[ev.step_key] = out.get(ev.step_key, 0.0) + rec.timestamp - starts.pop(ev.step_key, rec.timestamp)
+                    out[ev.step_key] = (
+                        out.get(ev.step_key, 0.0) + rec.timestamp - starts.pop(ev.step_key, rec.timestamp))
                 elif ev.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION:
                     mat = ev.event_specific_data.materialization
                     if mat.asset_key.path[-1] == "activation_stats":
@@ -171,7 +172,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", type=int, default=1500)
     ap.add_argument("--emotions", type=int, default=200)
-    ap.add_argument("--min-high", type=int, default=14, help="high-score tags every emotion gets (default: %(default)s)")
+    ap.add_argument("--min-high", type=int, default=14,
+                    help="high-score tags every emotion gets (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", type=Path, default=None, help="work in this directory and keep it")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
@@ -216,7 +218,8 @@ def main() -> int:
             rows.append([step, round(sec, 1), f"{sec / forward:.2f}x" if forward else "-"])
         outside = sum(steps.values()) - forward
         rows.append(["forward pass (in activation_stats)", round(forward, 1), "1.00x"])
-        rows.append(["all steps minus the forward pass", round(outside, 1), f"{outside / forward:.2f}x" if forward else "-"])
+        rows.append(["all steps minus the forward pass", round(outside, 1),
+                     f"{outside / forward:.2f}x" if forward else "-"])
         rows.append(["wall (amygdala run, process)", round(wall, 1), f"{wall / forward:.2f}x" if forward else "-"])
         print(format_table(["step", "seconds", "/ forward"], rows))
         print("report files: " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sorted(sizes.items())))

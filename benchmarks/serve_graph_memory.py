@@ -104,7 +104,8 @@ def payload(kind: str, size: int) -> bytes:
         message = {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
                    "params": {"name": "list_nodes", "arguments": {"cursor": "x" * size}}}
     else:
-        message = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "graph_version", "arguments": {}},
+        message = {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                   "params": {"name": "graph_version", "arguments": {}},
                    "padding": ["y" * 100] * (size // 104)}
     return json.dumps(message).encode()
 
@@ -201,7 +202,8 @@ def main() -> int:
             for name in names:
                 print(f"  [{time.strftime('%H:%M:%S')}] {kind}: {name} ...", file=sys.stderr, flush=True)
                 how, spec = CONFIGS[name]
-                r = {"payload": kind, "body_bytes": len(body), **run_config(name, how, spec, body, graph, args, Path(tmp))}
+                r = {"payload": kind, "body_bytes": len(body),
+                     **run_config(name, how, spec, body, graph, args, Path(tmp))}
                 results.append(r)
                 rows.append([kind, name, ", ".join(f"{k}: {v}" for k, v in r["statuses"].items()),
                              r["idle_mib"], r["peak_mib"], r["after_burst_mib"], r["idle_after_mib"],

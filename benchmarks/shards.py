@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from amygdala_dagster.engine.cache import text_sha256
     from amygdala_dagster.engine.models import load_model
     from amygdala_dagster.engine.shards import EngineSpec, run_shards_locally
-    from amygdala_dagster.commands.train_steering_vectors import default_target_layers
+    from amygdala_dagster.workflow.engine_settings import default_target_layers
 
     model = args.model
     if args.tiny:
@@ -94,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     shas = [text_sha256(t) for t in texts]
     info = machine_info()
     print("# amygdala-dagster shard benchmark\n")
-    print("command: python " + " ".join([os.path.relpath(__file__, REPO)] + list(sys.argv[1:] if argv is None else argv)))
+    command = [os.path.relpath(__file__, REPO)] + list(sys.argv[1:] if argv is None else argv)
+    print("command: python " + " ".join(command))
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     print(f"model: {meta.model_id}, layers {layers}; {len(texts)} unique texts; configs {args.configs}; "
           f"{args.rounds} round(s)\n", flush=True)

@@ -8,10 +8,12 @@ CPU, the bundled MiniLM, the bundled 60 conversation snippets and sample graph.
    trace is the runtime reference's per-token scoring (hooks, projection and
    z-scores of every concept at every hooked layer) and then the trace
    records, JSON and HTML. Goal: throughput >= 0.9x the bare forward.
-2. Token calibration of the sample graph's 16 emotions: cold (held-out
-   negatives forwarded, per-token cache written) and warm (cache read), next
-   to the activation step's cold forward of all 219 example texts measured
-   in the same run.
+2. Token calibration of the sample graph's 16 emotions as a run does it (the
+   calibration sample of held-out texts under the token budget, then
+   ``calibrate_readout`` on the per-token cache): cold (the sample forwarded
+   per token, per-token cache written) and warm (cache read), next to the
+   activation step's cold forward of all 219 example texts measured in the
+   same run.
 
     python benchmarks/trace.py [--repeats 3]
 """
@@ -31,18 +33,25 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from amygdala_dagster.data import conversation_snippets_path, sample_graph_path  # noqa: E402
 from amygdala_dagster.engine.activations import ActivationEngine  # noqa: E402
 from amygdala_dagster.engine.cache import ActivationCache  # noqa: E402
 from amygdala_dagster.engine.forward import ensure_cached  # noqa: E402
-from amygdala_dagster.examples.selection import SelectionParams, select_all  # noqa: E402
-from amygdala_dagster.examples.catalog import emotion_catalog, qualifying_emotions  # noqa: E402
+from amygdala_dagster.engine.inputs import read_inputs  # noqa: E402
 from amygdala_dagster.engine.models import load_model  # noqa: E402
-from amygdala_dagster.readout.runtime import ReadoutRuntime
-from amygdala_dagster.engine.inputs import read_inputs# noqa: E402
-from amygdala_dagster.data import conversation_snippets_path, sample_graph_path  # noqa: E402
-from amygdala_dagster.readout.token_calibration import calibrate_with_engine, calibration_items  # noqa: E402
+from amygdala_dagster.engine.token_cache import TokenCache  # noqa: E402
 from amygdala_dagster.evaluation.trace import build_trace, render_trace_html  # noqa: E402
+from amygdala_dagster.examples.catalog import emotion_catalog, qualifying_emotions  # noqa: E402
+from amygdala_dagster.examples.selection import SelectionParams, select_all  # noqa: E402
+from amygdala_dagster.readout.runtime import ReadoutRuntime  # noqa: E402
+from amygdala_dagster.readout.token_calibration import calibrate_readout, calibration_entries  # noqa: E402
 from amygdala_dagster.readout.vectors import train_readout  # noqa: E402
+from amygdala_dagster.workflow.samples import (  # noqa: E402
+    RunSamples,
+    calibration_sample,
+    forward_run,
+    held_out_negatives,
+)
 
 LAYERS = [3, 4]
 BATCH = 8
@@ -114,24 +123,33 @@ def main() -> None:
             t = time.perf_counter()
             ensure_cached(engine, cache, texts, progress=False)
             act = time.perf_counter() - t
-        by, source = calibration_items(snapshot_sets, readout.concepts)
-        n_cal = len({k for v in by.values() for k, _ in v})
-        t = time.perf_counter()
-        calibrate_with_engine(engine, tmp, readout, by, source)
-        cold = time.perf_counter() - t
-        t = time.perf_counter()
-        calibrate_with_engine(engine, tmp, readout, by, source)
-        warm = time.perf_counter() - t
+            t = time.perf_counter()
+            _, n_cal = token_calibration(engine, cache, snapshot_sets, readout)
+            cold = time.perf_counter() - t
+            t = time.perf_counter()
+            token_calibration(engine, cache, snapshot_sets, readout)
+            warm = time.perf_counter() - t
     print("| step | s | vs activation forward |\n|---|---:|---:|")
     print(f"| activation forward, {len(texts)} unique example texts (cold cache) | {act:.2f} | 1.00x |")
-    print(f"| token calibration, cold ({n_cal} held-out negatives forwarded) | {cold:.2f} | {cold / act:.2f}x |")
+    print(f"| token calibration, cold ({n_cal} held-out texts forwarded per token) | {cold:.2f} | {cold / act:.2f}x |")
     print(f"| token calibration, warm (per-token cache) | {warm:.2f} | {warm / act:.2f}x |")
 
 
+def token_calibration(engine, cache, sets, readout):
+    """The token calibration of ``readout`` as a run computes it (workflow.training.train_readout_pair):
+    the calibration sample of held-out texts, forwarded per token where the per-token cache lacks it, then
+    calibrated from that cache. Returns the calibration and the number of texts in the sample."""
+    sample = calibration_sample(engine.tokenizer, engine.max_tokens, holdout=held_out_negatives(sets))
+    forward_run(engine, cache, [], None, RunSamples(sample), progress=False)
+    entries, source = calibration_entries(sample, sets, readout.concepts)
+    tokens = TokenCache(cache.root, engine.fingerprint, engine.loaded.dtype)
+    return calibrate_readout(readout, entries, tokens, hidden_layers=engine.layers, source=source), len(sample.entries)
+
+
 def _sample_readout(loaded):
-    from amygdala_dagster.readout.manifest import load_readout, write_readout
     from amygdala_dagster.graph.snapshot import build_snapshot
     from amygdala_dagster.graph.sources import open_source
+    from amygdala_dagster.readout.manifest import load_readout, write_readout
 
     snapshot = build_snapshot(open_source(memory_file=str(sample_graph_path())).fetch_nodes()[0])
     sets = select_all(snapshot, qualifying_emotions(emotion_catalog(snapshot)), SelectionParams())
@@ -141,8 +159,7 @@ def _sample_readout(loaded):
     with ActivationCache(tmp / "cache", engine.fingerprint) as cache:
         ensure_cached(engine, cache, texts, progress=False)
         ro = train_readout(sets, cache, LAYERS)
-    by, source = calibration_items(sets, ro.concepts)
-    tc = calibrate_with_engine(engine, tmp / "cache", ro, by, source)
+        tc, _ = token_calibration(engine, cache, sets, ro)
     write_readout(tmp / "v.safetensors", tmp / "m.json", ro, model="minilm", model_revision=None, dtype="float32",
                   pooling="mean", layer_path=None, fingerprint=engine.fingerprint, training={}, calibration=None,
                   token_calibration=tc)

@@ -141,15 +141,16 @@ def main(argv: list[str] | None = None) -> int:
             from extraction import bundled_nodes, synthetic_graph
 
             args.graph = work / "graph.jsonl"
-            args.graph.write_text("".join(json.dumps(dataclasses.asdict(n)) + "\n" for n in synthetic_graph(bundled_nodes(),
-                                                                                              args.nodes)))
+            nodes = synthetic_graph(bundled_nodes(), args.nodes)
+            args.graph.write_text("".join(json.dumps(dataclasses.asdict(n)) + "\n" for n in nodes))
         (home / "dagster.yaml").write_text(instance_yaml(home))
         for i in range(args.repeat):
             for kind, fn in (("cli", run_cli), ("ui", run_ui)):  # cli first: it registers the partitions
                 seconds, stats = fn(home, work, args.graph)
                 results[kind].append({"seconds": round(seconds, 2), **stats})
                 print(f"{kind} #{i + 1}: {seconds:.1f} s, {stats['processes']} process(es), {stats['steps']} steps, "
-                      f"weights loaded by {', '.join(stats['weight_loads']) or 'no step'}, {stats['texts_forwarded']} texts forwarded",
+                      f"weights loaded by {', '.join(stats['weight_loads']) or 'no step'}, "
+                      f"{stats['texts_forwarded']} texts forwarded",
                       flush=True)
     med = {k: statistics.median(r["seconds"] for r in v) for k, v in results.items()}
     print()

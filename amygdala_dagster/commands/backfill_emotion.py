@@ -16,4 +16,5 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    return execute("backfill-emotion", args, lambda resources, instance: backfill_emotions(args.names, resources, instance))
+    return execute("backfill-emotion", args,
+                   lambda resources, instance: backfill_emotions(args.names, resources, instance))

@@ -18,7 +18,7 @@ import sys
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from amygdala_dagster.settings import ConfigurationError, current_settings
+from amygdala_dagster.workflow.settings import ConfigurationError, current_settings
 
 COMMANDS: dict[str, str] = {
     "run": "amygdala_dagster.commands.run",

@@ -20,10 +20,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from amygdala_dagster.examples.selection import ExamplesFormatError, SelectionParams, check_emotion_name
-from amygdala_dagster.examples.directory import run_extraction
 from amygdala_dagster.commands.flags import fraction, non_negative_int, positive_int, score
-from amygdala_dagster.graph.sources import MemoryGraphError, open_source
+from amygdala_dagster.examples.directory import run_extraction
+from amygdala_dagster.examples.selection import ExamplesFormatError, SelectionParams
+from amygdala_dagster.graph.nodes import MemoryGraphError
+from amygdala_dagster.graph.sources import open_source
+from amygdala_dagster.graph.tags import check_emotion_name
 
 log = logging.getLogger("amygdala_dagster.extract_training_pairs")
 

@@ -12,16 +12,16 @@ import numpy as np
 
 from amygdala_dagster.files.atomic import sha256_file
 from amygdala_dagster.readout.manifest import ReadoutFileError, calibration_entry, load_readout, read_vectors_file
-from amygdala_dagster.readout.publish import PublishError, open_pair
-from amygdala_dagster.settings import current_settings
+from amygdala_dagster.readout.releases import PublishError, open_pair
+from amygdala_dagster.workflow.settings import current_settings
 
 HELP = "show the concepts, layers, norms and cosines of a readout vectors file and check its manifest"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("vectors", metavar="VECTORS", nargs="?", default=None,
-                        help="vectors.safetensors, or an output directory (a path or a URL such as s3://bucket/prefix); "
-                             "default: $AMYGDALA_OUTPUT_DIR, else ./amygdala_output")
+                        help="vectors.safetensors, or an output directory (a path or a URL such as "
+                             "s3://bucket/prefix); default: $AMYGDALA_OUTPUT_DIR, else ./amygdala_output")
     parser.add_argument("--manifest", default=None, metavar="FILE",
                         help="manifest.json (default: manifest.json next to VECTORS)")
     parser.add_argument("--top", type=int, default=10, metavar="N",
@@ -46,7 +46,7 @@ def top_pairs(concepts: list[str], cos: np.ndarray, n: int) -> list[tuple[str, s
 def inspect_pair(vectors: str | Path, manifest: str | Path | None, top: int = 10) -> dict[str, Any]:
     """The inspection report; ``report["ok"]`` is False (with ``error``) for an invalid pair.
 
-    The pair is read as published (:func:`amygdala_dagster.readout.publish.open_pair`):
+    The pair is read as published (:func:`amygdala_dagster.readout.releases.open_pair`):
     one release through ``current`` locally, the ``current.json`` pointer on object storage.
     """
     try:
@@ -111,13 +111,21 @@ def _inspect_files(vectors: Path, manifest_path: Path, top: int) -> dict[str, An
     return report
 
 
+def _concepts_and_layers(manifest: dict[str, Any]) -> tuple[list[str], list[int]] | None:
+    """The manifest's concepts and layers, or None when it lists them badly (the summaries then say nothing)."""
+    try:
+        return list(manifest["concepts"]), [int(x) for x in manifest["layers"]]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def token_calibration_summary(manifest: dict[str, Any]) -> dict[str, Any] | None:
     """Per layer: how many concepts carry a token calibration, its source, target rate and the range of
     held-out firing rates relative to the target (None for a format-1 manifest)."""
-    try:
-        concepts, layers = list(manifest["concepts"]), [int(x) for x in manifest["layers"]]
-    except (KeyError, TypeError, ValueError):
+    listed = _concepts_and_layers(manifest)
+    if listed is None:
         return None
+    concepts, layers = listed
     out: dict[str, Any] = {}
     for layer in layers:
         cals = [calibration_entry(manifest, c, layer, "token") for c in concepts]
@@ -137,10 +145,10 @@ _LISTED = 40  # concept names printed; 200 on one line are a wall of text
 def episode_rule_summary(manifest: dict[str, Any]) -> dict[str, Any] | None:
     """Per layer: how many concepts carry an episode rule, its statistic, target false-alarm rate and the
     range of held-out false-alarm rates (None before format 3)."""
-    try:
-        concepts, layers = list(manifest["concepts"]), [int(x) for x in manifest["layers"]]
-    except (KeyError, TypeError, ValueError):
+    listed = _concepts_and_layers(manifest)
+    if listed is None:
         return None
+    concepts, layers = listed
     out: dict[str, Any] = {}
     for layer in layers:
         have = [e for e in (calibration_entry(manifest, c, layer, "episode") for c in concepts) if e]
@@ -171,21 +179,22 @@ def format_report(report: dict[str, Any]) -> str:
         tok = report.get("token_calibration")
         lines.append(f"manifest: format {report['format_version']}; token calibration: "
                      + ("none (thresholds are text-level only)" if not tok else "per layer below"))
-        for l, v in (tok or {}).items():  # one line per layer: they read as a column
-            lines.append(f"  layer {l}: {v['n_concepts']} concepts, {', '.join(v['sources'])}, target "
+        for layer, v in (tok or {}).items():  # one line per layer: they read as a column
+            lines.append(f"  layer {layer}: {v['n_concepts']} concepts, {', '.join(v['sources'])}, target "
                          f"{', '.join(map(str, v['target_rates']))}"
                          + (f", held-out firing {v['heldout_ratio_min']:.2f}-{v['heldout_ratio_max']:.2f}x target"
                             if v["heldout_ratio_min"] is not None else ""))
         ep = report.get("episode")
         lines.append("episode rule: " + ("none" if not ep else "per layer below"))
-        for l, v in (ep or {}).items():
-            lines.append(f"  layer {l}: {v['n_concepts']} concepts, {', '.join(v['sources'])}, half-life "
+        for layer, v in (ep or {}).items():
+            lines.append(f"  layer {layer}: {v['n_concepts']} concepts, {', '.join(v['sources'])}, half-life "
                          f"{', '.join(map(str, v['half_lives']))} tokens, decides from scored token "
                          f"{', '.join(map(str, v['min_tokens']))}, target {', '.join(map(str, v['target_rates']))}"
                          + (f", held-out false alarms {v['heldout_min']:.1%}-{v['heldout_max']:.1%}"
                             if v["heldout_min"] is not None else ""))
     concepts = report.get("concepts", [])
-    shown = concepts if len(concepts) <= _LISTED else concepts[:_LISTED] + [f"... {len(concepts) - _LISTED} more (--json lists all)"]
+    shown = (concepts if len(concepts) <= _LISTED
+             else concepts[:_LISTED] + [f"... {len(concepts) - _LISTED} more (--json lists all)"])
     lines.append(f"concepts: {len(concepts)}: {', '.join(shown)}")
     for entry in report.get("layers", []):
         shape = "x".join(map(str, entry["shape"]))

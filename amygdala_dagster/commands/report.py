@@ -25,34 +25,43 @@ from typing import Any
 
 import polars as pl
 
-from amygdala_dagster.engine.cache import ActivationCache, cache_location, default_cache_dir, fingerprint_id, text_sha256
-from amygdala_dagster.engine.forward import ensure_cached
-from amygdala_dagster.evaluation import (
-    calibration_for_manifest, evaluate, read_snippets, summary_markdown, sweep_layers, write_report,
-)
-from amygdala_dagster.evaluation.verdicts import Criteria, apply_verdicts, log_unusable
-from amygdala_dagster.evaluation.conversations import conversations_section
-from amygdala_dagster.engine.inputs import InputError, read_inputs
-from amygdala_dagster.engine.token_cache import TokenCache
-from amygdala_dagster.engine.token_sample import DEFAULT_SAMPLE_TOKENS
-from amygdala_dagster.examples.selection import ExampleSet
-from amygdala_dagster.examples.catalog import catalog_summary
-from amygdala_dagster.examples.directory import read_examples_dir
 from amygdala_dagster.commands.flags import non_negative_int, unit_fraction
 from amygdala_dagster.commands.inputs import check_jsonl_input
-from amygdala_dagster.engine.layers import parse_layers
-from amygdala_dagster.readout.manifest import ReadoutFileError, load_readout
-from amygdala_dagster.readout.publish import PublishError, open_pair, republish_manifest
 from amygdala_dagster.data import conversation_snippets_path
-from amygdala_dagster.graph.snapshot import read_snapshot
+from amygdala_dagster.engine.cache import ActivationCache, cache_location, fingerprint_id, text_sha256
+from amygdala_dagster.engine.forward import ensure_cached
+from amygdala_dagster.engine.inputs import InputError, read_inputs
+from amygdala_dagster.engine.layers import parse_layers
+from amygdala_dagster.engine.token_cache import TokenCache
+from amygdala_dagster.engine.token_sample import DEFAULT_SAMPLE_TOKENS
+from amygdala_dagster.evaluation.conversations import conversations_section
+from amygdala_dagster.evaluation.core import calibration_for_manifest, evaluate
+from amygdala_dagster.evaluation.generalisation import read_snippets
+from amygdala_dagster.evaluation.layer_sweep import sweep_layers
+from amygdala_dagster.evaluation.report import summary_markdown, write_report
+from amygdala_dagster.evaluation.verdicts import Criteria, apply_verdicts, log_unusable
+from amygdala_dagster.examples.catalog import catalog_summary
+from amygdala_dagster.examples.directory import read_examples_dir
+from amygdala_dagster.examples.selection import ExampleSet
 from amygdala_dagster.files.storage import Store, is_local
-from amygdala_dagster.settings import current_settings
-from amygdala_dagster.workflow import (
-    CATALOG_FILE, MANIFEST_FILE, REPORT_DIR, SNAPSHOT_FILE, STAGED_INFO, EngineSettings, SettingsError, build_engine,
-    conversation_sample, examples_dir,
+from amygdala_dagster.graph.snapshot import read_snapshot
+from amygdala_dagster.readout.manifest import ReadoutFileError, load_readout
+from amygdala_dagster.readout.publish import republish_manifest
+from amygdala_dagster.readout.releases import PublishError, open_pair
+from amygdala_dagster.workflow.engine_settings import EngineSettings, SettingsError, build_engine
+from amygdala_dagster.workflow.layout import (
+    CATALOG_FILE,
+    MANIFEST_FILE,
+    REPORT_DIR,
+    SNAPSHOT_FILE,
+    STAGED_INFO,
+    examples_dir,
 )
+from amygdala_dagster.workflow.samples import conversation_sample
+from amygdala_dagster.workflow.settings import current_settings
 
-HELP = "rebuild the evaluation report (HTML + evaluation.json) from an output directory's vectors, manifest and examples"
+HELP = ("rebuild the evaluation report (HTML + evaluation.json) from an output directory's vectors, manifest and "
+        "examples")
 
 log = logging.getLogger("amygdala.report")
 
@@ -78,20 +87,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="Contract 2 examples directory (default: OUTPUT_DIR/examples/<emotion>/ or the "
                              "manifest's training.training_data_dir)")
     parser.add_argument("--cache-dir", default=None,
-                        help="activation cache root, a directory or fsspec URL (default: the one recorded for the readout, else "
-                             "$AMYGDALA_CACHE_DIR or ~/.cache/amygdala/activations)")
+                        help="activation cache root, a directory or fsspec URL (default: the one recorded for the "
+                             "readout, else $AMYGDALA_CACHE_DIR or ~/.cache/amygdala/activations)")
     parser.add_argument("--snapshot", type=Path, default=None,
-                        help="memory snapshot Parquet for tag co-occurrence (default: OUTPUT_DIR/snapshot/memory_snapshot.parquet if present)")
+                        help="memory snapshot Parquet for tag co-occurrence "
+                             "(default: OUTPUT_DIR/snapshot/memory_snapshot.parquet if present)")
     parser.add_argument("--snippets", type=Path, default=None,
                         help="JSONL of {id, text} conversation snippets (default: the bundled sample)")
     parser.add_argument("--no-snippets", action="store_true", help="skip the generalisation section")
     parser.add_argument("--eval-conversations", default=None, metavar="FILE.jsonl",
                         help='labelled conversations {"id", "text"|"messages", "emotions"} for the runtime section '
                              '(default: the bundled snippets unless --no-snippets; "none" skips it)')
-    parser.add_argument("--report-dir", type=Path, default=None, help="where the report goes (default: OUTPUT_DIR/report)")
+    parser.add_argument("--report-dir", type=Path, default=None,
+                        help="where the report goes (default: OUTPUT_DIR/report)")
     parser.add_argument("--threshold-method", choices=("max_f1", "fixed_fpr"), default="max_f1",
                         help="decision threshold rule (default: %(default)s)")
-    parser.add_argument("--target-fpr", type=float, default=0.05, help="false-positive rate for fixed_fpr (default: %(default)s)")
+    parser.add_argument("--target-fpr", type=float, default=0.05,
+                        help="false-positive rate for fixed_fpr (default: %(default)s)")
     parser.add_argument("--crosstalk-cosine", type=float, default=0.5,
                         help="list vector pairs with cosine at least this (default: %(default)s)")
     parser.add_argument("--bootstrap", type=int, default=200,
@@ -103,24 +115,28 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="estimators to compare: auto (mean_difference,lda,logistic up to 24 emotions, else "
                              "mean_difference), none, or a list (default: %(default)s)")
     parser.add_argument("--histograms", type=_histograms, default=12, metavar="N|all",
-                        help="draw the projection histogram of this many emotions (a number >= 0 or all), most attention first "
-                             "(default: %(default)s)")
-    parser.add_argument("--min-auroc", type=float, default=Criteria.min_auroc, help="held-out AUROC a usable vector reaches (default: %(default)s)")
+                        help="draw the projection histogram of this many emotions (a number >= 0 or all), most "
+                             "attention first (default: %(default)s)")
+    parser.add_argument("--min-auroc", type=float, default=Criteria.min_auroc,
+                        help="held-out AUROC a usable vector reaches (default: %(default)s)")
     parser.add_argument("--min-holdout-positives", type=int, default=Criteria.min_holdout_positives,
                         help="fewer held-out positives make the verdict 'weak' (default: %(default)s)")
     parser.add_argument("--min-episode-auroc", type=float, default=Criteria.min_episode_auroc,
                         help="the episode rule's score separating conversations with and without an emotion less "
                              "well (AUROC) makes the verdict 'weak' (default: %(default)s)")
-    parser.add_argument("--max-episode-false-alarm-rate", type=unit_fraction, default=Criteria.max_episode_false_alarm_rate,
-                        metavar="F", help="the episode rule firing on more conversations without the emotion, beyond "
-                                          "the 95%% interval, makes the verdict 'weak' (default: the rule's own "
-                                          "false-alarm rate in the manifest)")
-    parser.add_argument("--min-episode-hit-rate", type=unit_fraction, default=Criteria.min_episode_hit_rate, metavar="F",
+    parser.add_argument("--max-episode-false-alarm-rate", type=unit_fraction,
+                        default=Criteria.max_episode_false_alarm_rate, metavar="F",
+                        help="the episode rule firing on more conversations without the emotion, beyond "
+                             "the 95%% interval, makes the verdict 'weak' (default: the rule's own "
+                             "false-alarm rate in the manifest)")
+    parser.add_argument("--min-episode-hit-rate", type=unit_fraction, default=Criteria.min_episode_hit_rate,
+                        metavar="F",
                         help="the episode rule firing on fewer conversations with the emotion, beyond the 95%% "
                              "interval, makes the verdict 'weak' (default: %(default)s)")
     parser.add_argument("--logistic-c", type=float, default=1.0, help="inverse regularisation of the logistic probe")
     parser.add_argument("--sweep-layers", default=None, metavar="all|L1,L2,...",
-                        help="also evaluate these layers (one model pass, separate cache namespace) and recommend target layers")
+                        help="also evaluate these layers (one model pass, separate cache namespace) and recommend "
+                             "target layers")
     parser.add_argument("--write-calibration", action="store_true",
                         help="also write the calibration (with thresholds) into manifest.json (vectors unchanged)")
     parser.add_argument("--device", default=None,
@@ -150,7 +166,7 @@ def resolve_cache_root(args: argparse.Namespace, manifest: dict[str, Any], outpu
     for candidate in (training.get("cache_root"), _staged_info(output_dir).get("cache_root")):
         if candidate:
             return cache_location(candidate)
-    return default_cache_dir()
+    return current_settings().cache_location()
 
 
 def load_example_sets(args: argparse.Namespace, manifest: dict[str, Any], output_dir: Path,
@@ -244,7 +260,8 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     output_dir = args.output_dir.expanduser()
     manifest_path = args.manifest or output_dir / MANIFEST_FILE
     if not manifest_path.is_file():
-        raise ReportInputError(f"{manifest_path}: no manifest; run `amygdala run` (or train) first, or pass --output-dir")
+        raise ReportInputError(
+            f"{manifest_path}: no manifest; run `amygdala run` (or train) first, or pass --output-dir")
     named = json.loads(manifest_path.read_text(encoding="utf-8")).get("vectors_file", "vectors.safetensors")
     vectors_path = args.vectors or (manifest_path.parent / named)
     readout = load_readout(vectors_path, manifest_path)  # both files of one published release
@@ -301,7 +318,8 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
                               min_episode_hit_rate=args.min_episode_hit_rate),
             meta={"vectors_sha256": readout.sha256, "manifest": str(manifest_path),
                   "model": manifest.get("model"), "cache_dir": str(cache_root),
-                  **({"snippets_file": str(args.snippets or "bundled conversation_snippets.jsonl")} if snippets else {})},
+                  **({"snippets_file": str(args.snippets or "bundled conversation_snippets.jsonl")}
+                     if snippets else {})},
         )
         evaluation["conversations"] = _conversations(args, engines, cache, readout, evaluation)
         catalog_path = output_dir / CATALOG_FILE
@@ -317,7 +335,8 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
             for layer, entry in per_layer.items():
                 manifest["per_concept"][concept]["layers"][layer]["calibration"] = entry
         text = json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-        republish_manifest(vectors_path, manifest_path, text.encode("utf-8"))  # a new release, same vectors
+        republish_manifest(vectors_path, manifest_path, text.encode("utf-8"),  # a new release, same vectors
+                           keep=current_settings().keep_releases)
     return {"html": html_path, "json": json_path, "plots": plots, "evaluation": evaluation}
 
 
@@ -356,7 +375,8 @@ def local_output_dir(spec: str | Path, write_back: bool) -> Iterator[tuple[Path,
             with store.local_for_write("report") as target:
                 shutil.copytree(local / "report", target)
         if write_back:
-            republish_manifest(store.uri(""), None, (local / "manifest.json").read_bytes())
+            republish_manifest(store.uri(""), None, (local / "manifest.json").read_bytes(),
+                               keep=current_settings().keep_releases)
 
 
 def check_inputs(args: argparse.Namespace) -> None:

@@ -12,19 +12,25 @@ from typing import Any
 
 from amygdala_dagster.commands.flags import open_fraction, positive_int
 from amygdala_dagster.commands.inputs import check_jsonl_input
-from amygdala_dagster.engine.models import ModelLoadError
+from amygdala_dagster.engine.checkpoints import ModelLoadError
 from amygdala_dagster.engine.token_sample import DEFAULT_SAMPLE_TOKENS
-from amygdala_dagster.readout.episode import DEFAULT_FALSE_ALARM_RATE
+from amygdala_dagster.graph.nodes import MemoryGraphError
 from amygdala_dagster.pipeline.definitions import default_resources
-from amygdala_dagster.pipeline.resources import (
-    ArtifactStorage, EvaluationResource, MemoryGraphResource, ModelResource, SelectionResource, ShardingResource,
-)
 from amygdala_dagster.pipeline.instance import InstanceUnavailable
+from amygdala_dagster.pipeline.resources import (
+    ArtifactStorage,
+    EvaluationResource,
+    MemoryGraphResource,
+    ModelResource,
+    SelectionResource,
+    ShardingResource,
+)
 from amygdala_dagster.pipeline.runner import dagster_home, failures, get_instance, materialize_all, step_metadata
-from amygdala_dagster.readout.publish import POINTER_FILE, current_pair
-from amygdala_dagster.graph.sources import MemoryGraphError
-from amygdala_dagster.settings import MAX_SHARDS, absolute_location, current_settings, flag_type
-from amygdala_dagster.workflow import EVALUATION_HTML, MANIFEST_FILE, VECTORS_FILE, check_writable, fast_path_line
+from amygdala_dagster.readout.episode import DEFAULT_FALSE_ALARM_RATE
+from amygdala_dagster.readout.releases import POINTER_FILE, current_pair
+from amygdala_dagster.workflow.engine_settings import fast_path_line
+from amygdala_dagster.workflow.layout import EVALUATION_HTML, MANIFEST_FILE, VECTORS_FILE, check_writable
+from amygdala_dagster.workflow.settings import MAX_SHARDS, absolute_location, current_settings, flag_type
 
 HELP = "materialise the whole asset graph (snapshot -> vectors, manifest, report); runs show in `dagster dev`"
 
@@ -47,7 +53,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                         help="default: $AMYGDALA_DTYPE or auto (bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--device", default=None, type=flag_type("device"),
                         help="cpu, cuda, cuda:1, mps or auto (default: $AMYGDALA_DEVICE or auto)")
-    parser.add_argument("--batch-size", type=int, default=None, help="texts per forward batch (default: as many as the engine's token budget holds)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="texts per forward batch (default: as many as the engine's token budget holds)")
     parser.add_argument("--device-map", metavar="auto|JSON", default=None, type=flag_type("device_map"),
                         help='spread one model over the GPUs of this box: "auto" or a JSON {module: device} map '
                              "(default: $AMYGDALA_DEVICE_MAP)")
@@ -55,7 +62,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                         help=f"split the forward work into N parallel steps by text hash, 1 to {MAX_SHARDS} (local: "
                              "N processes, the CPU threads split between them; Kubernetes: one GPU pod each); a run "
                              "never uses more shards than it has unique texts. Default: $AMYGDALA_SHARDS or 1")
-    parser.add_argument("--cache-dir", default=None, help="activation cache (default: $AMYGDALA_CACHE_DIR or ~/.cache/amygdala/activations)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="activation cache (default: $AMYGDALA_CACHE_DIR or ~/.cache/amygdala/activations)")
     parser.add_argument("--emotions", metavar="E1,E2,...", default=None,
                         help="curated emotions, always included besides the data-driven choice "
                              "(added to $AMYGDALA_EMOTIONS)")
@@ -74,7 +82,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     """Token calibration and conversation evaluation flags (``run``, ``backfill-emotion``)."""
     parser.add_argument("--token-target-rate", type=open_fraction, default=0.01,
-                        help="share of calibration tokens the manifest's token threshold fires on (default: %(default)s)")
+                        help="share of calibration tokens the manifest's token threshold fires on "
+                             "(default: %(default)s)")
     parser.add_argument("--episode-false-alarm-rate", type=open_fraction, default=DEFAULT_FALSE_ALARM_RATE,
                         metavar="F", help="share of calibration conversations without an emotion on which its episode "
                                           "rule may fire (default: %(default)s)")

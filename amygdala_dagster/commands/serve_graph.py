@@ -9,9 +9,14 @@ from pathlib import Path
 from amygdala_dagster.commands.flags import byte_size
 from amygdala_dagster.data import sample_graph_path
 from amygdala_dagster.graph.server import (
-    DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_MAX_REQUEST_BYTES, JsonlGraph, RequestLimits, check_bind, serve,
+    DEFAULT_MAX_INFLIGHT_BYTES,
+    DEFAULT_MAX_REQUEST_BYTES,
+    JsonlGraph,
+    RequestLimits,
+    check_bind,
+    serve,
 )
-from amygdala_dagster.settings import current_settings
+from amygdala_dagster.workflow.settings import current_settings
 
 HELP = "serve a JSONL memory-graph export as an MCP server (list_nodes, graph_version)"
 

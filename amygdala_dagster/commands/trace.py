@@ -9,15 +9,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from amygdala_dagster.files.atomic import atomic_write_text
-from amygdala_dagster.engine.cache import is_url
 from amygdala_dagster.commands.flags import positive_int
-from amygdala_dagster.readout.manifest import ReadoutFileError, load_readout
-from amygdala_dagster.engine.models import ModelLoadError, load_model
-from amygdala_dagster.readout.runtime import ReadoutRuntime
+from amygdala_dagster.engine.cache import is_url
+from amygdala_dagster.engine.checkpoints import ModelLoadError
 from amygdala_dagster.engine.inputs import InputRecord, read_inputs
+from amygdala_dagster.engine.models import load_model
 from amygdala_dagster.evaluation.trace import build_trace, render_trace_html
-from amygdala_dagster.settings import current_settings, flag_type
+from amygdala_dagster.files.atomic import atomic_write_text
+from amygdala_dagster.readout.manifest import ReadoutFileError, load_readout
+from amygdala_dagster.readout.runtime import ReadoutRuntime
+from amygdala_dagster.workflow.settings import current_settings, flag_type
 
 HELP = ("run the model over conversations or text and show, per token, the calibrated readout of every concept "
         "and its episode rule (DIR/trace.html with a token heatmap and per-concept traces, DIR/trace.json)")
@@ -41,7 +42,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, type=flag_type("device"),
                         help="cpu, cuda, mps or auto (default: $AMYGDALA_DEVICE or auto)")
     parser.add_argument("--dtype", default=None, help="default: the manifest's dtype")
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="inputs per forward batch (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=8,
+                        help="inputs per forward batch (default: %(default)s)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
 
 
@@ -113,7 +115,8 @@ def main(args: argparse.Namespace) -> int:
     convs = out["trace"]["conversations"]
     for conv in convs[:_LISTED_INPUTS]:
         cut = conv.get("truncated")
-        shown = f"{cut['tokens_kept']} of {cut['tokens_total']} tokens (cut)" if cut else f"{len(conv['tokens'])} tokens"
+        shown = (f"{cut['tokens_kept']} of {cut['tokens_total']} tokens (cut)" if cut
+                 else f"{len(conv['tokens'])} tokens")
         episode = (f"; episode rule fired: {_names(conv['episode_fired']) or 'none'}"
                    if conv.get("episode_z") is not None else "")
         print(f"{conv['id']}: {shown}; fired: {_names(conv['fired']) or 'none'}{episode}")

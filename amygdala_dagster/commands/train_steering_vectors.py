@@ -17,8 +17,8 @@ text has to be forwarded: a repeated run on cached texts loads none.
         --dtype bf16 --batch-size 4
 
 This module is the command line only; the work is
-:func:`amygdala_dagster.training.train_from_examples_dir` (and
-:func:`~amygdala_dagster.training.train_readout_pair` given an engine).
+:func:`amygdala_dagster.workflow.training.train_from_examples_dir` (and
+:func:`~amygdala_dagster.workflow.training.train_readout_pair` given an engine).
 """
 
 from __future__ import annotations
@@ -31,30 +31,25 @@ from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
-from amygdala_dagster.engine.activations import ActivationOutOfMemoryError
-from amygdala_dagster.files.atomic import atomic_write_text
-from amygdala_dagster.engine.cache import DEFAULT_SHARD_SIZE, CacheError
-from amygdala_dagster.readout.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
-from amygdala_dagster.examples.selection import ExamplesFormatError
 from amygdala_dagster.commands.flags import positive_int
+from amygdala_dagster.engine.activations import ActivationOutOfMemoryError
+from amygdala_dagster.engine.cache import DEFAULT_SHARD_SIZE
+from amygdala_dagster.engine.checkpoints import ModelLoadError
 from amygdala_dagster.engine.layers import parse_layers
-from amygdala_dagster.engine.models import ModelLoadError, parse_device_map
-from amygdala_dagster.readout.publish import PublishError
-from amygdala_dagster.training import TrainingError, TrainResult, train_from_examples_dir
-from amygdala_dagster.workflow import (
-    DEFAULT_MODEL, EngineSettings, SettingsError, UnwritableError, check_writable, default_target_layers,
-    fast_path_line,
-)
+from amygdala_dagster.engine.placement import parse_device_map
+from amygdala_dagster.engine.shard_store import CacheError
+from amygdala_dagster.examples.selection import ExamplesFormatError
+from amygdala_dagster.files.atomic import atomic_write_text
 from amygdala_dagster.graph.tags import check_emotion_name
-
+from amygdala_dagster.readout.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
+from amygdala_dagster.readout.releases import PublishError
+from amygdala_dagster.workflow.engine_settings import DEFAULT_MODEL, EngineSettings, SettingsError, fast_path_line
+from amygdala_dagster.workflow.layout import UnwritableError, check_writable
+from amygdala_dagster.workflow.training import TrainingError, TrainResult, train_from_examples_dir
 
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 VECTORS_DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 POOLING_CHOICES = ("mean", "last")
-
-__all__ = ["TrainResult", "build_parser", "default_target_layers", "format_summary", "main",
-           "train_from_examples_dir"]
-
 
 # ----------------------------------------------------------------------------- command line
 def _layers_flag(text: str) -> str:
@@ -105,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-map", default=None, metavar="auto|JSON",
                    help='spread one model over several GPUs: "auto" or a JSON {module: device} map (needs accelerate)')
     p.add_argument("--cache-dir", default=None, metavar="DIR|URL",
-                   help="activation cache, a directory or fsspec URL such as s3://bucket/cache (default $AMYGDALA_CACHE_DIR or ~/.cache/amygdala/activations)")
+                   help="activation cache, a directory or fsspec URL such as s3://bucket/cache "
+                        "(default $AMYGDALA_CACHE_DIR or ~/.cache/amygdala/activations)")
     p.add_argument("--cache-shard-size", type=positive_int, default=DEFAULT_SHARD_SIZE, metavar="N",
                    help="texts per cache shard (a killed run resumes from complete shards)")
     p.add_argument("--estimator", default=DEFAULT_ESTIMATOR,

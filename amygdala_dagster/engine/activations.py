@@ -38,17 +38,19 @@ import resource
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Any, cast
 
 import torch
 
 from amygdala_dagster.engine.cache import fingerprint_id, reject_empty_texts
 from amygdala_dagster.engine.capture import run_until_captured
+from amygdala_dagster.engine.checkpoints import ModelLoadError
+from amygdala_dagster.engine.fast_path import FastPath, linear_attention_fast_path
 from amygdala_dagster.engine.inputs import token_ids
 from amygdala_dagster.engine.layers import check_layer_indices, resolve_layers
-from amygdala_dagster.engine.fast_path import FastPath, linear_attention_fast_path
-from amygdala_dagster.engine.models import LoadedModel, ModelLoadError
+from amygdala_dagster.engine.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +101,11 @@ class EngineStats:
     kernels_found: list[str] = field(default_factory=list)
     kernels_missing: list[str] = field(default_factory=list)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def tokenizer_hash(tokenizer) -> str:
+def tokenizer_hash(tokenizer: Any) -> str:
     """sha256 of the tokenizer's full definition (vocab, merges, normalisation, post-processing)
     plus the ids it gives a fixed probe text (catches Python-level options such as add_bos)."""
     digest = hashlib.sha256()
@@ -236,7 +238,7 @@ class ActivationEngine:
         self.tokenizer_hash = tokenizer_hash(self.tokenizer)
         self._pad_id = self._prepare_tokenizer()
 
-        self.fingerprint: dict = {
+        self.fingerprint: dict[str, Any] = {
             "engine_version": ENGINE_VERSION,
             "model": loaded.model_id,
             "revision": loaded.revision,
@@ -325,8 +327,9 @@ class ActivationEngine:
         if self.loaded.device_map:
             return torch.device(self.loaded.device)  # the embeddings' device (offloaded weights show 'meta')
         try:
-            emb = self.loaded.model.get_input_embeddings()
-            return emb.weight.device
+            emb = cast(Any, self.loaded.model).get_input_embeddings()  # a transformers PreTrainedModel
+            device: torch.device = emb.weight.device
+            return device
         except (AttributeError, NotImplementedError):
             param = next(self.loaded.model.parameters())
             return param.device
@@ -407,17 +410,17 @@ class ActivationEngine:
         float32 [B, L, H], {index: per-token activations [T, L, H]})``, the per-token ones (in the model's
         dtype) for the sequences ``per_token`` marks: pooled and per-token data of a text come out of one
         forward pass. The weights are loaded here when the engine has none yet."""
-        ids = [list(x) for x in ids]
-        if not ids:
+        seqs = [list(x) for x in ids]
+        if not seqs:
             return iter(())
-        empty = [i for i, x in enumerate(ids) if not x]
+        empty = [i for i, x in enumerate(seqs) if not x]
         if empty:
             raise ValueError(f"sequence #{empty[0]} has no token; nothing to forward through the model")
-        keep = [False] * len(ids) if per_token is None else [bool(x) for x in per_token]
-        if len(keep) != len(ids):
-            raise ValueError(f"{len(keep)} per-token flags for {len(ids)} sequences")
+        keep = [False] * len(seqs) if per_token is None else [bool(x) for x in per_token]
+        if len(keep) != len(seqs):
+            raise ValueError(f"{len(keep)} per-token flags for {len(seqs)} sequences")
         self.load_weights()
-        return self._batches(ids, keep, progress)
+        return self._batches(seqs, keep, progress)
 
     def _batches(self, ids: list[list[int]], keep: list[bool], progress: Callable[[int, int], None] | None
                  ) -> Iterator[tuple[list[int], torch.Tensor, dict[int, torch.Tensor]]]:

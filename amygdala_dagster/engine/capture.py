@@ -66,8 +66,5 @@ def capture(modules: Sequence[torch.nn.Module], on_output: OnOutput, *,
 def run_until_captured(model: torch.nn.Module, modules: Sequence[torch.nn.Module], on_output: OnOutput,
                        deepest: int, **inputs: Any) -> None:
     """One forward pass of ``model(**inputs)`` under :func:`capture`, ended after slot ``deepest``."""
-    with capture(modules, on_output, stop_after=deepest), torch.inference_mode():
-        try:
-            model(**inputs)
-        except StopForward:
-            pass
+    with capture(modules, on_output, stop_after=deepest), torch.inference_mode(), contextlib.suppress(StopForward):
+        model(**inputs)

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from tqdm.auto import tqdm
 
@@ -113,9 +113,9 @@ def ensure_cached(
         seq = seq_by_key[key]
         ids.append(list(seq.ids))
         per_token.append(True)
-        pooled = seq.text_sha if seq.text_sha in pooled_todo else None
-        pooled_todo.discard(pooled or "")
-        pooled_sha.append(pooled)
+        text_sha = seq.text_sha if seq.text_sha in pooled_todo else None
+        pooled_todo.discard(text_sha or "")
+        pooled_sha.append(text_sha)
         seq_key.append(key)
     rest = [s for s in first if s in pooled_todo]
     rest_ids, cut = engine.tokenize([texts[first[s]] for s in rest]) if rest else ([], [])
@@ -136,9 +136,10 @@ def ensure_cached(
         for batch, pooled, per_tok in engine.forward_ids(ids, per_token):
             rows = [j for j, i in enumerate(batch) if pooled_sha[i] is not None]
             if rows:
-                cache.add([pooled_sha[batch[j]] for j in rows], pooled[rows])  # type: ignore[misc]
+                cache.add([cast(str, pooled_sha[batch[j]]) for j in rows], pooled[rows])
             for i, hidden in per_tok.items():
-                tokens.put(seq_key[i], hidden)  # type: ignore[union-attr, arg-type]
+                assert tokens is not None  # per-token rows come only for sequences, which need the token cache
+                tokens.put(cast(str, seq_key[i]), hidden)
                 per_token_bytes += hidden.numel() * 2
             if bar is not None:
                 bar.update(len(batch))

@@ -20,13 +20,13 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from amygdala_dagster.files.jsonio import jsonl_objects
 
 Message = Mapping[str, str]
 #: A text, or a conversation as chat messages ``[{"role", "content"}, ...]``.
-Item = Union[str, Sequence[Message]]
+Item = str | Sequence[Message]
 
 #: Characters tokenised per token of ``max_tokens`` before looking further into a long text
 #: (English averages ~4 characters per token; a text denser than this is re-read with a longer prefix).
@@ -186,7 +186,7 @@ def render(tokenizer: Any, item: Item, *, add_generation_prompt: bool = False) -
 
 
 def _tokenize(tokenizer: Any, text: str, add_special_tokens: bool,
-              max_tokens: int | None) -> tuple[list[int], list, int]:
+              max_tokens: int | None) -> tuple[list[int], list[tuple[int, int]], int]:
     """Token ids cut to ``max_tokens`` as the tokenizer truncates, their offsets (empty when the tokenizer
     gives none) and how many tokens the whole text has.
 
@@ -214,7 +214,8 @@ def _tokenize(tokenizer: Any, text: str, add_special_tokens: bool,
     return ids, offsets, total
 
 
-def _pieces(tokenizer: Any, text: str, ids: list[int], offsets: list, special: list[bool]) -> list[str]:
+def _pieces(tokenizer: Any, text: str, ids: list[int], offsets: list[tuple[int, int]],
+            special: list[bool]) -> list[str]:
     """The text each token covers, with the gap before it, so that the pieces read as the text."""
     tokens = tokenizer.convert_ids_to_tokens(ids)
     if len(offsets) != len(ids):

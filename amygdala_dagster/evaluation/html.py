@@ -36,7 +36,7 @@ BIDI_CONTROLS = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2
 _BIDI = re.compile(f"[{BIDI_CONTROLS}]")
 
 
-def number(x: Any, digits: int = 3) -> str:
+def number(x: object, digits: int = 3) -> str:
     """``x`` with ``digits`` decimals when a float, as is otherwise; "–" for None and non-finite floats."""
     if x is None:
         return "–"
@@ -50,7 +50,7 @@ def png_data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def script_json(value: Any) -> Markup:
+def script_json(value: object) -> Markup:
     """Compact JSON for a ``<script type="application/json">`` element; ``</`` is escaped so that no
     string in it can close the element."""
     return Markup(json.dumps(value, separators=(",", ":")).replace("</", "<\\/"))
@@ -61,7 +61,7 @@ def bidi_marker(ch: str) -> str:
     return f"⟨U+{ord(ch):04X}⟩"
 
 
-def inert(value: Any, attribute: bool = False) -> Markup:
+def inert(value: object, attribute: bool = False) -> Markup:
     """``value`` as escaped text in which every bidirectional control is replaced by its marker
     (:func:`bidi_marker`): in element content a ``<span class="bidi">`` with the character's name as its
     title and ``dir="ltr"`` (isolated, so that it reads the same in right-to-left text); with

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -14,13 +14,17 @@ from amygdala_dagster.evaluation.html import png_data_uri
 from amygdala_dagster.evaluation.runtime_report import runtime_plots
 from amygdala_dagster.evaluation.verdicts import attention_order
 
+if TYPE_CHECKING:  # matplotlib itself is imported when a figure is drawn
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
 _DPI = 90
 
 
 # ----------------------------------------------------------------------------- plotting
 
 
-def _figure(w: float, h: float):  # noqa: ANN202 - matplotlib types
+def _figure(w: float, h: float) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -29,7 +33,7 @@ def _figure(w: float, h: float):  # noqa: ANN202 - matplotlib types
     return fig
 
 
-def _png(fig, tight: bool = True) -> bytes:  # noqa: ANN001
+def _png(fig: Figure, tight: bool = True) -> bytes:
     buf = io.BytesIO()
     if tight:  # a layout pass costs about one extra draw; the small per-emotion figures use fixed margins
         fig.tight_layout()
@@ -45,22 +49,23 @@ def report_layer(evaluation: Mapping[str, Any]) -> int:
     """The layer the cross-talk figure shows: the best shipped layer by mean held-out AUROC."""
     means = evaluation["summary"]["mean_auroc_by_layer"]
     layers = evaluation["layers"]
-    scored = [l for l in layers if means.get(str(l)) is not None]
-    return max(scored, key=lambda l: (means[str(l)], -l)) if scored else layers[-1]
+    scored = [layer for layer in layers if means.get(str(layer)) is not None]
+    return cast(int, max(scored, key=lambda layer: (means[str(layer)], -layer)) if scored else layers[-1])
 
 
 def plot_auroc_by_layer(evaluation: Mapping[str, Any]) -> bytes:
     """Held-out AUROC by layer, one line per emotion (the sweep's layers when a sweep ran)."""
     sweep = evaluation.get("layer_sweep")
     if sweep:
-        layers = [int(l) for l in sweep["layers"]]
-        table = {e: [_nan(row.get(str(l))) for l in layers] for e, row in sweep["auroc"].items()}
-        mean = [_nan(sweep["mean_auroc"].get(str(l))) for l in layers]
+        layers = [int(layer) for layer in sweep["layers"]]
+        table = {e: [_nan(row.get(str(layer))) for layer in layers] for e, row in sweep["auroc"].items()}
+        mean = [_nan(sweep["mean_auroc"].get(str(layer))) for layer in layers]
         title = f"Held-out AUROC by layer (sweep, {sweep['estimator']})"
     else:
-        layers = [int(l) for l in evaluation["layers"]]
-        table = {e: [_nan(r["layers"][str(l)]["auroc"]) for l in layers] for e, r in evaluation["emotions"].items()}
-        mean = [_nan(evaluation["summary"]["mean_auroc_by_layer"].get(str(l))) for l in layers]
+        layers = [int(layer) for layer in evaluation["layers"]]
+        table = {e: [_nan(r["layers"][str(layer)]["auroc"]) for layer in layers]
+                 for e, r in evaluation["emotions"].items()}
+        mean = [_nan(evaluation["summary"]["mean_auroc_by_layer"].get(str(layer))) for layer in layers]
         title = "Held-out AUROC by layer (shipped vectors)"
     fig = _figure(7.5, 4.2)
     ax = fig.add_subplot(1, 1, 1)
@@ -84,7 +89,8 @@ def plot_auroc_by_layer(evaluation: Mapping[str, Any]) -> bytes:
     return _png(fig)
 
 
-def _heat(ax, mat: np.ndarray, labels: Sequence[str], title: str, vmin: float, vmax: float, fig) -> None:  # noqa: ANN001
+def _heat(ax: Axes, mat: np.ndarray, labels: Sequence[str], title: str, vmin: float, vmax: float,
+          fig: Figure) -> None:
     im = ax.imshow(mat, cmap="RdBu_r", vmin=vmin, vmax=vmax)
     small = len(labels) <= 30
     ax.set_xticks(range(len(labels)) if small else [])
@@ -106,14 +112,16 @@ def plot_crosstalk(evaluation: Mapping[str, Any], layer: int | None = None) -> b
     ct = evaluation["crosstalk"]
     layer = report_layer(evaluation) if layer is None else int(layer)
     labels = ct["concepts"]
-    cos = np.array([[_nan(x) for x in row] for row in ct["cosine"][str(layer)]], dtype=np.float64).reshape(len(labels), len(labels))
+    cos = np.array([[_nan(x) for x in row] for row in ct["cosine"][str(layer)]],
+                   dtype=np.float64).reshape(len(labels), len(labels))
     has_co = ct.get("cooccurrence") is not None
     side = max(3.5, min(0.32 * len(labels) + 2.0, 9.0))
     fig = _figure(side * (2 if has_co else 1) + 0.5, side)
     ax = fig.add_subplot(1, 2 if has_co else 1, 1)
     _heat(ax, cos, labels, f"vector cosine, layer {layer}", -1.0, 1.0, fig)
     if has_co:
-        co = np.array([[_nan(x) for x in row] for row in ct["cooccurrence"]], dtype=np.float64).reshape(len(labels), len(labels))
+        co = np.array([[_nan(x) for x in row] for row in ct["cooccurrence"]],
+                      dtype=np.float64).reshape(len(labels), len(labels))
         _heat(fig.add_subplot(1, 2, 2), co, labels, "tag co-occurrence (score correlation)", -1.0, 1.0, fig)
     return _png(fig)
 
@@ -132,7 +140,7 @@ def plot_histogram(evaluation: Mapping[str, Any], emotion: str, layer: int | Non
     fig.subplots_adjust(left=0.12, right=0.97, top=0.9, bottom=0.16)
     ax = fig.add_subplot(1, 1, 1)
     both = np.concatenate([pos, neg])
-    bins = np.histogram_bin_edges(both, bins=min(30, max(5, len(both) // 3))) if len(both) else 10
+    bins: Any = np.histogram_bin_edges(both, bins=min(30, max(5, len(both) // 3))) if len(both) else 10
     if len(neg):
         ax.hist(neg, bins=bins, alpha=0.55, color="tab:blue", label=f"negatives (n={len(neg)})")
     if len(pos):

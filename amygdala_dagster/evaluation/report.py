@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from amygdala_dagster.files.atomic import atomic_write_bytes, atomic_write_text
 from amygdala_dagster.evaluation.html import number, render
 from amygdala_dagster.evaluation.plots import all_plots
 from amygdala_dagster.evaluation.runtime_report import runtime_view
+from amygdala_dagster.files.atomic import atomic_write_bytes, atomic_write_text
 
 # ----------------------------------------------------------------------------- text
 
@@ -79,7 +79,8 @@ def _counts_line(evaluation: Mapping[str, Any]) -> str:
     c = s["verdict_counts"]
     worst = s.get("worst_emotion")
     return (f"{len(evaluation['emotions'])} emotions: {c['use']} use, {c['weak']} weak, {c['do_not_use']} do not use. "
-            f"Held-out AUROC at the best layer: mean {_f(s.get('mean_best_auroc'))}, worst {_f(s.get('worst_best_auroc'))}"
+            f"Held-out AUROC at the best layer: mean {_f(s.get('mean_best_auroc'))}, "
+            f"worst {_f(s.get('worst_best_auroc'))}"
             + (f" ({worst})" if worst else "")
             + (f"; {s['n_not_evaluable']} not evaluable" if s.get("n_not_evaluable") else "") + ".")
 
@@ -95,12 +96,13 @@ def summary_markdown(evaluation: Mapping[str, Any], max_rows: int = 50) -> str:
         table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         table += ["| " + " | ".join(r[h].replace("|", "\\|") for h in head) + " |" for r in rows]
         if len(order) > max_rows:
+            worst_shown = VERDICT_LABEL[evaluation["verdicts"][order[max_rows]]["verdict"]]
             table.append(f"\n(+{len(order) - max_rows} more emotions, each with verdict "
-                         f"{VERDICT_LABEL[evaluation['verdicts'][order[max_rows]]['verdict']]} or better; see the report)")
+                         f"{worst_shown} or better; see the report)")
         blocks.append("\n".join(table))
     s = evaluation["summary"]
     blocks.append("Mean held-out AUROC by layer: " + ", ".join(
-        f"{l}: {_f(v)}" for l, v in s["mean_auroc_by_layer"].items()))
+        f"{layer}: {_f(v)}" for layer, v in s["mean_auroc_by_layer"].items()))
     if s.get("mean_auroc_by_estimator") and len(s["mean_auroc_by_estimator"]) > 1:
         blocks.append("Mean held-out AUROC by estimator: " + ", ".join(
             f"{k}: {_f(v)}" for k, v in s["mean_auroc_by_estimator"].items()))
@@ -119,7 +121,8 @@ def emotion_markdown(evaluation: Mapping[str, Any], emotion: str) -> str:
     verdict = evaluation["verdicts"][emotion]
     lines = [f"**{emotion}**: {VERDICT_LABEL[verdict['verdict']]} (best layer {_f(res['best_layer'])})", ""]
     lines += [f"- {r}" for r in verdict["reasons"]] + [""]
-    lines += ["| layer | AUROC | Cohen's d | accuracy | threshold | pos mean±sd | neg mean±sd |", "|---|---|---|---|---|---|---|"]
+    lines += ["| layer | AUROC | Cohen's d | accuracy | threshold | pos mean±sd | neg mean±sd |",
+              "|---|---|---|---|---|---|---|"]
     for layer in evaluation["layers"]:
         e = res["layers"][str(layer)]
         cal = e.get("calibration") or {}
@@ -199,7 +202,9 @@ def emotion_view(ev: Mapping[str, Any], emotion: str, plots: Mapping[str, bytes]
     verdict = ev["verdicts"][emotion]
     hist = plots.get(f"hist_{emotion}.png")
     c = res["confounds"]
-    mix = lambda d: ", ".join(f"{k}:{v}" for k, v in d.items()) or "–"  # noqa: E731
+    def mix(d: Mapping[str, int]) -> str:
+        return ", ".join(f"{k}:{v}" for k, v in d.items()) or "–"
+
     confounds = table_view(
         ["", "node types", "median length", "trivial baseline AUROC"],
         [["positives", mix(c["node_type_mix"]["positive"]), _f(c["text_length"]["positive"]["median"], 0),
@@ -207,9 +212,10 @@ def emotion_view(ev: Mapping[str, Any], emotion: str, plots: Mapping[str, bytes]
          ["negatives", mix(c["node_type_mix"]["negative"]), _f(c["text_length"]["negative"]["median"], 0),
           f"node type {_f(c['baseline_auroc']['node_type'])}"]])
     names = list(ev["settings"]["estimators"])
-    estimators = table_view(["estimator", *[f"layer {l}" for l in ev["layers"]]],
-                            [[n, *[_f(res["estimators"][n].get(str(l))) for l in ev["layers"]]] for n in names]) \
-        if len(names) > 1 else None
+    estimators = table_view(
+        ["estimator", *[f"layer {layer}" for layer in ev["layers"]]],
+        [[n, *[_f(res["estimators"][n].get(str(layer))) for layer in ev["layers"]]] for n in names],
+    ) if len(names) > 1 else None
     texts = (ev.get("generalisation") or {}).get("texts", {})
     gen = (ev.get("generalisation") or {}).get("emotions", {}).get(emotion)
     snippets = None
@@ -241,14 +247,14 @@ def report_view(evaluation: Mapping[str, Any], plots: Mapping[str, bytes]) -> di
     sweep = ev.get("layer_sweep")
     sweep_view = None
     if sweep:
-        body = [[e, *[_f(row.get(str(l))) for l in sweep["layers"]]] for e, row in sweep["auroc"].items()]
-        body.append(["mean", *[_f(sweep["mean_auroc"].get(str(l))) for l in sweep["layers"]]])
+        body = [[e, *[_f(row.get(str(layer))) for layer in sweep["layers"]]] for e, row in sweep["auroc"].items()]
+        body.append(["mean", *[_f(sweep["mean_auroc"].get(str(layer))) for layer in sweep["layers"]]])
         if sweep.get("depth_fraction"):
-            body.append(["depth", *[f"{sweep['depth_fraction'][str(l)]:.0%}" for l in sweep["layers"]]])
+            body.append(["depth", *[f"{sweep['depth_fraction'][str(layer)]:.0%}" for layer in sweep["layers"]]])
         sweep_view = {"n_layers": len(sweep["layers"]), "estimator": sweep["estimator"],
                       "recommended": ", ".join(map(str, sweep["recommended_layers"])),
                       "n_model_layers": sweep.get("n_model_layers"),
-                      "table": table_view(["emotion", *[str(l) for l in sweep["layers"]]], body)}
+                      "table": table_view(["emotion", *[str(layer) for layer in sweep["layers"]]], body)}
     ct = ev["crosstalk"]
     names = list(st["estimators"])
     return {
@@ -268,7 +274,7 @@ def report_view(evaluation: Mapping[str, Any], plots: Mapping[str, bytes]) -> di
         "verdict_table": table_view(list(rows[0]), [list(r.values()) for r in rows],
                                     row_class=[f"v-{ev['verdicts'][e]['verdict']}" for e in order]) if rows else None,
         "details": [emotion_view(ev, e, plots) for e in order],
-        "mean_by_layer": ", ".join(f"{l}: {_f(v)}" for l, v in s["mean_auroc_by_layer"].items()),
+        "mean_by_layer": ", ".join(f"{layer}: {_f(v)}" for layer, v in s["mean_auroc_by_layer"].items()),
         "recommended_layers": ", ".join(map(str, s["recommended_layers"])) or "–",
         "sweep": sweep_view,
         "crosstalk": {"threshold": ct["threshold"], "n_pairs": len(ct["pairs"]), "open": len(ct["pairs"]) <= 20,

@@ -38,7 +38,9 @@ def runtime_plots(evaluation: Mapping[str, Any]) -> dict[str, bytes]:
 
     per = conv["per_emotion"]
     names = list(per)
-    nan = lambda v: float("nan") if v is None else v  # noqa: E731
+    def nan(v: float | None) -> float:
+        return float("nan") if v is None else v
+
     if len(names) > MAX_BARS:
         return {PLOT: _scatter_png(plt, per, nan)}
     episodes = any(per[n].get("episode") for n in names)

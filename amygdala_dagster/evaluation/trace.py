@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
+from amygdala_dagster.engine.inputs import Encoded
 from amygdala_dagster.evaluation.html import number, render
-from amygdala_dagster.readout.metrics import z_score
 from amygdala_dagster.readout.manifest import calibration_entry
-from amygdala_dagster.readout.runtime import calibrated_scores
+from amygdala_dagster.readout.metrics import z_score
+from amygdala_dagster.readout.runtime import TokenScores, calibrated_scores
 
 TRACE_FORMAT = "amygdala-trace/1"
 DEFAULT_TOP_K = 5
@@ -38,16 +39,16 @@ def moving_average(values: np.ndarray, window: int = SMOOTH_WINDOW) -> np.ndarra
     c = np.concatenate([[0.0], np.cumsum(v)])
     idx = np.arange(1, v.size + 1)
     lo = np.maximum(idx - window, 0)
-    return (c[idx] - c[lo]) / (idx - lo)
+    return cast(np.ndarray, (c[idx] - c[lo]) / (idx - lo))
 
 
-def thresholds(manifest: Mapping[str, Any], layer: int) -> tuple[str, dict[str, dict[str, float] | None]]:
+def thresholds(manifest: Mapping[str, Any], layer: int) -> tuple[str, dict[str, dict[str, float | None] | None]]:
     """``(kind, {concept: {"raw", "z", "neg_mean", "neg_std"}})``: the token calibration's thresholds, or
     for a format-1 manifest (no token calibration) the text-level ones (``kind`` says which)."""
     kind = "token"
     if all(calibration_entry(manifest, c, layer, "token") is None for c in manifest["concepts"]):
         kind = "text"
-    out: dict[str, dict[str, float] | None] = {}
+    out: dict[str, dict[str, float | None] | None] = {}
     for c in manifest["concepts"]:
         cal = calibration_entry(manifest, c, layer, kind)
         if not cal or cal.get("threshold") is None or cal.get("neg_mean") is None:
@@ -84,7 +85,7 @@ def concept_summary(raw: np.ndarray, z: np.ndarray, scored: np.ndarray, threshol
     }
 
 
-def _rank_key(s: Mapping[str, Any], episode: Mapping[str, Any] | None) -> tuple:
+def _rank_key(s: Mapping[str, Any], episode: Mapping[str, Any] | None) -> tuple[Any, ...]:
     sm = s["max_smoothed_z"]
     return (not (episode or {}).get("fired"), not s["fired"], -(s["n_fired"]),
             -(sm if sm is not None and math.isfinite(sm) else -1e9))
@@ -123,7 +124,7 @@ def _episode(scores: Any, layer: int, manifest: Mapping[str, Any]) -> tuple[dict
     return out, stat_z
 
 
-def trace_record(scores: Any, layer: int, manifest: Mapping[str, Any], *, top_k: int = DEFAULT_TOP_K,
+def trace_record(scores: TokenScores, layer: int, manifest: Mapping[str, Any], *, top_k: int = DEFAULT_TOP_K,
                  concepts: Sequence[str] | None = None, digits: int = 4) -> dict[str, Any]:
     """The JSON record of one :class:`~amygdala_dagster.readout.runtime.TokenScores` at ``layer``."""
     kind, thr = thresholds(manifest, layer)
@@ -198,7 +199,7 @@ def plot_view(z: Sequence[float | None], scored: Sequence[bool], thr: float | No
         "w": w, "h": h, "pad": pad, "right": w - 6, "name": name, "color": color, "y_zero": f"{y(0):.1f}",
         "threshold": {"y": f"{y(thr):.1f}", "z": f"{thr:.2f}"} if thr is not None else None,
         "points": " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in pts),
-        "dots": [(f"{x(i):.1f}", f"{y(z[i]):.1f}") for i in fired[:200] if z[i] is not None],
+        "dots": [(f"{x(i):.1f}", f"{y(zi):.1f}") for i in fired[:200] if (zi := z[i]) is not None],
         "episode": " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in ep),
         "episode_threshold": {"y": f"{y(episode_thr):.1f}", "z": f"{episode_thr:.2f}"}
         if episode_thr is not None else None,
@@ -245,8 +246,8 @@ def conversation_view(record: Mapping[str, Any], thr: Mapping[str, Mapping[str, 
                                _PALETTE[k % len(_PALETTE)], hits, episode_z.get(c),
                                (rules.get(c) or {}).get("threshold_z"), (episode.get(c) or {}).get("first")))
     data = {"z": {c: record["z"][c] for c in top}, "raw": {c: record["raw"][c] for c in top},
-            "scored": record["scored"], "thr": {c: (thr[c]["z"] if thr.get(c) else None) for c in top},
-            "thrRaw": {c: (thr[c]["raw"] if thr.get(c) else None) for c in top}}
+            "scored": record["scored"], "thr": {c: (tc["z"] if (tc := thr.get(c)) else None) for c in top},
+            "thrRaw": {c: (tc["raw"] if (tc := thr.get(c)) else None) for c in top}}
     return {"uid": uid, "title": title or record["id"], "heading": heading, "n_tokens": len(record["tokens"]),
             "n_scored": sum(record["scored"]), "layer": record["layer"], "fired": list(record["fired"]),
             "episode_fired": list(record.get("episode_fired") or []), "has_rules": bool(episode_z),
@@ -302,9 +303,9 @@ def build_trace(scores: Sequence[Any], layer: int, manifest: Mapping[str, Any], 
     }
 
 
-def truncation(encoded: Any) -> dict[str, int] | None:
+def truncation(encoded: Encoded) -> dict[str, int] | None:
     """``{"tokens_total", "tokens_kept"}`` when ``max_tokens`` cut an input's
     :class:`~amygdala_dagster.readout.runtime.Encoded` (the trace shows only the kept tokens), else None."""
     if not encoded.truncated:
         return None
-    return {"tokens_total": int(encoded.n_tokens_total), "tokens_kept": len(encoded.ids)}
+    return {"tokens_total": int(cast(int, encoded.n_tokens_total)), "tokens_kept": len(encoded.ids)}

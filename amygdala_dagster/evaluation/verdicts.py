@@ -79,7 +79,7 @@ def _emotion_flags(evaluation: Mapping[str, Any], emotion: str, criteria: Criter
         base = res["confounds"]["baseline_auroc"]
         scored = {k: _num(v) for k, v in base.items() if math.isfinite(_num(v))}
         if scored:
-            which = max(scored, key=scored.get)
+            which = max(scored, key=lambda k: scored[k])
             if auc <= scored[which] + criteria.confound_margin:
                 flags.append(_flag(
                     emotion, "confound", "do_not_use",
@@ -228,7 +228,7 @@ def apply_verdicts(evaluation: dict[str, Any], criteria: Criteria | None = None)
     counts = Counter(v["verdict"] for v in j["verdicts"].values())
     aucs = {e: _num(r.get("best_auroc")) for e, r in evaluation["emotions"].items()}
     scored = {e: a for e, a in aucs.items() if math.isfinite(a)}
-    worst = min(scored, key=scored.get) if scored else None
+    worst = min(scored, key=lambda e: scored[e]) if scored else None
     evaluation.setdefault("summary", {}).update({
         "verdict_counts": {v: counts.get(v, 0) for v in VERDICTS},
         "n_flagged": sum(1 for v in j["verdicts"].values() if v["flags"]),

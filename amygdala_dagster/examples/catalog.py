@@ -35,7 +35,12 @@ import numpy as np
 import polars as pl
 
 from amygdala_dagster.examples.selection import (
-    BodyRow, SelectionParams, body_mentions, body_rows, eligible_rows, is_int,
+    BodyRow,
+    SelectionParams,
+    body_mentions,
+    body_rows,
+    eligible_rows,
+    is_int,
 )
 from amygdala_dagster.graph.tags import check_emotion_name
 
@@ -45,7 +50,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CORE_NODE_TYPES = ("core", "core-personality", "pattern")
 SOURCES = ("curated", "both", "core/pattern", "tags")
 
-CATALOG_SCHEMA: dict[str, pl.DataType] = {
+CATALOG_SCHEMA: dict[str, pl.DataType | type[pl.DataType]] = {
     "emotion": pl.Utf8,
     "n_tagged": pl.Int64,
     "n_positive": pl.Int64,
@@ -126,7 +131,7 @@ def catalog_of(
         log.warning("curated emotion(s) not tagged on any node of the graph: %s", ", ".join(absent))
     names = sorted(set(tag_scores) | set(curated_names))
     n_core = core_emotions(rows, names, core_node_types)
-    records = []
+    records: list[dict[str, Any]] = []
     eligible = {}
     for e in names:
         pos, neg = eligible[e] = eligible_rows(rows, e, params)

@@ -12,8 +12,18 @@ from typing import Any
 
 from amygdala_dagster.examples.catalog import DEFAULT_CORE_NODE_TYPES, catalog_of, qualifying_emotions, sources
 from amygdala_dagster.examples.selection import (
-    EXAMPLE_FIELDS, FORMAT_VERSION, POLARITY_FILES, SPLITS, Example, ExampleSet, ExamplesFormatError,
-    SelectionParams, body_rows, check_dir_name, is_number, select_from_rows,
+    EXAMPLE_FIELDS,
+    FORMAT_VERSION,
+    POLARITY_FILES,
+    SPLITS,
+    Example,
+    ExampleSet,
+    ExamplesFormatError,
+    SelectionParams,
+    body_rows,
+    check_dir_name,
+    is_number,
+    select_from_rows,
 )
 from amygdala_dagster.files.atomic import atomic_directory, atomic_write_bytes
 from amygdala_dagster.files.jsonio import jsonl_objects
@@ -108,7 +118,8 @@ def write_examples_dir(
         index_bytes = (json.dumps(index, ensure_ascii=False, sort_keys=True, indent=2) + "\n").encode("utf-8")
         # Written last: a directory with an index.json is a complete one.
         atomic_write_bytes(tmp / "index.json", index_bytes)
-    return json.loads(index_bytes)
+    written: dict[str, Any] = json.loads(index_bytes)
+    return written
 
 
 def _read_jsonl(path: Path) -> list[Example]:

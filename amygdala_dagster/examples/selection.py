@@ -58,11 +58,11 @@ class ExamplesFormatError(ValueError):
 # --------------------------------------------------------------------------- parameters
 
 
-def is_number(value: Any) -> bool:
+def is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def is_int(value: Any) -> bool:
+def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -189,6 +189,13 @@ class ExampleSet:
         """Why this set cannot train a direction (empty when it can): :func:`training_problems`."""
         counts = self.counts()
         return training_problems(self.emotion, counts["train_positives"], counts["train_negatives"])
+
+
+def sets_by_emotion(example_sets: Mapping[str, ExampleSet] | Iterable[ExampleSet]) -> dict[str, ExampleSet]:
+    """``{emotion: ExampleSet}`` from such a mapping or from an iterable of sets."""
+    if isinstance(example_sets, Mapping):
+        return dict(example_sets)
+    return {s.emotion: s for s in example_sets}
 
 
 def split_for_key(key: str, holdout_fraction: float) -> Split:

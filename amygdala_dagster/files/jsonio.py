@@ -6,6 +6,7 @@ import json
 import math
 import os
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,7 +42,7 @@ def jsonl_values(path: str | os.PathLike[str], error: type[Exception] = ValueErr
     the file and line.
     """
     if data is None:
-        data = open(path, "rb").read()
+        data = Path(path).read_bytes()
     for lineno, line in enumerate(data.splitlines(), start=1):
         if not line.strip():
             continue
@@ -59,7 +60,8 @@ def jsonl_values(path: str | os.PathLike[str], error: type[Exception] = ValueErr
         yield where, value
 
 
-def jsonl_objects(path: str | os.PathLike[str], error: type[Exception] = ValueError) -> Iterator[tuple[str, dict]]:
+def jsonl_objects(path: str | os.PathLike[str], error: type[Exception] = ValueError
+                  ) -> Iterator[tuple[str, dict[str, Any]]]:
     """:func:`jsonl_values` of a file whose every line must be a JSON object."""
     for where, value in jsonl_values(path, error):
         if not isinstance(value, dict):

@@ -21,14 +21,18 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeAlias
 
 from upath import UPath
 from upath.implementations.local import LocalPath
 
 LOCAL_PROTOCOLS = ("", "file", "local")
 
+#: A local path or an fsspec URL, as a string, a path or a UPath.
+Location: TypeAlias = str | os.PathLike[str] | UPath
 
-def location(path: str | os.PathLike[str]) -> UPath:
+
+def location(path: Location) -> UPath:
     """``path`` (a local path or an fsspec URL) as a UPath; local paths are absolute and ``~``-expanded."""
     p = path if isinstance(path, UPath) else UPath(str(path))
     if is_local(p):
@@ -37,7 +41,7 @@ def location(path: str | os.PathLike[str]) -> UPath:
     return p
 
 
-def is_local(path: str | os.PathLike[str]) -> bool:
+def is_local(path: Location) -> bool:
     """True for a plain path or a ``file://`` URL (a filesystem with rename and links)."""
     p = path if isinstance(path, UPath) else UPath(str(path))
     return isinstance(p, LocalPath) or p.protocol in LOCAL_PROTOCOLS

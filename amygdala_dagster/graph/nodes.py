@@ -1,13 +1,20 @@
-"""The memory-graph node record (Contract 4) and its normalisation."""
+"""The memory-graph node record (Contract 4), its normalisation, and what every source shares (error, progress)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
+
+#: Told the number of nodes read so far (its result is ignored).
+Progress = Callable[[int], object]
+
+
+class MemoryGraphError(RuntimeError):
+    """The memory graph could not be read; the message names the URL or file and what failed."""
 
 
 class GraphVersion(NamedTuple):
@@ -54,7 +61,7 @@ def _scalar(raw: Mapping[str, Any], name: str, numbers: bool) -> str | None:
     raise TypeError(f"{name!r} is {type(value).__name__}, not a string")
 
 
-def node_from_mapping(raw: Any) -> MemoryNode | str:
+def node_from_mapping(raw: object) -> MemoryNode | str:
     """A :class:`MemoryNode` from a raw mapping, or the reason it is unusable."""
     if not isinstance(raw, Mapping):
         return f"not an object ({type(raw).__name__})"

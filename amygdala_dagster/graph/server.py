@@ -40,9 +40,11 @@ from typing import Any, TypedDict
 import uvicorn
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from amygdala_dagster.graph.sources import STALE_CURSOR, GraphVersion, jsonl_graph_version
+from amygdala_dagster.graph.mcp_source import STALE_CURSOR
+from amygdala_dagster.graph.nodes import GraphVersion
+from amygdala_dagster.graph.sources import jsonl_graph_version
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +362,7 @@ class _RequestLimits:
             body: bytes | None = b"".join(chunks)
             chunks.clear()
 
-            async def replay() -> Any:
+            async def replay() -> Message:
                 # The body once, then the server's own messages (a disconnect); no reference to it is kept.
                 nonlocal body
                 if body is not None:

@@ -15,6 +15,7 @@ import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -24,7 +25,7 @@ from amygdala_dagster.graph.tags import parse_tags
 
 SCORES_DTYPE = pl.List(pl.Struct({"emotion": pl.Utf8, "score": pl.Float64}))
 
-SNAPSHOT_SCHEMA: dict[str, pl.DataType] = {
+SNAPSHOT_SCHEMA: dict[str, pl.DataType | type[pl.DataType]] = {
     "key": pl.Utf8,
     "node_type": pl.Utf8,
     "created_at": pl.Utf8,
@@ -51,7 +52,7 @@ def build_snapshot(nodes: Iterable[MemoryNode]) -> pl.DataFrame:
     Raises :class:`SnapshotError` on a key seen twice (sources dedupe keys via
     :func:`amygdala_dagster.graph.nodes.normalize_nodes`; a duplicate here is a bug upstream).
     """
-    rows: dict[str, dict] = {}
+    rows: dict[str, dict[str, Any]] = {}
     for node in nodes:
         key = _valid_utf8(node.key, node.key)
         if key in rows:

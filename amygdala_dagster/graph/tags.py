@@ -56,7 +56,7 @@ def _is_name_char(ch: str) -> bool:
     return cat[0] in "LM" or cat == "Nd"
 
 
-def normalize_emotion_name(raw: str) -> str | None:
+def normalize_emotion_name(raw: object) -> str | None:
     """The normalised emotion name for ``raw`` (see :data:`NAME_RULE`), or None if it is not one."""
     if not isinstance(raw, str):
         return None
@@ -130,9 +130,9 @@ def parse_tags(content: str) -> ParsedContent:
         if pairs is None:
             break
         cut = i
-        for name, value in pairs:
+        for raw_name, value in pairs:
             score = parse_score(value)
-            name = normalize_emotion_name(name)
+            name = normalize_emotion_name(raw_name)
             if name is None or score is None:
                 malformed += 1
                 continue

@@ -1,6 +1,8 @@
-"""The Dagster layer: assets, resources, checks, sensor and definitions (wiring only, no algorithms).
+"""The Dagster layer: assets, resources, checks, sensor, jobs and definitions (wiring only, no algorithms).
 
-``amygdala_dagster.pipeline.definitions`` is the code location loaded by
+Owns the asset graph (asset and job names, the ``emotion`` partitions, the checks) and how runs are
+recorded and launched (:mod:`.runner`, :mod:`.instance`, :mod:`.k8s`); calls the workflow and the stages
+below for every computation. ``amygdala_dagster.pipeline.definitions`` is the code location loaded by
 ``dagster dev`` (``workspace.yaml``) and ``dagster asset materialize -m``.
 """
 

@@ -9,6 +9,7 @@ The specs name their asset by key, so the asset modules import this one and not 
 
 import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -129,7 +130,7 @@ def vectors_problems(concepts: Sequence[str], layers: Sequence[int], vectors: Ma
                      hidden_size: int | None = None) -> list[str]:
     """Every layer's matrix is [len(concepts), H], finite, with unit-norm rows."""
     out = []
-    if sorted(int(l) for l in vectors) != sorted(int(l) for l in layers):
+    if sorted(int(layer) for layer in vectors) != sorted(int(layer) for layer in layers):
         out.append(f"vector layers {sorted(vectors)} differ from the listed layers {list(layers)}")
     for layer in layers:
         m = vectors.get(int(layer))
@@ -142,10 +143,11 @@ def vectors_problems(concepts: Sequence[str], layers: Sequence[int], vectors: Ma
     return out
 
 
-def manifest_problems(vectors_path: Any, manifest_path: Any, expected_concepts: Sequence[str] | None = None) -> list[str]:
+def manifest_problems(vectors_path: Any, manifest_path: Any,
+                      expected_concepts: Sequence[str] | None = None) -> list[str]:
     """The manifest's SHA-256 matches the vectors file; shapes, norms and row order match the manifest."""
     try:
-        manifest = json.loads(open(manifest_path, encoding="utf-8").read())
+        manifest = json.loads(Path(manifest_path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         return [f"{manifest_path}: unreadable manifest ({exc})"]
     out = []

@@ -2,7 +2,7 @@
 
 Resources default to the environment so the UI works with no configuration: every
 ``AMYGDALA_*`` variable of the README's Configuration table, read once by
-:func:`amygdala_dagster.settings.current_settings` (memory graph, model, device, dtype, target
+:func:`amygdala_dagster.workflow.settings.current_settings` (memory graph, model, device, dtype, target
 layers, device map, shards, output directory -- any fsspec URL --, activation cache, curated
 emotions). A variable out of bounds stops the code location with one line naming it. Every
 field can also be set per run from the launchpad (``resources:`` in run config).
@@ -18,14 +18,22 @@ from amygdala_dagster.pipeline.assets import ALL_ASSETS
 from amygdala_dagster.pipeline.jobs import LOCAL_EXECUTOR, LOGGERS, build_jobs
 from amygdala_dagster.pipeline.k8s import deployment_executor
 from amygdala_dagster.pipeline.resources import (
-    ArtifactStorage, EvaluationResource, MemoryGraphResource, ModelResource, SelectionResource, ShardingResource,
+    ArtifactStorage,
+    EvaluationResource,
+    MemoryGraphResource,
+    ModelResource,
+    SelectionResource,
+    ShardingResource,
 )
 from amygdala_dagster.pipeline.sensors import memory_graph_sensor
-from amygdala_dagster.settings import current_settings
+from amygdala_dagster.workflow.settings import current_settings
 
 
 def default_resources() -> dict[str, Any]:
-    """The resources, configured from the ``AMYGDALA_*`` environment (:class:`~amygdala_dagster.settings.Settings`)."""
+    """The resources, configured from the ``AMYGDALA_*`` environment.
+
+    See :class:`~amygdala_dagster.workflow.settings.Settings`.
+    """
     s = current_settings()
     return {
         # The token is read from $AMYGDALA_MEMORY_TOKEN (token_env) when the graph is contacted, in

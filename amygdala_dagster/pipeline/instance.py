@@ -117,7 +117,7 @@ except ImportError:  # pragma: no cover - a local install without the extra neve
 
 if DagsterPostgresStorage is not None:
 
-    class PostgresStorage(DagsterPostgresStorage):  # type: ignore[valid-type,misc]
+    class PostgresStorage(DagsterPostgresStorage):
         """dagster-postgres' storage, opened from the URL as providers print it (see the module docstring).
 
         Same configuration as ``storage: postgres:`` (``postgres_url`` or ``postgres_db``); in dagster.yaml::

@@ -13,14 +13,16 @@ from collections.abc import Sequence
 import dagster as dg
 import polars as pl
 
-from amygdala_dagster.pipeline.assets import (
-    activation_cache, activation_stats, emotion_catalog, evaluation_report, memory_snapshot, readout_manifest, readout_vectors,
-    tagged_examples,
-)
-from amygdala_dagster.pipeline.assets.common import EMOTIONS_TAG, OUTPUT_TAG, RANGE_END_TAG, RANGE_START_TAG
-from amygdala_dagster.pipeline.resources import MemoryGraphResource, SelectionResource
 from amygdala_dagster.graph.snapshot import build_snapshot
-from amygdala_dagster.workflow import PartitionPlan, plan_partitions
+from amygdala_dagster.pipeline.assets.activations import activation_stats
+from amygdala_dagster.pipeline.assets.common import EMOTIONS_TAG, OUTPUT_TAG, RANGE_END_TAG, RANGE_START_TAG
+from amygdala_dagster.pipeline.assets.emotions import emotion_catalog, tagged_examples
+from amygdala_dagster.pipeline.assets.evaluation import evaluation_report
+from amygdala_dagster.pipeline.assets.graph import memory_snapshot
+from amygdala_dagster.pipeline.assets.readout_pair import readout_manifest, readout_vectors
+from amygdala_dagster.pipeline.assets.shards import activation_cache
+from amygdala_dagster.pipeline.resources import MemoryGraphResource, SelectionResource
+from amygdala_dagster.workflow.partitions import PartitionPlan, plan_partitions
 
 UNPARTITIONED_HEAD = [memory_snapshot.key, emotion_catalog.key]
 PARTITIONED = [tagged_examples.key, activation_stats.key]
@@ -111,7 +113,7 @@ def graph_catalog(memory: MemoryGraphResource, selection: SelectionResource) -> 
 
 def plan_from_graph(memory: MemoryGraphResource, selection: SelectionResource,
                     existing: Sequence[str]) -> PartitionPlan:
-    """:func:`~amygdala_dagster.workflow.plan_partitions` for the graph as it is now."""
+    """:func:`~amygdala_dagster.workflow.partitions.plan_partitions` for the graph as it is now."""
     _snapshot, catalog = graph_catalog(memory, selection)
     return plan_partitions(catalog, existing, int(selection.min_positives), selection.curated)
 
@@ -123,7 +125,8 @@ def plan_from_graph(memory: MemoryGraphResource, selection: SelectionResource,
                                 description="False: leave ERROR events (failures, tracebacks) to the caller, "
                                             "which prints each cause once"),
     },
-    description="Plain console lines for `amygdala run` / `backfill-emotion` (progress; failures summarised by the command).",
+    description="Plain console lines for `amygdala run` / `backfill-emotion` "
+                "(progress; failures summarised by the command).",
 )
 def cli_console(init_context: dg.InitLoggerContext) -> logging.Logger:
     config = init_context.logger_config

@@ -2,7 +2,7 @@
 
 All four are :class:`dagster.ConfigurableResource` so they can be set from the
 launchpad, from YAML run config and from Python. Defaults come from the
-environment (``AMYGDALA_*`` variables, read by :mod:`amygdala_dagster.settings`)
+environment (``AMYGDALA_*`` variables, read by :mod:`amygdala_dagster.workflow.settings`)
 so ``dagster dev`` works without any configuration on the bundled sample graph and MiniLM.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import logging
 import threading
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +19,21 @@ import polars as pl
 import torch
 from pydantic import Field, PrivateAttr
 
+from amygdala_dagster.data import conversation_snippets_path, sample_graph_path
 from amygdala_dagster.engine.activations import ActivationEngine
+from amygdala_dagster.engine.models import LoadedModel
+from amygdala_dagster.engine.placement import parse_device_map
 from amygdala_dagster.engine.token_sample import DEFAULT_SAMPLE_TOKENS
 from amygdala_dagster.evaluation.verdicts import Criteria
+from amygdala_dagster.examples.catalog import DEFAULT_CORE_NODE_TYPES, emotion_catalog
+from amygdala_dagster.examples.selection import SelectionParams
+from amygdala_dagster.files.storage import Store
+from amygdala_dagster.graph.mcp_source import McpSource
+from amygdala_dagster.graph.sources import JsonlSource, open_source
 from amygdala_dagster.readout.episode import DEFAULT_FALSE_ALARM_RATE, DEFAULT_HALF_LIFE_TOKENS, DEFAULT_MIN_TOKENS
 from amygdala_dagster.readout.metrics import THRESHOLD_METHODS
-from amygdala_dagster.examples.selection import SelectionParams
-from amygdala_dagster.examples.catalog import DEFAULT_CORE_NODE_TYPES, emotion_catalog
-from amygdala_dagster.engine.models import LoadedModel, parse_device_map
-from amygdala_dagster.files.storage import Store
-from amygdala_dagster.data import conversation_snippets_path, sample_graph_path
-from amygdala_dagster.graph.sources import JsonlSource, McpSource, open_source
-from amygdala_dagster.settings import MAX_SHARDS, current_settings
-from amygdala_dagster.workflow import EngineSettings, build_engine
+from amygdala_dagster.workflow.engine_settings import EngineSettings, build_engine
+from amygdala_dagster.workflow.settings import MAX_SHARDS, current_settings
 
 log = logging.getLogger(__name__)
 
@@ -141,20 +142,26 @@ class ModelResource(dg.ConfigurableResource):
     """
 
     model: str = Field(default_factory=lambda: current_settings().model,
-                       description="bundled short name, local checkpoint dir or hub id (default $AMYGDALA_MODEL or minilm)")
+                       description="bundled short name, local checkpoint dir or hub id "
+                                   "(default $AMYGDALA_MODEL or minilm)")
     revision: str | None = None
-    dtype: str = Field(default_factory=lambda: current_settings().dtype, description="default $AMYGDALA_DTYPE or auto")
-    device: str = Field(default_factory=lambda: current_settings().device, description="default $AMYGDALA_DEVICE or auto")
+    dtype: str = Field(default_factory=lambda: current_settings().dtype,
+                       description="default $AMYGDALA_DTYPE or auto")
+    device: str = Field(default_factory=lambda: current_settings().device,
+                        description="default $AMYGDALA_DEVICE or auto")
     layers: str | None = Field(default_factory=lambda: current_settings().target_layers,
                                description="comma-separated layer indices (negative = from the end); default: "
                                            "$AMYGDALA_TARGET_LAYERS, else ~60/70/80% of depth")
     pooling: str = "mean"
-    batch_size: int | None = Field(default=None, description="texts per forward batch; unset: batch by the token budget")
-    max_batch_tokens: int | None = Field(default=None, description="padded tokens per batch (default: the engine's budget)")
+    batch_size: int | None = Field(default=None,
+                                   description="texts per forward batch; unset: batch by the token budget")
+    max_batch_tokens: int | None = Field(default=None,
+                                         description="padded tokens per batch (default: the engine's budget)")
     max_tokens: int = 512
     layer_path: str | None = None
     cache_dir: str | None = Field(default_factory=lambda: current_settings().cache_dir,
-                                  description="activation cache; default $AMYGDALA_CACHE_DIR or ~/.cache/amygdala/activations")
+                                  description="activation cache; default $AMYGDALA_CACHE_DIR or "
+                                              "~/.cache/amygdala/activations")
     trust_remote_code: bool = False
     device_map: str | None = Field(
         default_factory=lambda: current_settings().device_map,
@@ -219,16 +226,22 @@ class EvaluationResource(dg.ConfigurableResource):
     """How the readout is evaluated, and the thresholds of the evaluation checks."""
 
     bootstrap: int = Field(default=200, description="bootstrap resamples for the AUROC confidence interval (0: none)")
-    min_auroc: float = Field(default=Criteria.min_auroc, description="held-out AUROC below which an emotion is flagged (WARN)")
-    confound_margin: float = Field(default=Criteria.confound_margin, description="how much a vector must beat the trivial baselines by")
+    min_auroc: float = Field(default=Criteria.min_auroc,
+                             description="held-out AUROC below which an emotion is flagged (WARN)")
+    confound_margin: float = Field(default=Criteria.confound_margin,
+                                   description="how much a vector must beat the trivial baselines by")
     crosstalk_cosine: float = Field(default=0.5, description="list vector pairs with at least this cosine")
-    min_holdout_positives: int = Field(default=Criteria.min_holdout_positives, description="fewer held-out positives make a verdict 'weak'")
+    min_holdout_positives: int = Field(default=Criteria.min_holdout_positives,
+                                       description="fewer held-out positives make a verdict 'weak'")
     max_crosstalk_cosine: float = Field(
-        default=Criteria.max_crosstalk_cosine, description="a vector this close to another emotion's (at its best layer) is 'weak'")
+        default=Criteria.max_crosstalk_cosine,
+        description="a vector this close to another emotion's (at its best layer) is 'weak'")
     max_fire_rate_without: float = Field(
-        default=Criteria.max_fire_rate_without, description="firing on more of the conversations without the emotion makes it 'do not use'")
+        default=Criteria.max_fire_rate_without,
+        description="firing on more of the conversations without the emotion makes it 'do not use'")
     min_episode_auroc: float = Field(
-        default=Criteria.min_episode_auroc, description="a lower AUROC of the episode rule's score on conversations makes it 'weak'")
+        default=Criteria.min_episode_auroc,
+        description="a lower AUROC of the episode rule's score on conversations makes it 'weak'")
     max_episode_false_alarm_rate: float | None = Field(
         default=Criteria.max_episode_false_alarm_rate,
         description="the episode rule firing on more of the conversations without the emotion (beyond the 95% "
@@ -250,10 +263,12 @@ class EvaluationResource(dg.ConfigurableResource):
     target_fpr: float = Field(default=0.05, description="false-positive rate of the fixed_fpr threshold")
     snippets_file: str | None = Field(
         default=None,
-        description="JSONL of {id, text} out-of-distribution snippets to score (default: the bundled sample; \"none\": skip)",
+        description="JSONL of {id, text} out-of-distribution snippets to score "
+                    "(default: the bundled sample; \"none\": skip)",
     )
 
-    token_target_rate: float = Field(default=0.01, description="share of calibration tokens the token threshold fires on")
+    token_target_rate: float = Field(default=0.01,
+                                     description="share of calibration tokens the token threshold fires on")
     episode_false_alarm_rate: float = Field(
         default=DEFAULT_FALSE_ALARM_RATE, gt=0.0, lt=1.0,
         description="share of calibration episodes without an emotion on which its episode rule may fire")
@@ -305,7 +320,8 @@ class EvaluationResource(dg.ConfigurableResource):
     def episode_settings(self) -> dict[str, Any]:
         """Keyword arguments of :func:`amygdala_dagster.readout.token_calibration.calibrate_episodes`."""
         return {"false_alarm_rate": float(self.episode_false_alarm_rate),
-                "half_life_tokens": None if self.episode_half_life_tokens is None else float(self.episode_half_life_tokens),
+                "half_life_tokens": (None if self.episode_half_life_tokens is None
+                                     else float(self.episode_half_life_tokens)),
                 "min_tokens": int(self.episode_min_tokens)}
 
     def snippets_path(self) -> str | None:

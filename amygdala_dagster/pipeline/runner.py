@@ -22,22 +22,42 @@ import dagster as dg
 import polars as pl
 
 import amygdala_dagster
+from amygdala_dagster.examples.selection import select_all
 from amygdala_dagster.files.atomic import atomic_write_text
-from amygdala_dagster.examples.selection import check_emotion_name, select_all
-from amygdala_dagster.pipeline.assets import memory_graph
-from amygdala_dagster.pipeline.assets.common import EMOTION, EMOTIONS_TAG, GPU_POOL, OUTPUT_TAG, emotion_partitions
-from amygdala_dagster.pipeline.assets.graph import read_snapshot_from
+from amygdala_dagster.graph.nodes import GraphVersion
+from amygdala_dagster.graph.tags import check_emotion_name
+from amygdala_dagster.pipeline.assets.common import (
+    EMOTION_PARTITIONS,
+    EMOTIONS_TAG,
+    GPU_POOL,
+    OUTPUT_TAG,
+    emotion_partitions,
+)
+from amygdala_dagster.pipeline.assets.graph import memory_graph, read_snapshot_from
 from amygdala_dagster.pipeline.definitions import build_definitions
 from amygdala_dagster.pipeline.instance import open_instance
-from amygdala_dagster.pipeline.k8s import deployment_executor
 from amygdala_dagster.pipeline.jobs import (
-    ALL_EMOTION_TAIL, BACKFILL_JOB, CLI_RUN_CONFIG, PARTITIONED, REFRESH_JOB, UNPARTITIONED_HEAD, graph_catalog,
-    KIND_TAG, refresh_selection, refresh_tags, with_shards,
+    ALL_EMOTION_TAIL,
+    BACKFILL_JOB,
+    CLI_RUN_CONFIG,
+    KIND_TAG,
+    PARTITIONED,
+    REFRESH_JOB,
+    UNPARTITIONED_HEAD,
+    graph_catalog,
+    refresh_selection,
+    refresh_tags,
+    with_shards,
 )
+from amygdala_dagster.pipeline.k8s import deployment_executor
 from amygdala_dagster.pipeline.sensors import DATA_VERSION_TAG
-from amygdala_dagster.graph.sources import GraphVersion
-from amygdala_dagster.workflow import (
-    SNAPSHOT_FILE, NotQualifiedError, PartitionPlan, collect_texts, plan_partitions, qualification_problems,
+from amygdala_dagster.workflow.layout import SNAPSHOT_FILE
+from amygdala_dagster.workflow.partitions import (
+    NotQualifiedError,
+    PartitionPlan,
+    collect_texts,
+    plan_partitions,
+    qualification_problems,
 )
 
 log = logging.getLogger(__name__)
@@ -150,8 +170,10 @@ def _execute(job_name: str, resources: Mapping[str, Any], instance: dg.DagsterIn
         if deployment_executor() is None:
             run_config["execution"] = {"config": {"max_concurrent": max(shards, os.cpu_count() or 1)}}
         _pool_hint(instance, shards)
-        job = dg.build_reconstructable_job(__name__, job_for.__name__, reconstructable_args=(job_name, shards))
-        return dg.execute_job(job, instance=instance,
+        # dagster annotates reconstructable_args as a 1-tuple; it takes any tuple of the function's arguments
+        recon = dg.build_reconstructable_job(__name__, job_for.__name__,
+                                             reconstructable_args=(job_name, shards))  # type: ignore[arg-type]
+        return dg.execute_job(recon, instance=instance,
                               run_config=run_config, tags=dict(tags), asset_selection=list(selection),
                               raise_on_error=raise_on_error)
     job = build_definitions(dict(resources), shards=shards).resolve_job_def(job_name)
@@ -166,7 +188,7 @@ def clamp_shards(resources: Mapping[str, Any], snapshot: pl.DataFrame,
     """``resources`` with ``sharding.shards`` lowered to the run's unique example texts, when it asks for more.
 
     A shard step without a text is a process (a GPU pod on Kubernetes) started for nothing; the
-    settings already bound ``shards`` by :data:`~amygdala_dagster.settings.MAX_SHARDS`. Logged when lowered.
+    settings already bound ``shards`` by :data:`~amygdala_dagster.workflow.settings.MAX_SHARDS`. Logged when lowered.
     """
     sharding = resources["sharding"]
     shards = int(sharding.shards)
@@ -222,11 +244,11 @@ def _apply_plan(instance: dg.DagsterInstance, plan: PartitionPlan, existing: Seq
                         e, why)
         elif e in existing:
             log.warning("removing emotion partition %r: %s", e, why)
-            instance.delete_dynamic_partition(EMOTION.name, e)
+            instance.delete_dynamic_partition(EMOTION_PARTITIONS, e)
         else:
             log.warning("leaving out emotion %r: %s", e, why)
     if plan.new:
-        instance.add_dynamic_partitions(EMOTION.name, plan.new)
+        instance.add_dynamic_partitions(EMOTION_PARTITIONS, plan.new)
 
 
 def materialize_all(resources: Mapping[str, Any], instance: dg.DagsterInstance,
@@ -234,7 +256,7 @@ def materialize_all(resources: Mapping[str, Any], instance: dg.DagsterInstance,
     """One ``full_refresh`` run: the snapshot, every qualifying emotion, the readout and report.
 
     Registered emotions that can no longer pass the blocking checks lose their
-    partition (see :func:`~amygdala_dagster.workflow.plan_partitions`). Raises
+    partition (see :func:`~amygdala_dagster.workflow.partitions.plan_partitions`). Raises
     :class:`RunRefused` when no emotion can be trained.
     """
     memory, selection = resources["memory"], resources["selection"]
@@ -314,13 +336,14 @@ def failures(result: RunResult) -> list[str]:
     out = []
     for event in result.all_events:
         if event.event_type_value == "STEP_FAILURE":
-            err = event.event_specific_data.error
+            failure: Any = event.event_specific_data  # StepFailureData: Dagster types the payload as a union
+            err = failure.error
             while err is not None and err.cause is not None:
                 err = err.cause
             message = err.message.strip().splitlines()[-1] if err and err.message.strip() else "failed"
             out.append(f"{event.step_key}: {message}")
         elif event.event_type_value == "ASSET_CHECK_EVALUATION":
-            d = event.event_specific_data
+            d: Any = event.event_specific_data  # AssetCheckEvaluation
             if not d.passed:
                 out.append(f"check {d.check_name} ({d.severity.value}): {d.description}")
     return out

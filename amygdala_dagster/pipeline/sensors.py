@@ -12,12 +12,12 @@ asset-automation tick to be enabled.
 
 import dagster as dg
 
-from amygdala_dagster.pipeline.assets import memory_graph
+from amygdala_dagster.graph.nodes import MemoryGraphError
 from amygdala_dagster.pipeline.assets.common import EMOTION, emotion_partitions
+from amygdala_dagster.pipeline.assets.graph import memory_graph
 from amygdala_dagster.pipeline.jobs import REFRESH_JOB, plan_from_graph, refresh_selection, refresh_tags
-from amygdala_dagster.pipeline.resources import MemoryGraphResource, ShardingResource, SelectionResource
-from amygdala_dagster.graph.sources import MemoryGraphError
-from amygdala_dagster.settings import current_settings
+from amygdala_dagster.pipeline.resources import MemoryGraphResource, SelectionResource, ShardingResource
+from amygdala_dagster.workflow.settings import current_settings
 
 DATA_VERSION_TAG = "dagster/data_version"
 
@@ -58,7 +58,7 @@ def memory_graph_sensor(
         f"new emotion partitions: {', '.join(plan.new) or 'none'}; "
         f"dropped: {'; '.join(f'{e} ({why})' for e, why in plan.dropped.items()) or 'none'}"
     )
-    requests = []
+    requests: list[dg.AddDynamicPartitionsRequest | dg.DeleteDynamicPartitionsRequest] = []
     removed = [e for e in plan.dropped if e in existing]
     if removed:
         requests.append(EMOTION.build_delete_request(removed))

@@ -46,8 +46,8 @@ from typing import Any
 import numpy as np
 from scipy.signal import lfilter
 
-from amygdala_dagster.readout.manifest import calibration_entry
 from amygdala_dagster.readout.folds import text_folds
+from amygdala_dagster.readout.manifest import calibration_entry
 from amygdala_dagster.readout.metrics import wilson_interval
 
 #: The chosen statistic (benchmarks/episode.py measured EWM half-lives, windowed and cumulative means).
@@ -74,10 +74,7 @@ def statistic(x: np.ndarray, half_life_tokens: float | None) -> np.ndarray:
     if x.shape[0] == 0:
         return x.copy()
     w = decay(half_life_tokens)
-    if w == 1.0:
-        num = np.cumsum(x, axis=0)
-    else:
-        num = lfilter([1.0], [1.0, -w], x, axis=0)
+    num = np.cumsum(x, axis=0) if w == 1.0 else lfilter([1.0], [1.0, -w], x, axis=0)
     n = np.arange(1, x.shape[0] + 1, dtype=np.float64)
     den = n if w == 1.0 else (1.0 - w ** n) / (1.0 - w)  # the sum of w**k for k < n
     return num / den.reshape((-1,) + (1,) * (x.ndim - 1))
@@ -125,7 +122,7 @@ def calibrate_episode(
             kept.append(k)
     if not peaks:
         return None
-    threshold, k, bound = conformal_threshold(peaks, false_alarm_rate)
+    threshold, order_statistic, bound = conformal_threshold(peaks, false_alarm_rate)
     tc = token_calibration or {}
     z = None
     if tc.get("neg_std"):
@@ -136,7 +133,7 @@ def calibrate_episode(
         "n_texts": len(peaks), "n_short_texts": len(values) - len(peaks),
         "median_scored_tokens": float(np.median(lengths)),
         "false_alarm_rate": float(false_alarm_rate), "threshold": threshold, "threshold_z": z,
-        "order_statistic": k, "rate_bound": bound, "heldout": None,
+        "order_statistic": order_statistic, "rate_bound": bound, "heldout": None,
     }
     folds = text_folds(kept, n_folds)
     n_f = int(folds.max()) + 1 if len(kept) else 0
@@ -221,7 +218,7 @@ class EpisodeState:
     def fired(self) -> np.ndarray:
         return self.first >= 0
 
-    def update(self, raw: np.ndarray, scored: Sequence[bool]) -> tuple[np.ndarray, np.ndarray]:
+    def update(self, raw: np.ndarray, scored: Sequence[bool] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(stat [T, C], active [T, C])`` for the next ``T`` tokens; the state moves past them."""
         raw = np.asarray(raw, np.float64).reshape(len(scored), self.w.size)
         stat = np.full(raw.shape, np.nan)
@@ -242,14 +239,14 @@ class EpisodeState:
             self.position += 1
         return stat, active
 
-    def trace(self, raw: np.ndarray, scored: Sequence[bool]) -> EpisodeTrace:
+    def trace(self, raw: np.ndarray, scored: Sequence[bool] | np.ndarray) -> EpisodeTrace:
         """:meth:`update` over a whole sequence, with the per-concept results."""
         stat, active = self.update(raw, scored)
         return EpisodeTrace(stat=stat, active=active, score=self.score, fired=self.fired, first=self.first.copy(),
                             peak=self.peak.copy())
 
 
-def episode_traces(raw: Mapping[int, np.ndarray], scored: Sequence[bool], manifest: Mapping[str, Any]
+def episode_traces(raw: Mapping[int, np.ndarray], scored: Sequence[bool] | np.ndarray, manifest: Mapping[str, Any]
                    ) -> dict[int, EpisodeTrace]:
     """The rule over one sequence at every layer of ``raw`` (``{layer: [T, C]}``) that has episode rules."""
     out = {}
@@ -264,20 +261,16 @@ class EpisodeTracker:
     """:class:`EpisodeState` of every hooked layer of a readout, for one conversation as it streams."""
 
     def __init__(self, manifest: Mapping[str, Any], layers: Sequence[int]) -> None:
-        self.states = {int(l): s for l in layers if (s := EpisodeState.from_manifest(manifest, int(l))) is not None}
+        self.states = {int(layer): s for layer in layers
+                       if (s := EpisodeState.from_manifest(manifest, int(layer))) is not None}
 
-    def update(self, raw: Mapping[int, np.ndarray], scored: Sequence[bool]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    def update(self, raw: Mapping[int, np.ndarray], scored: Sequence[bool] | np.ndarray
+               ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """``{layer: (stat [T, C], active [T, C])}`` for the next tokens' raw projections ``{layer: [T, C]}``."""
-        return {l: s.update(raw[l], scored) for l, s in self.states.items() if l in raw}
+        return {layer: s.update(raw[layer], scored) for layer, s in self.states.items() if layer in raw}
 
 
 # ----------------------------------------------------------------------------- reading and summaries
-def manifest_episode_rules(manifest: Mapping[str, Any]) -> dict[str, dict[int, dict[str, Any] | None]]:
-    """``{concept: {layer: episode entry}}`` as a manifest stores it (None before format 3)."""
-    return {c: {int(l): calibration_entry(manifest, c, int(l), "episode") for l in manifest["layers"]}
-            for c in manifest["concepts"]}
-
-
 def episode_summary(rules: Mapping[str, Mapping[Any, Mapping[str, Any] | None]]) -> list[dict[str, Any]]:
     """One row per concept and layer: the rule's threshold and its false-alarm rate on held-out episodes."""
     rows = []
@@ -296,8 +289,9 @@ def episode_problems(rules: Mapping[str, Mapping[Any, Mapping[str, Any] | None]]
     the 95% (Wilson) interval: a handful of episodes cannot raise it by chance."""
     out = []
     for concept, per in rules.items():
-        for layer, e in per.items():
-            held = (e or {}).get("heldout") or {}
+        for layer, entry in per.items():
+            e = entry or {}
+            held = e.get("heldout") or {}
             if not held:
                 continue
             ci = wilson_interval(int(held["n_fired"]), int(held["n_texts"]))

@@ -15,6 +15,7 @@ depend on the estimator.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, cast
 
 import numpy as np
 
@@ -30,7 +31,7 @@ class DegenerateDirectionError(ValueError):
 
 def mean_difference(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
     """``mean(pos) - mean(neg)``, accumulated in float64."""
-    return pos.astype(np.float64).mean(axis=0) - neg.astype(np.float64).mean(axis=0)
+    return cast(np.ndarray, pos.astype(np.float64).mean(axis=0) - neg.astype(np.float64).mean(axis=0))
 
 
 def unit_direction(direction: np.ndarray, what: str) -> tuple[np.ndarray, float]:
@@ -81,14 +82,14 @@ def shrinkage_lda(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
     n, h = x.shape
     mu = float((x**2).sum()) / (n * h)
     if n < 2 or mu <= 0.0:
-        return diff  # no within-class spread to whiten by
+        return cast(np.ndarray, diff)  # no within-class spread to whiten by
     alpha = float(ledoit_wolf_shrinkage(x, assume_centered=True))
     b = max(alpha * mu, 1e-12 * mu)  # the identity part; kept > 0 so the system is definite
     c = (1.0 - alpha) / n  # Sigma = c X^T X + b I
     if n < h:
         # (b I + c X^T X)^-1 d = d / b - (c / b^2) X^T (I + (c / b) X X^T)^-1 X d
         small = np.eye(n) + (c / b) * (x @ x.T)
-        return diff / b - (c / b**2) * (x.T @ np.linalg.solve(small, x @ diff))
+        return cast(np.ndarray, diff / b - (c / b**2) * (x.T @ np.linalg.solve(small, x @ diff)))
     return np.linalg.solve(c * (x.T @ x) + b * np.eye(h), diff)
 
 
@@ -110,7 +111,7 @@ def make_logistic(C: float = 1.0, max_iter: int = 2000) -> Estimator:
         y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
         scaler = StandardScaler().fit(x)
         model = LogisticRegression(C=C, max_iter=max_iter).fit(scaler.transform(x), y)
-        return model.coef_[0].astype(np.float64) / scaler.scale_
+        return cast(np.ndarray, model.coef_[0].astype(np.float64) / scaler.scale_)
 
     logistic.__name__ = "logistic"
     return logistic
@@ -136,7 +137,7 @@ def get_estimator(name: str) -> Estimator:
         ) from None
 
 
-def make_estimator(name: str, **options: float) -> Estimator:
+def make_estimator(name: str, **options: Any) -> Estimator:
     """Like :func:`get_estimator`, with options (``logistic``: ``C``, ``max_iter``)."""
     if name == "logistic" and options:
         return make_logistic(**options)

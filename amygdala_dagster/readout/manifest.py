@@ -28,17 +28,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save_torch
+from upath import UPath
 
 from amygdala_dagster.files.atomic import sha256_file
 from amygdala_dagster.files.jsonio import jsonable
-from amygdala_dagster.readout.publish import PublishError, open_pair, publish_pair
-from amygdala_dagster.files.storage import location
+from amygdala_dagster.files.storage import Location, location
+from amygdala_dagster.readout.publish import DEFAULT_KEEP_RELEASES, publish_pair
+from amygdala_dagster.readout.releases import PublishError, open_pair
+from amygdala_dagster.readout.vectors import TrainedReadout
 
 FORMAT_VERSION = 3
 #: Manifest versions :func:`load_readout` reads (1: no ``token_calibration``; 2: no ``episode``).
@@ -51,6 +54,28 @@ VECTORS_FORMAT = "amygdala-readout-vectors/1"
 METADATA_KEY = "amygdala_readout"
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _NORM_TOL = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 1e-2}
+
+
+class ReadoutMatrix(Protocol):
+    """What reading with a readout needs: its concepts, hooked layers and one ``[n_concepts, H]`` matrix per
+    layer -- a freshly trained :class:`~amygdala_dagster.readout.vectors.TrainedReadout` or a loaded
+    :class:`ReadoutPair`."""
+
+    @property
+    def concepts(self) -> list[str]: ...
+
+    @property
+    def layers(self) -> list[int]: ...
+
+    @property
+    def vectors(self) -> Mapping[int, np.ndarray]: ...
+
+
+class CalibratedReadout(ReadoutMatrix, Protocol):
+    """A readout with its manifest (the calibration a runtime turns raw projections into scores with)."""
+
+    @property
+    def manifest(self) -> Mapping[str, Any]: ...
 
 
 class ReadoutFileError(ValueError):
@@ -67,7 +92,7 @@ def _utc_now() -> str:
 
 # ----------------------------------------------------------------------------- manifest
 def build_manifest(
-    readout: Any,
+    readout: TrainedReadout,
     *,
     model: str,
     model_revision: str | None,
@@ -109,11 +134,11 @@ def build_manifest(
             if cal is None:
                 cal = (calibration or {}).get(c, {}).get(str(layer))  # type: ignore[call-overload]
             entry["calibration"] = dict(cal) if cal is not None else None
-            tok = (token_calibration or {}).get(c, {})
-            tok = tok.get(layer, tok.get(str(layer)))
+            tok_layers = (token_calibration or {}).get(c, {})
+            tok = tok_layers.get(layer, tok_layers.get(str(layer)))
             entry["token_calibration"] = dict(tok) if tok is not None else None
-            ep = (episode or {}).get(c, {})
-            ep = ep.get(layer, ep.get(str(layer)))
+            ep_layers = (episode or {}).get(c, {})
+            ep = ep_layers.get(layer, ep_layers.get(str(layer)))
             entry["episode"] = dict(ep) if ep is not None else None
             layer_entries[str(layer)] = entry
         per_concept[c] = {"training": dict(readout.counts.get(c, {})), "layers": layer_entries}
@@ -137,10 +162,10 @@ def build_manifest(
         "training": dict(training),
         "per_concept": per_concept,
     }
-    return jsonable(manifest)
+    return cast("dict[str, Any]", jsonable(manifest))
 
 
-def vectors_bytes(readout: Any, vectors_dtype: str = "float32") -> bytes:
+def vectors_bytes(readout: ReadoutMatrix, vectors_dtype: str = "float32") -> bytes:
     """Serialise ``readout.vectors`` as Contract 3 safetensors bytes, validating them first."""
     if vectors_dtype not in _TORCH_DTYPES:
         raise ValueError(f"vectors dtype must be one of {', '.join(_TORCH_DTYPES)}, got {vectors_dtype!r}")
@@ -159,7 +184,8 @@ def vectors_bytes(readout: Any, vectors_dtype: str = "float32") -> bytes:
         if arr.shape[1] != hidden:
             raise ReadoutFileError(f"layer {layer}: hidden size {arr.shape[1]} != {hidden}")
         _check_rows(arr, concepts, layer, _NORM_TOL["float32"])
-        tensors[layer_key(layer)] = torch.from_numpy(np.ascontiguousarray(arr)).to(_TORCH_DTYPES[vectors_dtype]).contiguous()
+        tensors[layer_key(layer)] = (torch.from_numpy(np.ascontiguousarray(arr))
+                                     .to(_TORCH_DTYPES[vectors_dtype]).contiguous())
     # One metadata entry: safetensors orders several entries differently from run to
     # run, and the same vectors must give the same bytes (and SHA-256).
     info = {"format": VECTORS_FORMAT, "concepts": concepts, "layers": [int(x) for x in readout.layers]}
@@ -171,7 +197,7 @@ def row_problems(arr: np.ndarray, concepts: Sequence[str], layer: int, tol: floa
     """What is wrong with one layer's ``[n_concepts, H]`` rows: non-finite values, norms off 1 by more than ``tol``."""
     finite = np.isfinite(arr).all(axis=1)
     if not finite.all():
-        bad = [concepts[i] for i in np.flatnonzero(~finite)]
+        bad = [concepts[int(i)] for i in np.flatnonzero(~finite)]
         return [f"layer {layer}: non-finite values in the rows of {bad}"]
     norms = np.linalg.norm(arr.astype(np.float64), axis=1)
     return [f"layer {layer}: row {i} ({concepts[i]!r}) has L2 norm {norms[i]:.6g}, expected unit norm"
@@ -185,11 +211,12 @@ def _check_rows(arr: np.ndarray, concepts: Sequence[str], layer: int, tol: float
 
 
 def write_readout(
-    vectors_path: str | os.PathLike[str],
-    manifest_path: str | os.PathLike[str],
-    readout: Any,
+    vectors_path: Location,
+    manifest_path: Location,
+    readout: TrainedReadout,
     *,
     vectors_dtype: str = "float32",
+    keep_releases: int = DEFAULT_KEEP_RELEASES,
     **manifest_fields: Any,
 ) -> dict[str, Any]:
     """Write the Contract 3 pair and return the manifest written.
@@ -199,9 +226,9 @@ def write_readout(
     ``vectors_file``/``vectors_sha256``/``vectors_dtype`` (filled in here;
     ``vectors_file`` is the vectors file's name: in a release the two files are
     siblings). The pair is published by
-    :func:`amygdala_dagster.readout.publish.publish_pair`; an unwritable location raises
-    its one-line :class:`~amygdala_dagster.readout.publish.PublishError` and leaves the
-    old pair current.
+    :func:`amygdala_dagster.readout.publish.publish_pair`, which keeps the last ``keep_releases``
+    releases; an unwritable location raises its one-line
+    :class:`~amygdala_dagster.readout.releases.PublishError` and leaves the old pair current.
     """
     vloc, mloc = location(vectors_path), location(manifest_path)
     if str(vloc) == str(mloc):
@@ -213,7 +240,7 @@ def write_readout(
         readout, vectors_file=vloc.name, vectors_sha256=sha, vectors_dtype=vectors_dtype, **manifest_fields
     )
     text = json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    publish_pair(vloc, mloc, data, text.encode("utf-8"))
+    publish_pair(vloc, mloc, data, text.encode("utf-8"), keep=keep_releases)
     return manifest
 
 
@@ -238,8 +265,8 @@ class ReadoutPair:
     layers: list[int]
     vectors: dict[int, np.ndarray]  # layer -> [C, H] float32
     manifest: dict[str, Any]
-    vectors_path: Path
-    manifest_path: Path
+    vectors_path: Path | UPath
+    manifest_path: Path | UPath
     sha256: str
     dtype: str
 
@@ -266,7 +293,7 @@ def read_vectors_file(vectors_path: str | os.PathLike[str]) -> tuple[dict[str, n
             meta = dict(f.metadata() or {})
             tensors = {}
             dtypes = set()
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 - a safetensors file, not a dict: keys() is how it lists them
                 t = f.get_tensor(key)
                 dtypes.add(str(t.dtype).removeprefix("torch."))
                 tensors[key] = t.float().numpy()
@@ -283,15 +310,15 @@ def read_vectors_file(vectors_path: str | os.PathLike[str]) -> tuple[dict[str, n
 
 
 def load_readout(
-    vectors_path: str | os.PathLike[str],
-    manifest_path: str | os.PathLike[str] | None = None,
+    vectors_path: Location,
+    manifest_path: Location | None = None,
 ) -> ReadoutPair:
     """Load and validate a vectors/manifest pair; :class:`ReadoutFileError` says what is wrong.
 
     ``vectors_path`` is the vectors file, or an output directory (local or an
     fsspec URL); ``manifest_path`` defaults to ``manifest.json`` next to the
     vectors file. The pair is read through the published release
-    (:func:`amygdala_dagster.readout.publish.open_pair`: ``current`` resolved once, or
+    (:func:`amygdala_dagster.readout.releases.open_pair`: ``current`` resolved once, or
     the ``current.json`` pointer on object storage). Checks: format_version,
     SHA-256 of the vectors file against the manifest, exactly one
     ``layer_<idx>.vectors`` per manifest layer, shapes
@@ -301,7 +328,8 @@ def load_readout(
         with open_pair(vectors_path, manifest_path) as files:
             readout = _load_pair(files.vectors, files.manifest)
             if files.source_vectors != str(files.vectors):  # downloaded: name the objects, not temp copies
-                readout.vectors_path, readout.manifest_path = location(files.source_vectors), location(files.source_manifest)
+                readout.vectors_path = location(files.source_vectors)
+                readout.manifest_path = location(files.source_manifest)
             return readout
     except (PublishError, FileNotFoundError) as exc:
         raise ReadoutFileError(str(exc)) from exc

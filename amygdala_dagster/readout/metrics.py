@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any, cast
 
 import numpy as np
 from scipy.stats import bootstrap, mannwhitneyu, norm
 from sklearn.metrics import (
-    accuracy_score, auc, confusion_matrix, confusion_matrix_at_thresholds, f1_score,
+    accuracy_score,
+    auc,
+    confusion_matrix,
+    confusion_matrix_at_thresholds,
+    f1_score,
 )
 
 THRESHOLD_METHODS = ("max_f1", "fixed_fpr")
@@ -34,7 +39,7 @@ def _labelled(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]
 
 
-def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+def auroc(pos: np.ndarray | list[float], neg: np.ndarray | list[float]) -> float:
     """Area under the ROC curve of ``pos`` vs ``neg``: P(pos > neg) + 0.5 P(pos == neg).
 
     scikit-learn's ROC points (confusion counts at every distinct score) and
@@ -56,7 +61,7 @@ def _area(c: Mapping[str, np.ndarray], n_pos: int, n_neg: int) -> float:
 def _auroc_statistic(pos: np.ndarray, neg: np.ndarray, axis: int = -1) -> np.ndarray:
     """AUROC as the Mann-Whitney U of ``pos`` over ``neg`` / (n_pos n_neg), vectorised along ``axis``."""
     u = mannwhitneyu(pos, neg, axis=axis, method="asymptotic", use_continuity=False).statistic
-    return u / (pos.shape[axis] * neg.shape[axis])
+    return cast(np.ndarray, u / (pos.shape[axis] * neg.shape[axis]))
 
 
 def bootstrap_auroc_ci(
@@ -66,7 +71,7 @@ def bootstrap_auroc_ci(
     n_boot: int = 1000,
     level: float = 0.95,
     seed: int = 0,
-) -> tuple[float, float] | None:
+) -> tuple[float, float] | np.ndarray | None:
     """Percentile bootstrap confidence interval for :func:`auroc` (``scipy.stats.bootstrap``).
 
     Positives and negatives are resampled separately (stratified), ``n_boot``
@@ -146,7 +151,7 @@ def _counts_at_thresholds(pos: np.ndarray, neg: np.ndarray) -> dict[str, np.ndar
 
 def _f1(c: Mapping[str, np.ndarray]) -> np.ndarray:
     denom = 2 * c["tp"] + c["fp"] + c["fn"]
-    return np.divide(2 * c["tp"], denom, out=np.zeros(len(denom)), where=denom > 0)
+    return cast(np.ndarray, np.divide(2 * c["tp"], denom, out=np.zeros(len(denom)), where=denom > 0))
 
 
 def _pick(c: Mapping[str, np.ndarray], n_neg: int, method: str, target_fpr: float) -> int | None:
@@ -223,7 +228,7 @@ def calibration(
     *,
     threshold_method: str = "max_f1",
     target_fpr: float = 0.05,
-) -> dict:
+) -> dict[str, Any]:
     """Runtime calibration of one emotion at one layer from held-out projections.
 
     ``{pos_mean, pos_std, neg_mean, neg_std, n_pos, n_neg, threshold,
@@ -235,7 +240,7 @@ def calibration(
 
 
 def _calibration(pos: np.ndarray, neg: np.ndarray, threshold_method: str, target_fpr: float,
-                 c: Mapping[str, np.ndarray] | None = None) -> tuple[dict, dict[str, int]]:
+                 c: Mapping[str, np.ndarray] | None = None) -> tuple[dict[str, Any], dict[str, int]]:
     threshold, counts = _threshold_and_counts(pos, neg, threshold_method, target_fpr, c)
     out = {
         "pos_mean": float(pos.mean()),
@@ -253,14 +258,14 @@ def _calibration(pos: np.ndarray, neg: np.ndarray, threshold_method: str, target
 
 
 def separation(pos: np.ndarray, neg: np.ndarray, *, threshold_method: str = "max_f1",
-               target_fpr: float = 0.05) -> dict:
+               target_fpr: float = 0.05) -> dict[str, Any]:
     """Every held-out number of one vector's projections from one pass over the thresholds:
     ``{n_pos, n_neg, auroc, cohens_d, calibration, confusion, accuracy, f1}`` (the last four None
     when a side is empty). AUROC is the area under the ROC curve of the same counts (scikit-learn's
     ``auc``), accuracy and F1 those of the calibration's threshold."""
     pos = _as_1d(pos, "separation pos")
     neg = _as_1d(neg, "separation neg")
-    out: dict = {"n_pos": len(pos), "n_neg": len(neg), "auroc": math.nan, "cohens_d": cohens_d(pos, neg),
+    out: dict[str, Any] = {"n_pos": len(pos), "n_neg": len(neg), "auroc": math.nan, "cohens_d": cohens_d(pos, neg),
                  "accuracy": None, "f1": None, "calibration": None, "confusion": None}
     if len(pos) and len(neg):
         c = _counts_at_thresholds(pos, neg)
@@ -287,7 +292,7 @@ def z_score(raw: np.ndarray | float, neg_mean: np.ndarray | float, neg_std: np.n
     return (np.asarray(raw, dtype=np.float64) - np.asarray(neg_mean, dtype=np.float64)) / sd
 
 
-def probability(raw: np.ndarray | float, calib: dict) -> np.ndarray:
+def probability(raw: np.ndarray | float, calib: Mapping[str, Any]) -> np.ndarray:
     """P(positive | raw) under two equal-prior Gaussians with the pooled SD (monotone in raw)."""
     n_p, n_n = calib["n_pos"], calib["n_neg"]
     dof = max(n_p + n_n - 2, 1)
@@ -295,10 +300,10 @@ def probability(raw: np.ndarray | float, calib: dict) -> np.ndarray:
     var = var if var > 0 else 1.0
     mid = (calib["pos_mean"] + calib["neg_mean"]) / 2.0
     logit = (calib["pos_mean"] - calib["neg_mean"]) / var * (np.asarray(raw, dtype=np.float64) - mid)
-    return 1.0 / (1.0 + np.exp(-np.clip(logit, -500, 500)))
+    return cast(np.ndarray, 1.0 / (1.0 + np.exp(-np.clip(logit, -500, 500))))
 
 
-def summarise_lengths(lengths: np.ndarray | list[int]) -> dict:
+def summarise_lengths(lengths: np.ndarray | list[int]) -> dict[str, Any]:
     """Count, mean and quartiles of text lengths (characters)."""
     x = np.asarray(lengths, dtype=np.float64)
     if len(x) == 0:

@@ -14,14 +14,14 @@ then ``current`` is switched. Both top-level names go through ``current``, so
 that one switch moves both files: existing readers of ``OUT/vectors.safetensors``
 and ``OUT/manifest.json`` keep working, and vLLM can be pointed at
 ``OUT/current/...`` or the top-level names alike. A reader that opens the two
-names one after the other could still straddle a switch; :func:`pin_pair`
+names one after the other could still straddle a switch; :func:`~.releases.pin_pair`
 resolves ``current`` once and reads both files from that release
 (:func:`amygdala_dagster.readout.manifest.load_readout` does this). A crash at any
 point leaves ``current`` on the old release or the new one, never between;
 the next publication removes staging leftovers. A pair written by an older
 version as two plain files is first adopted as a release of its own, so the
 switch to links is consistent too. Only the last ``keep`` releases are kept
-(``$AMYGDALA_KEEP_RELEASES``, default 5), never the current one.
+(default 5; the workflow and the commands pass ``$AMYGDALA_KEEP_RELEASES``), never the current one.
 
 **Object storage** (no rename, no links; ``s3://``, ``gs://`` ...)::
 
@@ -30,7 +30,7 @@ switch to links is consistent too. Only the last ``keep`` releases are kept
 
 A single object write is atomic on these stores, so ``current.json``, written
 last, is the switch; readers resolve it and verify both SHA-256 sums
-(:func:`open_pair`). Top-level ``vectors.safetensors``/``manifest.json``
+(:func:`~.releases.open_pair`). Top-level ``vectors.safetensors``/``manifest.json``
 objects of the older layout are removed once a pointer exists, so no stale
 pair looks current.
 """
@@ -46,30 +46,29 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from upath import UPath
 
-from amygdala_dagster.files.atomic import DIR_MODE, FILE_MODE, fsync_dir, sha256_file, write_new_file
-from amygdala_dagster.files.storage import is_local, location, refresh, uri
-from amygdala_dagster.settings import current_settings
+from amygdala_dagster.files.atomic import DIR_MODE, FILE_MODE, fsync_dir, write_new_file
+from amygdala_dagster.files.storage import Location, is_local, location, refresh, uri
+from amygdala_dagster.readout.releases import (
+    CURRENT_LINK,
+    POINTER_FILE,
+    POINTER_FORMAT,
+    RELEASES_DIR,
+    PublishError,
+    open_pair,
+    split_location,
+)
 
 log = logging.getLogger(__name__)
 
-RELEASES_DIR = "releases"
-CURRENT_LINK = "current"
-POINTER_FILE = "current.json"
-POINTER_FORMAT = "amygdala-release-pointer/1"
-VECTORS_NAME = "vectors.safetensors"
-MANIFEST_NAME = "manifest.json"
+#: Releases kept by a publication unless told otherwise (the current one is never removed).
+DEFAULT_KEEP_RELEASES = 5
 _STAGING = re.compile(r"^\.(?P<id>[^/]+)\.(?P<pid>\d+)\.tmp$")
 _RESERVED = {RELEASES_DIR, CURRENT_LINK, POINTER_FILE}
-
-
-class PublishError(OSError):
-    """The pair could not be published; the message names the path and the cause. The old pair is intact."""
 
 
 @dataclass(frozen=True)
@@ -82,11 +81,6 @@ class Published:
     manifest: str
     vectors_sha256: str
     manifest_sha256: str
-
-
-def keep_releases() -> int:
-    """``$AMYGDALA_KEEP_RELEASES`` (default 5, from 1 to 1000): how many releases to keep (the settings object)."""
-    return current_settings().keep_releases
 
 
 def release_id(vectors_sha256: str, now: float | None = None) -> str:
@@ -111,19 +105,19 @@ def _check_names(vectors_name: str, manifest_name: str) -> None:
 
 
 def publish_pair(
-    vectors_path: str | os.PathLike[str],
-    manifest_path: str | os.PathLike[str],
+    vectors_path: Location,
+    manifest_path: Location,
     vectors_data: bytes,
     manifest_data: bytes,
     *,
-    keep: int | None = None,
+    keep: int = DEFAULT_KEEP_RELEASES,
 ) -> Published:
     """Publish ``vectors_data`` + ``manifest_data`` under the two names as one release (see the module doc).
 
     Raises :class:`PublishError` (one line: path and cause) if the location is
     not writable; the previously published pair is then still the current one.
     """
-    keep = keep_releases() if keep is None else int(keep)
+    keep = int(keep)
     vloc, mloc = location(vectors_path), location(manifest_path)
     _check_names(vloc.name, mloc.name)
     sha_v = hashlib.sha256(vectors_data).hexdigest()
@@ -138,7 +132,7 @@ def publish_pair(
     return _publish_remote(vloc, mloc, vectors_data, manifest_data, sha_v, sha_m, rid, keep)
 
 
-def check_publishable(vectors_path: str | os.PathLike[str], manifest_path: str | os.PathLike[str]) -> None:
+def check_publishable(vectors_path: Location, manifest_path: Location) -> None:
     """Fail early (:class:`PublishError`, one line) if the pair could not be published there.
 
     Local: creates the directories and a probe file in ``releases/`` (removed
@@ -310,50 +304,7 @@ def _publish_local(vectors: Path, manifest: Path, vdata: bytes, mdata: bytes, sh
     return Published(rid, str(release), str(vectors), str(manifest), sha_v, sha_m)
 
 
-def _through_current(path: Path) -> tuple[Path, str] | None:
-    """``(current link, file name)`` if ``path`` is ``D/current/name`` or a link to it; else None."""
-    if path.parent.name == CURRENT_LINK and path.parent.is_symlink():
-        return path.parent, path.name
-    if path.is_symlink():
-        target = Path(os.path.normpath(path.parent / os.readlink(path)))
-        if target.parent.name == CURRENT_LINK and target.parent.is_symlink():
-            return target.parent, target.name
-    return None
-
-
-def pin_pair(vectors: str | os.PathLike[str], manifest: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """The two files of one release: ``current`` is read once for both (local paths only).
-
-    Paths that do not go through the same ``current`` link come back unchanged.
-    """
-    vectors, manifest = Path(vectors), Path(manifest)
-    a, b = _through_current(vectors), _through_current(manifest)
-    if a is None or b is None or a[0] != b[0]:
-        return vectors, manifest
-    link = a[0]
-    try:
-        release = Path(os.path.normpath(link.parent / os.readlink(link)))
-    except OSError:
-        return vectors, manifest
-    return release / a[1], release / b[1]
-
-
 # ----------------------------------------------------------------------------- object storage
-
-
-def _pointer(base: UPath) -> dict | None:
-    path = base / POINTER_FILE
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    try:
-        pointer = json.loads(data)
-    except ValueError as exc:
-        raise PublishError(f"{uri(path)}: not valid JSON ({exc})") from None
-    if not isinstance(pointer, dict) or pointer.get("format") != POINTER_FORMAT:
-        raise PublishError(f"{uri(path)}: not a release pointer ({POINTER_FORMAT})")
-    return pointer
 
 
 def _publish_remote(vectors: UPath, manifest: UPath, vdata: bytes, mdata: bytes, sha_v: str, sha_m: str,
@@ -399,103 +350,14 @@ def _prune_remote(releases: UPath, current: str, keep: int) -> None:
             releases.fs.rm((releases / name).path, recursive=True)
 
 
-# ----------------------------------------------------------------------------- reading
-
-
-def split_location(
-    vectors: str | os.PathLike[str], manifest: str | os.PathLike[str] | None = None
-) -> tuple[UPath, UPath]:
-    """The vectors and manifest locations a user means by ``vectors`` (a file, an output directory,
-    ``current.json`` or ``current/``) and an optional ``manifest`` (default: ``manifest.json`` beside)."""
-    v = location(vectors)
-    if v.name in (POINTER_FILE, CURRENT_LINK) or v.is_dir() or (not is_local(v) and not v.suffix):
-        base = v.parent if v.name == POINTER_FILE else v
-        v = base / VECTORS_NAME
-    m = location(manifest) if manifest is not None else v.parent / MANIFEST_NAME
-    return v, m
-
-
-@dataclass(frozen=True)
-class PairFiles:
-    """Local files of one pair (``vectors``, ``manifest``) and where they were read from."""
-
-    vectors: Path
-    manifest: Path
-    source_vectors: str
-    source_manifest: str
-    where: str
-
-
-@contextlib.contextmanager
-def open_pair(
-    vectors: str | os.PathLike[str], manifest: str | os.PathLike[str] | None = None
-) -> Iterator[PairFiles]:
-    """Local files of one consistent pair, and where they came from.
-
-    Local: ``current`` is resolved once (:func:`pin_pair`). Object storage:
-    ``current.json`` beside the vectors name is resolved, both files of its
-    release are downloaded to a temporary directory and their SHA-256 sums
-    checked against the pointer; without a pointer (older layout) the two
-    objects are downloaded as they are (``load_readout`` still checks the
-    vectors' SHA-256 against the manifest).
-    """
-    v, m = split_location(vectors, manifest)
-    if is_local(v) and is_local(m):
-        pv, pm = pin_pair(v.path, m.path)
-        yield PairFiles(pv, pm, str(pv), str(pm), str(pv.parent) if pv.parent == pm.parent else f"{pv}, {pm}")
-        return
-    base = v.parent
-    refresh(base)
-    pointer = _pointer(base) if manifest is None or str(m.parent) == str(base) else None
-    with tempfile.TemporaryDirectory(prefix="amygdala-pair-") as tmp:
-        lv, lm = Path(tmp) / v.name, Path(tmp) / m.name
-        if pointer is not None:
-            rv, rm = base / pointer["vectors"], base / pointer["manifest"]
-            where = f"{uri(base / POINTER_FILE)} -> release {pointer['release']}"
-        else:
-            rv, rm = v, m
-            where = uri(base)
-        for remote, local in ((rv, lv), (rm, lm)):
-            try:
-                remote.fs.get_file(remote.path, str(local))
-            except FileNotFoundError:
-                raise FileNotFoundError(f"{uri(remote)}: no such object") from None
-        if pointer is not None:
-            for local, key in ((lv, "vectors_sha256"), (lm, "manifest_sha256")):
-                actual = sha256_file(local)
-                if actual != pointer[key]:
-                    raise PublishError(
-                        f"{where}: {local.name} has SHA-256 {actual}, the pointer expects {pointer[key]}"
-                    )
-        yield PairFiles(lv, lm, uri(rv), uri(rm), where)
-
-
-def current_pair(
-    base: str | os.PathLike[str], vectors_name: str = VECTORS_NAME, manifest_name: str = MANIFEST_NAME
-) -> tuple[str, str] | None:
-    """Paths (relative to ``base``) of the current release's two files, or None before the first publication.
-
-    Local: ``current`` read once; object storage: the ``current.json`` pointer.
-    """
-    root = location(base)
-    if is_local(root):
-        link = Path(root.path) / CURRENT_LINK
-        try:
-            target = os.readlink(link)
-        except OSError:
-            return None
-        rel = os.path.normpath(target)
-        return f"{rel}/{vectors_name}", f"{rel}/{manifest_name}"
-    refresh(root)
-    pointer = _pointer(root)
-    return None if pointer is None else (pointer["vectors"], pointer["manifest"])
-
 
 def republish_manifest(
-    vectors: str | os.PathLike[str], manifest: str | os.PathLike[str] | None, manifest_data: bytes
+    vectors: Location, manifest: Location | None, manifest_data: bytes, *,
+    keep: int = DEFAULT_KEEP_RELEASES,
 ) -> Published:
-    """A new release holding the current vectors unchanged and ``manifest_data`` (e.g. added calibration)."""
+    """A new release holding the current vectors unchanged and ``manifest_data`` (e.g. added calibration);
+    the last ``keep`` releases are kept."""
     with open_pair(vectors, manifest) as files:
         vectors_data = files.vectors.read_bytes()
     v, m = split_location(vectors, manifest)
-    return publish_pair(v, m, vectors_data, manifest_data)
+    return publish_pair(v, m, vectors_data, manifest_data, keep=keep)

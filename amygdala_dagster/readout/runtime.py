@@ -28,7 +28,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -36,8 +36,9 @@ import torch
 from amygdala_dagster.engine.capture import capture, run_until_captured
 from amygdala_dagster.engine.inputs import Encoded, Item, encode, special_ids
 from amygdala_dagster.engine.layers import check_layer_indices, resolve_layers
+from amygdala_dagster.engine.models import LoadedModel
 from amygdala_dagster.readout.episode import EpisodeTrace, EpisodeTracker, episode_traces
-from amygdala_dagster.readout.manifest import calibration_entry
+from amygdala_dagster.readout.manifest import CalibratedReadout, ReadoutMatrix, calibration_entry
 from amygdala_dagster.readout.metrics import z_score
 
 log = logging.getLogger(__name__)
@@ -48,12 +49,13 @@ DEFAULT_SKIP_FIRST_TOKENS = 1
 
 
 # ----------------------------------------------------------------------------- projection
-def _matrix(readout: Any, layer: int) -> np.ndarray:
+def _matrix(readout: ReadoutMatrix | Mapping[int, np.ndarray], layer: int) -> np.ndarray:
     vectors = readout.vectors if hasattr(readout, "vectors") else readout
     return np.asarray(vectors[int(layer)], dtype=np.float32)
 
 
-def project(activations: Mapping[int, Any], readout: Any) -> dict[int, torch.Tensor]:
+def project(activations: Mapping[int, torch.Tensor],
+            readout: ReadoutMatrix | Mapping[int, np.ndarray]) -> dict[int, torch.Tensor]:
     """Per layer ``activation [T, H] @ vectors.T`` -> ``[T, C]`` float32.
 
     ``readout`` is a :class:`~amygdala_dagster.readout.manifest.ReadoutPair`, a
@@ -77,7 +79,8 @@ def project(activations: Mapping[int, Any], readout: Any) -> dict[int, torch.Ten
     return out
 
 
-def calibrated_scores(raw: Any, manifest: Mapping[str, Any], layer: int, kind: str = "text") -> np.ndarray:
+def calibrated_scores(raw: torch.Tensor | np.ndarray, manifest: Mapping[str, Any], layer: int,
+                      kind: str = "text") -> np.ndarray:
     """Calibrated scores ``[..., C]`` for raw projections ``[..., C]`` at ``layer``: per concept the
     z-score (:func:`amygdala_dagster.readout.metrics.z_score`) against the manifest's ``kind``
     calibration (``text``: held-out mean-pooled texts; ``token``: per-token projections of the
@@ -107,7 +110,7 @@ def scored_mask(encoded: Encoded, skip_first_tokens: int) -> np.ndarray:
 
 
 def _num_layers(model: torch.nn.Module) -> int:
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     n = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
     if not n:
@@ -167,7 +170,7 @@ class ReadoutRuntime:
 
     model: torch.nn.Module
     tokenizer: Any
-    readout: Any = None
+    readout: CalibratedReadout | None = None
     layers: Sequence[int] | None = None
     layer_path: str | None = None
     max_tokens: int | None = None
@@ -196,9 +199,13 @@ class ReadoutRuntime:
         if self.skip_first_tokens is None:
             self.skip_first_tokens = manifest_skip_first_tokens(self.readout.manifest) if self.readout else \
                 DEFAULT_SKIP_FIRST_TOKENS
+        # the resolved values, typed for the methods below (the fields keep what was given, resolved)
+        self._layers: list[int] = list(self.layers)
+        self._skip: int = int(self.skip_first_tokens)
 
     @classmethod
-    def from_loaded(cls, loaded: Any, readout: Any = None, **kwargs: Any) -> ReadoutRuntime:
+    def from_loaded(cls, loaded: LoadedModel, readout: CalibratedReadout | None = None,
+                    **kwargs: Any) -> ReadoutRuntime:
         """A runtime over a :class:`~amygdala_dagster.engine.models.LoadedModel` (with its weights)."""
         loaded = loaded.with_weights()
         return cls(loaded.model, loaded.tokenizer, readout, **kwargs)
@@ -239,25 +246,24 @@ class ReadoutRuntime:
         def keep(slot: int, hidden: torch.Tensor) -> None:
             captured[slot] = hidden.detach().float().cpu()
 
-        deepest = max(range(len(self.layers)), key=lambda s: self.layers[s])
+        deepest = max(range(len(self._layers)), key=lambda s: self._layers[s])
         run_until_captured(self.model, self._modules, keep, deepest, input_ids=input_ids.to(self._device),
                            attention_mask=mask.to(self._device), **self._forward_kwargs)
         if any(c is None for c in captured):
             raise RuntimeError(f"the forward pass never reached layer(s) "
-                               f"{[self.layers[s] for s, c in enumerate(captured) if c is None]}")
+                               f"{[self._layers[s] for s, c in enumerate(captured) if c is None]}")
         return torch.stack(captured, dim=2).numpy()  # type: ignore[arg-type]  # [B, T, L, H]
 
     def scores_from_hidden(self, encoded: Encoded, hidden: np.ndarray, id: str | None = None) -> TokenScores:
         """Project ``hidden`` ``[T, L, H]`` (as :meth:`hidden_states` gives) on the readout's rows."""
-        self._need_readout()
-        return scores_from_hidden(encoded, hidden, self.readout, self.layers, int(self.skip_first_tokens), id)
+        return scores_from_hidden(encoded, hidden, self._need_readout(), self._layers, self._skip, id)
 
     def score(self, item: Item, id: str | None = None) -> TokenScores:
         """Per-token raw and calibrated scores of every concept at every hooked layer for one input."""
         return next(iter(self.score_many([item], ids=[id] if id is not None else None)))
 
     def score_many(self, items: Sequence[Item], ids: Sequence[str] | None = None,
-                   progress: Callable[[int], None] | None = None) -> list[TokenScores]:
+                   progress: Callable[[int], object] | None = None) -> list[TokenScores]:
         """:meth:`score` for several inputs, batched; ``progress(n_done)`` after each input."""
         encoded = [self.encode(x) for x in items]
         out: list[TokenScores | None] = [None] * len(encoded)
@@ -283,7 +289,7 @@ class ReadoutRuntime:
         to step: a row's ``episode_fired`` says whether the rule has fired
         anywhere in the conversation so far.
         """
-        self._need_readout()
+        readout = self._need_readout()
         if not hasattr(self.model, "generate"):
             raise TypeError(f"{type(self.model).__name__} cannot generate: load the model with its LM head "
                             "(AutoModelForCausalLM)")
@@ -291,13 +297,13 @@ class ReadoutRuntime:
 
         enc = self.encode(item, add_generation_prompt=True)
         prompt_len = len(enc.ids)
-        rows: queue.Queue = queue.Queue()
+        rows: queue.Queue[Any] = queue.Queue()
         stop = threading.Event()
         done = object()
-        step = {"n": 0, "ids": None}
+        step: dict[str, Any] = {"n": 0, "ids": None}
         captured: list[torch.Tensor | None] = [None] * len(self._modules)
-        tracker = EpisodeTracker(self.readout.manifest, self.layers)
-        skip = int(self.skip_first_tokens)
+        tracker = EpisodeTracker(readout.manifest, self._layers)
+        skip = self._skip
 
         def pre_hook(module: Any, args: Any, kwargs: Any) -> None:
             step["ids"] = kwargs.get("input_ids", args[0] if args else None)
@@ -312,13 +318,14 @@ class ReadoutRuntime:
                 n = step["n"]
                 step["n"] += 1
                 if n == 0:
-                    raw = project({layer: captured[s] for s, layer in enumerate(self.layers)}, self.readout)
-                    tracker.update({l: r.numpy() for l, r in raw.items()}, scored_positions(enc.special, skip))
+                    raw = project({layer: cast(torch.Tensor, captured[s]) for s, layer in enumerate(self._layers)},
+                                  readout)
+                    tracker.update({layer: r.numpy() for layer, r in raw.items()}, scored_positions(enc.special, skip))
                 else:
                     token_id = int(ids[0, -1])
                     position = prompt_len + n - 1
                     scored = token_id not in self._specials and position >= skip
-                    rows.put(self._row(position, token_id, list(captured), tracker, scored))
+                    rows.put(self._row(position, token_id, cast(list[torch.Tensor], list(captured)), tracker, scored))
                 captured[:] = [None] * len(captured)
 
         class _Cancel(StoppingCriteria):
@@ -329,7 +336,7 @@ class ReadoutRuntime:
             try:
                 with torch.inference_mode():
                     input_ids = torch.tensor([enc.ids], device=self._device)
-                    out = self.model.generate(
+                    out = cast(Any, self.model).generate(  # a transformers model with its LM head
                         input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                         max_new_tokens=max_new_tokens, return_dict_in_generate=True,
                         stopping_criteria=StoppingCriteriaList([_Cancel()]),
@@ -365,23 +372,25 @@ class ReadoutRuntime:
 
     def _row(self, position: int, token_id: int, per_layer: list[torch.Tensor], tracker: EpisodeTracker,
              scored: bool) -> TokenRow:
+        readout = self._need_readout()
         raw = {layer: t.numpy()[0] for layer, t in
-               project({layer: per_layer[s] for s, layer in enumerate(self.layers)}, self.readout).items()}
-        episode = tracker.update({l: r[None] for l, r in raw.items()}, [scored])
+               project({layer: per_layer[s] for s, layer in enumerate(self._layers)}, readout).items()}
+        episode = tracker.update({layer: r[None] for layer, r in raw.items()}, [scored])
         return TokenRow(
             position=position, token_id=token_id, token=self.tokenizer.convert_ids_to_tokens(token_id), raw=raw,
-            calibrated={layer: calibrated_scores(r, self.readout.manifest, layer, "token") for layer, r in raw.items()},
-            episode={l: stat[0] for l, (stat, _) in episode.items()},
-            episode_active={l: act[0] for l, (_, act) in episode.items()},
-            episode_fired={l: tracker.states[l].fired.copy() for l in episode},
+            calibrated={layer: calibrated_scores(r, readout.manifest, layer, "token") for layer, r in raw.items()},
+            episode={layer: stat[0] for layer, (stat, _) in episode.items()},
+            episode_active={layer: act[0] for layer, (_, act) in episode.items()},
+            episode_fired={layer: tracker.states[layer].fired.copy() for layer in episode},
         )
 
-    def _need_readout(self) -> None:
+    def _need_readout(self) -> CalibratedReadout:
         if self.readout is None:
             raise ValueError("this runtime has no readout (vectors + manifest) to project on")
+        return self.readout
 
 
-def scores_from_hidden(encoded: Encoded, hidden: np.ndarray, readout: Any, hidden_layers: Sequence[int],
+def scores_from_hidden(encoded: Encoded, hidden: np.ndarray, readout: CalibratedReadout, hidden_layers: Sequence[int],
                        skip_first_tokens: int | None = None, id: str | None = None) -> TokenScores:
     """:class:`TokenScores` of one input from its per-token activations ``[T, L, H]`` (layers in
     ``hidden_layers`` order; the readout's layers are taken from them) -- no model needed."""

@@ -34,10 +34,13 @@ import numpy as np
 
 from amygdala_dagster.engine.token_sample import SampleEntry, TokenSample
 from amygdala_dagster.readout.episode import (
-    DEFAULT_FALSE_ALARM_RATE, DEFAULT_HALF_LIFE_TOKENS, DEFAULT_MIN_TOKENS, calibrate_episode,
+    DEFAULT_FALSE_ALARM_RATE,
+    DEFAULT_HALF_LIFE_TOKENS,
+    DEFAULT_MIN_TOKENS,
+    calibrate_episode,
 )
-from amygdala_dagster.readout.manifest import calibration_entry
 from amygdala_dagster.readout.folds import text_folds
+from amygdala_dagster.readout.manifest import ReadoutMatrix
 from amygdala_dagster.readout.runtime import DEFAULT_SKIP_FIRST_TOKENS, scored_positions
 
 log = logging.getLogger(__name__)
@@ -113,7 +116,10 @@ def calibrate_tokens(
 
 
 class TokenSource(Protocol):
-    """Where per-token activations ``[T, L, H]`` are read by sequence key (a :class:`~amygdala_dagster.engine.token_cache.TokenCache`)."""
+    """Where per-token activations ``[T, L, H]`` are read by sequence key.
+
+    The run's is a :class:`~amygdala_dagster.engine.token_cache.TokenCache`.
+    """
 
     def get(self, key: str) -> np.ndarray: ...
 
@@ -133,7 +139,7 @@ class CalibrationProjections:
 
 
 def project_calibration(
-    readout: Any, entries_by_concept: Mapping[str, Sequence[SampleEntry]], tokens: TokenSource, *,
+    readout: ReadoutMatrix, entries_by_concept: Mapping[str, Sequence[SampleEntry]], tokens: TokenSource, *,
     hidden_layers: Sequence[int], skip_first_tokens: int = DEFAULT_SKIP_FIRST_TOKENS,
 ) -> CalibrationProjections:
     """The calibration texts' per-token projections: each distinct sequence's activations (layers
@@ -173,7 +179,7 @@ def _source(source: str | Mapping[str, str], concept: str) -> str:
 
 
 def calibrate_readout(
-    readout: Any,
+    readout: ReadoutMatrix,
     entries_by_concept: Mapping[str, Sequence[SampleEntry]],
     tokens: TokenSource,
     *,
@@ -241,12 +247,6 @@ def calibrate_episodes(
                         "--calibration-texts or lower the evaluation resource's episode_min_tokens)",
                         concept, len(keep), min_tokens)
     return out
-
-
-def manifest_token_calibration(manifest: Mapping[str, Any]) -> dict[str, dict[int, dict[str, Any] | None]]:
-    """``{concept: {layer: token_calibration}}`` as a manifest stores it (None entries for format 1)."""
-    return {c: {int(l): calibration_entry(manifest, c, int(l), "token") for l in manifest["layers"]}
-            for c in manifest["concepts"]}
 
 
 def heldout_summary(token_cal: Mapping[str, Mapping[Any, Mapping[str, Any] | None]]) -> list[dict[str, Any]]:

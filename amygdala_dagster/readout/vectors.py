@@ -26,8 +26,9 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save as st_save
 
-from amygdala_dagster.files.atomic import atomic_write_bytes
 from amygdala_dagster.engine.cache import ActivationCache, layer_positions, text_sha256
+from amygdala_dagster.examples.selection import ExampleSet, training_problems
+from amygdala_dagster.files.atomic import atomic_write_bytes
 from amygdala_dagster.readout.estimators import (
     DEFAULT_ESTIMATOR,
     DegenerateDirectionError,
@@ -35,7 +36,6 @@ from amygdala_dagster.readout.estimators import (
     unit_direction,
 )
 from amygdala_dagster.readout.metrics import calibration
-from amygdala_dagster.examples.selection import training_problems
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class EmotionStats:
 
 def emotion_stats(
     cache: ActivationCache,
-    example_set: Any,
+    example_set: ExampleSet,
     split: str = "train",
     *,
     layers: Sequence[int] | None = None,
@@ -186,7 +186,7 @@ def directions_from_stats(stats: EmotionStats) -> tuple[np.ndarray, np.ndarray]:
 _SPLIT_COUNTS = ("train_positives", "train_negatives", "holdout_positives", "holdout_negatives")
 
 
-def _counts(example_set: Any) -> dict[str, int]:
+def _counts(example_set: ExampleSet) -> dict[str, int]:
     """The per-split example counts the manifest records (from ``ExampleSet.counts``)."""
     counts = example_set.counts()
     return {k: counts[k] for k in _SPLIT_COUNTS}
@@ -194,7 +194,7 @@ def _counts(example_set: Any) -> dict[str, int]:
 
 def train_directions(
     cache: ActivationCache,
-    example_set: Any,
+    example_set: ExampleSet,
     layers: Sequence[int] | None = None,
     estimator_name: str = DEFAULT_ESTIMATOR,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
@@ -215,13 +215,14 @@ def train_directions(
     neg = cache.get(_split_shas(example_set.negatives, "train"))
     if cols is not None:
         pos, neg = pos[:, cols], neg[:, cols]
-    units, norms = [], []
+    units: list[np.ndarray] = []
+    raw_norms: list[float] = []
     for i, layer in enumerate(layers):
         direction = estimator(pos[:, i], neg[:, i])
         u, n = unit_direction(direction, f"emotion {example_set.emotion!r}, layer {layer}")
         units.append(u)
-        norms.append(n)
-    return np.stack(units).astype(np.float32), np.asarray(norms, dtype=np.float64), counts
+        raw_norms.append(n)
+    return np.stack(units).astype(np.float32), np.asarray(raw_norms, dtype=np.float64), counts
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -237,7 +238,7 @@ def _proj_stats(values: np.ndarray) -> dict[str, float | None]:
 
 def projection_calibration(
     cache: ActivationCache,
-    example_set: Any,
+    example_set: ExampleSet,
     unit_vectors: np.ndarray,
     layers: Sequence[int] | None = None,
     split: str = "holdout",
@@ -278,7 +279,7 @@ def projection_calibration(
 
 def holdout_calibration(
     cache: ActivationCache,
-    example_set: Any,
+    example_set: ExampleSet,
     unit_vectors: np.ndarray,
     layers: Sequence[int] | None = None,
     *,
@@ -296,7 +297,7 @@ def holdout_calibration(
     negatives the train split is used instead and ``split`` says so (such
     numbers are optimistic).
     """
-    kw = {"threshold_method": threshold_method, "target_fpr": target_fpr}
+    kw: dict[str, Any] = {"threshold_method": threshold_method, "target_fpr": target_fpr}
     cal = projection_calibration(cache, example_set, unit_vectors, layers, "holdout", **kw)
     first = next(iter(cal.values()), None)
     if first is not None and (first["n_pos"] == 0 or first["n_neg"] == 0):
@@ -311,7 +312,9 @@ def holdout_calibration(
 # ----------------------------------------------------------------------------- readout
 @dataclass
 class TrainedReadout:
-    """The trained matrix: all emotions' unit directions, ready for :func:`amygdala_dagster.readout.manifest.write_readout`.
+    """The trained matrix: all emotions' unit directions.
+
+    Ready for :func:`amygdala_dagster.readout.manifest.write_readout`.
 
     ``vectors[layer]`` is ``[C, H]`` float32 with rows in ``concepts`` order;
     ``raw_norms[concept]`` lists the pre-normalisation norm per layer (in
@@ -431,6 +434,5 @@ __all__ = [
     "save_stats",
     "train_directions",
     "train_readout",
-    "training_problems",
     "layer_columns",
 ]

@@ -12,7 +12,13 @@ from amygdala_dagster.engine.cache import ActivationCache
 from amygdala_dagster.engine.token_cache import bytes_per_token
 from amygdala_dagster.files.atomic import atomic_write_text, sha256_file
 from amygdala_dagster.pipeline.assets.common import (
-    EMOTION, GPU_POOL, GROUP, add_partition_metadata, combined_hash, file_meta, table,
+    EMOTION,
+    GPU_POOL,
+    GROUP,
+    add_partition_metadata,
+    combined_hash,
+    file_meta,
+    table,
 )
 from amygdala_dagster.pipeline.assets.emotions import read_examples_from, tagged_examples
 from amygdala_dagster.pipeline.assets.inputs import run_inputs
@@ -21,9 +27,10 @@ from amygdala_dagster.pipeline.checks import STATS_CHECKS, WARN, check_result, f
 from amygdala_dagster.pipeline.k8s import gpu_op_tags
 from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, ModelResource, SelectionResource
 from amygdala_dagster.readout.vectors import EmotionStats, emotion_stats, load_stats, save_stats
-from amygdala_dagster.workflow import (
-    TOKEN_SAMPLES_FILE, engine_report, forward_run, stats_file, stats_info, stats_info_file,
-)
+from amygdala_dagster.workflow.engine_settings import engine_report
+from amygdala_dagster.workflow.layout import TOKEN_SAMPLES_FILE, stats_file, stats_info_file
+from amygdala_dagster.workflow.samples import forward_run
+from amygdala_dagster.workflow.staging import stats_info
 
 
 @dg.asset(

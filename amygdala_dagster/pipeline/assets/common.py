@@ -1,6 +1,6 @@
 """Shared pieces of the asset modules: the emotion partitions, freshness, metadata helpers.
 
-The file layout is :mod:`amygdala_dagster.workflow`'s.
+The file layout is :mod:`amygdala_dagster.workflow.layout`'s.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from typing import Any
 
 import dagster as dg
 
-from amygdala_dagster.settings import current_settings
+from amygdala_dagster.workflow.settings import current_settings
 
-EMOTION = dg.DynamicPartitionsDefinition(name="emotion")
+#: The dynamic partitions of the per-emotion assets.
+EMOTION_PARTITIONS = "emotion"
+EMOTION = dg.DynamicPartitionsDefinition(name=EMOTION_PARTITIONS)
 GROUP = "amygdala"
 GPU_POOL = "gpu"
 RANGE_START_TAG = "dagster/asset_partition_range_start"
@@ -70,7 +72,7 @@ def _cell(v: Any) -> Any:
 
 
 def emotion_partitions(instance: dg.DagsterInstance) -> list[str]:
-    return list(instance.get_dynamic_partitions(EMOTION.name))
+    return list(instance.get_dynamic_partitions(EMOTION_PARTITIONS))
 
 
 def run_partition_keys(context: Any) -> list[str]:

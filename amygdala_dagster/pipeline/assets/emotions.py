@@ -5,21 +5,28 @@ import json
 import time
 
 import dagster as dg
-
 import polars as pl
 
-from amygdala_dagster.files.atomic import atomic_write_text
-from amygdala_dagster.examples.selection import ExampleSet, select_all
 from amygdala_dagster.examples.catalog import SOURCES, cooccurrence, qualifying_emotions
 from amygdala_dagster.examples.directory import read_examples_dir, write_examples_dir
+from amygdala_dagster.examples.selection import ExampleSet, select_all
+from amygdala_dagster.files.atomic import atomic_write_text
+from amygdala_dagster.graph.snapshot import snapshot_hash
 from amygdala_dagster.pipeline.assets.common import (
-    EMOTION, GROUP, add_partition_metadata, combined_hash, emotion_partitions, file_meta, json_hash, table,
+    EMOTION,
+    EMOTION_PARTITIONS,
+    GROUP,
+    add_partition_metadata,
+    combined_hash,
+    emotion_partitions,
+    file_meta,
+    json_hash,
+    table,
 )
 from amygdala_dagster.pipeline.assets.graph import memory_snapshot, read_snapshot_from
 from amygdala_dagster.pipeline.checks import EXAMPLES_CHECKS, check_result, examples_problems, min_positives_problems
 from amygdala_dagster.pipeline.resources import ArtifactStorage, SelectionResource
-from amygdala_dagster.graph.snapshot import snapshot_hash
-from amygdala_dagster.workflow import CATALOG_FILE, COOCCURRENCE_FILE, examples_dir
+from amygdala_dagster.workflow.layout import CATALOG_FILE, COOCCURRENCE_FILE, examples_dir
 
 #: Up to this many emotions in a step, each gets its own log line.
 _LOGGED_EMOTIONS = 20
@@ -54,7 +61,7 @@ def emotion_catalog(
     existing = set(emotion_partitions(context.instance))
     new = [e for e in qualifying if e not in existing]
     if new:
-        context.instance.add_dynamic_partitions(EMOTION.name, new)
+        context.instance.add_dynamic_partitions(EMOTION_PARTITIONS, new)
         context.log.info(f"new emotion partitions: {', '.join(new)}")
     rows = catalog.sort("rank").to_dicts()
     pairs = sorted(

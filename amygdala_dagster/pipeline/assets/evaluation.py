@@ -7,21 +7,23 @@ from typing import Any
 import dagster as dg
 
 from amygdala_dagster.engine.cache import ActivationCache
-from amygdala_dagster.evaluation import evaluate, read_snippets, summary_markdown, write_report
 from amygdala_dagster.evaluation.conversations import conversations_section
-from amygdala_dagster.evaluation.verdicts import apply_verdicts, log_unusable
+from amygdala_dagster.evaluation.core import evaluate
+from amygdala_dagster.evaluation.generalisation import read_snippets
 from amygdala_dagster.evaluation.plots import png_markdown
-from amygdala_dagster.evaluation.report import emotion_markdown
+from amygdala_dagster.evaluation.report import emotion_markdown, summary_markdown, write_report
 from amygdala_dagster.evaluation.runtime_report import PLOT, runtime_markdown
-from amygdala_dagster.readout.manifest import load_readout
-from amygdala_dagster.pipeline.assets.common import GROUP, file_meta, json_hash, table
+from amygdala_dagster.evaluation.verdicts import apply_verdicts, log_unusable
 from amygdala_dagster.examples.catalog import catalog_summary
+from amygdala_dagster.pipeline.assets.common import GROUP, file_meta, json_hash, table
 from amygdala_dagster.pipeline.assets.emotions import read_catalog_from, read_examples_from
-from amygdala_dagster.pipeline.checks import EVALUATION_CHECKS, evaluation_checks
 from amygdala_dagster.pipeline.assets.graph import read_snapshot_from
 from amygdala_dagster.pipeline.assets.readout_pair import read_samples, read_staged_info, readout_manifest
+from amygdala_dagster.pipeline.checks import EVALUATION_CHECKS, evaluation_checks
 from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource
-from amygdala_dagster.workflow import MANIFEST_FILE, REPORT_DIR, VECTORS_FILE, StoredSamples
+from amygdala_dagster.readout.manifest import load_readout
+from amygdala_dagster.workflow.layout import MANIFEST_FILE, REPORT_DIR, VECTORS_FILE
+from amygdala_dagster.workflow.samples import StoredSamples
 
 
 @dg.asset(
@@ -71,7 +73,8 @@ def evaluation_report(
         meta = {"evaluation": dg.MetadataValue.md(emotion_markdown(result, e)),
                 "verdict": result["verdicts"][e]["verdict"], "vectors_sha256": readout.sha256}
         if f"hist_{e}.png" in plots:
-            meta["projection_histogram"] = dg.MetadataValue.md(png_markdown(plots[f"hist_{e}.png"], f"{e} held-out projections"))
+            meta["projection_histogram"] = dg.MetadataValue.md(
+                png_markdown(plots[f"hist_{e}.png"], f"{e} held-out projections"))
         context.log_event(dg.AssetObservation(asset_key=dg.AssetKey("activation_stats"), partition=e, metadata=meta))
     context.log.info(f"evaluation report: {store.uri(REPORT_DIR + '/' + html_path.name)}; "
                      f"{counts['use']} use, {counts['weak']} weak, {counts['do_not_use']} do not use")
@@ -142,7 +145,8 @@ def verdict_rows(result: dict) -> list[dict]:
             "source": ((result.get("catalog") or {}).get("emotions") or {}).get(e, {}).get("source"),
             "best_layer": r["best_layer"],
             "auroc": None if r["best_auroc"] is None else _round(r["best_auroc"], 3),
-            "ci_low": None if ci[0] is None else _round(ci[0], 3), "ci_high": None if ci[1] is None else _round(ci[1], 3),
+            "ci_low": None if ci[0] is None else _round(ci[0], 3),
+            "ci_high": None if ci[1] is None else _round(ci[1], 3),
             "holdout_pos": entry.get("n_pos"), "holdout_neg": entry.get("n_neg"),
             # Short flag names: a sentence per reason makes every row of the UI's narrow table dozens of
             # lines tall. The sentences are in `summary` (and the HTML report).

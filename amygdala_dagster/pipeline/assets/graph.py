@@ -5,14 +5,13 @@ import time
 from collections import Counter
 
 import dagster as dg
-
 import polars as pl
 
+from amygdala_dagster.graph.snapshot import build_snapshot, read_snapshot, snapshot_hash, write_snapshot
 from amygdala_dagster.pipeline.assets.common import GROUP, file_meta, table
 from amygdala_dagster.pipeline.checks import SNAPSHOT_CHECKS, check_result, snapshot_problems
 from amygdala_dagster.pipeline.resources import ArtifactStorage, MemoryGraphResource
-from amygdala_dagster.graph.snapshot import build_snapshot, read_snapshot, snapshot_hash, write_snapshot
-from amygdala_dagster.workflow import SNAPSHOT_FILE
+from amygdala_dagster.workflow.layout import SNAPSHOT_FILE
 
 
 @dg.observable_source_asset(

@@ -8,7 +8,8 @@ from amygdala_dagster.evaluation.generalisation import read_snippets
 from amygdala_dagster.examples.selection import ExampleSet, holdout_texts
 from amygdala_dagster.pipeline.assets.graph import read_snapshot_from
 from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, SelectionResource
-from amygdala_dagster.workflow import RunSamples, calibration_sample, collect_texts, conversation_sample
+from amygdala_dagster.workflow.partitions import collect_texts
+from amygdala_dagster.workflow.samples import RunSamples, calibration_sample, conversation_sample
 
 
 def run_inputs(sets: Mapping[str, ExampleSet], storage: ArtifactStorage, selection: SelectionResource,

@@ -1,4 +1,7 @@
-"""All emotions' readout vectors (the staged trained matrix) and the Contract 3 pair (vectors.safetensors + manifest.json)."""
+"""All emotions' readout vectors (the staged trained matrix) and the Contract 3 pair.
+
+The pair is ``vectors.safetensors`` + ``manifest.json``.
+"""
 
 import json
 import time
@@ -6,26 +9,55 @@ from typing import Any
 
 import dagster as dg
 
-from amygdala_dagster.files.atomic import atomic_write_bytes, atomic_write_text
 from amygdala_dagster.engine.cache import ActivationCache
-from amygdala_dagster.readout.manifest import vectors_bytes, write_readout
+from amygdala_dagster.files.atomic import atomic_write_bytes, atomic_write_text
 from amygdala_dagster.pipeline.assets.activations import activation_stats, has_stats, read_stats, read_stats_info
-from amygdala_dagster.pipeline.assets.common import EMOTIONS_TAG, GROUP, emotion_partitions, file_meta, readout_freshness, table
-from amygdala_dagster.pipeline.assets.emotions import emotion_catalog, read_examples_from, tagged_examples
-from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, SelectionResource
-from amygdala_dagster.pipeline.checks import (
-    MANIFEST_CHECKS, VECTORS_CHECKS, WARN, check_result, manifest_problems, vectors_problems,
+from amygdala_dagster.pipeline.assets.common import (
+    EMOTIONS_TAG,
+    GROUP,
+    emotion_partitions,
+    file_meta,
+    readout_freshness,
+    table,
 )
+from amygdala_dagster.pipeline.assets.emotions import emotion_catalog, read_examples_from, tagged_examples
+from amygdala_dagster.pipeline.checks import (
+    MANIFEST_CHECKS,
+    VECTORS_CHECKS,
+    WARN,
+    check_result,
+    manifest_problems,
+    vectors_problems,
+)
+from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResource, SelectionResource
 from amygdala_dagster.readout.episode import episode_problems, episode_summary
-from amygdala_dagster.readout.publish import current_pair, open_pair
+from amygdala_dagster.readout.manifest import vectors_bytes, write_readout
+from amygdala_dagster.readout.releases import current_pair, open_pair
 from amygdala_dagster.readout.token_calibration import (
-    calibrate_episodes, calibrate_readout, calibration_entries, heldout_problems, heldout_summary,
+    calibrate_episodes,
+    calibrate_readout,
+    calibration_entries,
+    heldout_problems,
+    heldout_summary,
     project_calibration,
 )
 from amygdala_dagster.readout.vectors import TrainedReadout, train_readout
-from amygdala_dagster.workflow import (
-    MANIFEST_FILE, STAGED_INFO, STAGED_VECTORS, TOKEN_SAMPLES_FILE, VECTORS_FILE, StoredSamples, check_stats_current,
-    drift_cosines, encode_staged_info, read_staged_readout, sha256_bytes, staged_info,
+from amygdala_dagster.workflow.layout import (
+    MANIFEST_FILE,
+    STAGED_INFO,
+    STAGED_VECTORS,
+    TOKEN_SAMPLES_FILE,
+    VECTORS_FILE,
+)
+from amygdala_dagster.workflow.samples import StoredSamples
+from amygdala_dagster.workflow.settings import current_settings
+from amygdala_dagster.workflow.staging import (
+    check_stats_current,
+    drift_cosines,
+    encode_staged_info,
+    read_staged_readout,
+    sha256_bytes,
+    staged_info,
 )
 
 
@@ -174,9 +206,9 @@ def load_staged_readout(storage: ArtifactStorage) -> tuple[TrainedReadout, dict[
     description=(
         "The Contract 3 pair for vLLM: vectors.safetensors + manifest.json (VLLM_READOUT_VECTORS, "
         "VLLM_READOUT_MANIFEST), published as one release (a new directory under releases/, then the "
-        "current link switched atomically). The manifest (format 3) carries the vectors' SHA-256 and, per concept and layer, the "
-        "text-level calibration, the per-token one (token threshold and its held-out firing rate) and the episode rule "
-        "(conversation-level threshold and its held-out false-alarm rate)."
+        "current link switched atomically). The manifest (format 3) carries the vectors' SHA-256 and, per concept "
+        "and layer, the text-level calibration, the per-token one (token threshold and its held-out firing rate) "
+        "and the episode rule (conversation-level threshold and its held-out false-alarm rate)."
     ),
 )
 def readout_manifest(
@@ -201,8 +233,11 @@ def readout_manifest(
         pooling=fp.get("pooling"), layer_path=fp.get("layer_path"), fingerprint=fp, training=training,
         token_calibration=token_cal, episode=episode,
     )
-    manifest = write_readout(store.uri(VECTORS_FILE), store.uri(MANIFEST_FILE), readout, **fields)
-    vectors_rel, manifest_rel = current_pair(store.uri(""))
+    manifest = write_readout(store.uri(VECTORS_FILE), store.uri(MANIFEST_FILE), readout,
+                             keep_releases=current_settings().keep_releases, **fields)
+    published = current_pair(store.uri(""))
+    assert published is not None  # write_readout has just switched current to the new release
+    vectors_rel, manifest_rel = published
     with open_pair(store.uri(VECTORS_FILE), store.uri(MANIFEST_FILE)) as files:  # what a reader gets now
         pair_problems = manifest_problems(files.vectors, files.manifest, readout.concepts)
     context.log.info(f"published {store.uri(vectors_rel)} and {store.uri(manifest_rel)}")

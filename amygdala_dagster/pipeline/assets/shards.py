@@ -31,7 +31,11 @@ from amygdala_dagster.pipeline.assets.emotions import read_examples_from, tagged
 from amygdala_dagster.pipeline.assets.inputs import run_inputs
 from amygdala_dagster.pipeline.k8s import gpu_op_tags
 from amygdala_dagster.pipeline.resources import (
-    ArtifactStorage, EvaluationResource, ModelResource, SelectionResource, ShardingResource,
+    ArtifactStorage,
+    EvaluationResource,
+    ModelResource,
+    SelectionResource,
+    ShardingResource,
 )
 
 STEP_IO = "step_io"
@@ -91,7 +95,7 @@ def summarise_activation_shards(context: dg.OpExecutionContext, results: list[di
     rows = [{"shard": r.index, "unique_texts": r.shard_texts, "forwarded": r.stats.forwarded,
              "cached": r.stats.cached, "tokens": r.stats.tokens, "device": r.stats.device,
              "seconds": round(r.finished_at - r.started_at, 3)} for r in shards]
-    summary = {
+    summary: dict[str, Any] = {
         "shards": len(shards),
         "unique_texts": sum(r.shard_texts for r in shards),
         "texts_forwarded": sum(r.stats.forwarded for r in shards),

@@ -3,8 +3,9 @@
 Every default that the README's Configuration table lists comes from here: the ``amygdala``
 commands (where a flag is not given), the Dagster resources' defaults and the code location
 (``pipeline/definitions.py``), the sensor's interval, the readout's freshness window, the
-activation cache's location (:func:`amygdala_dagster.engine.cache.default_cache_dir`) and the
-releases kept on publication. A value outside its bounds is refused with one line naming the
+activation cache's location (:meth:`Settings.cache_location`) and the releases kept on publication.
+Only the workflow, the Dagster layer and the commands read it: the stages below them (engine,
+readout ...) take these values as arguments. A value outside its bounds is refused with one line naming the
 variable and what it must be (:class:`ConfigurationError`), never a validation traceback; a flag of
 the same setting goes through the same bounds (:func:`flag_type`).
 
@@ -28,6 +29,12 @@ from typing import Annotated, Any
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from amygdala_dagster.engine.cache import cache_location
+from amygdala_dagster.engine.placement import parse_device_map
+from amygdala_dagster.files.storage import is_local
+from amygdala_dagster.graph.tags import check_emotion_name
+from amygdala_dagster.readout.publish import DEFAULT_KEEP_RELEASES
 
 ENV_PREFIX = "AMYGDALA_"
 #: Upper bound of ``shards`` (parallel forward steps). A run also never uses more shards than it has
@@ -66,7 +73,7 @@ class Settings(BaseSettings):
     shards: int = Field(1, ge=1, le=MAX_SHARDS, description=f"a whole number from 1 to {MAX_SHARDS}")
     output_dir: str | None = Field(None, description="a directory or an fsspec URL such as s3://bucket/amygdala")
     cache_dir: str | None = Field(None, description="a directory or an fsspec URL such as s3://bucket/cache")
-    keep_releases: int = Field(5, ge=1, le=1000, description="a whole number from 1 to 1000")
+    keep_releases: int = Field(DEFAULT_KEEP_RELEASES, ge=1, le=1000, description="a whole number from 1 to 1000")
     emotions: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated emotion names (tag-line names, e.g. joy,awe)")
     freshness_hours: float = Field(24.0, gt=0, le=24 * 366, allow_inf_nan=False,
@@ -99,8 +106,6 @@ class Settings(BaseSettings):
     def _device_map(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
             return None
-        from amygdala_dagster.engine.models import parse_device_map  # torch: only when a map is given
-
         parse_device_map(value)
         return value.strip()
 
@@ -108,8 +113,6 @@ class Settings(BaseSettings):
     @classmethod
     def _emotions(cls, value: Any) -> list[str]:
         names = _names(value) if isinstance(value, str) else list(value or [])
-        from amygdala_dagster.examples.selection import check_emotion_name
-
         return [check_emotion_name(n) for n in names]
 
     @model_validator(mode="after")
@@ -126,16 +129,12 @@ class Settings(BaseSettings):
     def cache_location(self) -> Path | str:
         """``cache_dir`` (an fsspec URL stays a string), else ``~/.cache/amygdala/activations``."""
         if self.cache_dir:
-            from amygdala_dagster.engine.cache import cache_location
-
             return cache_location(self.cache_dir)
         return Path.home() / ".cache" / "amygdala" / "activations"
 
 
 def absolute_location(location: str) -> str:
     """A local path expanded and made absolute; a URL (``s3://...``) as given."""
-    from amygdala_dagster.files.storage import is_local
-
     if is_local(location):
         return str(Path(location.removeprefix("file://")).expanduser().resolve())
     return location

@@ -15,19 +15,24 @@ from amygdala_dagster.engine.cache import DEFAULT_SHARD_SIZE, ActivationCache
 from amygdala_dagster.engine.forward import CacheRunStats
 from amygdala_dagster.engine.token_cache import TokenCache
 from amygdala_dagster.engine.token_sample import DEFAULT_SAMPLE_TOKENS
-from amygdala_dagster.examples.selection import ExampleSet
 from amygdala_dagster.examples.directory import read_examples_dir
+from amygdala_dagster.examples.selection import ExampleSet
 from amygdala_dagster.readout.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
 from amygdala_dagster.readout.manifest import default_manifest_path, write_readout
 from amygdala_dagster.readout.publish import check_publishable
 from amygdala_dagster.readout.token_calibration import (
-    DEFAULT_TARGET_RATE, calibrate_episodes, calibrate_readout, calibration_entries, project_calibration,
+    DEFAULT_TARGET_RATE,
+    calibrate_episodes,
+    calibrate_readout,
+    calibration_entries,
+    project_calibration,
 )
 from amygdala_dagster.readout.vectors import train_readout
-from amygdala_dagster.run_samples import RunSamples, calibration_sample, forward_run, held_out_negatives
-from amygdala_dagster.workflow import (
-    EngineSettings, SettingsError, build_engine, check_writable, collect_texts, engine_report, untrainable,
-)
+from amygdala_dagster.workflow.engine_settings import EngineSettings, SettingsError, build_engine, engine_report
+from amygdala_dagster.workflow.layout import check_writable
+from amygdala_dagster.workflow.partitions import collect_texts, untrainable
+from amygdala_dagster.workflow.samples import RunSamples, calibration_sample, forward_run, held_out_negatives
+from amygdala_dagster.workflow.settings import current_settings
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +134,8 @@ def train_readout_pair(
         "unique_texts": stats.unique_texts,
         "truncated_texts_this_run": stats.truncated,
         "cache_fingerprint_id": cache.fingerprint_id,
-        "cache_root": str(cache.root.resolve() if isinstance(cache.root, Path) else cache.root),  # lets `amygdala report` find the cached activations again
+        # lets `amygdala report` find the cached activations again
+        "cache_root": str(cache.root.resolve() if isinstance(cache.root, Path) else cache.root),
         "weights_hash": loaded.weights_hash,
         "tool": "amygdala_dagster.train_steering_vectors",
     }
@@ -138,7 +144,7 @@ def train_readout_pair(
         output, manifest_path, readout, vectors_dtype=vectors_dtype, model=loaded.model_id,
         model_revision=loaded.revision, dtype=loaded.dtype, pooling=fp.get("pooling", engine.pooling),
         layer_path=engine.resolved_layer_path, fingerprint=fp, training=training, calibration=readout.calibration,
-        token_calibration=token_calibration, episode=episode,
+        token_calibration=token_calibration, episode=episode, keep_releases=current_settings().keep_releases,
     )
     return TrainResult(
         vectors_path=output, manifest_path=manifest_path, manifest=manifest, cache_stats=stats,
@@ -170,7 +176,8 @@ def train_from_examples_dir(
     """
     t0 = time.perf_counter()
     if estimator not in ESTIMATORS:
-        raise SettingsError(f"--estimator: unknown estimator {estimator!r}; choose one of {', '.join(sorted(ESTIMATORS))}")
+        raise SettingsError(f"--estimator: unknown estimator {estimator!r}; "
+                            f"choose one of {', '.join(sorted(ESTIMATORS))}")
     check_writable({"--cache-dir": settings.cache_root()}, {"--output": output, "--manifest": manifest})
     index, sets = read_examples_dir(training_data_dir)
     sets = select_emotions(sets, emotions)
