@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import uuid
 import warnings
 from pathlib import Path
@@ -20,13 +21,14 @@ import dagster as dg
 import pytest
 
 from amygdala_dagster.commands import cli
+from amygdala_dagster.files.storage import location
 from amygdala_dagster.pipeline import resources as R
 from amygdala_dagster.pipeline.assets import ALL_ASSETS
 from amygdala_dagster.pipeline.runner import backfill_emotions, failures, get_instance
 from amygdala_dagster.pipeline.sensors import memory_graph_sensor
 from amygdala_dagster.readout.manifest import load_readout, write_readout
 from amygdala_dagster.readout.publish import publish_pair
-from amygdala_dagster.readout.releases import POINTER_FILE
+from amygdala_dagster.readout.releases import POINTER_FILE, POINTER_FORMAT, read_pointer
 from amygdala_dagster_tests.pipeline_graphs import small_graph, write_graph
 from amygdala_dagster_tests.servers import postgres_url, s3_bucket, s3_endpoint  # noqa: F401 - fixtures
 from amygdala_dagster_tests.test_manifest import FIELDS, make_readout
@@ -174,6 +176,32 @@ def test_bucket_reader_never_sees_a_mismatched_pair_while_publishing(s3_bucket, 
     pairs = [_pair(tmp_path, seed) for seed in (1, 2)]
     publish_pair(f"{out}/vectors.safetensors", f"{out}/manifest.json", pairs[0][0], pairs[0][1], keep=3)
     assert_readers_see_whole_pairs(out, f"{out}/vectors.safetensors", f"{out}/manifest.json", pairs, rounds=12)
+
+
+def test_pointer_read_while_it_is_replaced_gives_one_whole_pointer(s3_bucket):
+    """A reader polling ``current.json`` while the publisher replaces it: every read returns one whole
+    pointer. A read that checks the object's size and ETag first and then fetches ranges of it fails
+    (s3fs: FileExpired) when the object is replaced in between; one GET of the whole object cannot."""
+    base = location(f"{s3_bucket}/pointer-race")
+    pointers = [json.dumps({"format": POINTER_FORMAT, "release": name, "pad": "x" * size}).encode()
+                for name, size in (("a", 10), ("b", 3000))]
+    (base / POINTER_FILE).write_bytes(pointers[0])
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            (base / POINTER_FILE).write_bytes(pointers[i % 2])
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        seen = [read_pointer(base) for _ in range(300)]
+    finally:
+        stop.set()
+        t.join(timeout=60)
+    assert {p["release"] for p in seen if p} <= {"a", "b"} and all(seen)
 
 
 S3_KILL_CHILD = textwrap.dedent("""

@@ -169,6 +169,9 @@ def assert_readers_see_whole_pairs(read_from, vectors, manifest, pairs, rounds: 
                 seen.add(load_readout(read_from).sha256)
             except ReadoutFileError as exc:
                 errors.append(str(exc))
+            except Exception as exc:  # anything else ends the thread silently unless recorded
+                errors.append(f"{type(exc).__name__}: {exc}")
+                return
 
     t = threading.Thread(target=reader)
     t.start()

@@ -58,6 +58,15 @@ def refresh(path: UPath) -> None:
         path.fs.invalidate_cache()
 
 
+def read_whole(path: UPath) -> bytes:
+    """All of ``path`` in one read. On object storage that is one GET of the whole object, which a
+    concurrent replacement cannot split: a read that takes the size and ETag first and then fetches
+    ranges (``UPath.read_bytes`` on s3fs) fails when the object is replaced in between."""
+    if is_local(path):
+        return Path(path.path).read_bytes()
+    return bytes(path.fs.cat_file(path.path))
+
+
 class Store:
     """Artifact files under ``base`` (a path or an fsspec URL); paths below are relative, ``/``-separated."""
 
@@ -86,7 +95,7 @@ class Store:
         return int(p.stat().st_size)
 
     def read_bytes(self, rel: str) -> bytes:
-        return self.path(rel).read_bytes()
+        return read_whole(self.path(rel))
 
     @contextlib.contextmanager
     def local_for_write(self, rel: str) -> Iterator[Path]:

@@ -20,7 +20,7 @@ from typing import Any
 from upath import UPath
 
 from amygdala_dagster.files.atomic import sha256_file
-from amygdala_dagster.files.storage import Location, is_local, location, refresh, uri
+from amygdala_dagster.files.storage import Location, is_local, location, read_whole, refresh, uri
 
 RELEASES_DIR = "releases"
 CURRENT_LINK = "current"
@@ -65,7 +65,7 @@ def pin_pair(vectors: str | os.PathLike[str], manifest: str | os.PathLike[str]) 
 def read_pointer(base: UPath) -> dict[str, Any] | None:
     path = base / POINTER_FILE
     try:
-        data = path.read_bytes()
+        data = read_whole(path)  # the publisher replaces the pointer in place
     except FileNotFoundError:
         return None
     try:
