@@ -40,7 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -51,6 +51,9 @@ from amygdala_dagster.engine.fast_path import FastPath, linear_attention_fast_pa
 from amygdala_dagster.engine.inputs import token_ids
 from amygdala_dagster.engine.layers import check_layer_indices, resolve_layers
 from amygdala_dagster.engine.models import LoadedModel
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +108,7 @@ class EngineStats:
         return asdict(self)
 
 
-def tokenizer_hash(tokenizer: Any) -> str:
+def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
     """sha256 of the tokenizer's full definition (vocab, merges, normalisation, post-processing)
     plus the ids it gives a fixed probe text (catches Python-level options such as add_bos)."""
     digest = hashlib.sha256()

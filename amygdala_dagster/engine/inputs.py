@@ -20,9 +20,12 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from amygdala_dagster.files.jsonio import jsonl_objects
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 Message = Mapping[str, str]
 #: A text, or a conversation as chat messages ``[{"role", "content"}, ...]``.
@@ -122,7 +125,7 @@ class Encoded:
         return len(self.ids)
 
 
-def special_ids(tokenizer: Any) -> set[int]:
+def special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """Ids of the tokenizer's special tokens, including special added tokens (chat markers)."""
     ids = set(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
     for idx, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
@@ -131,8 +134,8 @@ def special_ids(tokenizer: Any) -> set[int]:
     return ids
 
 
-def token_ids(tokenizer: Any, texts: Sequence[str], max_tokens: int, *, add_special_tokens: bool = True
-              ) -> tuple[list[list[int]], list[bool]]:
+def token_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_tokens: int, *,
+              add_special_tokens: bool = True) -> tuple[list[list[int]], list[bool]]:
     """Token ids of each text, cut to ``max_tokens``, and whether each text was cut.
 
     Only a prefix of a long text is tokenised (a suffix for a tokenizer
@@ -172,20 +175,20 @@ def token_ids(tokenizer: Any, texts: Sequence[str], max_tokens: int, *, add_spec
     return ids, truncated  # type: ignore[return-value]  # every slot filled by the loop
 
 
-def render(tokenizer: Any, item: Item, *, add_generation_prompt: bool = False) -> tuple[str, bool]:
+def render(tokenizer: PreTrainedTokenizerBase, item: Item, *, add_generation_prompt: bool = False) -> tuple[str, bool]:
     """``(text, add_special_tokens)``: a text as it is, or a conversation through the tokenizer's chat
     template (which places the special tokens itself), else as plain ``role: content`` lines."""
     if isinstance(item, str):
         return item, True
     messages = [dict(m) for m in item]
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt), False
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return cast(str, text), False
     text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
     return text + ("\nassistant:" if add_generation_prompt else ""), True
 
 
-def _tokenize(tokenizer: Any, text: str, add_special_tokens: bool,
+def _tokenize(tokenizer: PreTrainedTokenizerBase, text: str, add_special_tokens: bool,
               max_tokens: int | None) -> tuple[list[int], list[tuple[int, int]], int]:
     """Token ids cut to ``max_tokens`` as the tokenizer truncates, their offsets (empty when the tokenizer
     gives none) and how many tokens the whole text has.
@@ -214,12 +217,12 @@ def _tokenize(tokenizer: Any, text: str, add_special_tokens: bool,
     return ids, offsets, total
 
 
-def _pieces(tokenizer: Any, text: str, ids: list[int], offsets: list[tuple[int, int]],
+def _pieces(tokenizer: PreTrainedTokenizerBase, text: str, ids: list[int], offsets: list[tuple[int, int]],
             special: list[bool]) -> list[str]:
     """The text each token covers, with the gap before it, so that the pieces read as the text."""
-    tokens = tokenizer.convert_ids_to_tokens(ids)
+    tokens = cast(list[str], tokenizer.convert_ids_to_tokens(ids))
     if len(offsets) != len(ids):
-        return [tokens[i] if special[i] else tokenizer.decode([t]) for i, t in enumerate(ids)]
+        return [tokens[i] if special[i] else str(tokenizer.decode([t])) for i, t in enumerate(ids)]
     out, cursor = [], 0
     for i, (start, end) in enumerate(offsets):
         if special[i] or end <= start:
@@ -230,7 +233,7 @@ def _pieces(tokenizer: Any, text: str, ids: list[int], offsets: list[tuple[int, 
     return out
 
 
-def encode(tokenizer: Any, item: Item, max_tokens: int | None = None, *,
+def encode(tokenizer: PreTrainedTokenizerBase, item: Item, max_tokens: int | None = None, *,
            add_generation_prompt: bool = False, specials: set[int] | None = None, pieces: bool = True) -> Encoded:
     """Tokenise a text as training does (special tokens added) or a conversation through the tokenizer's
     chat template (see :func:`render`); cut to ``max_tokens``. ``pieces=False`` skips the display strings

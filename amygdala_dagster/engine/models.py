@@ -30,7 +30,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -43,6 +43,9 @@ from amygdala_dagster.engine.checkpoints import (
     weights_fingerprint,
 )
 from amygdala_dagster.engine.placement import map_device, map_offloads_to_disk, offload_folder
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +85,7 @@ class LoadedModel:
     """
 
     model: torch.nn.Module
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     model_id: str
     revision: str | None
     weights_hash: str | None
@@ -91,7 +94,7 @@ class LoadedModel:
     num_layers: int
     hidden_size: int
     is_encoder: bool
-    text_config: Any
+    text_config: PretrainedConfig
     weights_loaded: bool = True
     #: Where each module was placed when loaded with a device map (``hf_device_map``), else None.
     device_map: dict[str, str] | None = None
@@ -142,7 +145,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _is_encoder(config: Any) -> bool:
+def _is_encoder(config: PretrainedConfig) -> bool:
     if getattr(config, "is_encoder_decoder", False):
         return False
     if getattr(config, "model_type", None) in _ENCODER_MODEL_TYPES:
@@ -170,7 +173,7 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
 
 
-def _load_weights(source: str, config: Any, common: dict[str, Any], torch_dtype: torch.dtype,
+def _load_weights(source: str, config: PretrainedConfig, common: dict[str, Any], torch_dtype: torch.dtype,
                   device: str, device_map: str | Mapping[str, Any] | None = None) -> torch.nn.Module:
     from transformers import AutoModel
 
@@ -212,7 +215,9 @@ def _load_weights(source: str, config: Any, common: dict[str, Any], torch_dtype:
     return cast(torch.nn.Module, model)
 
 
-def _load_task_model(source: str, config: Any, load_kwargs: dict[str, Any], device: str) -> torch.nn.Module:
+def _load_task_model(
+    source: str, config: PretrainedConfig, load_kwargs: dict[str, Any], device: str
+) -> torch.nn.Module:
     import transformers
 
     archs = getattr(config, "architectures", None) or []
@@ -227,7 +232,7 @@ def _load_task_model(source: str, config: Any, load_kwargs: dict[str, Any], devi
                          f"architectures {archs} are not available in transformers")
 
 
-def _skeleton(config: Any, torch_dtype: torch.dtype, trust_remote_code: bool) -> torch.nn.Module:
+def _skeleton(config: PretrainedConfig, torch_dtype: torch.dtype, trust_remote_code: bool) -> torch.nn.Module:
     """The module tree ``AutoModel`` loads for ``config``, on the meta device (no memory, no weights read)."""
     from transformers import AutoModel
 

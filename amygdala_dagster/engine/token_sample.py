@@ -16,10 +16,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from amygdala_dagster.engine.forward import TokenSequence
 from amygdala_dagster.engine.inputs import Encoded, Item, encode, special_ids
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 #: Default token budget of each sample (calibration texts; evaluation conversations).
 DEFAULT_SAMPLE_TOKENS = 8192
@@ -98,8 +101,8 @@ def stable_order(items: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     return sorted(items, key=lambda kv: (hashlib.sha256(kv[1].encode("utf-8")).hexdigest(), kv[0]))
 
 
-def select_sample(tokenizer: Any, max_tokens: int, candidates: Sequence[tuple[str, Item]], budget: int, *,
-                  source: str, labels: Mapping[str, Sequence[str]] | None = None, display: bool = False
+def select_sample(tokenizer: PreTrainedTokenizerBase, max_tokens: int, candidates: Sequence[tuple[str, Item]],
+                  budget: int, *, source: str, labels: Mapping[str, Sequence[str]] | None = None, display: bool = False
                   ) -> TokenSample:
     """Tokenise ``candidates`` (``(id, text or messages)``, in the order given) until their tokens fill
     ``budget`` (the first input is always kept); ``labels`` adds each input's emotions; ``display`` keeps

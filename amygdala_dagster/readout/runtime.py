@@ -28,7 +28,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ from amygdala_dagster.engine.models import LoadedModel
 from amygdala_dagster.readout.episode import EpisodeTrace, EpisodeTracker, episode_traces
 from amygdala_dagster.readout.manifest import CalibratedReadout, ReadoutMatrix, calibration_entry
 from amygdala_dagster.readout.metrics import z_score
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +172,7 @@ class ReadoutRuntime:
     """
 
     model: torch.nn.Module
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     readout: CalibratedReadout | None = None
     layers: Sequence[int] | None = None
     layer_path: str | None = None
@@ -377,7 +380,8 @@ class ReadoutRuntime:
                project({layer: per_layer[s] for s, layer in enumerate(self._layers)}, readout).items()}
         episode = tracker.update({layer: r[None] for layer, r in raw.items()}, [scored])
         return TokenRow(
-            position=position, token_id=token_id, token=self.tokenizer.convert_ids_to_tokens(token_id), raw=raw,
+            position=position, token_id=token_id, token=cast(str, self.tokenizer.convert_ids_to_tokens(token_id)),
+            raw=raw,
             calibrated={layer: calibrated_scores(r, readout.manifest, layer, "token") for layer, r in raw.items()},
             episode={layer: stat[0] for layer, (stat, _) in episode.items()},
             episode_active={layer: act[0] for layer, (_, act) in episode.items()},

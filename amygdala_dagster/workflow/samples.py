@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from amygdala_dagster.engine.activations import ActivationEngine
 from amygdala_dagster.engine.cache import ActivationCache
@@ -23,6 +23,9 @@ from amygdala_dagster.engine.token_cache import TokenCache
 from amygdala_dagster.engine.token_sample import DEFAULT_SAMPLE_TOKENS, TokenSample, select_sample, stable_order
 from amygdala_dagster.examples.selection import ExampleSet
 from amygdala_dagster.readout.token_calibration import SOURCE_HOLDOUT_TEXTS
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +74,7 @@ class StoredSamples:
                    layers=[int(x) for x in data["layers"]], fingerprint=dict(data["fingerprint"]))
 
 
-def calibration_sample(tokenizer: Any, max_tokens: int, budget: int = DEFAULT_SAMPLE_TOKENS, *,
+def calibration_sample(tokenizer: PreTrainedTokenizerBase, max_tokens: int, budget: int = DEFAULT_SAMPLE_TOKENS, *,
                        records: Sequence[InputRecord] | None = None, records_name: str | None = None,
                        holdout: Sequence[tuple[str, str]] = ()) -> TokenSample:
     """The calibration sample: ``records`` (``--calibration-texts``, in file order) or the held-out texts
@@ -87,7 +90,7 @@ def calibration_sample(tokenizer: Any, max_tokens: int, budget: int = DEFAULT_SA
     return sample
 
 
-def conversation_sample(tokenizer: Any, max_tokens: int, records: Sequence[InputRecord], name: str,
+def conversation_sample(tokenizer: PreTrainedTokenizerBase, max_tokens: int, records: Sequence[InputRecord], name: str,
                         budget: int = DEFAULT_SAMPLE_TOKENS) -> TokenSample:
     """The labelled evaluation conversations (in file order) under a ``budget`` of tokens, kept for display."""
     sample = select_sample(tokenizer, max_tokens, [(r.id, r.item) for r in records], budget,

@@ -1,7 +1,9 @@
 """What a run forwards, read from the stored artefacts and the evaluation settings (shared by the GPU steps)."""
 
+from __future__ import annotations
+
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 from amygdala_dagster.engine.inputs import read_inputs
 from amygdala_dagster.evaluation.generalisation import read_snippets
@@ -11,9 +13,12 @@ from amygdala_dagster.pipeline.resources import ArtifactStorage, EvaluationResou
 from amygdala_dagster.workflow.partitions import collect_texts
 from amygdala_dagster.workflow.samples import RunSamples, calibration_sample, conversation_sample
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 def run_inputs(sets: Mapping[str, ExampleSet], storage: ArtifactStorage, selection: SelectionResource,
-               evaluation: EvaluationResource, tokenizer: Any, max_tokens: int
+               evaluation: EvaluationResource, tokenizer: PreTrainedTokenizerBase, max_tokens: int
                ) -> tuple[list[str], list[str], RunSamples]:
     """What a run forwards: every example text of ``sets`` and every snippet (pooled), and the per-token
     samples (calibration texts under the token budget; the labelled evaluation conversations)."""
