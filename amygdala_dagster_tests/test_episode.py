@@ -37,7 +37,7 @@ from amygdala_dagster.readout.token_calibration import (
 )
 from amygdala_dagster.readout.vectors import TrainedReadout
 from amygdala_dagster.workflow.samples import calibration_sample
-from amygdala_dagster_tests.tiny_models import HIDDEN, build_tiny_model
+from amygdala_dagster_tests.tiny_models import HIDDEN, build_tiny_model, random_readout
 
 LAYERS = [1, 2]
 CONCEPTS = ["anger", "calm", "joy"]
@@ -47,13 +47,7 @@ TEXTS = ["The old journal entry spoke of warmth and quiet clarity after a long w
 
 
 def _readout(h: int = HIDDEN, seed: int = 0) -> TrainedReadout:
-    rng = np.random.default_rng(seed)
-    vectors = {}
-    for layer in LAYERS:
-        m = rng.normal(size=(len(CONCEPTS), h))
-        vectors[layer] = (m / np.linalg.norm(m, axis=1, keepdims=True)).astype(np.float32)
-    return TrainedReadout(concepts=list(CONCEPTS), layers=list(LAYERS), vectors=vectors,
-                          raw_norms={c: [1.0] * len(LAYERS) for c in CONCEPTS}, counts={c: {} for c in CONCEPTS})
+    return random_readout(CONCEPTS, LAYERS, h, seed)
 
 
 def _rule(threshold: float, half_life: float | None = 4.0, min_tokens: int = 3) -> dict:

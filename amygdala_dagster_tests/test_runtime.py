@@ -30,7 +30,7 @@ from amygdala_dagster.readout.token_calibration import (
 )
 from amygdala_dagster.readout.vectors import TrainedReadout
 from amygdala_dagster.workflow.samples import calibration_sample
-from amygdala_dagster_tests.tiny_models import HIDDEN, build_tiny_model
+from amygdala_dagster_tests.tiny_models import HIDDEN, build_tiny_model, random_readout
 
 LAYERS = [1, 2]
 CONCEPTS = ["anger", "calm", "joy"]
@@ -42,14 +42,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}<
 
 
 def _readout(h: int = HIDDEN, layers=LAYERS, seed: int = 0) -> TrainedReadout:
-    rng = np.random.default_rng(seed)
-    vectors = {}
-    for layer in layers:
-        m = rng.normal(size=(len(CONCEPTS), h))
-        vectors[layer] = (m / np.linalg.norm(m, axis=1, keepdims=True)).astype(np.float32)
-    return TrainedReadout(concepts=list(CONCEPTS), layers=list(layers), vectors=vectors,
-                          raw_norms={c: [1.0] * len(layers) for c in CONCEPTS},
-                          counts={c: {} for c in CONCEPTS})
+    return random_readout(CONCEPTS, layers, h, seed)
 
 
 def _token_cal(mean: float, std: float) -> dict:

@@ -22,9 +22,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
+
+from amygdala_dagster.readout.vectors import TrainedReadout
 
 ARCHS: tuple[str, ...] = (
     "qwen3_5",
@@ -247,3 +250,14 @@ def build_tiny_model(arch: str, tmp_dir: str | os.PathLike[str] | None = None) -
     tok.save_pretrained(str(out))
     _CACHE[key] = str(out)
     return str(out)
+
+
+def random_readout(concepts: list[str], layers: list[int], hidden: int, seed: int = 0) -> TrainedReadout:
+    """Unit vectors drawn at random for ``concepts`` at ``layers`` (the readout a trained pair would hold)."""
+    rng = np.random.default_rng(seed)
+    vectors = {}
+    for layer in layers:
+        m = rng.normal(size=(len(concepts), hidden))
+        vectors[layer] = (m / np.linalg.norm(m, axis=1, keepdims=True)).astype(np.float32)
+    return TrainedReadout(concepts=list(concepts), layers=list(layers), vectors=vectors,
+                          raw_norms={c: [1.0] * len(layers) for c in concepts}, counts={c: {} for c in concepts})
